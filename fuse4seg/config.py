@@ -1,0 +1,335 @@
+"""Every hyper-parameter in one place, as frozen dataclasses with named profiles.
+
+Three profiles ship with the package (chapter 1 and chapter 4 explain them):
+
+- ``smoke``: CI and tests. Tiny models, 64×64 slices (volumes down-sampled 4×), a few steps.
+- ``default``: a laptop CPU on the built-in phantom, minutes per chapter.
+- ``paper``: every hyper-parameter of the paper's §4.1 (240×240 slices, K = 5, batch 8, AMP, ...).
+
+A config is built with :func:`get_config` (profile name plus overrides). Overrides are dotted
+names (``"train.inner_steps"``) or, where unambiguous, bare field names (``"inner_steps"``);
+an unknown name raises :class:`ConfigError` listing the valid ones, because papermill only
+*warns* about a misspelt notebook parameter and a silently ignored setting is the worst bug a
+reproducible book can have. Configs round-trip through YAML (:meth:`Config.to_yaml`,
+:func:`load_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "PROFILES",
+    "TrainConfig",
+    "get_config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or name is invalid; the message says which and what is valid."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How NIfTI volumes become the training slices (``fuse4seg.data.slices``)."""
+
+    downsample: int = 1
+    """Integer in-plane down-sampling factor (area average for images, mode-free nearest for
+    labels) applied before cropping; 1 in the paper profile, 4 for smoke."""
+    crop_size: int = 240
+    """Slices are centre-cropped or zero-padded to ``crop_size × crop_size`` after
+    down-sampling. 240 in the paper (BraTS' native in-plane size)."""
+    min_brain_fraction: float = 0.05
+    """Keep an axial slice only if at least this fraction of its pixels is brain."""
+    slice_stride: int = 1
+    """Keep every n-th qualifying slice (1 = all)."""
+    max_cases: int | None = None
+    """Use at most this many cases (sorted by id); ``None`` = all."""
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    """Robust per-volume scaling to [0, 1] inside the brain (``fuse4seg.data.layouts``)."""
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    """Patient-level train / validation / test fractions."""
+    split_seed: int = 0
+    """Seed of the patient-level split (fixed, so every method sees the same split)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which registered networks to build (``fuse4seg.models``)."""
+
+    fusion: str = "fuse4seg_paper"
+    """Fusion leader Φ (§3.3), a name registered with ``create_fusion``."""
+    segmentation: str = "convnext_unet_paper"
+    """Segmentation follower Ψ (§3.4), a name registered with ``create_segmentation``."""
+    inn_squeeze: bool = False
+    """Haar-wavelet squeeze inside the INN blocks (named in §3.3.1, absent from CDDFuse's
+    code). Off in the paper profile: see ``fuse4seg.models.fusion``."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the objectives of §3.5 (``fuse4seg.losses``)."""
+
+    alpha_decomp: float = 1.0  # α in Eq. 3
+    beta_grad: float = 5.0  # β in Eq. 3
+    gamma_recon: float = 0.05  # γ in Eq. 3
+    use_decomp: bool = True  # ablation switch (Table 3)
+    use_grad: bool = True  # ablation switch (Table 3)
+    use_recon: bool = True
+    dice_class_weights: tuple[float, float, float, float] = (0.1, 1.3, 1.3, 1.3)
+    """w_c of §3.5.1 for (background, NCR, ED, ET). The paper does not report them; we
+    down-weight the dominant background and keep Σ w_c = C so the Dice term stays in [0, 1]."""
+    dice_smooth: float = 1e-5  # ε of §3.5.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Algorithm 1 and its optimiser (``fuse4seg.train``)."""
+
+    warmup_epochs: int = 40  # E_warm, §4.1
+    rollout_epochs: int = 120  # bi-level rollout epochs, §4.1
+    inner_steps: int = 5  # K, §4.1
+    batch_size: int = 8  # §4.1
+    lr_leader: float = 1e-4  # η_f, §4.1
+    lr_follower: float = 3e-4  # η_s, §4.1
+    weight_decay: float = 1e-5  # AdamW, §4.1
+    ema_decay: float = 0.99  # m in Eq. 4
+    amp: bool = True  # §4.1; ignored on CPU
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (not in the paper; a safety net for AMP)."""
+    steps_per_epoch: int | None = None
+    """Cap on outer steps per epoch (``None`` = one pass over the training slices)."""
+    val_every: int = 5
+    """Validate every N epochs (and after the last)."""
+    val_max_slices: int | None = None
+    """Cap on validation slices (``None`` = all)."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, resolved configuration. Build one with :func:`get_config`."""
+
+    profile: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON- and YAML-safe dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialise to YAML; also write it to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from fuse4seg.utils import atomic_write_text
+
+            atomic_write_text(Path(path), text)
+        return text
+
+    def short_hash(self, n: int = 8) -> str:
+        """A stable hash of every setting, used to name run folders."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:n]
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "default": {
+        "data.downsample": 2,
+        "data.crop_size": 128,
+        "data.slice_stride": 4,
+        "model.fusion": "fuse4seg_small",
+        "model.segmentation": "convnext_unet_small",
+        "train.warmup_epochs": 3,
+        "train.rollout_epochs": 6,
+        "train.inner_steps": 3,
+        "train.batch_size": 8,
+        "train.steps_per_epoch": 8,
+        "train.val_every": 2,
+        "train.val_max_slices": 64,
+        "train.lr_leader": 3e-4,
+        "train.lr_follower": 1e-3,
+    },
+    "smoke": {
+        "data.downsample": 4,
+        "data.crop_size": 64,
+        "data.slice_stride": 8,
+        "model.fusion": "fuse4seg_tiny",
+        "model.segmentation": "convnext_unet_tiny",
+        "train.warmup_epochs": 1,
+        "train.rollout_epochs": 1,
+        "train.inner_steps": 2,
+        "train.batch_size": 4,
+        "train.steps_per_epoch": 2,
+        "train.val_every": 1,
+        "train.val_max_slices": 8,
+    },
+}
+"""Each profile is a set of overrides of the paper's settings (the dataclass defaults)."""
+
+
+def _all_names() -> dict[str, str]:
+    """Map every accepted override name (dotted and, where unique, bare) to its dotted form."""
+    dotted = {f"{s}.{f.name}": f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)}
+    bare: dict[str, list[str]] = {}
+    for name in dotted:
+        bare.setdefault(name.split(".", 1)[1], []).append(name)
+    names = dict(dotted)
+    names.update({b: d[0] for b, d in bare.items() if len(d) == 1})
+    return names
+
+
+def valid_names() -> list[str]:
+    """Every dotted override name, sorted."""
+    return sorted(n for n in _all_names() if "." in n)
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Check and convert ``value`` to the field's declared type (YAML/papermill give lists, ints)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: expected a sequence of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply(config: Config, overrides: Mapping[str, Any]) -> Config:
+    names = _all_names()
+    per_section: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key == "profile":
+            top["profile"] = value
+            continue
+        if key not in names:
+            raise ConfigError(
+                f"unknown setting {key!r}. Valid settings: {', '.join(valid_names())}"
+            )
+        section, fname = names[key].split(".", 1)
+        cls = _SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        per_section.setdefault(section, {})[fname] = _coerce(value, hints[fname], names[key])
+    changes = {s: replace(getattr(config, s), **kv) for s, kv in per_section.items()}
+    out = replace(config, **changes, **top)
+    validate(out)
+    return out
+
+
+def validate(config: Config) -> None:
+    """Raise :class:`ConfigError` on values that cannot work (checked once, at build time)."""
+    d, t, loss = config.data, config.train, config.loss
+    checks = [
+        (d.downsample >= 1, "data.downsample must be >= 1"),
+        (d.crop_size >= 16 and d.crop_size % 16 == 0, "data.crop_size must be a multiple of 16"),
+        (0.0 <= d.min_brain_fraction < 1.0, "data.min_brain_fraction must be in [0, 1)"),
+        (d.slice_stride >= 1, "data.slice_stride must be >= 1"),
+        (d.max_cases is None or d.max_cases >= 1, "data.max_cases must be >= 1 or null"),
+        (0 <= d.intensity_percentiles[0] < d.intensity_percentiles[1] <= 100,
+         "data.intensity_percentiles must be 0 <= low < high <= 100"),
+        (abs(sum(d.split_fractions) - 1.0) < 1e-6 and min(d.split_fractions) >= 0,
+         "data.split_fractions must be non-negative and sum to 1"),
+        (t.warmup_epochs >= 0 and t.rollout_epochs >= 0, "train epochs must be >= 0"),
+        (t.inner_steps >= 1, "train.inner_steps (K) must be >= 1"),
+        (t.batch_size >= 2, "train.batch_size must be >= 2 (the batch is split into D_tr/D_val)"),
+        (t.lr_leader > 0 and t.lr_follower > 0, "learning rates must be > 0"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
+        (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch >= 1"),
+        (t.val_every >= 1, "train.val_every must be >= 1"),
+        (len(loss.dice_class_weights) == 4, "loss.dice_class_weights needs 4 values"),
+        (min(loss.alpha_decomp, loss.beta_grad, loss.gamma_recon) >= 0, "loss weights >= 0"),
+    ]
+    bad = [msg for ok, msg in checks if not ok]
+    if bad:
+        raise ConfigError("; ".join(bad))
+
+
+def get_config(profile: str = "default", overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the config of a named profile, then apply ``overrides``.
+
+    Args:
+        profile: ``"smoke"``, ``"default"`` or ``"paper"``.
+        overrides: ``{"train.inner_steps": 3, "alpha_decomp": 0.0, ...}``.
+
+    Raises:
+        ConfigError: unknown profile, unknown setting (the message lists the valid ones), or an
+            invalid value.
+
+    Explained in chapter 1 (``book/01_data.md``).
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    config = _apply(Config(profile=profile), PROFILES[profile])
+    return _apply(config, dict(overrides or {}))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (unknown keys raise)."""
+    data = dict(data)
+    profile = data.pop("profile", "paper")
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in _SECTIONS or not isinstance(values, Mapping):
+            raise ConfigError(f"unknown config section {section!r}; valid: {sorted(_SECTIONS)}")
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v
+    return _apply(Config(profile=profile), flat)
+
+
+def load_config(path: str | Path) -> Config:
+    """Load a config written by :meth:`Config.to_yaml`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(data)

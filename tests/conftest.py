@@ -1,0 +1,64 @@
+"""Shared test fixtures.
+
+Real data lives in ``../shared/data`` beside the checkout (or where ``FUSE4SEG_SHARED_DATA``
+points). Tests that need it skip with a clear reason where it is absent; the package itself
+never reads that folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path:
+    env = os.environ.get("FUSE4SEG_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (BraTS cases in three layouts, Harvard pairs, GFP-PC pairs)."""
+    path = _shared_data()
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def brats2021_case(shared_data) -> Path:
+    return shared_data / "brats" / "BraTS2021_00006"
+
+
+@pytest.fixture(scope="session")
+def brats2023_case(shared_data) -> Path:
+    return shared_data / "brats" / "BraTS-GLI-00000-000"
+
+
+@pytest.fixture(scope="session")
+def brats2013_dir(shared_data) -> Path:
+    return shared_data / "brats2013"
+
+
+@pytest.fixture(scope="session")
+def harvard_dir(shared_data) -> Path:
+    return shared_data / "harvard"
+
+
+@pytest.fixture(scope="session")
+def gfp_dir(shared_data) -> Path:
+    return shared_data / "gfp"
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """A small phantom dataset (3 cases, seed 0), written once per test session."""
+    from fuse4seg.data.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom_dataset(out, cases=3, seed=0)
+    return out
