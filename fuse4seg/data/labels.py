@@ -13,7 +13,8 @@ Canonical labels inside the package (what the follower predicts):
 
 Input schemes: ``brats2021`` (0, 1, 2, 4; ET = 4, BraTS 2018-2021), ``brats2023`` (0, 1, 2, 3;
 ET = 3, NETC ≈ NCR, SNFH ≈ ED) and ``brats2013`` (0 bg, 1 necrosis, 2 edema, 3 non-enhancing,
-4 enhancing; 3 is merged into NCR as BraTS 2021 did). Regions: WT = NCR ∪ ED ∪ ET,
+4 enhancing; 3 is merged into NCR as BraTS 2021 did) and ``msd`` (Medical Segmentation Decathlon
+Task01: 1 edema, 2 non-enhancing tumour, 3 enhancing). Regions: WT = NCR ∪ ED ∪ ET,
 TC = NCR ∪ ET, ET. Explained in chapter 1.
 """
 
@@ -31,6 +32,8 @@ SCHEMES: dict[str, dict[int, int]] = {
     "brats2021": {0: 0, 1: 1, 2: 2, 4: 3},
     "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
     "brats2013": {0: 0, 1: 1, 2: 2, 3: 1, 4: 3},
+    # Medical Segmentation Decathlon Task01: 1 edema, 2 non-enhancing tumour, 3 enhancing
+    "msd": {0: 0, 1: 2, 2: 1, 3: 3},
 }
 """Map from each input scheme's label values to canonical labels."""
 
@@ -39,6 +42,7 @@ EXPORT: dict[str, dict[int, int]] = {
     "brats2021": {0: 0, 1: 1, 2: 2, 3: 4},
     "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
     "brats2013": {0: 0, 1: 1, 2: 2, 3: 4},
+    "msd": {0: 0, 1: 2, 2: 1, 3: 3},
 }
 
 REGIONS: dict[str, tuple[int, ...]] = {

@@ -1,0 +1,286 @@
+"""The data layer on the real cases in ../shared/data, on broken copies of them, and the cache."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fuse4seg.cli import main as cli_main
+from fuse4seg.config import ConfigError, get_config, load_config
+from fuse4seg.data.labels import from_canonical, label_counts, to_canonical
+from fuse4seg.data.layouts import DataError, find_cases, load_case, normalize_intensity
+from fuse4seg.data.slices import (
+    SliceDataset,
+    load_manifest,
+    make_split,
+    prepare_cache,
+    preprocess_labels,
+    preprocess_volume,
+    restore_volume,
+)
+
+
+def _raw(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+# --- real cases, three layouts; voxel counts computed independently here ----------------------
+
+
+def test_brats2021_case_counts(brats2021_case):
+    case = load_case(brats2021_case)
+    raw = _raw(brats2021_case / "BraTS2021_00006_seg.nii.gz")
+    assert case.layout == "brats2021" and case.scheme == "brats2021"
+    assert case.shape == (240, 240, 155)
+    counts = label_counts(case.seg)
+    assert counts["NCR"] == int((raw == 1).sum())
+    assert counts["ED"] == int((raw == 2).sum())
+    assert counts["ET"] == int((raw == 4).sum())
+    assert counts["background"] == int((raw == 0).sum())
+    assert np.allclose(case.affine, nib.load(str(brats2021_case / "BraTS2021_00006_t1ce.nii.gz")).affine)
+
+
+def test_brats2023_case_counts(brats2023_case):
+    case = load_case(brats2023_case)
+    raw = _raw(brats2023_case / "BraTS-GLI-00000-000-seg.nii.gz")
+    assert case.layout == "brats2023" and case.shape == (182, 218, 182)
+    counts = label_counts(case.seg)
+    assert [counts[k] for k in ("NCR", "ED", "ET")] == [int((raw == v).sum()) for v in (1, 2, 3)]
+
+
+def test_brats2013_cases_merge_non_enhancing(brats2013_dir):
+    cases = find_cases(brats2013_dir)
+    assert len(cases) == 4 and {c.layout for c in cases} == {"brats2013"}
+    case = load_case(cases[0])
+    raw = _raw(cases[0].paths["seg"])
+    mask = _raw(cases[0].paths["mask"]) > 0.5
+    counts = label_counts(case.seg)
+    assert counts["NCR"] == int(((raw == 1) | (raw == 3)).sum())  # 3 merged into NCR
+    assert counts["ED"] == int((raw == 2).sum())
+    assert counts["ET"] == int((raw == 4).sum())
+    assert np.array_equal(case.brain_mask, mask)  # the provided mask, not "non-zero"
+
+
+def test_check_cli_json(shared_data, capsys):
+    assert cli_main(["data", "check", str(shared_data / "brats"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {s["layout"] for s in out} == {"brats2021", "brats2023"}
+    for s in out:
+        assert s["errors"] == [] and set(s["label_counts"]) == {"background", "NCR", "ED", "ET"}
+
+
+def test_normalize_intensity_range_and_background(brats2021_case):
+    case = load_case(brats2021_case)
+    t1ce, flair = case.normalized()
+    for v in (t1ce, flair):
+        assert v.dtype == np.float32 and v.min() == 0.0 and v.max() == 1.0
+        assert np.all(v[~case.brain_mask] == 0)
+    inside = t1ce[case.brain_mask]
+    assert 0.004 < (inside == 1.0).mean() < 0.006  # the top 0.5 % saturate
+
+
+def test_label_round_trip():
+    raw = np.array([0, 1, 2, 4, 4, 0], dtype=np.uint8)
+    canon = to_canonical(raw, "brats2021")
+    assert canon.tolist() == [0, 1, 2, 3, 3, 0]
+    assert from_canonical(canon, "brats2021").tolist() == raw.tolist()
+    assert to_canonical(np.array([0, 1, 2, 3, 4]), "brats2013").tolist() == [0, 1, 2, 1, 3]
+    assert to_canonical(np.array([1, 2, 3]), "msd").tolist() == [2, 1, 3]
+
+
+# --- bad inputs: a fixture that breaks a copy of a real case -------------------------------
+
+
+@pytest.fixture()
+def case_copy(brats2021_case, tmp_path) -> Path:
+    dst = tmp_path / "BraTS2021_00006"
+    dst.mkdir()
+    for mod in ("t1ce", "flair", "seg"):
+        name = f"BraTS2021_00006_{mod}.nii.gz"
+        shutil.copy(brats2021_case / name, dst / name)
+    return dst
+
+
+def _rewrite(path: Path, fn) -> None:
+    img = nib.load(str(path))
+    data, affine = fn(np.asarray(img.dataobj).copy(), img.affine.copy())
+    header = img.header.copy()
+    header.set_data_dtype(data.dtype)
+    nib.save(nib.Nifti1Image(data, affine, header), str(path))
+
+
+def test_missing_modality(case_copy):
+    (case_copy / "BraTS2021_00006_flair.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"BraTS2021_00006.*missing FLAIR"):
+        load_case(case_copy)
+
+
+def test_shape_mismatch(case_copy):
+    _rewrite(case_copy / "BraTS2021_00006_flair.nii.gz", lambda d, a: (d[:200], a))
+    with pytest.raises(DataError, match=r"shape mismatch.*flair"):
+        load_case(case_copy)
+
+
+def test_affine_mismatch(case_copy):
+    def shift(d, a):
+        a[0, 3] += 5.0
+        return d, a
+
+    _rewrite(case_copy / "BraTS2021_00006_seg.nii.gz", shift)
+    with pytest.raises(DataError, match=r"affine mismatch.*seg"):
+        load_case(case_copy)
+
+
+def test_nan_values(case_copy):
+    def nan(d, a):
+        d = d.astype(np.float32)
+        d[100, 100, 70] = np.nan
+        return d, a
+
+    _rewrite(case_copy / "BraTS2021_00006_t1ce.nii.gz", nan)
+    with pytest.raises(DataError, match=r"t1ce.*NaN or inf"):
+        load_case(case_copy)
+
+
+def test_all_zero_volume(case_copy):
+    _rewrite(case_copy / "BraTS2021_00006_flair.nii.gz", lambda d, a: (np.zeros_like(d), a))
+    with pytest.raises(DataError, match=r"FLAIR volume .* all zero"):
+        load_case(case_copy)
+
+
+def test_labels_outside_scheme(case_copy):
+    def three(d, a):
+        d[d == 4] = 3  # 3 is not a BraTS 2021 label
+        return d, a
+
+    _rewrite(case_copy / "BraTS2021_00006_seg.nii.gz", three)
+    with pytest.raises(DataError, match=r"label values \[3\] are outside the brats2021"):
+        load_case(case_copy)
+
+
+def test_truncated_file(case_copy):
+    path = case_copy / "BraTS2021_00006_t1ce.nii.gz"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(DataError, match=r"t1ce.*unreadable or truncated"):
+        load_case(case_copy)
+
+
+def test_check_cli_names_bad_case(case_copy, capsys):
+    (case_copy / "BraTS2021_00006_seg.nii.gz").unlink()
+    assert cli_main(["data", "check", str(case_copy.parent)]) == 1
+    err = capsys.readouterr().err
+    assert "BraTS2021_00006" in err and "missing segmentation" in err
+
+
+def test_empty_folder_error(tmp_path, capsys):
+    assert cli_main(["data", "check", str(tmp_path)]) == 2
+    assert "no BraTS cases found" in capsys.readouterr().err
+
+
+# --- slices, split, cache rebuild rule ------------------------------------------------------
+
+
+def test_split_is_disjoint_and_seeded():
+    ids = [f"c{i:03d}" for i in range(50)]
+    split = make_split(ids, (0.7, 0.1, 0.2), seed=3)
+    sets = [set(split[k]) for k in ("train", "val", "test")]
+    assert sets[0].isdisjoint(sets[1]) and sets[0].isdisjoint(sets[2])
+    assert sets[1].isdisjoint(sets[2])
+    assert set().union(*sets) == set(ids)
+    assert [len(s) for s in sets] == [35, 5, 10]
+    assert make_split(ids, (0.7, 0.1, 0.2), seed=3) == split
+    assert make_split(ids, (0.7, 0.1, 0.2), seed=4) != split
+    small = make_split(["a", "b", "c"], (0.7, 0.1, 0.2), seed=0)
+    assert all(len(v) == 1 for v in small.values())
+
+
+def test_geometry_round_trip():
+    cfg = get_config("smoke").data  # downsample 4, crop 64
+    rng = np.random.default_rng(0)
+    seg = np.zeros((240, 240, 5), np.uint8)
+    seg[100:140, 92:148, :] = 2
+    seg[112:128, 100:120, :] = 3
+    slices = preprocess_labels(seg, cfg)
+    assert slices.shape == (5, 64, 64)
+    back = restore_volume(slices, seg.shape, cfg, labels=True)
+    assert back.shape == seg.shape and np.array_equal(back, seg)  # block-aligned regions
+    img = rng.random((240, 240, 5)).astype(np.float32)
+    out = preprocess_volume(img, cfg)
+    assert np.isclose(out[0, 2 + 10, 2 + 10], img[40:44, 40:44, 0].mean(), atol=1e-6)
+    assert restore_volume(out, img.shape, cfg, labels=False).shape == img.shape
+
+
+def test_cache_rebuild_rule(brats2021_case, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(brats2021_case, data / "BraTS2021_00006")
+    cache = tmp_path / "cache"
+    cfg = get_config("smoke").data
+    manifest = prepare_cache(data, cache, cfg, progress=False)
+    first = manifest.stat().st_mtime_ns
+    arrays = cache / "cases" / "BraTS2021_00006.t1ce.npy"
+    arrays_time = arrays.stat().st_mtime_ns
+    prepare_cache(data, cache, cfg, progress=False)  # same inputs: nothing is written
+    assert manifest.stat().st_mtime_ns == first and arrays.stat().st_mtime_ns == arrays_time
+    # a changed input file rebuilds that case
+    _rewrite(data / "BraTS2021_00006" / "BraTS2021_00006_flair.nii.gz", lambda d, a: (d * 2, a))
+    prepare_cache(data, cache, cfg, progress=False)
+    assert arrays.stat().st_mtime_ns != arrays_time
+    # changed settings rebuild everything
+    arrays_time = arrays.stat().st_mtime_ns
+    cfg2 = get_config("smoke", {"data.crop_size": 80}).data
+    prepare_cache(data, cache, cfg2, progress=False)
+    m = load_manifest(cache)
+    assert m["settings"]["crop_size"] == 80 and arrays.stat().st_mtime_ns != arrays_time
+    ds = SliceDataset(cache, "all")
+    item = ds[0]
+    assert item["x1"].shape == (1, 80, 80) and item["seg"].dtype.is_floating_point is False
+    assert len(m["case_info"][0]["checksums"]) == 3
+
+
+def test_prepare_cli(shared_data, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert cli_main(["data", "prepare", str(shared_data / "brats"), "--out", str(out),
+                     "--profile", "smoke"]) == 0
+    assert "2 cases" in capsys.readouterr().out
+    ds = SliceDataset(out, "all")
+    labels = set()
+    for i in range(len(ds)):
+        labels |= set(ds[i]["seg"].unique().tolist())
+    assert labels == {0, 1, 2, 3}
+    assert cli_main(["data", "prepare", str(shared_data / "brats"), "--out", str(out),
+                     "--profile", "smoke"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_config_unknown_name_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown setting 'inner_stepz'.*train.inner_steps"):
+        get_config("smoke", {"inner_stepz": 3})
+
+
+def test_config_bad_values():
+    with pytest.raises(ConfigError, match="unknown profile"):
+        get_config("fast")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        get_config("smoke", {"train.inner_steps": "five"})
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        get_config("smoke", {"crop_size": 70})
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = get_config("default", {"inner_steps": 4, "alpha_decomp": 0.5})
+    path = tmp_path / "c.yaml"
+    cfg.to_yaml(path)
+    again = load_config(path)
+    assert again == cfg and again.short_hash() == cfg.short_hash()
+    assert get_config("paper").train.inner_steps == 5  # §4.1
+    assert get_config("paper").loss.beta_grad == 5.0
