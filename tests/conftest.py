@@ -62,3 +62,11 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
     write_phantom_dataset(out, cases=3, seed=0)
     return out
+
+
+def pytest_configure(config):
+    """One torch thread per test process: `make test` runs 2 xdist workers on 2 cores, and
+    oversubscribed threads make small CPU steps 10-30x slower."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -33,6 +33,7 @@ __all__ = [
     "HARVARD_KINDS",
     "ImagePair",
     "PairPaths",
+    "SourceImage",
     "colorize",
     "find_gfp_pairs",
     "find_harvard_pairs",
@@ -261,7 +262,9 @@ def _match(dir_a: Path, dir_b: Path, kind: str, split: str) -> list[PairPaths]:
     return [PairPaths(n, names_a[n], names_b[n], kind, split) for n in sorted(names_a)]
 
 
-def find_harvard_pairs(root: str | Path, kind: str = "PET-MRI", split: str = "test") -> list[PairPaths]:
+def find_harvard_pairs(
+    root: str | Path, kind: str = "PET-MRI", split: str = "test"
+) -> list[PairPaths]:
     """List the pairs of one Harvard kind and split, sorted by name.
 
     Args:
@@ -284,8 +287,10 @@ def find_harvard_pairs(root: str | Path, kind: str = "PET-MRI", split: str = "te
     root = Path(root)
     base = root if root.name == kind else root / kind
     if not base.is_dir():
-        raise FileNotFoundError(f"{base}: Harvard {kind} folder not found (expected {kind}/"
-                                f"{{train,test}}/{{MRI,{HARVARD_KINDS[kind]}}}/<name>.png)")
+        raise FileNotFoundError(
+            f"{base}: Harvard {kind} folder not found (expected {kind}/"
+            f"{{train,test}}/{{MRI,{HARVARD_KINDS[kind]}}}/<name>.png)"
+        )
     return _match(base / split / "MRI", base / split / HARVARD_KINDS[kind], kind, split)
 
 

@@ -1,0 +1,663 @@
+"""Fusion quality metrics with the convention as an explicit argument (Table 2 of the paper).
+
+The same metric name gives very different numbers across fusion papers: MI in nats or bits,
+SSIM as the sum or the mean of SSIM(F, A) and SSIM(F, B) with different windows and data
+ranges, PSNR with peak 255 or max(F) or on a [0, 1] scale. Every function here therefore takes
+``convention``, and every number the project prints names the convention that produced it.
+The formulas are written out in the book's appendix (``book/appendix_fusion_metrics.md``);
+chapter 5 (``book/05_fusion_benchmarks.md``) shows how far the convention alone moves a table.
+
+Conventions (:data:`CONVENTIONS`):
+
+``"standard"``
+    The textbook definitions, float64, images on 0..255. EN and MI in bits; MI = MI(F,A) +
+    MI(F,B) from 256×256 joint histograms; PSNR with peak 255 and MSE = mean of MSE(F,A) and
+    MSE(F,B); SSIM = the MEAN of SSIM(F,A) and SSIM(F,B) with Wang et al.'s Gaussian window
+    (σ = 1.5, 11×11), population covariance, data range 255, a 5-pixel border cropped;
+    Q^AB/F (Xydeas–Petrović) as below; VIF = VIF(A,F) + VIF(B,F) (Sheikh–Bovik multi-scale
+    pixel domain); SCD = corr(A, F−B) + corr(B, F−A). VIF and SCD are NaN where undefined.
+``"cddfuse"``
+    Exactly what CDDFuse's ``utils/Evaluator.py`` computes (the evaluator most recent medical
+    fusion papers copy): MI in **nats**; PSNR with peak **max(F)**; SSIM = the **SUM** of
+    skimage 0.19's default SSIMs (7×7 uniform window, sample covariance, float32 arithmetic)
+    with the effective **data range 2** that skimage 0.19 infers from float32 input
+    (``SSIM_data_range_255`` gives the same with data range 255); VIF falls back to 1.0 where
+    the reference image is constant (its NaN guard); SCD is NaN where undefined.
+``"matlab_tang"``
+    Linfeng Tang's MATLAB evaluation scripts (``analysis_Reference.m``), as run under Octave:
+    like ``standard`` for EN, SD, SF, MI (bits), Q^AB/F, but PSNR = 20 log10(255 / sqrt(MSE01))
+    with the MSE on the [0, 1] scale (= standard PSNR + 48.13 dB), ``MSE`` on the [0, 1] scale,
+    VIF as cddfuse; SSIM is not reproduced (NaN; the reference could not run MATLAB's ssim).
+
+Inputs: ``fused``, ``a``, ``b`` are 2-D arrays of the same shape on the 0..255 scale (uint8 or
+float; a colour source enters as its BT.601 Y channel, ``fuse4seg.data.pairs.read_grey``).
+Histogram metrics (EN, MI) bin the values rounded half-to-even to integers 0..255, which is what
+the published evaluators see after the fused image is saved to and re-read from an 8-bit PNG.
+Pass uint8 images (``to_uint8``) to score exactly what a PNG holds.
+
+Every value is checked against the reference file of the project's tests (computed by the
+original evaluators) to a relative 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "CONVENTIONS",
+    "METRICS",
+    "PAPER_METRICS",
+    "FusionMeter",
+    "entropy",
+    "fusion_metrics",
+    "mutual_information",
+    "mse",
+    "psnr",
+    "qabf",
+    "scd",
+    "spatial_frequency",
+    "ssim",
+    "standard_deviation",
+    "to_uint8",
+    "vif",
+]
+
+CONVENTIONS: tuple[str, ...] = ("standard", "cddfuse", "matlab_tang")
+"""The conventions :func:`fusion_metrics` reproduces (module docstring, book appendix)."""
+
+PAPER_METRICS: tuple[str, ...] = ("EN", "SD", "MI", "PSNR", "SF", "Qabf", "SSIM")
+"""The seven metrics of the paper's Table 2, in its column order."""
+
+METRICS: tuple[str, ...] = PAPER_METRICS + ("VIF", "SCD")
+"""The nine metrics :func:`fusion_metrics` computes by default."""
+
+_EXTRA = ("MSE", "SSIM_data_range_255")
+
+
+def _check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r}: choose one of {list(CONVENTIONS)}")
+    return convention
+
+
+def _as_image(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D grey image (H, W), got shape {arr.shape}")
+    if arr.size == 0 or min(arr.shape) < 2:
+        raise ValueError(f"{name}: image too small ({arr.shape}); need at least 2x2")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{name}: expected a real-valued image, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: image contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -1e-6 or hi > 255 + 1e-6:
+        raise ValueError(f"{name}: values must lie on the 0..255 scale, got min {lo:g}, max {hi:g}")
+    if np.issubdtype(np.asarray(x).dtype, np.floating) and 0 < hi <= 1.0:
+        warnings.warn(
+            f"{name}: float image with max {hi:g} <= 1; fusion metrics expect the 0..255 scale "
+            "(multiply by 255 first)",
+            stacklevel=3,
+        )
+    return arr
+
+
+def _check_triplet(fused, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    f, a, b = _as_image(fused, "fused"), _as_image(a, "a"), _as_image(b, "b")
+    if not (f.shape == a.shape == b.shape):
+        raise ValueError(
+            f"shape mismatch: fused {f.shape}, a {a.shape}, b {b.shape} (all must be equal)"
+        )
+    return f, a, b
+
+
+def to_uint8(x: Any) -> np.ndarray:
+    """Round (half-to-even) and clip an image on the 0..255 scale to uint8, as a PNG holds it.
+
+    Args:
+        x: ``(H, W)`` array (a float fused image on 0..255, e.g. ``255 * x_fused``).
+
+    Returns:
+        ``(H, W)`` uint8.
+    """
+    return np.clip(np.round(np.asarray(x, dtype=np.float64)), 0, 255).astype(np.uint8)
+
+
+def _levels(x: np.ndarray) -> np.ndarray:
+    """Integer grey levels 0..255 (round half-to-even), as int64 for histogramming."""
+    return np.clip(np.round(x), 0, 255).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- EN, SD, SF
+
+
+def _entropy_of_levels(levels: np.ndarray, log=np.log2) -> float:
+    p = np.bincount(levels.ravel(), minlength=256) / levels.size
+    p = p[p > 0]
+    return float(-(p * log(p)).sum())
+
+
+def entropy(fused: Any, convention: str = "standard") -> float:
+    """EN: Shannon entropy of the 256-bin grey-level histogram of F, in bits (every convention).
+
+    ``EN = -Σ_l p_l log2 p_l`` over levels with ``p_l > 0``. Higher means more grey levels
+    are used; noise raises it too, so EN alone rewards nothing in particular.
+
+    Args:
+        fused: ``(H, W)`` on 0..255 (values rounded to integer levels).
+        convention: any of :data:`CONVENTIONS` (all agree).
+
+    Returns:
+        EN in bits, in ``[0, 8]``.
+    """
+    _check_convention(convention)
+    return _entropy_of_levels(_levels(_as_image(fused, "fused")))
+
+
+def standard_deviation(fused: Any, convention: str = "standard") -> float:
+    """SD: population standard deviation (ddof = 0) of F on 0..255 (every convention)."""
+    _check_convention(convention)
+    return float(np.std(_as_image(fused, "fused")))
+
+
+def spatial_frequency(fused: Any, convention: str = "standard") -> float:
+    """SF = sqrt(RF² + CF²) on 0..255 (every convention).
+
+    ``RF² = mean((F[i, j+1] − F[i, j])²)`` over ``H × (W−1)`` horizontal differences,
+    ``CF² = mean((F[i+1, j] − F[i, j])²)`` over ``(H−1) × W`` vertical differences.
+    """
+    _check_convention(convention)
+    return _sf(_as_image(fused, "fused"))
+
+
+def _sf(f: np.ndarray) -> float:
+    rf2 = np.mean(np.square(np.diff(f, axis=1)))
+    cf2 = np.mean(np.square(np.diff(f, axis=0)))
+    return float(np.sqrt(rf2 + cf2))
+
+
+# --------------------------------------------------------------------------- MI
+
+
+def _joint_mi(x: np.ndarray, y: np.ndarray, log) -> float:
+    """MI of two level images from their 256×256 joint histogram (one bincount)."""
+    joint = np.bincount((x * 256 + y).ravel(), minlength=65536).reshape(256, 256)
+    pxy = joint / x.size
+    px, py = pxy.sum(axis=1), pxy.sum(axis=0)
+    nz = pxy > 0
+    outer = np.outer(px, py)
+    return float(np.sum(pxy[nz] * (log(pxy[nz]) - log(outer[nz]))))
+
+
+def _mi(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
+    f, a, b = _levels(f), _levels(a), _levels(b)
+    log = np.log if convention == "cddfuse" else np.log2
+    if convention != "matlab_tang":
+        return _joint_mi(f, a, log) + _joint_mi(f, b, log)
+    # MATLAB: MI = H(A) + H(F) - H(F, A) with 256-bin marginals and the saturated joint.
+    total = 0.0
+    h_f = _entropy_of_levels(f)
+    fj = np.minimum(f, 254)
+    for s in (a, b):
+        sj = np.minimum(s, 254)
+        joint = np.bincount((fj * 256 + sj).ravel(), minlength=65536) / f.size
+        joint = joint[joint > 0]
+        total += _entropy_of_levels(s) + h_f + float(np.sum(joint * np.log2(joint)))
+    return total
+
+
+def mutual_information(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
+    """MI = MI(F, A) + MI(F, B), with ``MI(X, Y) = Σ p_xy log(p_xy / (p_x p_y))``.
+
+    Joint histograms have 256×256 bins over integer grey levels.
+
+    Conventions: ``standard`` and ``matlab_tang`` in **bits** (log2); ``cddfuse`` in **nats**
+    (natural log; sklearn's ``mutual_info_score``), i.e. the bits value × ln 2.
+    ``matlab_tang`` also reproduces ``Hab.m``'s saturating ``uint8(x) + 1`` bin index, which
+    puts levels 254 and 255 into one joint bin.
+
+    Returns:
+        MI (≥ 0; at most 16 bits).
+    """
+    return _mi(*_check_triplet(fused, a, b), _check_convention(convention))
+
+
+# --------------------------------------------------------------------------- MSE, PSNR
+
+
+def _mse(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
+    value = 0.5 * (np.mean(np.square(a - f)) + np.mean(np.square(b - f)))
+    return float(value / 255.0**2 if convention == "matlab_tang" else value)
+
+
+def mse(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
+    """MSE = (MSE(F, A) + MSE(F, B)) / 2, on 0..255 (``matlab_tang``: on the [0, 1] scale)."""
+    return _mse(*_check_triplet(fused, a, b), _check_convention(convention))
+
+
+def _psnr(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
+    err = 0.5 * (np.mean(np.square(a - f)) + np.mean(np.square(b - f)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if convention == "standard":
+            return float(10 * np.log10(255.0**2 / err))
+        if convention == "cddfuse":
+            return float(10 * np.log10(np.max(f) ** 2 / err))
+        return float(20 * np.log10(255.0 / np.sqrt(err / 255.0**2)))
+
+
+def psnr(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
+    """PSNR in dB against both sources, with the MSE of :func:`mse`.
+
+    - ``standard``: ``10 log10(255² / MSE)`` (peak fixed at 255).
+    - ``cddfuse``: ``10 log10(max(F)² / MSE)`` (peak = the fused image's maximum).
+    - ``matlab_tang``: ``20 log10(255 / sqrt(MSE01))`` with MSE01 on the [0, 1] scale,
+      i.e. the standard value + 20 log10(255) = +48.13 dB.
+
+    Returns:
+        PSNR in dB (``inf`` when F equals both sources).
+    """
+    return _psnr(*_check_triplet(fused, a, b), _check_convention(convention))
+
+
+# --------------------------------------------------------------------------- Q^AB/F
+
+# Xydeas & Petrović (2000) constants, as in every evaluator we reproduce.
+_QABF_TG, _QABF_KG, _QABF_DG = 0.9994, -15.0, 0.5
+_QABF_TA, _QABF_KA, _QABF_DA = 0.9879, -22.0, 0.8
+
+
+def _sobel(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sobel responses of a stack ``(N, H, W)`` with zero padding ('same' size).
+
+    Matches ``scipy.signal.convolve2d(img, k, mode='same')`` with the evaluators' kernels
+    ``x = [[-1,0,1],[-2,0,2],[-1,0,1]]`` and ``y = [[1,2,1],[0,0,0],[-1,-2,-1]]`` (true
+    convolution, i.e. both kernels flipped: the responses are ``-correlate``; their ratio and
+    magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway).
+    """
+    p = np.pad(images, ((0, 0), (1, 1), (1, 1)))  # (N, H, W) -> (N, H + 2, W + 2), zeros
+    # Both kernels are separable: x = [1, 2, 1]^T ⊗ [-1, 0, 1], y = [1, 0, -1]^T ⊗ [1, 2, 1].
+    # Convolution flips them, so out(i, j) = Σ k(u, v) p(i + 2 - u, j + 2 - v).
+    smooth_v = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # (N, H, W + 2)
+    smooth_h = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]  # (N, H + 2, W)
+    sx = smooth_v[:, :, :-2] - smooth_v[:, :, 2:]
+    sy = smooth_h[:, 2:] - smooth_h[:, :-2]
+    return sx, sy
+
+
+def _qabf(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
+    sx, sy = _sobel(np.stack([a, b, f]))
+    g = np.sqrt(sx * sx + sy * sy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        angle = np.where(sx == 0, math.pi / 2, np.arctan(sy / np.where(sx == 0, 1.0, sx)))
+        g_src, g_f = g[:2], g[2:]
+        ratio = np.where(g_src > g_f, g_f / g_src, g_src / g_f)
+    strength = np.where(g_src == g_f, g_f, ratio)  # (2, H, W); quirk: G = g_F where equal
+    orient = 1.0 - np.abs(angle[:2] - angle[2:]) / (math.pi / 2)
+    q = (_QABF_TG / (1 + np.exp(_QABF_KG * (strength - _QABF_DG)))) * (
+        _QABF_TA / (1 + np.exp(_QABF_KA * (orient - _QABF_DA)))
+    )
+    den = float(np.sum(g_src))
+    if den == 0:
+        return float("nan")
+    return float(np.sum(q * g_src) / den)
+
+
+def qabf(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
+    """Q^AB/F, the Xydeas–Petrović edge-preservation metric (every convention; float64).
+
+    For each source S ∈ {A, B}: Sobel magnitude g and angle α = arctan(s_y / s_x)
+    (π/2 where s_x = 0); relative strength G^SF = min(g_S, g_F) / max(g_S, g_F), and
+    G^SF = g_F where g_S = g_F (the quirk every evaluator inherits from the MATLAB original:
+    0 where both are 0, g_F instead of 1 elsewhere); relative orientation
+    A^SF = 1 − |α_S − α_F| / (π/2); preservation
+    Q^SF = Γ_g / (1 + e^{k_g (G^SF − D_g)}) · Γ_a / (1 + e^{k_a (A^SF − D_a)}) with
+    Γ_g = 0.9994, k_g = −15, D_g = 0.5, Γ_a = 0.9879, k_a = −22, D_a = 0.8; then
+    Q^AB/F = Σ (Q^AF g_A + Q^BF g_B) / Σ (g_A + g_B).
+
+    Returns:
+        Q^AB/F in [0, 1] (NaN when both sources are constant: 0/0).
+    """
+    return _qabf(*_check_triplet(fused, a, b), _check_convention(convention))
+
+
+# --------------------------------------------------------------------------- SSIM
+
+
+def _ssim_pair_stack(f, srcs, *, gaussian, data_range, sample_cov, dtype):
+    """SSIM(F, S) for each S in ``srcs`` in one filtering pass; returns a list of floats.
+
+    Follows Wang et al. (2004) as skimage implements it: local means, variances and covariance
+    from a window filter (uniform ``size 7`` or Gaussian ``σ 1.5, truncate 3.5``, 'reflect'
+    borders), the SSIM map, and its mean after cropping (window − 1) / 2 pixels per side.
+    """
+    f = f.astype(dtype)
+    srcs = [s.astype(dtype) for s in srcs]
+    stack = np.stack([f, *srcs, f * f, *(s * s for s in srcs), *(f * s for s in srcs)])
+    if gaussian:
+        sigma, truncate = 1.5, 3.5
+        win = 2 * int(truncate * sigma + 0.5) + 1
+        filt = ndimage.gaussian_filter(
+            stack, sigma=(0, sigma, sigma), truncate=truncate, mode="reflect"
+        )
+    else:
+        win = 7
+        filt = ndimage.uniform_filter(stack, size=(1, win, win), mode="reflect")
+    n = len(srcs)
+    uf, us = filt[0], filt[1 : 1 + n]
+    uff, uss, ufs = filt[1 + n], filt[2 + n : 2 + 2 * n], filt[2 + 2 * n :]
+    cov_norm = win * win / (win * win - 1) if sample_cov else 1.0
+    vf = cov_norm * (uff - uf * uf)
+    vs = cov_norm * (uss - us * us)
+    vfs = cov_norm * (ufs - uf * us)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    smap = ((2 * uf * us + c1) * (2 * vfs + c2)) / ((uf * uf + us * us + c1) * (vf + vs + c2))
+    pad = (win - 1) // 2
+    return [float(m[pad:-pad, pad:-pad].mean(dtype=np.float64)) for m in smap]
+
+
+def ssim(fused: Any, a: Any, b: Any, convention: str = "standard", data_range=None) -> float:
+    """SSIM of the fused image against both sources, in each convention's form.
+
+    - ``standard``: ``(SSIM(F, A) + SSIM(F, B)) / 2`` — the MEAN, at most 1 — with the
+      Gaussian window (σ = 1.5, 11×11), population covariance, ``data_range = 255``,
+      K1 = 0.01, K2 = 0.03, float64, the map averaged after cropping 5 pixels per side.
+    - ``cddfuse``: ``SSIM(F, A) + SSIM(F, B)`` — the SUM, at most 2 — with skimage 0.19's
+      defaults on float32 input: 7×7 uniform window, sample covariance (49/48), float32
+      arithmetic, 3-pixel crop and ``data_range = 2`` (inferred from the float32 dtype range
+      [−1, 1], although the images span 0..255: C1, C2 become negligible).
+    - ``matlab_tang``: not reproduced (returns NaN): the reference run had no MATLAB ssim.
+
+    Args:
+        data_range: override the convention's data range (e.g. 255 with ``cddfuse`` gives the
+            reference's ``SSIM_data_range_255``).
+
+    Returns:
+        The SSIM value (NaN for ``matlab_tang``).
+    """
+    return _ssim(*_check_triplet(fused, a, b), _check_convention(convention), data_range)
+
+
+def _ssim(f, a, b, convention: str, data_range: float | None = None) -> float:
+    if min(f.shape) < 11:
+        raise ValueError(f"ssim: images must be at least 11x11, got {f.shape}")
+    if convention == "matlab_tang":
+        return float("nan")
+    if convention == "standard":
+        vals = _ssim_pair_stack(
+            f,
+            [a, b],
+            gaussian=True,
+            sample_cov=False,
+            data_range=255.0 if data_range is None else data_range,
+            dtype=np.float64,
+        )
+        return 0.5 * (vals[0] + vals[1])
+    vals = _ssim_pair_stack(
+        f,
+        [a, b],
+        gaussian=False,
+        sample_cov=True,
+        data_range=2.0 if data_range is None else data_range,
+        dtype=np.float32,
+    )
+    return vals[0] + vals[1]
+
+
+# --------------------------------------------------------------------------- VIF
+
+_VIF_SIGMA_NSQ = 2.0
+_VIF_EPS = 1e-10
+
+
+def _vif_window(scale: int) -> np.ndarray:
+    """The 1-D factor of the scale's MATLAB-style Gaussian window (N = 2^(5−scale) + 1,
+    sd = N / 5), normalised. The 2-D window is its outer product (no tap falls under the
+    ``eps · max`` cut-off at these sizes, so the evaluators' 2-D window is separable)."""
+    n = 2 ** (4 - scale + 1) + 1
+    sd = n / 5.0
+    x = np.arange(n) - (n - 1) / 2.0
+    h = np.exp(-(x * x) / (2.0 * sd * sd))
+    return h / h.sum()
+
+
+def _valid_filter(stack: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """'valid' 2-D filtering of a stack ``(N, H, W)`` with the separable window ``w ⊗ w``:
+    ``(N, H, W) -> (N, H − n + 1, W − n + 1)``. The window is symmetric, so correlation
+    equals the evaluators' convolution. Each pass is a matrix product over sliding windows
+    (no padding, no wasted border work)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    n = len(w)
+    rows = np.ascontiguousarray(sliding_window_view(stack, n, axis=2) @ w)  # (N, H, W - n + 1)
+    return sliding_window_view(rows, n, axis=1) @ w  # (N, H - n + 1, W - n + 1)
+
+
+def _vif_pair(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> tuple[float, float]:
+    """Sheikh–Bovik pixel-domain VIF(A, F) and VIF(B, F), 4 scales, sharing F's statistics;
+    each NaN when undefined (0/0, a constant reference)."""
+    num, den = np.zeros(2), np.zeros(2)
+    refs, dist = np.stack([a, b]), f
+    for scale in range(1, 5):
+        w = _vif_window(scale)
+        if scale > 1:  # (3, H, W) -> (3, (H - n + 1) / 2, (W - n + 1) / 2)
+            imgs = _valid_filter(np.concatenate([refs, dist[None]]), w)[:, ::2, ::2]
+            refs, dist = imgs[:2], imgs[2]
+        if min(dist.shape) < len(w):
+            raise ValueError(f"vif: image too small for scale {scale} (need at least 41x41)")
+        m = _valid_filter(
+            np.concatenate([refs, dist[None], refs * refs, (dist * dist)[None], refs * dist]), w
+        )
+        mu1, mu2 = m[0:2], m[2]
+        s1 = m[3:5] - mu1 * mu1
+        s2 = np.broadcast_to(m[5] - mu2 * mu2, s1.shape).copy()
+        s12 = m[6:8] - mu1 * mu2
+        s1[s1 < 0] = 0
+        s2[s2 < 0] = 0
+        g = s12 / (s1 + _VIF_EPS)
+        sv = s2 - g * s12
+        flat1 = s1 < _VIF_EPS
+        g[flat1] = 0
+        sv[flat1] = s2[flat1]
+        s1[flat1] = 0
+        flat2 = s2 < _VIF_EPS
+        g[flat2] = 0
+        sv[flat2] = 0
+        neg = g < 0
+        sv[neg] = s2[neg]
+        g[neg] = 0
+        sv[sv <= _VIF_EPS] = _VIF_EPS
+        num += np.log10(1 + g * g * s1 / (sv + _VIF_SIGMA_NSQ)).sum(axis=(1, 2))
+        den += np.log10(1 + s1 / _VIF_SIGMA_NSQ).sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = num / den
+    return float(out[0]), float(out[1])
+
+
+def _vif(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
+    terms = list(_vif_pair(a, b, f))
+    if convention != "standard":
+        terms = [1.0 if math.isnan(t) else t for t in terms]
+    return float(sum(terms))
+
+
+def vif(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
+    """VIF = VIF(A, F) + VIF(B, F): Sheikh & Bovik's multi-scale pixel-domain visual
+    information fidelity (``vifp_mscale``), the SUM over both sources in every convention.
+
+    Per scale s = 1..4: Gaussian window N = 2^(5−s) + 1, sd = N/5; for s > 1 both images are
+    filtered ('valid') and decimated by 2 first. Local statistics give the gain
+    g = σ_RD / σ_R² and the distortion variance σ_V² = σ_D² − g σ_RD (with the reference
+    implementation's guards); VIF = Σ log10(1 + g² σ_R² / (σ_V² + σ_n²)) /
+    Σ log10(1 + σ_R² / σ_n²), σ_n² = 2, summed over scales.
+
+    Conventions differ only where one VIF term is 0/0 (a constant reference): ``standard``
+    gives NaN, ``cddfuse`` and ``matlab_tang`` the reference code's fallback 1.0.
+
+    Raises:
+        ValueError: images smaller than 41×41 (the fourth scale has no valid pixels).
+    """
+    return _vif(*_check_triplet(fused, a, b), _check_convention(convention))
+
+
+# --------------------------------------------------------------------------- SCD
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(np.sum(xc * xc)) * float(np.sum(yc * yc)))
+    return float(np.sum(xc * yc)) / den if den != 0 else float("nan")
+
+
+def _scd(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
+    return _corr(a, f - b) + _corr(b, f - a)
+
+
+def scd(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
+    """SCD, the sum of the correlations of differences (Aslantas & Bendes, 2015):
+    ``corr(A, F − B) + corr(B, F − A)`` with Pearson's correlation over the whole image.
+
+    NaN (0/0) in every convention when F − B or F − A is constant (e.g. F = A), or a source
+    is constant.
+    """
+    return _scd(*_check_triplet(fused, a, b), _check_convention(convention))
+
+
+# --------------------------------------------------------------------------- all at once
+
+_FUNCS = {  # metric -> implementation on checked float64 images
+    "EN": lambda f, a, b, c: _entropy_of_levels(_levels(f)),
+    "SD": lambda f, a, b, c: float(np.std(f)),
+    "SF": lambda f, a, b, c: _sf(f),
+    "MI": _mi,
+    "PSNR": _psnr,
+    "MSE": _mse,
+    "Qabf": _qabf,
+    "SSIM": _ssim,
+    "VIF": _vif,
+    "SCD": _scd,
+}
+
+
+def fusion_metrics(
+    fused: Any,
+    a: Any,
+    b: Any,
+    convention: str = "standard",
+    metrics: Iterable[str] | None = None,
+) -> dict[str, float]:
+    """Score a fused image against its two sources.
+
+    Args:
+        fused, a, b: ``(H, W)`` grey images on 0..255 (uint8 or float), H, W ≥ 41 for VIF,
+            ≥ 11 for SSIM. A colour source enters as its Y channel.
+        convention: ``"standard"``, ``"cddfuse"`` or ``"matlab_tang"`` (module docstring).
+        metrics: names out of ``METRICS`` plus ``"MSE"`` and (cddfuse) ``"SSIM_data_range_255"``;
+            default: the nine of :data:`METRICS` plus ``MSE`` (and ``SSIM_data_range_255`` for
+            ``cddfuse``).
+
+    Returns:
+        ``{name: value}`` in the requested order; NaN marks a value that is undefined (0/0) or
+        not reproduced in that convention.
+
+    Raises:
+        ValueError: unknown convention or metric name; shapes differ; values off 0..255.
+
+    Explained in chapter 5 and the appendix (``book/appendix_fusion_metrics.md``).
+    """
+    convention = _check_convention(convention)
+    if metrics is None:
+        names = list(METRICS) + ["MSE"]
+        if convention == "cddfuse":
+            names.append("SSIM_data_range_255")
+    else:
+        names = list(metrics)
+        valid = list(METRICS) + list(_EXTRA)
+        bad = [n for n in names if n not in valid]
+        if bad:
+            raise ValueError(f"unknown metric(s) {bad}; valid: {valid}")
+    f, a, b = _check_triplet(fused, a, b)
+    out: dict[str, float] = {}
+    for name in names:
+        if name == "SSIM_data_range_255":
+            out[name] = (
+                _ssim(f, a, b, "cddfuse", data_range=255.0)
+                if convention == "cddfuse"
+                else float("nan")
+            )
+        else:
+            out[name] = _FUNCS[name](f, a, b, convention)
+    return out
+
+
+class FusionMeter:
+    """Accumulates :func:`fusion_metrics` over pairs; ``compute()`` gives per-pair values and
+    the mean over pairs (NaNs are skipped in the mean; ``count`` says how many entered it).
+
+    Example::
+
+        meter = FusionMeter("standard")
+        for pair, fused in ...:
+            meter.update(fused, pair.a, pair.b, name=pair.name)
+        table = meter.compute()["mean"]
+    """
+
+    def __init__(self, convention: str = "standard", metrics: Iterable[str] | None = None):
+        self.convention = _check_convention(convention)
+        self.metrics = None if metrics is None else list(metrics)
+        self.reset()
+
+    def reset(self) -> None:
+        self._rows: dict[str, dict[str, float]] = {}
+
+    def update(self, fused: Any, a: Any, b: Any, name: str | None = None) -> dict[str, float]:
+        """Score one pair and remember it under ``name`` (default: its index); returns the row.
+
+        Raises:
+            ValueError: a name seen before (each pair is scored once).
+        """
+        name = str(len(self._rows)) if name is None else str(name)
+        if name in self._rows:
+            raise ValueError(f"FusionMeter: pair {name!r} was already scored")
+        row = fusion_metrics(fused, a, b, self.convention, self.metrics)
+        self._rows[name] = row
+        return row
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def compute(self) -> dict[str, Any]:
+        """``{"convention", "per_pair": {name: row}, "mean": {metric: value},
+        "count": {metric: pairs with a finite value}}``."""
+        names: list[str] = []
+        for row in self._rows.values():
+            names.extend(k for k in row if k not in names)
+        mean, count = {}, {}
+        for k in names:
+            vals = np.array([r[k] for r in self._rows.values() if k in r], dtype=np.float64)
+            ok = np.isfinite(vals)
+            count[k] = int(ok.sum())
+            mean[k] = float(vals[ok].mean()) if ok.any() else float("nan")
+        return {
+            "convention": self.convention,
+            "per_pair": {n: dict(r) for n, r in self._rows.items()},
+            "mean": mean,
+            "count": count,
+        }
+
+
+def nan_to_none(obj: Any) -> Any:
+    """Replace NaN/inf floats by None, recursively (for strict JSON: ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    return obj

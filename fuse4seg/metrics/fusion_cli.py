@@ -1,0 +1,203 @@
+"""``fuse4seg metrics``: score fused images against their sources from the command line.
+
+One pair::
+
+    fuse4seg metrics --fused F.png --a MRI.png --b PET.png [--convention cddfuse] [--json]
+
+A folder of fused images (every ``<name>.png`` in ``--fused`` is matched by name with
+``--a/<name>.png`` and ``--b/<name>.png``), one CSV row per pair::
+
+    fuse4seg metrics --fused results/ --a test/MRI --b test/PET --csv metrics.csv
+
+Every image is read as ``fuse4seg.data.pairs.read_grey`` reads it (a colour image becomes its
+BT.601 luma, computed as the common evaluators do), and every output names the convention that
+produced its numbers (chapter 5 and the appendix ``book/appendix_fusion_metrics.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from fuse4seg.metrics.fusion import CONVENTIONS, METRICS, FusionMeter, nan_to_none
+
+__all__ = ["metrics_arguments", "metrics_main", "score_folder", "score_pair"]
+
+_IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _parse_metrics(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    valid = list(METRICS) + ["MSE", "SSIM_data_range_255"]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise ValueError(f"--metrics: unknown name(s) {bad or text!r}; valid: {','.join(valid)}")
+    return names
+
+
+def _conventions(choice: str) -> list[str]:
+    return list(CONVENTIONS) if choice == "all" else [choice]
+
+
+def score_pair(
+    fused: Path, a: Path, b: Path, conventions: list[str], metrics: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Read three images and return ``{convention: {metric: value}}``.
+
+    Raises:
+        FileNotFoundError: a missing file. ValueError: unreadable image or size mismatch (the
+            message names the files).
+    """
+    from fuse4seg.data.pairs import read_grey
+
+    f_img, a_img, b_img = read_grey(fused), read_grey(a), read_grey(b)
+    if not (f_img.shape == a_img.shape == b_img.shape):
+        raise ValueError(
+            f"size mismatch: {fused} is {f_img.shape}, {a} is {a_img.shape}, {b} is {b_img.shape}"
+        )
+    out = {}
+    for conv in conventions:
+        meter = FusionMeter(conv, metrics)
+        out[conv] = meter.update(f_img, a_img, b_img, name=fused.stem)
+    return out
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    files = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
+    by_stem: dict[str, Path] = {}
+    for p in files:
+        if p.stem in by_stem:
+            raise ValueError(
+                f"{folder}: two images named {p.stem!r} ({by_stem[p.stem].name}, "
+                f"{p.name}); keep one"
+            )
+        by_stem[p.stem] = p
+    return by_stem
+
+
+def score_folder(
+    fused_dir: Path,
+    a_dir: Path,
+    b_dir: Path,
+    conventions: list[str],
+    metrics: list[str] | None = None,
+) -> dict[str, dict]:
+    """Score every image of ``fused_dir`` against the same-named images in ``a_dir``, ``b_dir``.
+
+    Returns:
+        ``{convention: FusionMeter.compute()}`` (per pair and mean).
+
+    Raises:
+        ValueError: an empty folder, or fused images without a source of the same name (all
+            are named). FileNotFoundError: a missing folder.
+    """
+    from fuse4seg.data.pairs import read_grey
+
+    for d, what in ((fused_dir, "--fused"), (a_dir, "--a"), (b_dir, "--b")):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{what} {d}: folder not found")
+    fused, src_a, src_b = (_images_by_stem(d) for d in (fused_dir, a_dir, b_dir))
+    if not fused:
+        raise ValueError(f"--fused {fused_dir}: no images ({', '.join(_IMAGE_SUFFIXES)})")
+    missing = [f"{n} (no {a_dir / n}.*)" for n in fused if n not in src_a]
+    missing += [f"{n} (no {b_dir / n}.*)" for n in fused if n not in src_b]
+    if missing:
+        raise ValueError("fused images without a source of the same name: " + "; ".join(missing))
+    meters = {c: FusionMeter(c, metrics) for c in conventions}
+    for name, path in fused.items():
+        f_img, a_img, b_img = read_grey(path), read_grey(src_a[name]), read_grey(src_b[name])
+        if not (f_img.shape == a_img.shape == b_img.shape):
+            raise ValueError(
+                f"size mismatch for {name!r}: {path} {f_img.shape}, {src_a[name]} "
+                f"{a_img.shape}, {src_b[name]} {b_img.shape}"
+            )
+        for meter in meters.values():
+            meter.update(f_img, a_img, b_img, name=name)
+    return {c: m.compute() for c, m in meters.items()}
+
+
+def _fmt(v: float) -> str:
+    return "nan" if not math.isfinite(v) else f"{v:.6g}"
+
+
+def metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fuse4seg metrics`` options to ``parser``."""
+    parser.add_argument("--fused", type=Path, required=True, help="fused image, or a folder")
+    parser.add_argument("--a", type=Path, required=True, help="source A (MRI), or a folder")
+    parser.add_argument(
+        "--b", type=Path, required=True, help="source B (CT/PET/SPECT), or a folder"
+    )
+    parser.add_argument(
+        "--convention",
+        default="standard",
+        choices=[*CONVENTIONS, "all"],
+        help="which definitions to use (see the book's fusion-metrics appendix); default standard",
+    )
+    parser.add_argument(
+        "--metrics", help=f"comma-separated subset (default: {','.join(METRICS)},MSE)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--csv", type=Path, help="folder mode: write one row per pair here")
+
+
+def metrics_main(args: argparse.Namespace) -> int:
+    """Fusion quality metrics (EN, SD, MI, PSNR, SF, Qabf, SSIM, VIF, SCD) of fused images.
+
+    Give three files for one pair, or three folders (matched by file name) to score every pair;
+    --csv writes the per-pair values in folder mode. Every output names its convention.
+    """
+    conventions = _conventions(args.convention)
+    metrics = _parse_metrics(args.metrics)
+    if args.fused.is_dir():
+        if args.csv is None and not args.json:
+            raise ValueError("folder mode: give --csv FILE for the per-pair values (or --json)")
+        results = score_folder(args.fused, args.a, args.b, conventions, metrics)
+        if args.csv is not None:
+            _write_csv(args.csv, results)
+        if args.json:
+            print(json.dumps(nan_to_none(results), indent=2))
+        else:
+            for conv, res in results.items():
+                n = len(res["per_pair"])
+                print(f"convention: {conv}; mean over {n} pairs of {args.fused}")
+                for k, v in res["mean"].items():
+                    print(f"  {k:>20}: {_fmt(v)}")
+            print(f"wrote {args.csv}")
+        return 0
+    for path, what in ((args.fused, "--fused"), (args.a, "--a"), (args.b, "--b")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path}: file not found")
+    if args.csv is not None:
+        raise ValueError("--csv is for folder mode (--fused FOLDER); use --json for one pair")
+    results = score_pair(args.fused, args.a, args.b, conventions, metrics)
+    if args.json:
+        out = {"fused": str(args.fused), "a": str(args.a), "b": str(args.b), "metrics": results}
+        print(json.dumps(nan_to_none(out), indent=2))
+    else:
+        for conv, row in results.items():
+            print(f"convention: {conv}; fused {args.fused}; A {args.a}; B {args.b}")
+            for k, v in row.items():
+                print(f"  {k:>20}: {_fmt(v)}")
+    return 0
+
+
+def _write_csv(path: Path, results: dict[str, dict]) -> None:
+    from fuse4seg.utils import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    names: list[str] = []
+    for res in results.values():
+        for row in res["per_pair"].values():
+            names.extend(k for k in row if k not in names)
+    writer.writerow(["name", "convention", *names])
+    for conv, res in results.items():
+        for pair, row in res["per_pair"].items():
+            writer.writerow([pair, conv, *(_fmt(row[k]) if k in row else "" for k in names)])
+    atomic_write_text(Path(path), buf.getvalue())

@@ -1,0 +1,370 @@
+"""Fusion-only training, evaluation, the classical rules and the ``fuse4seg fusion`` verbs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fuse4seg.config import get_config
+from fuse4seg.data.pairs import find_harvard_pairs, load_pair
+from fuse4seg.fusion_baselines import BASELINES, fuse_average, fuse_baseline, fuse_dwt, fuse_max
+from fuse4seg.metrics.fusion import fusion_metrics, spatial_frequency
+from fuse4seg.train.fusion_only import (
+    FUSION_SCHEDULE,
+    OrientedLeader,
+    PairSampler,
+    choose_polarity,
+    cross_validate,
+    evaluate_fusion,
+    fuse_pair,
+    fuse_with_leader,
+    fusion_schedule,
+    load_fusion_leader,
+    train_fusion,
+)
+
+FAST = dict(steps=3, crop=16, batch_size=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and two pytest-xdist workers with two
+    threads each on a 2-core machine slow every step down by 10-100× (oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair_root(tmp_path_factory):
+    """A Harvard-layout folder: 3 train and 2 test SPECT-MRI pairs of 48×48 synthetic images."""
+    root = tmp_path_factory.mktemp("harvard")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    for split, names in (("train", ["t1", "t2", "t3"]), ("test", ["s1", "s2"])):
+        for name in names:
+            cx, cy = rng.integers(12, 36, 2)
+            mri = (np.hypot(xx - cx, yy - cy) < 14) * 180 + rng.integers(0, 40, (48, 48))
+            spect = np.zeros((48, 48, 3), np.uint8)
+            spect[..., 0] = np.clip(255 - 6 * np.hypot(xx - cy, yy - cx), 0, 255)
+            spect[..., 1] = spect[..., 0] // 2
+            for sub, img in (("MRI", mri.astype(np.uint8)), ("SPECT", spect)):
+                d = root / "SPECT-MRI" / split / sub
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(d / f"{name}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_pairs(pair_root):
+    return [load_pair(p) for p in find_harvard_pairs(pair_root, "SPECT-MRI", "train")]
+
+
+@pytest.fixture(scope="module")
+def test_pairs(pair_root):
+    return [load_pair(p) for p in find_harvard_pairs(pair_root, "SPECT-MRI", "test")]
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return get_config("smoke")
+
+
+# ----------------------------------------------------------------- classical rules
+
+
+def test_average_and_max_hand_values():
+    a = np.array([[0, 10], [200, 255]], np.uint8)
+    b = np.array([[4, 10], [100, 0]], np.uint8)
+    assert fuse_average(a, b).tolist() == [[2, 10], [150, 127.5]]
+    assert fuse_max(a, b).tolist() == [[4, 10], [200, 255]]
+    assert fuse_baseline("max", a, b).tolist() == fuse_max(a, b).tolist()
+    with pytest.raises(ValueError, match="unknown fusion rule"):
+        fuse_baseline("median", a, b)
+    with pytest.raises(ValueError, match="one shape"):
+        fuse_average(a, b[:1])
+
+
+def test_dwt_rule_properties():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 255, (40, 36))
+    assert np.allclose(fuse_dwt(a, a), a, atol=1e-9)  # identical sources: perfect reconstruction
+    flat = np.full_like(a, 128.0)
+    fused = fuse_dwt(flat, a)
+    # max-abs keeps the textured source's details: far more spatial frequency than the average
+    assert spatial_frequency(fused) > 1.5 * spatial_frequency(fuse_average(flat, a))
+    assert fused.min() >= a.min() and fused.max() <= a.max()  # clipped to the inputs' range
+    with pytest.raises(ValueError, match="wavelet"):
+        fuse_dwt(a, a, wavelet="nope")
+    assert set(BASELINES) == {"average", "max", "dwt"}
+
+
+# ----------------------------------------------------------------- schedule and sampler
+
+
+def test_fusion_schedule(smoke):
+    s = fusion_schedule(smoke, 10)
+    assert s["steps"] == FUSION_SCHEDULE["smoke"]["steps"] and s["crop"] == 48
+    paper = get_config("paper")
+    p = fusion_schedule(paper, 245)
+    assert p["batch_size"] == 8 and p["lr"] == 1e-4 and p["steps"] == 120 * math.ceil(245 / 8)
+    assert fusion_schedule(smoke, 10, steps=7)["steps"] == 7
+    with pytest.raises(ValueError, match="unknown schedule"):
+        fusion_schedule(smoke, 10, epochs=3)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        fusion_schedule(smoke, 10, steps=0)
+
+
+def test_pair_sampler_applies_one_transform_to_both(train_pairs):
+    sampler = PairSampler(train_pairs, crop=100, stride=4, seed=0)
+    assert sampler.crop == 48  # reduced to the image side, a multiple of the stride
+    twin = [p.__class__(**{**p.__dict__, "b": p.a}) for p in train_pairs]  # B := A
+    x1, x2 = PairSampler(twin, crop=20, seed=1).sample(5)
+    assert x1.shape == (5, 1, 20, 20) and x1.dtype == torch.float32
+    assert torch.equal(x1, x2) and 0 <= float(x1.min()) and float(x1.max()) <= 1
+    with pytest.raises(ValueError, match="no training pairs"):
+        PairSampler([], 16)
+
+
+# ----------------------------------------------------------------- training and evaluation
+
+
+class _InvertedAverage(torch.nn.Module):
+    """A stand-in leader whose output is the inverted average, 1 − (x1 + x2)/2."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.stride = 1
+
+    def forward(self, x1, x2):
+        return 1.0 - 0.5 * (x1 + x2) + 0 * self.w, (x1, x1, x2, x2)
+
+
+def test_polarity_choice_prefers_the_lower_objective(train_pairs, smoke):
+    inverted = _InvertedAverage()
+    polarity, losses = choose_polarity(inverted, train_pairs, 16, smoke)
+    assert polarity == -1 and losses["inverted"] < losses["as_is"]
+    oriented = OrientedLeader(inverted, polarity)
+    x1, x2 = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
+    assert torch.allclose(oriented(x1, x2)[0], 0.5 * (x1 + x2))
+    assert oriented.stride == 1
+    with pytest.raises(ValueError, match="polarity"):
+        OrientedLeader(inverted, 0)
+
+
+def test_train_reuse_and_inference(train_pairs, test_pairs, smoke, tmp_path):
+    run = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
+    assert not run.reused and run.run_dir.name.startswith("fusion-SPECT-MRI-smoke-")
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "checkpoints/leader.pt"):
+        assert (run.run_dir / name).is_file(), name
+    info = json.loads((run.run_dir / "run.json").read_text())
+    assert info["finished"] and info["train_pairs"] == ["t1", "t2", "t3"]
+    assert info["polarity"] in (1, -1) and run.leader.polarity == info["polarity"]
+    assert run.history[-1]["step"] == 3 and math.isfinite(run.history[-1]["total"])
+    again = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
+    assert again.reused and again.run_dir == run.run_dir
+    for p, q in zip(
+        run.leader.state_dict().values(), again.leader.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q)
+    fused = fuse_with_leader(again.leader, test_pairs[0].a, test_pairs[0].b)
+    assert fused.shape == (48, 48) and 0 <= fused.min() and fused.max() <= 255
+    assert fused.max() == pytest.approx(255) and fused.min() == pytest.approx(0)  # min-max
+    leader, cfg, info = load_fusion_leader(run.run_dir / "checkpoints" / "leader.pt", "cpu")
+    assert cfg.profile == "smoke" and info["kind"] == "SPECT-MRI"
+    assert leader.polarity == run.leader.polarity
+    with pytest.raises(FileNotFoundError):
+        load_fusion_leader(tmp_path / "nothing", "cpu")
+
+
+def test_evaluate_baseline_and_images(test_pairs, tmp_path):
+    res = evaluate_fusion(
+        test_pairs, "average", conventions=("standard", "cddfuse"), out_dir=tmp_path
+    )
+    direct = fusion_metrics(fuse_pair("average", test_pairs[0]), test_pairs[0].a, test_pairs[0].b)
+    assert res["metrics"]["standard"]["per_pair"]["s1"]["SSIM"] == pytest.approx(direct["SSIM"])
+    assert set(res["metrics"]) == {"standard", "cddfuse"} and res["pairs"] == ["s1", "s2"]
+    colour = np.asarray(Image.open(tmp_path / "average" / "color" / "s1.png"))
+    grey = np.asarray(Image.open(tmp_path / "average" / "s1.png"))
+    assert colour.shape == (48, 48, 3) and grey.shape == (48, 48)
+    with pytest.raises(ValueError, match="no leader"):
+        fuse_pair("leader", test_pairs[0])
+
+
+def test_cross_validation_never_scores_a_training_pair(train_pairs, smoke, tmp_path):
+    leaders = cross_validate(train_pairs, smoke, tmp_path, folds=3, **FAST, device="cpu")
+    assert sorted(leaders) == ["t1", "t2", "t3"]
+    runs = sorted(tmp_path.glob("fusion-*"))
+    assert len(runs) == 3
+    for run in runs:
+        used = json.loads((run / "run.json").read_text())["train_pairs"]
+        assert len(used) == 2
+    with pytest.raises(ValueError, match="folds"):
+        cross_validate(train_pairs, smoke, tmp_path, folds=1)
+
+
+# ----------------------------------------------------------------- the CLI verbs
+
+
+def test_fusion_cli_train_and_evaluate(pair_root, tmp_path, capsys):
+    from fuse4seg.cli import main
+
+    runs = tmp_path / "runs"
+    rc = main(
+        [
+            "fusion",
+            "train",
+            "--pairs",
+            str(pair_root),
+            "--kind",
+            "SPECT-MRI",
+            "--profile",
+            "smoke",
+            "--out",
+            str(runs),
+            "--steps",
+            "2",
+            "--crop",
+            "16",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    run_dir = next(runs.glob("fusion-SPECT-MRI-smoke-*"))
+    out_json = tmp_path / "ev.json"
+    rc = main(
+        [
+            "fusion",
+            "evaluate",
+            str(run_dir),
+            "--pairs",
+            str(pair_root),
+            "--kind",
+            "SPECT-MRI",
+            "--convention",
+            "all",
+            "--json",
+            str(out_json),
+            "--device",
+            "cpu",
+            "--images",
+            str(tmp_path / "img"),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    assert data["pairs"] == ["s1", "s2"] and set(data["metrics"]) == {
+        "standard",
+        "cddfuse",
+        "matlab_tang",
+    }
+    assert data["metrics"]["matlab_tang"]["mean"]["SSIM"] is None  # NaN -> null
+    assert (tmp_path / "img" / "leader" / "color" / "s2.png").is_file()
+    rc = main(
+        [
+            "fusion",
+            "evaluate",
+            "dwt",
+            "--pairs",
+            str(pair_root),
+            "--kind",
+            "SPECT-MRI",
+            "--only",
+            "s2",
+        ]
+    )
+    assert rc == 0 and "convention: standard" in capsys.readouterr().out
+    # clear errors, exit status 2
+    assert (
+        main(
+            [
+                "fusion",
+                "evaluate",
+                "dwt",
+                "--pairs",
+                str(pair_root),
+                "--kind",
+                "SPECT-MRI",
+                "--only",
+                "zz",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "fusion",
+                "evaluate",
+                str(tmp_path / "missing"),
+                "--pairs",
+                str(pair_root),
+                "--kind",
+                "SPECT-MRI",
+            ]
+        )
+        == 2
+    )
+    assert "no fusion run folder" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "fusion",
+                "train",
+                "--pairs",
+                str(pair_root),
+                "--kind",
+                "PET-MRI",
+                "--profile",
+                "smoke",
+                "--out",
+                str(runs),
+            ]
+        )
+        == 2
+    )
+
+
+def test_real_harvard_smoke_training(harvard_dir, smoke, tmp_path):
+    """A few steps on four real MRI-PET training pairs; scored on one test pair."""
+    pairs = [load_pair(p) for p in find_harvard_pairs(harvard_dir, "PET-MRI", "train")[:4]]
+    run = train_fusion(pairs, smoke, tmp_path, steps=4, crop=32, batch_size=2, device="cpu")
+    test = [load_pair(find_harvard_pairs(harvard_dir, "PET-MRI", "test")[0])]
+    res = evaluate_fusion(test, "leader", run.leader)
+    assert all(math.isfinite(v) for k, v in res["metrics"]["standard"]["mean"].items())
+
+
+def test_load_leader_from_a_brats_training_bundle(tmp_path, test_pairs):
+    """`fusion evaluate` accepts the leader of a `fuse4seg train` run (e.g. disjoint_ae)."""
+    from fuse4seg.models import create_fusion
+    from fuse4seg.train.baselines import build_follower
+    from fuse4seg.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+
+    config = get_config("smoke")
+    torch.manual_seed(0)
+    leader = create_fusion(config.model.fusion)
+    bundle = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "bundle",
+        "method": "disjoint_ae",
+        "config": config.to_dict(),
+        "epoch": 3,
+        "leader": leader.state_dict(),
+        "follower": build_follower(config, "disjoint_ae").state_dict(),
+        "scheme": "brats2021",
+    }
+    save_checkpoint(tmp_path / "best.pt", bundle)
+    loaded, cfg, info = load_fusion_leader(tmp_path / "best.pt", "cpu")
+    assert info["method"] == "disjoint_ae" and info["kind"] == "BraTS"
+    a, b = test_pairs[0].a, test_pairs[0].b
+    assert np.allclose(fuse_with_leader(loaded, a, b), fuse_with_leader(leader.eval(), a, b))
