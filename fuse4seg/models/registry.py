@@ -1,0 +1,152 @@
+"""Registered networks by name: ``create_fusion("fuse4seg_paper")``, ``create_segmentation(...)``.
+
+Every model has a ``*_tiny`` variant (CPU tests, the ``smoke`` profile), a ``*_small`` variant
+(laptop CPU at 128 × 128, the ``default`` profile) and a ``*_paper`` variant (§3.3, §3.4 and
+CDDFuse's scale: 64 channels, 8 heads, 4 encoder and 4 decoder Restormer blocks, 3 INN layers
+in the encoder, 1 in H_high). ``tests/test_models.py`` runs forward and backward over every
+registered name. Parameter counts per variant: chapter 2 and chapter 3, and
+``benchmarks/bench_models.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fuse4seg.models.fusion import FusionLeader
+from fuse4seg.models.segmentation import ConvNeXtUNet
+
+__all__ = [
+    "FUSION_VARIANTS",
+    "SEGMENTATION_VARIANTS",
+    "count_parameters",
+    "create_fusion",
+    "create_segmentation",
+    "list_fusion_models",
+    "list_segmentation_models",
+]
+
+FUSION_VARIANTS: dict[str, dict[str, Any]] = {
+    # CDDFuse's scale (§3.3): C = 64, 8 heads, 4 + 4 Restormer blocks, INN 3 (encoder) + 1 (H_high)
+    "fuse4seg_paper": dict(
+        dim=64,
+        heads=8,
+        encoder_blocks=4,
+        decoder_blocks=4,
+        low_blocks=1,
+        inn_layers=3,
+        fuse_low_blocks=1,
+        fuse_inn_layers=1,
+    ),
+    "fuse4seg_small": dict(
+        dim=16,
+        heads=2,
+        encoder_blocks=2,
+        decoder_blocks=1,
+        low_blocks=1,
+        inn_layers=2,
+        fuse_low_blocks=1,
+        fuse_inn_layers=1,
+    ),
+    "fuse4seg_tiny": dict(
+        dim=8,
+        heads=2,
+        encoder_blocks=1,
+        decoder_blocks=1,
+        low_blocks=1,
+        inn_layers=1,
+        fuse_low_blocks=1,
+        fuse_inn_layers=1,
+    ),
+}
+"""Keyword arguments of :class:`~fuse4seg.models.fusion.FusionLeader` per registered name."""
+
+SEGMENTATION_VARIANTS: dict[str, dict[str, Any]] = {
+    "convnext_unet_paper": dict(
+        dims=(32, 64, 96, 128, 192),
+        depths=(1, 1, 2, 2),
+        up_depths=(1, 1, 1, 1),
+        bottleneck_blocks=2,
+        heads=8,
+    ),
+    "convnext_unet_small": dict(
+        dims=(16, 24, 32, 64, 96),
+        depths=(1, 1, 1, 1),
+        up_depths=(1, 1, 1, 1),
+        bottleneck_blocks=1,
+        heads=4,
+    ),
+    "convnext_unet_tiny": dict(
+        dims=(8, 16, 24, 32, 48),
+        depths=(1, 1, 1, 1),
+        up_depths=(1, 1, 1, 1),
+        bottleneck_blocks=1,
+        heads=2,
+    ),
+}
+"""Keyword arguments of :class:`~fuse4seg.models.segmentation.ConvNeXtUNet` per name."""
+
+
+def list_fusion_models() -> list[str]:
+    """Registered fusion leaders, sorted."""
+    return sorted(FUSION_VARIANTS)
+
+
+def list_segmentation_models() -> list[str]:
+    """Registered segmentation followers, sorted."""
+    return sorted(SEGMENTATION_VARIANTS)
+
+
+def create_fusion(name: str, **kwargs: Any) -> FusionLeader:
+    """Build a registered fusion leader Φ.
+
+    Args:
+        name: one of :func:`list_fusion_models`.
+        **kwargs: override the variant's settings, e.g. ``inn_squeeze=True`` (see
+            :class:`~fuse4seg.models.fusion.FusionLeader` for every name).
+
+    Raises:
+        ValueError: unknown name or setting (the message lists the valid ones).
+
+    Explained in chapter 2.
+    """
+    if name not in FUSION_VARIANTS:
+        raise ValueError(f"unknown fusion model {name!r}; registered: {list_fusion_models()}")
+    return _build(FusionLeader, name, {**FUSION_VARIANTS[name], **kwargs})
+
+
+def create_segmentation(name: str, in_channels: int = 1, **kwargs: Any) -> ConvNeXtUNet:
+    """Build a registered segmentation follower Ψ.
+
+    Args:
+        name: one of :func:`list_segmentation_models`.
+        in_channels: 1 for the fused prior, 2 for the direct multi-channel baseline.
+        **kwargs: override the variant's settings (``dims``, ``depths``, ``heads``, ...).
+
+    Raises:
+        ValueError: unknown name or setting.
+
+    Explained in chapter 3.
+    """
+    if name not in SEGMENTATION_VARIANTS:
+        raise ValueError(
+            f"unknown segmentation model {name!r}; registered: {list_segmentation_models()}"
+        )
+    settings = {**SEGMENTATION_VARIANTS[name], **kwargs, "in_channels": in_channels}
+    return _build(ConvNeXtUNet, name, settings)
+
+
+def _build(cls: type[nn.Module], name: str, settings: dict[str, Any]) -> nn.Module:
+    import inspect
+
+    valid = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise ValueError(f"{name}: unknown setting(s) {unknown}; valid: {sorted(valid)}")
+    return cls(**settings)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,225 @@
+"""The segmentation follower Ψ of §3.4: a ConvNeXt U-shape with a self-attention bottleneck.
+
+Explained in chapter 3 (``book/03_segmentation_follower.md``). Building blocks (ConvNeXt V2
+block, down/up-sampling, transformer bottleneck) → :class:`ConvNeXtUNet`; the registered
+variants live in ``fuse4seg.models.registry``.
+
+Layout, for ``dims = (C0, C1, C2, C3, C4)`` (five levels, stride 16)::
+
+    x (B, in, H, W) ── stem 3×3 conv + LN ──> C0 @ H        ── ConvNeXt ×d0 ──> skip0
+      down (LN + 2×2 conv, stride 2)     ──> C1 @ H/2      ── ConvNeXt ×d1 ──> skip1
+      down                               ──> C2 @ H/4      ── ConvNeXt ×d2 ──> skip2
+      down                               ──> C3 @ H/8      ── ConvNeXt ×d3 ──> skip3
+      down                               ──> C4 @ H/16     ── MSA bottleneck ×nb
+      up (2×2 transposed conv) ⊕ skip3 → 1×1 conv → ConvNeXt ×u3 → ... → C0 @ H → 1×1 head → 4
+
+Choices where the paper is silent (also stated in chapter 3):
+
+- **ConvNeXt version.** The paper cites ConvNeXt V2 [33], so each block is a V2 block:
+  7×7 depthwise conv → LayerNorm → 1×1 expand ×4 → GELU → global response normalisation (GRN)
+  → 1×1 project, residual (V2 drops V1's layer scale).
+- **Full-resolution stem.** A 3×3 convolution instead of ConvNeXt's 4×4 patchify, so the
+  highest skip connection carries full-resolution detail for the boundaries.
+- **Bottleneck.** Pre-norm transformer blocks (multi-head self-attention over the H/16 × W/16
+  tokens, then an MLP ×4) with a 3×3 depthwise convolutional position encoding (works for any
+  input size, unlike a learnt position table). At 240 × 240 input that is 15 × 15 = 225 tokens.
+- **Widths.** The paper gives none; the ``paper`` variant has about twice the leader's weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fuse4seg.models.fusion import LayerNorm2d
+
+__all__ = ["ConvNeXtBlock", "ConvNeXtUNet", "GRN", "TransformerBottleneckBlock"]
+
+
+class GRN(nn.Module):
+    """Global response normalisation of ConvNeXt V2, on channels-last ``(B, H, W, C)``.
+
+    ``G = ‖x‖₂`` over H, W per channel; ``N = G / (mean_c G + eps)``; ``y = γ (x N) + β + x``
+    with γ = β = 0 at initialisation (identity).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.linalg.vector_norm(x.float(), dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        n = (g / (g.mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.gamma * (x * n) + self.beta + x
+
+
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt V2 block (§3.4): 7×7 depthwise conv, LayerNorm, inverted bottleneck (×4) with
+    GELU and GRN, residual. ``(B, C, H, W) -> (B, C, H, W)``."""
+
+    def __init__(self, dim: int, expansion: int = 4):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, dim * expansion)
+        self.grn = GRN(dim * expansion)
+        self.pw2 = nn.Linear(dim * expansion, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        y = self.grn(F.gelu(self.pw1(self.norm(y))))  # (B, H, W, 4C)
+        y = self.pw2(y).permute(0, 3, 1, 2)  # (B, H, W, 4C) -> (B, C, H, W)
+        return x + y
+
+
+class TransformerBottleneckBlock(nn.Module):
+    """Pre-norm transformer block on the lowest-resolution map (§3.4): conv position encoding,
+    multi-head self-attention over the h·w tokens, MLP ×4. ``(B, C, h, w) -> (B, C, h, w)``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"bottleneck: dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.pos = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = x + self.pos(x)  # conditional position encoding
+        t = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C), N = h·w
+        q, k, v = self.qkv(self.norm1(t)).chunk(3, dim=-1)  # 3 × (B, N, C)
+        q, k, v = (
+            z.reshape(b, h * w, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v)
+        )
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
+        t = t + self.proj(a.transpose(1, 2).reshape(b, h * w, c))  # (B, N, C)
+        t = t + self.mlp(self.norm2(t))
+        return t.transpose(1, 2).reshape(b, c, h, w)  # (B, N, C) -> (B, C, h, w)
+
+
+class Downsample(nn.Module):
+    """LayerNorm then a 2×2 stride-2 conv: ``(B, C, H, W) -> (B, C', H/2, W/2)``."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.norm = LayerNorm2d(dim_in)
+        self.conv = nn.Conv2d(dim_in, dim_out, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x))
+
+
+class UpStage(nn.Module):
+    """2×2 transposed conv up, concatenate the skip, 1×1 conv merge, ConvNeXt blocks.
+
+    ``(B, C_low, h, w), skip (B, C, 2h, 2w) -> (B, C, 2h, 2w)``.
+    """
+
+    def __init__(self, dim_low: int, dim: int, depth: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(dim_low, dim, 2, stride=2)
+        self.merge = nn.Conv2d(dim * 2, dim, 1)
+        self.blocks = nn.Sequential(*(ConvNeXtBlock(dim) for _ in range(depth)))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)  # (B, C_low, h, w) -> (B, C, 2h, 2w)
+        x = self.merge(torch.cat([x, skip], dim=1))  # (B, 2C, 2h, 2w) -> (B, C, 2h, 2w)
+        return self.blocks(x)
+
+
+class ConvNeXtUNet(nn.Module):
+    """The segmentation follower Ψ (§3.4): ``logits = follower(x)``.
+
+    Args:
+        in_channels: 1 for the fused prior x_f, 2 for the direct multi-channel baseline.
+        num_classes: 4 (background, NCR, ED, ET).
+        dims: channels per level, highest resolution first; the last is the bottleneck's. With
+            ``len(dims) = L`` the network down-samples ``L - 1`` times (stride ``2**(L-1)``).
+        depths: ConvNeXt blocks per encoder level (``len(dims) - 1`` values).
+        up_depths: ConvNeXt blocks per decoder level (same length as ``depths``).
+        bottleneck_blocks: transformer blocks at the lowest resolution.
+        heads: attention heads of the bottleneck.
+
+    Attributes:
+        stride: H and W must be divisible by it.
+        in_channels, num_classes.
+
+    Forward:
+        x: ``(B, in_channels, H, W)``. Returns logits ``(B, num_classes, H, W)`` (in x's dtype
+        under autocast).
+
+    Raises:
+        ValueError: wrong rank or channel count, or H/W not divisible by ``stride``.
+
+    Explained in chapter 3 (``book/03_segmentation_follower.md``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        dims: tuple[int, ...] = (32, 64, 96, 128, 192),
+        depths: tuple[int, ...] = (1, 1, 2, 2),
+        up_depths: tuple[int, ...] = (1, 1, 1, 1),
+        bottleneck_blocks: int = 2,
+        heads: int = 8,
+    ):
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"follower: in_channels must be >= 1, got {in_channels}")
+        if len(dims) < 2 or len(depths) != len(dims) - 1 or len(up_depths) != len(depths):
+            raise ValueError(
+                f"follower: need len(depths) == len(up_depths) == len(dims) - 1, got dims={dims}, "
+                f"depths={depths}, up_depths={up_depths}"
+            )
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.stride = 2 ** (len(dims) - 1)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, dims[0], 3, padding=1), LayerNorm2d(dims[0])
+        )
+        self.enc = nn.ModuleList(
+            nn.Sequential(*(ConvNeXtBlock(d) for _ in range(n)))
+            for d, n in zip(dims[:-1], depths, strict=True)
+        )
+        self.down = nn.ModuleList(
+            Downsample(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.bottleneck = nn.Sequential(
+            *(TransformerBottleneckBlock(dims[-1], heads) for _ in range(bottleneck_blocks))
+        )
+        self.up = nn.ModuleList(
+            UpStage(dims[i + 1], dims[i], up_depths[i]) for i in reversed(range(len(depths)))
+        )
+        self.head = nn.Sequential(LayerNorm2d(dims[0]), nn.Conv2d(dims[0], num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"follower: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ValueError(
+                f"follower: input size {h}x{w} is not divisible by the network's stride "
+                f"{self.stride}; pad or crop the slices to a multiple of {self.stride}"
+            )
+        x = self.stem(x)  # (B, in, H, W) -> (B, C0, H, W)
+        skips = []
+        for blocks, down in zip(self.enc, self.down, strict=True):
+            x = blocks(x)
+            skips.append(x)
+            x = down(x)  # (B, Ci, h, w) -> (B, Ci+1, h/2, w/2)
+        x = self.bottleneck(x)  # (B, C_last, H/stride, W/stride)
+        for stage, skip in zip(self.up, reversed(skips), strict=True):
+            x = stage(x, skip)  # (B, Ci+1, h, w) -> (B, Ci, 2h, 2w)
+        return self.head(x)  # (B, C0, H, W) -> (B, num_classes, H, W)

@@ -1,0 +1,188 @@
+"""The networks of §3.3-3.4: registry, shapes, gradients, invertibility, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fuse4seg.config import get_config
+from fuse4seg.models import (
+    count_parameters,
+    create_fusion,
+    create_segmentation,
+    list_fusion_models,
+    list_segmentation_models,
+    minmax_normalize,
+)
+from fuse4seg.models.fusion import INN, AffineCoupling, haar_squeeze, haar_unsqueeze
+
+# the heavy variants run at a small size so the whole file stays fast on two CPU cores
+SIZE = {"paper": 32, "small": 32, "tiny": 32}
+
+
+def _size(name: str) -> int:
+    return SIZE[name.rsplit("_", 1)[1]]
+
+
+def test_registry_lists_the_contract_names():
+    assert {"fuse4seg_paper", "fuse4seg_small", "fuse4seg_tiny"} <= set(list_fusion_models())
+    assert {"convnext_unet_paper", "convnext_unet_small", "convnext_unet_tiny"} <= set(
+        list_segmentation_models()
+    )
+
+
+def test_profiles_name_registered_models():
+    for profile in ("smoke", "default", "paper"):
+        cfg = get_config(profile)
+        assert cfg.model.fusion in list_fusion_models()
+        assert cfg.model.segmentation in list_segmentation_models()
+
+
+def test_unknown_names_and_settings_raise():
+    with pytest.raises(ValueError, match="unknown fusion model"):
+        create_fusion("nope")
+    with pytest.raises(ValueError, match="unknown segmentation model"):
+        create_segmentation("nope")
+    with pytest.raises(ValueError, match="unknown setting"):
+        create_fusion("fuse4seg_tiny", widht=3)
+
+
+def _all_grads_reach(model: torch.nn.Module) -> None:
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient reached {missing}"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradient in {bad}"
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not zero, f"all-zero gradient in {zero}"
+
+
+# every registered name; the Haar squeeze option is exercised on the tiny variant
+FUSION_CASES = [(n, False) for n in list_fusion_models()] + [("fuse4seg_tiny", True)]
+SEG_CASES = [(n, 1) for n in list_segmentation_models()] + [("convnext_unet_tiny", 2)]
+
+
+@pytest.mark.parametrize(("name", "squeeze"), FUSION_CASES)
+def test_every_fusion_model_forward_backward(name, squeeze):
+    torch.manual_seed(0)
+    leader = create_fusion(name, inn_squeeze=squeeze)
+    s = _size(name)
+    x1, x2 = torch.rand(2, 1, s, s), torch.rand(2, 1, s, s)
+    x_fused, feats = leader(x1, x2)
+    assert x_fused.shape == (2, 1, s, s) and x_fused.dtype == torch.float32
+    assert float(x_fused.detach().min()) == 0.0
+    assert abs(float(x_fused.detach().max()) - 1.0) < 1e-6
+    assert len(feats) == 4
+    for f in feats:
+        assert f.shape == (2, leader.dim, s, s)
+    loss = (x_fused * torch.rand_like(x_fused)).sum() + sum((f**2).mean() for f in feats)
+    loss.backward()
+    assert torch.isfinite(loss)
+    _all_grads_reach(leader)
+    assert leader.stride == (2 if squeeze else 1)
+
+
+@pytest.mark.parametrize(("name", "in_channels"), SEG_CASES)
+def test_every_segmentation_model_forward_backward(name, in_channels):
+    torch.manual_seed(0)
+    follower = create_segmentation(name, in_channels=in_channels)
+    s = _size(name)
+    assert s % follower.stride == 0
+    x = torch.rand(2, in_channels, s, s)
+    logits = follower(x)
+    assert logits.shape == (2, 4, s, s)
+    target = torch.randint(0, 4, (2, s, s))
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    _all_grads_reach(follower)
+
+
+def test_follower_rejects_bad_sizes_and_channels():
+    follower = create_segmentation("convnext_unet_tiny")
+    with pytest.raises(ValueError, match="divisible by the network's stride 16"):
+        follower(torch.rand(1, 1, 40, 40))
+    with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
+        follower(torch.rand(1, 2, 32, 32))
+
+
+def test_leader_rejects_bad_inputs():
+    leader = create_fusion("fuse4seg_tiny", inn_squeeze=True)
+    with pytest.raises(ValueError, match="stride 2"):
+        leader(torch.rand(1, 1, 15, 16), torch.rand(1, 1, 15, 16))
+    with pytest.raises(ValueError, match="same shape"):
+        leader(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 8))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        leader(torch.rand(1, 2, 16, 16), torch.rand(1, 2, 16, 16))
+
+
+def test_odd_sizes_work_without_squeeze():
+    leader = create_fusion("fuse4seg_tiny")
+    x_fused, _ = leader(torch.rand(1, 1, 13, 17), torch.rand(1, 1, 13, 17))
+    assert x_fused.shape == (1, 1, 13, 17)
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_inn_is_exactly_invertible_float64(squeeze):
+    torch.manual_seed(0)
+    inn = INN(8, layers=3, squeeze=squeeze).double()
+    z = torch.randn(2, 8, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        y = inn(z)
+        back = inn.inverse(y)
+    assert not torch.allclose(y, z)  # it does transform
+    assert torch.allclose(back, z, atol=1e-5, rtol=0)
+    assert float((back - z).abs().max()) < 1e-10
+
+
+def test_coupling_log_scale_is_bounded():
+    torch.manual_seed(0)
+    block = AffineCoupling(4, clamp=2.0)
+    z2 = torch.randn(1, 2, 8, 8) * 1e4  # would overflow exp() without the bound
+    s = block._log_scale(z2)
+    assert float(s.detach().abs().max()) <= 2.0
+    with torch.no_grad():
+        out = block(torch.randn(1, 4, 8, 8) * 1e4)
+    assert torch.isfinite(out).all()
+
+
+def test_haar_squeeze_hand_values_and_inverse():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    y = haar_squeeze(x).flatten()
+    # LL = (1+2+3+4)/2, LH = (1-2+3-4)/2, HL = (1+2-3-4)/2, HH = (1-2-3+4)/2
+    assert torch.allclose(y, torch.tensor([5.0, -1.0, -2.0, 0.0]))
+    z = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    assert torch.allclose(haar_unsqueeze(haar_squeeze(z)), z, atol=1e-12)
+    # orthonormal: energy is preserved
+    assert torch.allclose((haar_squeeze(z) ** 2).sum(), (z**2).sum())
+
+
+def test_minmax_normalize_range_and_constant_image():
+    y = torch.tensor([[[[2.0, 4.0], [6.0, 10.0]]], [[[-1.0, -1.0], [-1.0, 3.0]]]])
+    out = minmax_normalize(y)
+    expected = torch.tensor([[[[0.0, 0.25], [0.5, 1.0]]], [[[0.0, 0.0], [0.0, 1.0]]]])
+    assert torch.allclose(out, expected)
+    const = torch.full((1, 1, 4, 4), 7.0, requires_grad=True)
+    out = minmax_normalize(const)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.isfinite(const.grad).all()
+
+
+def test_leader_on_constant_images_is_finite():
+    leader = create_fusion("fuse4seg_tiny")
+    x = torch.zeros(1, 1, 16, 16)
+    x_fused, feats = leader(x, x)
+    assert torch.isfinite(x_fused).all() and all(torch.isfinite(f).all() for f in feats)
+
+
+def test_paper_variant_scale():
+    leader = create_fusion("fuse4seg_paper")
+    assert leader.dim == 64
+    assert len(leader.encoder) == 4 and len(leader.decoder) == 4
+    assert len(leader.high.blocks) == 3 and len(leader.fuse_high.blocks) == 1
+    assert leader.encoder[0].attn.heads == 8
+    assert leader.inn_squeeze is False  # the paper profile's choice, see fuse4seg.models.fusion
+    follower = create_segmentation("convnext_unet_paper")
+    # "a follower of comparable weight": same order of magnitude as the leader
+    ratio = count_parameters(follower) / count_parameters(leader)
+    assert 1 <= ratio <= 10
