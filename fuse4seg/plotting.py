@@ -1,0 +1,191 @@
+"""Shared plotting helpers for the book: image galleries, label overlays, training curves.
+
+Kept general on purpose (any chapter may use them); matplotlib is imported lazily so the
+package imports without a display. Label colours follow the BraTS convention used in the
+paper's figures: NCR red, ED green, ET yellow. Explained where first used, chapter 4
+(``book/04_bilevel_training.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LABEL_COLOURS", "overlay_labels", "plot_curves", "show_slices"]
+
+LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
+    1: (0.90, 0.10, 0.10),  # NCR, red
+    2: (0.10, 0.75, 0.20),  # ED, green
+    3: (1.00, 0.85, 0.00),  # ET, yellow
+}
+"""RGB colour of each canonical tumour label."""
+
+
+def _as_2d(image: Any) -> np.ndarray:
+    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D image (after squeezing), got shape {array.shape}")
+    return array
+
+
+def overlay_labels(
+    image: Any,
+    labels: Any,
+    ax=None,
+    alpha: float = 0.45,
+    colours: Mapping[int, tuple[float, float, float]] = LABEL_COLOURS,
+    title: str | None = None,
+):
+    """Show a grey image with label colours blended on top.
+
+    Args:
+        image: ``(H, W)`` array or tensor (any range; shown with its own min-max).
+        labels: ``(H, W)`` integer labels (canonical: 1 NCR, 2 ED, 3 ET; 0 is transparent).
+        ax: a matplotlib axes (default: a new figure).
+        alpha: opacity of the label colours.
+        colours: label → RGB.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: shapes that differ or are not 2-D.
+    """
+    import matplotlib.pyplot as plt
+
+    img, lab = _as_2d(image).astype(np.float32), _as_2d(labels).astype(np.int64)
+    if img.shape != lab.shape:
+        raise ValueError(f"overlay_labels: image {img.shape} and labels {lab.shape} differ")
+    lo, hi = float(img.min()), float(img.max())
+    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for value, colour in colours.items():
+        mask = lab == value
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.asarray(colour)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def show_slices(
+    images: Sequence[Any],
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    cmap: str = "gray",
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+    size: float = 2.4,
+    suptitle: str | None = None,
+    labels: Sequence[Any | None] | None = None,
+):
+    """A grid of 2-D images (one row unless ``ncols`` is given).
+
+    Args:
+        images: 2-D arrays or tensors (``(1, H, W)`` is squeezed).
+        titles: one per image.
+        ncols: images per row (default: all in one row).
+        cmap, vmin, vmax: display range (``None`` = each image's own).
+        size: inches per panel.
+        labels: optional label map per image, drawn with :func:`overlay_labels`.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("show_slices: no images")
+    ncols = ncols or n
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        title = titles[i] if titles is not None else None
+        lab = labels[i] if labels is not None else None
+        if lab is not None:
+            overlay_labels(images[i], lab, ax=ax, title=title)
+            continue
+        ax.imshow(_as_2d(images[i]), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_axis_off()
+        if title:
+            ax.set_title(title, fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _get(row: Mapping[str, Any], key: str) -> float | None:
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def plot_curves(
+    rows: Iterable[Mapping[str, Any]],
+    keys: Sequence[str],
+    x: str = "epoch",
+    ax=None,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    ylabel: str | None = None,
+    shade: str | None = "stage",
+):
+    """Plot metrics rows (e.g. ``metrics.jsonl``) against ``x``.
+
+    Args:
+        rows: dicts; nested values are reached with dotted keys (``"val.mean_dice"``). Rows
+            without a key are skipped for that curve.
+        keys: the values to plot, one curve each.
+        x: the x-axis key.
+        labels: legend entries (default: the keys).
+        shade: a key whose value changes mark phases (e.g. warm-up / rollout); each change is
+            drawn as a dashed vertical line.
+
+    Returns:
+        The axes.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    for i, key in enumerate(keys):
+        pts = [(_get(r, x), _get(r, key)) for r in rows]
+        pts = [(a, b) for a, b in pts if a is not None and b is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=False)
+            ax.plot(xs, ys, marker="o", ms=3, label=labels[i] if labels else key)
+    if shade:
+        for prev, row in zip(rows, rows[1:], strict=False):
+            if prev.get(shade) != row.get(shade) and _get(row, x) is not None:
+                ax.axvline(_get(row, x) - 0.5, ls="--", lw=0.8, color="grey")
+                ax.text(
+                    _get(row, x) - 0.45,
+                    0.98,
+                    str(row.get(shade)),
+                    fontsize=7,
+                    va="top",
+                    transform=ax.get_xaxis_transform(),
+                    color="grey",
+                )
+    ax.set_xlabel(x)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax

@@ -1,0 +1,333 @@
+"""Use a trained run: segment whole volumes (``predict``) and score a split (``evaluate``).
+
+Both read an *inference bundle* (``checkpoints/best.pt``, else ``ema.pt``): the EMA leader
+θ̂_f (Eq. 4) and the follower. A volume goes through the same steps as the training slices —
+per-volume robust scaling to [0, 1] inside the brain, in-plane down-sampling and centre crop
+(:mod:`fuse4seg.data.slices`) — is fused and segmented slice by slice in batches, and is put back
+on the input grid (:func:`fuse4seg.data.slices.restore_volume`). Labels outside the brain are
+set to background. Scores are 3-D Dice/IoU per case at the input's resolution, over **all** axial
+slices (not only the slices kept for training), so they are comparable with BraTS numbers.
+
+Explained in chapter 4 (``book/04_bilevel_training.md``).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fuse4seg.config import Config, config_from_dict
+from fuse4seg.train.baselines import build_follower, build_leader, fixed_prior, method_spec
+from fuse4seg.train.checkpoint import load_checkpoint
+from fuse4seg.utils import atomic_write_bytes, atomic_write_json
+
+__all__ = [
+    "Bundle",
+    "evaluate_run",
+    "load_bundle",
+    "predict_files",
+    "predict_volume",
+    "segment_slices",
+]
+
+TUMOUR_CLASSES = ("NCR", "ED", "ET")
+
+
+@dataclass
+class Bundle:
+    """A trained model ready for inference."""
+
+    method: str
+    config: Config
+    leader: nn.Module | None  # EMA weights, eval mode
+    follower: nn.Module  # eval mode
+    scheme: str  # label scheme of the training data
+    epoch: int
+    path: Path
+    device: torch.device
+
+
+def _checkpoint_path(checkpoint: str | Path, which: str) -> Path:
+    path = Path(checkpoint)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path}: no such run folder or file")
+    folder = path / "checkpoints"
+    order = {"best": ["best.pt", "ema.pt"], "ema": ["ema.pt"], "last": ["last.pt"]}
+    if which not in order:
+        raise ValueError(f"which={which!r}: choose best, ema or last")
+    for name in order[which]:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"--checkpoint {path}: no {' or '.join(order[which])} under {folder} (not a run folder?)"
+    )
+
+
+def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto") -> Bundle:
+    """Load the EMA leader and follower of a run folder or a checkpoint file.
+
+    Args:
+        checkpoint: a run folder (``best.pt``, falling back to ``ema.pt``) or a ``.pt`` file
+            (a bundle, or a training state, whose EMA leader is used).
+        which: ``"best"``, ``"ema"`` or ``"last"`` when ``checkpoint`` is a folder.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+
+    Raises:
+        FileNotFoundError, ValueError: missing or unreadable checkpoint.
+    """
+    from fuse4seg.utils import resolve_device
+
+    path = _checkpoint_path(checkpoint, which)
+    dev = resolve_device(device)
+    state = load_checkpoint(path, map_location="cpu")
+    method = state["method"]
+    spec = method_spec(method)
+    config = config_from_dict(state["config"])
+    leader = None
+    if spec["leader"]:
+        leader = build_leader(config)
+        weights = state["leader"] if state.get("kind") == "bundle" else state["ema"]
+        leader.load_state_dict(weights)
+        leader = leader.to(dev).eval()
+    follower = build_follower(config, method)
+    follower.load_state_dict(state["follower"])
+    follower = follower.to(dev).eval()
+    scheme = state.get("scheme", "brats2021")
+    epoch = int(state.get("epoch", 0))
+    return Bundle(method, config, leader, follower, scheme, epoch, path, dev)
+
+
+@torch.no_grad()
+def segment_slices(
+    bundle: Bundle, x1: np.ndarray, x2: np.ndarray, batch_size: int = 16
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Fuse and segment ``(N, S, S)`` slices in [0, 1].
+
+    Returns:
+        ``(fused (N, S, S) float32 or None, labels (N, S, S) uint8 canonical)``; ``fused`` is
+        ``None`` for the 2-channel methods, which have no single fused image.
+    """
+    fused_out, labels_out = [], []
+    single = method_spec(bundle.method)["in_channels"] == 1
+    for start in range(0, x1.shape[0], batch_size):
+        a = torch.from_numpy(np.ascontiguousarray(x1[start : start + batch_size], np.float32))
+        b = torch.from_numpy(np.ascontiguousarray(x2[start : start + batch_size], np.float32))
+        a, b = a[:, None].to(bundle.device), b[:, None].to(bundle.device)  # (B, 1, S, S)
+        if bundle.leader is not None:
+            x_in, _ = bundle.leader(a, b)  # (B, 1, S, S) x2 -> (B, 1, S, S)
+        else:
+            x_in = fixed_prior(bundle.method, a, b)
+        logits = bundle.follower(x_in.float())  # (B, C, S, S) -> (B, 4, S, S)
+        labels_out.append(logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
+        if single:
+            fused_out.append(x_in[:, 0].float().cpu().numpy())
+    labels = np.concatenate(labels_out)
+    return (np.concatenate(fused_out) if single else None), labels
+
+
+def predict_volume(
+    bundle: Bundle,
+    t1ce: np.ndarray,
+    flair: np.ndarray,
+    brain_mask: np.ndarray,
+    batch_size: int = 16,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Fuse and segment a whole volume, slice by slice.
+
+    Args:
+        t1ce, flair: raw intensities ``(X, Y, Z)`` on the same grid.
+        brain_mask: bool ``(X, Y, Z)``.
+
+    Returns:
+        ``(fused (X, Y, Z) float32 in [0, 1] or None, seg (X, Y, Z) uint8 canonical labels)``.
+    """
+    from fuse4seg.data.layouts import normalize_intensity
+    from fuse4seg.data.slices import preprocess_volume, restore_volume
+
+    cfg = bundle.config.data
+    shape = tuple(int(s) for s in t1ce.shape)
+    s1 = preprocess_volume(normalize_intensity(t1ce, brain_mask, cfg.intensity_percentiles), cfg)
+    s2 = preprocess_volume(normalize_intensity(flair, brain_mask, cfg.intensity_percentiles), cfg)
+    fused, labels = segment_slices(bundle, s1, s2, batch_size)  # (Z, S, S)
+    seg = restore_volume(labels, shape, cfg, labels=True).astype(np.uint8)
+    seg[~brain_mask] = 0
+    if fused is not None:
+        fused = np.clip(restore_volume(fused, shape, cfg, labels=False), 0.0, 1.0)
+        fused = fused.astype(np.float32)
+    return fused, seg
+
+
+def _scheme_of(path: Path, default: str) -> str:
+    name = path.name.lower()
+    if "_t1ce" in name:
+        return "brats2021"
+    if "-t1c" in name:
+        return "brats2023"
+    return default
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine, header) -> None:
+    import nibabel as nib
+
+    hdr = header.copy()
+    hdr.set_data_dtype(data.dtype)
+    image = nib.Nifti1Image(data, affine, hdr)
+    image.header.set_slope_inter(1.0, 0.0)
+    raw = image.to_bytes()
+    atomic_write_bytes(path, gzip.compress(raw, compresslevel=6) if path.suffix == ".gz" else raw)
+
+
+def predict_files(
+    checkpoint: str | Path,
+    t1ce: str | Path,
+    flair: str | Path,
+    out_dir: str | Path,
+    scheme: str | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    which: str = "best",
+    mask: str | Path | None = None,
+) -> dict[str, Any]:
+    """``fuse4seg predict``: write ``fused.nii.gz`` and ``seg.nii.gz`` for one case.
+
+    Args:
+        checkpoint: a run folder or checkpoint file (:func:`load_bundle`).
+        t1ce, flair: NIfTI files on the same grid (skull-stripped: the brain is where either is
+            non-zero).
+        out_dir: the output folder (created).
+        scheme: label scheme of ``seg.nii.gz`` (``brats2021``: ET = 4, ``brats2023``: ET = 3,
+            ...); default: guessed from the T1ce file name (``_t1ce`` → brats2021, ``-t1c`` →
+            brats2023), else the training data's scheme.
+        mask: a brain-mask NIfTI on the same grid; default: the voxels where T1ce or FLAIR is
+            non-zero (right for skull-stripped BraTS volumes, wrong for z-scored ones with a
+            constant background such as BRATS 2013/2015, which ship a mask).
+
+    Returns:
+        ``{"fused": path or None, "seg": path, "scheme": str, "label_counts": {...}}``.
+
+    Raises:
+        FileNotFoundError: a missing file. ValueError: unreadable, non-3-D, NaN, shape or
+            affine mismatch, empty brain, unknown scheme.
+    """
+    from fuse4seg.data.labels import EXPORT, from_canonical, label_counts
+    from fuse4seg.data.layouts import load_volume
+
+    t1ce, flair, out_dir = Path(t1ce), Path(flair), Path(out_dir)
+    for path, flag in ((t1ce, "--t1ce"), (flair, "--flair")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    a, affine, header = load_volume(t1ce, "T1ce")
+    b, affine_b, _ = load_volume(flair, "FLAIR")
+    for arr, path in ((a, t1ce), (b, flair)):
+        if arr.ndim != 3:
+            raise ValueError(f"{path}: expected a 3-D volume, got shape {arr.shape}")
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {t1ce} is {a.shape}, {flair} is {b.shape}")
+    if not np.allclose(affine, affine_b, atol=1e-3):
+        raise ValueError(f"affine mismatch between {t1ce} and {flair}: not on the same grid")
+    if mask is not None:
+        m, affine_m, _ = load_volume(mask, "brain mask")
+        if m.shape != a.shape or not np.allclose(affine, affine_m, atol=1e-3):
+            raise ValueError(f"--mask {mask}: not on the grid of {t1ce}")
+        brain = m > 0.5
+    else:
+        brain = (a != 0) | (b != 0)
+    if not brain.any():
+        raise ValueError(f"{mask or (str(t1ce) + ', ' + str(flair))}: empty brain (all zero)")
+    bundle = load_bundle(checkpoint, which=which, device=device)
+    scheme = scheme or _scheme_of(t1ce, bundle.scheme)
+    if scheme not in EXPORT:
+        raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
+    fused, seg = predict_volume(bundle, a, b, brain, batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Any] = {"fused": None, "scheme": scheme}
+    if fused is not None:
+        _write_nifti(out_dir / "fused.nii.gz", fused, affine, header)
+        written["fused"] = str(out_dir / "fused.nii.gz")
+    _write_nifti(out_dir / "seg.nii.gz", from_canonical(seg, scheme), affine, header)
+    written["seg"] = str(out_dir / "seg.nii.gz")
+    written["label_counts"] = label_counts(seg)
+    return written
+
+
+def evaluate_run(
+    run: str | Path,
+    data: str | Path,
+    split: str = "test",
+    json_out: str | Path | None = None,
+    which: str = "best",
+    device: str = "auto",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """``fuse4seg evaluate``: per-case and mean Dice/IoU of a run on a split, from the EMA leader.
+
+    Args:
+        run: a run folder (or a checkpoint file).
+        data: the raw folder or the prepared cache the run was trained on; the split's case
+            ids come from the cache manifest (so they are the patients the run never trained
+            on), the volumes from the raw files it lists.
+        split: ``"test"``, ``"val"``, ``"train"`` or ``"all"``.
+        json_out: also write the result there (atomically).
+
+    Returns:
+        ``{"run", "method", "profile", "checkpoint", "epoch", "split", "cases", "per_case":
+        {case: {class/region: {"dice", "iou"}}}, "mean": {...}, "mean_dice", "mean_iou"}``
+        (``mean_dice``/``mean_iou`` average NCR, ED and ET as in Table 3).
+
+    Raises:
+        ValueError: unknown or empty split, data that do not match the run.
+    """
+    from fuse4seg.data.layouts import CaseFiles, load_case
+    from fuse4seg.data.slices import load_manifest
+    from fuse4seg.metrics.segmentation import SegmentationMeter
+    from fuse4seg.train.runs import resolve_cache
+
+    bundle = load_bundle(run, which=which, device=device)
+    run_dir = Path(run) if Path(run).is_dir() else None
+    runs_dir = run_dir.parent if run_dir is not None else Path(run).parent
+    cache = resolve_cache(data, bundle.config, runs_dir=runs_dir, progress=progress)
+    manifest = load_manifest(cache)
+    if split == "all":
+        ids = list(manifest["cases"])
+    elif split in manifest["split"]:
+        ids = list(manifest["split"][split])
+    else:
+        raise ValueError(f"--split {split!r}: choose train, val, test or all")
+    if not ids:
+        raise ValueError(f"--split {split}: no cases in this split of {cache}")
+    info = {c["case_id"]: c for c in manifest["case_info"]}
+    meter = SegmentationMeter()
+    for cid in ids:
+        entry = info[cid]
+        paths = {k: Path(v) for k, v in entry["sources"].items()}
+        case = load_case(CaseFiles(cid, entry["layout"], paths))
+        _, pred = predict_volume(bundle, case.t1ce, case.flair, case.brain_mask, batch_size)
+        meter.update(pred, case.seg, cid)
+    scores = meter.compute()
+    mean = scores["mean"]
+    result = {
+        "run": str(run),
+        "method": bundle.method,
+        "profile": bundle.config.profile,
+        "checkpoint": bundle.path.name,
+        "epoch": bundle.epoch,
+        "data": str(data),
+        "split": split,
+        "cases": ids,
+        "per_case": scores["per_case"],
+        "mean": mean,
+        "mean_dice": float(np.mean([mean[c]["dice"] for c in TUMOUR_CLASSES])),
+        "mean_iou": float(np.mean([mean[c]["iou"] for c in TUMOUR_CLASSES])),
+    }
+    if json_out is not None:
+        atomic_write_json(Path(json_out), result)
+    return result

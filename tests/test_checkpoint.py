@@ -1,0 +1,100 @@
+"""Checkpoint I/O (atomic, weights_only), RNG capture, the EMA of Eq. 4 and the cosine schedule."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fuse4seg.train.bilevel import cosine_lr
+from fuse4seg.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    ModelEMA,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+
+
+def test_roundtrip_weights_only_and_no_temp_files(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": net.state_dict(),
+        "opt": opt.state_dict(),
+        "history": [{"epoch": 1, "loss": 0.5, "stage": "warmup"}],
+        "best": None,
+        "rng": capture_rng(),
+    }
+    path = tmp_path / "ck" / "last.pt"
+    save_checkpoint(path, state)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    back = load_checkpoint(path)
+    assert torch.equal(back["model"]["weight"], net.weight)
+    assert back["history"] == state["history"]
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    opt2.load_state_dict(back["opt"])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_load_rejects_unsafe_and_foreign_files(tmp_path):
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"format": CHECKPOINT_FORMAT, "x": _Evil()}, protocol=2))
+    with pytest.raises(ValueError, match="not a readable"):
+        load_checkpoint(evil)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a fuse4seg checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_rng_capture_and_restore(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    state = capture_rng()
+    save_checkpoint(tmp_path / "r.pt", {"format": CHECKPOINT_FORMAT, "rng": state})
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"])
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1])
+    assert first[2] == second[2]
+
+
+def test_ema_follows_eq4_by_hand():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = ModelEMA(net, decay=0.9)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    ema.update(net)  # 0.9 * 1 + 0.1 * 3 = 1.2
+    assert ema.module.weight.item() == pytest.approx(1.2)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema.update(net)  # 0.9 * 1.2 + 0.1 * 0 = 1.08
+    assert ema.module.weight.item() == pytest.approx(1.08)
+    assert not ema.module.weight.requires_grad
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(net, decay=1.0)
+
+
+def test_cosine_lr_by_hand():
+    assert cosine_lr(1.0, 0, 10) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 5, 10) == pytest.approx(0.5)
+    assert cosine_lr(1.0, 10, 10) == pytest.approx(0.0)
+    assert cosine_lr(2.0, 3, 0) == 2.0

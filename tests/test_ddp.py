@@ -1,0 +1,58 @@
+"""Multi-process training with DistributedDataParallel on CPU (gloo), as ``torchrun`` runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuse4seg.train.runs import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo_smoke(phantom_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "fuse4seg",
+        "train",
+        "--method",
+        "fuse4seg",
+        "--profile",
+        "smoke",
+        "--data",
+        str(phantom_dir),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--set",
+        "data.split_fractions=[0.67, 0.33, 0.0]",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in tmp_path.iterdir() if p.name.startswith("fuse4seg-")]
+    assert len(runs) == 1  # rank 0 alone writes the run folder
+    run = runs[0]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    rows = read_metrics(run)
+    assert [r["stage"] for r in rows] == ["warmup", "rollout"]
+    assert rows[-1]["leader_updates"] == rows[-1]["steps"]
+    assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 3 and all(torch.isfinite(v).all() for v in state["ema"].values())

@@ -1,0 +1,276 @@
+"""``predict`` and ``evaluate``: affine, header and label scheme round-trip; clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fuse4seg.cli import main
+from fuse4seg.config import get_config
+from fuse4seg.train.baselines import build_follower, build_leader
+from fuse4seg.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+
+
+def _make_run(folder: Path, method: str = "fuse4seg", favour: int | None = None) -> Path:
+    """A run folder with an untrained bundle; ``favour`` makes the follower predict one class
+    everywhere (zero weights, a large bias on the last 4-channel conv)."""
+    config = get_config("smoke")
+    torch.manual_seed(0)
+    leader = build_leader(config) if method in ("fuse4seg", "disjoint_ae") else None
+    follower = build_follower(config, method)
+    if favour is not None:
+        head = [
+            m for m in follower.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 4
+        ][-1]
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+            head.bias[favour] = 100.0
+    bundle = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "bundle",
+        "method": method,
+        "config": config.to_dict(),
+        "epoch": 2,
+        "leader": leader.state_dict() if leader is not None else None,
+        "follower": follower.state_dict(),
+        "scheme": "brats2021",
+    }
+    run = folder / f"{method}-smoke-test"
+    save_checkpoint(run / "checkpoints" / "best.pt", bundle)
+    return run
+
+
+def _case_files(case_dir: Path) -> tuple[Path, Path]:
+    t1ce = next(case_dir.glob("*_t1ce.nii*"))
+    flair = next(case_dir.glob("*_flair.nii*"))
+    return t1ce, flair
+
+
+def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
+    run = _make_run(tmp_path, favour=3)  # every brain voxel ET
+    case = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
+    t1ce, flair = _case_files(case)
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--t1ce",
+                str(t1ce),
+                "--flair",
+                str(flair),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    src = nib.load(str(t1ce))
+    fused, seg = nib.load(str(out / "fused.nii.gz")), nib.load(str(out / "seg.nii.gz"))
+    for image in (fused, seg):
+        assert image.shape == src.shape
+        np.testing.assert_allclose(image.affine, src.affine)
+        np.testing.assert_allclose(image.header.get_zooms(), src.header.get_zooms())
+    f = np.asarray(fused.dataobj)
+    assert f.dtype == np.float32 and f.min() >= 0.0 and f.max() <= 1.0
+    s = np.asarray(seg.dataobj)
+    brain = (np.asarray(src.dataobj) != 0) | (np.asarray(nib.load(str(flair)).dataobj) != 0)
+    assert set(np.unique(s[brain])) <= {4} and set(np.unique(s[~brain])) == {0}
+    assert (s[brain] == 4).mean() > 0.9  # ET is 4 in the BraTS 2021 scheme
+
+    out3 = tmp_path / "pred2023"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--t1ce",
+                str(t1ce),
+                "--flair",
+                str(flair),
+                "--out",
+                str(out3),
+                "--scheme",
+                "brats2023",
+            ]
+        )
+        == 0
+    )
+    s3 = np.asarray(nib.load(str(out3 / "seg.nii.gz")).dataobj)
+    assert set(np.unique(s3)) <= {0, 3} and 3 in s3
+
+
+def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):
+    run = _make_run(tmp_path, method="direct2ch")
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--t1ce",
+                str(t1ce),
+                "--flair",
+                str(flair),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "o" / "seg.nii.gz").exists()
+    assert not (tmp_path / "o" / "fused.nii.gz").exists()
+
+
+def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    image = nib.load(str(flair))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(data[:-2], image.affine), str(small))
+    moved = tmp_path / "moved.nii.gz"
+    shifted = image.affine.copy()
+    shifted[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(data, shifted), str(moved))
+    four_d = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(data[..., None], image.affine), str(four_d))
+    cases = [
+        (small, "shape mismatch"),
+        (moved, "affine mismatch"),
+        (four_d, "3-D"),
+        (tmp_path / "missing.nii.gz", "no such file"),
+    ]
+    for bad, message in cases:
+        code = main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--t1ce",
+                str(t1ce),
+                "--flair",
+                str(bad),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        assert code == 2
+        assert message in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "norun"),
+                "--t1ce",
+                str(t1ce),
+                "--flair",
+                str(flair),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "no such run folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_predict_with_a_brain_mask(phantom_dir, tmp_path):
+    run = _make_run(tmp_path, favour=2)  # every brain voxel ED
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    image = nib.load(str(t1ce))
+    mask = np.zeros(image.shape, dtype=np.uint8)
+    mask[100:140, 100:140, 60:90] = 1
+    mask_path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask, image.affine), str(mask_path))
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--t1ce",
+                str(t1ce),
+                "--flair",
+                str(flair),
+                "--out",
+                str(out),
+                "--mask",
+                str(mask_path),
+            ]
+        )
+        == 0
+    )
+    seg = np.asarray(nib.load(str(out / "seg.nii.gz")).dataobj)
+    assert set(np.unique(seg[mask == 0])) == {0}
+    assert (seg[mask == 1] == 2).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_predict_on_the_real_brats2021_case(brats2021_case, tmp_path):
+    run = _make_run(tmp_path, favour=3)
+    t1ce, flair = _case_files(brats2021_case)
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--t1ce",
+                str(t1ce),
+                "--flair",
+                str(flair),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    src = nib.load(str(t1ce))
+    seg = nib.load(str(out / "seg.nii.gz"))
+    assert seg.shape == src.shape == (240, 240, 155)
+    np.testing.assert_allclose(seg.affine, src.affine)
+    assert seg.header.get_qform(coded=True)[1] == src.header.get_qform(coded=True)[1]
+    assert set(np.unique(np.asarray(seg.dataobj))) == {0, 4}  # scheme guessed from "_t1ce"
+
+
+def test_evaluate_writes_per_case_and_mean_scores(phantom_dir, tmp_path):
+    run = _make_run(tmp_path)
+    out = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run),
+                "--data",
+                str(phantom_dir),
+                "--split",
+                "test",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["split"] == "test" and len(result["cases"]) == 1
+    (case,) = result["cases"]
+    assert set(result["per_case"][case]) >= {"NCR", "ED", "ET", "WT", "TC", "mean"}
+    assert 0.0 <= result["mean_dice"] <= 1.0 and 0.0 <= result["mean_iou"] <= 1.0
+    assert result["checkpoint"] == "best.pt"

@@ -1,0 +1,329 @@
+"""The trainer (Algorithm 1), every method and ablation, run folders, resume, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fuse4seg.config import get_config, load_config
+from fuse4seg.train import METHODS, NonFiniteLossError, Trainer, train
+from fuse4seg.train.checkpoint import load_checkpoint
+from fuse4seg.train.runs import read_metrics, resolve_cache
+
+REPO = Path(__file__).resolve().parents[1]
+# 3 phantom cases: 2 training patients and 1 validation patient, so the patient-level split
+# of the rollout is exercised (the default fractions would leave one training patient)
+SPLIT = {"data.split_fractions": [0.67, 0.33, 0.0]}
+
+
+def smoke(**overrides):
+    return get_config("smoke", {**SPLIT, **overrides})
+
+
+@pytest.fixture(scope="module")
+def phantom_cache(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    return resolve_cache(phantom_dir, smoke(), cache=out / "phantom", progress=False)
+
+
+@pytest.fixture(scope="module")
+def brats_cache(brats2021_case, tmp_path_factory):
+    """The real BraTS 2021 case alone: one patient (block split, validation on it)."""
+    out = tmp_path_factory.mktemp("cache")
+    return resolve_cache(brats2021_case, smoke(), cache=out / "brats", progress=False)
+
+
+def _trainer(cache, tmp_path, method="fuse4seg", **overrides):
+    return Trainer(smoke(**overrides), method, cache, tmp_path / "run", progress=False)
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_rollout_step_reuses_xf_and_freezes_the_follower(phantom_cache, tmp_path):
+    trainer = _trainer(phantom_cache, tmp_path, **{"train.inner_steps": 3})
+    calls = []
+    trainer.leader.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    follower_before = _params(trainer.follower)
+    leader_before = _params(trainer.leader)
+    ema_before = _params(trainer.ema.module)
+
+    # the leader step alone: follower weights untouched, no gradient accumulated in them
+    split = trainer.sampler.draw(1, 0)
+    from fuse4seg.train.bilevel import _collate
+
+    val = _collate(trainer.train_set, split.val, trainer.device)
+    trainer.leader_step(val["x1"], val["x2"], val["seg"])
+    assert calls == [True]
+    for name, p in trainer.follower.named_parameters():
+        assert p.grad is None, name
+        assert p.requires_grad, name  # restored after the step
+        assert torch.equal(p.detach(), follower_before[name]), name
+    leader_after = _params(trainer.leader)
+    changed = [k for k in leader_before if not torch.equal(leader_before[k], leader_after[k])]
+    assert changed, "the leader did not move"
+    # Eq. 4 with m = 0.99 after one step from θ̂ = θ0
+    m = trainer.config.train.ema_decay
+    for k in changed[:5]:
+        expected = m * ema_before[k] + (1 - m) * leader_after[k]
+        torch.testing.assert_close(trainer.ema.module.state_dict()[k], expected)
+
+    # a whole outer step: x_f on D_tr once without grad, K follower steps, one leader step
+    calls.clear()
+    updates = trainer.follower_updates
+    trainer.outer_step("rollout", 1, 1)
+    assert calls == [False, True]
+    assert trainer.follower_updates - updates == 3
+    assert trainer.leader_updates == 2
+
+
+def test_every_rollout_step_splits_by_patient(phantom_cache, tmp_path):
+    trainer = _trainer(
+        phantom_cache, tmp_path, **{"train.warmup_epochs": 0, "train.rollout_epochs": 2}
+    )
+    assert trainer.sampler.patient_level
+    trainer.record_splits = True
+    trainer.fit()
+    assert len(trainer.split_log) == 2 * trainer.steps_per_epoch
+    for train_patients, val_patients in trainer.split_log:
+        assert not set(train_patients) & set(val_patients)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_two_smoke_epochs_on_the_phantom(method, phantom_cache, tmp_path):
+    result = train(smoke(), method, data=phantom_cache, out=tmp_path, progress=False)
+    _check_run(result, method, val_split="val")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_two_smoke_epochs_on_a_real_case(method, brats_cache, tmp_path):
+    with pytest.warns(UserWarning, match="one training patient"):
+        result = train(smoke(), method, data=brats_cache, out=tmp_path, progress=False)
+    _check_run(result, method, val_split="train")
+
+
+def _check_run(result, method, val_split):
+    run = result.run_dir
+    assert run.name.startswith(f"{method}-smoke-")
+    rows = read_metrics(run)
+    epochs = 3 if method == "disjoint_ae" else 2  # + the leader's own (fusion) epoch
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    assert all(np.isfinite(r["L_lower"]) for r in rows if r["stage"] != "fusion")
+    final = rows[-1]["val"]
+    assert final["split"] == val_split and 0.0 <= final["mean_dice"] <= 1.0
+    for name in ("last", "ema", "best"):
+        state = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)
+        assert state["method"] == method
+    info = json.loads((run / "run.json").read_text())
+    assert info["method"] == method and info["commit"]
+    assert load_config(run / "config.yaml").profile == "smoke"
+    if method == "fuse4seg":
+        assert rows[0]["stage"] == "warmup" and rows[1]["stage"] == "rollout"
+        assert rows[1]["leader_updates"] == rows[1]["steps"]
+        assert np.isfinite(rows[1]["L_upper"])
+        assert sorted(p.name for p in (run / "glassbox").iterdir()) == [
+            "epoch_001.npz",
+            "epoch_002.npz",
+            "inputs.npz",
+        ]
+    if method == "disjoint_ae":
+        assert rows[0]["stage"] == "fusion" and "L_physical" in rows[0]
+    if method in ("average", "max", "direct2ch", "monai_unet"):
+        assert rows[-1]["leader_updates"] == 0
+
+
+def test_ablations_set_the_loss_switches(phantom_cache, tmp_path):
+    result = train(
+        smoke(**{"train.warmup_epochs": 0}),
+        ablation="A",
+        data=phantom_cache,
+        out=tmp_path,
+        progress=False,
+    )
+    config = load_config(result.run_dir / "config.yaml")
+    assert not config.loss.use_decomp and not config.loss.use_grad and config.loss.use_recon
+    assert json.loads((result.run_dir / "run.json").read_text())["ablation"] == "A"
+    with pytest.raises(ValueError, match="ablation"):
+        train(smoke(), ablation="C", data=phantom_cache, out=tmp_path)
+
+
+def test_run_folder_is_found_again_and_not_overwritten(phantom_cache, tmp_path):
+    config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
+    first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
+    again = train(config, "average", data=phantom_cache, out=tmp_path, resume=True, progress=False)
+    assert again.run_dir == first.run_dir and again.metrics == first.metrics
+    other = train(
+        smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0, "seed": 1}),
+        "average",
+        data=phantom_cache,
+        out=tmp_path,
+        progress=False,
+    )
+    assert other.run_dir != first.run_dir
+
+
+def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
+    phantom_cache, tmp_path, monkeypatch
+):
+    import fuse4seg.losses as losses
+
+    real = losses.lower_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 2 else value
+
+    monkeypatch.setattr(losses, "lower_loss", flaky)
+    config = smoke(**{"train.rollout_epochs": 0})
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 .*L_lower"):
+        train(
+            config,
+            "average",
+            data=phantom_cache,
+            out=tmp_path,
+            progress=False,
+            checkpoint_every_steps=1,
+        )
+    (run,) = [p for p in tmp_path.iterdir() if p.name.startswith("average-")]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["follower"].values())
+
+
+def test_nan_in_an_upper_term_is_named(phantom_cache, tmp_path, monkeypatch):
+    import fuse4seg.losses as losses
+
+    real = losses.upper_loss
+
+    def bad(*args, **kwargs):
+        total, terms = real(*args, **kwargs)
+        return total * float("inf"), {**terms, "grad": float("inf")}
+
+    monkeypatch.setattr(losses, "upper_loss", bad)
+    with pytest.raises(NonFiniteLossError, match=r"L_grad"):
+        train(
+            smoke(**{"train.warmup_epochs": 0}),
+            "fuse4seg",
+            data=phantom_cache,
+            out=tmp_path,
+            progress=False,
+        )
+
+
+def _cli_train(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "fuse4seg",
+        "train",
+        "--method",
+        "fuse4seg",
+        "--profile",
+        "smoke",
+        "--data",
+        str(cache),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "data.split_fractions=[0.67, 0.33, 0.0]",
+        "--set",
+        "train.rollout_epochs=2",
+        "--checkpoint-every-steps",
+        "1",
+        *extra,
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_cache, tmp_path):
+    whole = _cli_train(tmp_path / "a", phantom_cache)
+    killed = _cli_train(tmp_path / "b", phantom_cache)
+    deadline = time.time() + 300
+    last = None
+    while time.time() < deadline and killed.poll() is None:
+        found = list((tmp_path / "b").glob("fuse4seg-*/checkpoints/last.pt"))
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.02)
+    assert last is not None, killed.communicate()[1].decode()[-2000:]
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    state = load_checkpoint(last)
+    total = 3 * state["config"]["train"]["steps_per_epoch"]
+    assert (state["epoch"] - 1) * 2 + state["step_in_epoch"] < total  # killed mid-run
+    resumed = _cli_train(tmp_path / "b", phantom_cache, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err.decode()[-2000:]
+    (run_a,) = (tmp_path / "a").glob("fuse4seg-*")
+    (run_b,) = (tmp_path / "b").glob("fuse4seg-*")
+    assert run_a.name == run_b.name
+    assert _strip(read_metrics(run_a)) == _strip(read_metrics(run_b))
+    a = load_checkpoint(run_a / "checkpoints" / "last.pt")
+    b = load_checkpoint(run_b / "checkpoints" / "last.pt")
+    for part in ("leader", "ema", "follower"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_cli_train_reports_bad_input(tmp_path, capsys):
+    from fuse4seg.cli import main
+
+    assert (
+        main(
+            [
+                "train",
+                "--profile",
+                "smoke",
+                "--data",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "no such folder" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--profile",
+                "smoke",
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path),
+                "--set",
+                "train.bogus=1",
+            ]
+        )
+        == 2
+    )
+    assert "unknown setting" in capsys.readouterr().err
