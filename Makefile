@@ -7,7 +7,7 @@ PROFILE ?= default
 # pytest-xdist workers (CI machines have 2 cores)
 JOBS ?= 2
 
-.PHONY: help venv book test test-fast lint full clean
+.PHONY: help venv book npm test test-fast lint full clean
 
 help:
 	@echo "make book   - set up .venv, make the phantom data, run every chapter (profile=$(PROFILE)), build the HTML book"
@@ -25,8 +25,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-book: $(STAMP)
-	$(BIN)/python book/build.py --profile $(PROFILE) $(if $(BRATS_DIR),--brats-dir $(BRATS_DIR))
+# book: optional BRATS_DIR, HARVARD_DIR, GFP_DIR (data folders) and DEVICE (auto|cpu|cuda).
+DEVICE ?= auto
+NPM ?= npm
+
+book: $(STAMP) node_modules/.package-lock.json
+	$(BIN)/python book/build.py --profile $(PROFILE) --device $(DEVICE) \
+		$(if $(BRATS_DIR),--brats-dir $(BRATS_DIR)) \
+		$(if $(HARVARD_DIR),--harvard-dir $(HARVARD_DIR)) \
+		$(if $(GFP_DIR),--gfp-dir $(GFP_DIR))
+
+# MathJax, RequireJS and the ipywidgets HTML manager, served by the book itself (offline).
+npm: node_modules/.package-lock.json
+
+node_modules/.package-lock.json: package.json package-lock.json
+	@command -v $(NPM) >/dev/null 2>&1 || { echo "make book needs npm (Node.js >= 18) to \
+	install MathJax, RequireJS and the ipywidgets HTML manager from package-lock.json; \
+	install Node.js and npm (e.g. apt-get install nodejs npm) and retry" >&2; exit 1; }
+	$(NPM) ci --no-audit --no-fund --ignore-scripts
+	@touch $@
 
 full:
 	$(MAKE) book PROFILE=paper

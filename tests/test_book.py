@@ -1,0 +1,603 @@
+"""The book build (book/build.py): toc handling, parameter filtering, failures, offline HTML.
+
+The browser test builds a one-chapter book (a formula and an ipywidgets slider) through the same
+code path as ``make book``, serves it on 127.0.0.1 and loads it in headless Chromium driven over
+the DevTools protocol (``--remote-debugging-pipe``, no extra package). It asserts that the page
+requests nothing from a non-local host, that every local request succeeds, that MathJax typeset
+the formulas and that the widget manager rendered the slider. Chromium also gets
+``--host-resolver-rules`` that send every other host nowhere, so the test can never reach the
+network even if the book regresses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import http.server
+import importlib.util
+import json
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _load_build():
+    name = "fuse4seg_book_build"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "book/build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build()
+
+HEADER = """\
+---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+    format_version: 0.13
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+"""
+
+TINY_CHAPTER = (
+    HEADER
+    + """
+# A tiny chapter
+
+The energy is $E = m c^2$ and
+
+$$
+\\frac{\\partial \\mathcal{L}}{\\partial \\theta_f} = \\sum_{k=1}^{K} \\alpha_k .
+$$
+
+```{code-cell} ipython3
+:tags: [parameters]
+
+profile = "default"
+device = "auto"
+```
+
+```{code-cell} ipython3
+import ipywidgets as widgets
+
+print(f"profile={profile} device={device}")
+widgets.IntSlider(value=3, min=0, max=10, description="K")
+```
+"""
+)
+
+
+def _write_book(root: Path, chapters: dict[str, str]) -> None:
+    """A book root with the repository's _config.yml, a toc and the given chapters."""
+    (root / "book").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "_config.yml", root / "_config.yml")
+    (root / "book" / "intro.md").write_text("# Tiny book\n\nInline $a^2 + b^2 = c^2$.\n")
+    toc = {
+        "format": "jb-book",
+        "root": "book/intro",
+        "chapters": [{"file": f"book/{name}"} for name in chapters],
+    }
+    (root / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    for name, text in chapters.items():
+        if text is not None:
+            (root / "book" / f"{name}.md").write_text(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Fast tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_repository_toc_lists_the_chapters_in_order():
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
+    assert build.toc_docnames(toc) == [
+        "book/intro",
+        "book/01_data",
+        "book/02_fusion_leader",
+        "book/03_segmentation_follower",
+        "book/04_bilevel_training",
+        "book/05_fusion_benchmarks",
+        "book/appendix_fusion_metrics",
+    ]
+    intro = REPO / "book" / "intro.md"
+    assert intro.is_file() and not build.is_notebook_markdown(intro)
+
+
+def test_repository_config_renders_offline():
+    config = yaml.safe_load((REPO / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] == "off"
+    sphinx = config["sphinx"]["config"]
+    assert sphinx["html_static_path"] == ["_vendor"]
+    scripts = [sphinx["mathjax_path"], *sphinx["nb_ipywidgets_js"]]
+    scripts += [v for attrs in sphinx["nb_ipywidgets_js"].values() for v in attrs.values()]
+    assert not [s for s in scripts if "://" in s], "a script would load from a remote host"
+    vendored = {target for _, target in build.VENDOR_FILES}
+    assert sphinx["mathjax_path"] in vendored
+    assert "requirejs/require.js" in sphinx["nb_ipywidgets_js"]
+    assert "html-manager/embed-amd.js" in sphinx["nb_ipywidgets_js"]
+
+
+def test_prune_toc_drops_missing_entries_and_empty_parts():
+    toc = {
+        "format": "jb-book",
+        "root": "intro",
+        "parts": [
+            {"caption": "A", "chapters": [{"file": "a1"}, {"file": "a2"}]},
+            {"caption": "B", "chapters": [{"file": "b1", "sections": [{"file": "b1s"}]}]},
+        ],
+    }
+    assert build.toc_docnames(toc) == ["intro", "a1", "a2", "b1", "b1s"]
+    assert build.prune_toc(toc, {"intro", "a2", "b1s"}) == {
+        "format": "jb-book",
+        "root": "intro",
+        "parts": [{"caption": "A", "chapters": [{"file": "a2"}]}],
+    }
+    assert build.prune_toc(toc, {"intro", "b1"})["parts"] == [
+        {"caption": "B", "chapters": [{"file": "b1"}]}
+    ]
+    link = {"url": "https://example.org", "title": "elsewhere"}
+    assert build.prune_toc({"root": "intro", "chapters": [link]}, {"intro"}) == {
+        "root": "intro",
+        "chapters": [link],
+    }
+
+
+def test_resolve_docname_accepts_short_names():
+    names = ["book/intro", "book/01_data", "other/01_data", "book/02_x"]
+    assert build.resolve_docname("book/02_x.md", names) == "book/02_x"
+    assert build.resolve_docname("02_x", names) == "book/02_x"
+    with pytest.raises(build.BuildError, match="not one entry"):
+        build.resolve_docname("01_data", names)  # ambiguous
+    with pytest.raises(build.BuildError, match="not one entry"):
+        build.resolve_docname("99", names)
+
+
+def test_find_chapters_separates_notebooks_pages_and_missing(tmp_path):
+    _write_book(tmp_path, {"01_tiny": TINY_CHAPTER, "02_missing": None, "03_page": "# Page\n"})
+    toc = yaml.safe_load((tmp_path / "_toc.yml").read_text())
+    present, missing = build.find_chapters(tmp_path, toc)
+    assert [(c.docname, c.is_notebook) for c in present] == [
+        ("book/intro", False),
+        ("book/01_tiny", True),
+        ("book/03_page", False),
+    ]
+    assert missing == ["book/02_missing"]
+
+
+def test_select_parameters_passes_only_declared_names(tmp_path):
+    chapter = tmp_path / "c.md"
+    chapter.write_text(
+        HEADER
+        + """
+```{code-cell} ipython3
+:tags: [parameters]
+
+profile = "default"
+data_dir = "_data/phantom"
+device = "auto"
+overrides = {}
+```
+
+```{code-cell} ipython3
+print(profile)
+```
+"""
+    )
+    notebook = tmp_path / "c.ipynb"
+    build.markdown_to_ipynb(chapter, notebook)
+    declared = build.declared_parameters(notebook)
+    assert declared == ["profile", "data_dir", "device", "overrides"]
+    available = {
+        "profile": "smoke",
+        "data_dir": "/data/phantom",
+        "brats_dir": None,
+        "harvard_dir": "/data/harvard",
+        "device": "cpu",
+        "runs_dir": "/runs",
+    }
+    assert build.select_parameters(declared, available) == {
+        "profile": "smoke",
+        "data_dir": "/data/phantom",
+        "device": "cpu",
+    }
+    assert build.select_parameters([], available) == {}
+    assert set(build.PARAMETER_NAMES) == {
+        "profile",
+        "data_dir",
+        "brats_dir",
+        "harvard_dir",
+        "gfp_dir",
+        "device",
+        "runs_dir",
+        "cache_dir",
+    }
+
+
+def test_chapter_path_is_relative_inside_the_root(tmp_path):
+    assert build.chapter_path(tmp_path / "_data" / "phantom", tmp_path) == "_data/phantom"
+    assert build.chapter_path(tmp_path, tmp_path) == "."
+    outside = tmp_path.parent / "elsewhere"
+    assert build.chapter_path(outside, tmp_path) == str(outside.resolve())
+
+
+def test_phantom_cases_by_profile():
+    assert build.phantom_cases("smoke") < build.phantom_cases("default")
+    with pytest.raises(ValueError, match="--profile 'tiny'"):
+        build.phantom_cases("tiny")
+
+
+def test_prepare_phantom_writes_keeps_and_rewrites(tmp_path, monkeypatch):
+    phantom = pytest.importorskip("fuse4seg.data.phantom")
+    calls = []
+
+    def fake_writer(out, cases, seed):  # the real one takes seconds per case
+        calls.append((cases, seed))
+        for i in range(cases):
+            (Path(out) / f"Phantom_{i:05d}").mkdir(parents=True)
+
+    monkeypatch.setattr(phantom, "write_phantom_dataset", fake_writer)
+    data = tmp_path / "_data" / "phantom"
+    assert build.prepare_phantom(data, cases=3) == "written"
+    assert build.phantom_case_count(data) == 3
+    assert build.prepare_phantom(data, cases=3) == "kept"
+    assert build.prepare_phantom(data, cases=2) == "rewritten"
+    assert sorted(p.name for p in data.iterdir()) == ["Phantom_00000", "Phantom_00001"]
+    assert calls == [(3, 0), (2, 0)]
+    assert sorted(p.name for p in data.parent.iterdir()) == ["phantom"]  # no leftovers
+
+    own = tmp_path / "own"
+    (own / "BraTS2021_00001").mkdir(parents=True)
+    assert build.phantom_case_count(own) is None
+    assert build.prepare_phantom(own, cases=2) == "foreign"
+    assert calls == [(3, 0), (2, 0)]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(build.BuildError, match="not a folder"):
+        build.prepare_phantom(tmp_path / "file", cases=2)
+
+
+def test_missing_npm_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(build.BuildError, match="`npm` is not on PATH"):
+        build.ensure_node_modules(tmp_path)
+
+
+def test_copy_vendor_reports_a_missing_npm_file(tmp_path):
+    with pytest.raises(build.BuildError, match="npm ci"):
+        build.copy_vendor(tmp_path / "node_modules", tmp_path / "vendor")
+
+
+def test_main_rejects_bad_input(tmp_path, capsys):
+    _write_book(tmp_path, {"01_tiny": TINY_CHAPTER})
+    assert build.main(["--root", str(tmp_path), "--only", "book/99_nope", "--no-html"]) == 1
+    assert "book/99_nope" in capsys.readouterr().err
+    assert build.main(["--root", str(tmp_path), "--brats-dir", str(tmp_path / "x")]) == 1
+    assert "--brats-dir" in capsys.readouterr().err
+    assert build.main(["--root", str(tmp_path), "--profile", "fast"]) == 1
+    assert "--profile 'fast'" in capsys.readouterr().err
+    (tmp_path / "_toc.yml").unlink()
+    assert build.main(["--root", str(tmp_path)]) == 1
+    assert "_toc.yml is missing" in capsys.readouterr().err
+
+
+def test_stage_source_replaces_notebooks_by_their_executed_copy(tmp_path):
+    root = tmp_path / "root"
+    _write_book(root, {"01_tiny": TINY_CHAPTER})
+    (root / "book" / "figure.png").write_bytes(b"png")
+    (root / "book" / "__pycache__").mkdir()
+    executed = tmp_path / "01_tiny.ipynb"
+    executed.write_text("{}")
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    present, _ = build.find_chapters(root, toc)
+    staging = tmp_path / "src"
+    build.stage_source(
+        root, staging, toc, [c for c in present if not c.is_notebook], {"book/01_tiny": executed}
+    )
+    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    assert files == [
+        "_config.yml",
+        "_toc.yml",
+        "book/01_tiny.ipynb",
+        "book/figure.png",
+        "book/intro.md",
+    ]
+
+
+@pytest.mark.slow
+def test_a_failing_chapter_stops_the_build_with_its_name(tmp_path, capsys):
+    broken = HEADER + '\n```{code-cell} ipython3\nraise RuntimeError("boom 42")\n```\n'
+    _write_book(tmp_path, {"01_broken": broken})
+    status = build.main(["--root", str(tmp_path), "--profile", "smoke", "--no-html"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "book/01_broken" in err and "RuntimeError: boom 42" in err
+    assert (tmp_path / "_build" / "executed" / "book" / "01_broken.ipynb").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Headless Chromium over the DevTools protocol (pipe transport)
+# --------------------------------------------------------------------------------------------
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe``.
+
+    Chromium reads NUL-terminated JSON commands on fd 3 and writes replies and events on fd 4.
+    """
+
+    def __init__(self, flags: list[str], log: Path):
+        # Pipe ends moved to fds >= 10 so that the child's dup2 onto 3 and 4 never has equal
+        # source and target (which would keep close-on-exec set).
+        cmd_read, self._cmd_write = (self._high(fd) for fd in os.pipe())
+        self._reply_read, reply_write = (self._high(fd) for fd in os.pipe())
+        self._log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # posix_spawn rather than subprocess' preexec_fn: safe while other threads run.
+        self.pid = os.posix_spawn(
+            CHROMIUM,
+            [CHROMIUM, *flags, "--remote-debugging-pipe", "about:blank"],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, self._log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, self._log_fd, 2),
+                (os.POSIX_SPAWN_DUP2, cmd_read, 3),
+                (os.POSIX_SPAWN_DUP2, reply_write, 4),
+            ],
+        )
+        os.close(cmd_read)
+        os.close(reply_write)
+        self.events: queue.Queue = queue.Queue()
+        self._replies: dict[int, dict] = {}
+        self._ready = threading.Condition()
+        self._next_id = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = os.read(self._reply_read, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\0" in buffer:
+                raw, buffer = buffer.split(b"\0", 1)
+                message = json.loads(raw)
+                with self._ready:
+                    if "id" in message:
+                        self._replies[message["id"]] = message
+                        self._ready.notify_all()
+                    else:
+                        self.events.put(message)
+
+    def send(
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 30.0,
+    ) -> dict:
+        self._next_id += 1
+        ident = self._next_id
+        message = {"id": ident, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._cmd_write, json.dumps(message).encode() + b"\0")
+        with self._ready:
+            if not self._ready.wait_for(lambda: ident in self._replies, timeout):
+                raise TimeoutError(f"no DevTools reply to {method} in {timeout} s")
+            reply = self._replies.pop(ident)
+        if "error" in reply:
+            raise RuntimeError(f"DevTools {method}: {reply['error']}")
+        return reply["result"]
+
+    @staticmethod
+    def _high(fd: int) -> int:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(fd)
+        return high
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=10)
+        except (OSError, RuntimeError, TimeoutError):
+            pass
+        deadline = time.monotonic() + 20
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                break
+            time.sleep(0.1)
+        os.close(self._cmd_write)
+        os.close(self._log_fd)
+        self._reader.join(timeout=5)  # EOF once Chromium is gone
+        if not self._reader.is_alive():
+            os.close(self._reply_read)
+
+
+def _serve(directory: Path) -> http.server.ThreadingHTTPServer:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
+    # Safety net: every host but 127.0.0.1 fails to resolve, so nothing leaves the machine;
+    # the page's attempts still show up as requests below.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+
+PAGE_STATE_JS = """JSON.stringify({
+  ready: document.readyState,
+  math: document.querySelectorAll("mjx-container").length,
+  rawMath: document.querySelectorAll(".math:not(:has(mjx-container))").length,
+  sliders: document.querySelectorAll(".widget-hslider").length,
+  sliderText: Array.from(document.querySelectorAll(".widget-hslider")).map(e => e.innerText),
+})"""
+
+
+def _load_page(url: str, tmp: Path, expect_math: int, expect_sliders: int) -> tuple[dict, list]:
+    """Load ``url`` and wait until the math and widgets are rendered (or 60 s pass)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    browser = DevTools(
+        [*CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}"], tmp / "chromium.log"
+    )
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        browser.send("Network.enable", session=session)
+        browser.send("Page.enable", session=session)
+        browser.send("Page.navigate", {"url": url}, session=session)
+        state: dict = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            result = browser.send(
+                "Runtime.evaluate",
+                {"expression": PAGE_STATE_JS, "returnByValue": True},
+                session=session,
+            )
+            state = json.loads(result["result"]["value"])
+            if (
+                state["ready"] == "complete"
+                and state["math"] >= expect_math
+                and state["sliders"] >= expect_sliders
+            ):
+                time.sleep(1.0)  # let late requests (fonts) start, so they are recorded
+                break
+            time.sleep(0.25)
+        events = []
+        while not browser.events.empty():
+            events.append(browser.events.get())
+        return state, events
+    finally:
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory) -> Path:
+    """A one-chapter book built by book/build.py (papermill, staging, jupyter-book)."""
+    if not (REPO / "node_modules").is_dir() and shutil.which("npm") is None:
+        pytest.skip("node_modules/ is absent and npm is not installed (needed for MathJax)")
+    root = tmp_path_factory.mktemp("tinybook")
+    _write_book(root, {"01_tiny": TINY_CHAPTER, "02_not_written_yet": None})
+    status = build.main(["--root", str(root), "--profile", "smoke", "--device", "cpu"])
+    assert status == 0, "book/build.py failed on the tiny book"
+    return root / "_build" / "html"
+
+
+@pytest.mark.slow
+def test_tiny_book_build_layout(tiny_site):
+    chapter = tiny_site / "book" / "01_tiny.html"
+    assert chapter.is_file() and (tiny_site / "index.html").is_file()
+    assert not (tiny_site / "book" / "02_not_written_yet.html").exists()
+    html = chapter.read_text()
+    assert "profile=smoke device=cpu" in html  # the parameters reached the chapter
+    assert "application/vnd.jupyter.widget-state+json" in html
+    for script in ("mathjax/tex-chtml-full.js", "requirejs/require.js", "embed-amd.js"):
+        assert f"_static/{script}" in html or script in html
+    assert "cdn.jsdelivr.net" not in html and "cdnjs.cloudflare.com" not in html
+    assert (tiny_site / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
+
+
+def _assert_offline(url: str, events: list) -> list[str]:
+    """Every request of the page went to 127.0.0.1 and succeeded; returns the URLs."""
+    requested = [
+        e["params"]["request"]["url"]
+        for e in events
+        if e.get("method") == "Network.requestWillBeSent"
+    ]
+    assert url in requested
+    remote = [
+        u
+        for u in requested
+        if urlsplit(u).scheme not in ("data", "blob", "about")
+        and urlsplit(u).hostname not in ("127.0.0.1", "localhost")
+    ]
+    assert remote == [], f"{url} requested non-local URLs: {remote}"
+    failed = [
+        e["params"]["response"]["url"]
+        for e in events
+        if e.get("method") == "Network.responseReceived"
+        and e["params"]["response"]["status"] >= 400
+        and not e["params"]["response"]["url"].endswith("/favicon.ico")
+    ]
+    failed += [
+        e["params"].get("errorText", "?")
+        for e in events
+        if e.get("method") == "Network.loadingFailed" and not e["params"].get("canceled")
+    ]
+    assert failed == [], f"{url}: local requests failed: {failed}"
+    return requested
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_tiny_book_renders_offline_in_chromium(tiny_site, tmp_path):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); .ci/run installs it")
+    server = _serve(tiny_site)
+    host, port = server.server_address[:2]
+    try:
+        chapter_url = f"http://{host}:{port}/book/01_tiny.html"
+        chapter, chapter_events = _load_page(
+            chapter_url, tmp_path / "chapter", expect_math=2, expect_sliders=1
+        )
+        intro_url = f"http://{host}:{port}/book/intro.html"
+        intro, intro_events = _load_page(
+            intro_url, tmp_path / "intro", expect_math=1, expect_sliders=0
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    requested = _assert_offline(chapter_url, chapter_events)
+    assert any("/_static/mathjax/output/chtml/fonts/" in u for u in requested)
+    _assert_offline(intro_url, intro_events)
+
+    # MathJax typeset the inline and the display formula (and left none raw).
+    assert chapter["math"] >= 2 and chapter["rawMath"] == 0, chapter
+    assert intro["math"] == 1 and intro["rawMath"] == 0, intro
+    # The widget manager rendered the slider from the saved widget state (value 3).
+    assert chapter["sliders"] == 1, chapter
+    assert "K" in chapter["sliderText"][0] and "3" in chapter["sliderText"][0], chapter
