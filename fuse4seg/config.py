@@ -78,6 +78,9 @@ class ModelConfig:
     inn_squeeze: bool = False
     """Haar-wavelet squeeze inside the INN blocks (named in §3.3.1, absent from CDDFuse's
     code). Off in the paper profile: see ``fuse4seg.models.fusion``."""
+    source_skip: bool = True
+    """Decoder output = residual + (x1 + x2)/2 before min-max (as CDDFuse's decoder adds its
+    source image); fixes the polarity of x_f. See ``fuse4seg.models.fusion.FusionLeader``."""
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,20 @@ def test_paper_variant_scale():
     # "a follower of comparable weight": same order of magnitude as the leader
     ratio = count_parameters(follower) / count_parameters(leader)
     assert 1 <= ratio <= 10
+
+
+def test_source_skip_anchors_the_polarity():
+    """With the decoder's residual at zero, x_f is exactly minmax((x1 + x2)/2); without the
+    skip the output does not depend on x_avg that way (the literal 'anchor-free' reading)."""
+    from fuse4seg.models import create_fusion, minmax_normalize
+
+    torch.manual_seed(0)
+    x1, x2 = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    leader = create_fusion("fuse4seg_tiny", source_skip=True)
+    torch.nn.init.zeros_(leader.head[-1].weight)
+    x_fused, _ = leader(x1, x2)
+    assert torch.allclose(x_fused, minmax_normalize(0.5 * (x1 + x2)), atol=1e-6)
+    literal = create_fusion("fuse4seg_tiny", source_skip=False)
+    torch.nn.init.zeros_(literal.head[-1].weight)
+    flat, _ = literal(x1, x2)
+    assert torch.all(flat == 0)  # a constant decoder output normalises to 0, not to x_avg

@@ -104,7 +104,11 @@ def build_leader(config: Config) -> nn.Module:
     """The fusion leader Φ named by ``config.model.fusion``."""
     from fuse4seg.models import create_fusion
 
-    return create_fusion(config.model.fusion, inn_squeeze=config.model.inn_squeeze)
+    return create_fusion(
+        config.model.fusion,
+        inn_squeeze=config.model.inn_squeeze,
+        source_skip=config.model.source_skip,
+    )
 
 
 class _MonaiUNet(nn.Module):

@@ -199,7 +199,11 @@ def _run_hash(config: Config, kind: str, schedule: dict, seed: int, names: list[
 def _build_leader(config: Config) -> nn.Module:
     from fuse4seg.models import create_fusion
 
-    return create_fusion(config.model.fusion, inn_squeeze=config.model.inn_squeeze)
+    return create_fusion(
+        config.model.fusion,
+        inn_squeeze=config.model.inn_squeeze,
+        source_skip=config.model.source_skip,
+    )
 
 
 def train_fusion(
