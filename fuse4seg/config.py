@@ -20,9 +20,10 @@ import dataclasses
 import hashlib
 import json
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -196,7 +197,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def _all_names() -> dict[str, str]:
     """Map every accepted override name (dotted and, where unique, bare) to its dotted form."""
-    dotted = {f"{s}.{f.name}": f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)}
+    dotted = {
+        f"{s}.{f.name}": f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in fields(cls)
+    }
     bare: dict[str, list[str]] = {}
     for name in dotted:
         bare.setdefault(name.split(".", 1)[1], []).append(name)
@@ -211,7 +214,7 @@ def valid_names() -> list[str]:
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Check and convert ``value`` to the field's declared type (YAML/papermill give lists, ints)."""
+    """Check and convert ``value`` to the field's type (YAML and papermill give lists, ints)."""
     hint = annotation
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -223,7 +226,7 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}: expected a sequence of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true/false, got {value!r}")

@@ -127,7 +127,7 @@ def region_histograms(volumes: dict, seg, brain_mask, ax=None, bins: int = 50):
     regions.update({CANONICAL_NAMES[k]: seg == k for k in (1, 2, 3)})
     colours = {"healthy brain": (0.5, 0.5, 0.5), **{CANONICAL_NAMES[k]: c
                                                      for k, c in LABEL_COLOURS.items()}}
-    for a, (name, vol) in zip(ax, volumes.items()):
+    for a, (name, vol) in zip(ax, volumes.items(), strict=False):
         for region, mask in regions.items():
             if mask.any():
                 a.hist(vol[mask], bins=bins, range=(0, 1), density=True, histtype="step",

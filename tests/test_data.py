@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from fuse4seg.cli import main as cli_main
 from fuse4seg.config import ConfigError, get_config, load_config
 from fuse4seg.data.labels import from_canonical, label_counts, to_canonical
-from fuse4seg.data.layouts import DataError, find_cases, load_case, normalize_intensity
+from fuse4seg.data.layouts import DataError, find_cases, load_case
 from fuse4seg.data.slices import (
     SliceDataset,
     load_manifest,
@@ -43,7 +42,8 @@ def test_brats2021_case_counts(brats2021_case):
     assert counts["ED"] == int((raw == 2).sum())
     assert counts["ET"] == int((raw == 4).sum())
     assert counts["background"] == int((raw == 0).sum())
-    assert np.allclose(case.affine, nib.load(str(brats2021_case / "BraTS2021_00006_t1ce.nii.gz")).affine)
+    t1ce = nib.load(str(brats2021_case / "BraTS2021_00006_t1ce.nii.gz"))
+    assert np.allclose(case.affine, t1ce.affine)
 
 
 def test_brats2023_case_counts(brats2023_case):

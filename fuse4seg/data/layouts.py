@@ -5,7 +5,7 @@ Layouts (detected per case folder, or named with ``layout=`` / ``--layout``):
 ==========  ============================================  ==========================  ======
 layout      files in ``<case>/``                          labels                      scheme
 ==========  ============================================  ==========================  ======
-brats2021   ``<ID>_t1ce.nii.gz``, ``_flair``, ``_seg``    0, 1 NCR, 2 ED, 4 ET        BraTS 2018-2021
+brats2021   ``<ID>_t1ce.nii.gz``, ``_flair``, ``_seg``    0, 1 NCR, 2 ED, 4 ET        2018-21
 brats2023   ``<ID>-t1c.nii.gz``, ``-t2f``, ``-seg``       0, 1 NETC, 2 SNFH, 3 ET     BraTS 2023+
 brats2013   ``T1c*.nii.gz``, ``Flair*``, ``OTMultiClass``  0, 1, 2, 3 non-enh., 4 ET   BRATS 2013/15
             ``brainmask.nii.gz`` (optional)

@@ -36,7 +36,7 @@ import numpy as np
 
 from fuse4seg.config import DataConfig, get_config
 from fuse4seg.data.labels import NUM_CLASSES
-from fuse4seg.data.layouts import LAYOUTS, DataError, find_cases, load_case, normalize_intensity
+from fuse4seg.data.layouts import LAYOUTS, DataError, find_cases, load_case
 from fuse4seg.utils import atomic_write_json
 
 __all__ = [
