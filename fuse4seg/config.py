@@ -37,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "get_config",
     "load_config",
+    "parse_overrides",
 ]
 
 
@@ -328,6 +329,25 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         for k, v in values.items():
             flat[f"{section}.{k}"] = v
     return _apply(Config(profile=profile), flat)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Command-line ``--set NAME=VALUE`` items → an overrides dict (values parsed as YAML).
+
+    ``["train.inner_steps=3", "data.split_fractions=[0.8, 0.2, 0.0]"]`` →
+    ``{"train.inner_steps": 3, "data.split_fractions": [0.8, 0.2, 0.0]}``; names are checked
+    later by :func:`get_config`.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects NAME=VALUE, got {pair!r}")
+        name, value = pair.split("=", 1)
+        try:
+            out[name.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: cannot parse the value ({exc})") from exc
+    return out
 
 
 def load_config(path: str | Path) -> Config:

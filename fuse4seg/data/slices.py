@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fuse4seg.config import DataConfig, get_config
+from fuse4seg.config import DataConfig, get_config, parse_overrides
 from fuse4seg.data.labels import NUM_CLASSES
 from fuse4seg.data.layouts import LAYOUTS, DataError, find_cases, load_case
 from fuse4seg.utils import atomic_write_json
@@ -416,19 +416,6 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="NAME=VALUE",
         help="override a data setting, e.g. --set data.crop_size=192 (repeatable)",
     )
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["a.b=3", "c=[1,2]"]`` → ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects NAME=VALUE, got {pair!r}")
-        name, value = pair.split("=", 1)
-        out[name.strip()] = yaml.safe_load(value)
-    return out
 
 
 def prepare_main(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fuse4seg.config import parse_overrides
 from fuse4seg.train.baselines import ABLATIONS, METHODS
 
 __all__ = [
@@ -19,18 +20,6 @@ __all__ = [
     "train_arguments",
     "train_main",
 ]
-
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects NAME=VALUE, got {pair!r}")
-        name, value = pair.split("=", 1)
-        out[name.strip()] = yaml.safe_load(value)
-    return out
 
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +67,7 @@ def train_main(args: argparse.Namespace) -> int:
     from fuse4seg.config import get_config
     from fuse4seg.train.bilevel import dist_info, train
 
-    config = get_config(args.profile, _parse_overrides(args.set))
+    config = get_config(args.profile, parse_overrides(args.set))
     result = train(
         config,
         method=args.method,

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fuse4seg.config import Config, get_config
+from fuse4seg.config import Config, get_config, parse_overrides
 from fuse4seg.data.pairs import ImagePair, colorize, find_pairs, load_pair
 from fuse4seg.fusion_baselines import BASELINES, fuse_baseline
 from fuse4seg.metrics.fusion import CONVENTIONS, FusionMeter, nan_to_none, to_uint8
@@ -643,18 +643,6 @@ def _names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
 def _common_pair_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pairs",
@@ -705,7 +693,7 @@ def fusion_train_main(args: argparse.Namespace) -> int:
     """
     if args.kind == "GFP-PC" and args.split != "train":
         raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
-    config = get_config(args.profile, _overrides(args.set))
+    config = get_config(args.profile, parse_overrides(args.set))
     pairs = _load_pairs(
         args.pairs, args.kind, args.split, _names(args.only), _names(args.exclude), args.max_pairs
     )
