@@ -13,6 +13,7 @@ help:
 	@echo "make book   - set up .venv, make the phantom data, run every chapter (profile=$(PROFILE)), build the HTML book"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make full   - the paper's run: make book PROFILE=paper BRATS_DIR=/path/to/BraTS2021"
+	@echo "options     - PROFILE=smoke|default|paper DEVICE=auto|cpu|cuda BRATS_DIR= HARVARD_DIR= GFP_DIR="
 
 venv: $(STAMP)
 
@@ -26,6 +27,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # book: optional BRATS_DIR, HARVARD_DIR, GFP_DIR (data folders) and DEVICE (auto|cpu|cuda).
+# In this project's development checkout the real fusion pairs lie in ../shared/data; they are
+# used when present (chapter 5's Table 2 needs them) and never required.
+HARVARD_DIR ?= $(wildcard ../shared/data/harvard)
+GFP_DIR ?= $(wildcard ../shared/data/gfp)
 DEVICE ?= auto
 NPM ?= npm
 
