@@ -168,7 +168,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data.slice_stride": 4,
         "model.fusion": "fuse4seg_small",
         "model.segmentation": "convnext_unet_small",
-        "train.warmup_epochs": 20,
+        "train.warmup_epochs": 30,
         "train.rollout_epochs": 10,
         "train.inner_steps": 3,
         "train.batch_size": 8,
@@ -176,7 +176,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.val_every": 5,
         "train.val_max_slices": 96,
         "train.lr_leader": 3e-4,
-        "train.lr_follower": 1e-3,
+        "train.lr_follower": 3e-3,
     },
     "smoke": {
         "data.downsample": 4,
@@ -239,6 +239,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)

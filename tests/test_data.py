@@ -272,6 +272,9 @@ def test_config_bad_values():
         get_config("fast")
     with pytest.raises(ConfigError, match="expected an integer"):
         get_config("smoke", {"train.inner_steps": "five"})
+    assert get_config("smoke", {"train.lr_follower": "3e-3"}).train.lr_follower == 3e-3
+    with pytest.raises(ConfigError, match="expected a number"):
+        get_config("smoke", {"train.lr_follower": "fast"})
     with pytest.raises(ConfigError, match="multiple of 16"):
         get_config("smoke", {"crop_size": 70})
 
