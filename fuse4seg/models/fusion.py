@@ -404,7 +404,9 @@ class FusionLeader(nn.Module):
             random initialisation: L_grad and L_decomp score an image and its negative alike,
             and γ·L_recon (γ = 0.05) is too weak to cross that barrier. Measured on the phantom
             (default profile, 60 physical-loss steps of ``fuse4seg_small``): corr(x_f, x_avg)
-            = -0.95 without the skip. ``source_skip=False`` gives the literal reading.
+            = -0.95 without the skip. ``source_skip=False`` gives the literal reading. With the
+            skip the head's last convolution starts scaled by 0.01, so the untrained leader
+            outputs ≈ minmax(x_avg), the prior of the follower's warm-up.
 
     Attributes:
         stride: H and W must be divisible by it (2 with the Haar squeeze, else 1).
@@ -467,6 +469,12 @@ class FusionLeader(nn.Module):
             nn.LeakyReLU(0.01),
             nn.Conv2d(max(dim // 2, 1), 1, 3, padding=1, bias=False),
         )
+        if source_skip:
+            # Start as (almost) the identity prior: x_f ≈ minmax(x_avg), the input the follower
+            # was warmed up on (Algorithm 1, stage 1), so stage 2 begins without a domain jump.
+            # Not exactly zero, so every parameter still gets a gradient on the first step.
+            with torch.no_grad():
+                self.head[-1].weight.mul_(0.01)
 
     def _check(self, x1: torch.Tensor, x2: torch.Tensor) -> None:
         if x1.ndim != 4 or x1.shape[1] != 1:
