@@ -7,12 +7,26 @@ never reads that folder.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_book_build():
+    """``book/build.py`` (not part of the package) imported as a module, once per process."""
+    name = "fuse4seg_book_build"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "book" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def _shared_data() -> Path:

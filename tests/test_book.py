@@ -14,13 +14,11 @@ from __future__ import annotations
 import fcntl
 import functools
 import http.server
-import importlib.util
 import json
 import os
 import queue
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,23 +26,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from conftest import load_book_build
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def _load_build():
-    name = "fuse4seg_book_build"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "book/build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build()
+build = load_book_build()
 
 HEADER = """\
 ---

@@ -11,27 +11,15 @@ real data are passed when the conftest fixtures find them; ``brats_dir`` stays `
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_book_build
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_build():
-    name = "fuse4seg_book_build"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "book/build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build()
+build = load_book_build()
 
 CHAPTERS = [
     build.Chapter(f"book/{path.stem}", path, True)
