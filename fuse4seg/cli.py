@@ -51,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, target in COMMANDS.items():
-        try:
-            add_arguments, run = _resolve(target)
-        except (ImportError, AttributeError):  # a verb whose module is not written yet
-            continue
+        add_arguments, run = _resolve(target)
         doc = (run.__doc__ or "").strip().splitlines()
         help_text = doc[0] if doc else None
         if len(path) == 1:
