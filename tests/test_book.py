@@ -32,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
+# Every test here that starts a Jupyter kernel runs on one xdist worker ("kernels" group, with
+# `--dist loadgroup`): two kernels launched at once by two workers once left a chapter waiting
+# forever for a reply (seen in `make test`), which a per-cell timeout now also bounds.
+pytestmark = pytest.mark.xdist_group("kernels")
+
 build = load_book_build()
 
 HEADER = """\

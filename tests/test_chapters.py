@@ -19,6 +19,11 @@ from conftest import load_book_build
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Every test here that starts a Jupyter kernel runs on one xdist worker ("kernels" group, with
+# `--dist loadgroup`): two kernels launched at once by two workers once left a chapter waiting
+# forever for a reply (seen in `make test`), which a per-cell timeout now also bounds.
+pytestmark = pytest.mark.xdist_group("kernels")
+
 build = load_book_build()
 
 CHAPTERS = [
@@ -116,7 +121,7 @@ def test_chapter_runs_in_smoke_profile(chapter, request, book_dirs, tmp_path):
     }
     executed = tmp_path / f"{Path(chapter.docname).name}.ipynb"
     try:
-        passed = build.execute_chapter(chapter, executed, available, cwd=REPO)
+        passed = build.execute_chapter(chapter, executed, available, cwd=REPO, timeout=900)
     except build.BuildError as err:
         pytest.fail(str(err))
     assert set(passed) == declared & set(available)

@@ -287,3 +287,16 @@ def test_config_yaml_round_trip(tmp_path):
     assert again == cfg and again.short_hash() == cfg.short_hash()
     assert get_config("paper").train.inner_steps == 5  # §4.1
     assert get_config("paper").loss.beta_grad == 5.0
+
+
+def test_geometry_round_trip_when_cropping():
+    cfg = get_config("paper", {"data.crop_size": 224}).data  # 240 -> 224: a real crop
+    seg = np.zeros((240, 240, 3), np.uint8)
+    seg[100:140, 60:180, :] = 2
+    seg[0:5, 0:5, :] = 1  # outside the central 224 crop: lost by design
+    slices = preprocess_labels(seg, cfg)
+    assert slices.shape == (3, 224, 224)
+    back = restore_volume(slices, seg.shape, cfg, labels=True)
+    inside = np.s_[8:232, 8:232, :]
+    assert np.array_equal(back[inside], seg[inside])
+    assert back[0:5, 0:5].sum() == 0

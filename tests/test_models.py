@@ -203,3 +203,15 @@ def test_source_skip_anchors_the_polarity():
     torch.nn.init.zeros_(literal.head[-1].weight)
     flat, _ = literal(x1, x2)
     assert torch.all(flat == 0)  # a constant decoder output normalises to 0, not to x_avg
+
+
+def test_untrained_leader_starts_near_the_warmup_prior():
+    """With the skip, a fresh leader outputs ≈ minmax(x_avg): the follower's warm-up input."""
+    from fuse4seg.models import create_fusion, minmax_normalize
+
+    torch.manual_seed(0)
+    x1, x2 = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    for name in ("fuse4seg_tiny", "fuse4seg_small"):
+        x_fused, _ = create_fusion(name)(x1, x2)
+        gap = (x_fused - minmax_normalize(0.5 * (x1 + x2))).abs().mean()
+        assert gap < 0.01, (name, float(gap))

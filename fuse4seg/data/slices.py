@@ -75,37 +75,23 @@ def _pad_to_multiple(volume: np.ndarray, f: int) -> np.ndarray:
     return volume
 
 
-def _crop_or_pad(slices: np.ndarray, size: int) -> np.ndarray:
-    """Centre crop or zero pad ``(Z, H, W)`` to ``(Z, size, size)``."""
-    out = np.zeros((slices.shape[0], size, size), dtype=slices.dtype)
-    src, dst = [], []
-    for n in slices.shape[1:]:
-        if n >= size:
-            start = (n - size) // 2
-            src.append(slice(start, start + size))
-            dst.append(slice(0, size))
-        else:
-            start = (size - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(start, start + n))
-    out[:, dst[0], dst[1]] = slices[:, src[0], src[1]]
-    return out
+def _centre(slices: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    """Centre crop and/or zero pad ``(Z, H, W)`` to ``(Z, *shape_hw)``.
 
-
-def _uncrop(slices: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
-    """Invert :func:`_crop_or_pad`: ``(Z, S, S)`` → ``(Z, H, W)`` with zeros where cropped."""
-    size = slices.shape[1]
+    The same rule serves both ways: ``_centre(x, (S, S))`` crops/pads a slice to the training
+    size and ``_centre(y, (H, W))`` puts it back (zeros where it was cropped away).
+    """
     out = np.zeros((slices.shape[0],) + tuple(shape_hw), dtype=slices.dtype)
     src, dst = [], []
-    for n in shape_hw:
-        if n >= size:
-            start = (n - size) // 2
-            dst.append(slice(start, start + size))
-            src.append(slice(0, size))
+    for n_src, n_dst in zip(slices.shape[1:], shape_hw, strict=True):
+        if n_src >= n_dst:
+            start = (n_src - n_dst) // 2
+            src.append(slice(start, start + n_dst))
+            dst.append(slice(0, n_dst))
         else:
-            start = (size - n) // 2
-            dst.append(slice(0, n))
-            src.append(slice(start, start + n))
+            start = (n_dst - n_src) // 2
+            src.append(slice(0, n_src))
+            dst.append(slice(start, start + n_src))
     out[:, dst[0], dst[1]] = slices[:, src[0], src[1]]
     return out
 
@@ -116,7 +102,7 @@ def preprocess_volume(volume: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
     v = _pad_to_multiple(np.asarray(volume, dtype=np.float32), f)
     x, y, z = v.shape
     v = v.reshape(x // f, f, y // f, f, z).mean(axis=(1, 3))  # (X/f, Y/f, Z)
-    return _crop_or_pad(np.ascontiguousarray(v.transpose(2, 0, 1)), data_cfg.crop_size)
+    return _centre(np.ascontiguousarray(v.transpose(2, 0, 1)), (data_cfg.crop_size,) * 2)
 
 
 def preprocess_labels(seg: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
@@ -129,7 +115,7 @@ def preprocess_labels(seg: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
         counts = np.stack([(blocks == c).sum(axis=(1, 3)) for c in range(NUM_CLASSES)])
         # argmax over the reversed class axis breaks ties towards the higher label
         s = (NUM_CLASSES - 1 - np.argmax(counts[::-1], axis=0)).astype(np.uint8)
-    return _crop_or_pad(np.ascontiguousarray(s.transpose(2, 0, 1)), data_cfg.crop_size)
+    return _centre(np.ascontiguousarray(s.transpose(2, 0, 1)), (data_cfg.crop_size,) * 2)
 
 
 def restore_volume(
@@ -145,7 +131,7 @@ def restore_volume(
     if slices.shape[0] != z:
         raise ValueError(f"restore_volume: {slices.shape[0]} slices for a volume with {z}")
     small_hw = (-(-x // f), -(-y // f))
-    small = _uncrop(np.asarray(slices), small_hw)  # (Z, X/f, Y/f)
+    small = _centre(np.asarray(slices), small_hw)  # (Z, X/f, Y/f)
     if f > 1:
         if labels:
             small = small.repeat(f, axis=1).repeat(f, axis=2)
