@@ -43,6 +43,7 @@ The intro chapter of the book (``book/intro.md``) says how to read and run the b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -422,6 +423,33 @@ def ensure_node_modules(repo: Path = REPO) -> Path:
     node_modules = repo / "node_modules"
     if all((node_modules / source).exists() for source, _ in VENDOR_FILES):
         return node_modules
+    # Two builds at once (two test workers, two terminals) must not both run `npm ci` in the
+    # same folder: it deletes and rewrites node_modules/ and the two runs break each other
+    # (seen in CI as ENOTEMPTY/ENOENT). One waits for the other, then finds the files there.
+    with _exclusive_lock(repo / ".npm-ci.lock"):
+        if all((node_modules / source).exists() for source, _ in VENDOR_FILES):
+            return node_modules
+        _npm_ci(repo)
+    return node_modules
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
+    """Hold an exclusive advisory lock on ``path`` (POSIX ``flock``; a no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; concurrent builds are then the user's call
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _npm_ci(repo: Path) -> None:
     npm = shutil.which("npm")
     if npm is None:
         raise BuildError(
@@ -434,7 +462,6 @@ def ensure_node_modules(repo: Path = REPO) -> Path:
     result = subprocess.run(command, cwd=repo)
     if result.returncode != 0:
         raise BuildError(f"`npm ci` failed in {repo} (exit status {result.returncode})")
-    return node_modules
 
 
 def copy_vendor(node_modules: Path, vendor: Path) -> list[Path]:

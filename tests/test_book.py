@@ -275,6 +275,44 @@ def test_missing_npm_is_a_clear_error(tmp_path, monkeypatch):
         build.ensure_node_modules(tmp_path)
 
 
+def test_concurrent_builds_run_npm_ci_once(tmp_path, monkeypatch):
+    """Two builds that find node_modules/ missing: one installs, the other waits and reuses it."""
+    calls, running, overlaps = [], [], []
+
+    def fake_npm_ci(repo):
+        overlaps.append(bool(running))
+        running.append(1)
+        time.sleep(0.3)
+        for source, _ in build.VENDOR_FILES:
+            target = repo / "node_modules" / source
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("// stub")
+        calls.append(repo)
+        running.pop()
+
+    monkeypatch.setattr(build, "_npm_ci", fake_npm_ci)
+    threads = [threading.Thread(target=build.ensure_node_modules, args=(tmp_path,)) for _ in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [tmp_path]
+    assert overlaps == [False]
+
+
+def test_kernel_tests_share_one_worker(request):
+    """`make test` runs the kernel-starting tests on one xdist worker (`--dist loadgroup`).
+
+    pytest 9.2 with pytest-xdist 3.8 silently dropped the group (xdist renames the node id, which
+    pytest 9.2 no longer reads), so two workers ran `npm ci` in one folder at once and CI failed.
+    """
+    if request.config.getoption("dist", "no") != "loadgroup" and not getattr(
+        request.config.option, "loadgroup", False
+    ):
+        pytest.skip("not run with --dist loadgroup")
+    assert request.node.nodeid.endswith("@kernels"), request.node.nodeid
+
+
 def test_copy_vendor_reports_a_missing_npm_file(tmp_path):
     with pytest.raises(build.BuildError, match="npm ci"):
         build.copy_vendor(tmp_path / "node_modules", tmp_path / "vendor")
