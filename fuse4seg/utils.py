@@ -99,6 +99,23 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
+def code_digest(n: int = 12) -> str:
+    """SHA-256 (first ``n`` hex digits) of the installed package's Python sources.
+
+    Unlike :func:`git_commit` it also works outside git (a wheel) and ignores changes outside
+    the package (chapters, tests). Run folders record it, so a finished run made by other code
+    is recognised (``fuse4seg.train.train(..., restart_if_code_changed=True)``).
+    """
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:n]
+
+
 def environment_summary(device: str = "auto") -> dict[str, str]:
     """Versions, commit and device: what every chapter prints in its setup cell."""
     import torch

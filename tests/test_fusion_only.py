@@ -184,6 +184,19 @@ def test_train_reuse_and_inference(train_pairs, test_pairs, smoke, tmp_path):
         load_fusion_leader(tmp_path / "nothing", "cpu")
 
 
+def test_a_finished_run_made_by_other_code_is_trained_again(train_pairs, smoke, tmp_path,
+                                                            monkeypatch):
+    import fuse4seg.train.fusion_only as fusion_only
+
+    run = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
+    assert json.loads((run.run_dir / "run.json").read_text())["code"] == fusion_only.code_digest()
+    monkeypatch.setattr(fusion_only, "code_digest", lambda: "f" * 12)  # the package changed
+    again = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
+    assert not again.reused and again.run_dir == run.run_dir
+    assert json.loads((run.run_dir / "run.json").read_text())["code"] == "f" * 12
+    assert train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu").reused
+
+
 def test_evaluate_baseline_and_images(test_pairs, tmp_path):
     res = evaluate_fusion(
         test_pairs, "average", conventions=("standard", "cddfuse"), out_dir=tmp_path

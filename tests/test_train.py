@@ -176,6 +176,37 @@ def test_run_folder_is_found_again_and_not_overwritten(phantom_cache, tmp_path):
     assert other.run_dir != first.run_dir
 
 
+def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):
+    config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
+    first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
+    info_path = first.run_dir / "run.json"
+    info = json.loads(info_path.read_text())
+    from fuse4seg.utils import code_digest
+
+    assert info["code"] == code_digest()
+    info["code"] = "0" * 12  # as if an older fuse4seg had written the run
+    info_path.write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="other fuse4seg code.*resuming it anyway"):
+        again = train(config, "average", data=phantom_cache, out=tmp_path, resume=True,
+                      progress=False)
+    assert again.metrics == first.metrics and len(again.metrics) == 1
+    assert json.loads(info_path.read_text())["code"] == "0" * 12  # left as it was
+
+    fresh = train(config, "average", data=phantom_cache, out=tmp_path, resume=True,
+                  progress=False, restart_if_code_changed=True)
+    assert "starting it again" in capsys.readouterr().err
+    assert fresh.run_dir == first.run_dir
+    assert json.loads(info_path.read_text())["code"] == code_digest()
+    assert len(read_metrics(fresh.run_dir)) == 1  # trained again from epoch 1, not appended
+    # the same code now: reused, no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(config, "average", data=phantom_cache, out=tmp_path, resume=True, progress=False,
+              restart_if_code_changed=True)
+
+
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
     phantom_cache, tmp_path, monkeypatch
 ):

@@ -51,6 +51,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -82,7 +83,13 @@ from fuse4seg.train.checkpoint import (
 )
 from fuse4seg.train.runs import data_checksum, resolve_cache, run_name
 from fuse4seg.train.sampling import RolloutSampler, SplitBatch, warmup_batches
-from fuse4seg.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit
+from fuse4seg.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    code_digest,
+    git_commit,
+)
 
 __all__ = [
     "NonFiniteLossError",
@@ -587,8 +594,15 @@ class Trainer:
         return True
 
     @torch.no_grad()
-    def validate(self, stage: str, batch_size: int | None = None) -> dict[str, Any]:
-        """Dice/IoU per class and region over the validation slices (3-D counts per patient)."""
+    def validate(
+        self, stage: str, batch_size: int | None = None, ema: bool = True
+    ) -> dict[str, Any]:
+        """Dice/IoU per class and region over the validation slices (3-D counts per patient).
+
+        The prior comes from the EMA leader (what inference uses, Algorithm 1's output);
+        ``ema=False`` uses the live leader instead, the one the follower has been trained on
+        (``benchmarks/probe_rollout.py`` compares the two).
+        """
         from fuse4seg.metrics.segmentation import SegmentationMeter
 
         follower = self.follower_module
@@ -598,7 +612,7 @@ class Trainer:
         for start in range(0, len(self.val_items), bs):
             idx = self.val_items[start : start + bs]
             batch = _collate(self.val_set, idx, self.device)
-            x_in = self.prior(batch["x1"], batch["x2"], stage, ema=True)
+            x_in = self.prior(batch["x1"], batch["x2"], stage, ema=ema)
             with self._autocast():
                 logits = follower(x_in)  # (B, C, S, S) -> (B, 4, S, S)
             meter.update(logits.argmax(dim=1).cpu(), batch["seg"].cpu(), batch["case_id"])
@@ -608,7 +622,7 @@ class Trainer:
         dice = [mean[c]["dice"] for c in TUMOUR_CLASSES]
         iou = [mean[c]["iou"] for c in TUMOUR_CLASSES]
         prior = (
-            "ema_leader"
+            ("ema_leader" if ema or self.method == "disjoint_ae" else "leader")
             if self.leader is not None and not (self.method == "fuse4seg" and stage == "warmup")
             else ("x_avg" if self.method in ("fuse4seg", "average") else self.method)
         )
@@ -855,6 +869,7 @@ def _write_run_files(
             "ablation": ablation,
             "profile": config.profile,
             "commit": git_commit(),
+            "code": code_digest(),
             "data": str(Path(data).resolve()),
             "cache": str(Path(cache).resolve()),
             "data_checksum": checksum,
@@ -876,6 +891,7 @@ def train(
     ablation: str | None = None,
     device: str | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    restart_if_code_changed: bool = False,
 ) -> TrainResult:
     """Train ``method`` on ``data`` into ``out/<method>-<profile>-<hash>/`` (Algorithm 1).
 
@@ -892,6 +908,10 @@ def train(
         ablation: ``"baseline"``, ``"A"``, ``"B"`` or ``"full"`` (Table 3).
         device: overrides ``config.train.device``.
         callback: called with each epoch's metrics row (rank 0).
+        restart_if_code_changed: with ``resume``, a run folder written by other package code
+            (``run.json``'s ``code``, :func:`fuse4seg.utils.code_digest`) is emptied and the run
+            starts again, instead of continuing (or returning) it with a warning. The book's
+            chapter 4 uses it, so its numbers always come from the code beside them.
 
     Returns:
         :class:`TrainResult` (run folder, metrics rows, best validation).
@@ -931,6 +951,12 @@ def train(
     checksum = data_checksum(cache_dir)
     run_dir = out / run_name(config, method, checksum, world_size)
     last = run_dir / "checkpoints" / "last.pt"
+    if resume and last.exists() and rank == 0:
+        _check_code(run_dir, restart_if_code_changed)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 may have emptied the folder
     if last.exists() and not resume:
         raise ValueError(
             f"{run_dir} already holds a run; pass --resume to continue it (or delete the folder)"
@@ -948,6 +974,31 @@ def train(
         if (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()
     return trainer.fit(callback)
+
+
+def _check_code(run_dir: Path, restart: bool) -> None:
+    """Compare the run's recorded code digest with this package's (see :func:`train`)."""
+    import shutil
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    recorded, current = info.get("code"), code_digest()
+    if recorded == current:
+        return
+    what = (
+        f"{run_dir} was trained by other fuse4seg code (code {recorded or 'not recorded'}, "
+        f"commit {info.get('commit', 'unknown')}; this is code {current}, commit {git_commit()})"
+    )
+    if restart:
+        print(f"{what}: starting it again", file=sys.stderr, flush=True)
+        for name in ("checkpoints", "glassbox"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "run.json", "config.yaml"):
+            (run_dir / name).unlink(missing_ok=True)
+    else:
+        warnings.warn(f"{what}: resuming it anyway", stacklevel=3)
 
 
 def _flatten(config: Config) -> dict[str, Any]:

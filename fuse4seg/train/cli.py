@@ -40,6 +40,12 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, help="where to prepare the cache of a raw folder")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument(
+        "--restart-if-code-changed",
+        action="store_true",
+        help="with --resume: start the run again when it was written by other fuse4seg code "
+        "(default: warn and continue)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -75,6 +81,7 @@ def train_main(args: argparse.Namespace) -> int:
         out=args.out,
         cache=args.cache,
         resume=args.resume,
+        restart_if_code_changed=args.restart_if_code_changed,
         checkpoint_every_steps=args.checkpoint_every_steps,
         progress=not args.no_progress,
         ablation=args.ablation,

@@ -62,6 +62,7 @@ from fuse4seg.config import Config, get_config, parse_overrides
 from fuse4seg.data.pairs import ImagePair, colorize, find_pairs, load_pair
 from fuse4seg.fusion_baselines import BASELINES, fuse_baseline
 from fuse4seg.metrics.fusion import CONVENTIONS, FusionMeter, nan_to_none, to_uint8
+from fuse4seg.utils import code_digest
 
 __all__ = [
     "FUSION_SCHEDULE",
@@ -237,7 +238,10 @@ def train_fusion(
         kind: ``"PET-MRI"``, ..., ``"GFP-PC"`` (default: the pairs' own kind); names the run.
         steps, crop, batch_size, lr: override :data:`FUSION_SCHEDULE`.
         seed: default ``config.train.seed``.  device: default ``config.train.device``.
-        force: retrain even when a finished run with the same settings exists.
+        force: retrain even when a finished run with the same settings exists. A finished run
+            written by other package code (``run.json``'s ``code``,
+            :func:`fuse4seg.utils.code_digest`) is retrained too, so reused numbers always come
+            from the code that reports them.
 
     Returns:
         A :class:`FusionRun` (``reused`` True when a finished run was loaded instead).
@@ -276,7 +280,10 @@ def train_fusion(
     dev = resolve_device(device or config.train.device)
     if ckpt.is_file() and not force:
         leader, cfg, info = load_fusion_leader(run_dir, device=str(dev))
-        return FusionRun(run_dir, leader, cfg, info, _read_history(run_dir), reused=True)
+        if info.get("code") == code_digest():
+            return FusionRun(run_dir, leader, cfg, info, _read_history(run_dir), reused=True)
+        if progress:
+            print(f"{run_dir}: trained by other fuse4seg code; training again", flush=True)
 
     set_seed(seed)
     leader = _build_leader(config).to(dev)
@@ -300,6 +307,7 @@ def train_fusion(
         "train_pairs": names,
         "data": sorted({str(p.paths.a.parent.parent) for p in train_pairs}),
         "commit": git_commit(),
+        "code": code_digest(),
         "device": str(dev),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": False,
