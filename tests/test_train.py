@@ -99,6 +99,29 @@ def test_every_rollout_step_splits_by_patient(phantom_cache, tmp_path):
         assert not set(train_patients) & set(val_patients)
 
 
+@pytest.mark.parametrize("minmax", [True, False])
+def test_warmup_prior_is_x_avg_in_the_leaders_domain(phantom_cache, tmp_path, minmax):
+    trainer = _trainer(phantom_cache, tmp_path, **{"train.warmup_minmax": minmax})
+    from fuse4seg.train.bilevel import _collate
+
+    batch = _collate(trainer.train_set, np.arange(4), trainer.device)
+    x1, x2 = batch["x1"], batch["x2"]
+    x_avg = 0.5 * (x1 + x2)
+    assert float(x_avg.amax()) < 0.99  # real slices: T1ce and FLAIR peak in different places
+    prior = trainer.prior(x1, x2, "warmup", ema=False)
+    if minmax:
+        lo, hi = x_avg.amin(dim=(1, 2, 3), keepdim=True), x_avg.amax(dim=(1, 2, 3), keepdim=True)
+        torch.testing.assert_close(prior, (x_avg - lo) / (hi - lo), atol=1e-4, rtol=0)
+        assert torch.allclose(prior.amax(dim=(1, 2, 3)), torch.ones(4))
+    else:
+        assert torch.equal(prior, x_avg)
+    # the leader's x_f is min-max normalised too; a fresh leader starts close to minmax(x_avg)
+    x_f = trainer.prior(x1, x2, "rollout", ema=True)
+    assert torch.allclose(x_f.amax(dim=(1, 2, 3)), torch.ones(4), atol=1e-4)
+    label = trainer.validate("warmup")["prior"]
+    assert label == ("minmax(x_avg)" if minmax else "x_avg")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_two_smoke_epochs_on_the_phantom(method, phantom_cache, tmp_path):

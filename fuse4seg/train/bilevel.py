@@ -1,7 +1,7 @@
 """Algorithm 1: cooperative bi-level training of the fusion leader and the segmentation follower.
 
-Stage 1, follower warm-up (lines 1-4): E_warm epochs of follower steps on x_avg = (x1 + x2)/2;
-the leader is untouched.
+Stage 1, follower warm-up (lines 1-4): E_warm epochs of follower steps on x_avg = (x1 + x2)/2
+(raw, or min-max normalised like x_f with ``train.warmup_minmax``); the leader is untouched.
 
 Stage 2, asymmetric rollout (lines 5-18), per outer step:
 
@@ -16,14 +16,23 @@ Stage 2, asymmetric rollout (lines 5-18), per outer step:
 
 Choices where the paper is silent (and why):
 
+- The warm-up prior is the raw x_avg, as written, although the leader's x_f is min-max
+  normalised per image (§3.3.2) and raw x_avg peaks near 0.6: when the rollout starts, the
+  follower meets a brighter input and its validation Dice collapses for a few epochs before it
+  re-adapts (the book's CPU run: 0.57 → 0.00 in the first rollout epoch). The leader is not the
+  cause (x_f stays within 0.009 of minmax(x_avg); validating with the live leader or a 10x
+  shorter EMA changes nothing), and warming up on minmax(x_avg) (``train.warmup_minmax``)
+  trains a weaker follower (final validation mean Dice 0.27 vs 0.49), because per-slice min-max
+  discards the volume-wide intensity scale (``benchmarks/probe_rollout.py``).
 - The leader's x_f for the inner loop and the follower during the leader step run in ``eval``
   mode: "frozen" networks should not inject dropout noise into the other's update.
 - Cosine schedules without restarts: the follower's over all its updates (warm-up + K per outer
   step), the leader's over its rollout updates; both decay towards 0 (§4.1 names cosine
   annealing without a floor).
-- Validation during the warm-up uses x_avg (what the follower was trained on); from the rollout
-  on it uses the EMA leader. The best checkpoint is chosen only among validations whose input is
-  what inference will use (the EMA leader for Fuse4Seg), by mean Dice over NCR, ED and ET.
+- Validation during the warm-up uses the warm-up prior (what the follower was trained on); from
+  the rollout on it uses the EMA leader. The best checkpoint is chosen only among validations
+  whose input is what inference will use (the EMA leader for Fuse4Seg), by mean Dice over NCR,
+  ED and ET.
 - L_lower and L_upper are computed in float32 on the autocast outputs.
 - A non-finite loss or gradient norm stops the run (:class:`NonFiniteLossError`) before any
   parameter or checkpoint is touched, naming the epoch, step and loss term.
@@ -66,6 +75,7 @@ import torch
 from torch import nn
 
 from fuse4seg.config import Config, get_config
+from fuse4seg.models.fusion import minmax_normalize
 from fuse4seg.train.baselines import (
     ABLATIONS,
     build_follower,
@@ -431,7 +441,9 @@ class Trainer:
         if self.leader is None:
             return fixed_prior(self.method, x1, x2)
         if self.method == "fuse4seg" and stage == "warmup":
-            return fixed_prior("average", x1, x2)  # Algorithm 1, line 2
+            x_avg = fixed_prior("average", x1, x2)  # Algorithm 1, line 2
+            # optionally in x_f's domain (min-max, §3.3.2): see TrainConfig.warmup_minmax
+            return minmax_normalize(x_avg) if self.config.train.warmup_minmax else x_avg
         net = self.ema.module if ema or self.method == "disjoint_ae" else self.leader_module
         was_training = net.training
         net.eval()
@@ -624,7 +636,13 @@ class Trainer:
         prior = (
             ("ema_leader" if ema or self.method == "disjoint_ae" else "leader")
             if self.leader is not None and not (self.method == "fuse4seg" and stage == "warmup")
-            else ("x_avg" if self.method in ("fuse4seg", "average") else self.method)
+            else (
+                "minmax(x_avg)"
+                if self.method == "fuse4seg" and self.config.train.warmup_minmax
+                else "x_avg"
+                if self.method in ("fuse4seg", "average")
+                else self.method
+            )
         )
         return {
             "split": self.val_split,
