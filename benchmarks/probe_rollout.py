@@ -68,6 +68,29 @@ def run(cache: Path, config, method: str, out: Path) -> list[dict]:
     return rows
 
 
+def scale_stats(cache: Path) -> dict[str, tuple[int, str, str]]:
+    """Per split: slice count, and median [min, max] of x_avg's peak and of 1 / (peak − min)."""
+    import numpy as np
+
+    from fuse4seg.data.slices import SliceDataset
+
+    out = {}
+    for split in ("train", "val"):
+        data = SliceDataset(cache, split)
+        peaks, factors = [], []
+        for i in range(len(data)):
+            item = data[i]
+            x_avg = 0.5 * (item["x1"] + item["x2"]).numpy()
+            peaks.append(float(x_avg.max()))
+            factors.append(1.0 / max(float(x_avg.max() - x_avg.min()), 1e-5))
+
+        def fmt(values):
+            return f"{np.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+        out[split] = (len(data), fmt(peaks), fmt(factors))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="BraTS-layout folder or cache (default: phantom)")
@@ -83,6 +106,8 @@ def main() -> None:
 
             data = tmp / "phantom"
             write_phantom_dataset(data, cases=12, seed=0, progress=False)
+        stats = scale_stats(resolve_cache(data, get_config(args.profile), cache=tmp / "cache",
+                                          progress=False))
         results = []
         for i, variant in enumerate(variants):
             overrides = parse_overrides([v for v in variant.split(",") if v.strip()])
@@ -97,6 +122,13 @@ def main() -> None:
         f"{t.warmup_epochs} warm-up + {t.rollout_epochs} rollout epochs of "
         f"{t.steps_per_epoch} outer steps, K {t.inner_steps}; CPU\n"
     )
+    print("the scale of the warm-up prior: per-slice peak of x_avg = (x1 + x2)/2, and the "
+          "brightening factor 1 / (peak − min) that minmax(x_avg) applies (median [min, max])\n")
+    print("| split | slices | peak of x_avg | factor of minmax |")
+    print("|---|---|---|---|")
+    for split, (n, peak, factor) in stats.items():
+        print(f"| {split} | {n} | {peak} | {factor} |")
+    print()
     print("validation mean Dice (NCR, ED, ET); in the rollout: EMA leader / live leader / m^u, "
           "the EMA's weight on the initial leader after u leader updates\n")
     for i, variant in enumerate(variants):

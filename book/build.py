@@ -421,11 +421,10 @@ def ensure_node_modules(repo: Path = REPO) -> Path:
         BuildError: npm is not installed, or ``npm ci`` failed.
     """
     node_modules = repo / "node_modules"
-    if all((node_modules / source).exists() for source, _ in VENDOR_FILES):
-        return node_modules
     # Two builds at once (two test workers, two terminals) must not both run `npm ci` in the
     # same folder: it deletes and rewrites node_modules/ and the two runs break each other
-    # (seen in CI as ENOTEMPTY/ENOENT). One waits for the other, then finds the files there.
+    # (seen in CI as ENOTEMPTY/ENOENT). One waits for the other, then finds the files there;
+    # the check is made under the lock too, so no build reads files an install is writing.
     with _exclusive_lock(repo / ".npm-ci.lock"):
         if all((node_modules / source).exists() for source, _ in VENDOR_FILES):
             return node_modules
@@ -435,13 +434,19 @@ def ensure_node_modules(repo: Path = REPO) -> Path:
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path):
-    """Hold an exclusive advisory lock on ``path`` (POSIX ``flock``; a no-op elsewhere)."""
+    """Hold an exclusive advisory lock on ``path`` (POSIX ``flock``).
+
+    A no-op where there is no ``flock`` (Windows) or the lock file cannot be created (a
+    read-only checkout): concurrent builds are then the user's call.
+    """
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; concurrent builds are then the user's call
+
+        handle = open(path, "a")  # noqa: SIM115 (closed below)
+    except (ImportError, OSError):
         yield
         return
-    with open(path, "a") as handle:
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -116,12 +116,13 @@ class TrainConfig:
     warmup_minmax: bool = False
     """Warm Fuse4Seg's follower up on minmax(x_avg), the per-image min–max the leader applies to
     x_f (§3.3.2), instead of the raw x_avg = ½(x1 + x2) of Algorithm 1, line 2 (the default,
-    the literal reading; the paper does not say whether x_avg is normalised). Raw x_avg peaks
-    near 0.6 in brain slices, so the follower's input changes scale when the rollout starts and
-    its validation Dice collapses for a few epochs; but measured on the book's default run the
-    min–max warm-up is worse, not better (warm-up training loss 0.87 vs 0.51, final validation
-    mean Dice 0.27 vs 0.49): per-slice min–max throws away the volume-wide intensity scale and
-    the follower learns less from it (``benchmarks/probe_rollout.py``, RESULTS.md, chapter 4)."""
+    the literal reading; the paper does not say whether x_avg is normalised). Raw x_avg is
+    darker than x_f (min–max brightens a phantom slice by a median 1.5×), and on the book's
+    default run the warmed-up follower loses most of its validation Dice when it first sees
+    x_f. The min–max warm-up avoids that change of scale but, measured on the same run, trains
+    a weaker follower (warm-up training loss 0.87 vs 0.51, final validation mean Dice 0.27 vs
+    0.49) and does not prevent the fall in the first rollout epochs either
+    (``benchmarks/probe_rollout.py``, RESULTS.md, chapter 4)."""
     amp: bool = True  # §4.1; ignored on CPU
     grad_clip: float = 1.0
     """Gradient-norm clipping (not in the paper; a safety net for AMP)."""

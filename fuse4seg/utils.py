@@ -105,14 +105,22 @@ def code_digest(n: int = 12) -> str:
     Unlike :func:`git_commit` it also works outside git (a wheel) and ignores changes outside
     the package (chapters, tests). Run folders record it, so a finished run made by other code
     is recognised (``fuse4seg.train.train(..., restart_if_code_changed=True)``).
+
+    Regular ``.py`` files only, skipping any path with a part that starts with a dot (editor
+    lock files, ``.ipynb_checkpoints``); line endings are normalised, so a CRLF checkout hashes
+    like an LF one. Any edit of a source file, docstrings included, changes the digest. It
+    reads the files on disk, not the modules a running kernel has already imported.
     """
     import hashlib
 
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        h.update(path.read_bytes() + b"\0")
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
+        h.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
     return h.hexdigest()[:n]
 
 

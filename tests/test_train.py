@@ -118,6 +118,8 @@ def test_warmup_prior_is_x_avg_in_the_leaders_domain(phantom_cache, tmp_path, mi
     # the leader's x_f is min-max normalised too; a fresh leader starts close to minmax(x_avg)
     x_f = trainer.prior(x1, x2, "rollout", ema=True)
     assert torch.allclose(x_f.amax(dim=(1, 2, 3)), torch.ones(4), atol=1e-4)
+    lo, hi = x_avg.amin(dim=(1, 2, 3), keepdim=True), x_avg.amax(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(x_f, (x_avg - lo) / (hi - lo), atol=0.01, rtol=0)
     label = trainer.validate("warmup")["prior"]
     assert label == ("minmax(x_avg)" if minmax else "x_avg")
 
@@ -209,18 +211,23 @@ def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, cap
     assert info["code"] == code_digest()
     info["code"] = "0" * 12  # as if an older fuse4seg had written the run
     info_path.write_text(json.dumps(info))
+    last = first.run_dir / "checkpoints" / "last.pt"
+    os.utime(last, ns=(1, 1))  # an old file time, so a rewrite shows
     with pytest.warns(UserWarning, match="other fuse4seg code.*resuming it anyway"):
         again = train(config, "average", data=phantom_cache, out=tmp_path, resume=True,
                       progress=False)
     assert again.metrics == first.metrics and len(again.metrics) == 1
     assert json.loads(info_path.read_text())["code"] == "0" * 12  # left as it was
+    assert last.stat().st_mtime_ns == 1  # a finished run: nothing trained, nothing written
 
     fresh = train(config, "average", data=phantom_cache, out=tmp_path, resume=True,
                   progress=False, restart_if_code_changed=True)
     assert "starting it again" in capsys.readouterr().err
     assert fresh.run_dir == first.run_dir
     assert json.loads(info_path.read_text())["code"] == code_digest()
-    assert len(read_metrics(fresh.run_dir)) == 1  # trained again from epoch 1, not appended
+    assert last.stat().st_mtime_ns > 1  # trained again
+    assert len(read_metrics(fresh.run_dir)) == 1  # from epoch 1, not appended
+    assert [p.name for p in tmp_path.iterdir() if ".stale-" in p.name] == []
     # the same code now: reused, no warning
     import warnings
 

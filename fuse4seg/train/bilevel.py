@@ -17,13 +17,15 @@ Stage 2, asymmetric rollout (lines 5-18), per outer step:
 Choices where the paper is silent (and why):
 
 - The warm-up prior is the raw x_avg, as written, although the leader's x_f is min-max
-  normalised per image (§3.3.2) and raw x_avg peaks near 0.6: when the rollout starts, the
-  follower meets a brighter input and its validation Dice collapses for a few epochs before it
-  re-adapts (the book's CPU run: 0.57 → 0.00 in the first rollout epoch). The leader is not the
-  cause (x_f stays within 0.009 of minmax(x_avg); validating with the live leader or a 10x
-  shorter EMA changes nothing), and warming up on minmax(x_avg) (``train.warmup_minmax``)
-  trains a weaker follower (final validation mean Dice 0.27 vs 0.49), because per-slice min-max
-  discards the volume-wide intensity scale (``benchmarks/probe_rollout.py``).
+  normalised per image (§3.3.2) and so brighter (a median 1.5x on phantom slices). Measured
+  with ``benchmarks/probe_rollout.py`` (the book's default profile, validated every epoch): the
+  warmed-up follower scores a validation mean Dice of 0.568 on x_avg but 0.115 on the
+  untrained leader's x_f, and 0.000 after the first rollout epoch, before it re-adapts (0.492
+  after 10 epochs). The EMA plays no part (EMA and live leader agree to +-0.01) and the leader
+  moves little (mean |x_f - minmax(x_avg)| <= 0.009). Warming up on minmax(x_avg)
+  (``train.warmup_minmax``) trains a weaker follower (final validation mean Dice 0.27 vs 0.49)
+  and does not prevent the fall either; what drives the fall beyond the change of scale is
+  not isolated (one phantom, one seed, one validation patient).
 - The leader's x_f for the inner loop and the follower during the leader step run in ``eval``
   mode: "frozen" networks should not inject dropout noise into the other's update.
 - Cosine schedules without restarts: the follower's over all its updates (warm-up + K per outer
@@ -969,12 +971,18 @@ def train(
     checksum = data_checksum(cache_dir)
     run_dir = out / run_name(config, method, checksum, world_size)
     last = run_dir / "checkpoints" / "last.pt"
+    failure = None
     if resume and last.exists() and rank == 0:
-        _check_code(run_dir, restart_if_code_changed)
+        try:
+            _check_code(run_dir, restart_if_code_changed)
+        except OSError as exc:  # raised after the barrier, so no rank waits for rank 0 forever
+            failure = exc
     if world_size > 1:
         import torch.distributed as dist
 
-        dist.barrier()  # rank 0 may have emptied the folder
+        dist.barrier()  # rank 0 may have moved the folder away
+    if failure is not None:
+        raise failure
     if last.exists() and not resume:
         raise ValueError(
             f"{run_dir} already holds a run; pass --resume to continue it (or delete the folder)"
@@ -1011,10 +1019,10 @@ def _check_code(run_dir: Path, restart: bool) -> None:
     )
     if restart:
         print(f"{what}: starting it again", file=sys.stderr, flush=True)
-        for name in ("checkpoints", "glassbox"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "run.json", "config.yaml"):
-            (run_dir / name).unlink(missing_ok=True)
+        # one rename first, so an interruption never leaves a mix of old and new files
+        stale = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
+        os.replace(run_dir, stale)
+        shutil.rmtree(stale)
     else:
         warnings.warn(f"{what}: resuming it anyway", stacklevel=3)
 

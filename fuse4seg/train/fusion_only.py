@@ -220,6 +220,7 @@ def train_fusion(
     seed: int | None = None,
     device: str | None = None,
     force: bool = False,
+    reuse_other_code: bool = False,
     progress: bool = False,
 ) -> FusionRun:
     """Train the leader ``config.model.fusion`` on ``train_pairs`` with the physical losses.
@@ -241,7 +242,7 @@ def train_fusion(
         force: retrain even when a finished run with the same settings exists. A finished run
             written by other package code (``run.json``'s ``code``,
             :func:`fuse4seg.utils.code_digest`) is retrained too, so reused numbers always come
-            from the code that reports them.
+            from the code that reports them, unless ``reuse_other_code``.
 
     Returns:
         A :class:`FusionRun` (``reused`` True when a finished run was loaded instead).
@@ -280,7 +281,7 @@ def train_fusion(
     dev = resolve_device(device or config.train.device)
     if ckpt.is_file() and not force:
         leader, cfg, info = load_fusion_leader(run_dir, device=str(dev))
-        if info.get("code") == code_digest():
+        if reuse_other_code or info.get("code") == code_digest():
             return FusionRun(run_dir, leader, cfg, info, _read_history(run_dir), reused=True)
         if progress:
             print(f"{run_dir}: trained by other fuse4seg code; training again", flush=True)
