@@ -60,18 +60,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-PARAMETER_NAMES = (
-    "profile",
-    "data_dir",
-    "brats_dir",
-    "harvard_dir",
-    "gfp_dir",
-    "device",
-    "runs_dir",
-    "cache_dir",
-)
-"""The parameters this script can give a chapter (each only if the chapter declares it)."""
-
 PHANTOM_CASES = {"smoke": 6, "default": 12, "paper": 24}
 """Phantom cases written for each profile when the book runs on the built-in phantom."""
 
@@ -258,7 +246,7 @@ def select_parameters(declared: Iterable[str], available: Mapping[str, Any]) -> 
 
     Args:
         declared: names in the chapter's ``parameters`` cell.
-        available: everything the build can provide (see :data:`PARAMETER_NAMES`).
+        available: everything the build can provide (listed in the module docstring).
 
     Returns:
         ``{name: value}`` for the names in both.

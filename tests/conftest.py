@@ -29,6 +29,17 @@ def load_book_build():
     return module
 
 
+def train_cli_args(data, out, *extra) -> list[str]:
+    """Arguments after ``python -m`` for ``fuse4seg train``: Fuse4Seg, smoke profile, no bar, a
+    split of 2 training + 1 validation patient on the 3-case phantom (plus ``extra``)."""
+    return [
+        *("fuse4seg", "train", "--method", "fuse4seg", "--profile", "smoke"),
+        *("--data", str(data), "--out", str(out), "--no-progress"),
+        *("--set", "data.split_fractions=[0.67, 0.33, 0.0]"),
+        *map(str, extra),
+    ]
+
+
 def _shared_data() -> Path:
     env = os.environ.get("FUSE4SEG_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"

@@ -215,16 +215,6 @@ print(profile)
         "device": "cpu",
     }
     assert build.select_parameters([], available) == {}
-    assert set(build.PARAMETER_NAMES) == {
-        "profile",
-        "data_dir",
-        "brats_dir",
-        "harvard_dir",
-        "gfp_dir",
-        "device",
-        "runs_dir",
-        "cache_dir",
-    }
 
 
 def test_chapter_path_is_relative_inside_the_root(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_cli_args
 
 from fuse4seg.train.runs import read_metrics
 
@@ -20,30 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_torchrun_two_processes_gloo_smoke(phantom_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        "-m",
-        "fuse4seg",
-        "train",
-        "--method",
-        "fuse4seg",
-        "--profile",
-        "smoke",
-        "--data",
-        str(phantom_dir),
-        "--out",
-        str(tmp_path),
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--set",
-        "data.split_fractions=[0.67, 0.33, 0.0]",
-    ]
+    torchrun = ("torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m")
+    train = train_cli_args(phantom_dir, tmp_path, "--device", "cpu")
+    cmd = [sys.executable, "-m", *torchrun, *train]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = [p for p in tmp_path.iterdir() if p.name.startswith("fuse4seg-")]

@@ -229,123 +229,31 @@ def test_cross_validation_never_scores_a_training_pair(train_pairs, smoke, tmp_p
 def test_fusion_cli_train_and_evaluate(pair_root, tmp_path, capsys):
     from fuse4seg.cli import main
 
+    def fusion(verb, *args):
+        return main(["fusion", verb, *map(str, args)])
+
     runs = tmp_path / "runs"
-    rc = main(
-        [
-            "fusion",
-            "train",
-            "--pairs",
-            str(pair_root),
-            "--kind",
-            "SPECT-MRI",
-            "--profile",
-            "smoke",
-            "--out",
-            str(runs),
-            "--steps",
-            "2",
-            "--crop",
-            "16",
-            "--batch-size",
-            "2",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    spect = ("--pairs", pair_root, "--kind", "SPECT-MRI")
+    fast = ("--steps", 2, "--crop", 16, "--batch-size", 2, "--device", "cpu")
+    assert fusion("train", *spect, "--profile", "smoke", "--out", runs, *fast) == 0
     run_dir = next(runs.glob("fusion-SPECT-MRI-smoke-*"))
     out_json = tmp_path / "ev.json"
-    rc = main(
-        [
-            "fusion",
-            "evaluate",
-            str(run_dir),
-            "--pairs",
-            str(pair_root),
-            "--kind",
-            "SPECT-MRI",
-            "--convention",
-            "all",
-            "--json",
-            str(out_json),
-            "--device",
-            "cpu",
-            "--images",
-            str(tmp_path / "img"),
-        ]
-    )
+    rc = fusion("evaluate", run_dir, *spect, "--convention", "all", "--json", out_json,
+                "--device", "cpu", "--images", tmp_path / "img")
     assert rc == 0
     data = json.loads(out_json.read_text())
-    assert data["pairs"] == ["s1", "s2"] and set(data["metrics"]) == {
-        "standard",
-        "cddfuse",
-        "matlab_tang",
-    }
+    assert data["pairs"] == ["s1", "s2"]
+    assert set(data["metrics"]) == {"standard", "cddfuse", "matlab_tang"}
     assert data["metrics"]["matlab_tang"]["mean"]["SSIM"] is None  # NaN -> null
     assert (tmp_path / "img" / "leader" / "color" / "s2.png").is_file()
-    rc = main(
-        [
-            "fusion",
-            "evaluate",
-            "dwt",
-            "--pairs",
-            str(pair_root),
-            "--kind",
-            "SPECT-MRI",
-            "--only",
-            "s2",
-        ]
-    )
-    assert rc == 0 and "convention: standard" in capsys.readouterr().out
+    assert fusion("evaluate", "dwt", *spect, "--only", "s2") == 0
+    assert "convention: standard" in capsys.readouterr().out
     # clear errors, exit status 2
-    assert (
-        main(
-            [
-                "fusion",
-                "evaluate",
-                "dwt",
-                "--pairs",
-                str(pair_root),
-                "--kind",
-                "SPECT-MRI",
-                "--only",
-                "zz",
-            ]
-        )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "fusion",
-                "evaluate",
-                str(tmp_path / "missing"),
-                "--pairs",
-                str(pair_root),
-                "--kind",
-                "SPECT-MRI",
-            ]
-        )
-        == 2
-    )
+    assert fusion("evaluate", "dwt", *spect, "--only", "zz") == 2
+    assert fusion("evaluate", tmp_path / "missing", *spect) == 2
     assert "no fusion run folder" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "fusion",
-                "train",
-                "--pairs",
-                str(pair_root),
-                "--kind",
-                "PET-MRI",
-                "--profile",
-                "smoke",
-                "--out",
-                str(runs),
-            ]
-        )
-        == 2
-    )
+    pet = ("--pairs", pair_root, "--kind", "PET-MRI")
+    assert fusion("train", *pet, "--profile", "smoke", "--out", runs) == 2
 
 
 def test_real_harvard_smoke_training(harvard_dir, smoke, tmp_path):

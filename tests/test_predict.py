@@ -52,29 +52,18 @@ def _case_files(case_dir: Path) -> tuple[Path, Path]:
     return t1ce, flair
 
 
+def _predict(run, t1ce, flair, out, *extra: object) -> int:
+    """``fuse4seg predict`` through the CLI entry point; returns the exit status."""
+    args = ["--checkpoint", run, "--t1ce", t1ce, "--flair", flair, "--out", out, *extra]
+    return main(["predict", *map(str, args)])
+
+
 def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
     run = _make_run(tmp_path, favour=3)  # every brain voxel ET
     case = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
     t1ce, flair = _case_files(case)
     out = tmp_path / "pred"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run),
-                "--t1ce",
-                str(t1ce),
-                "--flair",
-                str(flair),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert _predict(run, t1ce, flair, out, "--device", "cpu") == 0
     src = nib.load(str(t1ce))
     fused, seg = nib.load(str(out / "fused.nii.gz")), nib.load(str(out / "seg.nii.gz"))
     for image in (fused, seg):
@@ -89,24 +78,7 @@ def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
     assert (s[brain] == 4).mean() > 0.9  # ET is 4 in the BraTS 2021 scheme
 
     out3 = tmp_path / "pred2023"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run),
-                "--t1ce",
-                str(t1ce),
-                "--flair",
-                str(flair),
-                "--out",
-                str(out3),
-                "--scheme",
-                "brats2023",
-            ]
-        )
-        == 0
-    )
+    assert _predict(run, t1ce, flair, out3, "--scheme", "brats2023") == 0
     s3 = np.asarray(nib.load(str(out3 / "seg.nii.gz")).dataobj)
     assert set(np.unique(s3)) <= {0, 3} and 3 in s3
 
@@ -114,22 +86,7 @@ def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
 def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):
     run = _make_run(tmp_path, method="direct2ch")
     t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run),
-                "--t1ce",
-                str(t1ce),
-                "--flair",
-                str(flair),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 0
-    )
+    assert _predict(run, t1ce, flair, tmp_path / "o") == 0
     assert (tmp_path / "o" / "seg.nii.gz").exists()
     assert not (tmp_path / "o" / "fused.nii.gz").exists()
 
@@ -154,37 +111,10 @@ def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
         (tmp_path / "missing.nii.gz", "no such file"),
     ]
     for bad, message in cases:
-        code = main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run),
-                "--t1ce",
-                str(t1ce),
-                "--flair",
-                str(bad),
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
+        code = _predict(run, t1ce, bad, tmp_path / "x")
         assert code == 2
         assert message in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(tmp_path / "norun"),
-                "--t1ce",
-                str(t1ce),
-                "--flair",
-                str(flair),
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert _predict(tmp_path / "norun", t1ce, flair, tmp_path / "x") == 2
     assert "no such run folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -198,24 +128,7 @@ def test_predict_with_a_brain_mask(phantom_dir, tmp_path):
     mask_path = tmp_path / "mask.nii.gz"
     nib.save(nib.Nifti1Image(mask, image.affine), str(mask_path))
     out = tmp_path / "o"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run),
-                "--t1ce",
-                str(t1ce),
-                "--flair",
-                str(flair),
-                "--out",
-                str(out),
-                "--mask",
-                str(mask_path),
-            ]
-        )
-        == 0
-    )
+    assert _predict(run, t1ce, flair, out, "--mask", mask_path) == 0
     seg = np.asarray(nib.load(str(out / "seg.nii.gz")).dataobj)
     assert set(np.unique(seg[mask == 0])) == {0}
     assert (seg[mask == 1] == 2).mean() > 0.9
@@ -226,22 +139,7 @@ def test_predict_on_the_real_brats2021_case(brats2021_case, tmp_path):
     run = _make_run(tmp_path, favour=3)
     t1ce, flair = _case_files(brats2021_case)
     out = tmp_path / "pred"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run),
-                "--t1ce",
-                str(t1ce),
-                "--flair",
-                str(flair),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _predict(run, t1ce, flair, out) == 0
     src = nib.load(str(t1ce))
     seg = nib.load(str(out / "seg.nii.gz"))
     assert seg.shape == src.shape == (240, 240, 155)

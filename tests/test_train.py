@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_cli_args
 
 from fuse4seg.config import get_config, load_config
 from fuse4seg.train import METHODS, NonFiniteLossError, Trainer, train
@@ -289,28 +290,8 @@ def test_nan_in_an_upper_term_is_named(phantom_cache, tmp_path, monkeypatch):
 
 def _cli_train(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "fuse4seg",
-        "train",
-        "--method",
-        "fuse4seg",
-        "--profile",
-        "smoke",
-        "--data",
-        str(cache),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--set",
-        "data.split_fractions=[0.67, 0.33, 0.0]",
-        "--set",
-        "train.rollout_epochs=2",
-        "--checkpoint-every-steps",
-        "1",
-        *extra,
-    ]
+    every_step = ("--set", "train.rollout_epochs=2", "--checkpoint-every-steps", "1")
+    cmd = [sys.executable, "-m", *train_cli_args(cache, out, *every_step, *extra)]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -356,35 +337,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_cache, tmp_pa
 def test_cli_train_reports_bad_input(tmp_path, capsys):
     from fuse4seg.cli import main
 
-    assert (
-        main(
-            [
-                "train",
-                "--profile",
-                "smoke",
-                "--data",
-                str(tmp_path / "nope"),
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
+    base = ["train", "--profile", "smoke", "--out", str(tmp_path)]
+    assert main([*base, "--data", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "train",
-                "--profile",
-                "smoke",
-                "--data",
-                str(tmp_path),
-                "--out",
-                str(tmp_path),
-                "--set",
-                "train.bogus=1",
-            ]
-        )
-        == 2
-    )
+    assert main([*base, "--data", str(tmp_path), "--set", "train.bogus=1"]) == 2
     assert "unknown setting" in capsys.readouterr().err
