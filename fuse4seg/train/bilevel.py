@@ -474,15 +474,26 @@ class Trainer:
             smooth=loss_cfg.dice_smooth,
         )
         self._check_finite({"L_lower": loss}, "follower")
-        self.scaler_f.scale(loss).backward()
-        self.scaler_f.unscale_(self.opt_f)
-        norm = torch.nn.utils.clip_grad_norm_(self.follower.parameters(), t.grad_clip)
-        if not self.scaler_f.is_enabled():
-            self._check_finite({"gradient norm of L_lower": norm}, "follower")
-        self.scaler_f.step(self.opt_f)
-        self.scaler_f.update()
+        self._optimiser_step(loss, "L_lower", "follower")
         self.follower_updates += 1
         return _float(loss)
+
+    def _optimiser_step(self, loss: torch.Tensor, name: str, who: str) -> None:
+        """Backpropagate ``loss`` and take one clipped AdamW step of ``who`` (``"follower"``
+        or ``"leader"``), through its gradient scaler (a no-op unless fp16 AMP). A non-finite
+        gradient norm stops the run before the step (under fp16 the scaler skips it instead)."""
+        net, opt, scaler = (
+            (self.follower, self.opt_f, self.scaler_f)
+            if who == "follower"
+            else (self.leader, self.opt_l, self.scaler_l)
+        )
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.config.train.grad_clip)
+        if not scaler.is_enabled():
+            self._check_finite({f"gradient norm of {name}": norm}, who)
+        scaler.step(opt)
+        scaler.update()
 
     def leader_step(self, x1, x2, target) -> dict[str, float]:
         """One leader update on D_val with L_upper (Eq. 3), then the EMA update (Eq. 4).
@@ -493,9 +504,8 @@ class Trainer:
         from fuse4seg.losses import lower_loss, upper_loss
 
         t, loss_cfg = self.config.train, self.config.loss
-        lr = cosine_lr(t.lr_leader, self.leader_updates, self.total_leader_updates)
         for group in self.opt_l.param_groups:
-            group["lr"] = lr
+            group["lr"] = cosine_lr(t.lr_leader, self.leader_updates, self.total_leader_updates)
         follower = self.follower_module  # unwrapped: no DDP all-reduce for frozen weights
         frozen = [p for p in follower.parameters() if p.requires_grad]
         for p in frozen:
@@ -519,13 +529,7 @@ class Trainer:
             self._check_finite(
                 {"L_lower|D_val": seg, **self._enabled_terms(terms), "L_upper": total}, "leader"
             )
-            self.scaler_l.scale(total).backward()
-            self.scaler_l.unscale_(self.opt_l)
-            norm = torch.nn.utils.clip_grad_norm_(self.leader.parameters(), t.grad_clip)
-            if not self.scaler_l.is_enabled():
-                self._check_finite({"gradient norm of L_upper": norm}, "leader")
-            self.scaler_l.step(self.opt_l)
-            self.scaler_l.update()
+            self._optimiser_step(total, "L_upper", "leader")
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -541,9 +545,8 @@ class Trainer:
         from fuse4seg.losses import physical_loss
 
         t = self.config.train
-        lr = cosine_lr(t.lr_leader, self.leader_updates, self.total_leader_updates)
         for group in self.opt_l.param_groups:
-            group["lr"] = lr
+            group["lr"] = cosine_lr(t.lr_leader, self.leader_updates, self.total_leader_updates)
         self.leader.train()
         self.opt_l.zero_grad(set_to_none=True)
         with self._autocast():
@@ -553,13 +556,7 @@ class Trainer:
         )
         total, terms = result if isinstance(result, tuple) else (result, {})
         self._check_finite({**self._enabled_terms(terms), "L_physical": total}, "leader")
-        self.scaler_l.scale(total).backward()
-        self.scaler_l.unscale_(self.opt_l)
-        norm = torch.nn.utils.clip_grad_norm_(self.leader.parameters(), t.grad_clip)
-        if not self.scaler_l.is_enabled():
-            self._check_finite({"gradient norm of L_physical": norm}, "leader")
-        self.scaler_l.step(self.opt_l)
-        self.scaler_l.update()
+        self._optimiser_step(total, "L_physical", "leader")
         self.ema.update(self.leader_module)
         self.leader_updates += 1
         out = {"L_physical": _float(total)}
