@@ -3,7 +3,7 @@
 One *outer step* is what the trainer does per rollout batch: the leader's x_f on D_tr (once,
 no grad), K follower steps on D_tr, one leader step on D_val (L_upper through the frozen
 follower) and the EMA update. A *warm-up step* is one follower step on x_avg of the whole batch.
-Both call the real :class:`fuse4seg.train.bilevel.Trainer` step methods on random inputs.
+Both call the real :class:`fuse4seg.train.bilevel.Engine` step methods on random inputs.
 
 Variants: ``eager`` (fp32), ``amp`` (bf16 autocast; CUDA only, as in training), ``amp_cl``
 (AMP + channels_last inputs and weights), ``compile`` (``torch.compile`` of both networks, with
@@ -34,7 +34,7 @@ import time
 import torch
 
 from fuse4seg.config import get_config
-from fuse4seg.train.bilevel import Trainer
+from fuse4seg.train.bilevel import Engine
 
 VARIANTS = ("eager", "amp", "amp_cl", "compile")
 
@@ -50,7 +50,7 @@ def _machine(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def build(args, variant: str, device: torch.device) -> Trainer:
+def build(args, variant: str, device: torch.device) -> Engine:
     overrides = {
         "data.crop_size": args.size,
         "train.batch_size": args.batch,
@@ -63,14 +63,14 @@ def build(args, variant: str, device: torch.device) -> Trainer:
     if args.segmentation:
         overrides["model.segmentation"] = args.segmentation
     config = get_config(args.profile, overrides)
-    trainer = Trainer.engine_only(config, "fuse4seg", device=str(device), steps_per_epoch=10**6)
+    engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
     if variant == "amp_cl":
-        trainer.leader = trainer.leader.to(memory_format=torch.channels_last)
-        trainer.follower = trainer.follower.to(memory_format=torch.channels_last)
+        engine.leader.net = engine.leader.net.to(memory_format=torch.channels_last)
+        engine.follower.net = engine.follower.net.to(memory_format=torch.channels_last)
     if variant == "compile":
-        trainer.leader = torch.compile(trainer.leader)
-        trainer.follower = torch.compile(trainer.follower)
-    return trainer
+        engine.leader.net = torch.compile(engine.leader.net)
+        engine.follower.net = torch.compile(engine.follower.net)
+    return engine
 
 
 def inputs(args, device, channels_last: bool, n: int):
@@ -85,16 +85,16 @@ def inputs(args, device, channels_last: bool, n: int):
     return x1, x2, seg
 
 
-def outer_step(trainer: Trainer, tr, val, k: int) -> None:
-    x_tr = trainer.prior(tr[0], tr[1], "rollout", ema=False)  # x_f on D_tr, once
+def outer_step(engine: Engine, tr, val, k: int) -> None:
+    x_tr = engine.prior(tr[0], tr[1], "rollout", ema=False)  # x_f on D_tr, once
     for _ in range(k):
-        trainer.follower_step(x_tr, tr[2], "rollout")
-    trainer.leader_step(*val)
+        engine.follower_step(x_tr, tr[2])
+    engine.leader_step(*val)
 
 
-def warmup_step(trainer: Trainer, batch) -> None:
-    x_in = trainer.prior(batch[0], batch[1], "warmup", ema=False)
-    trainer.follower_step(x_in, batch[2], "warmup")
+def warmup_step(engine: Engine, batch) -> None:
+    x_in = engine.prior(batch[0], batch[1], "warmup", ema=False)
+    engine.follower_step(x_in, batch[2])
 
 
 def timed(fn, device, repeats: int, warmup: int) -> list[float]:

@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 
 from fuse4seg.config import get_config, parse_overrides
-from fuse4seg.train.bilevel import Trainer
 from fuse4seg.train.runs import resolve_cache
+from fuse4seg.train.trainer import Trainer
 
 DEFAULT_VARIANTS = [
     "train.warmup_minmax=false",
@@ -41,10 +41,10 @@ DEFAULT_VARIANTS = [
 
 def run(cache: Path, config, method: str, out: Path) -> list[dict]:
     from fuse4seg.models.fusion import minmax_normalize
-    from fuse4seg.train.bilevel import _collate
+    from fuse4seg.train.validation import collate
 
     trainer = Trainer(config, method, cache, out, progress=False, device="cpu")
-    probe = _collate(trainer.val_set, trainer.val_items, trainer.device)
+    probe = collate(trainer.val_set, trainer.val_items, trainer.device)
     x1, x2 = probe["x1"], probe["x2"]
     mm_avg = minmax_normalize(0.5 * (x1 + x2))
     rows = []
@@ -53,13 +53,14 @@ def run(cache: Path, config, method: str, out: Path) -> list[dict]:
         entry = {"epoch": row["epoch"], "stage": row["stage"], "ema": row["val"]["mean_dice"]}
         entry["prior"] = row["val"]["prior"]
         entry["L_lower"] = row["L_lower"]
-        has_leader = trainer.leader is not None
+        leader = trainer.engine.leader
+        has_leader = leader is not None
         if row["stage"] == "warmup" and row["epoch"] == config.train.warmup_epochs and has_leader:
             # the warmed-up follower on the untrained leader's x_f, before any rollout step
             entry["fresh"] = trainer.validate("rollout")["mean_dice"]
         if row["stage"] == "rollout" and has_leader:
             entry["live"] = trainer.validate("rollout", ema=False)["mean_dice"]
-            entry["init_weight"] = config.train.ema_decay ** trainer.leader_updates
+            entry["init_weight"] = config.train.ema_decay ** leader.updates
             x_f = trainer.prior(x1, x2, "rollout", ema=False)
             entry["drift"] = float((x_f - mm_avg).abs().mean())
         rows.append(entry)

@@ -31,6 +31,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "FusionConfig",
     "LossConfig",
     "ModelConfig",
     "PROFILES",
@@ -117,12 +118,9 @@ class TrainConfig:
     """Warm Fuse4Seg's follower up on minmax(x_avg), the per-image min–max the leader applies to
     x_f (§3.3.2), instead of the raw x_avg = ½(x1 + x2) of Algorithm 1, line 2 (the default,
     the literal reading; the paper does not say whether x_avg is normalised). Raw x_avg is
-    darker than x_f (min–max brightens a phantom slice by a median 1.5×), and on the book's
-    default run the warmed-up follower loses most of its validation Dice when it first sees
-    x_f. The min–max warm-up avoids that change of scale but, measured on the same run, trains
-    a weaker follower (warm-up training loss 0.87 vs 0.51, final validation mean Dice 0.27 vs
-    0.49) and does not prevent the fall in the first rollout epochs either
-    (``benchmarks/probe_rollout.py``, RESULTS.md, chapter 4)."""
+    darker than x_f, and the warmed-up follower loses validation Dice when it first sees x_f.
+    The min–max warm-up avoids that change of scale; what it does to training is measured by
+    ``benchmarks/probe_rollout.py`` (figures in ``benchmarks/RESULTS.md``, chapter 4)."""
     amp: bool = True  # §4.1; ignored on CPU
     grad_clip: float = 1.0
     """Gradient-norm clipping (not in the paper; a safety net for AMP)."""
@@ -135,7 +133,27 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
-    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Fusion-only training of the leader on image pairs (Harvard, GFP-PC; chapter 5,
+    ``fuse4seg.train.fusion_only``). The paper gives no fusion-only schedule; ``None`` takes the
+    value from the ``train`` section: §4.1's batch size and leader learning rate, and
+    ``train.rollout_epochs`` passes over the training pairs (the leader's number of epochs in
+    Algorithm 1). Crops of 128 pixels, as CDDFuse trains its fusion model."""
+
+    steps: int | None = None
+    """Leader updates; ``None`` = ``train.rollout_epochs × ceil(pairs / batch)`` (capped per
+    epoch by ``train.steps_per_epoch``)."""
+    crop: int = 128
+    """Side of the random square training crops (flips and 90° rotations as augmentation)."""
+    batch: int | None = None
+    """Crops per step; ``None`` = ``train.batch_size``."""
+    lr: float | None = None
+    """Base learning rate of the cosine schedule; ``None`` = ``train.lr_leader``."""
+    log_every: int = 50
+    """Write a row of ``metrics.jsonl`` every N steps (and after the last)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +165,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON- and YAML-safe dict (tuples become lists)."""
@@ -167,7 +186,13 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:n]
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "fusion": FusionConfig,
+}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -187,6 +212,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.val_max_slices": 96,
         "train.lr_leader": 3e-4,
         "train.lr_follower": 3e-3,
+        # fusion-only (chapter 5): 40 steps of 4 crops of 64 pixels, minutes on a CPU
+        "fusion.steps": 40,
+        "fusion.crop": 64,
+        "fusion.batch": 4,
+        "fusion.lr": 1e-3,
+        "fusion.log_every": 5,
     },
     "smoke": {
         "data.downsample": 4,
@@ -201,6 +232,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.steps_per_epoch": 2,
         "train.val_every": 1,
         "train.val_max_slices": 8,
+        "fusion.steps": 20,
+        "fusion.crop": 48,
+        "fusion.batch": 4,
+        "fusion.lr": 1e-3,
+        "fusion.log_every": 5,
     },
 }
 """Each profile is a set of overrides of the paper's settings (the dataclass defaults)."""
@@ -306,6 +342,11 @@ def validate(config: Config) -> None:
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch >= 1"),
         (t.val_every >= 1, "train.val_every must be >= 1"),
+        (config.fusion.steps is None or config.fusion.steps >= 1, "fusion.steps must be >= 1"),
+        (config.fusion.crop >= 1, "fusion.crop must be >= 1"),
+        (config.fusion.batch is None or config.fusion.batch >= 1, "fusion.batch must be >= 1"),
+        (config.fusion.lr is None or config.fusion.lr > 0, "fusion.lr must be > 0"),
+        (config.fusion.log_every >= 1, "fusion.log_every must be >= 1"),
         (len(loss.dice_class_weights) == 4, "loss.dice_class_weights needs 4 values"),
         (min(loss.alpha_decomp, loss.beta_grad, loss.gamma_recon) >= 0, "loss weights >= 0"),
     ]
@@ -333,6 +374,10 @@ def get_config(profile: str = "default", overrides: Mapping[str, Any] | None = N
     return _apply(config, dict(overrides or {}))
 
 
+_REMOVED = {"train.num_workers"}
+"""Settings older versions wrote that nothing reads any more (skipped when loading)."""
+
+
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (unknown keys raise)."""
     data = dict(data)
@@ -342,7 +387,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         if section not in _SECTIONS or not isinstance(values, Mapping):
             raise ConfigError(f"unknown config section {section!r}; valid: {sorted(_SECTIONS)}")
         for k, v in values.items():
-            flat[f"{section}.{k}"] = v
+            if f"{section}.{k}" not in _REMOVED:
+                flat[f"{section}.{k}"] = v
     return _apply(Config(profile=profile), flat)
 
 

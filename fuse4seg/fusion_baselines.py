@@ -2,13 +2,17 @@
 
 - ``average``: ``(A + B) / 2``, the paper's x_avg.
 - ``max``: the pixel-wise maximum.
+- ``concat``: ``[A, B]`` stacked as channels (the direct multi-channel input; no fused image).
 - ``dwt``: a multi-scale rule in the discrete-wavelet domain (Li, Manjunath & Mitra, 1995):
   decompose both sources with PyWavelets' ``wavedec2``, average the coarsest approximation,
   keep at every detail position the coefficient of larger magnitude ("max-abs"), invert with
   ``waverec2``. Defaults (``db2``, 3 levels, ``symmetric`` extension) are a common choice in the
   fusion literature; the paper does not name one. The transform is PyWavelets', not ours.
 
-Every rule takes two grey images of the same shape on one scale (0..255 or [0, 1]) and returns
+:data:`RULES` holds each rule once, for numpy arrays and torch tensors alike: the trainer's
+baselines (``average``, ``max``, ``direct2ch``) and Fuse4Seg's warm-up prior x_avg call the same
+functions as chapter 5's Table 2 rows. The image wrappers below (:data:`BASELINES`) take two
+grey images of the same shape on one scale (0..255 or [0, 1]) and returns
 a float64 image on that scale, clipped to ``[min, max]`` of the two inputs (the DWT can ring
 slightly outside). Colour sources are fused on Y; ``fuse4seg.data.pairs.colorize`` puts the
 chroma back.
@@ -20,7 +24,52 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["BASELINES", "fuse_average", "fuse_baseline", "fuse_dwt", "fuse_max"]
+__all__ = [
+    "BASELINES",
+    "RULES",
+    "RULE_LABELS",
+    "average_rule",
+    "concat_rule",
+    "fuse_average",
+    "fuse_baseline",
+    "fuse_dwt",
+    "fuse_max",
+    "max_rule",
+]
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def average_rule(a, b):
+    """x_avg = (a + b) / 2 (Algorithm 1, line 2), for arrays or tensors of one shape."""
+    return 0.5 * (a + b)
+
+
+def max_rule(a, b):
+    """max(a, b) per element, for arrays or tensors."""
+    if _is_torch(a):
+        import torch
+
+        return torch.maximum(a, b)
+    return np.maximum(a, b)
+
+
+def concat_rule(a, b):
+    """``[a, b]`` along the channel axis: ``(B, 1, H, W)`` x2 -> ``(B, 2, H, W)``."""
+    if _is_torch(a):
+        import torch
+
+        return torch.cat([a, b], dim=1)
+    return np.concatenate([a, b], axis=1)
+
+
+RULES: dict[str, Callable] = {"average": average_rule, "max": max_rule, "concat": concat_rule}
+"""The fixed rules by name, each defined once (numpy or torch in, the same type out)."""
+
+RULE_LABELS = {"average": "x_avg", "max": "max", "concat": "[x1, x2]"}
+"""How each rule's output is named in the paper's terms (validation records, chapters)."""
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -35,14 +84,12 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 def fuse_average(a, b) -> np.ndarray:
     """``(A + B) / 2`` as float64 ``(H, W)``."""
-    a, b = _pair(a, b)
-    return 0.5 * (a + b)
+    return average_rule(*_pair(a, b))
 
 
 def fuse_max(a, b) -> np.ndarray:
     """``max(A, B)`` per pixel, float64 ``(H, W)``."""
-    a, b = _pair(a, b)
-    return np.maximum(a, b)
+    return max_rule(*_pair(a, b))
 
 
 def fuse_dwt(a, b, wavelet: str = "db2", levels: int = 3, mode: str = "symmetric") -> np.ndarray:
@@ -72,7 +119,7 @@ def fuse_dwt(a, b, wavelet: str = "db2", levels: int = 3, mode: str = "symmetric
     levels = max(1, min(levels, pywt.dwtn_max_level(a.shape, w)))
     ca = pywt.wavedec2(a, w, mode=mode, level=levels)
     cb = pywt.wavedec2(b, w, mode=mode, level=levels)
-    fused = [0.5 * (ca[0] + cb[0])]  # coarsest approximation: average
+    fused = [average_rule(ca[0], cb[0])]  # coarsest approximation: average
     for da, db in zip(ca[1:], cb[1:], strict=True):  # (cH, cV, cD) per level: max-abs
         fused.append(
             tuple(np.where(np.abs(x) >= np.abs(y), x, y) for x, y in zip(da, db, strict=True))

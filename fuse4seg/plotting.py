@@ -1,4 +1,10 @@
-"""Shared plotting helpers for the book: image galleries, label overlays, training curves.
+"""Shared plotting helpers for the book: one image display, label overlays, galleries, curves.
+
+**Orientation.** A BraTS/NIfTI axial slice is indexed ``(X, Y)`` (left-right, posterior-
+anterior); shown as a matrix it lies on its side. :func:`orient` rotates it by 90° so anterior is
+up, and every helper here that shows a slice (``show``, ``overlay_labels``, ``show_slices``, the
+chapter 1 viewer) goes through it, so the same slice looks the same in every chapter.
+Photographs and PNG pairs (chapter 5) are already in image order: ``orientation="image"``.
 
 Kept general on purpose (any chapter may use them); matplotlib is imported lazily so the
 package imports without a display. Label colours follow the BraTS convention used in the
@@ -13,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LABEL_COLOURS", "overlay_labels", "plot_curves", "show_slices"]
+__all__ = ["LABEL_COLOURS", "orient", "overlay_labels", "plot_curves", "show", "show_slices"]
 
 LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
     1: (0.90, 0.10, 0.10),  # NCR, red
@@ -24,11 +30,70 @@ LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
 
 
 def _as_2d(image: Any) -> np.ndarray:
-    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    array = (
+        image.detach().float().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    )
     array = np.squeeze(array)
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image (after squeezing), got shape {array.shape}")
     return array
+
+
+def orient(image: Any, orientation: str = "nifti") -> np.ndarray:
+    """The display array of a slice: ``(X, Y)`` NIfTI slices (or an ``(X, Y, 3|4)`` RGB(A)
+    rendering of one) rotated 90° (anterior up); ``orientation="image"`` leaves a photograph or
+    PNG (``(H, W)`` or ``(H, W, 3)``) as it is."""
+    if orientation == "image":
+        return np.asarray(image)
+    if orientation != "nifti":
+        raise ValueError(f"orientation must be 'nifti' or 'image', got {orientation!r}")
+    array = np.asarray(image) if not hasattr(image, "detach") else _as_2d(image)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):  # an RGB(A) rendering of a slice
+        return np.rot90(array, axes=(0, 1))
+    return np.rot90(_as_2d(array))
+
+
+def show(
+    ax,
+    image: Any,
+    title: str | None = None,
+    *,
+    orientation: str = "nifti",
+    box: tuple[int, int, int] | None = None,
+    **kwargs: Any,
+):
+    """Show one image on ``ax`` in the book's orientation (:func:`orient`), without axes.
+
+    Args:
+        image: a 2-D array or tensor (``(1, H, W)`` is squeezed), or an RGB image with
+            ``orientation="image"``.
+        title: the panel title.
+        box: ``(row, col, size)`` of a region (in display coordinates) to frame in yellow and
+            magnify 2.5x in an inset in the lower right corner (chapter 5's Figure 5).
+        kwargs: passed to ``imshow`` (``cmap``, ``vmin``, ``vmax``, ...).
+
+    Returns:
+        The axes.
+    """
+    img = orient(image, orientation)
+    if img.ndim == 2:
+        kwargs.setdefault("cmap", "gray")
+    ax.imshow(img, **kwargs)
+    if box is not None:
+        import matplotlib.pyplot as plt
+
+        y0, x0, size = box
+        ax.add_patch(plt.Rectangle((x0, y0), size, size, fill=False, ec="yellow", lw=1))
+        inset = ax.inset_axes([0.6, 0.0, 0.4, 0.4])
+        inset.imshow(img[y0 : y0 + size, x0 : x0 + size], **kwargs)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        for spine in inset.spines.values():
+            spine.set_edgecolor("yellow")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return ax
 
 
 def overlay_labels(
@@ -38,8 +103,9 @@ def overlay_labels(
     alpha: float = 0.45,
     colours: Mapping[int, tuple[float, float, float]] = LABEL_COLOURS,
     title: str | None = None,
+    orientation: str = "nifti",
 ):
-    """Show a grey image with label colours blended on top.
+    """Show a grey image with label colours blended on top (oriented by :func:`orient`).
 
     Args:
         image: ``(H, W)`` array or tensor (any range; shown with its own min-max).
@@ -56,7 +122,8 @@ def overlay_labels(
     """
     import matplotlib.pyplot as plt
 
-    img, lab = _as_2d(image).astype(np.float32), _as_2d(labels).astype(np.int64)
+    img = orient(_as_2d(image), orientation).astype(np.float32)
+    lab = orient(_as_2d(labels), orientation).astype(np.int64)
     if img.shape != lab.shape:
         raise ValueError(f"overlay_labels: image {img.shape} and labels {lab.shape} differ")
     lo, hi = float(img.min()), float(img.max())
@@ -84,8 +151,9 @@ def show_slices(
     size: float = 2.4,
     suptitle: str | None = None,
     labels: Sequence[Any | None] | None = None,
+    orientation: str = "nifti",
 ):
-    """A grid of 2-D images (one row unless ``ncols`` is given).
+    """A grid of 2-D images (one row unless ``ncols`` is given), oriented by :func:`orient`.
 
     Args:
         images: 2-D arrays or tensors (``(1, H, W)`` is squeezed).
@@ -113,12 +181,10 @@ def show_slices(
         title = titles[i] if titles is not None else None
         lab = labels[i] if labels is not None else None
         if lab is not None:
-            overlay_labels(images[i], lab, ax=ax, title=title)
+            overlay_labels(images[i], lab, ax=ax, title=title, orientation=orientation)
             continue
-        ax.imshow(_as_2d(images[i]), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_axis_off()
-        if title:
-            ax.set_title(title, fontsize=9)
+        show(ax, images[i], title, orientation=orientation, cmap=cmap, vmin=vmin, vmax=vmax,
+             interpolation="nearest")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()

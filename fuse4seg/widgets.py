@@ -10,13 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from fuse4seg.data.labels import CANONICAL_NAMES
-
-LABEL_COLOURS = {1: (0.9, 0.1, 0.1), 2: (0.1, 0.8, 0.2), 3: (1.0, 0.9, 0.0)}
-"""RGB of each canonical tumour label (NCR red, ED green, ET yellow)."""
+from fuse4seg.plotting import LABEL_COLOURS, orient
 
 
 def _view(slice2d: np.ndarray) -> np.ndarray:
-    return np.rot90(np.asarray(slice2d))
+    return orient(slice2d)
 
 
 def label_rgba(seg2d: np.ndarray, opacity: float = 0.5) -> np.ndarray:

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from fuse4seg.train.bilevel import cosine_lr
 from fuse4seg.train.checkpoint import (
     CHECKPOINT_FORMAT,
-    ModelEMA,
     capture_rng,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
+from fuse4seg.train.engine import ModelEMA, cosine_lr
 
 
 def test_roundtrip_weights_only_and_no_temp_files(tmp_path):

@@ -22,3 +22,36 @@ def test_missing_file_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fuse4seg: error:") and "a.nii.gz" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_light_verbs_do_not_import_torch():
+    """`--version`, `--help`, `metrics` and `data check` answer without importing torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fuse4seg import cli\n"
+        "calls = (['metrics', '--fused', 'f', '--a', 'a', '--b', 'b'], ['data', 'check', 'd'])\n"
+        "for argv in calls:\n"
+        "    cli.build_parser(only=cli._verb_in(argv)).parse_args(argv)\n"
+        "import fuse4seg.metrics.files, fuse4seg.metrics.fusion, fuse4seg.data.layouts\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    version = subprocess.run(
+        [sys.executable, "-m", "fuse4seg", "--version"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout.startswith("fuse4seg ")
+
+
+def test_a_verb_gets_only_its_own_options():
+    from fuse4seg.cli import _verb_in
+
+    assert _verb_in(["data", "check", "x"]) == ("data", "check")
+    assert _verb_in(["train", "--device", "cpu"]) == ("train",)
+    assert _verb_in(["--version"]) is None
+    parser = build_parser(only=("train",))
+    args = parser.parse_args(["train", "--data", "d", "--method", "average"])
+    assert args.method == "average"

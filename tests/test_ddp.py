@@ -35,4 +35,5 @@ def test_torchrun_two_processes_gloo_smoke(phantom_dir, tmp_path):
     assert rows[-1]["leader_updates"] == rows[-1]["steps"]
     assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert state["epoch"] == 3 and all(torch.isfinite(v).all() for v in state["ema"].values())
+    ema = state["engine"]["ema"]
+    assert state["epoch"] == 3 and all(torch.isfinite(v).all() for v in ema.values())

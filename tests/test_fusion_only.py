@@ -15,7 +15,6 @@ from fuse4seg.data.pairs import find_harvard_pairs, load_pair
 from fuse4seg.fusion_baselines import BASELINES, fuse_average, fuse_baseline, fuse_dwt, fuse_max
 from fuse4seg.metrics.fusion import fusion_metrics, spatial_frequency
 from fuse4seg.train.fusion_only import (
-    FUSION_SCHEDULE,
     OrientedLeader,
     PairSampler,
     choose_polarity,
@@ -110,7 +109,7 @@ def test_dwt_rule_properties():
 
 def test_fusion_schedule(smoke):
     s = fusion_schedule(smoke, 10)
-    assert s["steps"] == FUSION_SCHEDULE["smoke"]["steps"] and s["crop"] == 48
+    assert s["steps"] == smoke.fusion.steps == 20 and s["crop"] == smoke.fusion.crop == 48
     paper = get_config("paper")
     p = fusion_schedule(paper, 245)
     assert p["batch_size"] == 8 and p["lr"] == 1e-4 and p["steps"] == 120 * math.ceil(245 / 8)
@@ -186,11 +185,11 @@ def test_train_reuse_and_inference(train_pairs, test_pairs, smoke, tmp_path):
 
 def test_a_finished_run_made_by_other_code_is_trained_again(train_pairs, smoke, tmp_path,
                                                             monkeypatch):
-    import fuse4seg.train.fusion_only as fusion_only
+    import fuse4seg.train.runs as runs
 
     run = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
-    assert json.loads((run.run_dir / "run.json").read_text())["code"] == fusion_only.code_digest()
-    monkeypatch.setattr(fusion_only, "code_digest", lambda: "f" * 12)  # the package changed
+    assert json.loads((run.run_dir / "run.json").read_text())["code"] == runs.code_digest()
+    monkeypatch.setattr(runs, "code_digest", lambda: "f" * 12)  # the package changed
     again = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
     assert not again.reused and again.run_dir == run.run_dir
     assert json.loads((run.run_dir / "run.json").read_text())["code"] == "f" * 12
@@ -268,8 +267,8 @@ def test_real_harvard_smoke_training(harvard_dir, smoke, tmp_path):
 def test_load_leader_from_a_brats_training_bundle(tmp_path, test_pairs):
     """`fusion evaluate` accepts the leader of a `fuse4seg train` run (e.g. disjoint_ae)."""
     from fuse4seg.models import create_fusion
-    from fuse4seg.train.baselines import build_follower
     from fuse4seg.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from fuse4seg.train.methods import build_follower
 
     config = get_config("smoke")
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ def test_every_segmentation_model_forward_backward(name, in_channels):
 
 def test_follower_rejects_bad_sizes_and_channels():
     follower = create_segmentation("convnext_unet_tiny")
-    with pytest.raises(ValueError, match="divisible by the network's stride 16"):
+    with pytest.raises(ValueError, match="divisible by its stride 16"):
         follower(torch.rand(1, 1, 40, 40))
     with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
         follower(torch.rand(1, 2, 32, 32))

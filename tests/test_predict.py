@@ -12,8 +12,9 @@ import torch
 
 from fuse4seg.cli import main
 from fuse4seg.config import get_config
-from fuse4seg.train.baselines import build_follower, build_leader
+from fuse4seg.models import build_leader
 from fuse4seg.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from fuse4seg.train.methods import build_follower
 
 
 def _make_run(folder: Path, method: str = "fuse4seg", favour: int | None = None) -> Path:

@@ -18,6 +18,7 @@ from conftest import train_cli_args
 from fuse4seg.config import get_config, load_config
 from fuse4seg.train import METHODS, NonFiniteLossError, Trainer, train
 from fuse4seg.train.checkpoint import load_checkpoint
+from fuse4seg.train.methods import ABLATIONS, get_method
 from fuse4seg.train.runs import read_metrics, resolve_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,59 +54,60 @@ def _params(module):
 
 def test_rollout_step_reuses_xf_and_freezes_the_follower(phantom_cache, tmp_path):
     trainer = _trainer(phantom_cache, tmp_path, **{"train.inner_steps": 3})
+    engine = trainer.engine
+    leader, follower = engine.leader_module, engine.follower_module
     calls = []
-    trainer.leader.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
-    follower_before = _params(trainer.follower)
-    leader_before = _params(trainer.leader)
-    ema_before = _params(trainer.ema.module)
+    leader.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    follower_before = _params(follower)
+    leader_before = _params(leader)
+    ema_before = _params(engine.ema.module)
 
     # the leader step alone: follower weights untouched, no gradient accumulated in them
-    split = trainer.sampler.draw(1, 0)
-    from fuse4seg.train.bilevel import _collate
-
-    val = _collate(trainer.train_set, split.val, trainer.device)
-    trainer.leader_step(val["x1"], val["x2"], val["seg"])
+    _, val = trainer.batches.split(1, 0, need_val=True)
+    engine.leader_step(val["x1"], val["x2"], val["seg"])
     assert calls == [True]
-    for name, p in trainer.follower.named_parameters():
+    for name, p in follower.named_parameters():
         assert p.grad is None, name
         assert p.requires_grad, name  # restored after the step
         assert torch.equal(p.detach(), follower_before[name]), name
-    leader_after = _params(trainer.leader)
+    leader_after = _params(leader)
     changed = [k for k in leader_before if not torch.equal(leader_before[k], leader_after[k])]
     assert changed, "the leader did not move"
     # Eq. 4 with m = 0.99 after one step from θ̂ = θ0
     m = trainer.config.train.ema_decay
     for k in changed[:5]:
         expected = m * ema_before[k] + (1 - m) * leader_after[k]
-        torch.testing.assert_close(trainer.ema.module.state_dict()[k], expected)
+        torch.testing.assert_close(engine.ema.module.state_dict()[k], expected)
 
     # a whole outer step: x_f on D_tr once without grad, K follower steps, one leader step
     calls.clear()
-    updates = trainer.follower_updates
-    trainer.outer_step("rollout", 1, 1)
+    updates = engine.follower.updates
+    engine.outer_step("rollout", 1, 1, trainer.batches)
     assert calls == [False, True]
-    assert trainer.follower_updates - updates == 3
-    assert trainer.leader_updates == 2
+    assert engine.follower.updates - updates == 3
+    assert engine.leader.updates == 2
 
 
 def test_every_rollout_step_splits_by_patient(phantom_cache, tmp_path):
-    trainer = _trainer(
-        phantom_cache, tmp_path, **{"train.warmup_epochs": 0, "train.rollout_epochs": 2}
+    splits = []
+    trainer = Trainer(
+        smoke(**{"train.warmup_epochs": 0, "train.rollout_epochs": 2}), "fuse4seg",
+        phantom_cache, tmp_path / "run", progress=False,
+        on_split=lambda tr, val: splits.append((tr, val)),
     )
-    assert trainer.sampler.patient_level
-    trainer.record_splits = True
+    assert trainer.batches.sampler.patient_level
     trainer.fit()
-    assert len(trainer.split_log) == 2 * trainer.steps_per_epoch
-    for train_patients, val_patients in trainer.split_log:
+    assert len(splits) == 2 * trainer.steps_per_epoch
+    for train_patients, val_patients in splits:
         assert not set(train_patients) & set(val_patients)
 
 
 @pytest.mark.parametrize("minmax", [True, False])
 def test_warmup_prior_is_x_avg_in_the_leaders_domain(phantom_cache, tmp_path, minmax):
     trainer = _trainer(phantom_cache, tmp_path, **{"train.warmup_minmax": minmax})
-    from fuse4seg.train.bilevel import _collate
+    from fuse4seg.train.validation import collate
 
-    batch = _collate(trainer.train_set, np.arange(4), trainer.device)
+    batch = collate(trainer.train_set, np.arange(4), trainer.device)
     x1, x2 = batch["x1"], batch["x2"]
     x_avg = 0.5 * (x1 + x2)
     assert float(x_avg.amax()) < 0.99  # real slices: T1ce and FLAIR peak in different places
@@ -166,8 +168,45 @@ def _check_run(result, method, val_split):
         ]
     if method == "disjoint_ae":
         assert rows[0]["stage"] == "fusion" and "L_physical" in rows[0]
-    if method in ("average", "max", "direct2ch", "monai_unet"):
+    if get_method(method).leader is None:
         assert rows[-1]["leader_updates"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_ablation_trains_two_smoke_epochs(name, phantom_cache, tmp_path):
+    variant = ABLATIONS[name]
+    result = train(smoke(), ablation=name, data=phantom_cache, out=tmp_path, progress=False)
+    _check_run(result, variant.method, val_split="val")
+    config = load_config(result.run_dir / "config.yaml")
+    for key, value in variant.overrides.items():
+        section, field = key.split(".")
+        assert getattr(getattr(config, section), field) == value
+    rows = read_metrics(result.run_dir)
+    # a switched-off term is logged but does not enter the leader's objective
+    if not config.loss.use_grad and variant.method == "fuse4seg":
+        row = rows[-1]
+        expected = row["upper/seg"] + config.loss.gamma_recon * row["upper/recon"]
+        if config.loss.use_decomp:
+            expected += config.loss.alpha_decomp * row["upper/decomp"]
+        assert row["upper/total"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_method_name_is_compared_outside_the_spec_table():
+    """Methods are data: the training code reads MethodSpec fields, never method names."""
+    import re
+
+    pattern = re.compile(
+        r"""(==|!=|\bin\b)\s*\(?\s*["'](fuse4seg|disjoint_ae|average|max|direct2ch|monai_unet)["']"""
+    )
+    offenders = []
+    for path in sorted((REPO / "fuse4seg").rglob("*.py")):
+        if path.name == "methods.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert offenders == []
 
 
 def test_ablations_set_the_loss_switches(phantom_cache, tmp_path):
@@ -265,7 +304,7 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
     (run,) = [p for p in tmp_path.iterdir() if p.name.startswith("average-")]
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["step_in_epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in state["follower"].values())
+    assert all(torch.isfinite(v).all() for v in state["engine"]["follower"].values())
 
 
 def test_nan_in_an_upper_term_is_named(phantom_cache, tmp_path, monkeypatch):
@@ -330,8 +369,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_cache, tmp_pa
     a = load_checkpoint(run_a / "checkpoints" / "last.pt")
     b = load_checkpoint(run_b / "checkpoints" / "last.pt")
     for part in ("leader", "ema", "follower"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+        for k in a["engine"][part]:
+            assert torch.equal(a["engine"][part][k], b["engine"][part][k]), (part, k)
 
 
 def test_cli_train_reports_bad_input(tmp_path, capsys):

@@ -32,10 +32,7 @@ Explained in chapter 1 (``book/01_data.md``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -416,40 +413,3 @@ def check_dataset(root: str | Path, layout: str | None = None, progress: bool = 
 
         cases = tqdm(cases, desc="checking cases", unit="case")
     return [check_case(files) for files in cases]
-
-
-def check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data_dir", type=Path, help="folder of BraTS cases (or one case)")
-    parser.add_argument("--layout", choices=LAYOUTS, help="force a layout (default: detect)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
-
-
-def check_main(args: argparse.Namespace) -> int:
-    """Check every case of a BraTS folder; exit 1 naming each bad case.
-
-    For each case: the layout, the shape and voxel counts per canonical label (background, NCR,
-    ED, ET), or the errors (missing modality, shape/affine mismatch, NaN/inf, all-zero volume,
-    labels outside the scheme, unreadable file).
-    """
-    summaries = check_dataset(args.data_dir, args.layout, progress=not args.json)
-    bad = [s for s in summaries if s["errors"]]
-    if args.json:
-        print(json.dumps(summaries, indent=2))
-    else:
-        header = f"{'case':<28} {'layout':<10} {'shape':<16} {'NCR':>8} {'ED':>8} {'ET':>8}"
-        print(header)
-        for s in summaries:
-            if s["errors"]:
-                print(f"{s['case_id']:<28} {s['layout']:<10} BAD: {s['errors'][0]}")
-                continue
-            c = s["label_counts"]
-            shape = "x".join(map(str, s["shape"]))
-            print(
-                f"{s['case_id']:<28} {s['layout']:<10} {shape:<16} "
-                f"{c['NCR']:>8} {c['ED']:>8} {c['ET']:>8}"
-            )
-        print(f"{len(summaries) - len(bad)} good, {len(bad)} bad")
-    for s in bad:
-        for error in s["errors"]:
-            print(f"fuse4seg: bad case {s['case_id']}: {error}", file=sys.stderr)
-    return 1 if bad else 0

@@ -74,7 +74,6 @@ enhancement, one tumour per case, T1 and T2 are not made (Fuse4Seg only uses T1c
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import sys
@@ -93,8 +92,6 @@ __all__ = [
     "case_id",
     "case_seed",
     "make_phantom_case",
-    "phantom_arguments",
-    "phantom_main",
     "write_phantom_dataset",
 ]
 
@@ -500,29 +497,3 @@ def write_phantom_dataset(
                 file=sys.stderr,
             )
     return folders
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: fuse4seg data phantom
-# ----------------------------------------------------------------------------------------------
-
-
-def phantom_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fuse4seg data phantom``."""
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
-
-
-def phantom_main(args: argparse.Namespace) -> int:
-    """Write the built-in MNI152 phantom dataset (BraTS 2021 layout, T1ce + FLAIR + seg).
-
-    Example: ``fuse4seg data phantom --out _data/phantom --cases 8 --seed 0``. Made offline from
-    the MNI152 maps inside nilearn; see ``fuse4seg.data.phantom`` and chapter 1.
-    """
-    folders = write_phantom_dataset(
-        args.out, cases=args.cases, seed=args.seed, progress=not args.quiet
-    )
-    print(f"wrote {len(folders)} phantom cases to {args.out}")
-    return 0

@@ -24,7 +24,6 @@ chapter 1.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -34,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from fuse4seg.config import DataConfig, get_config, parse_overrides
+from fuse4seg.config import DataConfig
 from fuse4seg.data.labels import NUM_CLASSES
-from fuse4seg.data.layouts import LAYOUTS, DataError, find_cases, load_case
+from fuse4seg.data.layouts import DataError, find_cases, load_case
 from fuse4seg.utils import atomic_write_json
 
 __all__ = [
@@ -387,40 +386,3 @@ class SliceDataset:
         state = self.__dict__.copy()
         state["_arrays"] = {}
         return state
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data_dir", type=Path, help="folder of BraTS cases")
-    parser.add_argument("--out", type=Path, required=True, help="cache folder to write")
-    parser.add_argument("--profile", default="default", help="smoke, default or paper")
-    parser.add_argument("--layout", choices=LAYOUTS, help="force a layout (default: detect)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE",
-        help="override a data setting, e.g. --set data.crop_size=192 (repeatable)",
-    )
-
-
-def prepare_main(args: argparse.Namespace) -> int:
-    """Prepare the slice cache of a BraTS folder (normalised, cropped axial slices).
-
-    Writes memory-mappable arrays per case and manifest.json (cases, kept slices, the seeded
-    patient-level split, settings, source checksums). Re-running with the same inputs does
-    nothing; changed inputs or settings rebuild.
-    """
-    config = get_config(args.profile, parse_overrides(args.set))
-    before = None
-    if (args.out / "manifest.json").exists():
-        before = (args.out / "manifest.json").stat().st_mtime_ns
-    path = prepare_cache(args.data_dir, args.out, config.data, layout=args.layout)
-    manifest = load_manifest(args.out)
-    changed = before is None or path.stat().st_mtime_ns != before
-    split = {k: len(v) for k, v in manifest["split"].items()}
-    print(
-        f"{'wrote' if changed else 'up to date:'} {path}: {len(manifest['cases'])} cases, "
-        f"{manifest['num_slices']} slices, split {split}"
-    )
-    return 0

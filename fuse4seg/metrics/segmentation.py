@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fuse4seg.data.labels import NUM_CLASSES, REGIONS
+from fuse4seg.data.labels import NUM_CLASSES, REGIONS, TUMOUR_CLASSES
 
 __all__ = [
     "LABEL_SETS",
@@ -38,6 +38,7 @@ __all__ = [
     "dice_iou",
     "dice_iou_per_slice",
     "scores_from_confusion",
+    "tumour_mean",
 ]
 
 LABEL_SETS: dict[str, tuple[int, ...]] = {
@@ -48,8 +49,14 @@ LABEL_SETS: dict[str, tuple[int, ...]] = {
     "TC": REGIONS["TC"],
 }
 """Scored label sets: the three tumour classes and the BraTS regions (ET is both)."""
-MEAN_OF = ("NCR", "ED", "ET")
+MEAN_OF = TUMOUR_CLASSES
 """The classes averaged into ``"mean"`` (the paper's Mean Dice / Mean IoU)."""
+
+
+def tumour_mean(scores, key: str = "dice") -> float:
+    """The paper's Mean Dice (or IoU, ``key="iou"``): the mean of NCR, ED and ET of ``scores``
+    (``{"NCR": {"dice": .., "iou": ..}, ...}``, e.g. ``SegmentationMeter.compute()["mean"]``)."""
+    return float(np.mean([scores[c][key] for c in MEAN_OF]))
 
 
 def _as_long(x, name: str) -> torch.Tensor:

@@ -6,6 +6,7 @@
 
 from fuse4seg.models.fusion import INN, FusionLeader, minmax_normalize
 from fuse4seg.models.registry import (
+    build_leader,
     count_parameters,
     create_fusion,
     create_segmentation,
@@ -18,6 +19,7 @@ __all__ = [
     "INN",
     "ConvNeXtUNet",
     "FusionLeader",
+    "build_leader",
     "count_parameters",
     "create_fusion",
     "create_segmentation",

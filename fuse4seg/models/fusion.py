@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuse4seg.models.layers import LayerNorm2d, check_divisible
+
 __all__ = [
     "AffineCoupling",
     "DepthwiseConv2d",
@@ -53,7 +55,6 @@ __all__ = [
     "GatedFeedForward",
     "INN",
     "InvertibleConv1x1",
-    "LayerNorm2d",
     "LowFrequencyBlock",
     "RestormerBlock",
     "TransposedAttention",
@@ -66,21 +67,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of each pixel of a ``(B, C, H, W)`` map (with bias)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
-        x = F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
-
-
 class DepthwiseConv2d(nn.Conv2d):
     """A 3×3 depthwise convolution ``(B, C, H, W) -> (B, C, H, W)``, fast under bf16 AMP.
 
@@ -403,9 +389,9 @@ class FusionLeader(nn.Module):
             keep the skip (default) because without it the polarity of x_f is left to the
             random initialisation: L_grad and L_decomp score an image and its negative alike,
             and γ·L_recon (γ = 0.05) is too weak to cross that barrier. Measured on the phantom
-            (default profile, 60 physical-loss steps of ``fuse4seg_small``,
-            ``benchmarks/probe_polarity.py``): corr(x_f, x_avg) = -0.956 without the skip,
-            +0.970 with it. ``source_skip=False`` gives the literal reading. With the
+            by ``benchmarks/probe_polarity.py`` (figures in ``benchmarks/RESULTS.md``): x_f
+            ends inverted without the skip and upright with it. ``source_skip=False`` gives
+            the literal reading. With the
             skip the head's last convolution starts scaled by 0.01, so the untrained leader
             outputs ≈ minmax(x_avg), the prior of the follower's warm-up.
 
@@ -484,12 +470,7 @@ class FusionLeader(nn.Module):
             raise ValueError(
                 f"leader: x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must have the same shape"
             )
-        h, w = x1.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise ValueError(
-                f"leader: input size {h}x{w} is not divisible by the leader's stride "
-                f"{self.stride} (Haar squeeze); pad or crop the slices"
-            )
+        check_divisible(x1, self.stride, "leader (Haar squeeze)")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared encoder + the two extractors: ``(N, 1, H, W) -> (F_low, F_high)``, each

@@ -20,6 +20,7 @@ from fuse4seg.models.segmentation import ConvNeXtUNet
 __all__ = [
     "FUSION_VARIANTS",
     "SEGMENTATION_VARIANTS",
+    "build_leader",
     "count_parameters",
     "create_fusion",
     "create_segmentation",
@@ -145,6 +146,16 @@ def _build(cls: type[nn.Module], name: str, settings: dict[str, Any]) -> nn.Modu
     if unknown:
         raise ValueError(f"{name}: unknown setting(s) {unknown}; valid: {sorted(valid)}")
     return cls(**settings)
+
+
+def build_leader(config) -> FusionLeader:
+    """The fusion leader Φ that ``config`` names (``model.fusion``, ``model.inn_squeeze``,
+    ``model.source_skip``): the one place a config becomes a leader."""
+    return create_fusion(
+        config.model.fusion,
+        inn_squeeze=config.model.inn_squeeze,
+        source_skip=config.model.source_skip,
+    )
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuse4seg.models.fusion import LayerNorm2d
+from fuse4seg.models.layers import LayerNorm2d, check_divisible
 
 __all__ = ["ConvNeXtBlock", "ConvNeXtUNet", "GRN", "TransformerBottleneckBlock"]
 
@@ -207,12 +207,7 @@ class ConvNeXtUNet(nn.Module):
             raise ValueError(
                 f"follower: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise ValueError(
-                f"follower: input size {h}x{w} is not divisible by the network's stride "
-                f"{self.stride}; pad or crop the slices to a multiple of {self.stride}"
-            )
+        check_divisible(x, self.stride, "follower")
         x = self.stem(x)  # (B, in, H, W) -> (B, C0, H, W)
         skips = []
         for blocks, down in zip(self.enc, self.down, strict=True):

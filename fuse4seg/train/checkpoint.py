@@ -11,12 +11,12 @@ A run folder keeps three files under ``checkpoints/``:
 Each file is written to a temporary file beside its target and renamed (``os.replace``), so a
 SIGKILL mid-write leaves the previous file intact. Files hold only tensors, plain dicts, lists,
 numbers and strings, and are read with ``torch.load(..., weights_only=True)``, which refuses to
-run code from a tampered file. Explained in chapter 4 (``book/04_bilevel_training.md``).
+run code from a tampered file. Bi-level runs and fusion-only runs (``leader.pt``) use this one
+format. Explained in chapter 4 (``book/04_bilevel_training.md``).
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import random
 from pathlib import Path
@@ -29,7 +29,6 @@ from fuse4seg.utils import atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "ModelEMA",
     "capture_rng",
     "load_checkpoint",
     "restore_rng",
@@ -96,42 +95,3 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-class ModelEMA:
-    """Exponential moving average of a network's weights, Eq. 4: θ̂ ← m·θ̂ + (1 − m)·θ.
-
-    Floating-point parameters and buffers are averaged; integer buffers are copied. The average
-    is kept in float32 even when the model trains under AMP.
-
-    Args:
-        model: the network to track (the leader); an unwrapped copy is made.
-        decay: m in Eq. 4 (0.99 in §4.1).
-
-    Explained in chapter 4.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay m must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """One Eq. 4 step towards ``model``'s current weights."""
-        current = model.state_dict()
-        for name, avg in self.module.state_dict().items():
-            value = current[name].detach()
-            if avg.dtype.is_floating_point:
-                avg.mul_(self.decay).add_(value.to(avg.dtype), alpha=1.0 - self.decay)
-            else:
-                avg.copy_(value)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)

@@ -10,10 +10,13 @@ Choices where the paper is silent (also stated in chapter 5):
 
 - **Schedule.** The paper gives no fusion-only schedule. We train for a fixed number of steps
   on random square crops with random flips and 90° rotations, AdamW + cosine decay, gradient
-  clipping, and evaluate the EMA weights. :data:`FUSION_SCHEDULE` lists the values per profile
-  (``paper``: 120 epochs over the training pairs at the §4.1 batch size and leader learning
-  rate, on 128×128 crops as CDDFuse trains its fusion model; ``smoke`` and ``default``: a few
-  dozen steps of a small leader so the chapter runs on a CPU in minutes).
+  clipping, and evaluate the EMA weights. The ``fusion`` section of the config
+  (:class:`fuse4seg.config.FusionConfig`) holds the values per profile (``paper``: 120 epochs
+  over the training pairs at the §4.1 batch size and leader learning rate, on 128×128 crops as
+  CDDFuse trains its fusion model; ``smoke`` and ``default``: a few dozen steps of a small
+  leader so the chapter runs on a CPU in minutes). Training is a one-stage plan (``fusion``)
+  of the same engine as Algorithm 1 (:class:`fuse4seg.train.bilevel.Engine`): the same
+  optimiser step, schedule, EMA and non-finite guard.
 - **Output polarity.** L_decomp acts on features and L_grad compares Sobel *magnitudes*, which
   are the same for x_f and 1 − x_f (both in [0, 1] after the min-max output), so only the light
   γ L_recon (γ = 0.05) says which way up the output is. On Harvard MRI-PET the leader trained
@@ -27,7 +30,7 @@ Choices where the paper is silent (also stated in chapter 5):
   used.
 - **EMA warm-up.** Eq. 4's EMA with m = 0.99 from the first step would keep 80 % of the random
   initialisation after 20 steps, so the decay ramps up as ``min(m, (1 + t) / (10 + t))``
-  (the usual EMA warm-up); after ~1000 steps it equals m.
+  (the usual EMA warm-up, :class:`fuse4seg.train.engine.ModelEMA` with ``warmup=True``).
 - **GFP-PC has six pairs.** Training and testing on them would measure memorisation, so
   :func:`cross_validate` evaluates every pair with a leader that never saw it (leave-one-out
   with ``folds = n``, or k folds to save time), and the strong augmentation (crops, flips,
@@ -36,21 +39,21 @@ Choices where the paper is silent (also stated in chapter 5):
   x_f ∈ [0, 1] is scaled to 0..255 and rounded to uint8, i.e. scored exactly as a saved PNG.
 
 Run folders: ``RUNS/fusion-<kind>-<profile>-<hash>/`` with ``config.yaml``, ``run.json``
-(kind, training pairs, schedule, commit), ``metrics.jsonl`` (losses during training) and
-``checkpoints/leader.pt`` (EMA leader + config; ``weights_only``-safe). The hash covers the
-config, the schedule, the seed and the training pair names, so the same call finds the same
-folder and reuses a finished run.
+(kind, training pairs, schedule, commit, code digest), ``metrics.jsonl`` (losses during
+training) and ``checkpoints/leader.pt`` (EMA leader + config; the one checkpoint format of
+:mod:`fuse4seg.train.checkpoint`). The name comes from :func:`fuse4seg.train.runs.fusion_run_name`
+(config, schedule, seed, training pair names), so the same call finds the same folder and
+reuses a finished run.
+
+The ``fuse4seg fusion train`` and ``fusion evaluate`` verbs are in :mod:`fuse4seg.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -58,45 +61,38 @@ import numpy as np
 import torch
 from torch import nn
 
-from fuse4seg.config import Config, get_config, parse_overrides
+from fuse4seg.config import Config
 from fuse4seg.data.pairs import ImagePair, colorize, find_pairs, load_pair
 from fuse4seg.fusion_baselines import BASELINES, fuse_baseline
-from fuse4seg.metrics.fusion import CONVENTIONS, FusionMeter, nan_to_none, to_uint8
-from fuse4seg.utils import code_digest
+from fuse4seg.metrics.fusion import FusionMeter, to_uint8
+from fuse4seg.models import build_leader
+from fuse4seg.train import runs
+from fuse4seg.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from fuse4seg.train.methods import MethodSpec
+from fuse4seg.utils import atomic_write_json
 
 __all__ = [
-    "FUSION_SCHEDULE",
+    "FUSION_ONLY",
     "FusionRun",
     "OrientedLeader",
-    "choose_polarity",
     "PairSampler",
+    "choose_polarity",
     "cross_validate",
     "evaluate_fusion",
     "fuse_pair",
     "fuse_with_leader",
-    "fusion_evaluate_arguments",
-    "fusion_evaluate_main",
     "fusion_schedule",
-    "fusion_train_arguments",
-    "fusion_train_main",
     "load_fusion_leader",
+    "load_pairs",
     "train_fusion",
 ]
 
-FUSION_SCHEDULE: dict[str, dict[str, Any]] = {
-    # steps None = rollout_epochs × ceil(pairs / batch_size) of the profile's config
-    "paper": {"steps": None, "crop": 128, "batch_size": None, "lr": None, "log_every": 50},
-    "default": {"steps": 40, "crop": 64, "batch_size": 4, "lr": 1e-3, "log_every": 5},
-    "smoke": {"steps": 20, "crop": 48, "batch_size": 4, "lr": 1e-3, "log_every": 5},
-}
-"""Fusion-only schedule per profile (module docstring). ``None`` = take the profile's config:
-``train.batch_size``, ``train.lr_leader``, ``train.rollout_epochs``."""
-
-CHECKPOINT_FORMAT = 1
+FUSION_ONLY = MethodSpec("fusion_only", "Fusion-only leader", leader="disjoint", follower=None)
+"""The leader alone with the physical losses: a one-stage plan (``fusion``) of the engine."""
 
 
 def fusion_schedule(config: Config, n_pairs: int, **overrides: Any) -> dict[str, Any]:
-    """The resolved fusion-only schedule for ``config.profile`` and ``n_pairs`` training pairs.
+    """The resolved fusion-only schedule of ``config.fusion`` for ``n_pairs`` training pairs.
 
     Args:
         overrides: ``steps``, ``crop``, ``batch_size``, ``lr``, ``log_every`` (``None`` = keep).
@@ -107,20 +103,27 @@ def fusion_schedule(config: Config, n_pairs: int, **overrides: Any) -> dict[str,
     Raises:
         ValueError: an unknown override name or a non-positive value.
     """
-    base = dict(FUSION_SCHEDULE.get(config.profile, FUSION_SCHEDULE["paper"]))
+    f, t = config.fusion, config.train
+    base: dict[str, Any] = {
+        "steps": f.steps,
+        "crop": f.crop,
+        "batch_size": f.batch,
+        "lr": f.lr,
+        "log_every": f.log_every,
+    }
     unknown = sorted(set(overrides) - set(base))
     if unknown:
         raise ValueError(f"unknown schedule setting(s) {unknown}; valid: {sorted(base)}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     if base["batch_size"] is None:
-        base["batch_size"] = config.train.batch_size
+        base["batch_size"] = t.batch_size
     if base["lr"] is None:
-        base["lr"] = config.train.lr_leader
+        base["lr"] = t.lr_leader
     if base["steps"] is None:
         per_epoch = max(1, math.ceil(n_pairs / base["batch_size"]))
-        if config.train.steps_per_epoch is not None:
-            per_epoch = min(per_epoch, config.train.steps_per_epoch)
-        base["steps"] = config.train.rollout_epochs * per_epoch
+        if t.steps_per_epoch is not None:
+            per_epoch = min(per_epoch, t.steps_per_epoch)
+        base["steps"] = t.rollout_epochs * per_epoch
     for key in ("steps", "crop", "batch_size", "log_every"):
         if int(base[key]) < 1:
             raise ValueError(f"fusion schedule: {key} must be >= 1, got {base[key]}")
@@ -173,7 +176,6 @@ class PairSampler:
         t = torch.from_numpy(out)
         return t[:, :1], t[:, 1:]  # (B, 2, S, S) -> 2 × (B, 1, S, S)
 
-
 # --------------------------------------------------------------------------- training
 
 
@@ -187,24 +189,6 @@ class FusionRun:
     info: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
-
-
-def _run_hash(config: Config, kind: str, schedule: dict, seed: int, names: list[str]) -> str:
-    cfg = config.to_dict()
-    cfg["train"].pop("device", None)
-    cfg["train"].pop("num_workers", None)
-    key = {"config": cfg, "kind": kind, "schedule": schedule, "seed": seed, "pairs": names}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _build_leader(config: Config) -> nn.Module:
-    from fuse4seg.models import create_fusion
-
-    return create_fusion(
-        config.model.fusion,
-        inn_squeeze=config.model.inn_squeeze,
-        source_skip=config.model.source_skip,
-    )
 
 
 def train_fusion(
@@ -225,19 +209,19 @@ def train_fusion(
 ) -> FusionRun:
     """Train the leader ``config.model.fusion`` on ``train_pairs`` with the physical losses.
 
-    Each step: a batch of random crops (:class:`PairSampler`), ``x_f, feats = leader(x1, x2)``,
-    ``loss = physical_loss(x_f, x1, x2, feats, config.loss)`` (α L_decomp + β L_grad +
-    γ L_recon, Eq. 3 without the segmentation term), AdamW (``train.weight_decay``) with a
-    cosine learning rate, gradient clipping (``train.grad_clip``), then the EMA update (Eq. 4,
-    with the warm-up of the module docstring). Afterwards the output polarity is chosen on
-    training crops (module docstring, :func:`choose_polarity`).
+    Each step: a batch of random crops (:class:`PairSampler`), then the engine's
+    :meth:`~fuse4seg.train.bilevel.Engine.fusion_step`: ``x_f, feats = leader(x1, x2)``,
+    ``physical_loss`` (α L_decomp + β L_grad + γ L_recon, Eq. 3 without the segmentation term),
+    the shared optimiser step (AdamW, cosine learning rate, gradient clipping, non-finite
+    guard), then the EMA update (Eq. 4, with the warm-up of the module docstring). Afterwards
+    the output polarity is chosen on training crops (:func:`choose_polarity`).
 
     Args:
         train_pairs: loaded pairs (``load_pair``); never the test pairs.
-        config: profile config (model, loss weights, optimiser, seed, device).
+        config: profile config (model, loss weights, optimiser, ``fusion`` schedule, seed).
         runs_dir: parent folder of the run folder.
         kind: ``"PET-MRI"``, ..., ``"GFP-PC"`` (default: the pairs' own kind); names the run.
-        steps, crop, batch_size, lr: override :data:`FUSION_SCHEDULE`.
+        steps, crop, batch_size, lr: override ``config.fusion``.
         seed: default ``config.train.seed``.  device: default ``config.train.device``.
         force: retrain even when a finished run with the same settings exists. A finished run
             written by other package code (``run.json``'s ``code``,
@@ -248,118 +232,84 @@ def train_fusion(
         A :class:`FusionRun` (``reused`` True when a finished run was loaded instead).
 
     Raises:
-        ValueError: no pairs; a bad schedule value; a non-finite loss (the step is named).
+        ValueError: no pairs; a bad schedule value.
+        NonFiniteLossError: a non-finite loss (the step is named).
 
     Explained in chapter 5 (``book/05_fusion_benchmarks.md``).
     """
-    from fuse4seg.losses import physical_loss
-    from fuse4seg.utils import (
-        atomic_write_json,
-        atomic_write_text,
-        git_commit,
-        resolve_device,
-        set_seed,
-    )
+    from fuse4seg.train.bilevel import Engine
+    from fuse4seg.utils import resolve_device
 
     if not train_pairs:
         raise ValueError("train_fusion: no training pairs")
     kind = kind or train_pairs[0].kind
     seed = config.train.seed if seed is None else int(seed)
     sched = fusion_schedule(
-        config,
-        len(train_pairs),
-        steps=steps,
-        crop=crop,
-        batch_size=batch_size,
-        lr=lr,
+        config, len(train_pairs), steps=steps, crop=crop, batch_size=batch_size, lr=lr
     )
     names = sorted(p.name for p in train_pairs)
-    run_dir = Path(runs_dir) / (
-        f"fusion-{kind}-{config.profile}-{_run_hash(config, kind, sched, seed, names)}"
-    )
+    run_dir = Path(runs_dir) / runs.fusion_run_name(config, kind, sched, seed, names)
     ckpt = run_dir / "checkpoints" / "leader.pt"
     dev = resolve_device(device or config.train.device)
     if ckpt.is_file() and not force:
         leader, cfg, info = load_fusion_leader(run_dir, device=str(dev))
-        if reuse_other_code or info.get("code") == code_digest():
+        if reuse_other_code or runs.check_code(run_dir, restart=False, quiet=True):
             return FusionRun(run_dir, leader, cfg, info, _read_history(run_dir), reused=True)
         if progress:
             print(f"{run_dir}: trained by other fuse4seg code; training again", flush=True)
 
-    set_seed(seed)
-    leader = _build_leader(config).to(dev)
-    ema = _build_leader(config).to(dev)
-    ema.load_state_dict(leader.state_dict())
-    ema.eval().requires_grad_(False)
-    sampler = PairSampler(train_pairs, sched["crop"], getattr(leader, "stride", 1), seed)
-    opt = torch.optim.AdamW(
-        leader.parameters(), lr=sched["lr"], weight_decay=config.train.weight_decay
-    )
     total = sched["steps"]
-    history: list[dict[str, Any]] = []
+    step_now = [0]
+    engine = Engine(
+        config,
+        FUSION_ONLY,
+        dev,
+        steps_per_epoch=total,
+        where=lambda: f"fusion training ({kind}), step {step_now[0] + 1}",
+        plan=[("fusion", 1)],
+        leader_lr=sched["lr"],
+        ema_warmup=True,
+        seed=seed,
+    )
+    stride = int(getattr(engine.leader_module, "stride", 1))
+    sampler = PairSampler(train_pairs, sched["crop"], stride, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.to_yaml(run_dir / "config.yaml")
-    info = {
-        "kind": kind,
-        "profile": config.profile,
-        "model": config.model.fusion,
-        "schedule": sched,
-        "seed": seed,
-        "train_pairs": names,
-        "data": sorted({str(p.paths.a.parent.parent) for p in train_pairs}),
-        "commit": git_commit(),
-        "code": code_digest(),
-        "device": str(dev),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "finished": False,
-        "objective": "alpha*L_decomp + beta*L_grad + gamma*L_recon (Eq. 3 without L_seg)",
-    }
-    atomic_write_json(run_dir / "run.json", info)
+    info = runs.write_run_json(
+        run_dir,
+        kind=kind,
+        profile=config.profile,
+        model=config.model.fusion,
+        schedule=sched,
+        seed=seed,
+        train_pairs=names,
+        data=sorted({str(p.paths.a.parent.parent) for p in train_pairs}),
+        device=str(dev),
+        finished=False,
+        objective="alpha*L_decomp + beta*L_grad + gamma*L_recon (Eq. 3 without L_seg)",
+    )
+    history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     iterator = range(total)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=f"fusion {kind}", leave=False)
-    leader.train()
     for step in iterator:
-        lr_now = 0.5 * sched["lr"] * (1 + math.cos(math.pi * step / total))  # cosine to 0
-        for group in opt.param_groups:
-            group["lr"] = lr_now
+        step_now[0] = step
+        lr_now = engine.leader.lr()
         x1, x2 = (x.to(dev) for x in sampler.sample(sched["batch_size"]))
-        x_fused, feats = leader(x1, x2)
-        loss, terms = physical_loss(x_fused, x1, x2, feats, config.loss)
-        if not torch.isfinite(loss):
-            raise ValueError(f"fusion training ({kind}): non-finite loss at step {step}: {terms}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.train.grad_clip and config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(leader.parameters(), config.train.grad_clip)
-        opt.step()
-        decay = min(config.train.ema_decay, (1 + step) / (10 + step))  # Eq. 4 with warm-up
-        with torch.no_grad():
-            for p_ema, p in zip(
-                ema.state_dict().values(), leader.state_dict().values(), strict=True
-            ):
-                if p_ema.dtype.is_floating_point:
-                    p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
-                else:
-                    p_ema.copy_(p)
+        values = engine.fusion_step(x1, x2)
         if (step + 1) % sched["log_every"] == 0 or step + 1 == total:
+            terms = {k.split("/", 1)[1]: v for k, v in values.items() if "/" in k}
             history.append(
-                {
-                    "step": step + 1,
-                    "lr": lr_now,
-                    **terms,
-                    "seconds": round(time.perf_counter() - t0, 3),
-                }
+                {"step": step + 1, "lr": lr_now, **terms,
+                 "seconds": round(time.perf_counter() - t0, 3)}
             )
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    ema.eval()
+    runs.write_metrics(run_dir, history)
+    ema = engine.ema.module.eval()
     polarity, losses = choose_polarity(ema, train_pairs, sched["crop"], config, seed)
     info.update(polarity=polarity, polarity_losses=losses)
-    from fuse4seg.train.checkpoint import save_checkpoint
-
     save_checkpoint(
         ckpt,
         {
@@ -430,10 +380,7 @@ def choose_polarity(
 
 
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return runs.read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def load_fusion_leader(path: str | Path, device: str = "auto") -> tuple[nn.Module, Config, dict]:
@@ -448,7 +395,6 @@ def load_fusion_leader(path: str | Path, device: str = "auto") -> tuple[nn.Modul
         FileNotFoundError: nothing at ``path``. ValueError: not a checkpoint with a leader.
     """
     from fuse4seg.config import config_from_dict
-    from fuse4seg.train.checkpoint import load_checkpoint
     from fuse4seg.utils import resolve_device
 
     path = Path(path)
@@ -458,14 +404,14 @@ def load_fusion_leader(path: str | Path, device: str = "auto") -> tuple[nn.Modul
         state = load_checkpoint(own, map_location="cpu")
         if state.get("kind") == "fusion_leader":
             config = config_from_dict(state["config"])
-            leader = _build_leader(config)
+            leader = build_leader(config)
             leader.load_state_dict(state["leader"])
             info = dict(state.get("info", {}), checkpoint=str(own))
             polarity = int(state.get("polarity", 1))
             return OrientedLeader(leader, polarity).to(dev).eval(), config, info
     if not path.exists():
         raise FileNotFoundError(f"{path}: no fusion run folder or checkpoint here")
-    from fuse4seg.train.inference import load_bundle
+    from fuse4seg.inference import load_bundle
 
     bundle = load_bundle(path, device=str(dev))
     if bundle.leader is None:
@@ -619,17 +565,21 @@ def cross_validate(
     return leaders
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def _load_pairs(
+def load_pairs(
     root: Path,
     kind: str,
     split: str,
-    names: list[str] | None,
-    exclude: list[str],
-    max_pairs: int | None,
+    names: list[str] | None = None,
+    exclude: list[str] | None = None,
+    max_pairs: int | None = None,
 ) -> list[ImagePair]:
+    """Find and load the ``kind`` pairs of ``split`` under ``root``, optionally only ``names``,
+    without ``exclude``, and at most ``max_pairs`` (sorted by name).
+
+    Raises:
+        ValueError: a named pair that does not exist, or no pair left.
+    """
+    exclude = exclude or []
     found = find_pairs(root, kind, split)
     if names:
         known = {p.name for p in found}
@@ -646,139 +596,3 @@ def _load_pairs(
     if not found:
         raise ValueError(f"{root}: no {kind} {split} pairs left to use")
     return [load_pair(p) for p in found]
-
-
-def _names(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def _common_pair_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--pairs",
-        type=Path,
-        required=True,
-        help="Harvard folder (holding PET-MRI/, ...) or the GFP folder (GFP/, PC/)",
-    )
-    parser.add_argument(
-        "--kind", required=True, choices=["CT-MRI", "PET-MRI", "SPECT-MRI", "GFP-PC"]
-    )
-    parser.add_argument("--only", help="comma-separated pair names to use (default: all)")
-    parser.add_argument("--exclude", help="comma-separated pair names to leave out")
-    parser.add_argument("--max-pairs", type=int, help="use at most N pairs (sorted by name)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: config)")
-
-
-def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``fuse4seg fusion train``."""
-    _common_pair_args(parser)
-    parser.add_argument(
-        "--split",
-        default="train",
-        choices=["train", "test"],
-        help="Harvard split to train on (GFP-PC has one set; use --exclude)",
-    )
-    parser.add_argument("--profile", default="default", help="smoke, default or paper")
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--crop", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a config setting, e.g. --set loss.beta_grad=2 (repeatable)",
-    )
-    parser.add_argument("--force", action="store_true", help="retrain even if the run exists")
-
-
-def fusion_train_main(args: argparse.Namespace) -> int:
-    """Train the fusion leader on image pairs with the physical losses only (no labels).
-
-    Writes RUNS/fusion-<kind>-<profile>-<hash>/ (config, run.json, metrics.jsonl,
-    checkpoints/leader.pt) and prints its path; a finished run with the same settings is reused.
-    """
-    if args.kind == "GFP-PC" and args.split != "train":
-        raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
-    config = get_config(args.profile, parse_overrides(args.set))
-    pairs = _load_pairs(
-        args.pairs, args.kind, args.split, _names(args.only), _names(args.exclude), args.max_pairs
-    )
-    run = train_fusion(
-        pairs,
-        config,
-        args.out,
-        args.kind,
-        steps=args.steps,
-        crop=args.crop,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        force=args.force,
-        progress=True,
-    )
-    last = run.history[-1] if run.history else {}
-    state = "reused" if run.reused else "trained"
-    print(
-        f"{state} {run.run_dir} on {len(pairs)} {args.kind} pairs; last logged loss: "
-        f"{last.get('total', float('nan')):.4g}"
-    )
-    return 0
-
-
-def fusion_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``fuse4seg fusion evaluate``."""
-    parser.add_argument(
-        "method",
-        help="a fusion run folder / leader checkpoint (fusion-only or a BraTS "
-        f"run), or a rule: {', '.join(BASELINES)}",
-    )
-    _common_pair_args(parser)
-    parser.add_argument("--split", default="test", choices=["train", "test"])
-    parser.add_argument("--convention", default="standard", choices=[*CONVENTIONS, "all"])
-    parser.add_argument("--json", type=Path, help="write the metrics (per pair and mean) here")
-    parser.add_argument("--images", type=Path, help="write fused grey and colour PNGs here")
-
-
-def fusion_evaluate_main(args: argparse.Namespace) -> int:
-    """Fuse the test pairs with a trained leader or a classical rule and score them.
-
-    Prints the mean of every metric under the chosen convention(s); --json writes per-pair and
-    mean values, --images the fused Y and colour PNGs.
-    """
-    conventions = list(CONVENTIONS) if args.convention == "all" else [args.convention]
-    split = "all" if args.kind == "GFP-PC" else args.split
-    pairs = _load_pairs(
-        args.pairs, args.kind, split, _names(args.only), _names(args.exclude), args.max_pairs
-    )
-    leader, label, source = None, args.method, None
-    if args.method not in BASELINES:
-        leader, _, info = load_fusion_leader(args.method, device=args.device or "auto")
-        label = f"leader:{Path(args.method).name}"
-        source = info
-    result = evaluate_fusion(
-        pairs, label if leader is None else "leader", leader, conventions, args.images
-    )
-    out = {
-        "method": label,
-        "leader": source,
-        "kind": args.kind,
-        "split": split,
-        "data": str(args.pairs),
-        "pairs": result["pairs"],
-        "metrics": result["metrics"],
-    }
-    if args.json is not None:
-        from fuse4seg.utils import atomic_write_json
-
-        atomic_write_json(args.json, nan_to_none(out))
-    for conv, res in result["metrics"].items():
-        print(
-            f"{label} on {len(pairs)} {args.kind} {split} pairs of {args.pairs}; convention: {conv}"
-        )
-        for k, v in res["mean"].items():
-            print(f"  {k:>20}: {v:.6g}")
-    return 0

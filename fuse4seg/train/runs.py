@@ -3,15 +3,21 @@
 A run folder says what made it:
 
 - ``config.yaml``: the resolved :class:`fuse4seg.config.Config`;
-- ``run.json``: method, ablation, git commit, data path, manifest checksum, start time, world size;
+- ``run.json``: method, ablation, git commit, code digest, data path, manifest checksum, start
+  time, world size;
 - ``metrics.jsonl``: one JSON object per epoch (losses, learning rates, validation Dice/IoU);
 - ``checkpoints/{last,best,ema}.pt`` (:mod:`fuse4seg.train.checkpoint`);
 - ``glassbox/``: the fused prior of a few fixed validation slices at each validation.
 
-The hash covers the resolved config (less ``train.device`` and ``train.num_workers``, which do
-not define the experiment), the method, the world size when > 1, and the SHA-256 of the data
-manifest, so the same command on the same data finds the same folder (that is how ``--resume``
-finds it) and any change of setting or data makes a new one.
+The hash covers the resolved config (less ``train.device``, which does not define the
+experiment, and the ``fusion`` section, which only fusion-only runs read), the method, the world
+size when > 1, and the SHA-256 of the data manifest, so the same command on the same data finds
+the same folder (that is how ``--resume`` finds it) and any change of setting or data makes a new
+one. Fusion-only runs (``RUNS/fusion-<kind>-<profile>-<hash>/``) are named the same way from the
+config, their kind, schedule, seed and training pairs (:func:`fusion_run_name`).
+
+Every run folder records the package's code digest (:func:`fuse4seg.utils.code_digest`) in
+``run.json``; :func:`check_code` compares it when a run is resumed or reused.
 
 Explained in chapter 4 (``book/04_bilevel_training.md``).
 """
@@ -20,20 +26,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import sys
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fuse4seg.config import Config
+from fuse4seg.utils import atomic_write_json, atomic_write_text, code_digest, git_commit
 
 __all__ = [
+    "check_code",
     "data_checksum",
+    "flatten",
+    "fusion_run_name",
     "read_metrics",
+    "read_run_json",
     "resolve_cache",
     "run_hash",
     "run_name",
+    "write_metrics",
+    "write_run_json",
 ]
 
-_NOT_HASHED = {("train", "device"), ("train", "num_workers")}
+_NOT_HASHED = {("train", "device")}
 
 
 def resolve_cache(
@@ -92,15 +110,39 @@ def data_checksum(cache_dir: str | Path) -> str:
     return hashlib.sha256((Path(cache_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
-def run_hash(config: Config, method: str, checksum: str, world_size: int = 1, n: int = 8) -> str:
-    """The short hash that names a run folder (see the module docstring)."""
+def _hashed_config(config: Config) -> dict[str, Any]:
     cfg = config.to_dict()
     for section, name in _NOT_HASHED:
         cfg[section].pop(name, None)
+    return cfg
+
+
+def _short(key: dict[str, Any], n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def run_hash(config: Config, method: str, checksum: str, world_size: int = 1, n: int = 8) -> str:
+    """The short hash that names a run folder (see the module docstring)."""
+    cfg = _hashed_config(config)
+    cfg.pop("fusion", None)
     key: dict[str, Any] = {"config": cfg, "method": method, "data": checksum}
     if world_size > 1:
         key["world_size"] = world_size
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:n]
+    return _short(key, n)
+
+
+def fusion_run_name(
+    config: Config, kind: str, schedule: dict[str, Any], seed: int, pairs: list[str]
+) -> str:
+    """``fusion-<kind>-<profile>-<hash>`` of a fusion-only run (module docstring)."""
+    key = {
+        "config": _hashed_config(config),
+        "kind": kind,
+        "schedule": schedule,
+        "seed": seed,
+        "pairs": sorted(pairs),
+    }
+    return f"fusion-{kind}-{config.profile}-{_short(key)}"
 
 
 def run_name(config: Config, method: str, checksum: str, world_size: int = 1) -> str:
@@ -118,3 +160,74 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``metrics.jsonl`` (one JSON object per row) atomically."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    atomic_write_text(Path(run_dir) / "metrics.jsonl", text)
+
+
+def write_run_json(run_dir: str | Path, **info: Any) -> dict[str, Any]:
+    """Write ``run.json``: ``info`` plus the git commit, the code digest, the start time, the
+    seed-independent facts of the machine (torch threads, CPU/GPU name). Returns the dict."""
+    import platform
+
+    import torch
+
+    record = {
+        **info,
+        "commit": git_commit(),
+        "code": code_digest(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(Path(run_dir) / "run.json", record)
+    return record
+
+
+def read_run_json(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, or ``{}`` when missing or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_code(run_dir: Path, restart: bool, quiet: bool = False) -> bool:
+    """Compare the run's recorded code digest with this package's.
+
+    Returns ``True`` when they match. Otherwise, with ``restart``, the folder is removed (one
+    rename first, so an interruption never leaves a mix of old and new files) and ``False`` is
+    returned; without it a warning (unless ``quiet``) says the run is continued anyway and
+    ``False`` is returned.
+    """
+    info = read_run_json(run_dir)
+    recorded, current = info.get("code"), code_digest()
+    if recorded == current:
+        return True
+    what = (
+        f"{run_dir} was trained by other fuse4seg code (code {recorded or 'not recorded'}, "
+        f"commit {info.get('commit', 'unknown')}; this is code {current}, commit {git_commit()})"
+    )
+    if restart:
+        print(f"{what}: starting it again", file=sys.stderr, flush=True)
+        stale = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
+        os.replace(run_dir, stale)
+        shutil.rmtree(stale)
+    elif not quiet:
+        warnings.warn(f"{what}: resuming it anyway", stacklevel=3)
+    return False
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """``{"section.name": value}`` of every setting (to rebuild a config with overrides)."""
+    return {
+        f"{section}.{name}": value
+        for section, values in config.to_dict().items()
+        if isinstance(values, dict)
+        for name, value in values.items()
+    }

@@ -23,8 +23,11 @@ import torch
 from torch import nn
 
 from fuse4seg.config import Config, config_from_dict
-from fuse4seg.train.baselines import build_follower, build_leader, fixed_prior, method_spec
+from fuse4seg.fusion_baselines import RULES
+from fuse4seg.metrics.segmentation import tumour_mean
+from fuse4seg.models import build_leader
 from fuse4seg.train.checkpoint import load_checkpoint
+from fuse4seg.train.methods import build_follower, get_method
 from fuse4seg.utils import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -35,9 +38,6 @@ __all__ = [
     "predict_volume",
     "segment_slices",
 ]
-
-TUMOUR_CLASSES = ("NCR", "ED", "ET")
-
 
 @dataclass
 class Bundle:
@@ -89,10 +89,10 @@ def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location="cpu")
     method = state["method"]
-    spec = method_spec(method)
+    spec = get_method(method)
     config = config_from_dict(state["config"])
     leader = None
-    if spec["leader"]:
+    if spec.leader:
         leader = build_leader(config)
         weights = state["leader"] if state.get("kind") == "bundle" else state["ema"]
         leader.load_state_dict(weights)
@@ -116,7 +116,8 @@ def segment_slices(
         ``None`` for the 2-channel methods, which have no single fused image.
     """
     fused_out, labels_out = [], []
-    single = method_spec(bundle.method)["in_channels"] == 1
+    spec = get_method(bundle.method)
+    single = spec.in_channels == 1
     for start in range(0, x1.shape[0], batch_size):
         a = torch.from_numpy(np.ascontiguousarray(x1[start : start + batch_size], np.float32))
         b = torch.from_numpy(np.ascontiguousarray(x2[start : start + batch_size], np.float32))
@@ -124,7 +125,7 @@ def segment_slices(
         if bundle.leader is not None:
             x_in, _ = bundle.leader(a, b)  # (B, 1, S, S) x2 -> (B, 1, S, S)
         else:
-            x_in = fixed_prior(bundle.method, a, b)
+            x_in = RULES[spec.rule](a, b)
         logits = bundle.follower(x_in.float())  # (B, C, S, S) -> (B, 4, S, S)
         labels_out.append(logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
         if single:
@@ -325,8 +326,8 @@ def evaluate_run(
         "cases": ids,
         "per_case": scores["per_case"],
         "mean": mean,
-        "mean_dice": float(np.mean([mean[c]["dice"] for c in TUMOUR_CLASSES])),
-        "mean_iou": float(np.mean([mean[c]["iou"] for c in TUMOUR_CLASSES])),
+        "mean_dice": tumour_mean(mean, "dice"),
+        "mean_iou": tumour_mean(mean, "iou"),
     }
     if json_out is not None:
         atomic_write_json(Path(json_out), result)

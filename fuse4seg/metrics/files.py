@@ -1,4 +1,4 @@
-"""``fuse4seg metrics``: score fused images against their sources from the command line.
+"""Score fused image files against their sources (the logic of ``fuse4seg metrics``).
 
 One pair::
 
@@ -16,21 +16,26 @@ produced its numbers (chapter 5 and the appendix ``book/appendix_fusion_metrics.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
-from fuse4seg.metrics.fusion import CONVENTIONS, METRICS, FusionMeter, nan_to_none
+from fuse4seg.metrics.fusion import CONVENTIONS, METRICS, FusionMeter
 
-__all__ = ["metrics_arguments", "metrics_main", "score_folder", "score_pair"]
+__all__ = [
+    "conventions_of",
+    "format_value",
+    "parse_metric_names",
+    "score_folder",
+    "score_pair",
+    "write_csv",
+]
 
 _IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
-def _parse_metrics(text: str | None) -> list[str] | None:
+def parse_metric_names(text: str | None) -> list[str] | None:
     if text is None:
         return None
     names = [t.strip() for t in text.split(",") if t.strip()]
@@ -41,7 +46,7 @@ def _parse_metrics(text: str | None) -> list[str] | None:
     return names
 
 
-def _conventions(choice: str) -> list[str]:
+def conventions_of(choice: str) -> list[str]:
     return list(CONVENTIONS) if choice == "all" else [choice]
 
 
@@ -122,72 +127,12 @@ def score_folder(
     return {c: m.compute() for c, m in meters.items()}
 
 
-def _fmt(v: float) -> str:
+def format_value(v: float) -> str:
+    """A metric value for a table or CSV cell (``nan`` for missing)."""
     return "nan" if not math.isfinite(v) else f"{v:.6g}"
 
 
-def metrics_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``fuse4seg metrics`` options to ``parser``."""
-    parser.add_argument("--fused", type=Path, required=True, help="fused image, or a folder")
-    parser.add_argument("--a", type=Path, required=True, help="source A (MRI), or a folder")
-    parser.add_argument(
-        "--b", type=Path, required=True, help="source B (CT/PET/SPECT), or a folder"
-    )
-    parser.add_argument(
-        "--convention",
-        default="standard",
-        choices=[*CONVENTIONS, "all"],
-        help="which definitions to use (see the book's fusion-metrics appendix); default standard",
-    )
-    parser.add_argument(
-        "--metrics", help=f"comma-separated subset (default: {','.join(METRICS)},MSE)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--csv", type=Path, help="folder mode: write one row per pair here")
-
-
-def metrics_main(args: argparse.Namespace) -> int:
-    """Fusion quality metrics (EN, SD, MI, PSNR, SF, Qabf, SSIM, VIF, SCD) of fused images.
-
-    Give three files for one pair, or three folders (matched by file name) to score every pair;
-    --csv writes the per-pair values in folder mode. Every output names its convention.
-    """
-    conventions = _conventions(args.convention)
-    metrics = _parse_metrics(args.metrics)
-    if args.fused.is_dir():
-        if args.csv is None and not args.json:
-            raise ValueError("folder mode: give --csv FILE for the per-pair values (or --json)")
-        results = score_folder(args.fused, args.a, args.b, conventions, metrics)
-        if args.csv is not None:
-            _write_csv(args.csv, results)
-        if args.json:
-            print(json.dumps(nan_to_none(results), indent=2))
-        else:
-            for conv, res in results.items():
-                n = len(res["per_pair"])
-                print(f"convention: {conv}; mean over {n} pairs of {args.fused}")
-                for k, v in res["mean"].items():
-                    print(f"  {k:>20}: {_fmt(v)}")
-            print(f"wrote {args.csv}")
-        return 0
-    for path, what in ((args.fused, "--fused"), (args.a, "--a"), (args.b, "--b")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} {path}: file not found")
-    if args.csv is not None:
-        raise ValueError("--csv is for folder mode (--fused FOLDER); use --json for one pair")
-    results = score_pair(args.fused, args.a, args.b, conventions, metrics)
-    if args.json:
-        out = {"fused": str(args.fused), "a": str(args.a), "b": str(args.b), "metrics": results}
-        print(json.dumps(nan_to_none(out), indent=2))
-    else:
-        for conv, row in results.items():
-            print(f"convention: {conv}; fused {args.fused}; A {args.a}; B {args.b}")
-            for k, v in row.items():
-                print(f"  {k:>20}: {_fmt(v)}")
-    return 0
-
-
-def _write_csv(path: Path, results: dict[str, dict]) -> None:
+def write_csv(path: Path, results: dict[str, dict]) -> None:
     from fuse4seg.utils import atomic_write_text
 
     buf = io.StringIO()
@@ -199,5 +144,6 @@ def _write_csv(path: Path, results: dict[str, dict]) -> None:
     writer.writerow(["name", "convention", *names])
     for conv, res in results.items():
         for pair, row in res["per_pair"].items():
-            writer.writerow([pair, conv, *(_fmt(row[k]) if k in row else "" for k in names)])
+            cells = (format_value(row[k]) if k in row else "" for k in names)
+            writer.writerow([pair, conv, *cells])
     atomic_write_text(Path(path), buf.getvalue())

@@ -1,0 +1,133 @@
+"""What the book's chapters share besides plotting: the default data and how it is named.
+
+- :data:`PHANTOM_CASES`: how many phantom cases each profile uses (``make book`` and every
+  chapter read it here, so a chapter run by hand sees the data the build sees);
+- :func:`prepare_phantom`: write (or keep, or rewrite) the phantom in a folder, atomically;
+- :func:`ensure_data`: a chapter's first data step: the phantom when ``data_dir`` is missing,
+  and a label that says which data the chapter runs on;
+- :func:`data_label`: that label for any folder (read from a prepared cache's manifest when
+  given one).
+
+Plotting lives in :mod:`fuse4seg.plotting`; the paper's reported numbers in
+:mod:`fuse4seg.paper`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "PHANTOM_CASES",
+    "PHANTOM_SEED",
+    "data_label",
+    "ensure_data",
+    "phantom_case_count",
+    "phantom_cases",
+    "prepare_phantom",
+]
+
+PHANTOM_CASES = {"smoke": 6, "default": 12, "paper": 24}
+"""Phantom cases written for each profile when the book runs on the built-in phantom."""
+
+PHANTOM_SEED = 0
+
+
+def phantom_cases(profile: str) -> int:
+    """Number of phantom cases for a profile (:data:`PHANTOM_CASES`).
+
+    Raises:
+        ValueError: unknown profile.
+    """
+    if profile not in PHANTOM_CASES:
+        raise ValueError(f"--profile {profile!r}: choose one of {sorted(PHANTOM_CASES)}")
+    return PHANTOM_CASES[profile]
+
+
+def phantom_case_count(data_dir: Path) -> int | None:
+    """Number of phantom cases (``Phantom_NNNNN`` folders) in ``data_dir``.
+
+    Returns:
+        The count when ``data_dir`` holds phantom case folders and nothing else (hidden files
+        aside), ``None`` when it holds anything else (then it is someone's own data).
+    """
+    names = [p.name for p in Path(data_dir).iterdir() if not p.name.startswith(".")]
+    if all(re.fullmatch(r"Phantom_\d{5}", n) and (Path(data_dir) / n).is_dir() for n in names):
+        return len(names)
+    return None
+
+
+def prepare_phantom(data_dir: str | Path, cases: int, seed: int = PHANTOM_SEED) -> str:
+    """Make ``data_dir`` hold the phantom dataset with ``cases`` cases.
+
+    A missing folder is written; a folder holding only phantom cases, but another number of
+    them (say, from a build with another profile), is rewritten, so a profile always sees the
+    same data; a folder holding anything else is left alone (it is the user's data). Writing
+    goes to a temporary sibling folder that is renamed into place, so ``data_dir`` is never
+    half-written.
+
+    Returns:
+        ``"written"``, ``"rewritten"``, ``"kept"`` (already right) or ``"foreign"`` (not a
+        phantom folder; left as it is).
+
+    Raises:
+        ValueError: ``data_dir`` is a file.
+    """
+    from fuse4seg.data import phantom
+
+    data_dir = Path(data_dir)
+    if data_dir.exists():
+        if not data_dir.is_dir():
+            raise ValueError(f"--data-dir {data_dir} exists and is not a folder")
+        count = phantom_case_count(data_dir)
+        if count is None:
+            return "foreign"
+        if count == cases:
+            return "kept"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.new-", dir=data_dir.parent))
+    old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
+    status = "rewritten" if data_dir.exists() else "written"
+    try:
+        phantom.write_phantom_dataset(tmp, cases=cases, seed=seed)
+        if data_dir.exists():
+            os.replace(data_dir, old)
+        os.replace(tmp, data_dir)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+    return status
+
+
+def data_label(path: str | Path) -> str:
+    """How a chapter names its data: ``"phantom (12 cases)"``, ``"BraTS data in DIR (N
+    cases)"``; a prepared cache is named by the cases in its manifest."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        cases = json.loads(manifest.read_text()).get("cases", [])
+        phantom = all(str(c).startswith("Phantom_") for c in cases) and cases
+        what = "phantom" if phantom else f"data in {path}"
+        return f"{what} ({len(cases)} cases)"
+    if path.is_dir():
+        count = phantom_case_count(path)
+        if count is not None:
+            return f"phantom ({count} cases)"
+        n = sum(1 for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return f"data in {path} ({n} case folders)"
+    return f"data in {path}"
+
+
+def ensure_data(data_dir: str | Path, profile: str) -> str:
+    """A chapter's data step: write the profile's phantom into ``data_dir`` when it is missing
+    (or holds a phantom of another size), leave anything else alone; returns
+    :func:`data_label`."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists() or phantom_case_count(data_dir) is not None:
+        prepare_phantom(data_dir, phantom_cases(profile))
+    return data_label(data_dir)

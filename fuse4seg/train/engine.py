@@ -1,0 +1,246 @@
+"""The parts every training loop shares: one optimiser step, one schedule, one EMA, one guard.
+
+Bi-level training (:mod:`fuse4seg.train.bilevel`), the baselines and fusion-only training
+(:mod:`fuse4seg.train.fusion_only`) all update a network through :class:`Learner`, so they share
+
+- the **schedule**: cosine annealing without restarts to 0 (§4.1 names cosine annealing
+  without a floor), :func:`cosine_lr`, indexed by the learner's own update counter;
+- the **optimiser step**: AdamW (``train.weight_decay``), backward through a gradient scaler
+  (a no-op unless fp16 AMP), gradient-norm clipping (``train.grad_clip``), a finite-norm check,
+  the step;
+- the **EMA** of Eq. 4, :class:`ModelEMA` (optionally with the usual warm-up of the decay);
+- the **non-finite guard**, :func:`check_finite`, which raises :class:`NonFiniteLossError`
+  naming the step and the loss term before any parameter or checkpoint is touched;
+- **AMP**: :func:`amp_dtype` and :func:`autocast` (bf16 on GPUs that support it, else fp16 with
+  a scaler; off on CPU, §4.1).
+
+Explained in chapter 4 (``book/04_bilevel_training.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Learner",
+    "ModelEMA",
+    "NonFiniteLossError",
+    "amp_dtype",
+    "autocast",
+    "check_finite",
+    "cosine_lr",
+    "to_float",
+    "unwrap",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or gradient became NaN or inf; the message names the step and the term."""
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """Cosine annealing without restarts: ``base · ½(1 + cos(π·step/total))``, step 0-based."""
+    if total <= 0:
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def to_float(value: Any) -> float:
+    """A Python float from a tensor (one host sync) or a number."""
+    return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside a ``DistributedDataParallel`` or ``torch.compile`` wrapper."""
+    inner = getattr(model, "module", None)  # DDP
+    if isinstance(inner, nn.Module):
+        return unwrap(inner)
+    inner = getattr(model, "_orig_mod", None)  # torch.compile
+    return unwrap(inner) if isinstance(inner, nn.Module) else model
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype for ``device`` (§4.1 trains with AMP): bf16 where the GPU supports it,
+    else fp16; ``None`` (no autocast) on CPU or when ``enabled`` is false."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype``, or a no-op context when ``dtype`` is ``None``."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_finite(
+    terms: dict[str, Any],
+    where: Callable[[], str],
+    all_ranks: Callable[[bool], bool] | None = None,
+) -> None:
+    """Raise :class:`NonFiniteLossError` when any term is NaN/inf.
+
+    Args:
+        terms: ``{name: tensor or number}``.
+        where: builds the location for the message (epoch, step, stage, checkpoint folder);
+            called only on failure.
+        all_ranks: under DDP, reduces this rank's verdict over every rank (so all ranks stop
+            together); ``None`` for a single process.
+    """
+    values = torch.tensor([to_float(v) for v in terms.values()], dtype=torch.float64)
+    finite = torch.isfinite(values)
+    ok = bool(finite.all())
+    if all_ranks is not None:
+        ok = all_ranks(ok)
+    if not ok:
+        bad = [k for k, good in zip(terms, finite.tolist(), strict=True) if not good]
+        bad = bad or ["(on another rank)"]
+        raise NonFiniteLossError(
+            f"non-finite loss at {where()}: {', '.join(bad)} = "
+            f"{[to_float(terms[k]) for k in bad if k in terms]}"
+        )
+
+
+class ModelEMA:
+    """Exponential moving average of a network's weights, Eq. 4: θ̂ ← m·θ̂ + (1 − m)·θ.
+
+    Floating-point parameters and buffers are averaged; integer buffers are copied. The average
+    is kept in float32 even when the model trains under AMP.
+
+    Args:
+        model: the network to track (the leader); an unwrapped copy is made.
+        decay: m in Eq. 4 (0.99 in §4.1).
+        warmup: ramp the decay as ``min(m, (1 + t) / (10 + t))`` over the update count t (the
+            usual EMA warm-up). Bi-level training starts the EMA from the initial leader
+            without it, as Eq. 4 is written; fusion-only training, which starts from random
+            weights, uses it (with m = 0.99 from the first step the EMA would still hold 80 % of
+            the random initialisation after 20 steps).
+
+    Explained in chapter 4.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay m must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.updates = 0
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The m used by the next :meth:`update`."""
+        if not self.warmup:
+            return self.decay
+        t = self.updates
+        return min(self.decay, (1 + t) / (10 + t))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One Eq. 4 step towards ``model``'s current weights."""
+        decay = self.current_decay()
+        current = unwrap(model).state_dict()
+        for name, avg in self.module.state_dict().items():
+            value = current[name].detach()
+            if avg.dtype.is_floating_point:
+                avg.mul_(decay).add_(value.to(avg.dtype), alpha=1.0 - decay)
+            else:
+                avg.copy_(value)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int | None = None) -> None:
+        self.module.load_state_dict(state)
+        if updates is not None:
+            self.updates = int(updates)
+
+
+class Learner:
+    """A network with its AdamW optimiser, cosine schedule, gradient scaler and update count.
+
+    :meth:`step` is the only place in the package where a training loss becomes a parameter
+    update.
+
+    Args:
+        net: the network (possibly DDP-wrapped).
+        lr: the base learning rate.
+        total_updates: the length of the cosine schedule.
+        weight_decay: AdamW's decoupled weight decay.
+        grad_clip: the gradient-norm clip (``<= 0`` = none).
+        fp16_scaler: use a gradient scaler (fp16 autocast only).
+        name: ``"leader"`` or ``"follower"`` (messages).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float,
+        total_updates: int,
+        weight_decay: float,
+        grad_clip: float,
+        fp16_scaler: bool = False,
+        name: str = "network",
+    ):
+        self.net = net
+        self.base_lr = lr
+        self.total_updates = total_updates
+        self.grad_clip = grad_clip
+        self.name = name
+        self.opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16_scaler)
+        self.updates = 0
+
+    def lr(self, update: int | None = None) -> float:
+        """The learning rate of update ``update`` (default: the next one)."""
+        return cosine_lr(self.base_lr, self.updates if update is None else update,
+                         self.total_updates)
+
+    def zero_grad(self) -> None:
+        """Set the learning rate of the coming update and clear the gradients."""
+        lr = self.lr()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, loss: torch.Tensor, loss_name: str, guard: Callable[[dict], None]) -> None:
+        """Backpropagate ``loss`` and take one clipped AdamW step.
+
+        A non-finite gradient norm stops the run through ``guard`` before the step (under fp16
+        the scaler skips such a step instead, as AMP intends).
+        """
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        params: Iterable[torch.Tensor] = self.net.parameters()
+        if self.grad_clip and self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        if not self.scaler.is_enabled():
+            guard({f"gradient norm of {loss_name}": norm})
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "opt": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.updates = int(state["updates"])

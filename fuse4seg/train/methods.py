@@ -1,0 +1,244 @@
+"""The methods of Tables 1 and 3 as data: one :class:`MethodSpec` per method and per ablation.
+
+The trainer never compares method names: it reads the spec. Every method runs through the same
+engine (:mod:`fuse4seg.train.trainer`) with the same data split, the same follower (except the
+external peer ``monai_unet``) and the same schedule: the follower gets E_warm warm-up epochs and
+then E_roll rollout epochs of K inner steps on D_tr per outer step (the D_tr half of the
+patient-level split), so it sees exactly the slices and the number of updates it sees inside
+Fuse4Seg. Only what the follower looks at, and whether and how a leader learns, changes:
+
+=============  ==================================================================================
+method         follower input
+=============  ==================================================================================
+fuse4seg       warm-up: x_avg = (x1 + x2)/2; rollout: x_f = Φ(x1, x2) of the leader, which takes
+               one semantic step on D_val per outer step (Algorithm 1)
+disjoint_ae    x_f of a leader first trained *alone* with the physical losses (E_roll epochs of
+               full batches, the leader's number of updates in Fuse4Seg), then frozen — Table 3's
+               "Baseline (Disjoint)"; its EMA weights feed the follower
+average        x_avg, a fixed rule
+max            max(x1, x2), a fixed rule (pixel-wise maximum)
+direct2ch      [x1, x2] as two channels — the multi-channel paradigm, same follower with 2 inputs
+monai_unet     [x1, x2] into ``monai.networks.nets.UNet`` — an external peer
+=============  ==================================================================================
+
+Ablations (Table 3) are specs too (:data:`ABLATIONS`): ``A`` = bi-level without L_decomp and
+L_grad, ``B`` = bi-level + L_decomp, ``full`` = all terms, ``baseline`` = ``disjoint_ae`` without
+L_decomp and L_grad (Table 3 marks both ✗ for the disjoint baseline; its leader then learns from
+the reconstruction anchor alone). L_recon stays on in every variant: Table 3 does not ablate it.
+
+This module imports no torch at load time (the CLI lists the methods without it).
+Explained in chapter 4 (``book/04_bilevel_training.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from fuse4seg.config import Config
+
+__all__ = [
+    "ABLATIONS",
+    "METHODS",
+    "SPECS",
+    "AblationSpec",
+    "MethodSpec",
+    "build_follower",
+    "get_ablation",
+    "get_method",
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method trains and what its follower reads.
+
+    Attributes:
+        name: the method's name (run folders, tables).
+        label: the row label of Tables 1 and 3.
+        leader: ``None`` (no leader), ``"bilevel"`` (the leader learns from the follower on
+            D_val, Algorithm 1) or ``"disjoint"`` (trained alone with the physical losses,
+            then frozen).
+        rule: the fixed fusion rule the follower reads when there is no leader (a key of
+            :data:`fuse4seg.fusion_baselines.RULES`: ``average``, ``max``, ``concat``).
+        warmup_rule: the rule the follower reads during the warm-up instead of the leader
+            (Fuse4Seg: ``average``, Algorithm 1 line 2); ``None`` = the same input as later.
+        follower: ``"convnext"`` (the paper's follower), ``"monai_unet"`` (external peer) or
+            ``None`` (fusion-only training of the leader on image pairs).
+        in_channels: follower input channels (1 for a fused image, 2 for ``[x1, x2]``).
+        trains_on_ema: the follower reads the leader's EMA weights in training too (the frozen
+            disjoint leader); otherwise it trains on the live leader and validation and
+            inference use the EMA (Algorithm 1's output).
+    """
+
+    name: str
+    label: str
+    leader: str | None = None
+    rule: str | None = None
+    warmup_rule: str | None = None
+    follower: str | None = "convnext"
+    in_channels: int = 1
+    trains_on_ema: bool = False
+
+    def plan(self, warmup_epochs: int, rollout_epochs: int) -> list[tuple[str, int]]:
+        """The stage plan ``[(stage, epochs), ...]``: ``fusion`` (leader alone, physical
+        losses), ``warmup`` (follower on the warm-up input), ``rollout`` (K follower steps per
+        outer step, plus the leader's step when it is bi-level)."""
+        stages = [("warmup", warmup_epochs), ("rollout", rollout_epochs)]
+        if self.leader == "disjoint":
+            stages.insert(0, ("fusion", rollout_epochs))  # the leader's updates in Fuse4Seg
+        return stages
+
+    def input_rule(self, stage: str) -> str | None:
+        """The fixed rule the follower reads in ``stage``; ``None`` = the leader's x_f."""
+        if self.leader is None:
+            return self.rule
+        return self.warmup_rule if stage == "warmup" else None
+
+    def validates_inference_input(self, stage: str) -> bool:
+        """Whether validation in ``stage`` sees the input inference will use (only those
+        validations may choose the best checkpoint)."""
+        return stage != "fusion" and (stage != "warmup" or self.warmup_rule is None)
+
+    @property
+    def learns_leader_from_follower(self) -> bool:
+        return self.leader == "bilevel"
+
+
+SPECS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        MethodSpec("fuse4seg", "Fuse4Seg (bi-level)", leader="bilevel", warmup_rule="average"),
+        MethodSpec(
+            "disjoint_ae", "Disjoint fusion + seg.", leader="disjoint", trains_on_ema=True
+        ),
+        MethodSpec("average", "Average rule", rule="average"),
+        MethodSpec("max", "Maximum rule", rule="max"),
+        MethodSpec("direct2ch", "Direct 2-channel", rule="concat", in_channels=2),
+        MethodSpec(
+            "monai_unet", "MONAI U-Net (2-channel)", rule="concat", in_channels=2,
+            follower="monai_unet",
+        ),
+    )
+}
+METHODS = tuple(SPECS)
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """A Table 3 variant: a method plus loss switches."""
+
+    name: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+ABLATIONS: dict[str, AblationSpec] = {
+    a.name: a
+    for a in (
+        AblationSpec(
+            "baseline", "disjoint_ae", {"loss.use_decomp": False, "loss.use_grad": False},
+            "Baseline (disjoint)",
+        ),
+        AblationSpec(
+            "A", "fuse4seg", {"loss.use_decomp": False, "loss.use_grad": False},
+            "A: bi-level, L_recon",
+        ),
+        AblationSpec("B", "fuse4seg", {"loss.use_grad": False}, "B: A + L_decomp"),
+        AblationSpec("full", "fuse4seg", {}, "Full: B + L_grad"),
+    )
+}
+"""Table 3's variants by name."""
+
+
+def _lookup(table: dict, name: str, flag: str):
+    if name not in table:
+        raise ValueError(f"{flag} {name!r}: unknown; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of method ``name``.
+
+    Raises:
+        ValueError: unknown method (the message lists the valid ones).
+    """
+    return _lookup(SPECS, name, "--method")
+
+
+def get_ablation(name: str) -> AblationSpec:
+    """The Table 3 variant ``name``.
+
+    Raises:
+        ValueError: unknown variant (the message lists the valid ones).
+    """
+    return _lookup(ABLATIONS, name, "--ablation")
+
+
+# channel widths of MONAI's UNet matched to the size of our follower variant
+_MONAI_CHANNELS = {
+    "tiny": (8, 16, 32, 64),
+    "small": (16, 32, 64, 128),
+    "paper": (32, 64, 128, 256, 512),
+}
+
+
+def _monai_unet(config: Config) -> nn.Module:
+    """MONAI's 2-D U-Net with 2 input channels and 4 classes (the external peer).
+
+    Widths follow the follower variant's suffix (``*_tiny``, ``*_small``, ``*_paper``) so the
+    peer is of comparable size; 2 residual units per level; instance norm (MONAI's default).
+
+    Raises:
+        ImportError: MONAI is not installed (it is an optional test dependency).
+    """
+    from torch import nn
+
+    from fuse4seg.models.layers import check_divisible
+
+    try:
+        from monai.networks.nets import UNet
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "--method monai_unet needs MONAI: `pip install monai` (it is an optional "
+            "dependency, listed in the `test` extra)"
+        ) from exc
+
+    class MonaiUNet(nn.Module):
+        """``monai.networks.nets.UNet`` with the ``stride`` attribute the trainer checks."""
+
+        def __init__(self, net: nn.Module, stride: int):
+            super().__init__()
+            self.net = net
+            self.stride = stride
+
+        def forward(self, x):
+            check_divisible(x, self.stride, "monai_unet")
+            return self.net(x)  # (B, 2, H, W) -> (B, 4, H, W)
+
+    suffix = config.model.segmentation.rsplit("_", 1)[-1]
+    channels = _MONAI_CHANNELS.get(suffix, _MONAI_CHANNELS["paper"])
+    strides = (2,) * (len(channels) - 1)
+    net = UNet(
+        spatial_dims=2,
+        in_channels=2,
+        out_channels=4,
+        channels=channels,
+        strides=strides,
+        num_res_units=2,
+    )
+    return MonaiUNet(net, stride=2 ** len(strides))
+
+
+def build_follower(config: Config, method: str | MethodSpec) -> nn.Module:
+    """The segmentation follower Ψ of a method (1 or 2 input channels, or MONAI's U-Net)."""
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
+    if spec.follower == "monai_unet":
+        return _monai_unet(config)
+    from fuse4seg.models import create_segmentation
+
+    return create_segmentation(config.model.segmentation, in_channels=spec.in_channels)

@@ -1,0 +1,459 @@
+"""The loop around Algorithm 1: data, the stage plan, validation, checkpoints, resume.
+
+:class:`Trainer` runs any method's stage plan (:mod:`fuse4seg.train.methods`) on a prepared slice
+cache with the steps of :class:`fuse4seg.train.bilevel.Engine`; :func:`train` is the entry point
+(CLI ``fuse4seg train``) that resolves the data and the run folder (:mod:`fuse4seg.train.runs`).
+
+Reproducibility: one seed (``train.seed``) seeds every RNG through ``fuse4seg.utils.set_seed``;
+every batch and split is drawn from a generator seeded by (seed, rank, epoch, step); the RNG
+states, optimisers, counters and metrics history go into ``last.pt`` (written every epoch and,
+with ``checkpoint_every_steps``, every N outer steps), so a CPU run killed and resumed ends with
+the same weights and metrics as an uninterrupted one. On CUDA, cuDNN autotuning is on and runs
+are seeded but not bit-identical. Multi-GPU: :mod:`fuse4seg.train.distributed`.
+
+Explained in chapter 4 (``book/04_bilevel_training.md``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fuse4seg.config import Config, get_config
+from fuse4seg.train import runs
+from fuse4seg.train.bilevel import Engine, steps_per_epoch
+from fuse4seg.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from fuse4seg.train.distributed import (
+    all_ranks_agree,
+    barrier,
+    dist_info,
+    init_distributed,
+)
+from fuse4seg.train.methods import get_ablation, get_method
+from fuse4seg.train.sampling import RolloutSampler, warmup_batches
+from fuse4seg.train.validation import collate, glassbox, validate
+
+__all__ = ["TrainResult", "Trainer", "train"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run folder, its metrics rows and the best validation."""
+
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    finished: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+class SliceBatches:
+    """The trainer's :class:`fuse4seg.train.bilevel.Batches`: seeded warm-up batches and the
+    patient-level rollout splits of a :class:`~fuse4seg.data.slices.SliceDataset`.
+
+    ``on_split(train_patients, val_patients)`` (optional) sees every rollout split.
+    """
+
+    def __init__(self, dataset, config: Config, rank: int, world: int, steps: int, device,
+                 on_split: Callable[[list[int], list[int]], None] | None = None):
+        t = config.train
+        self.dataset, self.config, self.rank, self.world = dataset, config, rank, world
+        self.steps, self.device, self.on_split = steps, device, on_split
+        slice_order = np.array(
+            [dataset.case_slices[c][r]
+             for c, r in zip(dataset.slice_case, dataset._row, strict=False)]
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.sampler = RolloutSampler(dataset.slice_case, t.batch_size, t.seed, rank,
+                                          slice_order)
+        self.notes = [str(w.message) for w in caught]
+
+    def single(self, stage: str, epoch: int, step: int) -> dict[str, Any]:
+        t = self.config.train
+        seed = t.seed + (0 if stage == "warmup" else 7)  # the fusion stage shuffles apart
+        batches = warmup_batches(len(self.dataset), t.batch_size, seed, epoch, self.rank,
+                                 self.world, self.steps)
+        return collate(self.dataset, batches[step], self.device)
+
+    def split(self, epoch: int, step: int, need_val: bool):
+        split = self.sampler.draw(epoch, step)
+        if self.on_split is not None:
+            val_patients = [int(self.dataset.slice_case[i]) for i in split.val]
+            tr_patients = [int(self.dataset.slice_case[i]) for i in split.train]
+            self.on_split(tr_patients, val_patients)
+        tr = collate(self.dataset, split.train, self.device)
+        return tr, (collate(self.dataset, split.val, self.device) if need_val else None)
+
+
+class Trainer:
+    """One training run of any method (:mod:`fuse4seg.train.methods`).
+
+    Args:
+        config: the resolved config.
+        method: a method name.
+        cache_dir: a prepared slice cache.
+        run_dir: the run folder (created).
+        checkpoint_every_steps: also write ``last.pt`` every this many outer steps (the
+            end-of-epoch checkpoint is always written).
+        progress: show a progress bar (rank 0 only).
+        ablation: the Table 3 variant name, recorded in ``run.json``.
+        device: overrides ``config.train.device``.
+        on_split: called with the patients of D_tr and D_val of every rollout step.
+
+    Explained in chapter 4.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        method: str,
+        cache_dir: str | Path,
+        run_dir: str | Path,
+        checkpoint_every_steps: int | None = None,
+        progress: bool = True,
+        ablation: str | None = None,
+        device: str | None = None,
+        on_split: Callable[[list[int], list[int]], None] | None = None,
+    ):
+        from fuse4seg.data.slices import SliceDataset
+        from fuse4seg.utils import resolve_device
+
+        self.spec = get_method(method)
+        self.config, self.method, self.ablation = config, method, ablation
+        self.cache_dir, self.run_dir = Path(cache_dir), Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
+            raise ValueError("--checkpoint-every-steps must be >= 1")
+        self.checkpoint_every_steps = checkpoint_every_steps
+        t = config.train
+
+        self.rank, local_rank, self.world_size = dist_info()
+        self.distributed = self.world_size > 1
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        dev = resolve_device(device or t.device)
+        if self.distributed and dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if self.distributed:
+            init_distributed(dev)
+        self.device = dev
+
+        # data: the same patient-level split for every method (the manifest's)
+        self.train_set = SliceDataset(self.cache_dir, "train")
+        if len(self.train_set) < 2:
+            raise ValueError(f"{self.cache_dir}: the training split has fewer than 2 slices")
+        self.val_split, self.val_set = "val", SliceDataset(self.cache_dir, "val")
+        if len(self.val_set) == 0:
+            warnings.warn(
+                "no validation patients in the split: validating on the training patients "
+                "(numbers are then training-set numbers)",
+                stacklevel=2,
+            )
+            self.val_set, self.val_split = self.train_set, "train"
+        n_val, cap = len(self.val_set), t.val_max_slices
+        self.val_items = (
+            np.arange(n_val)
+            if cap is None or cap >= n_val
+            else np.unique(np.linspace(0, n_val - 1, cap).round().astype(np.int64))
+        )
+        S = steps_per_epoch(config, len(self.train_set), self.world_size)
+        self.batches = SliceBatches(self.train_set, config, self.rank, self.world_size, S, dev,
+                                    on_split)
+        self.notes = list(self.batches.notes)
+        if self.is_main:
+            for note in self.notes:
+                warnings.warn(note, stacklevel=2)
+        if self.val_split == "train":
+            self.notes.append("validation on the training patients (no validation split)")
+
+        self.engine = Engine(
+            config, self.spec, dev, S, where=self._where,
+            all_ranks=all_ranks_agree(dev) if self.distributed else None,
+            ddp=self.distributed,
+        )
+        self.steps_per_epoch = S
+        self.stage_of_epoch = self.engine.stage_of_epoch
+        self.total_epochs = len(self.stage_of_epoch)
+
+        # mutable state (all of it goes into last.pt)
+        self.epoch = 1  # the epoch to run next (1-based)
+        self.step_in_epoch = 0  # outer steps of that epoch already done
+        self.accum: dict[str, list[float]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.elapsed = 0.0
+
+    def _where(self) -> str:
+        stage = self.stage_of_epoch[self.epoch - 1]
+        return (
+            f"epoch {self.epoch}, step {self.step_in_epoch + 1} ({stage} stage); stopping, the "
+            f"last good checkpoint is kept in {self.ckpt_dir}"
+        )
+
+    def prior(self, x1, x2, stage: str, ema: bool) -> torch.Tensor:
+        """The follower's input in ``stage`` (:meth:`Engine.prior`)."""
+        return self.engine.prior(x1, x2, stage, ema)
+
+    def validate(self, stage: str, batch_size: int | None = None, ema: bool = True) -> dict:
+        """Validation Dice/IoU in ``stage`` (:func:`fuse4seg.train.validation.validate`)."""
+        bs = batch_size or max(self.config.train.batch_size, 8)
+        result = validate(self.engine, self.val_set, self.val_items, stage, bs, ema)
+        return {"split": self.val_split, **result}
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def scheme(self) -> str:
+        info = self.train_set.manifest.get("case_info", [])
+        return info[0].get("layout", "brats2021") if info else "brats2021"
+
+    def bundle(self, epoch: int) -> dict[str, Any]:
+        """The inference bundle after ``epoch``: EMA leader, follower, config (``best.pt`` /
+        ``ema.pt``)."""
+        ema = self.engine.ema
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "bundle",
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "epoch": epoch,
+            "leader": ema.state_dict() if ema is not None else None,
+            "follower": self.engine.follower_module.state_dict(),
+            "scheme": self.scheme,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`load_state` needs to continue bit-for-bit."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "training",
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "accum": {k: list(v) for k, v in self.accum.items()},
+            "history": self.history,
+            "best": self.best,
+            "elapsed": self.elapsed,
+            "engine": self.engine.state_dict(),
+            "rng": capture_rng(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` (networks, optimisers, counters, history, RNGs)."""
+        last = self.ckpt_dir / "last.pt"
+        if state.get("kind") != "training" or state.get("method") != self.method:
+            raise ValueError(f"{last}: not a training state of {self.method}")
+        if "engine" not in state:
+            raise ValueError(f"{last}: written by an older fuse4seg; delete the run folder")
+        self.engine.load_state_dict(state["engine"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.accum = {k: list(v) for k, v in state["accum"].items()}
+        self.history = list(state["history"])
+        self.best = state["best"]
+        self.elapsed = float(state["elapsed"])
+        restore_rng(state["rng"])
+
+    def save_last(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.ckpt_dir / "last.pt", self.state())
+            save_checkpoint(self.ckpt_dir / "ema.pt", self.bundle(self.epoch - 1))
+
+    def write_metrics(self) -> None:
+        runs.write_metrics(self.run_dir, self.history)
+
+    # ----------------------------------------------------------------------------- the loop
+    def fit(self, callback: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+        """Run (or continue) the plan; returns a :class:`TrainResult`.
+
+        Args:
+            callback: called on rank 0 with each epoch's metrics row.
+
+        Raises:
+            NonFiniteLossError: a NaN/inf loss (the last good checkpoint is kept).
+        """
+        from tqdm.auto import tqdm
+
+        S = self.steps_per_epoch
+        done = (self.epoch - 1) * S + self.step_in_epoch
+        bar = tqdm(total=self.total_epochs * S, initial=done, disable=not self.progress,
+                   unit="step", dynamic_ncols=True)
+        started = time.perf_counter() - self.elapsed
+        try:
+            while self.epoch <= self.total_epochs:
+                epoch = self.epoch
+                stage = self.stage_of_epoch[epoch - 1]
+                bar.set_description(f"{self.method} {stage} {epoch}/{self.total_epochs}")
+                while self.step_in_epoch < S:
+                    values = self.engine.outer_step(stage, epoch, self.step_in_epoch,
+                                                    self.batches)
+                    for k, v in values.items():
+                        self.accum.setdefault(k, []).append(float(v))
+                    self.step_in_epoch += 1
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if "/" not in k})
+                    every = self.checkpoint_every_steps
+                    global_step = (epoch - 1) * S + self.step_in_epoch
+                    if every and global_step % every == 0 and self.step_in_epoch < S:
+                        self.elapsed = time.perf_counter() - started
+                        self.save_last()
+                self._end_epoch(epoch, stage, started, callback)
+        finally:
+            bar.close()
+        barrier()
+        return TrainResult(self.run_dir, list(self.history), self.best, True, self.notes)
+
+    def _end_epoch(self, epoch: int, stage: str, started: float, callback) -> None:
+        t, eng = self.config.train, self.engine
+        row: dict[str, Any] = {"epoch": epoch, "stage": stage, "steps": self.step_in_epoch}
+        row.update({k: float(np.mean(v)) for k, v in sorted(self.accum.items())})
+        row["lr_follower"] = eng.follower.lr(max(eng.follower.updates - 1, 0))
+        if eng.leader is not None:
+            row["lr_leader"] = eng.leader.lr(max(eng.leader.updates - 1, 0))
+        row["follower_updates"] = eng.follower.updates
+        row["leader_updates"] = eng.leader.updates if eng.leader is not None else 0
+        due = epoch % t.val_every == 0 or epoch == self.total_epochs
+        if self.is_main and due:
+            if stage != "fusion":
+                row["val"] = self.validate(stage)
+            glassbox(eng, self.val_set, self.val_items, self.run_dir / "glassbox", epoch, stage)
+            if self.spec.validates_inference_input(stage) and (
+                self.best is None or row["val"]["mean_dice"] > self.best["mean_dice"]
+            ):
+                self.best = {
+                    "epoch": epoch,
+                    "mean_dice": row["val"]["mean_dice"],
+                    "mean_iou": row["val"]["mean_iou"],
+                }
+                save_checkpoint(self.ckpt_dir / "best.pt", self.bundle(epoch))
+        self.elapsed = time.perf_counter() - started
+        row["elapsed_s"] = round(self.elapsed, 3)
+        self.history.append(row)
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        self.accum = {}
+        if self.is_main:
+            self.write_metrics()
+            self.save_last()
+            if callback is not None:
+                callback(row)
+        barrier()
+
+
+def train(
+    config: Config | None = None,
+    method: str = "fuse4seg",
+    data: str | Path | None = None,
+    out: str | Path = "runs",
+    cache: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every_steps: int | None = None,
+    progress: bool = True,
+    ablation: str | None = None,
+    device: str | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    restart_if_code_changed: bool = False,
+) -> TrainResult:
+    """Train ``method`` on ``data`` into ``out/<method>-<profile>-<hash>/`` (Algorithm 1).
+
+    Args:
+        config: the resolved config (default: ``get_config("default")``).
+        method: one of :data:`fuse4seg.train.methods.METHODS`; ignored when ``ablation`` names
+            a Table 3 variant (which fixes the method).
+        data: a prepared slice cache (a folder with ``manifest.json``) or a raw BraTS/phantom
+            folder, prepared into ``cache`` or ``out/cache-<hash>``.
+        out: the runs folder.
+        resume: continue from ``checkpoints/last.pt`` of the matching run folder (a finished run
+            returns at once). Without it an existing run folder with checkpoints is an error.
+        checkpoint_every_steps: also checkpoint every N outer steps.
+        ablation: ``"baseline"``, ``"A"``, ``"B"`` or ``"full"`` (Table 3).
+        device: overrides ``config.train.device``.
+        callback: called with each epoch's metrics row (rank 0).
+        restart_if_code_changed: with ``resume``, a run folder written by other package code
+            (``run.json``'s ``code``, :func:`fuse4seg.utils.code_digest`) is emptied and the run
+            starts again, instead of continuing (or returning) it with a warning. The book's
+            chapter 4 uses it, so its numbers always come from the code beside them.
+
+    Returns:
+        :class:`TrainResult` (run folder, metrics rows, best validation).
+
+    Raises:
+        ValueError: unknown method or ablation, bad data, a run folder that exists without
+            ``resume``; :class:`~fuse4seg.train.engine.NonFiniteLossError` on NaN/inf.
+
+    Explained in chapter 4 (``book/04_bilevel_training.md``).
+    """
+    config = config or get_config("default")
+    if data is None:
+        raise ValueError("train: give --data (a raw BraTS folder or a prepared cache)")
+    if ablation is not None:
+        variant = get_ablation(ablation)
+        method = variant.method
+        config = get_config(config.profile, {**runs.flatten(config), **variant.overrides})
+    get_method(method)
+    rank, _, world_size = dist_info()
+    out = Path(out)
+    if rank == 0:
+        cache_dir = runs.resolve_cache(data, config, cache=cache, runs_dir=out, progress=progress)
+    if world_size > 1:  # rank 0 prepares the cache; the others wait, then read it
+        from fuse4seg.utils import resolve_device
+
+        init_distributed(resolve_device(device or config.train.device))
+        barrier()
+        if rank != 0:
+            cache_dir = runs.resolve_cache(data, config, cache=cache, runs_dir=out,
+                                           progress=False)
+    checksum = runs.data_checksum(cache_dir)
+    run_dir = out / runs.run_name(config, method, checksum, world_size)
+    last = run_dir / "checkpoints" / "last.pt"
+    failure = None
+    if resume and last.exists() and rank == 0:
+        try:
+            runs.check_code(run_dir, restart_if_code_changed)
+        except OSError as exc:  # raised after the barrier, so no rank waits for rank 0 forever
+            failure = exc
+    barrier()  # rank 0 may have moved the folder away
+    if failure is not None:
+        raise failure
+    if last.exists() and not resume:
+        raise ValueError(
+            f"{run_dir} already holds a run; pass --resume to continue it (or delete the folder)"
+        )
+    trainer = Trainer(
+        config, method, cache_dir, run_dir, checkpoint_every_steps, progress, ablation, device
+    )
+    if resume and last.exists():
+        trainer.load_state(load_checkpoint(last, map_location=trainer.device))
+        if rank == 0:
+            trainer.write_metrics()  # drop rows written after the checkpoint
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(run_dir / "config.yaml")
+        runs.write_run_json(
+            run_dir,
+            method=method,
+            ablation=ablation,
+            profile=config.profile,
+            data=str(Path(data).resolve()),
+            cache=str(Path(cache_dir).resolve()),
+            data_checksum=checksum,
+            world_size=world_size,
+        )
+        if (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()
+    return trainer.fit(callback)
+
