@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -58,12 +57,17 @@ from typing import Any
 
 import yaml
 
+# the venv's package (make book installs it first): the phantom sizes the chapters use too
+from fuse4seg.book import (  # noqa: F401  (re-exported for the tests)
+    PHANTOM_CASES,
+    PHANTOM_SEED,
+    phantom_case_count,
+    phantom_cases,
+    prepare_phantom,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 
-PHANTOM_CASES = {"smoke": 6, "default": 12, "paper": 24}
-"""Phantom cases written for each profile when the book runs on the built-in phantom."""
-
-PHANTOM_SEED = 0
 
 VENDOR_FILES: tuple[tuple[str, str], ...] = (
     # (source under node_modules/, destination under _vendor/) -- a folder is copied whole.
@@ -330,71 +334,8 @@ def execute_chapter(
 # --------------------------------------------------------------------------------------------
 
 
-def phantom_cases(profile: str) -> int:
-    """Number of phantom cases for a profile (:data:`PHANTOM_CASES`)."""
-    if profile not in PHANTOM_CASES:
-        raise ValueError(f"--profile {profile!r}: choose one of {sorted(PHANTOM_CASES)}")
-    return PHANTOM_CASES[profile]
-
-
-def phantom_case_count(data_dir: Path) -> int | None:
-    """Number of phantom cases (``Phantom_NNNNN`` folders) in ``data_dir``.
-
-    Returns:
-        The count when ``data_dir`` holds phantom case folders and nothing else (hidden files
-        aside), ``None`` when it holds anything else (then it is someone's own data).
-    """
-    names = [p.name for p in data_dir.iterdir() if not p.name.startswith(".")]
-    if all(re.fullmatch(r"Phantom_\d{5}", name) and (data_dir / name).is_dir() for name in names):
-        return len(names)
-    return None
-
-
-def prepare_phantom(data_dir: Path, cases: int, seed: int = PHANTOM_SEED) -> str:
-    """Make ``data_dir`` hold the phantom dataset with ``cases`` cases.
-
-    A missing folder is written; a folder holding only phantom cases, but another number of
-    them (say, from a build with another profile), is rewritten, so a profile always sees the
-    same data; a folder holding anything else is left alone (it is the user's data). Writing
-    goes to a temporary sibling folder that is renamed into place, so ``data_dir`` is never
-    half-written.
-
-    Returns:
-        ``"written"``, ``"rewritten"``, ``"kept"`` (already right) or ``"foreign"`` (not a
-        phantom folder; left as it is).
-
-    Raises:
-        BuildError: ``data_dir`` is a file, or the phantom module is missing.
-    """
-    if data_dir.exists():
-        if not data_dir.is_dir():
-            raise BuildError(f"--data-dir {data_dir} exists and is not a folder")
-        count = phantom_case_count(data_dir)
-        if count is None:
-            return "foreign"
-        if count == cases:
-            return "kept"
-    try:
-        from fuse4seg.data.phantom import write_phantom_dataset
-    except ImportError as err:
-        raise BuildError(
-            f"cannot make the phantom data in {data_dir}: {err}. Pass --data-dir with an "
-            "existing dataset or --brats-dir."
-        ) from err
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.new-", dir=data_dir.parent))
-    old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
-    status = "rewritten" if data_dir.exists() else "written"
-    try:
-        write_phantom_dataset(tmp, cases=cases, seed=seed)
-        if data_dir.exists():
-            os.replace(data_dir, old)
-        os.replace(tmp, data_dir)
-    finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-    return status
+# PHANTOM_CASES, phantom_cases, phantom_case_count and prepare_phantom live in fuse4seg.book
+# (the chapters use them too); imported above.
 
 
 # --------------------------------------------------------------------------------------------
