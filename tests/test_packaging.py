@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -224,6 +225,9 @@ def _wheelhouse(wheel: Path, requires: list[str], tmp_path: Path) -> Path:
         url.startswith("file:") or "+cpu" in url
     ):
         pytest.skip(f"no local CPU torch wheel for pip (it would fetch {url})")
+    for old in house.parent.glob("*"):  # wheelhouses of earlier locks
+        if old != house and old.is_dir():
+            shutil.rmtree(old)
     house.mkdir(parents=True, exist_ok=True)
     _run([*pip, "download", "--quiet", "--dest", house, "-c", LOCK, wheel], cwd=tmp_path)
     (house / wheel.name).unlink(missing_ok=True)  # the package itself comes from dist/
