@@ -73,7 +73,7 @@ lock:
 	$(LOCKENV)/bin/python -m pip install --quiet ".[book,test]"
 	{ sed -n '/^#/p' requirements.lock; \
 	  $(LOCKENV)/bin/python -m pip freeze --all --exclude-editable \
-	  | grep -v -i -e '^pip==' -e '^fuse4seg==' | sed 's/^\(torch==[^+]*\)+cpu$$/\1/' \
+	  | grep -v -i -e '^pip==' -e '^fuse4seg[ =]' | sed 's/^\(torch==[^+]*\)+cpu$$/\1/' \
 	  | LC_ALL=C sort -f; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 	rm -rf $(LOCKENV)
