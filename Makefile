@@ -7,22 +7,25 @@ PROFILE ?= default
 # pytest-xdist workers (CI machines have 2 cores)
 JOBS ?= 2
 
-.PHONY: help venv book npm test test-fast lint full clean
+.PHONY: help venv book npm test test-fast lint lock full clean
 
 help:
 	@echo "make book   - set up .venv, make the phantom data, run every chapter (profile=$(PROFILE)), build the HTML book"
-	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test   - set up .venv and run the test suite (the packaging check included)"
+	@echo "make lock   - re-resolve pyproject.toml's ranges and rewrite requirements.lock"
 	@echo "make full   - the paper's run: make book PROFILE=paper BRATS_DIR=/path/to/BraTS2021"
 	@echo "options     - PROFILE=smoke|default|paper DEVICE=auto|cpu|cuda BRATS_DIR= HARVARD_DIR= GFP_DIR="
 
 venv: $(STAMP)
 
 # torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# pyproject.toml declares ranges; requirements.lock holds the exact versions the book and the
+# tests use (-c: every package pip installs, dependencies included, at its locked version).
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[book,test]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -58,6 +61,22 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -m "not slow"
+
+# Re-resolve pyproject.toml's ranges in a scratch venv (the newest releases in range) and rewrite
+# requirements.lock (its comment header kept). Then copy the list into environment.yml
+# (tests/test_packaging.py checks that they agree) and re-run make test and make book.
+LOCKENV := $(VENV)/lock-env
+lock:
+	rm -rf $(LOCKENV) && $(PYTHON) -m venv $(LOCKENV)
+	$(LOCKENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCKENV)/bin/python -m pip install --quiet "torch==2.13.0"
+	$(LOCKENV)/bin/python -m pip install --quiet ".[book,test]"
+	{ sed -n '/^#/p' requirements.lock; \
+	  $(LOCKENV)/bin/python -m pip freeze --all --exclude-editable \
+	  | grep -v -i -e '^pip==' -e '^fuse4seg[ =]' | sed 's/^\(torch==[^+]*\)+cpu$$/\1/' \
+	  | LC_ALL=C sort -f; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf $(LOCKENV)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fuse4seg tests benchmarks data_scripts book/build.py
