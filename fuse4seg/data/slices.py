@@ -223,8 +223,14 @@ def prepare_cache(
     data_cfg: DataConfig,
     layout: str | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Build (or bring up to date) the slice cache of ``data_dir`` in ``cache_dir``.
+
+    Each source file is read once: its SHA-1 and its voxels come from the same bytes. With
+    ``workers > 1`` the cases are built by that many processes; the manifest and every array
+    are byte-identical to those of one worker (each case is built by the same function and the
+    manifest lists the cases in the same order).
 
     Returns:
         The path of ``manifest.json``.
@@ -234,6 +240,8 @@ def prepare_cache(
 
     Explained in chapter 1.
     """
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers}: need at least 1")
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     cases = find_cases(data_dir, layout)
     if data_cfg.max_cases is not None:
@@ -249,27 +257,28 @@ def prepare_cache(
     same_settings = old.get("settings") == settings and old.get("version") == CACHE_VERSION
     old_cases = {c["case_id"]: c for c in old.get("case_info", [])} if same_settings else {}
 
-    iterator = cases
+    jobs = [(files, data_cfg, str(cache_dir), old_cases.get(files.case_id)) for files in cases]
+    workers = min(int(workers), max(len(jobs), 1))
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_case_job, jobs)
+    else:
+        results = map(_case_job, jobs)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(cases, desc="preparing slices", unit="case")
+        results = tqdm(results, total=len(jobs), desc="preparing slices", unit="case")
     info, rebuilt = [], 0
-    for files in iterator:
-        sources = {k: str(p) for k, p in files.paths.items() if p is not None}
-        checksums = {k: _sha1(Path(p)) for k, p in sorted(sources.items()) if k != "flair"
-                     or files.layout != "msd"}
-        prev = old_cases.get(files.case_id)
-        stem = cache_dir / "cases" / files.case_id
-        arrays = [Path(f"{stem}.{m}.npy") for m in ("t1ce", "flair", "seg")]
-        if prev is not None and prev["checksums"] == checksums and all(a.exists() for a in arrays):
-            info.append(prev)
-            continue
-        entry = _prepare_case(files, data_cfg, stem)
-        entry["checksums"] = checksums
-        entry["sources"] = sources
-        info.append(entry)
-        rebuilt += 1
+    try:
+        for entry, built in results:
+            info.append(entry)
+            rebuilt += built
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     case_ids = [c["case_id"] for c in info]
     split = make_split(case_ids, data_cfg.split_fractions, data_cfg.split_seed)
@@ -289,20 +298,44 @@ def prepare_cache(
     return path
 
 
-def _prepare_case(files, data_cfg: DataConfig, stem: Path) -> dict[str, Any]:
-    case = load_case(files)
-    t1ce, flair = case.normalized(data_cfg.intensity_percentiles)
+def _case_job(job) -> tuple[dict[str, Any], bool]:
+    """One case of :func:`prepare_cache`: ``(manifest entry, rebuilt?)``. The previous entry
+    is kept when the SHA-1s of the sources and the arrays are unchanged; otherwise the case
+    is built from the bytes just hashed (each file is read once)."""
+    files, data_cfg, cache_dir, prev = job
+    sources = {k: str(p) for k, p in files.paths.items() if p is not None}
+    hashed = sorted(k for k in sources if k != "flair" or files.layout != "msd")
+    raw: dict[str, bytes] = {}
+    checksums: dict[str, str] = {}
+    for key in hashed:
+        path = Path(sources[key])
+        if not path.exists():
+            raise DataError(f"{path}: file does not exist (case {files.case_id})")
+        raw[key] = path.read_bytes()
+        checksums[key] = hashlib.sha1(raw[key]).hexdigest()
+    stem = Path(cache_dir) / "cases" / files.case_id
+    arrays = [Path(f"{stem}.{m}.npy") for m in ("t1ce", "flair", "seg")]
+    if prev is not None and prev["checksums"] == checksums and all(a.exists() for a in arrays):
+        return prev, False
+    entry = _prepare_case(files, data_cfg, stem, raw)
+    entry["checksums"] = checksums
+    entry["sources"] = sources
+    return entry, True
+
+
+def _prepare_case(files, data_cfg: DataConfig, stem: Path, raw=None) -> dict[str, Any]:
+    case = load_case(files, raw=raw)
     x, y, _ = case.shape
-    fraction = case.brain_mask.reshape(x * y, -1).mean(axis=0)
+    fraction = np.count_nonzero(case.brain_mask, axis=(0, 1)) / (x * y)
     keep = np.flatnonzero(fraction >= data_cfg.min_brain_fraction)[:: data_cfg.slice_stride]
     if keep.size == 0:
         raise DataError(
             f"case {case.case_id}: no axial slice has at least "
             f"{data_cfg.min_brain_fraction:.0%} brain"
         )
+    t1ce, flair = case.normalized(data_cfg.intensity_percentiles, slices=keep)
     for name, volume in (("t1ce", t1ce), ("flair", flair)):
-        slices = preprocess_volume(volume[:, :, keep], data_cfg).astype(np.float16)
-        _save_npy(Path(f"{stem}.{name}.npy"), slices)
+        _save_npy(Path(f"{stem}.{name}.npy"), _slices(volume, data_cfg, np.float16))
     _save_npy(Path(f"{stem}.seg.npy"), preprocess_labels(case.seg[:, :, keep], data_cfg))
     return {
         "case_id": case.case_id,
@@ -311,6 +344,15 @@ def _prepare_case(files, data_cfg: DataConfig, stem: Path) -> dict[str, Any]:
         "slices": [int(k) for k in keep],
         "num_slices": int(keep.size),
     }
+
+
+def _slices(volume: np.ndarray, data_cfg: DataConfig, dtype) -> np.ndarray:
+    """``preprocess_volume(volume, data_cfg).astype(dtype)``; without down-sampling the
+    transpose, crop/pad and cast are one copy."""
+    if data_cfg.downsample != 1:
+        return preprocess_volume(volume, data_cfg).astype(dtype)
+    v = np.asarray(volume, dtype=np.float32).astype(dtype, order="K")  # cast in memory order
+    return _centre(v.transpose(2, 0, 1), (data_cfg.crop_size,) * 2)
 
 
 # ---------------------------------------------------------------------------------------------
