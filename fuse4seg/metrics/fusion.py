@@ -96,10 +96,14 @@ def _as_image(x: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name}: image too small ({arr.shape}); need at least 2x2")
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"{name}: expected a real-valued image, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: image contains NaN or infinite values")
-    lo, hi = float(arr.min()), float(arr.max())
+    if np.issubdtype(arr.dtype, np.integer):  # finite by construction; range on the integers
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = arr.astype(np.float64)
+    else:
+        arr = arr.astype(np.float64, copy=False)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name}: image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
     if lo < -1e-6 or hi > 255 + 1e-6:
         raise ValueError(f"{name}: values must lie on the 0..255 scale, got min {lo:g}, max {hi:g}")
     if np.issubdtype(np.asarray(x).dtype, np.floating) and 0 < hi <= 1.0:
@@ -304,44 +308,86 @@ def _sobel(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Matches ``scipy.signal.convolve2d(img, k, mode='same')`` with the evaluators' kernels
     ``x = [[-1,0,1],[-2,0,2],[-1,0,1]]`` and ``y = [[1,2,1],[0,0,0],[-1,-2,-1]]`` (true
     convolution, i.e. both kernels flipped: the responses are ``-correlate``; their ratio and
-    magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway).
+    magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway). The results are
+    reused scratch arrays (:func:`_scratch`).
     """
-    p = np.pad(images, ((0, 0), (1, 1), (1, 1)))  # (N, H, W) -> (N, H + 2, W + 2), zeros
+    n, h, w = images.shape
+    p = _scratch("sobel_pad", (n, h + 2, w + 2))  # zero border, the images inside
+    p[:, 0], p[:, -1], p[:, :, 0], p[:, :, -1] = 0.0, 0.0, 0.0, 0.0
+    p[:, 1:-1, 1:-1] = images
     # Both kernels are separable: x = [1, 2, 1]^T ⊗ [-1, 0, 1], y = [1, 0, -1]^T ⊗ [1, 2, 1].
     # Convolution flips them, so out(i, j) = Σ k(u, v) p(i + 2 - u, j + 2 - v).
-    smooth_v = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # (N, H, W + 2)
-    smooth_h = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]  # (N, H + 2, W)
-    sx = smooth_v[:, :, :-2] - smooth_v[:, :, 2:]
-    sy = smooth_h[:, 2:] - smooth_h[:, :-2]
+    smooth_v = _scratch("sobel_v", (n, h, w + 2))  # p[:, :-2] + 2 p[:, 1:-1] + p[:, 2:]
+    np.multiply(p[:, 1:-1], 2, out=smooth_v)
+    np.add(p[:, :-2], smooth_v, out=smooth_v)
+    smooth_v += p[:, 2:]
+    smooth_h = _scratch("sobel_h", (n, h + 2, w))  # p[:, :, :-2] + 2 p[:, :, 1:-1] + ...
+    np.multiply(p[:, :, 1:-1], 2, out=smooth_h)
+    np.add(p[:, :, :-2], smooth_h, out=smooth_h)
+    smooth_h += p[:, :, 2:]
+    sx = np.subtract(smooth_v[:, :, :-2], smooth_v[:, :, 2:], out=_scratch("sobel_x", (n, h, w)))
+    sy = np.subtract(smooth_h[:, 2:], smooth_h[:, :-2], out=_scratch("sobel_y", (n, h, w)))
     return sx, sy
 
 
 def _qabf(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
-    sx, sy = _sobel(np.stack([a, b, f]))
-    g = np.sqrt(sx * sx + sy * sy)
-    g_src, g_f = g[:2], g[2:]
+    images = _scratch("qabf_in", (3, *f.shape))
+    images[0], images[1], images[2] = a, b, f
+    sx, sy = _sobel(images)
+    shape = sx.shape
+    g = _scratch("qabf_g", shape)
+    tmp = _scratch("qabf_tmp", shape)
+    np.multiply(sx, sx, out=g)
+    np.multiply(sy, sy, out=tmp)
+    g += tmp
+    np.sqrt(g, out=g)
+    g_src, g_f = g[:2], g[2]
     den = float(np.sum(g_src))
     if den == 0:
         return float("nan")
     # A pixel weighs g_S in both sums, so only pixels with g_S > 0 need Q^SF (elsewhere the
-    # reference adds Q · 0 = 0): arctan and exp run on those pixels only.
-    live = g_src > 0  # (2, H, W)
-    need = np.concatenate([live, live[:1] | live[1:]])  # F's angle where either source needs it
-    steep = need & (sx != 0)
-    slope = np.divide(sy, sx, out=np.zeros_like(sx), where=steep)
-    angle = np.full_like(sx, math.pi / 2)  # arctan(s_y / s_x), π/2 where s_x = 0
-    np.arctan(slope, out=angle, where=steep)
-    weighted = np.zeros_like(g_src)
-    for k in range(2):
-        m = live[k]
-        gs, gf = g_src[k][m], g_f[0][m]
-        ratio = np.where(gs > gf, gf / gs, gs / np.where(gf == 0, 1.0, gf))
-        strength = np.where(gs == gf, gf, ratio)  # quirk: G = g_F where equal
-        orient = 1.0 - np.abs(angle[k][m] - angle[2][m]) / (math.pi / 2)
-        q = (_QABF_TG / (1 + np.exp(_QABF_KG * (strength - _QABF_DG)))) * (
-            _QABF_TA / (1 + np.exp(_QABF_KA * (orient - _QABF_DA)))
-        )
-        weighted[k][m] = q * gs
+    # reference adds Q · 0 = 0): the divisions, arctan and exp run on those pixels only
+    # (masked ufuncs into reused arrays, so the sums see the reference's terms, zeros included).
+    live = _bool_scratch("qabf_live", shape)  # [g_A > 0, g_B > 0, either]
+    np.greater(g_src, 0, out=live[:2])
+    np.logical_or(live[0], live[1], out=live[2])
+    steep = _bool_scratch("qabf_steep", shape)
+    np.not_equal(sx, 0, out=steep)
+    steep &= live
+    angle = _scratch("qabf_angle", shape)  # arctan(s_y / s_x), π/2 where s_x = 0
+    np.divide(sy, sx, out=tmp, where=steep)
+    angle.fill(math.pi / 2)
+    np.arctan(tmp, out=angle, where=steep)
+    src_live = live[:2]
+    mask = _bool_scratch("qabf_mask", src_live.shape)
+    strength = _scratch("qabf_strength", src_live.shape)
+    np.less(g_src, g_f, out=mask)
+    mask &= src_live
+    np.divide(g_src, g_f, out=strength, where=mask)
+    np.greater(g_src, g_f, out=mask)
+    np.divide(g_f, g_src, out=strength, where=mask)
+    np.equal(g_src, g_f, out=mask)
+    np.copyto(strength, np.broadcast_to(g_f, src_live.shape), where=mask)  # quirk: G = g_F
+    q = _scratch("qabf_q", src_live.shape)  # Γ_g / (1 + e^{k_g (G − D_g)})
+    np.subtract(strength, _QABF_DG, out=q)
+    q *= _QABF_KG
+    np.exp(q, out=q, where=src_live)
+    q += 1
+    np.divide(_QABF_TG, q, out=q, where=src_live)
+    orient = strength  # reuse: A = 1 − |α_S − α_F| / (π/2), then Γ_a / (1 + e^{k_a (A − D_a)})
+    np.subtract(angle[:2], angle[2], out=orient)
+    np.abs(orient, out=orient)
+    orient /= math.pi / 2
+    np.subtract(1.0, orient, out=orient)
+    orient -= _QABF_DA
+    orient *= _QABF_KA
+    np.exp(orient, out=orient, where=src_live)
+    orient += 1
+    np.divide(_QABF_TA, orient, out=orient, where=src_live)
+    q *= orient
+    weighted = orient  # reuse: Q^SF · g_S, 0 where g_S = 0
+    weighted.fill(0.0)
+    np.multiply(q, g_src, out=weighted, where=src_live)
     return float(np.sum(weighted) / den)
 
 
@@ -389,32 +435,72 @@ def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype):
         refs = np.stack(srcs).astype(np.float64)
         taps = _gaussian_taps(1.5, 3.5)
         win = len(taps)
-        filt = _valid_filter(_moments_stack("ssim", refs, f.astype(np.float64)), taps)
+        filt = _valid_filter(_moments_stack("ssim", refs, f.astype(np.float64)), taps,
+                             name="ssim_m")
         uf, us = filt[n], filt[:n]
-        uff, uss, ufs = filt[2 * n + 1], filt[n + 1 : 2 * n + 1], filt[2 * n + 2 :]
-    else:
-        f = f.astype(dtype)
-        srcs = [s.astype(dtype) for s in srcs]
-        stack = np.stack([f, *srcs, f * f, *(s * s for s in srcs), *(f * s for s in srcs)])
-        win = 7
-        pad = (win - 1) // 2
-        filt = ndimage.uniform_filter(stack, size=(1, win, win), mode="reflect")
-        filt = filt[:, pad:-pad, pad:-pad]
-        uf, us = filt[0], filt[1 : 1 + n]
-        uff, uss, ufs = filt[1 + n], filt[2 + n : 2 + 2 * n], filt[2 + 2 * n :]
+        vf, vs, vfs = filt[2 * n + 1], filt[n + 1 : 2 * n + 1], filt[2 * n + 2 :]
+        tmp = _scratch("ssim_tmp", us.shape)
+        np.multiply(uf, uf, out=tmp[0])
+        np.subtract(vf, tmp[0], out=vf)  # population covariances, in place
+        np.multiply(us, us, out=tmp)
+        np.subtract(vs, tmp, out=vs)
+        np.multiply(uf, us, out=tmp)
+        np.subtract(vfs, tmp, out=vfs)
+        return uf, us, vf, vs, vfs
+    # skimage 0.19's default on float32 input: 7×7 uniform window, float32 arithmetic
+    win = 7
+    pad = (win - 1) // 2
+    stack = _scratch("ssim_u_in", (2 + 3 * n, *f.shape), dtype)
+    stack[0] = f
+    for i, src in enumerate(srcs):
+        stack[1 + i] = src
+    np.multiply(stack[0], stack[0], out=stack[1 + n])
+    np.multiply(stack[1 : 1 + n], stack[1 : 1 + n], out=stack[2 + n : 2 + 2 * n])
+    np.multiply(stack[0], stack[1 : 1 + n], out=stack[2 + 2 * n :])
+    filt = _scratch("ssim_u", stack.shape, dtype)
+    ndimage.uniform_filter(stack, size=(1, win, win), output=filt, mode="reflect")
+    filt = filt[:, pad:-pad, pad:-pad]
+    uf, us = filt[0], filt[1 : 1 + n]
+    uff, uss, ufs = filt[1 + n], filt[2 + n : 2 + 2 * n], filt[2 + 2 * n :]
     cov_norm = win * win / (win * win - 1) if sample_cov else 1.0
-    vf = cov_norm * (uff - uf * uf)
-    vs = cov_norm * (uss - us * us)
-    vfs = cov_norm * (ufs - uf * us)
-    return uf, us, vf, vs, vfs
+    tmp = _scratch("ssim_u_tmp", us.shape, dtype)
+    np.multiply(uf, uf, out=tmp[0])
+    np.subtract(uff, tmp[0], out=uff)
+    uff *= cov_norm  # σ_F² = cov_norm (E[F²] − μ_F²), in place
+    np.multiply(us, us, out=tmp)
+    np.subtract(uss, tmp, out=uss)
+    uss *= cov_norm
+    np.multiply(uf, us, out=tmp)
+    np.subtract(ufs, tmp, out=ufs)
+    ufs *= cov_norm
+    return uf, us, uff, uss, ufs
 
 
 def _ssim_from_stats(stats, data_range) -> list[float]:
-    """The mean SSIM map of each source from :func:`_ssim_stats`."""
+    """The mean SSIM map of each source from :func:`_ssim_stats`:
+    ``((2 μ_F μ_S + C1)(2 σ_FS + C2)) / ((μ_F² + μ_S² + C1)(σ_F² + σ_S² + C2))``, evaluated in
+    the statistics' dtype in the reference's order, in reused scratch arrays."""
     uf, us, vf, vs, vfs = stats
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    smap = ((2 * uf * us + c1) * (2 * vfs + c2)) / ((uf * uf + us * us + c1) * (vf + vs + c2))
-    return [float(m.mean(dtype=np.float64)) for m in smap]
+    dt = us.dtype
+    top = _scratch("ssim_top", us.shape, dt)
+    bottom = _scratch("ssim_bottom", us.shape, dt)
+    tmp = _scratch("ssim_tmp", us.shape, dt)
+    np.multiply(2, uf, out=tmp[0])
+    np.multiply(tmp[0], us, out=top)
+    top += c1  # 2 μ_F μ_S + C1
+    np.multiply(2, vfs, out=tmp)
+    tmp += c2
+    top *= tmp
+    np.multiply(uf, uf, out=tmp[0])
+    np.multiply(us, us, out=bottom)
+    np.add(tmp[0], bottom, out=bottom)
+    bottom += c1  # μ_F² + μ_S² + C1
+    np.add(vf, vs, out=tmp)
+    tmp += c2
+    bottom *= tmp
+    top /= bottom
+    return [float(m.mean(dtype=np.float64)) for m in top]
 
 
 def _ssim_pair_stack(f, srcs, *, gaussian, data_range, sample_cov, dtype):
@@ -500,28 +586,35 @@ def _band(taps: tuple[float, ...], step: int) -> np.ndarray:
 
 
 _SCRATCH = threading.local()
-_SCRATCH_ENTRIES = 24
-_SCRATCH_BYTES = 64 << 20
+_SCRATCH_BYTES = 256 << 20  # per thread; about 60 MB for 256² images
 
 
-def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float64 work array for ``name`` and ``shape``, reused across calls in this thread.
+def _scratch(name: str, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
+    """A work array for ``name``, ``shape`` and ``dtype``, reused across calls in this thread.
 
     Large fresh arrays cost page faults on every call (the allocator hands multi-megabyte
-    blocks back to the system on free); reusing the few big intermediates of the filters
-    removes most of that. Each (name, shape) has its own array, so nested uses do not meet;
-    a caller must be done with an array before asking for the same name and shape again."""
+    blocks back to the system on free); reusing the intermediates of the metrics removes most
+    of that. Each (name, shape, dtype) has its own array, so nested uses do not meet; a caller
+    must be done with an array before asking for the same name and shape again. The least
+    recently used arrays are dropped beyond ``_SCRATCH_BYTES``."""
     store = _SCRATCH.__dict__.setdefault("arrays", {})
-    key = (name, shape)
+    key = (name, tuple(shape), np.dtype(dtype).str)
     arr = store.pop(key, None)
     if arr is None:
-        if 8 * math.prod(shape) > _SCRATCH_BYTES:
-            return np.empty(shape)
-        arr = np.empty(shape)
-        while len(store) >= _SCRATCH_ENTRIES:
-            store.pop(next(iter(store)))
+        arr = np.empty(shape, dtype)
+        if arr.nbytes > _SCRATCH_BYTES // 4:
+            return arr
+        total = sum(x.nbytes for x in store.values()) + arr.nbytes
+        while store and total > _SCRATCH_BYTES:
+            total -= store.pop(next(iter(store))).nbytes
     store[key] = arr  # most recently used last
     return arr
+
+
+def _bool_scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A reused bool work array (a view of a float64 scratch array's bytes)."""
+    size = math.prod(shape)
+    return _scratch(name, (-(-size // 8),)).view(np.bool_)[:size].reshape(shape)
 
 
 def _valid_filter(stack: np.ndarray, w: np.ndarray, step: int = 1, name: str = "") -> np.ndarray:
@@ -577,39 +670,70 @@ def _vif_pair(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> tuple[float, float
     logarithms are taken on the other pixels only. Natural logarithms (a vectorised loop)
     replace log10: the base cancels in the ratio."""
     num, den = np.zeros(2), np.zeros(2)
-    refs, dist = np.stack([a, b]), f
+    imgs = np.stack([a, b, f])
+    refs, dist = imgs[:2], imgs[2]
     for scale in range(1, 5):
         w = _vif_window(scale)
         if scale > 1:  # (3, H, W) -> (3, (H - n) // 2 + 1, (W - n) // 2 + 1)
-            imgs = _valid_filter(np.concatenate([refs, dist[None]]), w, step=2)
+            imgs = _valid_filter(imgs, w, step=2, name="vif_pyramid")
             refs, dist = imgs[:2], imgs[2]
         if min(dist.shape) < len(w):
             raise ValueError(f"vif: image too small for scale {scale} (need at least 41x41)")
         m = _valid_filter(_moments_stack("vif", refs, dist), w, name="vif_m")
-        mu1, mu2 = m[0:2], m[2]
-        s1 = m[3:5] - mu1 * mu1
-        np.maximum(s1, 0, out=s1)
-        s2 = m[5] - mu2 * mu2
-        np.maximum(s2, 0, out=s2)
-        s12 = m[6:8] - mu1 * mu2
-        g = s12 / (s1 + _VIF_EPS)
-        sv = s2 - g * s12
-        np.maximum(sv, _VIF_EPS, out=sv)  # the reference's sv[sv <= eps] = eps
-        live = s1 >= _VIF_EPS
-        gained = live & (s2 >= _VIF_EPS) & (g >= 0)
-        t = g * g * s1 / (sv + _VIF_SIGMA_NSQ)
-        t += 1
-        term = np.zeros_like(t)
-        np.log(t, out=term, where=gained)
-        num += term.sum(axis=(1, 2))
-        t = s1 / _VIF_SIGMA_NSQ
-        t += 1
-        term = np.zeros_like(t)
-        np.log(t, out=term, where=live)
-        den += term.sum(axis=(1, 2))
+        _vif_terms(m, num, den)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = num / den
     return float(out[0]), float(out[1])
+
+
+def _vif_terms(m: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
+    """Add one scale's numerator and denominator sums to ``num`` and ``den`` (per source),
+    from the filtered moments ``m = [μ_A, μ_B, μ_F, E[A²], E[B²], E[F²], E[AF], E[BF]]``.
+
+    The same arithmetic as the reference code, in place in ``m`` and in reused scratch arrays
+    (no fresh temporaries: at these sizes, allocating them costs more than the arithmetic)."""
+    shape = m.shape[1:]
+    tmp = _scratch("vif_tmp", (2, *shape))
+    g = _scratch("vif_g", (2, *shape))
+    sv = _scratch("vif_sv", (2, *shape))
+    term = _scratch("vif_term", (2, *shape))
+    live = _bool_scratch("vif_live", (2, *shape))
+    gained = _bool_scratch("vif_gained", (2, *shape))
+    busy = _bool_scratch("vif_busy", shape)
+    mu1, mu2 = m[0:2], m[2]
+    s1, s2, s12 = m[3:5], m[5], m[6:8]
+    np.multiply(mu1, mu1, out=tmp)
+    np.subtract(s1, tmp, out=s1)  # σ_R² = E[R²] − μ_R²
+    np.maximum(s1, 0, out=s1)
+    np.multiply(mu2, mu2, out=tmp[0])
+    np.subtract(s2, tmp[0], out=s2)  # σ_D²
+    np.maximum(s2, 0, out=s2)
+    np.multiply(mu1, mu2, out=tmp)
+    np.subtract(s12, tmp, out=s12)  # σ_RD
+    np.add(s1, _VIF_EPS, out=tmp)
+    np.divide(s12, tmp, out=g)  # gain g = σ_RD / (σ_R² + ε)
+    np.multiply(g, s12, out=tmp)
+    np.subtract(s2, tmp, out=sv)  # σ_V² = σ_D² − g σ_RD
+    np.maximum(sv, _VIF_EPS, out=sv)  # the reference's sv[sv <= eps] = eps
+    # Flat reference, flat distorted image or negative gain: g = 0, a term log(1) = 0.
+    np.greater_equal(s1, _VIF_EPS, out=live)
+    np.greater_equal(g, 0, out=gained)
+    gained &= live
+    np.greater_equal(s2, _VIF_EPS, out=busy)
+    gained &= busy
+    np.multiply(g, g, out=tmp)
+    tmp *= s1
+    sv += _VIF_SIGMA_NSQ
+    tmp /= sv
+    tmp += 1
+    term.fill(0.0)
+    np.log(tmp, out=term, where=gained)
+    num += term.sum(axis=(1, 2))
+    np.divide(s1, _VIF_SIGMA_NSQ, out=tmp)
+    tmp += 1
+    term.fill(0.0)
+    np.log(tmp, out=term, where=live)
+    den += term.sum(axis=(1, 2))
 
 
 def _vif(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
