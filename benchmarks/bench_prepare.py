@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _child(args: argparse.Namespace) -> None:
-    """Time one variant in this process; print ``{"seconds": ..., "cases": ...}``."""
+    """Time one variant in this process; print ``{"seconds": ..., "cases": ...}``. Imports
+    (nibabel's included, which the package imports lazily) are done before the clock starts."""
+    import nibabel  # noqa: F401
+
     from fuse4seg.config import get_config
     from fuse4seg.data.layouts import check_dataset, find_cases
     from fuse4seg.data.slices import prepare_cache

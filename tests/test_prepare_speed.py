@@ -112,3 +112,14 @@ def test_case_arrays_match_load_volume(brats2013_dir):
     assert set(case.checksums) == {"t1ce", "flair", "seg", "mask"}
     t1ce, _ = case.normalized()
     assert np.array_equal(t1ce, normalize_intensity(case.t1ce, case.brain_mask))
+
+
+def test_check_counts_equal_label_counts(shared_data):
+    from fuse4seg.data.labels import label_counts
+    from fuse4seg.data.layouts import check_dataset
+
+    for folder in ("brats", "brats2013"):
+        cases = find_cases(shared_data / folder)
+        for summary, files in zip(check_dataset(shared_data / folder), cases, strict=True):
+            assert not summary["errors"]
+            assert summary["label_counts"] == label_counts(load_case(files).seg)

@@ -46,7 +46,13 @@ from typing import Any
 
 import numpy as np
 
-from fuse4seg.data.labels import SCHEMES, LabelError, label_counts, to_canonical
+from fuse4seg.data.labels import (
+    CANONICAL_NAMES,
+    SCHEMES,
+    LabelError,
+    label_counts,
+    to_canonical,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -129,6 +135,37 @@ class Case:
         """The (low, high) in-brain percentiles of ``"t1ce"`` or ``"flair"`` that
         :func:`normalize_intensity` maps to 0 and 1."""
         return _percentile_range(self.brain_values(name), percentiles)
+
+    def normalized_slices(self, percentiles, slices, dtype=np.float16) -> tuple[np.ndarray, ...]:
+        """``(t1ce, flair)`` as ``(len(slices), X, Y)`` arrays of ``dtype``: the axial
+        ``slices`` of :meth:`normalized` (float32) cast to ``dtype``, written voxel by voxel
+        from the brain values (nothing else is computed or copied)."""
+        slices = np.asarray(slices, dtype=np.int64)
+        x, y, z = self.brain_mask.shape
+        index = self._brain_index()  # into (Z, Y, X), z-major: slice by slice
+        per_slice = np.count_nonzero(self.brain_mask, axis=(0, 1))
+        zi = np.repeat(np.arange(z), per_slice)
+        in_plane = index - zi * (x * y)  # y·X + x
+        to_xy = (np.arange(x * y) % x) * y + np.arange(x * y) // x  # y·X + x -> x·Y + y
+        row = np.full(z, -1, dtype=np.int64)
+        row[slices] = np.arange(slices.size)
+        dest = row[zi] * (x * y) + to_xy[in_plane]  # into (K, X, Y)
+        if slices.size and np.array_equal(slices, np.arange(slices[0], slices[-1] + 1)):
+            start = int(per_slice[: slices[0]].sum())
+            kept = slice(start, start + int(per_slice[slices].sum()))  # one run of voxels
+        else:
+            kept = row[zi] >= 0
+        dest = dest[kept]
+        out = []
+        for name in ("t1ce", "flair"):
+            lo, hi = self.intensity_range(name, percentiles)
+            values = np.subtract(self.brain_values(name)[kept], lo)  # as normalize_intensity
+            values /= hi - lo
+            np.clip(values, 0.0, 1.0, out=values)
+            volume = np.zeros((slices.size, x, y), dtype=dtype)
+            volume.reshape(-1)[dest] = values.astype(np.float32).astype(dtype)
+            out.append(volume)
+        return tuple(out)
 
     def normalized(self, percentiles: tuple[float, float] = (0.5, 99.5), slices=None):
         """``(t1ce, flair)`` scaled to [0, 1] inside the brain: the values of
@@ -437,7 +474,7 @@ def _canonical_seg(raw: np.ndarray, scheme: str, where: str) -> np.ndarray:
         return lut[small.T].T  # memory order in, memory order out
     out = small.copy(order="K")
     for v in moved:
-        np.putmask(out, small == v, lut[v])
+        np.copyto(out, lut[v], where=small == v)
     return out
 
 
@@ -629,7 +666,14 @@ def check_case(files: CaseFiles) -> dict[str, Any]:
         summary["errors"].append(str(exc))
         return summary
     summary["shape"] = list(case.shape)
-    summary["label_counts"] = label_counts(case.seg)
+    if case.seg.dtype == np.uint8 and int(case.seg.max(initial=0)) < len(CANONICAL_NAMES):
+        # label_counts without its int64 copy of the volume: one comparison per label
+        counts = [np.count_nonzero(case.seg == c) for c in range(1, len(CANONICAL_NAMES))]
+        counts.insert(0, case.seg.size - sum(counts))
+        summary["label_counts"] = {n: int(c) for n, c in zip(CANONICAL_NAMES, counts,
+                                                               strict=True)}
+    else:
+        summary["label_counts"] = label_counts(case.seg)
     return summary
 
 

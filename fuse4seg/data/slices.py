@@ -333,10 +333,20 @@ def _prepare_case(files, data_cfg: DataConfig, stem: Path, raw=None) -> dict[str
             f"case {case.case_id}: no axial slice has at least "
             f"{data_cfg.min_brain_fraction:.0%} brain"
         )
-    t1ce, flair = case.normalized(data_cfg.intensity_percentiles, slices=keep)
-    for name, volume in (("t1ce", t1ce), ("flair", flair)):
-        _save_npy(Path(f"{stem}.{name}.npy"), _slices(volume, data_cfg, np.float16))
-    _save_npy(Path(f"{stem}.seg.npy"), preprocess_labels(case.seg[:, :, keep], data_cfg))
+    if data_cfg.downsample == 1:  # slices written straight from the brain voxels
+        size = (data_cfg.crop_size,) * 2
+        volumes = case.normalized_slices(data_cfg.intensity_percentiles, keep, np.float16)
+        arrays = [v if v.shape[1:] == size else _centre(v, size) for v in volumes]
+    else:
+        volumes = case.normalized(data_cfg.intensity_percentiles, slices=keep)
+        arrays = [preprocess_volume(v, data_cfg).astype(np.float16) for v in volumes]
+    for name, array in zip(("t1ce", "flair"), arrays, strict=True):
+        _save_npy(Path(f"{stem}.{name}.npy"), array)
+    if data_cfg.downsample == 1:  # preprocess_labels without its intermediate copies
+        labels = _centre(case.seg[:, :, keep].transpose(2, 0, 1), (data_cfg.crop_size,) * 2)
+    else:
+        labels = preprocess_labels(case.seg[:, :, keep], data_cfg)
+    _save_npy(Path(f"{stem}.seg.npy"), labels)
     return {
         "case_id": case.case_id,
         "layout": case.layout,
@@ -344,15 +354,6 @@ def _prepare_case(files, data_cfg: DataConfig, stem: Path, raw=None) -> dict[str
         "slices": [int(k) for k in keep],
         "num_slices": int(keep.size),
     }
-
-
-def _slices(volume: np.ndarray, data_cfg: DataConfig, dtype) -> np.ndarray:
-    """``preprocess_volume(volume, data_cfg).astype(dtype)``; without down-sampling the
-    transpose, crop/pad and cast are one copy."""
-    if data_cfg.downsample != 1:
-        return preprocess_volume(volume, data_cfg).astype(dtype)
-    v = np.asarray(volume, dtype=np.float32).astype(dtype, order="K")  # cast in memory order
-    return _centre(v.transpose(2, 0, 1), (data_cfg.crop_size,) * 2)
 
 
 # ---------------------------------------------------------------------------------------------
