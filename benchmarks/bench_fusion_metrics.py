@@ -24,13 +24,16 @@ import importlib.util
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fuse4seg.metrics import fusion
-from fuse4seg.metrics.fusion import CONVENTIONS, METRICS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
+
+from fuse4seg.metrics import fusion  # noqa: E402
+from fuse4seg.metrics.fusion import CONVENTIONS, METRICS  # noqa: E402
 
 
 def _synthetic(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,8 +120,10 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, 1-min load average during the run "
         f"{min(load):.1f}-{max(load):.1f}; data: {label}; median of {args.repeats}"
     )
+    print(f"after: {fusion.__file__}")
     if len(modules) == 2:
-        print(f"before: {args.before}; largest relative difference of the values: {worst:.1e}")
+        print(f"before: {modules[0].__file__}; largest relative difference of the values: "
+              f"{worst:.1e}")
     print()
     print("| metric | " + " | ".join(f"{c} (ms)" for c in CONVENTIONS) + " |")
     print("|---|" + "---|" * len(CONVENTIONS))
