@@ -37,6 +37,15 @@ Pass uint8 images (``to_uint8``) to score exactly what a PNG holds.
 
 Every value is checked against the reference file of the project's tests (computed by the
 original evaluators) to a relative 1e-4.
+
+Speed (about 2× the straightforward NumPy of the formulas, same values to ~1e-14 relative):
+the Gaussian windows of VIF and the standard SSIM are applied as 'valid' separable filters by
+products with banded matrices (BLAS), float64 throughout; the multi-scale decimation computes
+only the outputs it keeps; the per-pixel work runs in place in work arrays that each thread
+keeps between calls (:func:`_scratch`, some tens of MB for 256² images: fresh arrays of that
+size cost a page fault per 4 KB on every call); Q^AB/F's and VIF's transcendental functions run
+only on the pixels that add a non-zero term; one :func:`fusion_metrics` call shares the grey
+levels and the SSIM statistics between metrics.
 """
 
 from __future__ import annotations
@@ -501,12 +510,6 @@ def _ssim_from_stats(stats, data_range) -> list[float]:
     bottom *= tmp
     top /= bottom
     return [float(m.mean(dtype=np.float64)) for m in top]
-
-
-def _ssim_pair_stack(f, srcs, *, gaussian, data_range, sample_cov, dtype):
-    """SSIM(F, S) for each S in ``srcs`` in one filtering pass; returns a list of floats."""
-    stats = _ssim_stats(f, srcs, gaussian=gaussian, sample_cov=sample_cov, dtype=dtype)
-    return _ssim_from_stats(stats, data_range)
 
 
 def ssim(fused: Any, a: Any, b: Any, convention: str = "standard", data_range=None) -> float:
