@@ -123,3 +123,23 @@ def test_check_counts_equal_label_counts(shared_data):
         for summary, files in zip(check_dataset(shared_data / folder), cases, strict=True):
             assert not summary["errors"]
             assert summary["label_counts"] == label_counts(load_case(files).seg)
+
+
+def test_check_workers_give_the_same_summaries(case_copy_pair):
+    from fuse4seg.data.layouts import check_dataset
+
+    one = check_dataset(case_copy_pair)
+    assert check_dataset(case_copy_pair, workers=2) == one
+    assert [bool(s["errors"]) for s in one] == [False, True]
+    with pytest.raises(ValueError, match="workers"):
+        check_dataset(case_copy_pair, workers=0)
+
+
+@pytest.fixture()
+def case_copy_pair(brats2021_case, tmp_path):
+    """Two copies of the BraTS 2021 case, the second without its segmentation."""
+    data = tmp_path / "pair"
+    for name in ("A", "B"):
+        shutil.copytree(brats2021_case, data / name)
+    (data / "B" / "BraTS2021_00006_seg.nii.gz").unlink()
+    return data

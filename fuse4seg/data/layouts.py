@@ -677,14 +677,32 @@ def check_case(files: CaseFiles) -> dict[str, Any]:
     return summary
 
 
-def check_dataset(root: str | Path, layout: str | None = None, progress: bool = False):
-    """Run :func:`check_case` over every case under ``root``; a list of summaries."""
+def check_dataset(
+    root: str | Path, layout: str | None = None, progress: bool = False, workers: int = 1
+):
+    """Run :func:`check_case` over every case under ``root``; a list of summaries, in case
+    order. ``workers > 1``: that many processes check the cases (the same list)."""
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers}: need at least 1")
     cases = find_cases(root, layout)
+    workers = min(int(workers), len(cases))
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(check_case, cases)
+    else:
+        results = map(check_case, cases)
     if progress:
         from tqdm.auto import tqdm
 
-        cases = tqdm(cases, desc="checking cases", unit="case")
-    return [check_case(files) for files in cases]
+        results = tqdm(results, total=len(cases), desc="checking cases", unit="case")
+    try:
+        return list(results)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_arguments(parser: argparse.ArgumentParser) -> None:
