@@ -174,14 +174,6 @@ def make_split(case_ids: list[str], fractions, seed: int) -> dict[str, list[str]
     }
 
 
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _settings(data_cfg: DataConfig) -> dict[str, Any]:
     values = {name: getattr(data_cfg, name) for name in SETTINGS_FIELDS}
     return json.loads(json.dumps(values))
