@@ -1,27 +1,39 @@
 """Milliseconds per fused image of the fusion metrics (`fuse4seg.metrics.fusion`).
 
     python benchmarks/bench_fusion_metrics.py [--harvard DIR] [--size 256] [--repeats 30]
+        [--before CHECKOUT]
 
 Times each of the nine metrics alone and all of them together (``fusion_metrics``) for each
 convention, on one 256×256 Harvard MRI-PET test pair when ``--harvard`` is given (F = the
 pixel-wise maximum of A and B), else on a synthetic pair of the same size. Single-threaded
 NumPy/SciPy work; run it with ``OMP_NUM_THREADS=1`` to time one core. Reports the median over
-``--repeats`` runs. ``--device`` is accepted for symmetry with the other benchmarks: the
-metrics are NumPy code and always run on the CPU. Prints a Markdown table; copy it into
-RESULTS.md with the machine's name.
+``--repeats`` runs.
+
+``--before CHECKOUT`` also loads ``fuse4seg/metrics/fusion.py`` of another checkout (e.g.
+``git worktree add /tmp/before <commit>``) and times both versions in alternation, call by
+call, so that they share the machine's load; each cell is then ``before → after``, and the
+largest relative difference between the two versions' values is printed. ``--device`` is
+accepted for symmetry with the other benchmarks: the metrics always run on the CPU. Prints a
+Markdown table; copy it into RESULTS.md with the machine's name and load.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fuse4seg.metrics.fusion import CONVENTIONS, METRICS, fusion_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
+
+from fuse4seg.metrics import fusion  # noqa: E402
+from fuse4seg.metrics.fusion import CONVENTIONS, METRICS  # noqa: E402
 
 
 def _synthetic(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,14 +48,26 @@ def _synthetic(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.maximum(a, b), a, b
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _median_ms(fns, repeats: int) -> list[float]:
+    """Median milliseconds of each function, timed in alternation (one call of each per
+    round) after one warm-up call each."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [1000 * float(np.median(t)) for t in times]
+
+
+def _load_module(checkout: Path):
+    path = checkout / "fuse4seg" / "metrics" / "fusion.py"
+    spec = importlib.util.spec_from_file_location("fusion_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -51,6 +75,7 @@ def main() -> None:
     parser.add_argument("--harvard", type=Path, help="Harvard folder (CT-MRI/, PET-MRI/, ...)")
     parser.add_argument("--size", type=int, default=256, help="synthetic image side")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--before", type=Path, help="another checkout to time alongside")
     parser.add_argument("--device", default="cpu", help="ignored: the metrics run on the CPU")
     args = parser.parse_args()
 
@@ -65,26 +90,46 @@ def main() -> None:
         f, a, b = _synthetic(args.size)
         label = f"synthetic {args.size}x{args.size} pair"
 
-    rows = {}
+    modules = [fusion] if args.before is None else [_load_module(args.before), fusion]
+    worst = 0.0
+    if len(modules) == 2:
+        for conv in CONVENTIONS:
+            old, new = (m.fusion_metrics(f, a, b, conv) for m in modules)
+            for k, v in old.items():
+                if not (math.isnan(v) and math.isnan(new[k])):
+                    worst = max(worst, abs(new[k] - v) / max(abs(v), 1e-300))
+
+    rows: dict[str, dict[str, list[float]]] = {}
+    load = [os.getloadavg()[0]]
     for conv in CONVENTIONS:
         for m in METRICS:
             rows.setdefault(m, {})[conv] = _median_ms(
-                lambda m=m, conv=conv: fusion_metrics(f, a, b, conv, [m]), args.repeats
+                [lambda mod=mod, m=m, conv=conv: mod.fusion_metrics(f, a, b, conv, [m])
+                 for mod in modules],
+                args.repeats,
             )
         rows.setdefault("all nine (+ MSE)", {})[conv] = _median_ms(
-            lambda conv=conv: fusion_metrics(f, a, b, conv), args.repeats
+            [lambda mod=mod, conv=conv: mod.fusion_metrics(f, a, b, conv) for mod in modules],
+            args.repeats,
         )
+        load.append(os.getloadavg()[0])
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(
         f"\nmachine: {platform.node()} / {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}; data: {label}; "
-        f"median of {args.repeats}\n"
+        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, 1-min load average during the run "
+        f"{min(load):.1f}-{max(load):.1f}; data: {label}; median of {args.repeats}"
     )
+    print(f"after: {fusion.__file__}")
+    if len(modules) == 2:
+        print(f"before: {modules[0].__file__}; largest relative difference of the values: "
+              f"{worst:.1e}")
+    print()
     print("| metric | " + " | ".join(f"{c} (ms)" for c in CONVENTIONS) + " |")
     print("|---|" + "---|" * len(CONVENTIONS))
     for name, per in rows.items():
-        print(f"| {name} | " + " | ".join(f"{per[c]:.2f}" for c in CONVENTIONS) + " |")
+        cells = [" → ".join(f"{t:.2f}" for t in per[c]) for c in CONVENTIONS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

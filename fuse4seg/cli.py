@@ -71,6 +71,10 @@ def check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of BraTS cases (or one case)")
     parser.add_argument("--layout", choices=_layouts(), help="force a layout (default: detect)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="process this many cases at once in separate processes (same output as 1)",
+    )
 
 
 def check_main(args: argparse.Namespace) -> int:
@@ -82,7 +86,9 @@ def check_main(args: argparse.Namespace) -> int:
     """
     from fuse4seg.data.layouts import check_dataset
 
-    summaries = check_dataset(args.data_dir, args.layout, progress=not args.json)
+    summaries = check_dataset(
+        args.data_dir, args.layout, progress=not args.json, workers=args.workers
+    )
     bad = [s for s in summaries if s["errors"]]
     if args.json:
         print(json.dumps(summaries, indent=2))
@@ -111,6 +117,10 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="default", help=_PROFILES)
     parser.add_argument("--layout", choices=_layouts(), help="force a layout (default: detect)")
     _add_set(parser, "data.crop_size=192")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="process this many cases at once in separate processes (same output as 1)",
+    )
 
 
 def prepare_main(args: argparse.Namespace) -> int:
@@ -125,7 +135,9 @@ def prepare_main(args: argparse.Namespace) -> int:
     config = _config(args.profile, args.set)
     manifest_path = args.out / "manifest.json"
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
-    path = prepare_cache(args.data_dir, args.out, config.data, layout=args.layout)
+    path = prepare_cache(
+        args.data_dir, args.out, config.data, layout=args.layout, workers=args.workers
+    )
     manifest = load_manifest(args.out)
     changed = before is None or path.stat().st_mtime_ns != before
     split = {k: len(v) for k, v in manifest["split"].items()}

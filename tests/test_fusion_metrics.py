@@ -571,3 +571,71 @@ def test_metrics_cli_errors(png_triplet, tmp_path, capsys):
         )
         == 2
     )
+
+
+# ----------------------------------------------------------------- the fast paths
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (70, 53), (256, 256)])
+@pytest.mark.parametrize("n", [3, 5, 9, 11, 17])
+@pytest.mark.parametrize("step", [1, 2])
+def test_banded_valid_filter_matches_convolve2d(rng, shape, n, step):
+    """The blocked banded-matrix filter equals a direct 2-D 'valid' convolution (then every
+    ``step``-th output), for sizes that are and are not multiples of its block."""
+    if min(shape) < n:
+        pytest.skip("smaller than the window")
+    w = fm._vif_window(1) if n == 17 else fm._gaussian_taps(1.5, 3.5) if n == 11 else None
+    if w is None:
+        w = rng.random(n)
+        w = (w + w[::-1]) / 2  # symmetric, as every window here
+    stack = rng.uniform(0, 255, (3, *shape))
+    got = fm._valid_filter(stack, w, step=step)
+    for img, out in zip(stack, got, strict=True):
+        ref = convolve2d(img, np.outer(w, w), mode="valid")[::step, ::step]
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-9)
+
+
+def test_scratch_reuse_keeps_results_exact(images, rng):
+    """Reused work arrays leak nothing between calls, sizes or threads."""
+    import threading
+
+    f, a, b = images
+    big = [to_uint8(rng.uniform(0, 255, (80, 96))) for _ in range(3)]
+    first = {c: fusion_metrics(f, a, b, c) for c in CONVENTIONS}
+    for c in CONVENTIONS:
+        fusion_metrics(*big, c)
+    again = {c: fusion_metrics(f, a, b, c) for c in CONVENTIONS}
+    assert all(
+        (math.isnan(first[c][k]) and math.isnan(again[c][k])) or first[c][k] == again[c][k]
+        for c in CONVENTIONS
+        for k in first[c]
+    )
+    results: dict[int, dict] = {}
+
+    def work(i: int) -> None:
+        x = (f, a, b) if i % 2 == 0 else tuple(big)
+        results[i] = {c: fusion_metrics(*x, c) for c in CONVENTIONS for _ in range(3)}
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected_big = {c: fusion_metrics(*big, c) for c in CONVENTIONS}
+    for i, res in results.items():
+        exp = first if i % 2 == 0 else expected_big
+        for c in CONVENTIONS:
+            for k, v in exp[c].items():
+                assert (math.isnan(v) and math.isnan(res[c][k])) or res[c][k] == v, (i, c, k)
+
+
+def test_vif_guards_with_flat_regions(rng):
+    """Black backgrounds and flat patches (the guards' cases) against the 2-D reference."""
+    f, a, b = (np.zeros((96, 96)) for _ in range(3))
+    a[20:70, 10:80] = rng.integers(0, 256, (50, 70))
+    b[30:90, 25:60] = 128  # flat patch in B
+    f[:] = np.maximum(a, b)
+    f[40:50, 40:50] = 255  # saturated block in F
+    assert vif(f, a, b) == pytest.approx(_vif_2d(a, f) + _vif_2d(b, f), rel=1e-9)
+    assert qabf(f, a, b) == pytest.approx(_qabf_2d(f, a, b), rel=1e-12)

@@ -32,6 +32,9 @@ Explained in chapter 1 (``book/01_data.md``).
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -40,7 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from fuse4seg.data.labels import LabelError, label_counts, to_canonical
+from fuse4seg.data.labels import (
+    CANONICAL_NAMES,
+    SCHEMES,
+    LabelError,
+    label_counts,
+    to_canonical,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -88,24 +97,88 @@ class Case:
     case_id: str
     layout: str
     scheme: str
-    t1ce: np.ndarray  # float32 (X, Y, Z), raw intensities
-    flair: np.ndarray  # float32 (X, Y, Z), raw intensities
+    t1ce: np.ndarray  # float32 (X, Y, Z), raw intensities (read-only when the file is float32)
+    flair: np.ndarray  # float32 (X, Y, Z), raw intensities (read-only likewise)
     seg: np.ndarray | None  # uint8 (X, Y, Z), canonical labels 0..3
     brain_mask: np.ndarray  # bool (X, Y, Z)
     affine: np.ndarray  # (4, 4)
     header: Any  # nibabel header of the T1ce file
     files: CaseFiles | None = None
+    checksums: dict[str, str] = field(default_factory=dict, repr=False)
+    """SHA-1 of each file read (``t1ce``, ``flair``, ``seg``, ``mask``), from the same bytes
+    that were decoded."""
+    _inside: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.t1ce.shape)
 
-    def normalized(self, percentiles: tuple[float, float] = (0.5, 99.5)):
-        """``(t1ce, flair)`` scaled to [0, 1] inside the brain (:func:`normalize_intensity`)."""
-        return (
-            normalize_intensity(self.t1ce, self.brain_mask, percentiles),
-            normalize_intensity(self.flair, self.brain_mask, percentiles),
-        )
+    def brain_values(self, name: str) -> np.ndarray:
+        """The in-brain voxels of ``"t1ce"`` or ``"flair"`` as float32, in the order of
+        ``volume.T[brain_mask.T]`` (memory order for NIfTI's Fortran-ordered arrays; any
+        order gives the same percentiles). Extracted once, then reused."""
+        if name not in self._inside:
+            volume = np.asarray(getattr(self, name), dtype=np.float32)
+            self._inside[name] = volume.T.reshape(-1)[self._brain_index()]
+        return self._inside[name]
+
+    def _brain_index(self) -> np.ndarray:
+        """Flat indices of the brain voxels in ``brain_mask.T`` (computed once)."""
+        if "index" not in self._inside:
+            self._inside["index"] = np.flatnonzero(self.brain_mask.T)
+        return self._inside["index"]
+
+    def intensity_range(self, name: str, percentiles=(0.5, 99.5)) -> tuple[Any, Any]:
+        """The (low, high) in-brain percentiles of ``"t1ce"`` or ``"flair"`` that
+        :func:`normalize_intensity` maps to 0 and 1."""
+        return _percentile_range(self.brain_values(name), percentiles)
+
+    def normalized_slices(self, percentiles, slices, dtype=np.float16) -> tuple[np.ndarray, ...]:
+        """``(t1ce, flair)`` as ``(len(slices), X, Y)`` arrays of ``dtype``: the axial
+        ``slices`` of :meth:`normalized` (float32) cast to ``dtype``, written voxel by voxel
+        from the brain values (nothing else is computed or copied)."""
+        slices = np.asarray(slices, dtype=np.int64)
+        x, y, z = self.brain_mask.shape
+        index = self._brain_index()  # into (Z, Y, X), z-major: slice by slice
+        per_slice = np.count_nonzero(self.brain_mask, axis=(0, 1))
+        zi = np.repeat(np.arange(z), per_slice)
+        in_plane = index - zi * (x * y)  # y·X + x
+        to_xy = (np.arange(x * y) % x) * y + np.arange(x * y) // x  # y·X + x -> x·Y + y
+        row = np.full(z, -1, dtype=np.int64)
+        row[slices] = np.arange(slices.size)
+        dest = row[zi] * (x * y) + to_xy[in_plane]  # into (K, X, Y)
+        if slices.size and np.array_equal(slices, np.arange(slices[0], slices[-1] + 1)):
+            start = int(per_slice[: slices[0]].sum())
+            kept = slice(start, start + int(per_slice[slices].sum()))  # one run of voxels
+        else:
+            kept = row[zi] >= 0
+        dest = dest[kept]
+        out = []
+        for name in ("t1ce", "flair"):
+            lo, hi = self.intensity_range(name, percentiles)
+            values = np.subtract(self.brain_values(name)[kept], lo)  # as normalize_intensity
+            values /= hi - lo
+            np.clip(values, 0.0, 1.0, out=values)
+            volume = np.zeros((slices.size, x, y), dtype=dtype)
+            volume.reshape(-1)[dest] = values.astype(np.float32).astype(dtype)
+            out.append(volume)
+        return tuple(out)
+
+    def normalized(self, percentiles: tuple[float, float] = (0.5, 99.5), slices=None):
+        """``(t1ce, flair)`` scaled to [0, 1] inside the brain: the values of
+        :func:`normalize_intensity`, computed on the brain voxels only.
+
+        ``slices``: the axial indices to return (``volume[:, :, slices]``); the percentiles
+        still come from the whole brain. The arrays are Fortran-ordered views.
+        """
+        out = []
+        for name in ("t1ce", "flair"):
+            lo, hi = self.intensity_range(name, percentiles)
+            values = np.clip((self.brain_values(name) - lo) / (hi - lo), 0.0, 1.0)
+            volume_t = np.zeros(self.brain_mask.shape[::-1], dtype=np.float32)  # (Z, Y, X)
+            volume_t.reshape(-1)[self._brain_index()] = values.astype(np.float32)
+            out.append((volume_t if slices is None else volume_t[slices]).T)
+        return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +298,93 @@ def find_cases(root: str | Path, layout: str | None = None) -> list[CaseFiles]:
 # Reading
 
 
-def load_volume(path: str | Path, what: str = "volume"):
-    """Read a NIfTI file as float32 with its affine and header.
+def _decode(raw: bytes, path: Path):
+    """A NIfTI-1/2 image from the bytes of a ``.nii`` or ``.nii.gz`` file, or ``None`` when the
+    bytes are not one (the caller then falls back on ``nibabel.load``).
+
+    A gzip file is inflated in one call into a buffer of the size its trailer announces (half
+    the time of reading it through ``gzip.GzipFile``); the NIfTI decoder then reads the result
+    in place. Raises what zlib or nibabel raise for corrupt or truncated data."""
+    import nibabel as nib
+
+    if raw[:2] == b"\x1f\x8b":
+        size = int.from_bytes(raw[-4:], "little") if len(raw) >= 4 else 0
+        data = zlib.decompress(raw, 31, max(size, 1 << 16))
+    else:
+        data = raw
+    head = data[:4]
+    for klass, size in ((nib.Nifti1Image, 348), (nib.Nifti2Image, 540)):
+        if head in (size.to_bytes(4, "little"), size.to_bytes(4, "big")):
+            return klass.from_bytes(data), data
+    return None, data
+
+
+def _image_array(image, data: bytes) -> np.ndarray:
+    """The voxels of an image decoded by :func:`_decode`: a read-only view of ``data`` in the
+    file's dtype when the file is unscaled, else float32 as nibabel scales them."""
+    proxy = image.dataobj
+    if not (proxy.slope == 1 and proxy.inter == 0):
+        return np.asarray(proxy, dtype=np.float32)  # scaled: as load_volume did
+    dtype, shape, offset = np.dtype(proxy.dtype), tuple(proxy.shape), int(proxy.offset)
+    count = int(np.prod(shape, dtype=np.int64))
+    if offset + count * dtype.itemsize > len(data):
+        return np.asanyarray(proxy)  # nibabel raises the truncation error
+    return np.ndarray(shape, dtype=dtype, buffer=data, offset=offset, order=proxy.order)
+
+
+def _scaled_above(image, data: bytes, threshold: float) -> np.ndarray | None:
+    """``float32 voxels > threshold`` for a *scaled* integer file (e.g. a brain mask stored as
+    int32 with a slope), or ``None`` (then read it the plain way).
+
+    Scaling ``stored * slope + inter`` and rounding are monotonic in the stored value, so the
+    voxels above the threshold are those whose stored value is at or past one cut-off, which a
+    bisection over the stored range finds by letting nibabel scale single values (its own code,
+    on a one-voxel proxy). The same booleans as scaling every voxel, at one comparison each."""
+    from nibabel.arrayproxy import ArrayProxy
+
+    proxy = image.dataobj
+    dtype = np.dtype(proxy.dtype)
+    slope, inter = float(np.asarray(proxy.slope)), float(np.asarray(proxy.inter))
+    if (slope == 1 and inter == 0) or dtype.kind not in "iu":
+        return None
+    if not (math.isfinite(slope) and math.isfinite(inter)):
+        return None
+    shape, offset = tuple(proxy.shape), int(proxy.offset)
+    if offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > len(data):
+        return None
+    stored = np.ndarray(shape, dtype=dtype, buffer=data, offset=offset, order=proxy.order)
+    if stored.size == 0:
+        return None
+
+    def above(value: int) -> bool:
+        one = np.array([value]).astype(dtype)
+        tiny = ArrayProxy(io.BytesIO(one.tobytes()), ((1,), dtype, 0, proxy.slope, proxy.inter))
+        return bool(np.asarray(tiny, dtype=np.float32)[0] > threshold)
+
+    lo, hi = int(stored.min()), int(stored.max())
+    rising = slope >= 0
+    a, b = lo, hi + 1  # the first stored value where above() flips from its value at lo
+    first = above(lo)
+    while a < b:
+        m = (a + b) // 2
+        if above(m) != first:
+            b = m
+        else:
+            a = m + 1
+    if a > hi:  # no flip: the same answer everywhere
+        return np.full(shape, first, dtype=bool, order="F")
+    if first == rising:  # slope and answer disagree: not monotonic as assumed
+        return None
+    return stored >= a if rising else stored < a
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
+
+
+def _read(path: Path, what: str, raw: bytes | None = None, above: float | None = None):
+    """``(voxels in the file's own dtype, affine, header, SHA-1 of the file)``, reading the
+    file once (or using ``raw``, its bytes). Integer data is not converted; float data is
+    checked for NaN/inf. ``above``: return ``float32 voxels > above`` (bool) instead.
 
     Raises:
         DataError: missing, unreadable or truncated file; NaN or inf values.
@@ -234,17 +392,87 @@ def load_volume(path: str | Path, what: str = "volume"):
     import nibabel as nib
 
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: {what} file does not exist")
+    if raw is None:
+        if not path.exists():
+            raise DataError(f"{path}: {what} file does not exist")
+        raw = path.read_bytes()
+    digest = hashlib.sha1(raw).hexdigest()
     try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        try:
+            image, data = _decode(raw, path)
+            if image is None:
+                raise ValueError("not NIfTI-1/2")
+            array = None if above is None else _scaled_above(image, data, above)
+            if array is not None:
+                return array, np.asarray(image.affine, dtype=np.float64), image.header, digest
+            array = _image_array(image, data)
+        except (*_READ_ERRORS, nib.filebasedimages.ImageFileError):
+            image = nib.load(str(path))  # anything else nibabel reads, or its own error
+            array = np.asarray(image.dataobj, dtype=np.float32)
+    except (*_READ_ERRORS, nib.filebasedimages.ImageFileError) as exc:
         raise DataError(f"{path}: unreadable or truncated NIfTI file ({exc})") from exc
-    if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise DataError(f"{path}: {bad} voxels are NaN or inf")
-    return data, np.asarray(image.affine, dtype=np.float64), image.header
+    if not np.issubdtype(array.dtype, np.integer):
+        array = np.asarray(array, dtype=np.float32)
+        if not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise DataError(f"{path}: {bad} voxels are NaN or inf")
+    if above is not None:
+        array = (array if array.dtype.kind in "iu" else _as_float32(array)) > above
+    return array, np.asarray(image.affine, dtype=np.float64), image.header, digest
+
+
+def load_volume(path: str | Path, what: str = "volume"):
+    """Read a NIfTI file as float32 with its affine and header.
+
+    Raises:
+        DataError: missing, unreadable or truncated file; NaN or inf values.
+    """
+    data, affine, header, _ = _read(Path(path), what)
+    data = np.asarray(data, dtype=np.float32)
+    if not data.flags.writeable:
+        data = data.copy()
+    return data, affine, header
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """float32 voxels (what ``load_volume`` returns), a view when they already are."""
+    return np.asarray(array, dtype=np.float32)
+
+
+def _canonical_seg(raw: np.ndarray, scheme: str, where: str) -> np.ndarray:
+    """:func:`to_canonical` of a label volume read in its file's dtype, fast when the labels
+    are integers 0..255 (the usual case): the maximum and a test for each value below it that
+    the scheme lacks show whether anything is out of the scheme (then a bincount lists the
+    values for ``to_canonical``'s error); the few labels the scheme renumbers are rewritten in
+    place. Anything else goes through ``to_canonical`` on float32 voxels, as before."""
+    small = None
+    if raw.dtype == np.uint8:
+        small = raw
+    elif raw.size and raw.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            small = raw.astype(np.uint8)  # exact iff every value is an integer in 0..255
+        if not (small == raw).all():
+            small = None  # to_canonical names the bad values
+    elif raw.size and raw.dtype.kind in "iu" and 0 <= raw.min() and raw.max() <= 255:
+        small = raw.astype(np.uint8)
+    if small is None:
+        return to_canonical(_as_float32(raw), scheme, where=where)
+    mapping = SCHEMES.get(scheme, {})
+    top = int(small.max()) if small.size else 0
+    outside = [v for v in range(top + 1) if v not in mapping]
+    if top > max(mapping, default=-1) or any((small == v).any() for v in outside):
+        present = np.flatnonzero(np.bincount(small.ravel(order="K"), minlength=256))
+    else:  # every stored value is in the scheme: no need to count them
+        present = np.array([v for v in sorted(mapping) if v <= top], dtype=np.int64)
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[present] = to_canonical(present, scheme, where=where)  # raises naming bad values
+    moved = [int(v) for v in present if lut[v] != v]
+    if len(moved) > 3:
+        return lut[small.T].T  # memory order in, memory order out
+    out = small.copy(order="K")
+    for v in moved:
+        np.copyto(out, lut[v], where=small == v)
+    return out
 
 
 def _require(files: CaseFiles, key: str, what: str) -> Path:
@@ -255,7 +483,10 @@ def _require(files: CaseFiles, key: str, what: str) -> Path:
 
 
 def load_case(
-    folder: str | Path | CaseFiles, layout: str | None = None, require_seg: bool = True
+    folder: str | Path | CaseFiles,
+    layout: str | None = None,
+    require_seg: bool = True,
+    raw: dict[str, bytes] | None = None,
 ) -> Case:
     """Read one case: T1ce, FLAIR, canonical segmentation, brain mask, affine.
 
@@ -263,6 +494,8 @@ def load_case(
         folder: a case folder, or a :class:`CaseFiles` from :func:`find_cases`.
         layout: force a layout (default: detect).
         require_seg: raise when the segmentation is missing (``False`` for inference).
+        raw: the bytes of some of the files, by key (``t1ce``, ``flair``, ``seg``, ``mask``),
+            when the caller has read them already (each file is read once).
 
     Returns:
         A :class:`Case`; ``seg`` is ``None`` only when it is absent and not required.
@@ -280,17 +513,27 @@ def load_case(
             raise DataError(f"{folder}: expected one case, found {len(found)}")
         files = found[0]
     cid = files.case_id
+    raw = {} if raw is None else raw
     t1ce_path = _require(files, "t1ce", "T1ce")
     flair_path = _require(files, "flair", "FLAIR")
+    checksums: dict[str, str] = {}
+
+    def read(key: str, path: Path, what: str, above: float | None = None):
+        data, affine, header, digest = _read(path, what, raw.get(key), above)
+        checksums[key] = digest
+        return data, affine, header
+
     if files.layout == "msd":
-        data, affine, header = load_volume(t1ce_path, "image")
+        data, affine, header = read("t1ce", t1ce_path, "image")
+        data = _as_float32(data)
         if data.ndim != 4 or data.shape[3] < 3:
             raise DataError(f"{t1ce_path}: expected a 4-D image (FLAIR, T1w, T1gd, T2w)")
         t1ce, flair = data[..., MSD_CHANNELS["t1ce"]], data[..., MSD_CHANNELS["flair"]]
         t1ce_affine = flair_affine = affine
     else:
-        t1ce, t1ce_affine, header = load_volume(t1ce_path, "T1ce")
-        flair, flair_affine, _ = load_volume(flair_path, "FLAIR")
+        t1ce, t1ce_affine, header = read("t1ce", t1ce_path, "T1ce")
+        flair, flair_affine, _ = read("flair", flair_path, "FLAIR")
+        t1ce, flair = _as_float32(t1ce), _as_float32(flair)
     for arr, path in ((t1ce, t1ce_path), (flair, flair_path)):
         if arr.ndim != 3:
             raise DataError(f"case {cid}: {path} has {arr.ndim} dimensions, expected 3")
@@ -298,16 +541,19 @@ def load_case(
 
     mask_path = files.paths.get("mask")
     if mask_path is not None:
-        mask_data, mask_affine, _ = load_volume(mask_path, "brain mask")
-        _check_same_grid(cid, t1ce, t1ce_affine, t1ce_path, mask_data, mask_affine, mask_path)
-        brain = mask_data > 0.5
+        brain, mask_affine, _ = read("mask", mask_path, "brain mask", above=0.5)
+        _check_same_grid(cid, t1ce, t1ce_affine, t1ce_path, brain, mask_affine, mask_path)
     else:
         brain = (t1ce != 0) | (flair != 0)
+    index = np.flatnonzero(brain.T)  # memory order for NIfTI's Fortran-ordered arrays
+    any_brain = index.size > 0
+    inside = {"index": index}
     for arr, path, name in ((t1ce, t1ce_path, "T1ce"), (flair, flair_path, "FLAIR")):
-        inside = arr[brain] if brain.any() else arr
-        if inside.size == 0 or float(inside.max()) == float(inside.min()):
+        values = arr.T.reshape(-1)[index] if any_brain else arr  # as Case.brain_values
+        if values.size == 0 or float(values.max()) == float(values.min()):
             raise DataError(f"case {cid}: {name} volume {path} is all zero (or constant)")
-    if not brain.any():
+        inside[name.lower()] = values
+    if not any_brain:
         raise DataError(f"case {cid}: the brain mask is empty ({mask_path or t1ce_path})")
 
     seg = None
@@ -316,10 +562,10 @@ def load_case(
         if require_seg:
             raise DataError(f"case {cid}: missing segmentation file ({files.layout} layout)")
     else:
-        seg_raw, seg_affine, _ = load_volume(seg_path, "segmentation")
+        seg_raw, seg_affine, _ = read("seg", seg_path, "segmentation")
         _check_same_grid(cid, t1ce, t1ce_affine, t1ce_path, seg_raw, seg_affine, seg_path)
         try:
-            seg = to_canonical(seg_raw, files.scheme, where=f"case {cid}: {seg_path}")
+            seg = _canonical_seg(seg_raw, files.scheme, where=f"case {cid}: {seg_path}")
         except LabelError as exc:
             raise DataError(str(exc)) from exc
     return Case(
@@ -333,6 +579,8 @@ def load_case(
         affine=t1ce_affine,
         header=header,
         files=files,
+        checksums=checksums,
+        _inside=inside,
     )
 
 
@@ -370,12 +618,26 @@ def normalize_intensity(
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != volume.shape:
         raise DataError(f"mask shape {mask.shape} differs from volume shape {volume.shape}")
-    inside = volume[mask]
+    lo, hi = _percentile_range(volume[mask], percentiles)
+    return _apply_range(volume, mask, lo, hi)
+
+
+def _percentile_range(inside: np.ndarray, percentiles) -> tuple[Any, Any]:
     if inside.size == 0:
         raise DataError("cannot normalise: the brain mask is empty")
     lo, hi = np.percentile(inside, percentiles)
     if hi <= lo:
         raise DataError("cannot normalise: no intensity spread inside the brain")
+    return lo, hi
+
+
+def _apply_range(volume, mask, lo, hi, slices=None) -> np.ndarray:
+    """``clip((volume - lo) / (hi - lo), 0, 1)`` as float32, 0 outside ``mask``; only the
+    axial ``slices`` when given (each voxel's value does not depend on the others)."""
+    volume = np.asarray(volume, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    if slices is not None:
+        volume, mask = volume[:, :, slices], mask[:, :, slices]
     out = np.clip((volume - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     out[~mask] = 0.0
     return out
@@ -401,15 +663,40 @@ def check_case(files: CaseFiles) -> dict[str, Any]:
         summary["errors"].append(str(exc))
         return summary
     summary["shape"] = list(case.shape)
-    summary["label_counts"] = label_counts(case.seg)
+    if case.seg.dtype == np.uint8 and int(case.seg.max(initial=0)) < len(CANONICAL_NAMES):
+        # label_counts without its int64 copy of the volume: one comparison per label
+        counts = [np.count_nonzero(case.seg == c) for c in range(1, len(CANONICAL_NAMES))]
+        counts.insert(0, case.seg.size - sum(counts))
+        summary["label_counts"] = {n: int(c) for n, c in zip(CANONICAL_NAMES, counts,
+                                                               strict=True)}
+    else:
+        summary["label_counts"] = label_counts(case.seg)
     return summary
 
 
-def check_dataset(root: str | Path, layout: str | None = None, progress: bool = False):
-    """Run :func:`check_case` over every case under ``root``; a list of summaries."""
+def check_dataset(
+    root: str | Path, layout: str | None = None, progress: bool = False, workers: int = 1
+):
+    """Run :func:`check_case` over every case under ``root``; a list of summaries, in case
+    order. ``workers > 1``: that many processes check the cases (the same list)."""
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers}: need at least 1")
     cases = find_cases(root, layout)
+    workers = min(int(workers), len(cases))
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(check_case, cases)
+    else:
+        results = map(check_case, cases)
     if progress:
         from tqdm.auto import tqdm
 
-        cases = tqdm(cases, desc="checking cases", unit="case")
-    return [check_case(files) for files in cases]
+        results = tqdm(results, total=len(cases), desc="checking cases", unit="case")
+    try:
+        return list(results)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

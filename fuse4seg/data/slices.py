@@ -173,14 +173,6 @@ def make_split(case_ids: list[str], fractions, seed: int) -> dict[str, list[str]
     }
 
 
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _settings(data_cfg: DataConfig) -> dict[str, Any]:
     values = {name: getattr(data_cfg, name) for name in SETTINGS_FIELDS}
     return json.loads(json.dumps(values))
@@ -222,8 +214,14 @@ def prepare_cache(
     data_cfg: DataConfig,
     layout: str | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Build (or bring up to date) the slice cache of ``data_dir`` in ``cache_dir``.
+
+    Each source file is read once: its SHA-1 and its voxels come from the same bytes. With
+    ``workers > 1`` the cases are built by that many processes; the manifest and every array
+    are byte-identical to those of one worker (each case is built by the same function and the
+    manifest lists the cases in the same order).
 
     Returns:
         The path of ``manifest.json``.
@@ -233,6 +231,8 @@ def prepare_cache(
 
     Explained in chapter 1.
     """
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers}: need at least 1")
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     cases = find_cases(data_dir, layout)
     if data_cfg.max_cases is not None:
@@ -248,27 +248,28 @@ def prepare_cache(
     same_settings = old.get("settings") == settings and old.get("version") == CACHE_VERSION
     old_cases = {c["case_id"]: c for c in old.get("case_info", [])} if same_settings else {}
 
-    iterator = cases
+    jobs = [(files, data_cfg, str(cache_dir), old_cases.get(files.case_id)) for files in cases]
+    workers = min(int(workers), max(len(jobs), 1))
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_case_job, jobs)
+    else:
+        results = map(_case_job, jobs)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(cases, desc="preparing slices", unit="case")
+        results = tqdm(results, total=len(jobs), desc="preparing slices", unit="case")
     info, rebuilt = [], 0
-    for files in iterator:
-        sources = {k: str(p) for k, p in files.paths.items() if p is not None}
-        checksums = {k: _sha1(Path(p)) for k, p in sorted(sources.items()) if k != "flair"
-                     or files.layout != "msd"}
-        prev = old_cases.get(files.case_id)
-        stem = cache_dir / "cases" / files.case_id
-        arrays = [Path(f"{stem}.{m}.npy") for m in ("t1ce", "flair", "seg")]
-        if prev is not None and prev["checksums"] == checksums and all(a.exists() for a in arrays):
-            info.append(prev)
-            continue
-        entry = _prepare_case(files, data_cfg, stem)
-        entry["checksums"] = checksums
-        entry["sources"] = sources
-        info.append(entry)
-        rebuilt += 1
+    try:
+        for entry, built in results:
+            info.append(entry)
+            rebuilt += built
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     case_ids = [c["case_id"] for c in info]
     split = make_split(case_ids, data_cfg.split_fractions, data_cfg.split_seed)
@@ -288,21 +289,55 @@ def prepare_cache(
     return path
 
 
-def _prepare_case(files, data_cfg: DataConfig, stem: Path) -> dict[str, Any]:
-    case = load_case(files)
-    t1ce, flair = case.normalized(data_cfg.intensity_percentiles)
+def _case_job(job) -> tuple[dict[str, Any], bool]:
+    """One case of :func:`prepare_cache`: ``(manifest entry, rebuilt?)``. The previous entry
+    is kept when the SHA-1s of the sources and the arrays are unchanged; otherwise the case
+    is built from the bytes just hashed (each file is read once)."""
+    files, data_cfg, cache_dir, prev = job
+    sources = {k: str(p) for k, p in files.paths.items() if p is not None}
+    hashed = sorted(k for k in sources if k != "flair" or files.layout != "msd")
+    raw: dict[str, bytes] = {}
+    checksums: dict[str, str] = {}
+    for key in hashed:
+        path = Path(sources[key])
+        if not path.exists():
+            raise DataError(f"{path}: file does not exist (case {files.case_id})")
+        raw[key] = path.read_bytes()
+        checksums[key] = hashlib.sha1(raw[key]).hexdigest()
+    stem = Path(cache_dir) / "cases" / files.case_id
+    arrays = [Path(f"{stem}.{m}.npy") for m in ("t1ce", "flair", "seg")]
+    if prev is not None and prev["checksums"] == checksums and all(a.exists() for a in arrays):
+        return prev, False
+    entry = _prepare_case(files, data_cfg, stem, raw)
+    entry["checksums"] = checksums
+    entry["sources"] = sources
+    return entry, True
+
+
+def _prepare_case(files, data_cfg: DataConfig, stem: Path, raw=None) -> dict[str, Any]:
+    case = load_case(files, raw=raw)
     x, y, _ = case.shape
-    fraction = case.brain_mask.reshape(x * y, -1).mean(axis=0)
+    fraction = np.count_nonzero(case.brain_mask, axis=(0, 1)) / (x * y)
     keep = np.flatnonzero(fraction >= data_cfg.min_brain_fraction)[:: data_cfg.slice_stride]
     if keep.size == 0:
         raise DataError(
             f"case {case.case_id}: no axial slice has at least "
             f"{data_cfg.min_brain_fraction:.0%} brain"
         )
-    for name, volume in (("t1ce", t1ce), ("flair", flair)):
-        slices = preprocess_volume(volume[:, :, keep], data_cfg).astype(np.float16)
-        _save_npy(Path(f"{stem}.{name}.npy"), slices)
-    _save_npy(Path(f"{stem}.seg.npy"), preprocess_labels(case.seg[:, :, keep], data_cfg))
+    if data_cfg.downsample == 1:  # slices written straight from the brain voxels
+        size = (data_cfg.crop_size,) * 2
+        volumes = case.normalized_slices(data_cfg.intensity_percentiles, keep, np.float16)
+        arrays = [v if v.shape[1:] == size else _centre(v, size) for v in volumes]
+    else:
+        volumes = case.normalized(data_cfg.intensity_percentiles, slices=keep)
+        arrays = [preprocess_volume(v, data_cfg).astype(np.float16) for v in volumes]
+    for name, array in zip(("t1ce", "flair"), arrays, strict=True):
+        _save_npy(Path(f"{stem}.{name}.npy"), array)
+    if data_cfg.downsample == 1:  # preprocess_labels without its intermediate copies
+        labels = _centre(case.seg[:, :, keep].transpose(2, 0, 1), (data_cfg.crop_size,) * 2)
+    else:
+        labels = preprocess_labels(case.seg[:, :, keep], data_cfg)
+    _save_npy(Path(f"{stem}.seg.npy"), labels)
     return {
         "case_id": case.case_id,
         "layout": case.layout,
