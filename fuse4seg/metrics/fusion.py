@@ -50,15 +50,23 @@ levels and the SSIM statistics between metrics.
 
 from __future__ import annotations
 
-import functools
 import math
-import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+
+from fuse4seg.metrics.kernels import (  # noqa: F401  (tests reach them through this module)
+    _bool_scratch,
+    _gaussian_taps,
+    _moments_stack,
+    _scratch,
+    _sobel,
+    _valid_filter,
+)
+from fuse4seg.metrics.ssim import _ssim_from_stats, _ssim_stats  # noqa: F401
+from fuse4seg.metrics.vif import _vif, _vif_window  # noqa: F401
 
 __all__ = [
     "CONVENTIONS",
@@ -311,34 +319,6 @@ _QABF_TG, _QABF_KG, _QABF_DG = 0.9994, -15.0, 0.5
 _QABF_TA, _QABF_KA, _QABF_DA = 0.9879, -22.0, 0.8
 
 
-def _sobel(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sobel responses of a stack ``(N, H, W)`` with zero padding ('same' size).
-
-    Matches ``scipy.signal.convolve2d(img, k, mode='same')`` with the evaluators' kernels
-    ``x = [[-1,0,1],[-2,0,2],[-1,0,1]]`` and ``y = [[1,2,1],[0,0,0],[-1,-2,-1]]`` (true
-    convolution, i.e. both kernels flipped: the responses are ``-correlate``; their ratio and
-    magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway). The results are
-    reused scratch arrays (:func:`_scratch`).
-    """
-    n, h, w = images.shape
-    p = _scratch("sobel_pad", (n, h + 2, w + 2))  # zero border, the images inside
-    p[:, 0], p[:, -1], p[:, :, 0], p[:, :, -1] = 0.0, 0.0, 0.0, 0.0
-    p[:, 1:-1, 1:-1] = images
-    # Both kernels are separable: x = [1, 2, 1]^T ⊗ [-1, 0, 1], y = [1, 0, -1]^T ⊗ [1, 2, 1].
-    # Convolution flips them, so out(i, j) = Σ k(u, v) p(i + 2 - u, j + 2 - v).
-    smooth_v = _scratch("sobel_v", (n, h, w + 2))  # p[:, :-2] + 2 p[:, 1:-1] + p[:, 2:]
-    np.multiply(p[:, 1:-1], 2, out=smooth_v)
-    np.add(p[:, :-2], smooth_v, out=smooth_v)
-    smooth_v += p[:, 2:]
-    smooth_h = _scratch("sobel_h", (n, h + 2, w))  # p[:, :, :-2] + 2 p[:, :, 1:-1] + ...
-    np.multiply(p[:, :, 1:-1], 2, out=smooth_h)
-    np.add(p[:, :, :-2], smooth_h, out=smooth_h)
-    smooth_h += p[:, :, 2:]
-    sx = np.subtract(smooth_v[:, :, :-2], smooth_v[:, :, 2:], out=_scratch("sobel_x", (n, h, w)))
-    sy = np.subtract(smooth_h[:, 2:], smooth_h[:, :-2], out=_scratch("sobel_y", (n, h, w)))
-    return sx, sy
-
-
 def _qabf(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
     images = _scratch("qabf_in", (3, *f.shape))
     images[0], images[1], images[2] = a, b, f
@@ -421,97 +401,6 @@ def qabf(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
 # --------------------------------------------------------------------------- SSIM
 
 
-def _gaussian_taps(sigma: float, truncate: float) -> np.ndarray:
-    """scipy.ndimage's 1-D Gaussian kernel (radius ``int(truncate · σ + 0.5)``), normalised."""
-    radius = int(truncate * sigma + 0.5)
-    x = np.arange(-radius, radius + 1)
-    phi = np.exp(-0.5 / (sigma * sigma) * x * x)
-    return phi / phi.sum()
-
-
-def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype):
-    """Local means, variances and covariances of SSIM(F, S) for each S in ``srcs``, on the
-    pixels the evaluators average over (those (window − 1) / 2 or more from the border).
-
-    Follows Wang et al. (2004) as skimage implements it: a window filter (uniform ``size 7``
-    or Gaussian ``σ 1.5, truncate 3.5``), 'reflect' borders, then a crop of (window − 1) / 2
-    pixels per side. The crop removes exactly the pixels whose window reaches the border, so
-    the Gaussian case is a 'valid' filtering (the banded products of :func:`_valid_filter`,
-    float64); the uniform case keeps skimage's own float32 filter, as the reference values
-    were made with it."""
-    n = len(srcs)
-    if gaussian:  # filter [srcs..., f, srcs², f², srcs·f] (float64, reused scratch arrays)
-        refs = np.stack(srcs).astype(np.float64)
-        taps = _gaussian_taps(1.5, 3.5)
-        win = len(taps)
-        filt = _valid_filter(_moments_stack("ssim", refs, f.astype(np.float64)), taps,
-                             name="ssim_m")
-        uf, us = filt[n], filt[:n]
-        vf, vs, vfs = filt[2 * n + 1], filt[n + 1 : 2 * n + 1], filt[2 * n + 2 :]
-        tmp = _scratch("ssim_tmp", us.shape)
-        np.multiply(uf, uf, out=tmp[0])
-        np.subtract(vf, tmp[0], out=vf)  # population covariances, in place
-        np.multiply(us, us, out=tmp)
-        np.subtract(vs, tmp, out=vs)
-        np.multiply(uf, us, out=tmp)
-        np.subtract(vfs, tmp, out=vfs)
-        return uf, us, vf, vs, vfs
-    # skimage 0.19's default on float32 input: 7×7 uniform window, float32 arithmetic
-    win = 7
-    pad = (win - 1) // 2
-    stack = _scratch("ssim_u_in", (2 + 3 * n, *f.shape), dtype)
-    stack[0] = f
-    for i, src in enumerate(srcs):
-        stack[1 + i] = src
-    np.multiply(stack[0], stack[0], out=stack[1 + n])
-    np.multiply(stack[1 : 1 + n], stack[1 : 1 + n], out=stack[2 + n : 2 + 2 * n])
-    np.multiply(stack[0], stack[1 : 1 + n], out=stack[2 + 2 * n :])
-    filt = _scratch("ssim_u", stack.shape, dtype)
-    ndimage.uniform_filter(stack, size=(1, win, win), output=filt, mode="reflect")
-    filt = filt[:, pad:-pad, pad:-pad]
-    uf, us = filt[0], filt[1 : 1 + n]
-    uff, uss, ufs = filt[1 + n], filt[2 + n : 2 + 2 * n], filt[2 + 2 * n :]
-    cov_norm = win * win / (win * win - 1) if sample_cov else 1.0
-    tmp = _scratch("ssim_u_tmp", us.shape, dtype)
-    np.multiply(uf, uf, out=tmp[0])
-    np.subtract(uff, tmp[0], out=uff)
-    uff *= cov_norm  # σ_F² = cov_norm (E[F²] − μ_F²), in place
-    np.multiply(us, us, out=tmp)
-    np.subtract(uss, tmp, out=uss)
-    uss *= cov_norm
-    np.multiply(uf, us, out=tmp)
-    np.subtract(ufs, tmp, out=ufs)
-    ufs *= cov_norm
-    return uf, us, uff, uss, ufs
-
-
-def _ssim_from_stats(stats, data_range) -> list[float]:
-    """The mean SSIM map of each source from :func:`_ssim_stats`:
-    ``((2 μ_F μ_S + C1)(2 σ_FS + C2)) / ((μ_F² + μ_S² + C1)(σ_F² + σ_S² + C2))``, evaluated in
-    the statistics' dtype in the reference's order, in reused scratch arrays."""
-    uf, us, vf, vs, vfs = stats
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    dt = us.dtype
-    top = _scratch("ssim_top", us.shape, dt)
-    bottom = _scratch("ssim_bottom", us.shape, dt)
-    tmp = _scratch("ssim_tmp", us.shape, dt)
-    np.multiply(2, uf, out=tmp[0])
-    np.multiply(tmp[0], us, out=top)
-    top += c1  # 2 μ_F μ_S + C1
-    np.multiply(2, vfs, out=tmp)
-    tmp += c2
-    top *= tmp
-    np.multiply(uf, uf, out=tmp[0])
-    np.multiply(us, us, out=bottom)
-    np.add(tmp[0], bottom, out=bottom)
-    bottom += c1  # μ_F² + μ_S² + C1
-    np.add(vf, vs, out=tmp)
-    tmp += c2
-    bottom *= tmp
-    top /= bottom
-    return [float(m.mean(dtype=np.float64)) for m in top]
-
-
 def ssim(fused: Any, a: Any, b: Any, convention: str = "standard", data_range=None) -> float:
     """SSIM of the fused image against both sources, in each convention's form.
 
@@ -557,193 +446,6 @@ def _ssim(f, a, b, convention: str, data_range: float | None = None, cache=None)
 
 
 # --------------------------------------------------------------------------- VIF
-
-_VIF_SIGMA_NSQ = 2.0
-_VIF_EPS = 1e-10
-
-
-def _vif_window(scale: int) -> np.ndarray:
-    """The 1-D factor of the scale's MATLAB-style Gaussian window (N = 2^(5−scale) + 1,
-    sd = N / 5), normalised. The 2-D window is its outer product (no tap falls under the
-    ``eps · max`` cut-off at these sizes, so the evaluators' 2-D window is separable)."""
-    n = 2 ** (4 - scale + 1) + 1
-    sd = n / 5.0
-    x = np.arange(n) - (n - 1) / 2.0
-    h = np.exp(-(x * x) / (2.0 * sd * sd))
-    return h / h.sum()
-
-
-_BLOCK = 24  # outputs per matrix block of the banded filter (fastest at 256² on one core)
-
-
-@functools.lru_cache(maxsize=64)
-def _band(taps: tuple[float, ...], step: int) -> np.ndarray:
-    """The banded block ``T`` with ``T[i·step + k, i] = w[k]``: ``x[j0 : j0 + len] @ T`` gives
-    ``_BLOCK`` consecutive outputs of the 'valid' correlation with ``w`` taken every ``step``."""
-    n = len(taps)
-    band = np.zeros(((_BLOCK - 1) * step + n, _BLOCK))
-    for i in range(_BLOCK):
-        band[i * step : i * step + n, i] = taps
-    band.flags.writeable = False
-    return band
-
-
-_SCRATCH = threading.local()
-_SCRATCH_BYTES = 256 << 20  # per thread; about 60 MB for 256² images
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
-    """A work array for ``name``, ``shape`` and ``dtype``, reused across calls in this thread.
-
-    Large fresh arrays cost page faults on every call (the allocator hands multi-megabyte
-    blocks back to the system on free); reusing the intermediates of the metrics removes most
-    of that. Each (name, shape, dtype) has its own array, so nested uses do not meet; a caller
-    must be done with an array before asking for the same name and shape again. The least
-    recently used arrays are dropped beyond ``_SCRATCH_BYTES``."""
-    store = _SCRATCH.__dict__.setdefault("arrays", {})
-    key = (name, tuple(shape), np.dtype(dtype).str)
-    arr = store.pop(key, None)
-    if arr is None:
-        arr = np.empty(shape, dtype)
-        if arr.nbytes > _SCRATCH_BYTES // 4:
-            return arr
-        total = sum(x.nbytes for x in store.values()) + arr.nbytes
-        while store and total > _SCRATCH_BYTES:
-            total -= store.pop(next(iter(store))).nbytes
-    store[key] = arr  # most recently used last
-    return arr
-
-
-def _bool_scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A reused bool work array (a view of a float64 scratch array's bytes)."""
-    size = math.prod(shape)
-    return _scratch(name, (-(-size // 8),)).view(np.bool_)[:size].reshape(shape)
-
-
-def _valid_filter(stack: np.ndarray, w: np.ndarray, step: int = 1, name: str = "") -> np.ndarray:
-    """'valid' 2-D filtering of a stack ``(N, H, W)`` with the separable window ``w ⊗ w``,
-    keeping every ``step``-th output: ``(N, H, W) -> (N, (H − n) // step + 1, ...)``. The
-    window is symmetric, so correlation equals the evaluators' convolution.
-
-    Each pass is a product with a banded matrix, one block of outputs at a time (BLAS; about
-    twice the multiplications of a direct loop but far faster than one). float64 throughout:
-    the local variances are differences of such sums, and float32 would move them by more than
-    the metrics' guards allow. With a ``name`` the result is a reused scratch array
-    (:func:`_scratch`): use it before the next call with the same name and shape."""
-    n = len(w)
-    band = _band(tuple(w.tolist()), step)
-    num, h, wd = stack.shape
-    rows = np.ascontiguousarray(stack, dtype=np.float64).reshape(num * h, wd)
-    m = (wd - n) // step + 1
-    across = _scratch("across", (num * h, m))
-    for j in range(0, m, _BLOCK):
-        r = min(_BLOCK, m - j)
-        span = (r - 1) * step + n
-        across[:, j : j + r] = rows[:, j * step : j * step + span] @ band[:span, :r]
-    across3 = across.reshape(num, h, m)
-    down = band.T  # (block, span): down[i, i·step + k] = w[k]
-    m2 = (h - n) // step + 1
-    out = _scratch(name, (num, m2, m)) if name else np.empty((num, m2, m))
-    for i in range(0, m2, _BLOCK):
-        r = min(_BLOCK, m2 - i)
-        span = (r - 1) * step + n
-        out[:, i : i + r] = down[:r, :span] @ across3[:, i * step : i * step + span]
-    return out
-
-
-def _moments_stack(name: str, refs: np.ndarray, dist: np.ndarray) -> np.ndarray:
-    """``[refs..., dist, refs², dist², refs·dist]`` in a reused scratch array."""
-    k = len(refs)
-    out = _scratch(name, (3 * k + 2, *dist.shape))
-    out[:k] = refs
-    out[k] = dist
-    np.multiply(refs, refs, out=out[k + 1 : 2 * k + 1])
-    np.multiply(dist, dist, out=out[2 * k + 1])
-    np.multiply(refs, dist, out=out[2 * k + 2 :])
-    return out
-
-
-def _vif_pair(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> tuple[float, float]:
-    """Sheikh–Bovik pixel-domain VIF(A, F) and VIF(B, F), 4 scales, sharing F's statistics;
-    each NaN when undefined (0/0, a constant reference).
-
-    The reference code's guards, folded: a pixel whose reference is flat (σ_R² < ε), whose
-    distorted image is flat (σ_D² < ε) or whose gain is negative ends with g = 0, so it adds
-    log(1) = 0 to the numerator (and a flat reference adds 0 to the denominator); the
-    logarithms are taken on the other pixels only. Natural logarithms (a vectorised loop)
-    replace log10: the base cancels in the ratio."""
-    num, den = np.zeros(2), np.zeros(2)
-    imgs = np.stack([a, b, f])
-    refs, dist = imgs[:2], imgs[2]
-    for scale in range(1, 5):
-        w = _vif_window(scale)
-        if scale > 1:  # (3, H, W) -> (3, (H - n) // 2 + 1, (W - n) // 2 + 1)
-            imgs = _valid_filter(imgs, w, step=2, name="vif_pyramid")
-            refs, dist = imgs[:2], imgs[2]
-        if min(dist.shape) < len(w):
-            raise ValueError(f"vif: image too small for scale {scale} (need at least 41x41)")
-        m = _valid_filter(_moments_stack("vif", refs, dist), w, name="vif_m")
-        _vif_terms(m, num, den)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = num / den
-    return float(out[0]), float(out[1])
-
-
-def _vif_terms(m: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
-    """Add one scale's numerator and denominator sums to ``num`` and ``den`` (per source),
-    from the filtered moments ``m = [μ_A, μ_B, μ_F, E[A²], E[B²], E[F²], E[AF], E[BF]]``.
-
-    The same arithmetic as the reference code, in place in ``m`` and in reused scratch arrays
-    (no fresh temporaries: at these sizes, allocating them costs more than the arithmetic)."""
-    shape = m.shape[1:]
-    tmp = _scratch("vif_tmp", (2, *shape))
-    g = _scratch("vif_g", (2, *shape))
-    sv = _scratch("vif_sv", (2, *shape))
-    term = _scratch("vif_term", (2, *shape))
-    live = _bool_scratch("vif_live", (2, *shape))
-    gained = _bool_scratch("vif_gained", (2, *shape))
-    busy = _bool_scratch("vif_busy", shape)
-    mu1, mu2 = m[0:2], m[2]
-    s1, s2, s12 = m[3:5], m[5], m[6:8]
-    np.multiply(mu1, mu1, out=tmp)
-    np.subtract(s1, tmp, out=s1)  # σ_R² = E[R²] − μ_R²
-    np.maximum(s1, 0, out=s1)
-    np.multiply(mu2, mu2, out=tmp[0])
-    np.subtract(s2, tmp[0], out=s2)  # σ_D²
-    np.maximum(s2, 0, out=s2)
-    np.multiply(mu1, mu2, out=tmp)
-    np.subtract(s12, tmp, out=s12)  # σ_RD
-    np.add(s1, _VIF_EPS, out=tmp)
-    np.divide(s12, tmp, out=g)  # gain g = σ_RD / (σ_R² + ε)
-    np.multiply(g, s12, out=tmp)
-    np.subtract(s2, tmp, out=sv)  # σ_V² = σ_D² − g σ_RD
-    np.maximum(sv, _VIF_EPS, out=sv)  # the reference's sv[sv <= eps] = eps
-    # Flat reference, flat distorted image or negative gain: g = 0, a term log(1) = 0.
-    np.greater_equal(s1, _VIF_EPS, out=live)
-    np.greater_equal(g, 0, out=gained)
-    gained &= live
-    np.greater_equal(s2, _VIF_EPS, out=busy)
-    gained &= busy
-    np.multiply(g, g, out=tmp)
-    tmp *= s1
-    sv += _VIF_SIGMA_NSQ
-    tmp /= sv
-    tmp += 1
-    term.fill(0.0)
-    np.log(tmp, out=term, where=gained)
-    num += term.sum(axis=(1, 2))
-    np.divide(s1, _VIF_SIGMA_NSQ, out=tmp)
-    tmp += 1
-    term.fill(0.0)
-    np.log(tmp, out=term, where=live)
-    den += term.sum(axis=(1, 2))
-
-
-def _vif(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
-    terms = list(_vif_pair(a, b, f))
-    if convention != "standard":
-        terms = [1.0 if math.isnan(t) else t for t in terms]
-    return float(sum(terms))
 
 
 def vif(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:

@@ -448,6 +448,7 @@ def train(
             method=method,
             ablation=ablation,
             profile=config.profile,
+            seed=config.train.seed,
             data=str(Path(data).resolve()),
             cache=str(Path(cache_dir).resolve()),
             data_checksum=checksum,

@@ -1,0 +1,146 @@
+"""The numerical kernels behind the fusion metrics (:mod:`fuse4seg.metrics.fusion`).
+
+- :func:`_valid_filter`: separable 'valid' filtering of a stack of images as banded matrix
+  products (the Gaussian windows of SSIM and VIF), with :func:`_moments_stack` building the
+  local-moment stacks both metrics filter;
+- :func:`_sobel`: the 3×3 Sobel responses of Q^AB/F with a zero border;
+- :func:`_scratch` / :func:`_bool_scratch`: per-thread work arrays kept between calls, so a
+  metric call does not allocate some tens of MB of fresh arrays (about 60 MB for 256² images).
+
+Private to the metrics package; the values they produce are checked against the reference file
+by ``tests/test_fusion_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import numpy as np
+
+
+def _gaussian_taps(sigma: float, truncate: float) -> np.ndarray:
+    """scipy.ndimage's 1-D Gaussian kernel (radius ``int(truncate · σ + 0.5)``), normalised."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x * x)
+    return phi / phi.sum()
+
+
+_BLOCK = 24  # outputs per matrix block of the banded filter (fastest at 256² on one core)
+
+
+@functools.lru_cache(maxsize=64)
+def _band(taps: tuple[float, ...], step: int) -> np.ndarray:
+    """The banded block ``T`` with ``T[i·step + k, i] = w[k]``: ``x[j0 : j0 + len] @ T`` gives
+    ``_BLOCK`` consecutive outputs of the 'valid' correlation with ``w`` taken every ``step``."""
+    n = len(taps)
+    band = np.zeros(((_BLOCK - 1) * step + n, _BLOCK))
+    for i in range(_BLOCK):
+        band[i * step : i * step + n, i] = taps
+    band.flags.writeable = False
+    return band
+
+
+_SCRATCH = threading.local()
+_SCRATCH_BYTES = 256 << 20  # per thread; about 60 MB for 256² images
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
+    """A work array for ``name``, ``shape`` and ``dtype``, reused across calls in this thread.
+
+    Large fresh arrays cost page faults on every call (the allocator hands multi-megabyte
+    blocks back to the system on free); reusing the intermediates of the metrics removes most
+    of that. Each (name, shape, dtype) has its own array, so nested uses do not meet; a caller
+    must be done with an array before asking for the same name and shape again. The least
+    recently used arrays are dropped beyond ``_SCRATCH_BYTES``."""
+    store = _SCRATCH.__dict__.setdefault("arrays", {})
+    key = (name, tuple(shape), np.dtype(dtype).str)
+    arr = store.pop(key, None)
+    if arr is None:
+        arr = np.empty(shape, dtype)
+        if arr.nbytes > _SCRATCH_BYTES // 4:
+            return arr
+        total = sum(x.nbytes for x in store.values()) + arr.nbytes
+        while store and total > _SCRATCH_BYTES:
+            total -= store.pop(next(iter(store))).nbytes
+    store[key] = arr  # most recently used last
+    return arr
+
+
+def _bool_scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A reused bool work array (a view of a float64 scratch array's bytes)."""
+    size = math.prod(shape)
+    return _scratch(name, (-(-size // 8),)).view(np.bool_)[:size].reshape(shape)
+
+
+def _valid_filter(stack: np.ndarray, w: np.ndarray, step: int = 1, name: str = "") -> np.ndarray:
+    """'valid' 2-D filtering of a stack ``(N, H, W)`` with the separable window ``w ⊗ w``,
+    keeping every ``step``-th output: ``(N, H, W) -> (N, (H − n) // step + 1, ...)``. The
+    window is symmetric, so correlation equals the evaluators' convolution.
+
+    Each pass is a product with a banded matrix, one block of outputs at a time (BLAS; about
+    twice the multiplications of a direct loop but far faster than one). float64 throughout:
+    the local variances are differences of such sums, and float32 would move them by more than
+    the metrics' guards allow. With a ``name`` the result is a reused scratch array
+    (:func:`_scratch`): use it before the next call with the same name and shape."""
+    n = len(w)
+    band = _band(tuple(w.tolist()), step)
+    num, h, wd = stack.shape
+    rows = np.ascontiguousarray(stack, dtype=np.float64).reshape(num * h, wd)
+    m = (wd - n) // step + 1
+    across = _scratch("across", (num * h, m))
+    for j in range(0, m, _BLOCK):
+        r = min(_BLOCK, m - j)
+        span = (r - 1) * step + n
+        across[:, j : j + r] = rows[:, j * step : j * step + span] @ band[:span, :r]
+    across3 = across.reshape(num, h, m)
+    down = band.T  # (block, span): down[i, i·step + k] = w[k]
+    m2 = (h - n) // step + 1
+    out = _scratch(name, (num, m2, m)) if name else np.empty((num, m2, m))
+    for i in range(0, m2, _BLOCK):
+        r = min(_BLOCK, m2 - i)
+        span = (r - 1) * step + n
+        out[:, i : i + r] = down[:r, :span] @ across3[:, i * step : i * step + span]
+    return out
+
+
+def _moments_stack(name: str, refs: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """``[refs..., dist, refs², dist², refs·dist]`` in a reused scratch array."""
+    k = len(refs)
+    out = _scratch(name, (3 * k + 2, *dist.shape))
+    out[:k] = refs
+    out[k] = dist
+    np.multiply(refs, refs, out=out[k + 1 : 2 * k + 1])
+    np.multiply(dist, dist, out=out[2 * k + 1])
+    np.multiply(refs, dist, out=out[2 * k + 2 :])
+    return out
+
+
+def _sobel(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sobel responses of a stack ``(N, H, W)`` with zero padding ('same' size).
+
+    Matches ``scipy.signal.convolve2d(img, k, mode='same')`` with the evaluators' kernels
+    ``x = [[-1,0,1],[-2,0,2],[-1,0,1]]`` and ``y = [[1,2,1],[0,0,0],[-1,-2,-1]]`` (true
+    convolution, i.e. both kernels flipped: the responses are ``-correlate``; their ratio and
+    magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway). The results are
+    reused scratch arrays (:func:`_scratch`).
+    """
+    n, h, w = images.shape
+    p = _scratch("sobel_pad", (n, h + 2, w + 2))  # zero border, the images inside
+    p[:, 0], p[:, -1], p[:, :, 0], p[:, :, -1] = 0.0, 0.0, 0.0, 0.0
+    p[:, 1:-1, 1:-1] = images
+    # Both kernels are separable: x = [1, 2, 1]^T ⊗ [-1, 0, 1], y = [1, 0, -1]^T ⊗ [1, 2, 1].
+    # Convolution flips them, so out(i, j) = Σ k(u, v) p(i + 2 - u, j + 2 - v).
+    smooth_v = _scratch("sobel_v", (n, h, w + 2))  # p[:, :-2] + 2 p[:, 1:-1] + p[:, 2:]
+    np.multiply(p[:, 1:-1], 2, out=smooth_v)
+    np.add(p[:, :-2], smooth_v, out=smooth_v)
+    smooth_v += p[:, 2:]
+    smooth_h = _scratch("sobel_h", (n, h + 2, w))  # p[:, :, :-2] + 2 p[:, :, 1:-1] + ...
+    np.multiply(p[:, :, 1:-1], 2, out=smooth_h)
+    np.add(p[:, :, :-2], smooth_h, out=smooth_h)
+    smooth_h += p[:, :, 2:]
+    sx = np.subtract(smooth_v[:, :, :-2], smooth_v[:, :, 2:], out=_scratch("sobel_x", (n, h, w)))
+    sy = np.subtract(smooth_h[:, 2:], smooth_h[:, :-2], out=_scratch("sobel_y", (n, h, w)))
+    return sx, sy

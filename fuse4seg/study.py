@@ -1,0 +1,180 @@
+"""Seeds and uncertainty: train a method over several seeds, score each test case, compare two
+methods with a paired bootstrap interval.
+
+One run is an anecdote: on two CPU cores the same configuration can land far apart, and a
+phantom or a handful of real cases gives a few test patients. So every comparison in the book
+goes through two functions:
+
+- :func:`train_seeds` trains one method once per seed (``train.seed``: initial weights, batch
+  order, rollout splits) on the same data split and scores every test case of every seed
+  (:func:`fuse4seg.inference.evaluate_run`: 3-D Dice per case at the input's resolution);
+- :func:`paired_difference` gives the mean difference of two methods' per-case mean Dice, paired
+  by (seed, test case), with a 95 % bootstrap interval that resamples **test cases and seeds**
+  (a two-level bootstrap: cases are the unit the claim is about, seeds the training noise), and
+  one sentence saying what the interval supports.
+
+Choices: the percentile bootstrap with 10,000 resamples and a fixed generator seed (the interval
+is reproducible); seeds are paired across methods (seed s of method A against seed s of method B:
+both see the same data split; their weights and batches differ anyway, so pairing by seed only
+removes nothing that matters and costs nothing); an interval that contains 0 is reported as "not
+distinguishable at this scale", never as a tie or a win.
+
+Explained in chapter 4 (``book/04_bilevel_training.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SeedResult", "case_scores", "paired_difference", "train_seeds"]
+
+
+@dataclass
+class SeedResult:
+    """One seed of one method: the run folder, its best validation and its test scores."""
+
+    method: str
+    seed: int
+    run_dir: Path
+    best: dict[str, Any] | None
+    test: dict[str, Any] | None  # evaluate_run's result (None when the split has no test case)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_case(self) -> dict[str, float]:
+        """``{case: mean Dice over NCR, ED, ET}`` on the test split."""
+        return case_scores(self.test) if self.test else {}
+
+
+def case_scores(result: dict[str, Any], key: str = "dice") -> dict[str, float]:
+    """``{case: mean over NCR, ED, ET of key}`` from :func:`fuse4seg.inference.evaluate_run`."""
+    from fuse4seg.metrics.segmentation import tumour_mean
+
+    return {case: tumour_mean(scores, key) for case, scores in result["per_case"].items()}
+
+
+def train_seeds(
+    config,
+    method: str,
+    data: str | Path,
+    out: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    ablation: str | None = None,
+    device: str | None = None,
+    progress: bool = False,
+    restart_if_code_changed: bool = True,
+) -> list[SeedResult]:
+    """Train ``method`` (or a Table 3 ``ablation``) once per seed and score its test cases.
+
+    Finished runs are reused (``resume=True``; a run folder made by other package code is
+    trained again unless ``restart_if_code_changed`` is false), so a second call trains nothing.
+
+    Returns:
+        One :class:`SeedResult` per seed, in ``seeds`` order.
+
+    Raises:
+        ValueError: no seeds, or a repeated seed.
+    """
+    from fuse4seg.config import get_config
+    from fuse4seg.inference import evaluate_run
+    from fuse4seg.train.runs import flatten
+    from fuse4seg.train.trainer import train
+
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: give distinct seeds, got {seeds}")
+    results = []
+    for seed in seeds:
+        cfg = get_config(config.profile, {**flatten(config), "train.seed": seed})
+        run = train(
+            cfg, method, data=data, out=out, resume=True, progress=progress, ablation=ablation,
+            device=device, restart_if_code_changed=restart_if_code_changed,
+        )
+        test = None
+        try:
+            test = evaluate_run(run.run_dir, data, split="test", device=device or "auto")
+        except ValueError as exc:  # no test case in this split
+            if "no cases" not in str(exc):
+                raise
+        name = method if ablation is None else f"ablation {ablation}"
+        results.append(SeedResult(name, seed, run.run_dir, run.best, test))
+    return results
+
+
+def paired_difference(
+    a: Sequence[dict[str, float]] | dict[int, dict[str, float]],
+    b: Sequence[dict[str, float]] | dict[int, dict[str, float]],
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+    names: tuple[str, str] = ("A", "B"),
+) -> dict[str, Any]:
+    """Mean of A − B over (seed, test case) pairs with a two-level bootstrap interval.
+
+    Args:
+        a, b: per seed, ``{case: score}`` (e.g. :attr:`SeedResult.per_case`); a list (seeds in
+            order) or ``{seed: {case: score}}``. Both must hold the same seeds and cases.
+        n_boot: bootstrap resamples.
+        level: the interval's coverage.
+        seed: the bootstrap generator's seed.
+        names: how the verdict names A and B.
+
+    Returns:
+        ``{"mean", "low", "high", "level", "n_seeds", "n_cases", "differences" (seeds × cases),
+        "verdict"}``. With one case and one seed the interval is the point itself.
+
+    Raises:
+        ValueError: seeds or cases that do not match.
+    """
+    a_map = dict(enumerate(a)) if not isinstance(a, dict) else dict(a)
+    b_map = dict(enumerate(b)) if not isinstance(b, dict) else dict(b)
+    if sorted(a_map) != sorted(b_map) or not a_map:
+        raise ValueError(f"paired_difference: seeds differ ({sorted(a_map)} vs {sorted(b_map)})")
+    seeds = sorted(a_map)
+    cases = sorted(a_map[seeds[0]])
+    for s in seeds:
+        if sorted(a_map[s]) != cases or sorted(b_map[s]) != cases:
+            raise ValueError(f"paired_difference: the test cases of seed {s} differ")
+    if not cases:
+        raise ValueError("paired_difference: no test cases")
+    d = np.array([[a_map[s][c] - b_map[s][c] for c in cases] for s in seeds], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n_s, n_c = d.shape
+    rows = rng.integers(0, n_s, size=(n_boot, n_s))  # resampled seeds
+    cols = rng.integers(0, n_c, size=(n_boot, n_c))  # resampled cases
+    boot = np.array([d[np.ix_(r, c)].mean() for r, c in zip(rows, cols, strict=True)])
+    alpha = (1.0 - level) / 2.0
+    low, high = (float(q) for q in np.quantile(boot, [alpha, 1.0 - alpha]))
+    mean = float(d.mean())
+    return {
+        "mean": mean,
+        "low": low,
+        "high": high,
+        "level": level,
+        "n_seeds": n_s,
+        "n_cases": n_c,
+        "differences": d.tolist(),
+        "verdict": verdict(mean, low, high, level, names, n_s, n_c),
+    }
+
+
+def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None) -> str:
+    """One sentence saying what a paired interval supports (and nothing more)."""
+    a, b = names
+    size = (
+        f" ({n_cases} test case{'s' * (n_cases != 1)} × {n_seeds} seed{'s' * (n_seeds != 1)})"
+        if n_seeds is not None and n_cases is not None
+        else ""
+    )
+    span = f"{a} − {b} = {mean:+.3f} mean Dice, {level:.0%} interval [{low:+.3f}, {high:+.3f}]"
+    if low > 0:
+        return f"{span}{size}: {a} scores higher than {b} on this data."
+    if high < 0:
+        return f"{span}{size}: {a} scores lower than {b} on this data."
+    return f"{span}{size}: the interval contains 0, so {a} and {b} are not distinguishable at " \
+        "this scale."

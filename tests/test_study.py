@@ -1,0 +1,74 @@
+"""Seeds and uncertainty: the paired bootstrap by hand, and training over seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fuse4seg.study import paired_difference, verdict
+
+
+def test_a_constant_difference_has_a_point_interval():
+    a = [{"c1": 0.7, "c2": 0.5}, {"c1": 0.6, "c2": 0.4}]
+    b = [{"c1": 0.5, "c2": 0.3}, {"c1": 0.4, "c2": 0.2}]
+    d = paired_difference(a, b, n_boot=200, names=("X", "Y"))
+    assert d["mean"] == pytest.approx(0.2)
+    assert d["low"] == pytest.approx(0.2) and d["high"] == pytest.approx(0.2)
+    assert d["n_seeds"] == 2 and d["n_cases"] == 2
+    assert "X scores higher than Y" in d["verdict"]
+
+
+def test_an_interval_across_zero_says_not_distinguishable():
+    rng = np.random.default_rng(1)
+    cases = [f"c{i}" for i in range(6)]
+    a = {s: {c: float(v) for c, v in zip(cases, rng.uniform(0.3, 0.6, 6), strict=True)}
+         for s in (0, 1, 2)}
+    b = {s: {c: v + (0.05 if i % 2 else -0.05) for i, (c, v) in enumerate(a[s].items())}
+         for s in (0, 1, 2)}
+    d = paired_difference(a, b, n_boot=2000)
+    assert d["low"] < 0 < d["high"]
+    assert d["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert "not distinguishable at this scale" in d["verdict"]
+    # the interval is reproducible and narrower for more resamples of the same data
+    assert paired_difference(a, b, n_boot=2000) == d
+
+
+def test_mismatched_pairs_are_refused():
+    with pytest.raises(ValueError, match="seeds differ"):
+        paired_difference({0: {"c": 1.0}}, {1: {"c": 1.0}})
+    with pytest.raises(ValueError, match="test cases of seed 0 differ"):
+        paired_difference({0: {"c": 1.0}}, {0: {"d": 1.0}})
+
+
+def test_verdict_sign():
+    assert "lower" in verdict(-0.1, -0.2, -0.05, 0.95, ("F", "A"))
+
+
+@pytest.mark.slow
+def test_train_seeds_scores_every_test_case_of_every_seed(phantom_dir, tmp_path):
+    from fuse4seg.cli import main
+    from fuse4seg.config import get_config
+    from fuse4seg.study import train_seeds
+
+    config = get_config("smoke", {"train.warmup_epochs": 1, "train.rollout_epochs": 0,
+                                  "data.split_fractions": [0.34, 0.33, 0.33]})
+    runs = train_seeds(config, "average", phantom_dir, tmp_path, seeds=[0, 1])
+    assert [r.seed for r in runs] == [0, 1] and runs[0].run_dir != runs[1].run_dir
+    for r in runs:
+        assert json.loads((r.run_dir / "run.json").read_text())["seed"] == r.seed
+        assert r.per_case and all(0.0 <= v <= 1.0 for v in r.per_case.values())
+    assert runs[0].per_case.keys() == runs[1].per_case.keys()
+    # a second call reuses the finished runs; the CLI compares two methods
+    out = tmp_path / "study.json"
+    code = main(["study", "--methods", "average", "max", "--seeds", "0", "1", "--profile",
+                 "smoke", "--data", str(phantom_dir), "--out", str(tmp_path), "--json", str(out),
+                 "--set", "train.warmup_epochs=1", "--set", "train.rollout_epochs=0",
+                 "--set", "data.split_fractions=[0.34, 0.33, 0.33]"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [m["seed"] for m in report["methods"]["average"]] == [0, 1]
+    (comparison,) = report["comparisons"]
+    assert comparison["a"] == "average" and comparison["b"] == "max"
+    assert comparison["low"] <= comparison["mean"] <= comparison["high"]
