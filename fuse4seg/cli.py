@@ -67,9 +67,25 @@ def _layouts() -> tuple[str, ...]:
     return tuple(LAYOUTS)
 
 
+def _pattern_arguments(parser: argparse.ArgumentParser) -> None:
+    for key, example in (("t1ce", "'*T1post*'"), ("flair", "'*FLAIR*'"), ("seg", "'*roi*'")):
+        parser.add_argument(
+            f"--{key}-pattern", metavar="GLOB",
+            help=f"glob of the {key} file in each case folder, e.g. {example} (reads every "
+            "case as the 'named' layout; overrides detection)",
+        )
+
+
+def _patterns(args: argparse.Namespace) -> dict[str, str] | None:
+    given = {k: getattr(args, f"{k}_pattern") for k in ("t1ce", "flair", "seg")}
+    given = {k: v for k, v in given.items() if v}
+    return given or None
+
+
 def check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of BraTS cases (or one case)")
     parser.add_argument("--layout", choices=_layouts(), help="force a layout (default: detect)")
+    _pattern_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
     parser.add_argument(
         "--workers", type=int, default=1,
@@ -87,7 +103,8 @@ def check_main(args: argparse.Namespace) -> int:
     from fuse4seg.data.layouts import check_dataset
 
     summaries = check_dataset(
-        args.data_dir, args.layout, progress=not args.json, workers=args.workers
+        args.data_dir, args.layout, progress=not args.json, workers=args.workers,
+        patterns=_patterns(args),
     )
     bad = [s for s in summaries if s["errors"]]
     if args.json:
@@ -116,6 +133,7 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="cache folder to write")
     parser.add_argument("--profile", default="default", help=_PROFILES)
     parser.add_argument("--layout", choices=_layouts(), help="force a layout (default: detect)")
+    _pattern_arguments(parser)
     _add_set(parser, "data.crop_size=192")
     parser.add_argument(
         "--workers", type=int, default=1,
@@ -136,7 +154,8 @@ def prepare_main(args: argparse.Namespace) -> int:
     manifest_path = args.out / "manifest.json"
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
     path = prepare_cache(
-        args.data_dir, args.out, config.data, layout=args.layout, workers=args.workers
+        args.data_dir, args.out, config.data, layout=args.layout, workers=args.workers,
+        patterns=_patterns(args),
     )
     manifest = load_manifest(args.out)
     changed = before is None or path.stat().st_mtime_ns != before

@@ -11,7 +11,21 @@ brats2013   ``T1c*.nii.gz``, ``Flair*``, ``OTMultiClass``  0, 1, 2, 3 non-enh., 
             ``brainmask.nii.gz`` (optional)
 msd         ``imagesTr/<ID>.nii.gz`` (4-D: FLAIR, T1w,    0, 1 edema, 2 non-enh.,     MSD Task01
             T1gd, T2w), ``labelsTr/<ID>.nii.gz``          3 enhancing
+named       common other names, any case: ``T1c``,        read from the values:       auto
+            ``t1ce``, ``t1gd``; ``Flair``, ``t2f``;       4 → BraTS 2021 (3 too →
+            ``seg``, ``segmentation``, ``label``,         2013 form), else 2023+
+            ``gt``; ``brainmask`` (optional)
 ==========  ============================================  ==========================  ======
+
+Files may be ``.nii.gz`` or uncompressed ``.nii``, and one folder may mix layouts (each case
+folder is detected on its own). The BRATS 2013/2015 form is recognised by its ``OTMultiClass``
+or ``brainmask`` file, so a folder of ``T1c.nii.gz``, ``Flair.nii.gz`` and
+``segmentation.nii.gz`` is read as ``named``. Where detection cannot work, give explicit glob
+patterns (``find_cases(root, patterns={"t1ce": "*post*", "flair": "*fl*", "seg": "*roi*"})``,
+CLI ``--t1ce-pattern`` / ``--flair-pattern`` / ``--seg-pattern``). A folder that holds NIfTI
+files but no recognisable case raises :class:`DataError` listing the files found and the
+patterns tried. The ``named`` layout's label scheme is read from the label values present (the
+paper's data, BraTS 2021, uses 4 for ET; a file without 4 is read as 0–3 with 3 = ET).
 
 Every case is returned as a :class:`Case` whose ``seg`` holds canonical labels (0 background,
 1 NCR, 2 ED, 3 ET; see :mod:`fuse4seg.data.labels`). Every problem a user meets in practice — a
@@ -60,13 +74,15 @@ __all__ = [
     "check_dataset",
     "detect_layout",
     "find_cases",
+    "guess_scheme",
     "load_case",
     "load_volume",
     "normalize_intensity",
 ]
 
-LAYOUTS = ("brats2021", "brats2023", "brats2013", "msd")
+LAYOUTS = ("brats2021", "brats2023", "brats2013", "msd", "named")
 SCHEME_OF_LAYOUT = {layout: layout for layout in LAYOUTS}
+SCHEME_OF_LAYOUT["named"] = "auto"  # read from the label values (module docstring)
 NIFTI = (".nii.gz", ".nii")
 MSD_CHANNELS = {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
 
@@ -201,8 +217,43 @@ _SIGNATURES = {
     # layout -> patterns whose presence marks a case folder of that layout
     "brats2021": ["*_t1ce", "*_flair", "*_seg"],
     "brats2023": ["*-t1c", "*-t2f", "*-seg"],
-    "brats2013": ["T1c*", "Flair*", "OTMultiClass*"],
+    "brats2013": ["OTMultiClass*", "brainmask*"],
 }
+
+_TOKEN = r"(?:^|[_\-. ]){}(?:$|[_\-. ])"
+NAMED_PATTERNS: dict[str, str] = {
+    # key -> regular expression on the lower-case file name without its NIfTI extension
+    "t1ce": _TOKEN.format(r"(?:t1ce|t1c|t1gd|t1_ce|t1-ce|t1_gd|t1post|t1_post)"),
+    "flair": _TOKEN.format(r"(?:flair|t2f|t2_flair|t2flair)"),
+    "seg": _TOKEN.format(r"(?:seg|segmentation|label|labels|gt|groundtruth|ground_truth)"),
+    "mask": _TOKEN.format(r"(?:brainmask|brain_mask|brain-mask)"),
+}
+"""The ``named`` layout: how each file is recognised (token-delimited, any case)."""
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.name.lower().endswith(NIFTI) and not p.name.startswith(".")
+    )
+
+
+def _stem(path: Path) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", path.name.lower())
+
+
+def _named_paths(folder: Path, patterns: dict[str, str] | None = None) -> dict[str, Path | None]:
+    """``{"t1ce", "flair", "seg", "mask"}`` of a ``named`` case: explicit glob ``patterns``
+    (case-sensitive, as given) or :data:`NAMED_PATTERNS`; the first match in name order."""
+    files = _nifti_files(folder)
+    out: dict[str, Path | None] = {}
+    for key, regex in NAMED_PATTERNS.items():
+        if patterns and patterns.get(key):
+            hits = sorted(p for p in folder.glob(patterns[key]) if p in files)
+        else:
+            hits = [p for p in files if re.search(regex, _stem(p))]
+        out[key] = hits[0] if hits else None
+    return out
 
 
 def detect_layout(folder: str | Path) -> str | None:
@@ -210,10 +261,33 @@ def detect_layout(folder: str | Path) -> str | None:
     folder = Path(folder)
     if (folder / "imagesTr").is_dir():
         return "msd"
-    for layout, stems in _SIGNATURES.items():
-        if _first(folder, _nifti_patterns(stems)) is not None:
-            return layout
-    return None
+    # a layout whose signature files are mostly there wins; one stray match (``sub01_flair``
+    # beside ``sub01_t1gd``) gives way to the named layout, and is kept only when nothing else
+    # fits (so a case missing a modality still reports the missing file)
+    hits = {
+        layout: sum(_first(folder, _nifti_patterns([stem])) is not None for stem in stems)
+        for layout, stems in _SIGNATURES.items()
+    }
+    best = max(hits, key=lambda k: hits[k])
+    if hits[best] >= 2 or (best == "brats2013" and hits[best] >= 1):
+        return best
+    if folder.is_dir():
+        named = _named_paths(folder)
+        if named["t1ce"] is not None and named["flair"] is not None:
+            return "named"
+    return best if hits[best] else None
+
+
+def _unrecognised(folder: Path, files: list[Path]) -> DataError:
+    tried = "; ".join(
+        [f"{layout}: {', '.join(stems)}" for layout, stems in _SIGNATURES.items()]
+        + [f"named ({k}): /{r}/ on the lower-case stem" for k, r in NAMED_PATTERNS.items()]
+    )
+    return DataError(
+        f"case folder {folder}: no layout recognised. Files found: "
+        f"{', '.join(p.name for p in files)}. Patterns tried: {tried}. Give --layout and "
+        f"explicit --t1ce-pattern/--flair-pattern/--seg-pattern to read it"
+    )
 
 
 def _case_files(folder: Path, layout: str) -> CaseFiles:
@@ -232,6 +306,8 @@ def _case_files(folder: Path, layout: str) -> CaseFiles:
             "seg": ["OTMultiClass*", "OT*"],
             "mask": ["brainmask*"],
         }
+    elif layout == "named":
+        return CaseFiles(case_id=folder.name, layout=layout, paths=_named_paths(folder))
     else:
         raise DataError(f"{folder}: unknown layout {layout!r}; choose one of {LAYOUTS}")
     paths = {key: _first(folder, _nifti_patterns(stems)) for key, stems in find.items()}
@@ -251,16 +327,29 @@ def _msd_cases(root: Path) -> list[CaseFiles]:
     return cases
 
 
-def find_cases(root: str | Path, layout: str | None = None) -> list[CaseFiles]:
+def find_cases(
+    root: str | Path, layout: str | None = None, patterns: dict[str, str] | None = None
+) -> list[CaseFiles]:
     """All cases under ``root``, sorted by id.
 
     ``root`` may be a dataset folder (one sub-folder per case), a single case folder, or an MSD
     Task01 folder (with ``imagesTr/``). ``layout=None`` detects the layout of each case.
+    ``patterns`` (``{"t1ce": glob, "flair": glob, "seg": glob, "mask": glob}``, any subset)
+    overrides detection: every case folder is read as ``named`` with those globs.
 
     Raises:
-        DataError: ``root`` is missing or holds no recognisable case; ``layout`` is unknown.
+        DataError: ``root`` is missing or holds no recognisable case; a case folder holds NIfTI
+            files but no recognisable case (the message lists them and the patterns tried);
+            ``layout`` is unknown.
     """
     root = Path(root)
+    if patterns:
+        unknown = sorted(set(patterns) - set(NAMED_PATTERNS))
+        if unknown:
+            raise DataError(f"patterns: unknown keys {unknown}; use {sorted(NAMED_PATTERNS)}")
+        if layout not in (None, "named"):
+            raise DataError(f"patterns need layout 'named' (or none), not {layout!r}")
+        layout = "named"
     if layout is not None and layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not root.exists():
@@ -272,12 +361,29 @@ def find_cases(root: str | Path, layout: str | None = None) -> list[CaseFiles]:
             raise DataError(f"{root}: layout 'msd' needs an imagesTr/ folder")
         cases = _msd_cases(root)
     else:
-        own = detect_layout(root)
-        folders = [root] if own is not None else sorted(p for p in root.iterdir() if p.is_dir())
+        own = detect_layout(root) if not patterns else None
+        single = own is not None or (patterns and _nifti_files(root))
+        folders = [root] if single else sorted(p for p in root.iterdir() if p.is_dir())
         cases = []
         for folder in folders:
+            if patterns:
+                paths = _named_paths(folder, patterns)
+                if paths["t1ce"] is None and paths["flair"] is None:
+                    if _nifti_files(folder):
+                        raise DataError(
+                            f"case folder {folder}: no file matches the patterns {patterns}; "
+                            f"files found: {', '.join(p.name for p in _nifti_files(folder))}"
+                        )
+                    continue
+                cases.append(CaseFiles(folder.name, "named", paths))
+                continue
             found = detect_layout(folder)
-            if found is None or found == "msd":
+            if found is None:
+                files = _nifti_files(folder)
+                if files:
+                    raise _unrecognised(folder, files)
+                continue
+            if found == "msd":
                 continue
             if layout is not None and found != layout:
                 raise DataError(
@@ -439,6 +545,16 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
+def guess_scheme(seg: np.ndarray) -> str:
+    """The label scheme of a ``named`` case from its values: 4 present → BraTS 2021 (with 3 as
+    well → the BRATS 2013/2015 form), otherwise BraTS 2023+ (0–3, 3 = ET)."""
+    values = np.asarray(seg)
+    has4 = bool(np.any(values == 4))
+    if has4:
+        return "brats2013" if bool(np.any(values == 3)) else "brats2021"
+    return "brats2023"
+
+
 def _canonical_seg(raw: np.ndarray, scheme: str, where: str) -> np.ndarray:
     """:func:`to_canonical` of a label volume read in its file's dtype, fast when the labels
     are integers 0..255 (the usual case): the maximum and a test for each value below it that
@@ -557,6 +673,7 @@ def load_case(
         raise DataError(f"case {cid}: the brain mask is empty ({mask_path or t1ce_path})")
 
     seg = None
+    scheme = files.scheme
     seg_path = files.paths.get("seg")
     if seg_path is None:
         if require_seg:
@@ -564,14 +681,16 @@ def load_case(
     else:
         seg_raw, seg_affine, _ = read("seg", seg_path, "segmentation")
         _check_same_grid(cid, t1ce, t1ce_affine, t1ce_path, seg_raw, seg_affine, seg_path)
+        if scheme == "auto":
+            scheme = guess_scheme(seg_raw)
         try:
-            seg = _canonical_seg(seg_raw, files.scheme, where=f"case {cid}: {seg_path}")
+            seg = _canonical_seg(seg_raw, scheme, where=f"case {cid}: {seg_path}")
         except LabelError as exc:
             raise DataError(str(exc)) from exc
     return Case(
         case_id=cid,
         layout=files.layout,
-        scheme=files.scheme,
+        scheme="brats2021" if scheme == "auto" else scheme,
         t1ce=t1ce,
         flair=flair,
         seg=seg,
@@ -675,13 +794,17 @@ def check_case(files: CaseFiles) -> dict[str, Any]:
 
 
 def check_dataset(
-    root: str | Path, layout: str | None = None, progress: bool = False, workers: int = 1
+    root: str | Path,
+    layout: str | None = None,
+    progress: bool = False,
+    workers: int = 1,
+    patterns: dict[str, str] | None = None,
 ):
     """Run :func:`check_case` over every case under ``root``; a list of summaries, in case
     order. ``workers > 1``: that many processes check the cases (the same list)."""
     if int(workers) < 1:
         raise ValueError(f"workers={workers}: need at least 1")
-    cases = find_cases(root, layout)
+    cases = find_cases(root, layout, patterns)
     workers = min(int(workers), len(cases))
     pool = None
     if workers > 1:

@@ -215,6 +215,7 @@ def prepare_cache(
     layout: str | None = None,
     progress: bool = True,
     workers: int = 1,
+    patterns: dict[str, str] | None = None,
 ) -> Path:
     """Build (or bring up to date) the slice cache of ``data_dir`` in ``cache_dir``.
 
@@ -234,7 +235,7 @@ def prepare_cache(
     if int(workers) < 1:
         raise ValueError(f"workers={workers}: need at least 1")
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
-    cases = find_cases(data_dir, layout)
+    cases = find_cases(data_dir, layout, patterns)
     if data_cfg.max_cases is not None:
         cases = cases[: data_cfg.max_cases]
     (cache_dir / "cases").mkdir(parents=True, exist_ok=True)

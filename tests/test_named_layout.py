@@ -1,0 +1,82 @@
+"""Real cases the way users have them: other file names, uncompressed .nii, mixed layouts,
+explicit patterns, and an unrecognised folder that says what it found and what it tried."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fuse4seg.data.layouts import DataError, find_cases, guess_scheme, load_case
+
+
+def _copy(src: Path, dst: Path, gunzip: bool = False) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if gunzip:
+        with gzip.open(src, "rb") as f_in, open(dst, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
+    else:
+        shutil.copy(src, dst)
+
+
+@pytest.fixture(scope="module")
+def renamed(brats2021_case, tmp_path_factory):
+    """The real BraTS 2021 case under three other naming habits, plus the original."""
+    root = tmp_path_factory.mktemp("mixed")
+    src = {k: next(brats2021_case.glob(f"*_{k}.nii.gz")) for k in ("t1ce", "flair", "seg")}
+    _copy(src["t1ce"], root / "caseA" / "T1c.nii.gz")
+    _copy(src["flair"], root / "caseA" / "Flair.nii.gz")
+    _copy(src["seg"], root / "caseA" / "segmentation.nii.gz")
+    _copy(src["t1ce"], root / "caseB" / "sub01_t1gd.nii", gunzip=True)  # uncompressed
+    _copy(src["flair"], root / "caseB" / "sub01_flair.nii", gunzip=True)
+    _copy(src["seg"], root / "caseB" / "label.nii.gz")
+    shutil.copytree(brats2021_case, root / brats2021_case.name)
+    return root, brats2021_case
+
+
+def test_other_names_and_uncompressed_files_read_as_the_original(renamed):
+    root, original = renamed
+    cases = {c.case_id: c for c in find_cases(root)}
+    assert cases["caseA"].layout == cases["caseB"].layout == "named"
+    assert cases[original.name].layout == "brats2021"  # mixed layouts in one folder
+    ref = load_case(cases[original.name])
+    for cid in ("caseA", "caseB"):
+        case = load_case(cases[cid])
+        assert case.scheme == "brats2021"  # ET = 4 in the file: read from the values
+        assert np.array_equal(case.seg, ref.seg)
+        assert np.array_equal(case.t1ce, ref.t1ce) and np.array_equal(case.flair, ref.flair)
+
+
+def test_explicit_patterns_override_detection(renamed, tmp_path):
+    root, _ = renamed
+    odd = tmp_path / "odd" / "p1"
+    for name in ("post.nii.gz", "fl.nii.gz", "roi.nii.gz"):
+        _copy(root / "caseA" / {"post.nii.gz": "T1c.nii.gz", "fl.nii.gz": "Flair.nii.gz",
+                                "roi.nii.gz": "segmentation.nii.gz"}[name], odd / name)
+    with pytest.raises(DataError) as info:
+        find_cases(odd.parent)
+    message = str(info.value)
+    assert "p1" in message and "post.nii.gz" in message and "roi.nii.gz" in message
+    assert "Patterns tried" in message and "--t1ce-pattern" in message
+    (case,) = find_cases(odd.parent, patterns={"t1ce": "post*", "flair": "fl*", "seg": "roi*"})
+    assert case.layout == "named" and case.paths["seg"].name == "roi.nii.gz"
+    with pytest.raises(DataError, match="unknown keys"):
+        find_cases(odd.parent, patterns={"t2": "x*"})
+
+
+def test_scheme_guess_from_values():
+    assert guess_scheme(np.array([0, 1, 2, 4])) == "brats2021"
+    assert guess_scheme(np.array([0, 1, 2, 3])) == "brats2023"
+    assert guess_scheme(np.array([0, 1, 3, 4])) == "brats2013"
+
+
+def test_cli_check_with_patterns(renamed, tmp_path, capsys):
+    from fuse4seg.cli import main
+
+    root, _ = renamed
+    assert main(["data", "check", str(root / "caseA"), "--t1ce-pattern", "T1c*",
+                 "--flair-pattern", "Flair*", "--seg-pattern", "seg*", "--json"]) == 0
+    assert '"layout": "named"' in capsys.readouterr().out
