@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "case_map",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -140,3 +142,35 @@ def environment_summary(device: str = "auto") -> dict[str, str]:
         "commit": git_commit(),
         "device": f"{dev} ({name})",
     }
+
+
+@contextlib.contextmanager
+def case_map(fn, items: list, workers: int = 1, progress: bool = False, desc: str = ""):
+    """``fn`` over ``items`` in order, in ``workers`` processes when > 1, with a progress bar.
+
+    A context manager yielding the iterator of results, so the process pool is shut down (and
+    pending work cancelled) however the caller leaves: ``with case_map(f, cases, 2) as it: ...``.
+
+    Raises:
+        ValueError: ``workers`` < 1.
+    """
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers}: need at least 1")
+    workers = min(int(workers), max(len(items), 1))
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(fn, items)
+    else:
+        results = map(fn, items)
+    if progress:
+        from tqdm.auto import tqdm
+
+        results = tqdm(results, total=len(items), desc=desc, unit="case")
+    try:
+        yield results
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

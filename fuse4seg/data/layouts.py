@@ -802,24 +802,8 @@ def check_dataset(
 ):
     """Run :func:`check_case` over every case under ``root``; a list of summaries, in case
     order. ``workers > 1``: that many processes check the cases (the same list)."""
-    if int(workers) < 1:
-        raise ValueError(f"workers={workers}: need at least 1")
+    from fuse4seg.utils import case_map
+
     cases = find_cases(root, layout, patterns)
-    workers = min(int(workers), len(cases))
-    pool = None
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(max_workers=workers)
-        results = pool.map(check_case, cases)
-    else:
-        results = map(check_case, cases)
-    if progress:
-        from tqdm.auto import tqdm
-
-        results = tqdm(results, total=len(cases), desc="checking cases", unit="case")
-    try:
+    with case_map(check_case, cases, workers, progress, "checking cases") as results:
         return list(results)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)

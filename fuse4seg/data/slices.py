@@ -36,7 +36,7 @@ import numpy as np
 from fuse4seg.config import DataConfig
 from fuse4seg.data.labels import NUM_CLASSES
 from fuse4seg.data.layouts import DataError, find_cases, load_case
-from fuse4seg.utils import atomic_write_json
+from fuse4seg.utils import atomic_write_json, case_map
 
 __all__ = [
     "CACHE_VERSION",
@@ -250,27 +250,11 @@ def prepare_cache(
     old_cases = {c["case_id"]: c for c in old.get("case_info", [])} if same_settings else {}
 
     jobs = [(files, data_cfg, str(cache_dir), old_cases.get(files.case_id)) for files in cases]
-    workers = min(int(workers), max(len(jobs), 1))
-    pool = None
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(max_workers=workers)
-        results = pool.map(_case_job, jobs)
-    else:
-        results = map(_case_job, jobs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        results = tqdm(results, total=len(jobs), desc="preparing slices", unit="case")
     info, rebuilt = [], 0
-    try:
+    with case_map(_case_job, jobs, workers, progress, "preparing slices") as results:
         for entry, built in results:
             info.append(entry)
             rebuilt += built
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
 
     case_ids = [c["case_id"] for c in info]
     split = make_split(case_ids, data_cfg.split_fractions, data_cfg.split_seed)
