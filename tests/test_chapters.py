@@ -43,8 +43,10 @@ def _code_cells(chapter):
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
 def test_chapter_opens_with_plain_parameters_and_setup(chapter):
     cells = _code_cells(chapter)
-    assert len(cells) >= 2, f"{chapter.source}: expected a parameters cell and a setup cell"
-    first, setup = cells[0], cells[1]
+    assert len(cells) >= 3, (
+        f"{chapter.source}: expected a parameters cell, the parameter check and a setup cell"
+    )
+    first, check, setup = cells[0], cells[1], cells[2]
     assert "parameters" in first.metadata.get("tags", []), (
         f"{chapter.source}: the first code cell must be tagged `parameters`"
     )
@@ -65,9 +67,16 @@ def test_chapter_opens_with_plain_parameters_and_setup(chapter):
     assert "profile" in names and "device" in names, (
         f"{chapter.source}: the parameters cell must declare `profile` and `device`"
     )
-    assert "get_config(" in setup.source, f"{chapter.source}: build the config in cell 2"
+    # papermill only warns about `-p NAME` when NAME is not declared: cell 2 refuses it
+    assert "check_parameters(globals())" in check.source, (
+        f"{chapter.source}: cell 2 calls fuse4seg.book.check_parameters(globals())"
+    )
+    assert "remove-cell" in check.metadata.get("tags", []), (
+        f"{chapter.source}: tag the parameter check `remove-cell` (readers need not see it)"
+    )
+    assert "get_config(" in setup.source, f"{chapter.source}: build the config in cell 3"
     assert "environment_summary(" in setup.source, (
-        f"{chapter.source}: print fuse4seg.utils.environment_summary(device) in cell 2"
+        f"{chapter.source}: print fuse4seg.utils.environment_summary(device) in cell 3"
     )
 
 
