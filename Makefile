@@ -7,11 +7,12 @@ PROFILE ?= default
 # pytest-xdist workers (CI machines have 2 cores)
 JOBS ?= 2
 
-.PHONY: help venv book npm test test-fast lint lock full clean
+.PHONY: help venv book npm test test-fast lab lint lock full clean
 
 help:
 	@echo "make book   - set up .venv, make the phantom data, run every chapter (profile=$(PROFILE)), build the HTML book"
 	@echo "make test   - set up .venv and run the test suite (the packaging check included)"
+	@echo "make lab    - open the repository in JupyterLab, the chapters as notebooks"
 	@echo "make lock   - re-resolve pyproject.toml's ranges and rewrite requirements.lock"
 	@echo "make full   - the paper's run: make book PROFILE=paper BRATS_DIR=/path/to/BraTS2021"
 	@echo "options     - PROFILE=smoke|default|paper DEVICE=auto|cpu|cuda BRATS_DIR= HARVARD_DIR= GFP_DIR="
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[book,test,lab]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -70,13 +71,22 @@ lock:
 	rm -rf $(LOCKENV) && $(PYTHON) -m venv $(LOCKENV)
 	$(LOCKENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCKENV)/bin/python -m pip install --quiet "torch==2.13.0"
-	$(LOCKENV)/bin/python -m pip install --quiet ".[book,test]"
+	$(LOCKENV)/bin/python -m pip install --quiet ".[book,test,lab]"
 	{ sed -n '/^#/p' requirements.lock; \
 	  $(LOCKENV)/bin/python -m pip freeze --all --exclude-editable \
 	  | grep -v -i -e '^pip==' -e '^fuse4seg[ =]' | sed 's/^\(torch==[^+]*\)+cpu$$/\1/' \
 	  | LC_ALL=C sort -f; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 	rm -rf $(LOCKENV)
+
+# JupyterLab from .venv (the `lab` extra), the kernel the venv's (make venv installs it); the
+# chapters (book/*.md) open as notebooks by jupytext's viewer, set in jupyter/labconfig/ and read
+# through JUPYTER_CONFIG_PATH: your own ~/.jupyter is left as it is. LAB_ARGS: more options,
+# e.g. LAB_ARGS="--no-browser --port 8890".
+LAB_ARGS ?=
+lab: $(STAMP)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+		$(BIN)/jupyter lab $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fuse4seg tests benchmarks data_scripts book/build.py
