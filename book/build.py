@@ -14,7 +14,8 @@
 3. **Execution.** Each chapter is converted with jupytext and executed with papermill (working
    directory: the book's root, so the chapters' relative default paths work). A chapter gets
    only the parameters its ``parameters`` cell declares (:func:`select_parameters`), because
-   papermill merely *warns* about an unknown parameter. The first chapter that fails stops the
+   papermill merely *warns* about an unknown parameter (run by hand, the chapter's own check,
+   ``fuse4seg.book.check_parameters``, refuses it). The first chapter that fails stops the
    build with its name and the error (exit status 1); the executed notebook with the traceback
    stays in ``_build/executed/``.
 4. **Staging.** The executed notebooks, the plain pages, ``_config.yml`` and the (pruned)
