@@ -7,11 +7,13 @@ PROFILE ?= default
 # pytest-xdist workers (CI machines have 2 cores)
 JOBS ?= 2
 
-.PHONY: help venv book npm test test-fast lint lock full clean
+.PHONY: help venv book npm test test-fast nbval notebooks lab lint lock full clean
 
 help:
 	@echo "make book   - set up .venv, make the phantom data, run every chapter (profile=$(PROFILE)), build the HTML book"
-	@echo "make test   - set up .venv and run the test suite (the packaging check included)"
+	@echo "make test   - set up .venv and run the test suite (the packaging check and nbval included)"
+	@echo "make nbval  - run every chapter once with nbval (smoke profile), as make test does"
+	@echo "make lab    - open the repository in JupyterLab, the chapters as notebooks"
 	@echo "make lock   - re-resolve pyproject.toml's ranges and rewrite requirements.lock"
 	@echo "make full   - the paper's run: make book PROFILE=paper BRATS_DIR=/path/to/BraTS2021"
 	@echo "options     - PROFILE=smoke|default|paper DEVICE=auto|cpu|cuda BRATS_DIR= HARVARD_DIR= GFP_DIR="
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[book,test,lab]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -56,8 +58,30 @@ node_modules/.package-lock.json: package.json package-lock.json
 full:
 	$(MAKE) book PROFILE=paper
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup
+# nbval: every cell of every chapter runs once, in the smoke profile. book/build.py prepares the
+# chapters as `make book` does (jupytext, the declared parameters injected by papermill, the
+# phantom written) but runs none (--prepare-only); nbval then executes each prepared notebook in
+# a fresh kernel and fails on the first cell that raises (--nbval-lax: outputs are not compared).
+# nbval always executes what it checks, so the chapters are run by nbval alone, not by papermill
+# and then again by nbval. The cells of a notebook share the "kernels" xdist group (conftest.py)
+# so they run in order on one worker. By hand: make nbval, or
+#   .venv/bin/python book/build.py --profile smoke --device cpu --prepare-only \
+#       --out _build/nbval --data-dir _build/nbval/phantom
+#   .venv/bin/python -m pytest --nbval-lax --nbval-cell-timeout 900 _build/nbval/prepared
+NBVAL := _build/nbval
+NBVAL_ARGS := --nbval-lax --nbval-cell-timeout 900 $(NBVAL)/prepared
+
+notebooks: $(STAMP)
+	$(BIN)/python book/build.py --profile smoke --device cpu --prepare-only --out $(NBVAL) \
+		--data-dir $(NBVAL)/phantom \
+		$(if $(HARVARD_DIR),--harvard-dir $(HARVARD_DIR)) \
+		$(if $(GFP_DIR),--gfp-dir $(GFP_DIR))
+
+nbval: notebooks
+	$(BIN)/python -m pytest -p no:xdist $(NBVAL_ARGS)
+
+test: notebooks
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup tests $(NBVAL_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -m "not slow"
@@ -70,13 +94,22 @@ lock:
 	rm -rf $(LOCKENV) && $(PYTHON) -m venv $(LOCKENV)
 	$(LOCKENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCKENV)/bin/python -m pip install --quiet "torch==2.13.0"
-	$(LOCKENV)/bin/python -m pip install --quiet ".[book,test]"
+	$(LOCKENV)/bin/python -m pip install --quiet ".[book,test,lab]"
 	{ sed -n '/^#/p' requirements.lock; \
 	  $(LOCKENV)/bin/python -m pip freeze --all --exclude-editable \
 	  | grep -v -i -e '^pip==' -e '^fuse4seg[ =]' | sed 's/^\(torch==[^+]*\)+cpu$$/\1/' \
 	  | LC_ALL=C sort -f; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 	rm -rf $(LOCKENV)
+
+# JupyterLab from .venv (the `lab` extra), the kernel the venv's (make venv installs it); the
+# chapters (book/*.md) open as notebooks by jupytext's viewer, set in jupyter/labconfig/ and read
+# through JUPYTER_CONFIG_PATH: your own ~/.jupyter is left as it is. LAB_ARGS: more options,
+# e.g. LAB_ARGS="--no-browser --port 8890".
+LAB_ARGS ?=
+lab: $(STAMP)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+		$(BIN)/jupyter lab $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fuse4seg tests benchmarks data_scripts book/build.py

@@ -14,7 +14,8 @@
 3. **Execution.** Each chapter is converted with jupytext and executed with papermill (working
    directory: the book's root, so the chapters' relative default paths work). A chapter gets
    only the parameters its ``parameters`` cell declares (:func:`select_parameters`), because
-   papermill merely *warns* about an unknown parameter. The first chapter that fails stops the
+   papermill merely *warns* about an unknown parameter (run by hand, the chapter's own check,
+   ``fuse4seg.book.check_parameters``, refuses it). The first chapter that fails stops the
    build with its name and the error (exit status 1); the executed notebook with the traceback
    stays in ``_build/executed/``.
 4. **Staging.** The executed notebooks, the plain pages, ``_config.yml`` and the (pruned)
@@ -31,11 +32,18 @@ Parameters passed to chapters (each only if its parameters cell declares it): ``
 ``cache_dir`` (``_build/cache``). Folders inside the book's root are passed relative to it
 (the kernel's working folder), others as absolute paths (:func:`chapter_path`).
 
+With ``--prepare-only`` step 3 stops after the parameters are injected (papermill's
+``prepare_only``): the parameterised notebooks are written to ``<out>/prepared/`` for another
+runner, with every folder passed as an absolute path (the runner's working folder may differ).
+``make test`` runs them once with nbval (``pytest --nbval-lax``), so every cell of every chapter
+is checked to run in the ``smoke`` profile through this script's conversion and parameters.
+
 Usage::
 
     python book/build.py --profile smoke
     python book/build.py --profile paper --brats-dir /data/BraTS2021 --device cuda
     python book/build.py --only book/01_data --no-html      # run one chapter, no HTML
+    python book/build.py --profile smoke --prepare-only --out _build/nbval   # for nbval
 
 The intro chapter of the book (``book/intro.md``) says how to read and run the book.
 """
@@ -279,6 +287,7 @@ def execute_chapter(
     kernel_name: str = "python3",
     timeout: int | None = None,
     progress_bar: bool = False,
+    prepare_only: bool = False,
 ) -> dict[str, Any]:
     """Convert a chapter with jupytext and execute it with papermill.
 
@@ -290,6 +299,8 @@ def execute_chapter(
         kernel_name: Jupyter kernel to run.
         timeout: per-cell limit in seconds (``None``: none).
         progress_bar: show papermill's per-cell progress bar.
+        prepare_only: only inject the parameters (papermill's ``prepare_only``): ``executed``
+            is then the parameterised notebook, not run.
 
     Returns:
         The parameters that were passed.
@@ -315,6 +326,7 @@ def execute_chapter(
                 progress_bar=progress_bar,
                 log_output=False,
                 execution_timeout=timeout,
+                prepare_only=prepare_only,
             )
         except PapermillExecutionError as err:
             raise BuildError(
@@ -567,6 +579,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "always kept",
     )
     parser.add_argument("--no-html", action="store_true", help="execute chapters only")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the chapters with their parameters injected to <out>/prepared/ (absolute "
+        "paths), execute nothing, no HTML (make test runs them with nbval)",
+    )
     parser.add_argument("--strict", action="store_true", help="turn Sphinx warnings into errors")
     parser.add_argument("--timeout", type=int, default=None, help="per-cell time limit in seconds")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
@@ -584,13 +602,13 @@ def chapter_path(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _check_dir(option: str, path: Path | None, root: Path) -> str | None:
+def _check_dir(option: str, path: Path | None) -> Path | None:
     if path is None:
         return None
     path = path.expanduser().resolve()
     if not path.is_dir():
         raise BuildError(f"{option} {path}: no such folder")
-    return chapter_path(path, root)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,16 +645,22 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = [c for c in present if c.is_notebook]
         pages = [c for c in present if not c.is_notebook]
 
-        brats_dir = _check_dir("--brats-dir", args.brats_dir, root)
+        def place(path: Path | None) -> str | None:
+            """A folder as the chapters get it (absolute for notebooks run elsewhere)."""
+            if path is None:
+                return None
+            return str(path.resolve()) if args.prepare_only else chapter_path(path, root)
+
+        brats_dir = place(_check_dir("--brats-dir", args.brats_dir))
         available: dict[str, Any] = {
             "profile": args.profile,
             "data_dir": brats_dir,
             "brats_dir": brats_dir,
-            "harvard_dir": _check_dir("--harvard-dir", args.harvard_dir, root),
-            "gfp_dir": _check_dir("--gfp-dir", args.gfp_dir, root),
+            "harvard_dir": place(_check_dir("--harvard-dir", args.harvard_dir)),
+            "gfp_dir": place(_check_dir("--gfp-dir", args.gfp_dir)),
             "device": args.device,
-            "runs_dir": chapter_path(out / "runs", root),
-            "cache_dir": chapter_path(out / "cache", root),
+            "runs_dir": place(out / "runs"),
+            "cache_dir": place(out / "cache"),
         }
         log(
             f"profile {args.profile}, {len(notebooks)} chapter(s) to run, {len(pages)} page(s), "
@@ -646,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         # Data: the phantom, only when a chapter reads data_dir and no BraTS folder is given.
         if brats_dir is None:
             data_dir = (args.data_dir or root / "_data" / "phantom").resolve()
-            available["data_dir"] = chapter_path(data_dir, root)
+            available["data_dir"] = place(data_dir)
             needs_data = False
             with tempfile.TemporaryDirectory(prefix="fuse4seg-book-") as tmp:
                 for chapter in notebooks:
@@ -664,8 +688,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # Chapters.
         executed: dict[str, Path] = {}
+        folder = "prepared" if args.prepare_only else "executed"
         for index, chapter in enumerate(notebooks, 1):
-            target = out / "executed" / f"{chapter.docname}.ipynb"
+            target = out / folder / f"{chapter.docname}.ipynb"
             chapter_start = time.perf_counter()
             log(f"[{index}/{len(notebooks)}] {chapter.docname} ...")
             passed = execute_chapter(
@@ -676,14 +701,19 @@ def main(argv: list[str] | None = None) -> int:
                 kernel_name=args.kernel,
                 timeout=args.timeout,
                 progress_bar=sys.stderr.isatty(),
+                prepare_only=args.prepare_only,
             )
             log(
-                f"[{index}/{len(notebooks)}] {chapter.docname} done in "
+                f"[{index}/{len(notebooks)}] {chapter.docname} "
+                f"{'prepared' if args.prepare_only else 'done'} in "
                 f"{time.perf_counter() - chapter_start:.1f} s (parameters: "
                 f"{', '.join(passed) or 'none'})"
             )
             executed[chapter.docname] = target
 
+        if args.prepare_only:
+            log(f"chapters prepared in {out / folder} (not run); --prepare-only: no HTML built")
+            return 0
         if args.no_html:
             log("chapters done; --no-html: no HTML built")
             return 0

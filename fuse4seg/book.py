@@ -6,7 +6,10 @@
 - :func:`ensure_data`: a chapter's first data step: the phantom when ``data_dir`` is missing,
   and a label that says which data the chapter runs on;
 - :func:`data_label`: that label for any folder (read from a prepared cache's manifest when
-  given one).
+  given one);
+- :func:`check_parameters`: a chapter's check, right after its parameters cell, that papermill
+  injected no name the chapter does not declare (a misspelt ``-p profil smoke`` is an error,
+  not a warning and a whole run with the default profile).
 
 Plotting lives in :mod:`fuse4seg.plotting`; the paper's reported numbers in
 :mod:`fuse4seg.paper`.
@@ -14,16 +17,22 @@ Plotting lives in :mod:`fuse4seg.plotting`; the paper's reported numbers in
 
 from __future__ import annotations
 
+import ast
+import difflib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "PHANTOM_CASES",
     "PHANTOM_SEED",
+    "UnknownParameterError",
+    "check_parameters",
     "data_label",
     "ensure_data",
     "phantom_case_count",
@@ -131,3 +140,91 @@ def ensure_data(data_dir: str | Path, profile: str) -> str:
     if not data_dir.exists() or phantom_case_count(data_dir) is not None:
         prepare_phantom(data_dir, phantom_cases(profile))
     return data_label(data_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters injected by papermill
+# --------------------------------------------------------------------------------------------
+
+PAPERMILL_MARKER = "# Parameters"
+"""The first line of the cell papermill injects after the ``parameters`` cell (its
+``codify``); a cell run in the kernel that starts with it is taken for an injected one."""
+
+PAPERMILL_PATH_NAMES = frozenset({"PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH"})
+"""Names ``papermill --inject-paths`` adds to every notebook: always accepted."""
+
+
+class UnknownParameterError(ValueError):
+    """Papermill injected a name the chapter's ``parameters`` cell does not declare."""
+
+
+def _assigned_names(source: str) -> list[str]:
+    """Names assigned at the top level of a cell, in order (``[]`` when it does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names: list[str] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets = [node.target]
+        for target in targets:
+            for name in ast.walk(target):
+                if isinstance(name, ast.Name) and name.id not in names:
+                    names.append(name.id)
+    return names
+
+
+def check_parameters(namespace: Mapping[str, Any]) -> None:
+    """Refuse parameters injected into a chapter under a name it does not declare.
+
+    Each chapter calls ``check_parameters(globals())`` in a small cell right after its cell
+    tagged ``parameters``. Papermill runs ``-p NAME VALUE`` as a cell of assignments that it
+    inserts after the ``parameters`` cell, and only *warns* when ``NAME`` is not declared
+    there; ``-p profil smoke`` would then run the whole chapter with the default profile. The
+    kernel's input history (IPython's ``In``, which papermill's executions keep) holds the
+    cells in the order they ran: when the cells just before this one are papermill's injected
+    cells (they start with :data:`PAPERMILL_MARKER`), the cell before those is the
+    ``parameters`` cell, and every name the injected cells assign must be assigned there too.
+
+    Nothing was injected when the chapter is run in JupyterLab, by nbval, by
+    ``jupyter nbconvert --execute`` or as a plain script: then there is nothing to check.
+    ``book/build.py`` passes each chapter only the names it declares, so a build never fails
+    here.
+
+    Args:
+        namespace: the kernel's globals (``globals()`` in the chapter).
+
+    Raises:
+        UnknownParameterError: names injected but not declared; the message lists them (with
+            the nearest declared name) and every name the chapter declares.
+    """
+    history = namespace.get("In")
+    if not isinstance(history, list) or len(history) < 2:
+        return
+    before = [str(source) for source in history[:-1]]  # history[-1]: the cell running now
+    injected: list[str] = []
+    index = len(before) - 1
+    while index > 0 and before[index].lstrip().split("\n", 1)[0].strip() == PAPERMILL_MARKER:
+        injected = _assigned_names(before[index]) + injected
+        index -= 1
+    if not injected:
+        return
+    declared = _assigned_names(before[index]) if index > 0 else []
+    unknown = [
+        name
+        for name in dict.fromkeys(injected)
+        if name not in declared and name not in PAPERMILL_PATH_NAMES
+    ]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, declared, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    valid = ", ".join(declared) if declared else "none (this notebook has no parameters cell)"
+    raise UnknownParameterError(
+        f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)} passed to "
+        f"this chapter (papermill -p). The valid names are: {valid}"
+    )

@@ -89,6 +89,16 @@ def phantom_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """nbval's cells (``make test`` runs the prepared chapters with ``--nbval-lax``; see the
+    Makefile) join the "kernels" xdist group: the cells of a notebook share one kernel, so they
+    must run in order on one worker, and kernels are started one at a time."""
+    for item in items:
+        if type(item).__name__ == "IPyNbCell":
+            item.add_marker(pytest.mark.xdist_group("kernels"))
+
+
 def pytest_configure(config):
     """One torch thread per test process: `make test` runs 2 xdist workers on 2 cores, and
     oversubscribed threads make small CPU steps 10-30x slower."""

@@ -346,6 +346,26 @@ def test_stage_source_replaces_notebooks_by_their_executed_copy(tmp_path):
     ]
 
 
+def test_prepare_only_injects_the_parameters_and_runs_nothing(tmp_path):
+    """`make test`'s nbval input: parameterised chapters, absolute folders, no outputs."""
+    chapter = TINY_CHAPTER.replace('device = "auto"\n', 'device = "auto"\nruns_dir = "runs"\n')
+    _write_book(tmp_path, {"01_tiny": chapter})
+    out = tmp_path / "out"
+    argv = ["--root", str(tmp_path), "--profile", "smoke", "--device", "cpu", "--out", str(out)]
+    assert build.main([*argv, "--prepare-only"]) == 0
+    notebook = json.loads((out / "prepared" / "book" / "01_tiny.ipynb").read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code[1]["metadata"]["tags"] == ["injected-parameters"]
+    assert "".join(code[1]["source"]).splitlines() == [
+        "# Parameters",
+        'profile = "smoke"',
+        'device = "cpu"',
+        f'runs_dir = "{(out / "runs").resolve()}"',
+    ]
+    assert not any(cell["outputs"] for cell in code)
+    assert sorted(p.name for p in out.iterdir()) == ["prepared"]
+
+
 @pytest.mark.slow
 def test_a_failing_chapter_stops_the_build_with_its_name(tmp_path, capsys):
     broken = HEADER + '\n```{code-cell} ipython3\nraise RuntimeError("boom 42")\n```\n'

