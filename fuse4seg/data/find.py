@@ -1,0 +1,245 @@
+"""Finding BraTS cases on disk: which layout a folder is in and which file is which.
+
+The layouts, the ``named`` layout's patterns and the error for an unrecognised folder are
+explained in :mod:`fuse4seg.data.layouts` (which re-exports everything here); reading the files
+is there too. Explained in chapter 1 (``book/01_data.md``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "LAYOUTS",
+    "NAMED_PATTERNS",
+    "CaseFiles",
+    "DataError",
+    "detect_layout",
+    "find_cases",
+]
+
+LAYOUTS = ("brats2021", "brats2023", "brats2013", "msd", "named")
+SCHEME_OF_LAYOUT = {layout: layout for layout in LAYOUTS}
+SCHEME_OF_LAYOUT["named"] = "auto"  # read from the label values (module docstring)
+NIFTI = (".nii.gz", ".nii")
+MSD_CHANNELS = {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
+
+
+class DataError(ValueError):
+    """A data problem; the message names the case and the file."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one case's files are. ``paths`` maps ``t1ce``, ``flair``, ``seg``, ``mask`` to a
+    path or ``None`` (missing); for ``msd`` the ``t1ce`` and ``flair`` paths are the same 4-D
+    image."""
+
+    case_id: str
+    layout: str
+    paths: dict[str, Path | None] = field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        return SCHEME_OF_LAYOUT[self.layout]
+
+
+def _first(folder: Path, patterns: list[str]) -> Path | None:
+    for pattern in patterns:
+        hits = sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _nifti_patterns(stem_patterns: list[str]) -> list[str]:
+    return [s + ext for s in stem_patterns for ext in NIFTI]
+
+
+_SIGNATURES = {
+    # layout -> patterns whose presence marks a case folder of that layout
+    "brats2021": ["*_t1ce", "*_flair", "*_seg"],
+    "brats2023": ["*-t1c", "*-t2f", "*-seg"],
+    "brats2013": ["OTMultiClass*", "brainmask*"],
+}
+
+_TOKEN = r"(?:^|[_\-. ]){}(?:$|[_\-. ])"
+NAMED_PATTERNS: dict[str, str] = {
+    # key -> regular expression on the lower-case file name without its NIfTI extension
+    "t1ce": _TOKEN.format(r"(?:t1ce|t1c|t1gd|t1_ce|t1-ce|t1_gd|t1post|t1_post)"),
+    "flair": _TOKEN.format(r"(?:flair|t2f|t2_flair|t2flair)"),
+    "seg": _TOKEN.format(r"(?:seg|segmentation|label|labels|gt|groundtruth|ground_truth)"),
+    "mask": _TOKEN.format(r"(?:brainmask|brain_mask|brain-mask)"),
+}
+"""The ``named`` layout: how each file is recognised (token-delimited, any case)."""
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.name.lower().endswith(NIFTI) and not p.name.startswith(".")
+    )
+
+
+def _stem(path: Path) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", path.name.lower())
+
+
+def _named_paths(folder: Path, patterns: dict[str, str] | None = None) -> dict[str, Path | None]:
+    """``{"t1ce", "flair", "seg", "mask"}`` of a ``named`` case: explicit glob ``patterns``
+    (case-sensitive, as given) or :data:`NAMED_PATTERNS`; the first match in name order."""
+    files = _nifti_files(folder)
+    out: dict[str, Path | None] = {}
+    for key, regex in NAMED_PATTERNS.items():
+        if patterns and patterns.get(key):
+            hits = sorted(p for p in folder.glob(patterns[key]) if p in files)
+        else:
+            hits = [p for p in files if re.search(regex, _stem(p))]
+        out[key] = hits[0] if hits else None
+    return out
+
+
+def detect_layout(folder: str | Path) -> str | None:
+    """The layout of a case folder (or of a dataset folder, for ``msd``), or ``None``."""
+    folder = Path(folder)
+    if (folder / "imagesTr").is_dir():
+        return "msd"
+    # a layout whose signature files are mostly there wins; one stray match (``sub01_flair``
+    # beside ``sub01_t1gd``) gives way to the named layout, and is kept only when nothing else
+    # fits (so a case missing a modality still reports the missing file)
+    hits = {
+        layout: sum(_first(folder, _nifti_patterns([stem])) is not None for stem in stems)
+        for layout, stems in _SIGNATURES.items()
+    }
+    best = max(hits, key=lambda k: hits[k])
+    if hits[best] >= 2 or (best == "brats2013" and hits[best] >= 1):
+        return best
+    if folder.is_dir():
+        named = _named_paths(folder)
+        if named["t1ce"] is not None and named["flair"] is not None:
+            return "named"
+    return best if hits[best] else None
+
+
+def _unrecognised(folder: Path, files: list[Path]) -> DataError:
+    tried = "; ".join(
+        [f"{layout}: {', '.join(stems)}" for layout, stems in _SIGNATURES.items()]
+        + [f"named ({k}): /{r}/ on the lower-case stem" for k, r in NAMED_PATTERNS.items()]
+    )
+    return DataError(
+        f"case folder {folder}: no layout recognised. Files found: "
+        f"{', '.join(p.name for p in files)}. Patterns tried: {tried}. Give --layout and "
+        f"explicit --t1ce-pattern/--flair-pattern/--seg-pattern to read it"
+    )
+
+
+def _case_files(folder: Path, layout: str) -> CaseFiles:
+    if layout == "brats2021":
+        find = {
+            "t1ce": ["*_t1ce"],
+            "flair": ["*_flair"],
+            "seg": ["*_seg"],
+        }
+    elif layout == "brats2023":
+        find = {"t1ce": ["*-t1c"], "flair": ["*-t2f"], "seg": ["*-seg"]}
+    elif layout == "brats2013":
+        find = {
+            "t1ce": ["T1c*"],
+            "flair": ["Flair*"],
+            "seg": ["OTMultiClass*", "OT*"],
+            "mask": ["brainmask*"],
+        }
+    elif layout == "named":
+        return CaseFiles(case_id=folder.name, layout=layout, paths=_named_paths(folder))
+    else:
+        raise DataError(f"{folder}: unknown layout {layout!r}; choose one of {LAYOUTS}")
+    paths = {key: _first(folder, _nifti_patterns(stems)) for key, stems in find.items()}
+    return CaseFiles(case_id=folder.name, layout=layout, paths=paths)
+
+
+def _msd_cases(root: Path) -> list[CaseFiles]:
+    images = sorted(
+        p for p in (root / "imagesTr").iterdir() if p.name.endswith(NIFTI) and p.name[0] != "."
+    )
+    cases = []
+    for image in images:
+        case_id = re.sub(r"\.nii(\.gz)?$", "", image.name)
+        label = root / "labelsTr" / image.name
+        paths = {"t1ce": image, "flair": image, "seg": label if label.exists() else None}
+        cases.append(CaseFiles(case_id=case_id, layout="msd", paths=paths))
+    return cases
+
+
+def find_cases(
+    root: str | Path, layout: str | None = None, patterns: dict[str, str] | None = None
+) -> list[CaseFiles]:
+    """All cases under ``root``, sorted by id.
+
+    ``root`` may be a dataset folder (one sub-folder per case), a single case folder, or an MSD
+    Task01 folder (with ``imagesTr/``). ``layout=None`` detects the layout of each case.
+    ``patterns`` (``{"t1ce": glob, "flair": glob, "seg": glob, "mask": glob}``, any subset)
+    overrides detection: every case folder is read as ``named`` with those globs.
+
+    Raises:
+        DataError: ``root`` is missing or holds no recognisable case; a case folder holds NIfTI
+            files but no recognisable case (the message lists them and the patterns tried);
+            ``layout`` is unknown.
+    """
+    root = Path(root)
+    if patterns:
+        unknown = sorted(set(patterns) - set(NAMED_PATTERNS))
+        if unknown:
+            raise DataError(f"patterns: unknown keys {unknown}; use {sorted(NAMED_PATTERNS)}")
+        if layout not in (None, "named"):
+            raise DataError(f"patterns need layout 'named' (or none), not {layout!r}")
+        layout = "named"
+    if layout is not None and layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if not root.exists():
+        raise DataError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (give the folder that holds the cases)")
+    if layout == "msd" or (layout is None and (root / "imagesTr").is_dir()):
+        if not (root / "imagesTr").is_dir():
+            raise DataError(f"{root}: layout 'msd' needs an imagesTr/ folder")
+        cases = _msd_cases(root)
+    else:
+        own = detect_layout(root) if not patterns else None
+        single = own is not None or (patterns and _nifti_files(root))
+        folders = [root] if single else sorted(p for p in root.iterdir() if p.is_dir())
+        cases = []
+        for folder in folders:
+            if patterns:
+                paths = _named_paths(folder, patterns)
+                if paths["t1ce"] is None and paths["flair"] is None:
+                    if _nifti_files(folder):
+                        raise DataError(
+                            f"case folder {folder}: no file matches the patterns {patterns}; "
+                            f"files found: {', '.join(p.name for p in _nifti_files(folder))}"
+                        )
+                    continue
+                cases.append(CaseFiles(folder.name, "named", paths))
+                continue
+            found = detect_layout(folder)
+            if found is None:
+                files = _nifti_files(folder)
+                if files:
+                    raise _unrecognised(folder, files)
+                continue
+            if found == "msd":
+                continue
+            if layout is not None and found != layout:
+                raise DataError(
+                    f"case {folder.name}: files look like layout {found!r}, not {layout!r} "
+                    f"({folder})"
+                )
+            cases.append(_case_files(folder, found))
+    if not cases:
+        raise DataError(
+            f"{root}: no BraTS cases found. Expected sub-folders with <ID>_t1ce/_flair/_seg "
+            f"(BraTS 2018-2021), <ID>-t1c/-t2f/-seg (BraTS 2023+), T1c*/Flair*/OTMultiClass* "
+            f"(BRATS 2013/2015) NIfTI files, or an MSD Task01 folder with imagesTr/"
+        )
+    return sorted(cases, key=lambda c: c.case_id)
