@@ -338,7 +338,32 @@ def execute_chapter(
             raise BuildError(
                 f"chapter {chapter.docname} failed: {type(err).__name__}: {err}"
             ) from err
+    if not prepare_only:
+        collapse_parameter_cells(executed)
     return parameters
+
+
+def collapse_parameter_cells(notebook: Path) -> None:
+    """Collapse the declared and the injected parameters cells of an executed chapter
+    (``hide-input``: the reader sees a "Show code cell source" toggle, not two near-identical
+    blocks of assignments); the injected one gets a Markdown label saying what it is."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).setdefault("tags", [])
+        if cell.cell_type == "code" and {"parameters", "injected-parameters"} & set(tags):
+            if "hide-input" not in tags:
+                tags.append("hide-input")
+    for i, cell in enumerate(nb.cells):
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            label = nbformat.v4.new_markdown_cell(
+                "*The parameters this build ran the chapter with (injected by papermill; "
+                "they override the defaults above):*"
+            )
+            nb.cells.insert(i, label)
+            break
+    nbformat.write(nb, notebook)
 
 
 # --------------------------------------------------------------------------------------------

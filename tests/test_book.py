@@ -644,3 +644,23 @@ def test_tiny_book_renders_offline_in_chromium(tiny_site, tmp_path):
     # The widget manager rendered the slider from the saved widget state (value 3).
     assert chapter["sliders"] == 1, chapter
     assert "K" in chapter["sliderText"][0] and "3" in chapter["sliderText"][0], chapter
+
+
+def test_parameter_cells_are_collapsed_and_the_injected_one_labelled(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("profile = 'default'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("profile = 'smoke'", metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("print(profile)"),
+    ]
+    path = tmp_path / "ch.ipynb"
+    nbformat.write(nb, path)
+    build.collapse_parameter_cells(path)
+    out = nbformat.read(path, as_version=4)
+    assert [c.cell_type for c in out.cells] == ["code", "markdown", "code", "code"]
+    assert "hide-input" in out.cells[0].metadata["tags"]
+    assert "hide-input" in out.cells[2].metadata["tags"]
+    assert "injected by papermill" in out.cells[1].source
+    assert "hide-input" not in out.cells[3].metadata.get("tags", [])
