@@ -5,10 +5,18 @@ no grad), K follower steps on D_tr, one leader step on D_val (L_upper through th
 follower) and the EMA update. A *warm-up step* is one follower step on x_avg of the whole batch.
 Both call the real :class:`fuse4seg.train.bilevel.Engine` step methods on random inputs.
 
-Variants: ``eager`` (fp32), ``amp`` (bf16 autocast; CUDA only, as in training), ``amp_cl``
-(AMP + channels_last inputs and weights), ``compile`` (``torch.compile`` of both networks, with
-AMP on CUDA). On CPU, AMP is off in training, so ``amp``/``amp_cl`` are skipped there, and
-``compile`` runs only when named with ``--variants``.
+Variants: ``eager`` (fp32, as ``FUSE4SEG_EAGER=1`` trains), ``cl`` (fp32, channels_last inputs
+and weights), ``amp`` (bf16 autocast; CUDA only, as in training), ``amp_cl`` (AMP +
+channels_last), ``compile`` (``train.compile=true``: the trainer's ``torch.compile`` of both
+networks, with AMP on CUDA). On CPU AMP is off in training, so ``amp``/``amp_cl`` are skipped
+there. The variants are built once and then timed in turns (``--rounds``), so that on a shared
+machine they see the same load; the medians over all rounds are printed. ``first calls (s)`` is
+the time of the untimed first calls of both step types: for ``compile`` it holds the compilation
+(or the load from inductor's cache, ``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
+
+On CUDA the table also gives the model FLOPs of each step (``FlopCounterMode``, counted once on
+the eager engine) and the MFU against the card's dense bf16 peak (:data:`BF16_PEAK`; ``n/a``
+for a card not in the table).
 
 Projection (printed with the table): E_warm · ⌈N/B⌉ warm-up steps + E_roll · ⌈N/B⌉ outer
 steps, with the paper's E_warm = 40, E_roll = 120, B = 8 and N training slices. We assume
@@ -19,7 +27,8 @@ same order as "1,000 training patients × ~100 slices". Data loading is not incl
 Usage::
 
     python benchmarks/bench_train_step.py --device cuda
-    python benchmarks/bench_train_step.py --device cpu --size 64 --profile smoke
+    python benchmarks/bench_train_step.py --device cpu --profile default --size 80 --batch 8 \\
+        --inner-steps 3 --variants eager,cl,compile --rounds 3
 """
 
 from __future__ import annotations
@@ -36,7 +45,29 @@ import torch
 from fuse4seg.config import get_config
 from fuse4seg.train.bilevel import Engine
 
-VARIANTS = ("eager", "amp", "amp_cl", "compile")
+VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile")
+
+# dense bf16 peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins
+BF16_PEAK = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+)
+
+
+def bf16_peak(device: torch.device) -> float | None:
+    """The card's dense bf16 peak in FLOP/s, ``None`` when unknown (or not CUDA)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in BF16_PEAK:
+        if key in name:
+            return tflops * 1e12
+    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -57,6 +88,7 @@ def build(args, variant: str, device: torch.device) -> Engine:
         "train.inner_steps": args.inner_steps,
         "train.amp": variant in ("amp", "amp_cl")
         or (variant == "compile" and device.type == "cuda"),
+        "train.compile": variant == "compile",
     }
     if args.fusion:
         overrides["model.fusion"] = args.fusion
@@ -64,12 +96,9 @@ def build(args, variant: str, device: torch.device) -> Engine:
         overrides["model.segmentation"] = args.segmentation
     config = get_config(args.profile, overrides)
     engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
-    if variant == "amp_cl":
+    if variant in ("cl", "amp_cl"):
         engine.leader.net = engine.leader.net.to(memory_format=torch.channels_last)
         engine.follower.net = engine.follower.net.to(memory_format=torch.channels_last)
-    if variant == "compile":
-        engine.leader.net = torch.compile(engine.leader.net)
-        engine.follower.net = torch.compile(engine.follower.net)
     return engine
 
 
@@ -97,10 +126,7 @@ def warmup_step(engine: Engine, batch) -> None:
     engine.follower_step(x_in, batch[2])
 
 
-def timed(fn, device, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
+def timed(fn, device, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
         _sync(device)
@@ -109,6 +135,38 @@ def timed(fn, device, repeats: int, warmup: int) -> list[float]:
         _sync(device)
         out.append(time.perf_counter() - start)
     return out
+
+
+def count_flops(fn) -> float:
+    """FLOPs of one call of ``fn`` (torch's counter: matmuls and convolutions, fwd + bwd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+class Case:
+    """One variant: its engine, its inputs and the times gathered over the rounds."""
+
+    def __init__(self, args, variant: str, device: torch.device):
+        self.variant = variant
+        self.engine = build(args, variant, device)
+        cl = variant in ("cl", "amp_cl")
+        half = math.ceil(args.batch / 2)
+        self.tr = inputs(args, device, cl, half)
+        self.val = inputs(args, device, cl, args.batch - half)
+        self.whole = inputs(args, device, cl, args.batch)
+        self.k = args.inner_steps
+        self.t_outer: list[float] = []
+        self.t_warm: list[float] = []
+        self.first = 0.0
+
+    def outer(self) -> None:
+        outer_step(self.engine, self.tr, self.val, self.k)
+
+    def warm(self) -> None:
+        warmup_step(self.engine, self.whole)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion", help="override the leader variant")
     parser.add_argument("--segmentation", help="override the follower variant")
     parser.add_argument("--variants", help=f"comma list of {','.join(VARIANTS)}")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=1, help="turns over the variants")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--train-slices", type=int, default=100_000, help="N for the projection")
     parser.add_argument("--warmup-epochs", type=int, default=40)
     parser.add_argument("--rollout-epochs", type=int, default=120)
@@ -130,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fuse4seg.utils import resolve_device
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -137,69 +199,88 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"unknown variants {bad}; choose from {VARIANTS}")
     else:
-        variants = list(VARIANTS) if device.type == "cuda" else ["eager"]
+        variants = ["eager", "amp", "amp_cl", "compile"] if device.type == "cuda" else ["eager"]
     steps = math.ceil(args.train_slices / args.batch)
     print(
         f"# bench_train_step: {_machine(device)}, torch {torch.__version__}, "
         f"{args.size}x{args.size}, batch {args.batch} (D_tr {math.ceil(args.batch / 2)}, "
-        f"D_val {args.batch // 2}), K {args.inner_steps}, profile {args.profile}\n"
+        f"D_val {args.batch // 2}), K {args.inner_steps}, profile {args.profile}, "
+        f"{args.rounds} round(s) x {args.repeats} timed calls\n"
         f"# projection: {args.warmup_epochs} warm-up + {args.rollout_epochs} rollout epochs x "
-        f"{steps} steps (N = {args.train_slices:,} training slices assumed)\n"
+        f"{steps} steps (N = {args.train_slices:,} training slices assumed)",
+        flush=True,
     )
-    print(
-        "| variant | outer step (ms) | slices/s | warm-up step (ms) | peak GPU mem (GiB) "
-        "| projected hours |"
-    )
-    print("|---|---|---|---|---|---|")
+    cases: list[Case] = []
+    notes: dict[str, str] = {}
     for variant in variants:
         if variant in ("amp", "amp_cl") and device.type != "cuda":
-            print(f"| {variant} | skipped: AMP is off on CPU in training | | | | |")
+            notes[variant] = "skipped: AMP is off on CPU in training"
             continue
         try:
-            trainer = build(args, variant, device)
-            cl = variant == "amp_cl"
-            half = math.ceil(args.batch / 2)
-            tr = inputs(args, device, cl, half)
-            val = inputs(args, device, cl, args.batch - half)
-            whole = inputs(args, device, cl, args.batch)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            warm = args.warmup + (2 if variant == "compile" else 0)
-            t_outer = statistics.median(
-                timed(
-                    lambda tr=tr, val=val, trainer=trainer: outer_step(
-                        trainer, tr, val, args.inner_steps
-                    ),
-                    device,
-                    args.repeats,
-                    warm,
-                )
-            )
-            t_warm = statistics.median(
-                timed(
-                    lambda whole=whole, trainer=trainer: warmup_step(trainer, whole),
-                    device,
-                    args.repeats,
-                    warm,
-                )
-            )
-            mem = (
-                f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
-                if device.type == "cuda"
-                else "-"
-            )
-            hours = args.warmup_epochs * steps * t_warm + args.rollout_epochs * steps * t_outer
-            print(
-                f"| {variant} | {1000 * t_outer:.1f} | {args.batch / t_outer:.1f} | "
-                f"{1000 * t_warm:.1f} | {mem} | {hours / 3600:.1f} |"
-            )
+            case = Case(args, variant, device)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.warmup):
+                case.outer()
+                case.warm()
+            _sync(device)
+            case.first = time.perf_counter() - start
+            cases.append(case)
         except Exception as exc:  # a variant that cannot run here is reported, not fatal
             message = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
-            print(f"| {variant} | failed: {type(exc).__name__}: {message} | | | | |")
-        finally:
-            sys.stdout.flush()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            notes[variant] = f"failed: {type(exc).__name__}: {message}"
+    flops_outer = flops_warm = None
+    peak = bf16_peak(device)
+    if device.type == "cuda" and cases:
+        probe = cases[0]
+        flops_outer, flops_warm = count_flops(probe.outer), count_flops(probe.warm)
+        print(
+            f"# model FLOPs per step (FlopCounterMode): outer {flops_outer / 1e12:.3f} TFLOP, "
+            f"warm-up {flops_warm / 1e12:.3f} TFLOP; bf16 peak "
+            f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'n/a (card not in the table)'}",
+            flush=True,
+        )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for r in range(args.rounds):
+        order = cases if r % 2 == 0 else cases[::-1]
+        for case in order:
+            case.t_outer += timed(case.outer, device, args.repeats)
+            case.t_warm += timed(case.warm, device, args.repeats)
+    mem = (
+        f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
+    )
+    eager = next((c for c in cases if c.variant == "eager"), None)
+    base_outer = statistics.median(eager.t_outer) if eager else None
+    base_warm = statistics.median(eager.t_warm) if eager else None
+    print(
+        "\n| variant | outer step (ms) | × eager | slices/s | warm-up step (ms) | × eager "
+        "| first calls (s) | MFU outer / warm-up | peak GPU mem (GiB) | projected hours |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for variant in variants:
+        case = next((c for c in cases if c.variant == variant), None)
+        if case is None:
+            print(f"| {variant} | {notes.get(variant, 'not run')} | | | | | | | | |")
+            continue
+        t_outer = statistics.median(case.t_outer)
+        t_warm = statistics.median(case.t_warm)
+        r_outer = f"{base_outer / t_outer:.2f}" if base_outer else "-"
+        r_warm = f"{base_warm / t_warm:.2f}" if base_warm else "-"
+        if peak and flops_outer and flops_warm:
+            mfu = (
+                f"{100 * flops_outer / t_outer / peak:.1f} % / "
+                f"{100 * flops_warm / t_warm / peak:.1f} %"
+            )
+        else:
+            mfu = "n/a"
+        hours = args.warmup_epochs * steps * t_warm + args.rollout_epochs * steps * t_outer
+        print(
+            f"| {variant} | {1000 * t_outer:.1f} | {r_outer} | {args.batch / t_outer:.1f} | "
+            f"{1000 * t_warm:.1f} | {r_warm} | {case.first:.1f} | {mfu} | {mem} | "
+            f"{hours / 3600:.1f} |"
+        )
+    sys.stdout.flush()
     return 0
 
 

@@ -122,6 +122,12 @@ class TrainConfig:
     The min–max warm-up avoids that change of scale; what it does to training is measured by
     ``benchmarks/probe_rollout.py`` (figures in ``benchmarks/RESULTS.md``, chapter 4)."""
     amp: bool = True  # §4.1; ignored on CPU
+    compile: bool = False
+    """``torch.compile`` both networks for training (inductor; on CPU its C++ backend). Same
+    maths, float-noise differences; ``FUSE4SEG_EAGER=1`` forces eager whatever this says (for
+    debugging). Compiled artefacts are cached in ``TORCHINDUCTOR_CACHE_DIR`` (default
+    ``~/.cache/fuse4seg/inductor``), so a second run loads them instead of recompiling; the
+    speed-up on CPU is measured in ``benchmarks/RESULTS.md``."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (not in the paper; a safety net for AMP)."""
     steps_per_epoch: int | None = None

@@ -57,6 +57,8 @@ from fuse4seg.train.engine import (
     amp_dtype,
     autocast,
     check_finite,
+    compile_net,
+    compile_wanted,
     to_float,
     unwrap,
 )
@@ -144,6 +146,11 @@ class Engine:
             ids = [device.index] if device.type == "cuda" else None
             follower = DDP(follower, device_ids=ids) if follower is not None else None
             leader = DDP(leader, device_ids=ids) if leader is not None else None
+        self.ddp = ddp
+        self.compiled = compile_wanted(t.compile)
+        if self.compiled:  # train.compile (TrainConfig); FUSE4SEG_EAGER=1 forces eager
+            follower = compile_net(follower) if follower is not None else None
+            leader = compile_net(leader) if leader is not None else None
 
         self.plan = plan or self.spec.plan(t.warmup_epochs, t.rollout_epochs)
         self.stage_of_epoch = [s for s, n in self.plan for _ in range(n)]
@@ -246,7 +253,8 @@ class Engine:
         """
         from fuse4seg.losses import upper_loss
 
-        follower = self.follower_module  # unwrapped: no DDP all-reduce for frozen weights
+        # unwrapped under DDP: no all-reduce for frozen weights; else the (compiled) network
+        follower = self.follower_module if self.ddp else self.follower.net
         frozen = [p for p in follower.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)

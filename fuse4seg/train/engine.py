@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "amp_dtype",
     "autocast",
     "check_finite",
+    "compile_net",
     "cosine_lr",
     "to_float",
     "unwrap",
@@ -64,6 +66,23 @@ def unwrap(model: nn.Module) -> nn.Module:
         return unwrap(inner)
     inner = getattr(model, "_orig_mod", None)  # torch.compile
     return unwrap(inner) if isinstance(inner, nn.Module) else model
+
+
+def compile_wanted(requested: bool) -> bool:
+    """Whether to ``torch.compile``: ``train.compile``, unless ``FUSE4SEG_EAGER`` is set (to
+    anything but ``0``/empty), which forces eager code for debugging."""
+    return requested and os.environ.get("FUSE4SEG_EAGER", "0").strip() in ("", "0")
+
+
+def compile_net(net: nn.Module) -> nn.Module:
+    """``torch.compile(net)`` with inductor's cache in ``~/.cache/fuse4seg/inductor`` unless
+    ``TORCHINDUCTOR_CACHE_DIR`` names another folder (a second run loads the compiled kernels
+    and graphs instead of compiling them again). :func:`unwrap` returns ``net`` again, and the
+    state dict of ``unwrap(compiled)`` keeps the plain keys."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "fuse4seg", "inductor")
+    return torch.compile(net)
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

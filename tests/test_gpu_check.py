@@ -1,0 +1,47 @@
+"""``benchmarks/gpu_check.sh`` (issue 9, part 5) runs: a smoke test on CPU with tiny sizes.
+
+Not a timing. On a lent GPU the script benchmarks the train step at the paper's size and runs
+chapters 2-4 on CUDA; here it runs the same code paths with ``--device cpu``, 32×32 slices and
+the ``smoke`` profile's models, and only chapter 4 (the training chapter; chapters 2 and 3 run
+in ``tests/test_chapters.py``), and we check that its outputs are written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# it starts a Jupyter kernel: the same xdist group as the chapter tests (see test_chapters.py)
+pytestmark = pytest.mark.xdist_group("kernels")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path):
+    out = tmp_path / "gpu_check"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "CHAPTER_TIMEOUT": "600",
+        "BENCH_TIMEOUT": "300",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        "bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--device", "cpu",
+        "--size", "32", "--batch", "2", "--inner-steps", "1", "--profile", "smoke",
+        "--models", "profile", "--variants", "eager", "--repeats", "1", "--chapters", "04",
+    ]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (out / "bench_train_step.md").read_text()
+    assert "| eager |" in table and "failed" not in table
+    assert (out / "machine.txt").is_file()
+    assert (out / "chapters" / "04_bilevel_training.ipynb").is_file()
+    assert "chapter 04_bilevel_training: ok" in log
