@@ -17,7 +17,9 @@ Choices: the percentile bootstrap with 10,000 resamples and a fixed generator se
 is reproducible); seeds are paired across methods (seed s of method A against seed s of method B:
 both see the same data split; their weights and batches differ anyway, so pairing by seed only
 removes nothing that matters and costs nothing); an interval that contains 0 is reported as "not
-distinguishable at this scale", never as a tie or a win.
+distinguishable at this scale", never as a tie or a win; with fewer than :data:`MIN_CASES` test
+cases the difference is reported as descriptive only (a bootstrap over 2 cases has 3 possible
+means and would look falsely precise).
 
 Explained in chapter 4 (``book/04_bilevel_training.md``).
 """
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SeedResult", "case_scores", "paired_difference", "train_seeds"]
+__all__ = ["MIN_CASES", "SeedResult", "case_scores", "paired_difference", "train_seeds", "verdict"]
 
 
 @dataclass
@@ -163,6 +165,12 @@ def paired_difference(
     }
 
 
+MIN_CASES = 5
+"""Fewer test cases than this and the bootstrap cannot stand for the spread of the population
+(with 2 cases it has 3 distinct means): the verdict then reports the difference as descriptive
+only, whatever the interval."""
+
+
 def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None) -> str:
     """One sentence saying what a paired interval supports (and nothing more)."""
     a, b = names
@@ -172,6 +180,11 @@ def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None
         else ""
     )
     span = f"{a} − {b} = {mean:+.3f} mean Dice, {level:.0%} interval [{low:+.3f}, {high:+.3f}]"
+    if n_cases is not None and n_cases < MIN_CASES:
+        return (
+            f"{span}{size}: with fewer than {MIN_CASES} test cases the interval does not measure "
+            f"the uncertainty, so this difference is descriptive only and supports no claim."
+        )
     if low > 0:
         return f"{span}{size}: {a} scores higher than {b} on this data."
     if high < 0:

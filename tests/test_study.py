@@ -11,13 +11,22 @@ from fuse4seg.study import paired_difference, verdict
 
 
 def test_a_constant_difference_has_a_point_interval():
-    a = [{"c1": 0.7, "c2": 0.5}, {"c1": 0.6, "c2": 0.4}]
-    b = [{"c1": 0.5, "c2": 0.3}, {"c1": 0.4, "c2": 0.2}]
+    cases = [f"c{i}" for i in range(5)]
+    a = [{c: 0.7 - 0.01 * i for i, c in enumerate(cases)}, {c: 0.6 for c in cases}]
+    b = [{c: v - 0.2 for c, v in s.items()} for s in a]
     d = paired_difference(a, b, n_boot=200, names=("X", "Y"))
     assert d["mean"] == pytest.approx(0.2)
     assert d["low"] == pytest.approx(0.2) and d["high"] == pytest.approx(0.2)
-    assert d["n_seeds"] == 2 and d["n_cases"] == 2
+    assert d["n_seeds"] == 2 and d["n_cases"] == 5
     assert "X scores higher than Y" in d["verdict"]
+
+
+def test_too_few_cases_support_no_claim():
+    a = [{"c1": 0.7, "c2": 0.5}]
+    b = [{"c1": 0.1, "c2": 0.1}]
+    d = paired_difference(a, b, n_boot=200, names=("X", "Y"))
+    assert d["low"] > 0  # the bootstrap alone would call it a win
+    assert "descriptive only" in d["verdict"] and "higher" not in d["verdict"]
 
 
 def test_an_interval_across_zero_says_not_distinguishable():
