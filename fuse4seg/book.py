@@ -40,7 +40,7 @@ __all__ = [
     "prepare_phantom",
 ]
 
-PHANTOM_CASES = {"smoke": 6, "default": 12, "paper": 24}
+PHANTOM_CASES = {"smoke": 6, "default": 24, "paper": 24}
 """Phantom cases written for each profile when the book runs on the built-in phantom."""
 
 PHANTOM_SEED = 0

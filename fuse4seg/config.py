@@ -121,6 +121,10 @@ class TrainConfig:
     darker than x_f, and the warmed-up follower loses validation Dice when it first sees x_f.
     The min–max warm-up avoids that change of scale; what it does to training is measured by
     ``benchmarks/probe_rollout.py`` (figures in ``benchmarks/RESULTS.md``, chapter 4)."""
+    augment: bool = False
+    """Light augmentation of every follower update (flips, ±10° rotations, ×0.9–1.1 scales,
+    brightness and gamma jitter; :mod:`fuse4seg.train.augment`). The paper is silent on
+    augmentation, so it is off in the ``paper`` profile."""
     amp: bool = True  # §4.1; ignored on CPU
     compile: bool = False
     """``torch.compile`` both networks for training (inductor; on CPU its C++ backend). Same
@@ -207,6 +211,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data.downsample": 3,
         "data.crop_size": 80,
         "data.slice_stride": 4,
+        # 24 phantom patients (fuse4seg.book.PHANTOM_CASES) -> 14 train / 4 val / 6 test: enough
+        # validation and test patients for a seed-to-seed sd and a paired interval to mean much
+        "data.split_fractions": (0.6, 0.15, 0.25),
         "model.fusion": "fuse4seg_small",
         "model.segmentation": "convnext_unet_small",
         "train.warmup_epochs": 30,

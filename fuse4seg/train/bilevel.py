@@ -127,7 +127,8 @@ class Engine:
 
         # one seed: the same initial weights on every rank and every run. CPU runs are
         # bit-for-bit repeatable; on CUDA cuDNN autotunes (fixed shapes): seeded, not identical.
-        set_seed(t.seed if seed is None else seed, deterministic=device.type != "cuda")
+        self.seed = t.seed if seed is None else seed
+        set_seed(self.seed, deterministic=device.type != "cuda")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         leader = build_leader(config).to(device) if self.spec.leader else None
@@ -233,8 +234,20 @@ class Engine:
         return f"minmax({label})" if warm else label
 
     # ----------------------------------------------------------------------------- steps
-    def follower_step(self, x_in: torch.Tensor, target: torch.Tensor) -> float:
-        """One follower update on ``x_in (B, C, H, W)``, ``target (B, H, W)`` (Eq. 2)."""
+    def follower_step(
+        self, x_in: torch.Tensor, target: torch.Tensor, draw: tuple[int, ...] | None = None
+    ) -> float:
+        """One follower update on ``x_in (B, C, H, W)``, ``target (B, H, W)`` (Eq. 2).
+
+        With ``train.augment`` and ``draw`` (the update's ``(epoch, step, k)``), the batch is
+        augmented first (:func:`fuse4seg.train.augment.augment`, seeded by ``train.seed`` and
+        ``draw``).
+        """
+        if draw is not None and self.config.train.augment:
+            from fuse4seg.train.augment import augment
+            from fuse4seg.train.sampling import step_generator
+
+            x_in, target = augment(x_in, target, step_generator(self.seed, 0xA06, *draw))
         f = self.follower
         f.zero_grad()
         f.net.train()
@@ -308,12 +321,12 @@ class Engine:
         if stage == "warmup":
             batch = batches.single(stage, epoch, step)
             x_in = self.prior(batch["x1"], batch["x2"], stage, ema=False)
-            return {"L_lower": self.follower_step(x_in, batch["seg"])}
+            return {"L_lower": self.follower_step(x_in, batch["seg"], (epoch, step, 0))}
         bilevel = self.spec.learns_leader_from_follower
         tr, val = batches.split(epoch, step, bilevel)  # D_tr, D_val: no patient in both
         x_tr = self.prior(tr["x1"], tr["x2"], stage, ema=False)  # x_f^(tr), computed once
         K = self.config.train.inner_steps
-        inner = [self.follower_step(x_tr, tr["seg"]) for _ in range(K)]
+        inner = [self.follower_step(x_tr, tr["seg"], (epoch, step, k)) for k in range(K)]
         out = {"L_lower": float(np.mean(inner))}
         if bilevel:
             out.update(self.leader_step(val["x1"], val["x2"], val["seg"]))

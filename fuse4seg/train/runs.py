@@ -39,6 +39,7 @@ from fuse4seg.utils import atomic_write_json, atomic_write_text, code_digest, gi
 
 __all__ = [
     "check_code",
+    "cpu_name",
     "data_checksum",
     "flatten",
     "fusion_run_name",
@@ -168,11 +169,22 @@ def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(Path(run_dir) / "metrics.jsonl", text)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_run_json(run_dir: str | Path, **info: Any) -> dict[str, Any]:
     """Write ``run.json``: ``info`` plus the git commit, the code digest, the start time, the
     seed-independent facts of the machine (torch threads, CPU/GPU name). Returns the dict."""
-    import platform
-
     import torch
 
     record = {
@@ -181,7 +193,7 @@ def write_run_json(run_dir: str | Path, **info: Any) -> dict[str, Any]:
         "code": code_digest(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

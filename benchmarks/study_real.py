@@ -1,0 +1,185 @@
+"""A real-data study you can run here: k-fold cross-validation on a handful of real BraTS cases.
+
+    python benchmarks/study_real.py --data ../shared/data/brats ../shared/data/brats2013 \\
+        [--methods average disjoint_ae direct2ch fuse4seg] [--seeds 0 1 2] [--folds 3] \\
+        [--profile default] [--runs runs/study_real] [--results benchmarks/RESULTS.md]
+
+Every case folder found under the ``--data`` folders (any of the layouts
+:func:`fuse4seg.data.find_cases` detects, mixed) is linked into one folder and prepared once.
+The cases are dealt into ``--folds`` folds by a seeded permutation; in fold f the f-th group is
+the test set, one of the other cases (rotating) the validation case, the rest train. Each
+method is trained once per seed and fold with the profile (runs are kept under ``--runs`` and
+reused, so an interrupted study resumes), its best checkpoint is scored on the fold's test
+cases with :func:`fuse4seg.inference.evaluate_run` (3-D Dice per case at the input's
+resolution), and so every case is tested once per seed, by a model that never saw it.
+
+Written: per method, the mean Dice over NCR, ED and ET per test case (mean over seeds) and the
+per-class means ± sd over seeds; then the paired difference of ``fuse4seg`` against every
+other method with :func:`fuse4seg.study.paired_difference` (a two-level bootstrap over test
+cases and seeds) and its verdict. With ``--results``, the tables replace the section between
+``<!-- study_real:begin -->`` and ``<!-- study_real:end -->`` of that file (appended when
+absent), with the command and the machine. Slow (tens of minutes per seed on 2 cores): not
+part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BEGIN, END = "<!-- study_real:begin -->", "<!-- study_real:end -->"
+
+
+def link_cases(folders: list[Path], into: Path) -> list[str]:
+    """Link every case folder under ``folders`` into ``into``; returns the case ids."""
+    from fuse4seg.data.find import find_cases
+
+    into.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for folder in folders:
+        for case in find_cases(folder):
+            source = Path(next(p for p in case.paths.values() if p is not None)).parent
+            target = into / source.name
+            if target.exists():
+                raise SystemExit(f"--data: two cases named {source.name}")
+            target.symlink_to(source.resolve(), target_is_directory=True)
+            ids.append(case.case_id)
+    if len(ids) < 3:
+        raise SystemExit(f"--data: found {len(ids)} cases; cross-validation needs at least 3")
+    return sorted(ids)
+
+
+def folds_of(cases: list[str], k: int, seed: int = 0) -> list[dict[str, list[str]]]:
+    """``k`` train/val/test splits; every case is in exactly one test set."""
+    if not 2 <= k <= len(cases) - 2:
+        raise SystemExit(f"--folds {k}: choose 2..{len(cases) - 2} for {len(cases)} cases")
+    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+    groups = [order[f::k] for f in range(k)]
+    splits = []
+    for f, test in enumerate(groups):
+        rest = [c for c in order if c not in test]
+        val = [rest[f % len(rest)]]
+        splits.append({"train": sorted(c for c in rest if c not in val), "val": val,
+                       "test": sorted(test)})
+    return splits
+
+
+def fold_cache(cache: Path, split: dict[str, list[str]], where: Path) -> Path:
+    """A cache folder sharing ``cache``'s arrays with the manifest's split replaced."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["split"] = split
+    where.mkdir(parents=True, exist_ok=True)
+    if not (where / "cases").exists():
+        (where / "cases").symlink_to((cache / "cases").resolve(), target_is_directory=True)
+    (where / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return where
+
+
+def table(results, methods, seeds, cases, data_name, profile) -> list[str]:
+    from fuse4seg.metrics.segmentation import tumour_mean
+    from fuse4seg.study import paired_difference
+
+    out = [f"Test Dice per case (mean over NCR, ED, ET; mean over seeds {seeds}); {data_name}; "
+           f"profile `{profile}`; each case scored by the models of the fold that held it out.",
+           "", "| method | " + " | ".join(cases) + " | mean | NCR | ED | ET |",
+           "|---|" + "---|" * (len(cases) + 4)]
+    for m in methods:
+        per_seed = np.array([[tumour_mean(results[m][s][c]) for c in cases] for s in seeds])
+        cells = [f"{v:.3f}" for v in per_seed.mean(axis=0)]
+        means = per_seed.mean(axis=1)
+        row = f"| `{m}` | " + " | ".join(cells) + f" | {means.mean():.3f} ± " \
+            f"{means.std(ddof=1) if len(seeds) > 1 else 0:.3f} |"
+        for cls in ("NCR", "ED", "ET"):
+            v = np.array([np.mean([results[m][s][c][cls]["dice"] for c in cases]) for s in seeds])
+            row += f" {v.mean():.3f} ± {v.std(ddof=1) if len(seeds) > 1 else 0:.3f} |"
+        out.append(row)
+    out += ["", "(± is the sd over seeds of the mean over cases.)", ""]
+    if "fuse4seg" in methods:
+        out += ["| comparison | mean difference | 95 % interval | verdict |", "|---|---|---|---|"]
+        for other in (m for m in methods if m != "fuse4seg"):
+            diff = paired_difference(
+                {s: {c: tumour_mean(results["fuse4seg"][s][c]) for c in cases} for s in seeds},
+                {s: {c: tumour_mean(results[other][s][c]) for c in cases} for s in seeds},
+                names=("Fuse4Seg", other),
+            )
+            out.append(f"| Fuse4Seg − {other} | {diff['mean']:+.3f} | [{diff['low']:+.3f}, "
+                       f"{diff['high']:+.3f}] | {diff['verdict']} |")
+    return out
+
+
+def write_section(path: Path, lines: list[str]) -> None:
+    text = path.read_text() if path.exists() else ""
+    block = "\n".join([BEGIN, *lines, END])
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", type=Path, required=True)
+    parser.add_argument("--methods", nargs="+",
+                        default=["average", "disjoint_ae", "direct2ch", "fuse4seg"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--set", action="append", default=[], help="NAME=VALUE overrides")
+    parser.add_argument("--runs", type=Path, default=Path("runs/study_real"))
+    parser.add_argument("--results", type=Path, default=None)
+    args = parser.parse_args()
+    from fuse4seg.config import get_config, parse_overrides
+    from fuse4seg.data.slices import prepare_cache
+    from fuse4seg.inference import evaluate_run
+    from fuse4seg.train.runs import cpu_name
+    from fuse4seg.train.trainer import train
+
+    config = get_config(args.profile, parse_overrides(args.set))
+    started = time.perf_counter()
+    results: dict[str, dict[int, dict[str, dict]]] = {m: {s: {} for s in args.seeds}
+                                                      for m in args.methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = link_cases(args.data, tmp / "cases")
+        cache = args.runs / f"cache-{config.profile}"
+        prepare_cache(tmp / "cases", cache, config.data, progress=False)
+        splits = folds_of(cases, args.folds)
+        for f, split in enumerate(splits):
+            data = fold_cache(cache, split, args.runs / f"fold{f}")
+            for m in args.methods:
+                for s in args.seeds:
+                    cfg = get_config(args.profile,
+                                     {**parse_overrides(args.set), "train.seed": s})
+                    t0 = time.perf_counter()
+                    run = train(cfg, m, data=data, out=args.runs / f"fold{f}" / "runs",
+                                resume=True, progress=False, device="cpu")
+                    test = evaluate_run(run.run_dir, data, split="test", device="cpu")
+                    for case, scores in test["per_case"].items():
+                        results[m][s][case] = scores
+                    print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
+                          f"{sorted(test['per_case'])}", flush=True)
+    lines = table(results, args.methods, args.seeds, cases,
+                  f"{len(cases)} real cases ({args.folds}-fold CV)", args.profile)
+    command = "python benchmarks/study_real.py " + shlex.join(sys.argv[1:])
+    header = [f"Command: `{command}`; {time.perf_counter() - started:.0f} s in all on "
+              f"{cpu_name()} ({os.cpu_count()} cores); folds (test cases): "
+              + "; ".join(", ".join(s["test"]) for s in splits) + ".", ""]
+    print("\n".join(header + lines))
+    if args.results:
+        write_section(args.results, ["## Real-data study (`study_real.py`, issue 10)", "",
+                                     *header, *lines])
+
+
+if __name__ == "__main__":
+    main()

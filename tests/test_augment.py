@@ -1,0 +1,69 @@
+"""The follower's light augmentation (train.augment)."""
+
+import pytest
+import torch
+
+from fuse4seg.train.augment import augment
+from fuse4seg.train.sampling import step_generator
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 48, 48, generator=g)
+    seg = torch.zeros(6, 48, 48, dtype=torch.int64)
+    seg[:, 14:30, 10:26] = 2
+    seg[:, 18:24, 14:20] = 3
+    x[:, 0][seg > 0] += 0.5
+    return x, seg
+
+
+def test_same_draw_same_batch_other_draw_other_batch():
+    x, seg = _batch()
+    a = augment(x, seg, step_generator(0, 1, 2, 3))
+    b = augment(x, seg, step_generator(0, 1, 2, 3))
+    c = augment(x, seg, step_generator(1, 1, 2, 3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_labels_keep_their_values_and_roughly_their_area():
+    x, seg = _batch()
+    out, labels = augment(x, seg, step_generator(5))
+    assert out.shape == x.shape and labels.shape == seg.shape and labels.dtype == seg.dtype
+    assert set(labels.unique().tolist()) <= {0, 2, 3}
+    area, new = (seg > 0).sum(dim=(1, 2)).float(), (labels > 0).sum(dim=(1, 2)).float()
+    # scales of 0.9-1.1 change an area by at most (1/0.9)^2 = 1.23x
+    assert ((new / area) > 0.75).all() and ((new / area) < 1.3).all()
+    # the label moves with the image: tumour pixels stay the brightest on average
+    assert out[:, 0][labels > 0].mean() > out[:, 0][labels == 0].mean()
+
+
+def test_brightness_spans_the_minmax_range():
+    # a flat image: the centre pixel's ratio is brightness x gamma alone
+    x = torch.full((8, 1, 32, 32), 0.6)
+    seg = torch.zeros(8, 32, 32, dtype=torch.int64)
+    ratios = []
+    for s in range(20):
+        out, _ = augment(x, seg, step_generator(s))
+        ratios += (out[:, 0, 16, 16] / 0.6).tolist()
+    assert min(ratios) < 0.85 and max(ratios) > 1.25
+
+
+def test_bad_shapes_name_the_shapes():
+    with pytest.raises(ValueError, match=r"\(4, 1, 8, 8\)"):
+        augment(torch.zeros(4, 1, 8, 8), torch.zeros(4, 9, 9, dtype=torch.int64),
+                step_generator(0))
+
+
+def test_engine_augments_only_with_the_switch():
+    from fuse4seg.config import get_config
+    from fuse4seg.train.bilevel import Engine
+
+    x, seg = _batch()
+    losses = {}
+    for flag in (False, True, True):
+        cfg = get_config("smoke", {"train.augment": flag, "data.crop_size": 48})
+        eng = Engine(cfg, "average", torch.device("cpu"), steps_per_epoch=2)
+        losses.setdefault(flag, []).append(eng.follower_step(x, seg, (1, 0, 0)))
+    assert losses[True][0] == losses[True][1]  # seeded: repeatable
+    assert losses[True][0] != losses[False][0]
