@@ -84,6 +84,11 @@ class ModelConfig:
     source_skip: bool = True
     """Decoder output = residual + (x1 + x2)/2 before min-max (as CDDFuse's decoder adds its
     source image); fixes the polarity of x_f. See ``fuse4seg.models.fusion.FusionLeader``."""
+    anchor_range: bool = False
+    """Map the leader's min-max normalised x_f onto the intensity range of x_avg (not in the
+    paper; :class:`fuse4seg.models.fusion.FusionLeader`). On in ``default``, where
+    ``benchmarks/probe_collapse.py`` measured that it removes most of the validation collapse at
+    the start of the rollout."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,8 @@ class TrainConfig:
     augment: bool = False
     """Light augmentation of every follower update (flips, ±10° rotations, ×0.9–1.1 scales,
     brightness and gamma jitter; :mod:`fuse4seg.train.augment`). The paper is silent on
-    augmentation, so it is off in the ``paper`` profile."""
+    augmentation; off in every profile (in ``default`` it was measured to weaken the short
+    warm-up: ``benchmarks/RESULTS.md``)."""
     amp: bool = True  # §4.1; ignored on CPU
     compile: bool = False
     """``torch.compile`` both networks for training (inductor; on CPU its C++ backend). Same
@@ -216,6 +222,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data.split_fractions": (0.6, 0.15, 0.25),
         "model.fusion": "fuse4seg_small",
         "model.segmentation": "convnext_unet_small",
+        # x_f on x_avg's intensity range: without it the follower's validation Dice collapses
+        # when the rollout starts (benchmarks/probe_collapse.py; chapter 4)
+        "model.anchor_range": True,
         "train.warmup_epochs": 30,
         "train.rollout_epochs": 10,
         "train.inner_steps": 3,

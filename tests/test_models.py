@@ -215,3 +215,25 @@ def test_untrained_leader_starts_near_the_warmup_prior():
         x_fused, _ = create_fusion(name)(x1, x2)
         gap = (x_fused - minmax_normalize(0.5 * (x1 + x2))).abs().mean()
         assert gap < 0.01, (name, float(gap))
+
+
+def test_anchor_range_puts_x_f_on_the_warmup_priors_scale():
+    """model.anchor_range: x_f spans exactly [min, max] of x_avg per image (so a zero residual
+    gives x_avg itself), gradients still flow, and the paper's reading stays min-max."""
+    from fuse4seg.config import get_config
+    from fuse4seg.models import build_leader, create_fusion
+
+    torch.manual_seed(0)
+    x1, x2 = 0.6 * torch.rand(2, 1, 16, 16), 0.3 * torch.rand(2, 1, 16, 16)
+    x_avg = 0.5 * (x1 + x2)
+    leader = create_fusion("fuse4seg_tiny", anchor_range=True)
+    torch.nn.init.zeros_(leader.head[-1].weight)
+    x_fused, _ = leader(x1, x2)
+    assert torch.allclose(x_fused, x_avg, atol=1e-6)
+    fresh = create_fusion("fuse4seg_tiny", anchor_range=True)
+    y, _ = fresh(x1, x2)
+    assert torch.allclose(y.amin(dim=(1, 2, 3)), x_avg.amin(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(y.amax(dim=(1, 2, 3)), x_avg.amax(dim=(1, 2, 3)), atol=1e-6)
+    y.sum().backward()
+    assert fresh.head[-1].weight.grad.abs().sum() > 0
+    assert not build_leader(get_config("paper")).anchor_range

@@ -394,6 +394,14 @@ class FusionLeader(nn.Module):
             the literal reading. With the
             skip the head's last convolution starts scaled by 0.01, so the untrained leader
             outputs ≈ minmax(x_avg), the prior of the follower's warm-up.
+        anchor_range: after the min-max normalisation, map x_f linearly onto the intensity
+            range [min, max] of the anchor x_avg = (x1 + x2)/2 of the same image, so x_f keeps
+            the brightness of the follower's warm-up prior and stays in [0, 1]. Not in the
+            paper (§3.3.2 min-max normalises x_f alone; ``False`` is the literal reading).
+            Measured by ``benchmarks/probe_collapse.py`` (``benchmarks/RESULTS.md``, chapter
+            4): with the literal reading the warmed-up follower meets a brighter image when the
+            rollout starts and its validation Dice collapses; mapping x_f onto x_avg's range
+            removes most of that fall. On (``model.anchor_range``) in the ``default`` profile.
 
     Attributes:
         stride: H and W must be divisible by it (2 with the Haar squeeze, else 1).
@@ -425,10 +433,12 @@ class FusionLeader(nn.Module):
         inn_squeeze: bool = False,
         inn_clamp: float = 2.0,
         source_skip: bool = True,
+        anchor_range: bool = False,
     ):
         super().__init__()
         self.dim = dim
         self.source_skip = source_skip
+        self.anchor_range = anchor_range
         self.inn_squeeze = inn_squeeze
         self.stride = 2 if inn_squeeze else 1
         # §3.3.1: shared encoder over each source
@@ -494,4 +504,9 @@ class FusionLeader(nn.Module):
         if self.source_skip:
             y = y + 0.5 * (x1 + x2)  # residual on the anchor x_avg (see the class docstring)
         x_fused = minmax_normalize(y)  # (B, 1, H, W) in [0, 1], float32
+        if self.anchor_range:  # onto [min, max] of x_avg: model.anchor_range (class docstring)
+            anchor = 0.5 * (x1.float() + x2.float())
+            lo = anchor.amin(dim=(1, 2, 3), keepdim=True)
+            hi = anchor.amax(dim=(1, 2, 3), keepdim=True)
+            x_fused = lo + x_fused * (hi - lo)
         return x_fused, (f_low1, f_high1, f_low2, f_high2)

@@ -155,6 +155,7 @@ def build_leader(config) -> FusionLeader:
         config.model.fusion,
         inn_squeeze=config.model.inn_squeeze,
         source_skip=config.model.source_skip,
+        anchor_range=config.model.anchor_range,
     )
 
 
