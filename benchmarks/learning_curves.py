@@ -65,6 +65,24 @@ def plateau(curves: list[list[dict]]) -> dict:
             "plateau": bool(abs(change.mean()) <= sd) if len(curves) > 1 else None}
 
 
+def rollout_targets(curves: list[list[dict]]) -> dict | None:
+    """Issue 10's targets at the stage change: L_lower(first rollout epoch) / L_lower(last
+    warm-up epoch) ≤ 1.15, and no rollout validation below the last warm-up validation by more
+    than the seed-to-seed sd (of the last warm-up validation)."""
+    ratios, drops, warm_vals = [], [], []
+    for c in curves:
+        warm = [r for r in c if r["stage"] == "warmup"]
+        roll = [r for r in c if r["stage"] == "rollout"]
+        if not warm or not roll:
+            return None
+        ratios.append(roll[0]["L_lower"] / warm[-1]["L_lower"])
+        warm_vals.append(warm[-1]["val"])
+        drops.append(warm[-1]["val"] - min(r["val"] for r in roll))
+    sd = float(np.std(warm_vals, ddof=1)) if len(curves) > 1 else float("nan")
+    return {"loss_ratio": ratios, "drop": drops, "sd_warm": sd,
+            "loss_ok": bool(max(ratios) <= 1.15), "drop_ok": bool(max(drops) <= sd)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="phantom")
@@ -100,8 +118,9 @@ def main() -> None:
                              "load_after": os.getloadavg()[0], "curve": curve(result.run_dir)})
                 print(f"{method} seed {seed}: {seconds:.0f} s, final val "
                       f"{runs[-1]['curve'][-1]['val']:.3f}", flush=True)
-            report["methods"][method] = {"runs": runs,
-                                         "plateau": plateau([r["curve"] for r in runs])}
+            curves = [r["curve"] for r in runs]
+            report["methods"][method] = {"runs": runs, "plateau": plateau(curves),
+                                         "rollout": rollout_targets(curves)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(report, indent=1))
@@ -109,6 +128,15 @@ def main() -> None:
 
     print(f"\n{report['data']}; profile {args.profile} {args.set}; seeds {args.seeds}; "
           f"commit {report['commit']}; {report['cpu']}, {report['cores']} cores\n")
+    for method, entry in report["methods"].items():
+        t = entry["rollout"]
+        if t:
+            print(f"{method}: L_lower first rollout / last warm-up epoch per seed "
+                  f"{[round(r, 3) for r in t['loss_ratio']]} (target ≤ 1.15: "
+                  f"{'met' if t['loss_ok'] else 'not met'}); val. drop from the last warm-up "
+                  f"to the lowest rollout epoch {[round(d, 3) for d in t['drop']]} against the "
+                  f"seed sd {t['sd_warm']:.3f} ({'met' if t['drop_ok'] else 'not met'})")
+    print()
     print("| method | s per run | val. Dice at 1/4 | 1/2 | 3/4 | end | change over last 1/4 "
           "| sd at end | plateau |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -12,16 +12,17 @@ epochs of Algorithm 1, validating after each. A candidate changes one thing at a
 - ``scale``: the follower sees x_f mapped back to x_avg's intensity range,
   ``x_f · (max − min)(x_avg) + min(x_avg)`` per image: the warm-up prior's scale against
   min-max x_f, and nothing else;
-- ``lr_paper``: the follower's rollout learning rate ×0.1 (the paper's 3e-4 where the default
-  profile has 3e-3);
+- ``lr_paper``: the follower's rollout learning rate ×0.1 (``train.lr_follower_rollout``; the
+  paper's 3e-4 where the default profile warms up at 3e-3);
 - ``k1``: K = 1 instead of K follower steps on the same half batch (the same number of
   follower updates per epoch is *not* kept: this isolates the repetition);
 - ``fresh_adam``: the follower's AdamW moments reset at the stage change;
 - ``frozen_leader``: no leader step (x_f stays the untrained leader's, ≈ minmax(x_avg)): the
   leader's first updates;
 - ``warm_minmax``: warm up on minmax(x_avg) (``train.warmup_minmax``; a warm-up of its own);
-- ``warm_jitter``: warm up with the intensity augmentation of ``train.augment`` (a warm-up of
-  its own), when the package has it.
+- ``warm_jitter``: warm up (and roll out) with the follower augmentation of ``train.augment``
+  (brightness ×0.75–1.33 among others; a warm-up of its own);
+- ``jitter_scale``: ``warm_jitter`` and ``scale`` together.
 
 Printed per candidate, as mean ± sd over seeds: the follower's training loss L_lower in the
 first rollout epoch over its last warm-up epoch (target ≤ 1.15), the validation mean Dice at
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -51,8 +53,10 @@ from fuse4seg.config import get_config, parse_overrides
 from fuse4seg.train.runs import resolve_cache
 
 CANDIDATES = ["as_is", "scale", "lr_paper", "k1", "fresh_adam", "frozen_leader",
-              "warm_minmax", "warm_jitter"]
-WARMUPS = {"warm_minmax": {"train.warmup_minmax": True}, "warm_jitter": {"train.augment": True}}
+              "warm_minmax", "warm_jitter", "jitter_scale"]
+WARMUPS = {"warm_minmax": {"train.warmup_minmax": True}, "warm_jitter": {"train.augment": True},
+           "jitter_scale": {"train.augment": True}}
+WARMUP_KEY = {"warm_minmax": "minmax", "warm_jitter": "jitter", "jitter_scale": "jitter"}
 
 
 def _val(engine, val_set, items, stage, ema=True) -> float:
@@ -97,7 +101,8 @@ def rollout(engine, batches, val_set, items, config, candidate: str, epochs: int
     E = config.train.warmup_epochs
     S = engine.steps_per_epoch
     restore = []
-    if candidate == "scale":
+    rollout_lr = config.train.lr_follower_rollout
+    if candidate in ("scale", "jitter_scale"):
         prior = engine.prior
 
         def scaled(x1, x2, stage, ema):
@@ -111,8 +116,9 @@ def rollout(engine, batches, val_set, items, config, candidate: str, epochs: int
 
         engine.prior = scaled
         restore.append(lambda: delattr(engine, "prior"))
-    if candidate == "lr_paper":
-        engine.follower.base_lr *= 0.1
+    if candidate == "lr_paper":  # a 10x smaller base of the follower's rollout schedule
+        base = config.train.lr_follower_rollout or config.train.lr_follower
+        object.__setattr__(config.train, "lr_follower_rollout", 0.1 * base)
     if candidate == "fresh_adam":
         engine.follower.opt.state.clear()
     if candidate == "frozen_leader":
@@ -130,6 +136,7 @@ def rollout(engine, batches, val_set, items, config, candidate: str, epochs: int
             out["val_roll"].append(_val(engine, val_set, items, "rollout"))
     finally:
         object.__setattr__(config.train, "inner_steps", k_saved)
+        object.__setattr__(config.train, "lr_follower_rollout", rollout_lr)
         for undo in restore:
             undo()
     return out
@@ -140,8 +147,7 @@ def probe(data_name: str, cache_of, profile: str, base: dict, seeds, candidates,
     for seed in seeds:
         warm_states = {}
         for cand in candidates:
-            key = "warm_minmax" if cand == "warm_minmax" else (
-                "warm_jitter" if cand == "warm_jitter" else "raw")
+            key = WARMUP_KEY.get(cand, "raw")
             extra = WARMUPS.get(cand, {})
             config = get_config(profile, {**base, **extra, "train.seed": seed})
             cache = cache_of(config)
@@ -172,7 +178,7 @@ def summarise(name: str, results: dict) -> list[str]:
 
     lines = [
         f"\n{name}: mean ± sd over seeds\n",
-        "| candidate | L_lower roll/warm | val. end of warm-up | val. fresh x_f | "
+        "| candidate (seeds) | L_lower roll/warm | val. end of warm-up | val. fresh x_f | "
         "val. lowest in rollout | drop | val. last probed |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -183,11 +189,32 @@ def summarise(name: str, results: dict) -> list[str]:
         lowest = [min(r["val_roll"]) for r in runs]
         drop = [r["val_warm"] - min(r["val_roll"]) for r in runs]
         lines.append(
-            f"| {cand} | {ms(ratio)} | {ms([r['val_warm'] for r in runs])} | "
+            f"| {cand} ({len(runs)}) | {ms(ratio)} | {ms([r['val_warm'] for r in runs])} | "
             f"{ms([r['val_fresh'] for r in runs])} | {ms(lowest)} | {ms(drop)} | "
             f"{ms([r['val_roll'][-1] for r in runs])} |"
         )
     return lines
+
+
+LINE = re.compile(r"^\[(?P<data>.+) seed (?P<seed>\d+)\] (?P<cand>\w+): L (?P<L>[\d.]+) "
+                  r"\(warm (?P<Lw>[\d.]+)\), val \[(?P<vals>[^\]]*)\] \(warm (?P<vw>[\d.]+), "
+                  r"fresh (?P<vf>[\d.]+)\)")
+
+
+def from_logs(paths: list[Path]) -> dict[str, dict[str, list[dict]]]:
+    """The per-candidate results printed by earlier runs (``--summarise LOG ...``): the printed
+    lines carry every number the summary needs, so runs split over seeds can be pooled."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            m = LINE.match(line)
+            if not m:
+                continue
+            entry = {"seed": int(m["seed"]), "L_roll": [float(m["L"])], "L_warm": float(m["Lw"]),
+                     "val_roll": [float(v) for v in m["vals"].split(",")],
+                     "val_warm": float(m["vw"]), "val_fresh": float(m["vf"])}
+            out.setdefault(m["data"], {}).setdefault(m["cand"], []).append(entry)
+    return out
 
 
 def main() -> None:
@@ -203,7 +230,13 @@ def main() -> None:
                         help="keep the phantom here (default: a temporary folder)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--summarise", nargs="+", type=Path, default=None,
+                        help="print the summary of earlier runs' logs instead of training")
     args = parser.parse_args()
+    if args.summarise:
+        for name, results in from_logs(args.summarise).items():
+            print("\n".join(summarise(name, results)))
+        return
     base = parse_overrides(args.set)
     candidates = args.candidates or [
         c for c in CANDIDATES

@@ -117,6 +117,12 @@ class TrainConfig:
     batch_size: int = 8  # §4.1
     lr_leader: float = 1e-4  # η_f, §4.1
     lr_follower: float = 3e-4  # η_s, §4.1
+    lr_follower_rollout: float | None = None
+    """The follower's base learning rate during the rollout (``None``: ``lr_follower``, one
+    schedule as in the paper). The cosine schedule keeps its position; only its base changes
+    at the stage change. The ``default`` profile warms up fast at 3e-3 and rolls out at the
+    paper's 3e-4: at 3e-3 the K inner steps on half a batch undo the warm-up in the first
+    rollout epoch (``benchmarks/probe_collapse.py``, ``benchmarks/RESULTS.md``)."""
     weight_decay: float = 1e-5  # AdamW, §4.1
     ema_decay: float = 0.99  # m in Eq. 4
     warmup_minmax: bool = False
@@ -124,8 +130,9 @@ class TrainConfig:
     x_f (§3.3.2), instead of the raw x_avg = ½(x1 + x2) of Algorithm 1, line 2 (the default,
     the literal reading; the paper does not say whether x_avg is normalised). Raw x_avg is
     darker than x_f, and the warmed-up follower loses validation Dice when it first sees x_f.
-    The min–max warm-up avoids that change of scale; what it does to training is measured by
-    ``benchmarks/probe_rollout.py`` (figures in ``benchmarks/RESULTS.md``, chapter 4)."""
+    The min–max warm-up avoids that change of scale but, measured by
+    ``benchmarks/probe_collapse.py`` (``benchmarks/RESULTS.md``, chapter 4), trains a much weaker
+    follower in the default profile's warm-up; ``model.anchor_range`` is the default's remedy."""
     augment: bool = False
     """Light augmentation of every follower update (flips, ±10° rotations, ×0.9–1.1 scales,
     brightness and gamma jitter; :mod:`fuse4seg.train.augment`). The paper is silent on
@@ -234,6 +241,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.val_max_slices": 96,
         "train.lr_leader": 3e-4,
         "train.lr_follower": 3e-3,
+        "train.lr_follower_rollout": 3e-4,  # the paper's η_s once the rollout starts
         # fusion-only (chapter 5): 40 steps of 4 crops of 64 pixels, minutes on a CPU
         "fusion.steps": 40,
         "fusion.crop": 64,
@@ -361,6 +369,8 @@ def validate(config: Config) -> None:
         (t.inner_steps >= 1, "train.inner_steps (K) must be >= 1"),
         (t.batch_size >= 2, "train.batch_size must be >= 2 (the batch is split into D_tr/D_val)"),
         (t.lr_leader > 0 and t.lr_follower > 0, "learning rates must be > 0"),
+        (t.lr_follower_rollout is None or t.lr_follower_rollout > 0,
+         "train.lr_follower_rollout must be > 0 or null"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch >= 1"),
         (t.val_every >= 1, "train.val_every must be >= 1"),

@@ -67,3 +67,37 @@ def test_engine_augments_only_with_the_switch():
         losses.setdefault(flag, []).append(eng.follower_step(x, seg, (1, 0, 0)))
     assert losses[True][0] == losses[True][1]  # seeded: repeatable
     assert losses[True][0] != losses[False][0]
+
+
+class _Batches:
+    """Batches of one fixed slice stack (the Engine's Batches protocol)."""
+
+    def __init__(self):
+        x, seg = _batch()
+        self.batch = {"x1": x, "x2": x.clone(), "seg": seg}
+
+    def single(self, stage, epoch, step):
+        return self.batch
+
+    def split(self, epoch, step, need_val):
+        half = {k: v[:3] for k, v in self.batch.items()}
+        return half, (half if need_val else None)
+
+
+def test_the_rollout_has_its_own_follower_learning_rate():
+    from fuse4seg.config import get_config
+    from fuse4seg.train.bilevel import Engine
+
+    cfg = get_config("smoke", {"data.crop_size": 48, "train.lr_follower": 3e-3,
+                               "train.lr_follower_rollout": 3e-4})
+    eng = Engine(cfg, "fuse4seg", torch.device("cpu"), steps_per_epoch=2)
+    batches = _Batches()
+    eng.outer_step("warmup", 1, 0, batches)
+    assert eng.follower.base_lr == 3e-3
+    eng.outer_step("rollout", 2, 0, batches)
+    assert eng.follower.base_lr == 3e-4
+    # the cosine keeps its position: the rate is the rollout base times the schedule's factor
+    assert 0 < eng.follower.lr() < 3e-4
+    paper = Engine(get_config("smoke", {"data.crop_size": 48}), "average", torch.device("cpu"), 2)
+    paper.outer_step("rollout", 2, 0, batches)
+    assert paper.follower.base_lr == get_config("smoke").train.lr_follower

@@ -326,6 +326,9 @@ class Engine:
         if stage == "fusion":
             batch = batches.single(stage, epoch, step)
             return self.fusion_step(batch["x1"], batch["x2"])
+        t = self.config.train
+        rollout_lr = t.lr_follower_rollout if stage == "rollout" else None
+        self.follower.base_lr = rollout_lr or t.lr_follower  # train.lr_follower_rollout
         if stage == "warmup":
             batch = batches.single(stage, epoch, step)
             x_in = self.prior(batch["x1"], batch["x2"], stage, ema=False)
@@ -333,7 +336,7 @@ class Engine:
         bilevel = self.spec.learns_leader_from_follower
         tr, val = batches.split(epoch, step, bilevel)  # D_tr, D_val: no patient in both
         x_tr = self.prior(tr["x1"], tr["x2"], stage, ema=False)  # x_f^(tr), computed once
-        K = self.config.train.inner_steps
+        K = t.inner_steps
         inner = [self.follower_step(x_tr, tr["seg"], (epoch, step, k)) for k in range(K)]
         out = {"L_lower": float(np.mean(inner))}
         if bilevel:
