@@ -9,8 +9,9 @@ pixel-wise maximum of A and B), else on a synthetic pair of the same size. Singl
 NumPy/SciPy work; run it with ``OMP_NUM_THREADS=1`` to time one core. Reports the median over
 ``--repeats`` runs.
 
-``--before CHECKOUT`` also loads ``fuse4seg/metrics/fusion.py`` of another checkout (e.g.
-``git worktree add /tmp/before <commit>``) and times both versions in alternation, call by
+``--before CHECKOUT`` also loads ``fuse4seg.metrics.fusion`` (and the modules it imports) of
+another checkout (e.g. ``git worktree add /tmp/before <commit>``, or ``git archive <commit>
+fuse4seg | tar -x -C /tmp/before``) and times both versions in alternation, call by
 call, so that they share the machine's load; each cell is then ``before → after``, and the
 largest relative difference between the two versions' values is printed. ``--device`` is
 accepted for symmetry with the other benchmarks: the metrics always run on the CPU. Prints a
@@ -20,7 +21,7 @@ Markdown table; copy it into RESULTS.md with the machine's name and load.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import math
 import os
 import platform
@@ -63,10 +64,22 @@ def _median_ms(fns, repeats: int) -> list[float]:
 
 
 def _load_module(checkout: Path):
-    path = checkout / "fuse4seg" / "metrics" / "fusion.py"
-    spec = importlib.util.spec_from_file_location("fusion_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """``fuse4seg.metrics.fusion`` of another checkout, with the modules it imports
+    (``kernels``, ``ssim``, ``vif``) taken from that checkout too, not from this one."""
+    ours = {k: v for k, v in sys.modules.items() if k == "fuse4seg" or k.startswith("fuse4seg.")}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, str(checkout))
+    try:
+        module = importlib.import_module("fuse4seg.metrics.fusion")
+    finally:
+        sys.path.remove(str(checkout))
+        for k in [k for k in sys.modules if k == "fuse4seg" or k.startswith("fuse4seg.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    path = Path(module.__file__).resolve()
+    if not path.is_relative_to(checkout.resolve()):
+        raise SystemExit(f"--before {checkout}: loaded {path} instead")
     return module
 
 
