@@ -117,8 +117,10 @@ def main() -> None:
     for conv in CONVENTIONS:
         for m in METRICS:
             rows.setdefault(m, {})[conv] = _median_ms(
-                [lambda mod=mod, m=m, conv=conv: mod.fusion_metrics(f, a, b, conv, [m])
-                 for mod in modules],
+                [
+                    lambda mod=mod, m=m, conv=conv: mod.fusion_metrics(f, a, b, conv, [m])
+                    for mod in modules
+                ],
                 args.repeats,
             )
         rows.setdefault("all nine (+ MSE)", {})[conv] = _median_ms(
@@ -135,8 +137,9 @@ def main() -> None:
     )
     print(f"after: {fusion.__file__}")
     if len(modules) == 2:
-        print(f"before: {modules[0].__file__}; largest relative difference of the values: "
-              f"{worst:.1e}")
+        print(
+            f"before: {modules[0].__file__}; largest relative difference of the values: {worst:.1e}"
+        )
     print()
     print("| metric | " + " | ".join(f"{c} (ms)" for c in CONVENTIONS) + " |")
     print("|---|" + "---|" * len(CONVENTIONS))
