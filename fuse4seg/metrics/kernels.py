@@ -161,22 +161,26 @@ def _sobel(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``x = [[-1,0,1],[-2,0,2],[-1,0,1]]`` and ``y = [[1,2,1],[0,0,0],[-1,-2,-1]]`` (true
     convolution, i.e. both kernels flipped: the responses are ``-correlate``; their ratio and
     magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway). The results are
-    reused scratch arrays (:func:`_scratch`).
+    reused scratch arrays (:func:`_scratch`) of the images' dtype (int16 for 0..255 integer
+    images is exact: no response exceeds 4 · 255).
     """
     n, h, w = images.shape
-    p = _scratch("sobel_pad", (n, h + 2, w + 2))  # zero border, the images inside
+    dt = images.dtype
+    p = _scratch("sobel_pad", (n, h + 2, w + 2), dt)  # zero border, the images inside
     p[:, 0], p[:, -1], p[:, :, 0], p[:, :, -1] = 0.0, 0.0, 0.0, 0.0
     p[:, 1:-1, 1:-1] = images
     # Both kernels are separable: x = [1, 2, 1]^T ⊗ [-1, 0, 1], y = [1, 0, -1]^T ⊗ [1, 2, 1].
     # Convolution flips them, so out(i, j) = Σ k(u, v) p(i + 2 - u, j + 2 - v).
-    smooth_v = _scratch("sobel_v", (n, h, w + 2))  # p[:, :-2] + 2 p[:, 1:-1] + p[:, 2:]
+    smooth_v = _scratch("sobel_v", (n, h, w + 2), dt)  # p[:, :-2] + 2 p[:, 1:-1] + p[:, 2:]
     np.multiply(p[:, 1:-1], 2, out=smooth_v)
     np.add(p[:, :-2], smooth_v, out=smooth_v)
     smooth_v += p[:, 2:]
-    smooth_h = _scratch("sobel_h", (n, h + 2, w))  # p[:, :, :-2] + 2 p[:, :, 1:-1] + ...
+    smooth_h = _scratch("sobel_h", (n, h + 2, w), dt)  # p[:, :, :-2] + 2 p[:, :, 1:-1] + ...
     np.multiply(p[:, :, 1:-1], 2, out=smooth_h)
     np.add(p[:, :, :-2], smooth_h, out=smooth_h)
     smooth_h += p[:, :, 2:]
-    sx = np.subtract(smooth_v[:, :, :-2], smooth_v[:, :, 2:], out=_scratch("sobel_x", (n, h, w)))
-    sy = np.subtract(smooth_h[:, 2:], smooth_h[:, :-2], out=_scratch("sobel_y", (n, h, w)))
+    sx = np.subtract(
+        smooth_v[:, :, :-2], smooth_v[:, :, 2:], out=_scratch("sobel_x", (n, h, w), dt)
+    )
+    sy = np.subtract(smooth_h[:, 2:], smooth_h[:, :-2], out=_scratch("sobel_y", (n, h, w), dt))
     return sx, sy
