@@ -684,3 +684,26 @@ def test_vif_guards_with_flat_regions(rng):
     f[40:50, 40:50] = 255  # saturated block in F
     assert vif(f, a, b) == pytest.approx(_vif_2d(a, f) + _vif_2d(b, f), rel=1e-9)
     assert qabf(f, a, b) == pytest.approx(_qabf_2d(f, a, b), rel=1e-12)
+
+
+def test_qabf_int16_sobel_path_equals_the_float_path(images):
+    """uint8 inputs of fusion_metrics take Q^AB/F's Sobel responses in int16 (exact); the same
+    images as floats take the float64 path: both equal, and equal the 2-D reference."""
+    f, a, b = images
+    fast = fusion_metrics(f, a, b, metrics=["Qabf"])["Qabf"]  # uint8: int16 Sobel
+    slow = fusion_metrics(*(x.astype(np.float64) for x in (f, a, b)), metrics=["Qabf"])["Qabf"]
+    assert fast == pytest.approx(slow, rel=1e-14)
+    assert fast == pytest.approx(_qabf_2d(f, a, b), rel=1e-12)
+    z = np.zeros_like(f)
+    assert math.isnan(fusion_metrics(z, z, z, metrics=["Qabf"])["Qabf"])
+
+
+def test_vif_sum_of_logs_by_products(rng):
+    """VIF's Σ log over products of 32 terms equals the plain sum of logs, also at the largest
+    terms images on 0..255 can give (1 + 127.5² / 2) and past them (the overflow fallback)."""
+    from fuse4seg.metrics.vif import _sum_log
+
+    for top in (2.0, 1 + 127.5**2 / 2, 1e30):
+        x = 1 + (top - 1) * rng.random((75, 2, 31))
+        expected = np.log(x).sum(axis=(0, 2))
+        np.testing.assert_allclose(_sum_log(x), expected, rtol=1e-13)
