@@ -245,33 +245,29 @@ def _xlogx(n: int) -> np.ndarray:
     return table
 
 
-def _joint_mi(x: np.ndarray, y: np.ndarray) -> float:
+def _joint_mi(x: np.ndarray, y: np.ndarray, saturate: bool = False) -> float:
     """MI in nats of two level images from their 256×256 joint histogram (one bincount):
     with counts c and N pixels, ``Σ p_xy ln(p_xy / (p_x p_y)) = ln N + (Σ c_xy ln c_xy −
     Σ c_x ln c_x − Σ c_y ln c_y) / N``, each ``c ln c`` looked up (:func:`_xlogx`). Equal to
-    the sum over the table's cells to ~1e-15."""
+    the sum over the table's cells to ~1e-15. ``saturate``: MATLAB's ``H(X) + H(Y) − H(X, Y)``
+    whose joint histogram (only) puts levels 254 and 255 into one bin (``Hab.m``)."""
     n = x.size
     table = _xlogx(n)
-    joint = np.bincount((x * 256 + y).ravel(), minlength=65536)
-    cx, cy = joint.reshape(256, 256).sum(axis=1), joint.reshape(256, 256).sum(axis=0)
-    return math.log(n) + (table[joint].sum() - table[cx].sum() - table[cy].sum()) / n
+    joint = np.bincount((x * 256 + y).ravel(), minlength=65536).reshape(256, 256)
+    marginals = table[joint.sum(axis=1)].sum() + table[joint.sum(axis=0)].sum()
+    if saturate:  # fold row and column 255 into 254
+        joint[254] += joint[255]
+        joint[:, 254] += joint[:, 255]
+        joint[255] = 0
+        joint[:, 255] = 0
+    return math.log(n) + (table[joint].sum() - marginals) / n
 
 
 def _mi(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
     f, a, b = _cached_levels(f, a, b, cache)
-    if convention != "matlab_tang":
-        nats = _joint_mi(f, a) + _joint_mi(f, b)
-        return nats if convention == "cddfuse" else nats / math.log(2)
-    # MATLAB: MI = H(A) + H(F) - H(F, A) with 256-bin marginals and the saturated joint.
-    total = 0.0
-    h_f = _entropy_of_levels(f)
-    fj = np.minimum(f, 254)
-    for s in (a, b):
-        sj = np.minimum(s, 254)
-        joint = np.bincount((fj * 256 + sj).ravel(), minlength=65536) / f.size
-        joint = joint[joint > 0]
-        total += _entropy_of_levels(s) + h_f + float(np.sum(joint * np.log2(joint)))
-    return total
+    saturate = convention == "matlab_tang"
+    nats = _joint_mi(f, a, saturate) + _joint_mi(f, b, saturate)
+    return nats if convention == "cddfuse" else nats / math.log(2)
 
 
 def mutual_information(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
