@@ -624,9 +624,8 @@ def test_metrics_cli_errors(png_triplet, tmp_path, capsys):
 @pytest.mark.parametrize("n", [3, 5, 9, 11, 17])
 @pytest.mark.parametrize("step", [1, 2])
 def test_banded_valid_filter_matches_convolve2d(rng, shape, n, step):
-    """The blocked banded-matrix filter (row-interleaved images) equals a direct 2-D 'valid'
-    convolution (then every ``step``-th output), for sizes that are and are not multiples of
-    its block."""
+    """The blocked banded-matrix filter equals a direct 2-D 'valid' convolution (then every
+    ``step``-th output), for sizes that are and are not multiples of its block."""
     if min(shape) < n:
         pytest.skip("smaller than the window")
     w = fm._vif_window(1) if n == 17 else fm._gaussian_taps(1.5, 3.5) if n == 11 else None
@@ -634,7 +633,7 @@ def test_banded_valid_filter_matches_convolve2d(rng, shape, n, step):
         w = rng.random(n)
         w = (w + w[::-1]) / 2  # symmetric, as every window here
     stack = rng.uniform(0, 255, (3, *shape))
-    got = fm._valid_filter(stack.transpose(1, 0, 2), w, step=step).transpose(1, 0, 2)
+    got = fm._valid_filter(stack, w, step=step)
     for img, out in zip(stack, got, strict=True):
         ref = convolve2d(img, np.outer(w, w), mode="valid")[::step, ::step]
         assert out.shape == ref.shape
@@ -704,6 +703,6 @@ def test_vif_sum_of_logs_by_products(rng):
     from fuse4seg.metrics.vif import _sum_log
 
     for top in (2.0, 1 + 127.5**2 / 2, 1e30):
-        x = 1 + (top - 1) * rng.random((75, 2, 31))
-        expected = np.log(x).sum(axis=(0, 2))
+        x = 1 + (top - 1) * rng.random((2, 75, 31))
+        expected = np.log(x).sum(axis=(1, 2))
         np.testing.assert_allclose(_sum_log(x), expected, rtol=1e-13)

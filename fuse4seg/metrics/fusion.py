@@ -40,16 +40,16 @@ original evaluators) to a relative 1e-4.
 
 Speed (issue 9; same values to ~1e-14 relative, checked against the code before it by
 ``tests/test_fusion_metrics.py``): the Gaussian windows of VIF and the standard SSIM are applied
-as 'valid' separable filters by products with banded matrices (BLAS) on row-interleaved image
-stacks, float64 (float32 moves VIF by 2e-5); the moment stack ``[A, B, F, A², B², F², AF, BF]``
-is built once per call and filtered by both; VIF's decimation computes only the outputs it
-keeps, its per-pixel terms run on blocks of rows still in the cache and take one logarithm per
-32 terms (of their product); Q^AB/F's arctan and exp run, unmasked, on the gathered pixels where
-a source has a gradient; MI looks its ``c ln c`` up in a table; the per-pixel work runs in place
-in work arrays that each thread keeps between calls (:func:`_scratch`, some tens of MB for 256²
-images: on the machines we measured, a fresh array of that size costs a page fault per 4 KB on
-every call); one :func:`fusion_metrics` call shares the grey levels, the moments and the SSIM
-statistics between metrics.
+as 'valid' separable filters by products with banded matrices (BLAS), float64 (float32 moves
+VIF by 2e-5); the moment stack ``[A, B, F, A², B², F², AF, BF]`` is built once per call and
+filtered by both; VIF's decimation computes only the outputs it keeps and its per-pixel terms
+take one logarithm per 32 terms (of their product); Q^AB/F's Sobel responses are int16 for
+uint8 inputs (exact), and its arctan and exp run, unmasked, on the gathered pixels where a
+source has a gradient; MI looks its ``c ln c`` up in a table; MSE and PSNR share one error;
+the per-pixel work runs in place in work arrays that each thread keeps between calls
+(:func:`_scratch`, some tens of MB for 256² images: on the machines we measured, a fresh array
+of that size can cost a page fault per 4 KB on every call); one :func:`fusion_metrics` call
+shares the grey levels, the moments and the SSIM statistics between metrics.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The numerical kernels behind the fusion metrics (:mod:`fuse4seg.metrics.fusion`).
 
-- :func:`_valid_filter`: separable 'valid' filtering of row-interleaved images ``(H, N, W)`` as
-  banded matrix products (the Gaussian windows of SSIM and VIF), with :func:`_moments_stack`
-  building the local-moment stacks both metrics filter and :func:`_source_moments` the one
-  they share;
+- :func:`_valid_filter`: separable 'valid' filtering of a stack of images as banded matrix
+  products (the Gaussian windows of SSIM and VIF), with :func:`_moments_stack` building the
+  local-moment stacks both metrics filter and :func:`_source_moments` the one they share;
 - :func:`_sobel`: the 3×3 Sobel responses of Q^AB/F with a zero border;
 - :func:`_scratch` / :func:`_bool_scratch`: per-thread work arrays kept between calls, so a
   metric call does not allocate some tens of MB of fresh arrays (about 60 MB for 256² images).
@@ -77,77 +76,57 @@ def _bool_scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _valid_filter(stack: np.ndarray, w: np.ndarray, step: int = 1, name: str = "") -> np.ndarray:
-    """'valid' 2-D filtering of ``N`` images stored row-interleaved, ``(H, N, W)``, with the
-    separable window ``w ⊗ w``, keeping every ``step``-th output:
-    ``(H, N, W) -> ((H − n) // step + 1, N, (W − n) // step + 1)``. The window is symmetric,
-    so correlation equals the evaluators' convolution.
+    """'valid' 2-D filtering of a stack ``(N, H, W)`` with the separable window ``w ⊗ w``,
+    keeping every ``step``-th output: ``(N, H, W) -> (N, (H − n) // step + 1, ...)``. The
+    window is symmetric, so correlation equals the evaluators' convolution.
 
     Each pass is a product with a banded matrix, one block of outputs at a time (BLAS; about
-    twice the multiplications of a direct loop but far faster than one). The interleaved
-    layout makes both passes single matrix products per block: along W the rows of all images
-    are the rows of one ``(H·N, W)`` matrix, and along H the row ``i`` of all images is the row
-    of one ``(H, N·W)`` matrix. float64 throughout: the local variances are differences of
-    such sums, and float32 filtering moves VIF by 2e-5 relative on the Harvard pairs, past the
-    1e-6 the metrics keep (issue 9). With a ``name`` the result is a reused scratch array
-    (:func:`_scratch`): use it before the next call with the same name and shape."""
-    return next(_valid_filter_rows(stack, w, step, name, rows=None))
-
-
-def _valid_filter_rows(stack, w, step=1, name="", rows=None):
-    """:func:`_valid_filter` in consecutive blocks of at most ``rows`` output rows (all of them
-    at once for ``None``), each ``(r, N, m)``, a reused scratch array valid until the next
-    block: a caller that reduces each block while it is still in the cache (VIF's per-pixel
-    terms) reads the filtered moments once from the cache instead of from memory."""
+    twice the multiplications of a direct loop but far faster than one). float64 throughout:
+    the local variances are differences of such sums, and float32 filtering moves VIF by 2e-5
+    relative on the Harvard pairs (SSIM by 7e-7), past the 1e-6 the metrics keep (issue 9).
+    With a ``name`` the result is a reused scratch array (:func:`_scratch`): use it before the
+    next call with the same name and shape."""
     n = len(w)
     band = _band(tuple(w.tolist()), step)
-    h, num, wd = stack.shape
-    flat = np.ascontiguousarray(stack, dtype=np.float64).reshape(h * num, wd)
+    num, h, wd = stack.shape
+    rows = np.ascontiguousarray(stack, dtype=np.float64).reshape(num * h, wd)
     m = (wd - n) // step + 1
-    across = _scratch("across", (h * num, m))
+    across = _scratch("across", (num * h, m))
     for j in range(0, m, _BLOCK):
         r = min(_BLOCK, m - j)
         span = (r - 1) * step + n
-        np.matmul(flat[:, j * step : j * step + span], band[:span, :r], out=across[:, j : j + r])
-    across = across.reshape(h, num * m)
+        across[:, j : j + r] = rows[:, j * step : j * step + span] @ band[:span, :r]
+    across3 = across.reshape(num, h, m)
     down = band.T  # (block, span): down[i, i·step + k] = w[k]
     m2 = (h - n) // step + 1
-    rows = m2 if rows is None else rows
-    for i0 in range(0, m2, rows):
-        i1 = min(i0 + rows, m2)
-        out = _scratch(name, (i1 - i0, num, m)) if name else np.empty((i1 - i0, num, m))
-        out2 = out.reshape(i1 - i0, num * m)
-        for i in range(i0, i1, _BLOCK):
-            r = min(_BLOCK, i1 - i)
-            span = (r - 1) * step + n
-            np.matmul(
-                down[:r, :span], across[i * step : i * step + span], out=out2[i - i0 : i - i0 + r]
-            )
-        yield out
+    out = _scratch(name, (num, m2, m)) if name else np.empty((num, m2, m))
+    for i in range(0, m2, _BLOCK):
+        r = min(_BLOCK, m2 - i)
+        span = (r - 1) * step + n
+        out[:, i : i + r] = down[:r, :span] @ across3[:, i * step : i * step + span]
+    return out
 
 
 def _moments_stack(name: str, refs: np.ndarray, dist: np.ndarray) -> np.ndarray:
-    """``[refs..., dist, refs², dist², refs·dist]`` row-interleaved, ``(H, 3k + 2, W)``, in a
-    reused scratch array, from ``refs`` ``(H, k, W)`` and ``dist`` ``(H, W)``: the local
-    moments SSIM and VIF filter (:func:`_valid_filter`)."""
-    h, k, w = refs.shape
-    out = _scratch(name, (h, 3 * k + 2, w))
-    dist = dist[:, None]
-    out[:, :k] = refs
-    out[:, k : k + 1] = dist
-    np.multiply(refs, refs, out=out[:, k + 1 : 2 * k + 1])
-    np.multiply(dist, dist, out=out[:, 2 * k + 1 : 2 * k + 2])
-    np.multiply(refs, dist, out=out[:, 2 * k + 2 :])
+    """``[refs..., dist, refs², dist², refs·dist]`` in a reused scratch array."""
+    k = len(refs)
+    out = _scratch(name, (3 * k + 2, *dist.shape))
+    out[:k] = refs
+    out[k] = dist
+    np.multiply(refs, refs, out=out[k + 1 : 2 * k + 1])
+    np.multiply(dist, dist, out=out[2 * k + 1])
+    np.multiply(refs, dist, out=out[2 * k + 2 :])
     return out
 
 
 def _source_moments(f: np.ndarray, a: np.ndarray, b: np.ndarray, cache=None) -> np.ndarray:
-    """The full-resolution moment stack ``[A, B, F, A², B², F², AF, BF]`` ``(H, 8, W)`` that
+    """The full-resolution moment stack ``[A, B, F, A², B², F², AF, BF]`` ``(8, H, W)`` that
     the standard SSIM and VIF's first scale both filter, built once per
     :func:`~fuse4seg.metrics.fusion.fusion_metrics` call (``cache``)."""
     if cache is not None and "moments" in cache:
         return cache["moments"]
-    refs = _scratch("moments_refs", (f.shape[0], 2, f.shape[1]))
-    refs[:, 0], refs[:, 1] = a, b
+    refs = _scratch("moments_refs", (2, *f.shape))
+    refs[0], refs[1] = a, b
     out = _moments_stack("moments", refs, f)
     if cache is not None:
         cache["moments"] = out
@@ -161,26 +140,22 @@ def _sobel(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``x = [[-1,0,1],[-2,0,2],[-1,0,1]]`` and ``y = [[1,2,1],[0,0,0],[-1,-2,-1]]`` (true
     convolution, i.e. both kernels flipped: the responses are ``-correlate``; their ratio and
     magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway). The results are
-    reused scratch arrays (:func:`_scratch`) of the images' dtype (int16 for 0..255 integer
-    images is exact: no response exceeds 4 · 255).
+    reused scratch arrays (:func:`_scratch`).
     """
     n, h, w = images.shape
-    dt = images.dtype
-    p = _scratch("sobel_pad", (n, h + 2, w + 2), dt)  # zero border, the images inside
+    p = _scratch("sobel_pad", (n, h + 2, w + 2))  # zero border, the images inside
     p[:, 0], p[:, -1], p[:, :, 0], p[:, :, -1] = 0.0, 0.0, 0.0, 0.0
     p[:, 1:-1, 1:-1] = images
     # Both kernels are separable: x = [1, 2, 1]^T ⊗ [-1, 0, 1], y = [1, 0, -1]^T ⊗ [1, 2, 1].
     # Convolution flips them, so out(i, j) = Σ k(u, v) p(i + 2 - u, j + 2 - v).
-    smooth_v = _scratch("sobel_v", (n, h, w + 2), dt)  # p[:, :-2] + 2 p[:, 1:-1] + p[:, 2:]
+    smooth_v = _scratch("sobel_v", (n, h, w + 2))  # p[:, :-2] + 2 p[:, 1:-1] + p[:, 2:]
     np.multiply(p[:, 1:-1], 2, out=smooth_v)
     np.add(p[:, :-2], smooth_v, out=smooth_v)
     smooth_v += p[:, 2:]
-    smooth_h = _scratch("sobel_h", (n, h + 2, w), dt)  # p[:, :, :-2] + 2 p[:, :, 1:-1] + ...
+    smooth_h = _scratch("sobel_h", (n, h + 2, w))  # p[:, :, :-2] + 2 p[:, :, 1:-1] + ...
     np.multiply(p[:, :, 1:-1], 2, out=smooth_h)
     np.add(p[:, :, :-2], smooth_h, out=smooth_h)
     smooth_h += p[:, :, 2:]
-    sx = np.subtract(
-        smooth_v[:, :, :-2], smooth_v[:, :, 2:], out=_scratch("sobel_x", (n, h, w), dt)
-    )
-    sy = np.subtract(smooth_h[:, 2:], smooth_h[:, :-2], out=_scratch("sobel_y", (n, h, w), dt))
+    sx = np.subtract(smooth_v[:, :, :-2], smooth_v[:, :, 2:], out=_scratch("sobel_x", (n, h, w)))
+    sy = np.subtract(smooth_h[:, 2:], smooth_h[:, :-2], out=_scratch("sobel_y", (n, h, w)))
     return sx, sy

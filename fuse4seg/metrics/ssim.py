@@ -23,15 +23,15 @@ def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype, cache=None):
     pixels per side. The crop removes exactly the pixels whose window reaches the border, so
     the Gaussian case is a 'valid' filtering (the banded products of :func:`_valid_filter`,
     float64) of the moment stack VIF filters too (:func:`_source_moments`, two sources); the
-    uniform case keeps skimage's own float32 filter, as the reference values were made with it.
-    Returns ``(μ_F, μ_S, σ_F², σ_S², σ_FS)``, the per-source ones with the source first."""
+    uniform case keeps skimage's own float32 filter, as the reference values were made with
+    it."""
     n = len(srcs)
-    if gaussian:  # filter [A, B, F, A², B², F², AF, BF] row-interleaved (float64)
+    if gaussian:  # filter [A, B, F, A², B², F², AF, BF] (float64, reused scratch arrays)
         if n != 2:
             raise ValueError("the Gaussian SSIM statistics take two sources")
         taps = _gaussian_taps(1.5, 3.5)
         stack = _source_moments(f, srcs[0], srcs[1], cache)
-        filt = _valid_filter(stack, taps, name="ssim_m").transpose(1, 0, 2)  # (8, h, w) view
+        filt = _valid_filter(stack, taps, name="ssim_m")
         uf, us = filt[n], filt[:n]
         vf, vs, vfs = filt[2 * n + 1], filt[n + 1 : 2 * n + 1], filt[2 * n + 2 :]
         tmp = _scratch("ssim_tmp", us.shape)

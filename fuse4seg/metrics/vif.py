@@ -15,12 +15,7 @@ from fuse4seg.metrics.kernels import (
     _scratch,
     _source_moments,
     _valid_filter,
-    _valid_filter_rows,
 )
-
-_VIF_ROWS = 48
-"""Output rows per block of VIF's filtered moments (:func:`_valid_filter_rows`): at 256² a
-block of the first scale's eight moments is 0.7 MB, so its per-pixel terms run in cache."""
 
 _VIF_SIGMA_NSQ = 2.0
 _VIF_EPS = 1e-10
@@ -44,23 +39,21 @@ def _vif_pair(a: np.ndarray, b: np.ndarray, f: np.ndarray, cache=None) -> tuple[
     The reference code's guards, folded: a pixel whose reference is flat (σ_R² < ε), whose
     distorted image is flat (σ_D² < ε) or whose gain is negative ends with g = 0, so it adds
     log(1) = 0 to the numerator (and a flat reference adds 0 to the denominator). Natural
-    logarithms replace log10 (the base cancels in the ratio), each taken of a product of up to
-    :data:`_LOG_GROUP` terms (:func:`_sum_log`). Images are row-interleaved, ``(H, 3, W)``
-    for [A, B, F] (:func:`~fuse4seg.metrics.kernels._valid_filter`)."""
+    logarithms replace log10 (the base cancels in the ratio), each taken of a product of
+    :data:`_LOG_GROUP` terms (:func:`_sum_log`). The first scale filters the moment stack the
+    standard SSIM filters too (:func:`_source_moments`)."""
     num, den = np.zeros(2), np.zeros(2)
-    moments = _source_moments(f, a, b, cache)  # (H, 8, W); its first three rows: A, B, F
-    imgs = None
+    moments = _source_moments(f, a, b, cache)  # (8, H, W); its first three: A, B, F
+    imgs = moments[:3]
     for scale in range(1, 5):
         w = _vif_window(scale)
-        if scale > 1:  # (H, 3, W) -> ((H - n) // 2 + 1, 3, (W - n) // 2 + 1)
-            if imgs is None:
-                imgs = np.ascontiguousarray(moments[:, :3])
+        if scale > 1:  # (3, H, W) -> (3, (H - n) // 2 + 1, (W - n) // 2 + 1)
             imgs = _valid_filter(imgs, w, step=2, name="vif_pyramid")
-            moments = _moments_stack("vif", imgs[:, :2], imgs[:, 2])
-        if min(moments.shape[0], moments.shape[2]) < len(w):
+            moments = _moments_stack("vif", imgs[:2], imgs[2])
+        if min(moments.shape[1:]) < len(w):
             raise ValueError(f"vif: image too small for scale {scale} (need at least 41x41)")
-        for m in _valid_filter_rows(moments, w, name="vif_m", rows=_VIF_ROWS):
-            _vif_terms(m, num, den)
+        m = _valid_filter(moments, w, name="vif_m")
+        _vif_terms(m, num, den)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = num / den
     return float(out[0]), float(out[1])
@@ -73,39 +66,38 @@ so a term is at most about 8.2e3 and a product of 32 at most about 1e125: no ove
 
 
 def _sum_log(x: np.ndarray) -> np.ndarray:
-    """``Σ log x`` over axes 0 and 2 of ``(h, 2, w)`` terms x ≥ 1, as the sum of the logs of
+    """``Σ log x`` over axes 1 and 2 of ``(2, h, w)`` terms x ≥ 1, as the sum of the logs of
     products of :data:`_LOG_GROUP` consecutive rows: 32 times fewer logarithms (the costly
     part of VIF's per-pixel work), at a relative error of the product of ~32 ulp, i.e. about
     1e-14 absolute per logarithm. Falls back to one log per term if a product overflows."""
     with np.errstate(over="ignore"):  # checked just below
-        prods = np.multiply.reduceat(x, np.arange(0, x.shape[0], _LOG_GROUP), axis=0)
+        prods = np.multiply.reduceat(x, np.arange(0, x.shape[1], _LOG_GROUP), axis=1)
     if not np.isfinite(prods).all():  # not expected for images on 0..255
         prods = x
-    return np.log(prods).sum(axis=(0, 2))
+    return np.log(prods).sum(axis=(1, 2))
 
 
 def _vif_terms(m: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
     """Add one scale's numerator and denominator sums to ``num`` and ``den`` (per source),
-    from the filtered moments ``m = [μ_A, μ_B, μ_F, E[A²], E[B²], E[F²], E[AF], E[BF]]``,
-    row-interleaved ``(h, 8, w)``.
+    from the filtered moments ``m = [μ_A, μ_B, μ_F, E[A²], E[B²], E[F²], E[AF], E[BF]]``.
 
     The same arithmetic as the reference code, in place in ``m`` and in reused scratch arrays
     (no fresh temporaries: at these sizes, allocating them costs more than the arithmetic);
     a term the guards drop becomes log(1)."""
-    h, _, w = m.shape
-    tmp = _scratch("vif_tmp", (h, 2, w))
-    g = _scratch("vif_g", (h, 2, w))
-    sv = _scratch("vif_sv", (h, 2, w))
-    live = _bool_scratch("vif_live", (h, 2, w))
-    gained = _bool_scratch("vif_gained", (h, 2, w))
-    busy = _bool_scratch("vif_busy", (h, 1, w))
-    mu1, mu2 = m[:, 0:2], m[:, 2:3]
-    s1, s2, s12 = m[:, 3:5], m[:, 5:6], m[:, 6:8]
+    shape = m.shape[1:]
+    tmp = _scratch("vif_tmp", (2, *shape))
+    g = _scratch("vif_g", (2, *shape))
+    sv = _scratch("vif_sv", (2, *shape))
+    live = _bool_scratch("vif_live", (2, *shape))
+    gained = _bool_scratch("vif_gained", (2, *shape))
+    busy = _bool_scratch("vif_busy", shape)
+    mu1, mu2 = m[0:2], m[2]
+    s1, s2, s12 = m[3:5], m[5], m[6:8]
     np.multiply(mu1, mu1, out=tmp)
     np.subtract(s1, tmp, out=s1)  # σ_R² = E[R²] − μ_R²
     np.maximum(s1, 0, out=s1)
-    np.multiply(mu2, mu2, out=tmp[:, :1])
-    np.subtract(s2, tmp[:, :1], out=s2)  # σ_D²
+    np.multiply(mu2, mu2, out=tmp[0])
+    np.subtract(s2, tmp[0], out=s2)  # σ_D²
     np.maximum(s2, 0, out=s2)
     np.multiply(mu1, mu2, out=tmp)
     np.subtract(s12, tmp, out=s12)  # σ_RD
