@@ -1,7 +1,7 @@
 """Milliseconds per fused image of the fusion metrics (`fuse4seg.metrics.fusion`).
 
     python benchmarks/bench_fusion_metrics.py [--harvard DIR] [--size 256] [--repeats 30]
-        [--before CHECKOUT]
+        [--before CHECKOUT] [--clock wall|cpu]
 
 Times each of the nine metrics alone and all of them together (``fusion_metrics``) for each
 convention, on one 256×256 Harvard MRI-PET test pair when ``--harvard`` is given (F = the
@@ -9,10 +9,14 @@ pixel-wise maximum of A and B), else on a synthetic pair of the same size. Singl
 NumPy/SciPy work; run it with ``OMP_NUM_THREADS=1`` to time one core. Reports the median over
 ``--repeats`` runs.
 
-``--before CHECKOUT`` also loads ``fuse4seg/metrics/fusion.py`` of another checkout (e.g.
-``git worktree add /tmp/before <commit>``) and times both versions in alternation, call by
+``--before CHECKOUT`` also loads ``fuse4seg.metrics.fusion`` (and the modules it imports) of
+another checkout (e.g. ``git worktree add /tmp/before <commit>``, or ``git archive <commit>
+fuse4seg | tar -x -C /tmp/before``) and times both versions in alternation, call by
 call, so that they share the machine's load; each cell is then ``before → after``, and the
-largest relative difference between the two versions' values is printed. ``--device`` is
+largest relative difference between the two versions' values is printed. ``--clock cpu``
+times the thread's CPU time instead of the elapsed time, for a machine whose cores other
+processes share (it leaves out the time they hold the core, not what they do to the caches and
+memory bandwidth). ``--device`` is
 accepted for symmetry with the other benchmarks: the metrics always run on the CPU. Prints a
 Markdown table; copy it into RESULTS.md with the machine's name and load.
 """
@@ -20,7 +24,7 @@ Markdown table; copy it into RESULTS.md with the machine's name and load.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import math
 import os
 import platform
@@ -48,7 +52,7 @@ def _synthetic(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.maximum(a, b), a, b
 
 
-def _median_ms(fns, repeats: int) -> list[float]:
+def _median_ms(fns, repeats: int, clock=time.perf_counter) -> list[float]:
     """Median milliseconds of each function, timed in alternation (one call of each per
     round) after one warm-up call each."""
     for fn in fns:
@@ -56,17 +60,29 @@ def _median_ms(fns, repeats: int) -> list[float]:
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, out in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            out.append(time.perf_counter() - t0)
+            out.append(clock() - t0)
     return [1000 * float(np.median(t)) for t in times]
 
 
 def _load_module(checkout: Path):
-    path = checkout / "fuse4seg" / "metrics" / "fusion.py"
-    spec = importlib.util.spec_from_file_location("fusion_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """``fuse4seg.metrics.fusion`` of another checkout, with the modules it imports
+    (``kernels``, ``ssim``, ``vif``) taken from that checkout too, not from this one."""
+    ours = {k: v for k, v in sys.modules.items() if k == "fuse4seg" or k.startswith("fuse4seg.")}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, str(checkout))
+    try:
+        module = importlib.import_module("fuse4seg.metrics.fusion")
+    finally:
+        sys.path.remove(str(checkout))
+        for k in [k for k in sys.modules if k == "fuse4seg" or k.startswith("fuse4seg.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    path = Path(module.__file__).resolve()
+    if not path.is_relative_to(checkout.resolve()):
+        raise SystemExit(f"--before {checkout}: loaded {path} instead")
     return module
 
 
@@ -77,6 +93,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--before", type=Path, help="another checkout to time alongside")
     parser.add_argument("--device", default="cpu", help="ignored: the metrics run on the CPU")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: this thread's CPU time (time.thread_time), which leaves "
+        "out the time other processes hold the core on a shared, overloaded machine",
+    )
     args = parser.parse_args()
 
     if args.harvard is not None:
@@ -99,18 +122,23 @@ def main() -> None:
                 if not (math.isnan(v) and math.isnan(new[k])):
                     worst = max(worst, abs(new[k] - v) / max(abs(v), 1e-300))
 
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     rows: dict[str, dict[str, list[float]]] = {}
     load = [os.getloadavg()[0]]
     for conv in CONVENTIONS:
         for m in METRICS:
             rows.setdefault(m, {})[conv] = _median_ms(
-                [lambda mod=mod, m=m, conv=conv: mod.fusion_metrics(f, a, b, conv, [m])
-                 for mod in modules],
+                [
+                    lambda mod=mod, m=m, conv=conv: mod.fusion_metrics(f, a, b, conv, [m])
+                    for mod in modules
+                ],
                 args.repeats,
+                clock,
             )
         rows.setdefault("all nine (+ MSE)", {})[conv] = _median_ms(
             [lambda mod=mod, conv=conv: mod.fusion_metrics(f, a, b, conv) for mod in modules],
             args.repeats,
+            clock,
         )
         load.append(os.getloadavg()[0])
 
@@ -118,12 +146,14 @@ def main() -> None:
     print(
         f"\nmachine: {platform.node()} / {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, 1-min load average during the run "
-        f"{min(load):.1f}-{max(load):.1f}; data: {label}; median of {args.repeats}"
+        f"{min(load):.1f}-{max(load):.1f}; data: {label}; median of {args.repeats} "
+        f"({args.clock} clock)"
     )
     print(f"after: {fusion.__file__}")
     if len(modules) == 2:
-        print(f"before: {modules[0].__file__}; largest relative difference of the values: "
-              f"{worst:.1e}")
+        print(
+            f"before: {modules[0].__file__}; largest relative difference of the values: {worst:.1e}"
+        )
     print()
     print("| metric | " + " | ".join(f"{c} (ms)" for c in CONVENTIONS) + " |")
     print("|---|" + "---|" * len(CONVENTIONS))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,14 +68,17 @@ def reference(shared_data):
     return json.loads(path.read_text())
 
 
-def _reference_inputs(shared_data, entry):
+def _reference_inputs(shared_data, entry, sources=None):
     from fuse4seg.data.pairs import read_grey
 
     def local(p):  # "shared/data/harvard/..." -> <shared_data>/harvard/...
         return shared_data / p.split("shared/data/", 1)[1]
 
-    a = read_grey(local(entry["inputs"]["A_path"]))
-    b = read_grey(local(entry["inputs"]["B_path"]))
+    if sources is None:
+        a = read_grey(local(entry["inputs"]["A_path"]))
+        b = read_grey(local(entry["inputs"]["B_path"]))
+    else:
+        a, b = sources
     fused = {
         "F_mean": np.round((a.astype(np.float64) + b) / 2).astype(np.uint8),
         "F_max": np.maximum(a, b),
@@ -112,6 +116,46 @@ def test_reference_values_every_convention(shared_data, reference):
                         bad.append((key, fname, convention, metric, value, got))
     assert checked > 300
     assert not bad, f"{len(bad)} mismatches, first: {bad[:5]}"
+
+
+def _golden_triplets(shared_data):
+    """(pair, fused name, F, A, B) for the reference file's six pairs and two CT-MRI test pairs
+    (which the reference lacks: flat bone and background), with F_mean, F_max and F_A."""
+    from fuse4seg.data.pairs import find_harvard_pairs, load_pair
+
+    path = shared_data.parent / "reference" / "fusion_metrics_reference.json"
+    for key, entry in json.loads(path.read_text())["pairs"].items():
+        a, b, fused = _reference_inputs(shared_data, entry)
+        for fname, f in fused.items():
+            yield key, fname, f, a, b
+    for paths in find_harvard_pairs(shared_data / "harvard", "CT-MRI", "test")[:2]:
+        pair = load_pair(paths)
+        a, b, fused = _reference_inputs(shared_data, None, (pair.a, pair.b))
+        for fname, f in fused.items():
+            yield f"CT-MRI/{pair.name}", fname, f, a, b
+
+
+def test_values_equal_the_code_before_the_speed_work(shared_data, reference):
+    """Issue 9 part 3: the faster code gives the values of the code before it (commit in the
+    file, full float64 precision) to 1e-6 relative on real pairs, in every convention."""
+    before = json.loads((Path(__file__).parent / "data" / "fusion_metrics_before.json").read_text())
+    bad, checked = [], 0
+    for key, fname, f, a, b in _golden_triplets(shared_data):
+        expected = before["values"][f"{key} {fname}"]
+        for convention, values in expected.items():
+            ours = fusion_metrics(f, a, b, convention)
+            assert list(ours) == list(values)
+            for metric, value in values.items():
+                got = ours[metric]
+                checked += 1
+                if value is None:
+                    ok = math.isnan(got)
+                else:
+                    ok = math.isclose(got, value, rel_tol=1e-6, abs_tol=1e-12)
+                if not ok:
+                    bad.append((key, fname, convention, metric, value, got))
+    assert checked > 600
+    assert not bad, f"{len(bad)} changed values, first: {bad[:5]}"
 
 
 # ----------------------------------------------------------------- hand-computed values
@@ -639,3 +683,26 @@ def test_vif_guards_with_flat_regions(rng):
     f[40:50, 40:50] = 255  # saturated block in F
     assert vif(f, a, b) == pytest.approx(_vif_2d(a, f) + _vif_2d(b, f), rel=1e-9)
     assert qabf(f, a, b) == pytest.approx(_qabf_2d(f, a, b), rel=1e-12)
+
+
+def test_qabf_int16_sobel_path_equals_the_float_path(images):
+    """uint8 inputs of fusion_metrics take Q^AB/F's Sobel responses in int16 (exact); the same
+    images as floats take the float64 path: both equal, and equal the 2-D reference."""
+    f, a, b = images
+    fast = fusion_metrics(f, a, b, metrics=["Qabf"])["Qabf"]  # uint8: int16 Sobel
+    slow = fusion_metrics(*(x.astype(np.float64) for x in (f, a, b)), metrics=["Qabf"])["Qabf"]
+    assert fast == pytest.approx(slow, rel=1e-14)
+    assert fast == pytest.approx(_qabf_2d(f, a, b), rel=1e-12)
+    z = np.zeros_like(f)
+    assert math.isnan(fusion_metrics(z, z, z, metrics=["Qabf"])["Qabf"])
+
+
+def test_vif_sum_of_logs_by_products(rng):
+    """VIF's Σ log over products of 32 terms equals the plain sum of logs, also at the largest
+    terms images on 0..255 can give (1 + 127.5² / 2) and past them (the overflow fallback)."""
+    from fuse4seg.metrics.vif import _sum_log
+
+    for top in (2.0, 1 + 127.5**2 / 2, 1e30):
+        x = 1 + (top - 1) * rng.random((2, 75, 31))
+        expected = np.log(x).sum(axis=(1, 2))
+        np.testing.assert_allclose(_sum_log(x), expected, rtol=1e-13)

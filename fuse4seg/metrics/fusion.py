@@ -38,18 +38,23 @@ Pass uint8 images (``to_uint8``) to score exactly what a PNG holds.
 Every value is checked against the reference file of the project's tests (computed by the
 original evaluators) to a relative 1e-4.
 
-Speed (about 2× the straightforward NumPy of the formulas, same values to ~1e-14 relative):
-the Gaussian windows of VIF and the standard SSIM are applied as 'valid' separable filters by
-products with banded matrices (BLAS), float64 throughout; the multi-scale decimation computes
-only the outputs it keeps; the per-pixel work runs in place in work arrays that each thread
-keeps between calls (:func:`_scratch`, some tens of MB for 256² images: fresh arrays of that
-size cost a page fault per 4 KB on every call); Q^AB/F's and VIF's transcendental functions run
-only on the pixels that add a non-zero term; one :func:`fusion_metrics` call shares the grey
-levels and the SSIM statistics between metrics.
+Speed (issue 9; same values to ~1e-14 relative, checked against the code before it by
+``tests/test_fusion_metrics.py``): the Gaussian windows of VIF and the standard SSIM are applied
+as 'valid' separable filters by products with banded matrices (BLAS), float64 (float32 moves
+VIF by 2e-5); the moment stack ``[A, B, F, A², B², F², AF, BF]`` is built once per call and
+filtered by both; VIF's decimation computes only the outputs it keeps and its per-pixel terms
+take one logarithm per 32 terms (of their product); Q^AB/F's Sobel responses are int16 for
+uint8 inputs (exact), and its arctan and exp run, unmasked, on the gathered pixels where a
+source has a gradient; MI looks its ``c ln c`` up in a table; MSE and PSNR share one error;
+the per-pixel work runs in place in work arrays that each thread keeps between calls
+(:func:`_scratch`, some tens of MB for 256² images: on the machines we measured, a fresh array
+of that size can cost a page fault per 4 KB on every call); one :func:`fusion_metrics` call
+shares the grey levels, the moments and the SSIM statistics between metrics.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -230,33 +235,39 @@ def _sf(f: np.ndarray) -> float:
 # --------------------------------------------------------------------------- MI
 
 
-def _joint_mi(x: np.ndarray, y: np.ndarray, log) -> float:
-    """MI of two level images from their 256×256 joint histogram (one bincount), summed over
-    the non-empty bins only (the same terms, in the same order, as over the masked table)."""
-    joint = np.bincount((x * 256 + y).ravel(), minlength=65536)
-    pxy = joint / x.size
-    px, py = pxy.reshape(256, 256).sum(axis=1), pxy.reshape(256, 256).sum(axis=0)
-    nz = np.flatnonzero(joint)
-    p = pxy[nz]
-    outer = px[nz >> 8] * py[nz & 255]
-    return float(np.sum(p * (log(p) - log(outer))))
+@functools.lru_cache(maxsize=8)
+def _xlogx(n: int) -> np.ndarray:
+    """``c · ln c`` for the counts ``c = 0..n`` (0 for 0): MI without a logarithm per bin."""
+    c = np.arange(n + 1, dtype=np.float64)
+    table = np.zeros(n + 1)
+    np.multiply(c[1:], np.log(c[1:]), out=table[1:])
+    table.flags.writeable = False
+    return table
+
+
+def _joint_mi(x: np.ndarray, y: np.ndarray, saturate: bool = False) -> float:
+    """MI in nats of two level images from their 256×256 joint histogram (one bincount):
+    with counts c and N pixels, ``Σ p_xy ln(p_xy / (p_x p_y)) = ln N + (Σ c_xy ln c_xy −
+    Σ c_x ln c_x − Σ c_y ln c_y) / N``, each ``c ln c`` looked up (:func:`_xlogx`). Equal to
+    the sum over the table's cells to ~1e-15. ``saturate``: MATLAB's ``H(X) + H(Y) − H(X, Y)``
+    whose joint histogram (only) puts levels 254 and 255 into one bin (``Hab.m``)."""
+    n = x.size
+    table = _xlogx(n)
+    joint = np.bincount((x * 256 + y).ravel(), minlength=65536).reshape(256, 256)
+    marginals = table[joint.sum(axis=1)].sum() + table[joint.sum(axis=0)].sum()
+    if saturate:  # fold row and column 255 into 254
+        joint[254] += joint[255]
+        joint[:, 254] += joint[:, 255]
+        joint[255] = 0
+        joint[:, 255] = 0
+    return math.log(n) + (table[joint].sum() - marginals) / n
 
 
 def _mi(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
     f, a, b = _cached_levels(f, a, b, cache)
-    log = np.log if convention == "cddfuse" else np.log2
-    if convention != "matlab_tang":
-        return _joint_mi(f, a, log) + _joint_mi(f, b, log)
-    # MATLAB: MI = H(A) + H(F) - H(F, A) with 256-bin marginals and the saturated joint.
-    total = 0.0
-    h_f = _entropy_of_levels(f)
-    fj = np.minimum(f, 254)
-    for s in (a, b):
-        sj = np.minimum(s, 254)
-        joint = np.bincount((fj * 256 + sj).ravel(), minlength=65536) / f.size
-        joint = joint[joint > 0]
-        total += _entropy_of_levels(s) + h_f + float(np.sum(joint * np.log2(joint)))
-    return total
+    saturate = convention == "matlab_tang"
+    nats = _joint_mi(f, a, saturate) + _joint_mi(f, b, saturate)
+    return nats if convention == "cddfuse" else nats / math.log(2)
 
 
 def mutual_information(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
@@ -278,8 +289,18 @@ def mutual_information(fused: Any, a: Any, b: Any, convention: str = "standard")
 # --------------------------------------------------------------------------- MSE, PSNR
 
 
-def _mse(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
+def _mean_square_error(f: np.ndarray, a: np.ndarray, b: np.ndarray, cache=None) -> float:
+    """(mean((A − F)²) + mean((B − F)²)) / 2 on 0..255, once per call (MSE and PSNR)."""
+    if cache is not None and "mse" in cache:
+        return cache["mse"]
     value = 0.5 * (np.mean(np.square(a - f)) + np.mean(np.square(b - f)))
+    if cache is not None:
+        cache["mse"] = value
+    return value
+
+
+def _mse(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
+    value = _mean_square_error(f, a, b, cache)
     return float(value / 255.0**2 if convention == "matlab_tang" else value)
 
 
@@ -288,8 +309,8 @@ def mse(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
     return _mse(*_check_triplet(fused, a, b), _check_convention(convention))
 
 
-def _psnr(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
-    err = 0.5 * (np.mean(np.square(a - f)) + np.mean(np.square(b - f)))
+def _psnr(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
+    err = _mean_square_error(f, a, b, cache)
     with np.errstate(divide="ignore", invalid="ignore"):
         if convention == "standard":
             return float(10 * np.log10(255.0**2 / err))
@@ -320,64 +341,80 @@ _QABF_TA, _QABF_KA, _QABF_DA = 0.9879, -22.0, 0.8
 
 
 def _qabf(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
-    images = _scratch("qabf_in", (3, *f.shape))
+    # Integer images (uint8 inputs of fusion_metrics) take the Sobel responses in int16: exact
+    # (|s| ≤ 4 · 255), and a quarter of float64's memory traffic.
+    exact = cache is not None and "uint8" in cache
+    images = _scratch("qabf_in", (3, *f.shape), np.int16 if exact else np.float64)
+    if exact:
+        f, a, b = cache["uint8"]
     images[0], images[1], images[2] = a, b, f
     sx, sy = _sobel(images)
-    shape = sx.shape
-    g = _scratch("qabf_g", shape)
-    tmp = _scratch("qabf_tmp", shape)
-    np.multiply(sx, sx, out=g)
-    np.multiply(sy, sy, out=tmp)
+    sx, sy = sx.reshape(3, -1), sy.reshape(3, -1)
+    # A pixel weighs g_S in both sums, so only pixels where a source has a gradient add a
+    # term: gather those (a third of a Harvard image: the background is flat) and compute
+    # Q^SF there without masks, in the reference's order of operations, in prefixes of
+    # reused arrays (fresh ones cost a page fault per 4 KB).
+    edge = _bool_scratch("qabf_edge", (2, sx.shape[1]))
+    np.not_equal(sx[:2], 0, out=edge)
+    np.not_equal(sy[:2], 0, out=_bool_scratch("qabf_edge_y", edge.shape))
+    edge |= _bool_scratch("qabf_edge_y", edge.shape)
+    np.logical_or(edge[0], edge[1], out=edge[0])
+    idx = np.flatnonzero(edge[0])
+    if idx.size == 0:
+        return float("nan")  # both sources constant: 0/0
+    size = sx.size
+
+    def work(name: str, rows: int, dtype=np.float64) -> np.ndarray:
+        return _scratch(name, (size,), dtype)[: rows * idx.size].reshape(rows, idx.size)
+
+    gx, gy = work("qabf_gx", 3), work("qabf_gy", 3)  # (3, L): A, B, F at those pixels
+    if exact:
+        gx16, gy16 = work("qabf_gx16", 3, np.int16), work("qabf_gy16", 3, np.int16)
+        np.take(sx, idx, axis=1, out=gx16, mode="clip")  # (mode "raise" buffers ``out``)
+        np.take(sy, idx, axis=1, out=gy16, mode="clip")
+        gx[...], gy[...] = gx16, gy16
+    else:
+        np.take(sx, idx, axis=1, out=gx, mode="clip")
+        np.take(sy, idx, axis=1, out=gy, mode="clip")
+    g = work("qabf_g", 3)
+    tmp = work("qabf_tmp", 3)
+    np.multiply(gx, gx, out=g)
+    np.multiply(gy, gy, out=tmp)
     g += tmp
     np.sqrt(g, out=g)
     g_src, g_f = g[:2], g[2]
     den = float(np.sum(g_src))
-    if den == 0:
-        return float("nan")
-    # A pixel weighs g_S in both sums, so only pixels with g_S > 0 need Q^SF (elsewhere the
-    # reference adds Q · 0 = 0): the divisions, arctan and exp run on those pixels only
-    # (masked ufuncs into reused arrays, so the sums see the reference's terms, zeros included).
-    live = _bool_scratch("qabf_live", shape)  # [g_A > 0, g_B > 0, either]
-    np.greater(g_src, 0, out=live[:2])
-    np.logical_or(live[0], live[1], out=live[2])
-    steep = _bool_scratch("qabf_steep", shape)
-    np.not_equal(sx, 0, out=steep)
-    steep &= live
-    angle = _scratch("qabf_angle", shape)  # arctan(s_y / s_x), π/2 where s_x = 0
-    np.divide(sy, sx, out=tmp, where=steep)
-    angle.fill(math.pi / 2)
-    np.arctan(tmp, out=angle, where=steep)
-    src_live = live[:2]
-    mask = _bool_scratch("qabf_mask", src_live.shape)
-    strength = _scratch("qabf_strength", src_live.shape)
-    np.less(g_src, g_f, out=mask)
-    mask &= src_live
-    np.divide(g_src, g_f, out=strength, where=mask)
-    np.greater(g_src, g_f, out=mask)
-    np.divide(g_f, g_src, out=strength, where=mask)
-    np.equal(g_src, g_f, out=mask)
-    np.copyto(strength, np.broadcast_to(g_f, src_live.shape), where=mask)  # quirk: G = g_F
-    q = _scratch("qabf_q", src_live.shape)  # Γ_g / (1 + e^{k_g (G − D_g)})
-    np.subtract(strength, _QABF_DG, out=q)
+    flat = work("qabf_flat", 3, np.bool_)  # α = arctan(s_y / s_x), π/2 where s_x = 0
+    np.equal(gx, 0, out=flat)
+    np.copyto(gx, 1.0, where=flat)
+    angle = np.divide(gy, gx, out=gy)
+    np.arctan(angle, out=angle)
+    np.copyto(angle, math.pi / 2, where=flat)
+    strength, orient = tmp[:2], work("qabf_orient", 2)
+    np.minimum(g_src, g_f, out=strength)  # G = min / max, and g_F where g_S = g_F (quirk)
+    np.maximum(g_src, g_f, out=orient)
+    with np.errstate(invalid="ignore"):  # 0/0 where g_S = g_F = 0, replaced just below
+        strength /= orient
+    same = flat[:2]
+    np.equal(g_src, g_f, out=same)
+    np.copyto(strength, np.broadcast_to(g_f, g_src.shape), where=same)
+    q = np.subtract(strength, _QABF_DG, out=strength)  # Γ_g / (1 + e^{k_g (G − D_g)})
     q *= _QABF_KG
-    np.exp(q, out=q, where=src_live)
+    np.exp(q, out=q)
     q += 1
-    np.divide(_QABF_TG, q, out=q, where=src_live)
-    orient = strength  # reuse: A = 1 − |α_S − α_F| / (π/2), then Γ_a / (1 + e^{k_a (A − D_a)})
-    np.subtract(angle[:2], angle[2], out=orient)
-    np.abs(orient, out=orient)
+    np.divide(_QABF_TG, q, out=q)
+    np.subtract(angle[:2], angle[2], out=orient)  # A = 1 − |α_S − α_F| / (π/2), then
+    np.abs(orient, out=orient)  # Γ_a / (1 + e^{k_a (A − D_a)})
     orient /= math.pi / 2
     np.subtract(1.0, orient, out=orient)
     orient -= _QABF_DA
     orient *= _QABF_KA
-    np.exp(orient, out=orient, where=src_live)
+    np.exp(orient, out=orient)
     orient += 1
-    np.divide(_QABF_TA, orient, out=orient, where=src_live)
+    np.divide(_QABF_TA, orient, out=orient)
     q *= orient
-    weighted = orient  # reuse: Q^SF · g_S, 0 where g_S = 0
-    weighted.fill(0.0)
-    np.multiply(q, g_src, out=weighted, where=src_live)
-    return float(np.sum(weighted) / den)
+    q *= g_src  # Q^SF · g_S, 0 where g_S = 0
+    return float(np.sum(q) / den)
 
 
 def qabf(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
@@ -436,8 +473,12 @@ def _ssim(f, a, b, convention: str, data_range: float | None = None, cache=None)
         stats = cache[key]
     else:
         stats = _ssim_stats(
-            f, [a, b], gaussian=standard, sample_cov=not standard,
+            f,
+            [a, b],
+            gaussian=standard,
+            sample_cov=not standard,
             dtype=np.float64 if standard else np.float32,
+            cache=cache,
         )
         if cache is not None:
             cache[key] = stats
@@ -471,9 +512,9 @@ def vif(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
 
 
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
-    xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(np.sum(xc * xc)) * float(np.sum(yc * yc)))
-    return float(np.sum(xc * yc)) / den if den != 0 else float("nan")
+    xc, yc = (x - x.mean()).ravel(), (y - y.mean()).ravel()
+    den = math.sqrt(float(np.dot(xc, xc)) * float(np.dot(yc, yc)))  # exactly 0 if constant
+    return float(np.dot(xc, yc)) / den if den != 0 else float("nan")
 
 
 def _scd(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str) -> float:
@@ -497,11 +538,11 @@ _FUNCS = {  # metric -> implementation on checked float64 images, with a per-cal
     "SD": lambda f, a, b, c, k: float(np.std(f)),
     "SF": lambda f, a, b, c, k: _sf(f),
     "MI": _mi,
-    "PSNR": lambda f, a, b, c, k: _psnr(f, a, b, c),
-    "MSE": lambda f, a, b, c, k: _mse(f, a, b, c),
+    "PSNR": _psnr,
+    "MSE": _mse,
     "Qabf": _qabf,
     "SSIM": lambda f, a, b, c, k: _ssim(f, a, b, c, cache=k),
-    "VIF": lambda f, a, b, c, k: _vif(f, a, b, c),
+    "VIF": _vif,
     "SCD": lambda f, a, b, c, k: _scd(f, a, b, c),
 }
 

@@ -6,10 +6,15 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from fuse4seg.metrics.kernels import _gaussian_taps, _moments_stack, _scratch, _valid_filter
+from fuse4seg.metrics.kernels import (
+    _gaussian_taps,
+    _scratch,
+    _source_moments,
+    _valid_filter,
+)
 
 
-def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype):
+def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype, cache=None):
     """Local means, variances and covariances of SSIM(F, S) for each S in ``srcs``, on the
     pixels the evaluators average over (those (window − 1) / 2 or more from the border).
 
@@ -17,15 +22,16 @@ def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype):
     or Gaussian ``σ 1.5, truncate 3.5``), 'reflect' borders, then a crop of (window − 1) / 2
     pixels per side. The crop removes exactly the pixels whose window reaches the border, so
     the Gaussian case is a 'valid' filtering (the banded products of :func:`_valid_filter`,
-    float64); the uniform case keeps skimage's own float32 filter, as the reference values
-    were made with it."""
+    float64) of the moment stack VIF filters too (:func:`_source_moments`, two sources); the
+    uniform case keeps skimage's own float32 filter, as the reference values were made with
+    it."""
     n = len(srcs)
-    if gaussian:  # filter [srcs..., f, srcs², f², srcs·f] (float64, reused scratch arrays)
-        refs = np.stack(srcs).astype(np.float64)
+    if gaussian:  # filter [A, B, F, A², B², F², AF, BF] (float64, reused scratch arrays)
+        if n != 2:
+            raise ValueError("the Gaussian SSIM statistics take two sources")
         taps = _gaussian_taps(1.5, 3.5)
-        win = len(taps)
-        filt = _valid_filter(_moments_stack("ssim", refs, f.astype(np.float64)), taps,
-                             name="ssim_m")
+        stack = _source_moments(f, srcs[0], srcs[1], cache)
+        filt = _valid_filter(stack, taps, name="ssim_m")
         uf, us = filt[n], filt[:n]
         vf, vs, vfs = filt[2 * n + 1], filt[n + 1 : 2 * n + 1], filt[2 * n + 2 :]
         tmp = _scratch("ssim_tmp", us.shape)
