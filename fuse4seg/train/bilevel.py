@@ -27,13 +27,15 @@ Choices where the paper is silent (and why):
   validation collapse at the start of the rollout: ``benchmarks/probe_collapse.py`` restarts
   the rollout from one warmed-up follower under one change at a time, over 3 seeds, on the
   phantom and on six real cases (table in ``benchmarks/RESULTS.md``, chapter 4). Putting x_f on
-  x_avg's intensity range (``model.anchor_range``, on in the ``default`` profile) removes most
-  of the fall; the leader's first updates and the follower's carried-over AdamW moments play no
-  part; a 10× smaller follower learning rate or K = 1 only slow the follower's re-adaptation.
-  Warming up on minmax(x_avg) (``train.warmup_minmax``) or with brightness augmentation
-  (``train.augment``) avoids the change of scale but trains a much weaker follower in the
-  default profile's 240 warm-up steps: per-image min-max takes away the absolute intensity the
-  follower reads tumour classes from.
+  x_avg's intensity range (``model.anchor_range``) prevents the fall to zero; with x_f anchored,
+  the rest of the fall came from the follower's K inner steps on half a batch at the warm-up's
+  high learning rate, which ``train.lr_follower_rollout`` lowers. Both are on in the
+  ``default`` profile and off in ``paper``. The leader's first updates and the follower's
+  carried-over AdamW moments play no part. Warming up on minmax(x_avg)
+  (``train.warmup_minmax``) or with brightness augmentation (``train.augment``) avoids the
+  change of scale but trains a much weaker follower in the default profile's 240 warm-up
+  steps: per-image min-max takes away the absolute intensity the follower reads tumour classes
+  from.
 - The leader's x_f for the inner loop and the follower during the leader step run in ``eval``
   mode: "frozen" networks should not inject dropout noise into the other's update.
 - Cosine schedules without restarts: the follower's over all its updates (warm-up + K per outer
