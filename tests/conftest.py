@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,39 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
     write_phantom_dataset(out, cases=3, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory) -> Path:
+    """The HTML of the ``smoke`` book (``_build/html``), built once per test session.
+
+    ``book/build.py --profile smoke --device cpu`` (what ``make book PROFILE=smoke`` runs), into
+    a tmp folder, with the Harvard and GFP pairs of the shared data when present (as ``make``
+    passes them). The phantom is taken from ``_build/nbval/phantom`` when ``make test`` has
+    already written it there (the same smoke cases), else written in the tmp folder. With
+    ``FUSE4SEG_SMOKE_BOOK=DIR`` an existing smoke build's ``html`` folder is used instead.
+    """
+    given = os.environ.get("FUSE4SEG_SMOKE_BOOK")
+    if given:
+        html = Path(given)
+        assert (html / "index.html").is_file(), f"FUSE4SEG_SMOKE_BOOK={given}: no index.html"
+        return html
+    if not (REPO / "node_modules").is_dir() and shutil.which("npm") is None:
+        pytest.skip("node_modules/ is absent and npm is not installed (needed for MathJax)")
+    build = load_book_build()
+    out = tmp_path_factory.mktemp("smoke-book")
+    phantom = REPO / "_build" / "nbval" / "phantom"
+    if not (phantom.is_dir() and build.phantom_case_count(phantom) == build.phantom_cases("smoke")):
+        phantom = out / "phantom"
+    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(out), "--data-dir", str(phantom)]
+    for option, name in (("--harvard-dir", "harvard"), ("--gfp-dir", "gfp")):
+        if (_shared_data() / name).is_dir():
+            argv += [option, str(_shared_data() / name)]
+    start = time.perf_counter()
+    status = build.main(argv)
+    assert status == 0, f"book/build.py {' '.join(argv)} failed (its output is above)"
+    print(f"smoke book built in {time.perf_counter() - start:.0f} s: {out / 'html'}")
+    return out / "html"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -11,25 +11,18 @@ network even if the book regresses.
 
 from __future__ import annotations
 
-import fcntl
-import functools
-import http.server
 import json
-import os
-import queue
 import shutil
-import signal
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from chromium import CHROMIUM, CHROMIUM_FLAGS, DevTools, assert_offline, serve
 from conftest import load_book_build
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 # Every test here that starts a Jupyter kernel runs on one xdist worker ("kernels" group, with
@@ -111,6 +104,7 @@ def test_repository_toc_lists_the_chapters_in_order():
         "book/03_segmentation_follower",
         "book/04_bilevel_training",
         "book/05_fusion_benchmarks",
+        "book/07_at_scale",
         "book/appendix_fusion_metrics",
         "book/api",
     ]
@@ -382,133 +376,6 @@ def test_a_failing_chapter_stops_the_build_with_its_name(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-class DevTools:
-    """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe``.
-
-    Chromium reads NUL-terminated JSON commands on fd 3 and writes replies and events on fd 4.
-    """
-
-    def __init__(self, flags: list[str], log: Path):
-        # Pipe ends moved to fds >= 10 so that the child's dup2 onto 3 and 4 never has equal
-        # source and target (which would keep close-on-exec set).
-        cmd_read, self._cmd_write = (self._high(fd) for fd in os.pipe())
-        self._reply_read, reply_write = (self._high(fd) for fd in os.pipe())
-        self._log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        # posix_spawn rather than subprocess' preexec_fn: safe while other threads run.
-        self.pid = os.posix_spawn(
-            CHROMIUM,
-            [CHROMIUM, *flags, "--remote-debugging-pipe", "about:blank"],
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, self._log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, self._log_fd, 2),
-                (os.POSIX_SPAWN_DUP2, cmd_read, 3),
-                (os.POSIX_SPAWN_DUP2, reply_write, 4),
-            ],
-        )
-        os.close(cmd_read)
-        os.close(reply_write)
-        self.events: queue.Queue = queue.Queue()
-        self._replies: dict[int, dict] = {}
-        self._ready = threading.Condition()
-        self._next_id = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(self._reply_read, 1 << 16)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\0" in buffer:
-                raw, buffer = buffer.split(b"\0", 1)
-                message = json.loads(raw)
-                with self._ready:
-                    if "id" in message:
-                        self._replies[message["id"]] = message
-                        self._ready.notify_all()
-                    else:
-                        self.events.put(message)
-
-    def send(
-        self,
-        method: str,
-        params: dict | None = None,
-        session: str | None = None,
-        timeout: float = 30.0,
-    ) -> dict:
-        self._next_id += 1
-        ident = self._next_id
-        message = {"id": ident, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        os.write(self._cmd_write, json.dumps(message).encode() + b"\0")
-        with self._ready:
-            if not self._ready.wait_for(lambda: ident in self._replies, timeout):
-                raise TimeoutError(f"no DevTools reply to {method} in {timeout} s")
-            reply = self._replies.pop(ident)
-        if "error" in reply:
-            raise RuntimeError(f"DevTools {method}: {reply['error']}")
-        return reply["result"]
-
-    @staticmethod
-    def _high(fd: int) -> int:
-        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-        os.close(fd)
-        return high
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close", timeout=10)
-        except (OSError, RuntimeError, TimeoutError):
-            pass
-        deadline = time.monotonic() + 20
-        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                break
-            time.sleep(0.1)
-        os.close(self._cmd_write)
-        os.close(self._log_fd)
-        self._reader.join(timeout=5)  # EOF once Chromium is gone
-        if not self._reader.is_alive():
-            os.close(self._reply_read)
-
-
-def _serve(directory: Path) -> http.server.ThreadingHTTPServer:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
-    # Safety net: every host but 127.0.0.1 fails to resolve, so nothing leaves the machine;
-    # the page's attempts still show up as requests below.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-]
-
 PAGE_STATE_JS = """JSON.stringify({
   ready: document.readyState,
   math: document.querySelectorAll("mjx-container").length,
@@ -583,43 +450,12 @@ def test_tiny_book_build_layout(tiny_site):
     assert (tiny_site / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
 
 
-def _assert_offline(url: str, events: list) -> list[str]:
-    """Every request of the page went to 127.0.0.1 and succeeded; returns the URLs."""
-    requested = [
-        e["params"]["request"]["url"]
-        for e in events
-        if e.get("method") == "Network.requestWillBeSent"
-    ]
-    assert url in requested
-    remote = [
-        u
-        for u in requested
-        if urlsplit(u).scheme not in ("data", "blob", "about")
-        and urlsplit(u).hostname not in ("127.0.0.1", "localhost")
-    ]
-    assert remote == [], f"{url} requested non-local URLs: {remote}"
-    failed = [
-        e["params"]["response"]["url"]
-        for e in events
-        if e.get("method") == "Network.responseReceived"
-        and e["params"]["response"]["status"] >= 400
-        and not e["params"]["response"]["url"].endswith("/favicon.ico")
-    ]
-    failed += [
-        e["params"].get("errorText", "?")
-        for e in events
-        if e.get("method") == "Network.loadingFailed" and not e["params"].get("canceled")
-    ]
-    assert failed == [], f"{url}: local requests failed: {failed}"
-    return requested
-
-
 @pytest.mark.slow
 @pytest.mark.browser
 def test_tiny_book_renders_offline_in_chromium(tiny_site, tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium); .ci/run installs it")
-    server = _serve(tiny_site)
+    server = serve(tiny_site)
     host, port = server.server_address[:2]
     try:
         chapter_url = f"http://{host}:{port}/book/01_tiny.html"
@@ -634,9 +470,9 @@ def test_tiny_book_renders_offline_in_chromium(tiny_site, tmp_path):
         server.shutdown()
         server.server_close()
 
-    requested = _assert_offline(chapter_url, chapter_events)
+    requested = assert_offline(chapter_url, chapter_events)
     assert any("/_static/mathjax/output/chtml/fonts/" in u for u in requested)
-    _assert_offline(intro_url, intro_events)
+    assert_offline(intro_url, intro_events)
 
     # MathJax typeset the inline and the display formula (and left none raw).
     assert chapter["math"] >= 2 and chapter["rawMath"] == 0, chapter

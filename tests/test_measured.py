@@ -1,0 +1,57 @@
+"""``benchmarks/measured.json`` holds figures copied from ``benchmarks/RESULTS.md`` (chapter 7
+computes its projections from them): every copied value must be on the RESULTS.md line named as
+its source, so the two files cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# value key -> the key of the RESULTS.md line it is copied from
+VALUE_SOURCES = {
+    "fwd_ms": "source",
+    "fwd_bwd_ms": "source",
+    "peak_mib": "source",
+    "estimate_ms": "source",
+    "outer_step_s": "source",
+    "warmup_step_s": "source",
+    "slices_kept": "source",
+    "prepare_s_per_case": "source",
+    "check_s_per_case": "check_source",
+    "leader_fp32_peak_gb": "leader_fp32_source",
+}
+
+
+def _numbers(line: str) -> set[float]:
+    return {float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?", line)}
+
+
+def _entries(node, path="measured"):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _entries(value, f"{path}.{key}")
+
+
+def test_measured_values_are_copied_from_results():
+    results = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    lines = set(results.splitlines())
+    measured = json.loads((REPO / "benchmarks" / "measured.json").read_text(encoding="utf-8"))
+    checked = 0
+    for path, entry in _entries(measured):
+        for key, value in entry.items():
+            if key.endswith("source"):
+                assert value in lines, f"{path}.{key} is not a line of RESULTS.md: {value!r}"
+            if key in VALUE_SOURCES and isinstance(value, (int, float)):
+                source = entry[VALUE_SOURCES[key]]
+                assert float(value) in _numbers(source), (
+                    f"{path}.{key} = {value} is not on its RESULTS.md line {source!r}"
+                )
+                checked += 1
+    assert checked >= 12
+    assert measured["gpu_outer_step"]["measured"] is False, (
+        "a GPU outer-step figure was measured: record it in RESULTS.md and update chapter 7"
+    )
