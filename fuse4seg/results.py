@@ -326,6 +326,7 @@ def runs_markdown(
 # --------------------------------------------------------------------------------------------
 
 _HEAD = "| NCR Dice | NCR IoU | ED Dice | ED IoU | ET Dice | ET IoU | mean Dice | mean IoU |"
+_RULE = "---|" * 8
 
 
 def _cells(row: Mapping[str, Any]) -> str:
@@ -339,20 +340,20 @@ def _paper_cells(values: Mapping[str, tuple[float, float]]) -> str:
 def table1_markdown(rows: Sequence[Mapping[str, Any]], paper=TABLE1) -> str:
     """Table 1 as Markdown: our methods (:func:`summary_rows`) and the paper's rows, grouped by
     family in the paper's order (fusion + segmentation pipelines, direct multi-channel, the
-    proposed method); the paper's rows are in italics and labelled "the paper reports"."""
+    proposed method) under a bold heading row per family, as the paper's italic headings; the
+    paper's rows are in italics and labelled "the paper reports". Nine columns, so the table
+    fits the book's page (the seeds and runs go in the caption)."""
     ours = {r["name"]: r for r in rows}
-    lines = ["| family | method | seeds " + _HEAD, "|---|---|---|" + "---|" * 8]
+    lines = ["| method " + _HEAD, "|---|" + _RULE]
     families = list(dict.fromkeys([*FAMILIES.values(), *PAPER_FAMILIES.values()]))
     for family in families:
-        for name in TABLE1_ORDER:
-            if FAMILIES[name] == family and name in ours:
-                row = ours[name]
-                lines.append(f"| {family} | **{SPECS[name].label}** (`{name}`) | "
-                             f"{len(row['seeds'])} | {_cells(row)} |")
-        for name, values in paper.items():
-            if PAPER_FAMILIES.get(name) == family:
-                lines.append(f"| {family} | *the paper reports: {name}* | – | "
-                             f"{_paper_cells(values)} |")
+        body = [f"| **{SPECS[name].label}** (`{name}`) | {_cells(ours[name])} |"
+                for name in TABLE1_ORDER if FAMILIES[name] == family and name in ours]
+        body += [f"| *the paper reports: {name}* | {_paper_cells(values)} |"
+                 for name, values in paper.items() if PAPER_FAMILIES.get(name) == family]
+        if body:
+            lines.append(f"| ***{family}*** |" + " |" * 8)
+            lines += body
     return "\n".join(lines)
 
 
@@ -366,18 +367,16 @@ _COMPONENTS = {  # Table 3's ✓/✗ columns: bi-level, L_decomp, L_grad
 
 def table3_markdown(rows: Sequence[Mapping[str, Any]], paper=TABLE3) -> str:
     """Table 3 as Markdown: each variant of ours (:func:`summary_rows` keyed by ablation name)
-    followed by the paper's row for it, in the paper's order (baseline, A, B, full)."""
+    followed by the paper's row for it, in the paper's order (baseline, A, B, full); the
+    components column reads bi-level / L_decomp / L_grad as ✓ or ✗."""
     ours = {r["name"]: r for r in rows}
-    lines = ["| variant | bi-level | L_decomp | L_grad | seeds " + _HEAD,
-             "|---|---|---|---|---|" + "---|" * 8]
+    lines = ["| variant | bi-level / L_decomp / L_grad " + _HEAD, "|---|---|" + _RULE]
     for name in ABLATIONS:
-        marks = " | ".join(_COMPONENTS[name])
+        marks = " ".join(_COMPONENTS[name])
         if name in ours:
-            row = ours[name]
-            lines.append(f"| **{ABLATIONS[name].label}** | {marks} | {len(row['seeds'])} | "
-                         f"{_cells(row)} |")
+            lines.append(f"| **{ABLATIONS[name].label}** | {marks} | {_cells(ours[name])} |")
         if name in paper:
-            lines.append(f"| *the paper reports: {ABLATIONS[name].label}* | {marks} | – | "
+            lines.append(f"| *the paper reports: {name}* | {marks} | "
                          f"{_paper_cells(paper[name])} |")
     return "\n".join(lines)
 
@@ -506,13 +505,18 @@ def predict_slices(
 
 
 def figure3(slices: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
-            title: str = "", size: float = 2.3):
-    """Figure 3: per row a test slice; FLAIR with the ground truth, then each method's labels
-    on the same FLAIR (NCR red, ED green, ET yellow; the orientation of chapters 1–3).
+            title: str = "", ncols: int = 4, size: float = 2.8):
+    """Figure 3: for each test slice, FLAIR, the ground truth, then each method's labels on the
+    same FLAIR (NCR red, ED green, ET yellow; the orientation of chapters 1–3), ``ncols``
+    panels per row (a slice may take several rows), so the panels stay large enough to read.
+
+    Predicted labels are shown inside the brain only (where x1 or x2 is non-zero: the cache's
+    slices are 0 outside the brain), as evaluation masks them
+    (:func:`fuse4seg.inference.predict_volume`).
 
     Args:
         slices: :func:`pick_slices`.
-        predictions: ``{column title: labels (N, S, S)}``.
+        predictions: ``{panel title: labels (N, S, S)}``.
 
     Returns:
         The matplotlib figure.
@@ -521,17 +525,23 @@ def figure3(slices: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarr
 
     from fuse4seg.plotting import overlay_labels, show
 
-    n, cols = len(slices["x2"]), 2 + len(predictions)
-    fig, axes = plt.subplots(n, cols, figsize=(size * cols, size * n + 0.6), squeeze=False)
+    n, panels = len(slices["x2"]), 2 + len(predictions)
+    per_slice = -(-panels // ncols)
+    fig, axes = plt.subplots(n * per_slice, ncols, figsize=(size * ncols,
+                             size * n * per_slice + 0.6), squeeze=False)
     for r in range(n):
-        x2, seg = slices["x2"][r], slices["seg"][r]
-        show(axes[r, 0], x2, f"FLAIR\n{slices['case_id'][r]}, z={slices['slice_index'][r]}",
-             vmin=0, vmax=1)
-        overlay_labels(x2, seg, ax=axes[r, 1], title="ground truth" if r == 0 else None)
-        for c, (name, labels) in enumerate(predictions.items(), start=2):
-            overlay_labels(x2, labels[r], ax=axes[r, c], title=name if r == 0 else None)
+        x1, x2, seg = slices["x1"][r], slices["x2"][r], slices["seg"][r]
+        brain = (x1 > 0) | (x2 > 0)
+        axs = axes[r * per_slice : (r + 1) * per_slice].ravel()
+        case = f"{slices['case_id'][r]}, slice {slices['slice_index'][r]}"
+        show(axs[0], x2, f"FLAIR\n{case}", vmin=0, vmax=1)
+        overlay_labels(x2, seg, ax=axs[1], title=f"ground truth\n{case}")
+        for ax, (name, labels) in zip(axs[2:], predictions.items(), strict=False):
+            overlay_labels(x2, np.where(brain, labels[r], 0), ax=ax, title=name)
+        for ax in axs[panels:]:
+            ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -541,7 +551,7 @@ def feature_maps(
     slices: Mapping[str, np.ndarray],
     index: int = 0,
     layers: Sequence[str] = ("enc.0", "enc.1"),
-    per_layer: int = 3,
+    per_layer: int = 2,
     device: str = "cpu",
 ) -> list[tuple[str, np.ndarray]]:
     """Hidden feature maps of a run's follower on one slice (§4.3's "black box").
@@ -600,10 +610,10 @@ def feature_maps(
 
 def figure4(slices: Mapping[str, np.ndarray], x_f: np.ndarray | None,
             maps: Sequence[tuple[str, np.ndarray]], index: int = 0, title: str = "",
-            size: float = 2.6):
-    """Figure 4: top row the inputs, x_avg, Fuse4Seg's x_f and the labels of one slice; bottom row
-    hidden feature maps of a multi-channel follower on the same slice (each with its own
-    colour range: they have no physical unit).
+            ncols: int = 4, size: float = 3.0):
+    """Figure 4: top row T1ce, FLAIR, the fixed x_avg and Fuse4Seg's x_f of one slice; the rows
+    below: hidden feature maps of a multi-channel follower on the same slice (each with its
+    own colour range: they have no physical unit), ``ncols`` panels per row.
 
     Args:
         slices: :func:`pick_slices`; ``index`` picks the slice.
@@ -615,28 +625,29 @@ def figure4(slices: Mapping[str, np.ndarray], x_f: np.ndarray | None,
     """
     import matplotlib.pyplot as plt
 
-    from fuse4seg.plotting import overlay_labels, show
+    from fuse4seg.plotting import show
 
-    cols = max(5, len(maps))
-    fig, axes = plt.subplots(2, cols, figsize=(size * cols, 2 * size + 0.8), squeeze=False)
-    x1, x2, seg = slices["x1"][index], slices["x2"][index], slices["seg"][index]
-    show(axes[0, 0], x1, "T1ce x1", vmin=0, vmax=1)
-    show(axes[0, 1], x2, "FLAIR x2", vmin=0, vmax=1)
-    show(axes[0, 2], 0.5 * (x1 + x2), "x_avg (fixed rule)", vmin=0, vmax=1)
+    ncols = max(ncols, 4)  # the top row's four images
+    rows = 1 + -(-len(maps) // ncols)
+    fig, axes = plt.subplots(rows, ncols, figsize=(size * ncols, size * rows + 0.6),
+                             squeeze=False)
+    x1, x2 = slices["x1"][index], slices["x2"][index]
+    top = [(x1, "T1ce x1"), (x2, "FLAIR x2"), (0.5 * (x1 + x2), "x_avg (fixed rule)")]
+    for ax, (image, name) in zip(axes[0], top, strict=False):
+        show(ax, image, name, vmin=0, vmax=1)
     if x_f is not None:
         show(axes[0, 3], x_f[index], "Fuse4Seg x_f\n(what its follower reads)", vmin=0, vmax=1)
     else:
         axes[0, 3].text(0.5, 0.5, "no Fuse4Seg run", ha="center", va="center")
         axes[0, 3].set_axis_off()
-    overlay_labels(x2, seg, ax=axes[0, 4], title=f"ground truth\n{slices['case_id'][index]}")
-    for c in range(5, cols):
-        axes[0, c].set_axis_off()
-    for c in range(cols):
-        if c < len(maps):
-            show(axes[1, c], maps[c][1], maps[c][0], cmap="magma")
+    for ax in axes[0, 4:]:
+        ax.set_axis_off()
+    for i, ax in enumerate(axes[1:].ravel()):
+        if i < len(maps):
+            show(ax, maps[i][1], maps[i][0], cmap="magma")
         else:
-            axes[1, c].set_axis_off()
+            ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

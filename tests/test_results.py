@@ -70,14 +70,18 @@ def _all_methods():
 def test_table1_is_in_the_papers_order_with_the_papers_rows_beside():
     text = R.table1_markdown(R.summary_rows(_all_methods()))
     lines = text.splitlines()
-    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
-    labels = [line.split("|")[2].strip() for line in lines[2:]]
-    ours = [label for label in labels if not label.startswith("*the paper")]
+    assert {line.count("|") for line in lines} == {10}  # nine columns on every row
+    labels = [line.split("|")[1].strip() for line in lines[2:]]
+    headings = [label for label in labels if label.startswith("***")]
+    assert headings == ["***fixed-rule fusion + seg.***", "***disjoint fusion + seg.***",
+                        "***direct multi-channel***", "***bi-level (proposed)***"]
+    ours = [label for label in labels if label.startswith("**") and label not in headings]
     assert [o.split("`")[1] for o in ours] == list(R.TABLE1_ORDER)
     paper = [label for label in labels if label.startswith("*the paper reports: ")]
     assert [p.removeprefix("*the paper reports: ").rstrip("*") for p in paper] == list(TABLE1)
-    # each family: our rows, then the paper's; the proposed method last, with its paper row
+    # each family: its heading, our rows, then the paper's; the proposed method last
     assert labels.index(ours[2]) < labels.index("*the paper reports: DDFM + Seg*")
+    assert labels.index("***direct multi-channel***") < labels.index(ours[3])
     assert labels[-2].endswith("(`fuse4seg`)") and labels[-1].endswith("Fuse4Seg*")
     assert "*0.910*" in lines[-1]  # the paper's mean Dice, in italics
 
@@ -85,20 +89,23 @@ def test_table1_is_in_the_papers_order_with_the_papers_rows_beside():
 def test_table1_leaves_out_methods_not_run():
     text = R.table1_markdown(R.summary_rows({"fuse4seg": _all_methods()["fuse4seg"]}))
     assert "`average`" not in text and "`fuse4seg`" in text
+    assert "fixed-rule" not in text  # a family with no row has no heading
     assert text.count("the paper reports") == len(TABLE1)
 
 
 def test_table3_puts_each_papers_row_under_ours():
     runs = {a: [_seed("fuse4seg", 0, {"c1": (0.3, 0.3, 0.3)})] for a in ("baseline", "A", "B",
                                                                         "full")}
-    lines = R.table3_markdown(R.summary_rows(runs)).splitlines()[2:]
+    lines = R.table3_markdown(R.summary_rows(runs)).splitlines()
+    assert {line.count("|") for line in lines} == {11}
+    lines = lines[2:]
     assert len(lines) == 8
     for ours, paper, name in zip(lines[::2], lines[1::2], TABLE3, strict=True):
-        assert "the paper reports" not in ours and "the paper reports" in paper
-        assert ours.split("|")[2:5] == paper.split("|")[2:5]  # the same ✓/✗ components
+        assert "the paper reports" not in ours and f"the paper reports: {name}" in paper
+        assert ours.split("|")[2] == paper.split("|")[2]  # the same ✓/✗ components
         assert f"*{TABLE3[name]['mean'][0]:.3f}*" in paper
-    assert lines[0].split("|")[2:5] == [" ✗ ", " ✗ ", " ✗ "]
-    assert lines[-1].split("|")[2:5] == [" ✓ ", " ✓ ", " ✓ "]
+    assert lines[0].split("|")[2].strip() == "✗ ✗ ✗"
+    assert lines[-1].split("|")[2].strip() == "✓ ✓ ✓"
 
 
 def test_per_case_table_and_mismatched_cases():
