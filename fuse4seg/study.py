@@ -8,6 +8,8 @@ goes through two functions:
 - :func:`train_seeds` trains one method once per seed (``train.seed``: initial weights, batch
   order, rollout splits) on the same data split and scores every test case of every seed
   (:func:`fuse4seg.inference.evaluate_run`: 3-D Dice per case at the input's resolution);
+- :func:`evaluate_cached` keeps that evaluation in the run folder (``test.json``), keyed by the
+  code, the checkpoint and the data, so a reused run is not scored again;
 - :func:`paired_difference` gives the mean difference of two methods' per-case mean Dice, paired
   by (seed, test case), with a 95 % bootstrap interval that resamples **test cases and seeds**
   (a two-level bootstrap: cases are the unit the claim is about, seeds the training noise), and
@@ -33,7 +35,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_CASES", "SeedResult", "case_scores", "paired_difference", "train_seeds", "verdict"]
+__all__ = [
+    "MIN_CASES",
+    "SeedResult",
+    "case_scores",
+    "evaluate_cached",
+    "evaluation_key",
+    "paired_difference",
+    "train_seeds",
+    "verdict",
+]
 
 
 @dataclass
@@ -74,7 +85,8 @@ def train_seeds(
     """Train ``method`` (or a Table 3 ``ablation``) once per seed and score its test cases.
 
     Finished runs are reused (``resume=True``; a run folder made by other package code is
-    trained again unless ``restart_if_code_changed`` is false), so a second call trains nothing.
+    trained again unless ``restart_if_code_changed`` is false), and so are their test scores
+    (:func:`evaluate_cached`), so a second call trains and scores nothing.
 
     Returns:
         One :class:`SeedResult` per seed, in ``seeds`` order.
@@ -83,7 +95,6 @@ def train_seeds(
         ValueError: no seeds, or a repeated seed.
     """
     from fuse4seg.config import get_config
-    from fuse4seg.inference import evaluate_run
     from fuse4seg.train.runs import flatten
     from fuse4seg.train.trainer import train
 
@@ -99,13 +110,86 @@ def train_seeds(
         )
         test = None
         try:
-            test = evaluate_run(run.run_dir, data, split="test", device=device or "auto")
+            test = evaluate_cached(run.run_dir, data, split="test", device=device or "auto")
         except ValueError as exc:  # no test case in this split
             if "no cases" not in str(exc):
                 raise
         name = method if ablation is None else f"ablation {ablation}"
         results.append(SeedResult(name, seed, run.run_dir, run.best, test))
     return results
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def evaluation_key(run_dir: str | Path, data: str | Path, split: str = "test",
+                   which: str = "best") -> dict[str, Any]:
+    """What an evaluation of a run depends on, as :func:`evaluate_cached` stores it.
+
+    ``code``: this package's :func:`~fuse4seg.utils.code_digest` (the evaluation code; a run
+    trained by other code is also retrained by ``train_seeds``, which empties its folder);
+    ``checkpoint``: the name and SHA-256 of the checkpoint scored (a run that trained on
+    changes it); ``data``: the data folder and the SHA-256 of its prepared manifest (cases,
+    split, settings, source checksums) when it is a cache, else the run's recorded one;
+    ``split`` and ``which``.
+    """
+    from fuse4seg.inference import _checkpoint_path
+    from fuse4seg.train.runs import data_checksum, read_run_json
+    from fuse4seg.utils import code_digest
+
+    run_dir, data = Path(run_dir), Path(data)
+    checkpoint = _checkpoint_path(run_dir, which)
+    if (data / "manifest.json").is_file():
+        checksum = data_checksum(data)
+    else:
+        checksum = read_run_json(run_dir).get("data_checksum")
+    return {
+        "code": code_digest(),
+        "checkpoint": checkpoint.name,
+        "checkpoint_sha256": _file_sha256(checkpoint),
+        "data": str(data.resolve()),
+        "data_checksum": checksum,
+        "split": split,
+        "which": which,
+    }
+
+
+def evaluate_cached(run_dir: str | Path, data: str | Path, split: str = "test",
+                    device: str = "auto", which: str = "best") -> dict[str, Any]:
+    """:func:`fuse4seg.inference.evaluate_run` of a run folder, kept in ``RUN/<split>.json``.
+
+    The file holds ``{"key": evaluation_key(...), "result": ...}``; it is reused only when its
+    key equals the key of this call (same code, same checkpoint bytes, same data, split and
+    checkpoint choice), otherwise the run is scored again and the file rewritten (atomically).
+    The device is not part of the key: it changes scores by float noise only.
+
+    Raises:
+        ValueError: as :func:`~fuse4seg.inference.evaluate_run` (e.g. a split with no cases).
+    """
+    import json
+
+    from fuse4seg.inference import evaluate_run
+    from fuse4seg.utils import atomic_write_json
+
+    run_dir = Path(run_dir)
+    key = evaluation_key(run_dir, data, split, which)
+    path = run_dir / f"{split}.json"
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["result"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    result = evaluate_run(run_dir, data, split=split, which=which, device=device)
+    atomic_write_json(path, {"key": key, "result": result})
+    return result
 
 
 def paired_difference(

@@ -104,6 +104,7 @@ def test_repository_toc_lists_the_chapters_in_order():
         "book/03_segmentation_follower",
         "book/04_bilevel_training",
         "book/05_fusion_benchmarks",
+        "book/06_results",
         "book/07_at_scale",
         "book/appendix_fusion_metrics",
         "book/api",

@@ -66,6 +66,8 @@ EXPECTED: dict[str, dict[str, int]] = {
     "book/04_bilevel_training": {"tables": 6, "images": 2, "math": 0},
     # without pairs: the metrics of trivial fusions and the paper's Table 2; one figure
     "book/05_fusion_benchmarks": {"tables": 2, "images": 1, "math": 0},
+    # Table 1, Table 3, per-case Dice, the paired differences; Figures 3 and 4
+    "book/06_results": {"tables": 4, "images": 2, "math": 0},
     # cache sizes, profiles, networks, CPU step, projection; the projection's formula
     "book/07_at_scale": {"tables": 5, "images": 0, "math": 1},
     "book/appendix_fusion_metrics": {"tables": 3, "images": 0, "math": 10},

@@ -1,0 +1,653 @@
+"""The paper's comparisons from run folders: Tables 1 and 3, per-case scores, Figures 3 and 4.
+
+Chapter 6 (``book/06_results.md``) calls these functions; nothing in it is typed by hand:
+
+- :func:`collect` trains (or reuses) every method of Table 1 and every variant of Table 3 once
+  per seed with :func:`fuse4seg.study.train_seeds`, and scores each on the test split (kept in
+  the run folder, :func:`fuse4seg.study.evaluate_cached`);
+- :func:`summary_rows` reduces the seeds of each method to mean ± sd of NCR, ED, ET and mean
+  Dice and IoU; :func:`table1_markdown` and :func:`table3_markdown` lay those rows out in the
+  paper's order with the paper's numbers beside them, labelled "the paper reports";
+- :func:`per_case_markdown` gives the per-test-case mean Dice the paired intervals are built
+  from, and :func:`compare` the paired differences (:func:`fuse4seg.study.paired_difference`);
+- :func:`pick_slices`, :func:`predict_slices`, :func:`figure3` draw each method's segmentation
+  beside the ground truth on the same test slices; :func:`feature_maps` and :func:`figure4`
+  draw §4.3's comparison: Fuse4Seg's x_f beside hidden feature maps of the ``direct2ch``
+  follower on the same slice.
+
+Choices: the spread over seeds is the sample standard deviation (``ddof=1``) and is not shown
+for one seed (one run has no spread); a method's Table 1 "mean" is the paper's Mean Dice / IoU,
+the mean over NCR, ED and ET of the per-case means (:func:`fuse4seg.metrics.segmentation
+.tumour_mean`); Table 3's ``full`` variant is the ``fuse4seg`` method itself (same config, same
+run folder), so it is reused, never trained twice. Figures use the prepared cache's test slices
+at the networks' input resolution (the scores use whole volumes at the input's resolution).
+
+Explained in chapter 6 (``book/06_results.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fuse4seg.paper import TABLE1, TABLE3
+from fuse4seg.study import SeedResult, case_scores, paired_difference
+from fuse4seg.train.methods import ABLATIONS, METHODS, SPECS
+
+__all__ = [
+    "FAMILIES",
+    "PAPER_FAMILIES",
+    "REGIONS",
+    "TABLE1_ORDER",
+    "checkpoint_stamps",
+    "collect",
+    "compare",
+    "feature_maps",
+    "figure3",
+    "figure4",
+    "format_mean_sd",
+    "mean_sd",
+    "per_case_markdown",
+    "per_case_table",
+    "predict_slices",
+    "run_ids",
+    "runs_markdown",
+    "scale_note",
+    "seed_scores",
+    "shared_cache",
+    "summary_rows",
+    "table1_markdown",
+    "table3_markdown",
+    "pick_slices",
+]
+
+REGIONS = ("NCR", "ED", "ET", "mean")
+"""Table 1 and 3 columns: the three tumour classes and their mean."""
+
+TABLE1_ORDER = ("average", "max", "disjoint_ae", "direct2ch", "monai_unet", "fuse4seg")
+"""Our methods in the paper's order of families (fusion + segmentation pipelines, direct
+multi-channel segmentation, the proposed method)."""
+
+FAMILIES = {
+    "average": "fixed-rule fusion + seg.",
+    "max": "fixed-rule fusion + seg.",
+    "disjoint_ae": "disjoint fusion + seg.",
+    "direct2ch": "direct multi-channel",
+    "monai_unet": "direct multi-channel",
+    "fuse4seg": "bi-level (proposed)",
+}
+"""Which family of Table 1 each method belongs to (the paper has no fixed-rule row)."""
+
+PAPER_FAMILIES = {
+    **{name: "disjoint fusion + seg." for name in list(TABLE1)[:6]},
+    **{name: "direct multi-channel" for name in list(TABLE1)[6:10]},
+    "Fuse4Seg": "bi-level (proposed)",
+}
+"""The family of each row of the paper's Table 1 (its italic section headings)."""
+
+
+def shared_cache(cache_dir: str | Path, profile: str) -> Path:
+    """The prepared slice cache chapters 4 and 6 share: ``CACHE_DIR/ch04-<profile>``.
+
+    A run folder's name hashes the cache's manifest, so chapter 6 finds chapter 4's runs only
+    when it trains on the same cache; both chapters call this function.
+    """
+    return Path(cache_dir) / f"ch04-{profile}"
+
+
+PAPER_SCALE_CASES = 1000
+"""Fewer cases than this (BraTS 2021 has 1,251 training cases) and a run is a small-scale
+check, whatever its profile."""
+
+
+def scale_note(data_label: str, n_cases: int, profile: str) -> str:
+    """One plain sentence on what data and scale the chapter ran on and what that supports.
+
+    Args:
+        data_label: :func:`fuse4seg.book.data_label` of the data.
+        n_cases: the number of cases in the prepared cache.
+        profile: the config profile.
+    """
+    if "phantom" in data_label:
+        return (
+            f"These numbers come from the synthetic {data_label} with the `{profile}` profile: "
+            "they show that every method, table and figure runs end to end, and rank nothing; "
+            "this does not reproduce the paper's BraTS 2021 result."
+        )
+    if profile != "paper" or n_cases < PAPER_SCALE_CASES:
+        return (
+            f"These numbers come from {data_label} with the `{profile}` profile: a small run, "
+            "far from the paper's BraTS 2021 experiment (1,251 cases, the `paper` profile), so "
+            "it does not reproduce the paper's result."
+        )
+    return (
+        f"These numbers come from {data_label} with the `paper` profile, the scale of the "
+        "paper's BraTS 2021 experiment; the seeds and intervals below say how far they carry."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training and scoring
+# --------------------------------------------------------------------------------------------
+
+
+def collect(
+    config,
+    data: str | Path,
+    runs_dir: str | Path,
+    methods: Sequence[str] = METHODS,
+    ablations: Sequence[str] = tuple(ABLATIONS),
+    seeds: Sequence[int] = (0,),
+    device: str | None = None,
+    on_start=None,
+) -> tuple[dict[str, list[SeedResult]], dict[str, list[SeedResult]]]:
+    """Train (or reuse) and score every method and ablation variant over ``seeds``.
+
+    Args:
+        config: the resolved config (chapter 4's: the same config finds the same run folders).
+        data: the prepared cache (or raw folder) the runs train on.
+        runs_dir: the runs folder.
+        methods: Table 1 methods (:data:`fuse4seg.train.methods.METHODS`).
+        ablations: Table 3 variants (:data:`fuse4seg.train.methods.ABLATIONS`); a variant
+            without loss switches on a method already in ``methods`` (``full`` = ``fuse4seg``)
+            reuses that method's results.
+        seeds: ``train.seed`` values.
+        device: passed to the trainer (``None`` = the config's).
+        on_start: called with ``(name, seeds)`` before each method or variant (a progress line).
+
+    Returns:
+        ``(by_method, by_ablation)``: ``{name: [SeedResult per seed]}`` in the order given.
+
+    Raises:
+        ValueError: an unknown method or variant (the message lists the valid ones).
+    """
+    from fuse4seg.study import train_seeds
+    from fuse4seg.train.methods import get_ablation, get_method
+
+    for m in methods:
+        get_method(m)
+    for a in ablations:
+        get_ablation(a)
+    by_method: dict[str, list[SeedResult]] = {}
+    for m in methods:
+        if on_start:
+            on_start(m, list(seeds))
+        by_method[m] = train_seeds(config, m, data, runs_dir, seeds, device=device)
+    by_ablation: dict[str, list[SeedResult]] = {}
+    for a in ablations:
+        variant = ABLATIONS[a]
+        if not variant.overrides and variant.method in by_method:
+            by_ablation[a] = [
+                dataclasses.replace(r, method=f"ablation {a}") for r in by_method[variant.method]
+            ]
+            continue
+        if on_start:
+            on_start(f"ablation {a}", list(seeds))
+        by_ablation[a] = train_seeds(config, variant.method, data, runs_dir, seeds,
+                                     ablation=a, device=device)
+    return by_method, by_ablation
+
+
+def seed_scores(result: SeedResult) -> dict[str, tuple[float, float]]:
+    """``{region: (Dice, IoU)}`` of one seed's test evaluation, for NCR, ED, ET and the mean.
+
+    Raises:
+        ValueError: the seed has no test evaluation (a split without test cases).
+    """
+    if not result.test:
+        raise ValueError(f"{result.method}, seed {result.seed}: no test evaluation")
+    mean = result.test["mean"]
+    scores = {r: (float(mean[r]["dice"]), float(mean[r]["iou"])) for r in REGIONS[:3]}
+    scores["mean"] = (float(result.test["mean_dice"]), float(result.test["mean_iou"]))
+    return scores
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (``ddof=1``); the sd is ``None`` for one value.
+
+    Raises:
+        ValueError: no values.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("mean_sd: no values")
+    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
+
+
+def format_mean_sd(value: tuple[float, float | None] | float, digits: int = 3) -> str:
+    """``"0.512 ± 0.034"``, or ``"0.512"`` without an sd."""
+    mean, sd = value if isinstance(value, tuple) else (value, None)
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def summary_rows(
+    results: Mapping[str, Sequence[SeedResult]], order: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per method: mean ± sd over seeds of each region's test Dice and IoU.
+
+    Args:
+        results: ``{name: [SeedResult per seed]}`` (:func:`collect`).
+        order: the names in the order wanted (default: ``results``' order); names not in
+            ``results`` are skipped.
+
+    Returns:
+        ``[{"name", "seeds", "runs", "NCR_dice": (mean, sd), "NCR_iou": ..., ...,
+        "mean_dice", "mean_iou"}]``; ``sd`` is ``None`` for a single seed.
+
+    Raises:
+        ValueError: a method with no seeds or a seed without a test evaluation.
+    """
+    names = [n for n in (order or list(results)) if n in results]
+    rows = []
+    for name in names:
+        seeds = list(results[name])
+        if not seeds:
+            raise ValueError(f"{name}: no seeds")
+        per_seed = [seed_scores(r) for r in seeds]
+        row: dict[str, Any] = {
+            "name": name,
+            "seeds": [r.seed for r in seeds],
+            "runs": [r.run_dir.name for r in seeds],
+        }
+        for region in REGIONS:
+            for i, key in enumerate(("dice", "iou")):
+                row[f"{region}_{key}"] = mean_sd([s[region][i] for s in per_seed])
+        rows.append(row)
+    return rows
+
+
+def run_ids(results: Mapping[str, Sequence[SeedResult]]) -> str:
+    """``"name: run, run; name: run"`` for a caption."""
+    return "; ".join(
+        f"{name}: {', '.join(f'`{r.run_dir.name}`' for r in seeds)}"
+        for name, seeds in results.items()
+    )
+
+
+def checkpoint_stamps(runs_dir: str | Path) -> dict[str, int]:
+    """``{run folder name: mtime (ns) of checkpoints/last.pt}`` of a runs folder; compared
+    before and after :func:`collect`, it tells the runs trained now from the runs reused."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return {}
+    return {
+        p.parent.parent.name: p.stat().st_mtime_ns
+        for p in runs_dir.glob("*/checkpoints/last.pt")
+    }
+
+
+def runs_markdown(
+    groups: Sequence[Mapping[str, Sequence[SeedResult]]],
+    before: Mapping[str, int],
+    after: Mapping[str, int],
+) -> tuple[str, dict[str, Any]]:
+    """The run folders behind the tables: one row per distinct folder, with its epochs, its
+    recorded training time (``elapsed_s`` of the last ``metrics.jsonl`` row) and whether this
+    call trained it (its ``last.pt`` is new or changed between ``before`` and ``after``,
+    :func:`checkpoint_stamps`) or reused it.
+
+    Returns:
+        ``(markdown, {"runs", "trained", "seconds", "trained_seconds"})``.
+    """
+    from fuse4seg.train.runs import read_metrics
+
+    lines = ["| method / variant | seed | run | epochs | training time | this build |",
+             "|---|---|---|---|---|---|"]
+    seen: dict[Path, str] = {}
+    totals = {"runs": 0, "trained": 0, "seconds": 0.0, "trained_seconds": 0.0}
+    for group in groups:
+        for name, seeds in group.items():
+            for r in seeds:
+                if r.run_dir in seen:
+                    lines.append(f"| {name} | {r.seed} | `{r.run_dir.name}` | | | same run "
+                                 f"as {seen[r.run_dir]} |")
+                    continue
+                seen[r.run_dir] = name
+                rows = read_metrics(r.run_dir)
+                elapsed = float(rows[-1].get("elapsed_s", 0.0)) if rows else 0.0
+                key = r.run_dir.name
+                trained = key in after and before.get(key) != after[key]
+                totals["runs"] += 1
+                totals["seconds"] += elapsed
+                if trained:
+                    totals["trained"] += 1
+                    totals["trained_seconds"] += elapsed
+                lines.append(f"| {name} | {r.seed} | `{key}` | {len(rows)} | {elapsed:.0f} s | "
+                             f"{'trained' if trained else 'reused'} |")
+    return "\n".join(lines), totals
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+_HEAD = "| NCR Dice | NCR IoU | ED Dice | ED IoU | ET Dice | ET IoU | mean Dice | mean IoU |"
+_RULE = "---|" * 8
+
+
+def _cells(row: Mapping[str, Any]) -> str:
+    return " | ".join(format_mean_sd(row[f"{r}_{k}"]) for r in REGIONS for k in ("dice", "iou"))
+
+
+def _paper_cells(values: Mapping[str, tuple[float, float]]) -> str:
+    return " | ".join(f"*{values[r][i]:.3f}*" for r in REGIONS for i in (0, 1))
+
+
+def table1_markdown(rows: Sequence[Mapping[str, Any]], paper=TABLE1) -> str:
+    """Table 1 as Markdown: our methods (:func:`summary_rows`) and the paper's rows, grouped by
+    family in the paper's order (fusion + segmentation pipelines, direct multi-channel, the
+    proposed method) under a bold heading row per family, as the paper's italic headings; the
+    paper's rows are in italics and labelled "the paper reports". Nine columns, so the table
+    fits the book's page (the seeds and runs go in the caption)."""
+    ours = {r["name"]: r for r in rows}
+    lines = ["| method " + _HEAD, "|---|" + _RULE]
+    families = list(dict.fromkeys([*FAMILIES.values(), *PAPER_FAMILIES.values()]))
+    for family in families:
+        body = [f"| **{SPECS[name].label}** (`{name}`) | {_cells(ours[name])} |"
+                for name in TABLE1_ORDER if FAMILIES[name] == family and name in ours]
+        body += [f"| *the paper reports: {name}* | {_paper_cells(values)} |"
+                 for name, values in paper.items() if PAPER_FAMILIES.get(name) == family]
+        if body:
+            lines.append(f"| ***{family}*** |" + " |" * 8)
+            lines += body
+    return "\n".join(lines)
+
+
+_COMPONENTS = {  # Table 3's ✓/✗ columns: bi-level, L_decomp, L_grad
+    "baseline": ("✗", "✗", "✗"),
+    "A": ("✓", "✗", "✗"),
+    "B": ("✓", "✓", "✗"),
+    "full": ("✓", "✓", "✓"),
+}
+
+
+def table3_markdown(rows: Sequence[Mapping[str, Any]], paper=TABLE3) -> str:
+    """Table 3 as Markdown: each variant of ours (:func:`summary_rows` keyed by ablation name)
+    followed by the paper's row for it, in the paper's order (baseline, A, B, full); the
+    components column reads bi-level / L_decomp / L_grad as ✓ or ✗."""
+    ours = {r["name"]: r for r in rows}
+    lines = ["| variant | bi-level / L_decomp / L_grad " + _HEAD, "|---|---|" + _RULE]
+    for name in ABLATIONS:
+        marks = " ".join(_COMPONENTS[name])
+        if name in ours:
+            lines.append(f"| **{ABLATIONS[name].label}** | {marks} | {_cells(ours[name])} |")
+        if name in paper:
+            lines.append(f"| *the paper reports: {name}* | {marks} | "
+                         f"{_paper_cells(paper[name])} |")
+    return "\n".join(lines)
+
+
+def per_case_table(
+    results: Mapping[str, Sequence[SeedResult]],
+) -> tuple[list[str], list[tuple[str, int, list[float]]]]:
+    """Per-test-case mean Dice (over NCR, ED, ET) of every method and seed.
+
+    Returns:
+        ``(cases, [(name, seed, [score per case])])``.
+
+    Raises:
+        ValueError: a seed without test scores, or methods/seeds scored on different cases
+            (the paired comparison needs the same cases everywhere).
+    """
+    cases: list[str] | None = None
+    rows = []
+    for name, seeds in results.items():
+        for r in seeds:
+            if not r.test:
+                raise ValueError(f"{name}, seed {r.seed}: no test evaluation")
+            scores = case_scores(r.test)
+            if cases is None:
+                cases = sorted(scores)
+            elif sorted(scores) != cases:
+                raise ValueError(
+                    f"{name}, seed {r.seed}: scored on cases {sorted(scores)}, others on {cases}"
+                )
+            rows.append((name, r.seed, [scores[c] for c in cases]))
+    return cases or [], rows
+
+
+def per_case_markdown(results: Mapping[str, Sequence[SeedResult]]) -> str:
+    """:func:`per_case_table` as Markdown: a row per method and seed, a column per test case
+    and the mean over cases."""
+    cases, rows = per_case_table(results)
+    lines = ["| method | seed | " + " | ".join(cases) + " | mean |",
+             "|---|---|" + "---|" * (len(cases) + 1)]
+    for name, seed, values in rows:
+        lines.append(f"| `{name}` | {seed} | " + " | ".join(f"{v:.3f}" for v in values)
+                     + f" | {np.mean(values):.3f} |")
+    return "\n".join(lines)
+
+
+def compare(
+    results: Mapping[str, Sequence[SeedResult]],
+    reference: str = "fuse4seg",
+    against: Sequence[str] = ("average", "disjoint_ae"),
+    n_boot: int = 10_000,
+) -> list[dict[str, Any]]:
+    """Paired differences of ``reference`` against each of ``against``
+    (:func:`fuse4seg.study.paired_difference`: per-case mean Dice, paired by seed and case,
+    bootstrap over both, and its one-sentence verdict).
+
+    Returns:
+        ``[{"a", "b", "mean", "low", "high", ..., "verdict"}]``; a pair with a method missing
+        from ``results`` is left out.
+
+    Raises:
+        ValueError: seeds or cases that differ between the two methods.
+    """
+    out = []
+    for other in against:
+        if reference not in results or other not in results:
+            continue
+        a = {r.seed: r.per_case for r in results[reference]}
+        b = {r.seed: r.per_case for r in results[other]}
+        names = (SPECS[reference].label if reference in SPECS else reference,
+                 f"`{other}`")
+        diff = paired_difference(a, b, n_boot=n_boot, names=names)
+        out.append({"a": reference, "b": other, **diff})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Figures 3 and 4
+# --------------------------------------------------------------------------------------------
+
+
+def pick_slices(cache: str | Path, n: int = 3, split: str = "test") -> dict[str, np.ndarray]:
+    """The slice with the most tumour of each of the first ``n`` cases of ``split`` (cases
+    ordered by that slice's tumour area, largest first), from the prepared cache.
+
+    Returns:
+        ``{"x1", "x2": (N, S, S) float32, "seg": (N, S, S) uint8, "case_id": (N,) str,
+        "slice_index": (N,) int}``.
+
+    Raises:
+        ValueError: the split has no slices.
+    """
+    from fuse4seg.data.slices import SliceDataset
+
+    dataset = SliceDataset(cache, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{cache}: no {split} slices")
+    picks = []
+    for case_index in range(len(dataset.case_ids)):
+        items = dataset.slices_of(case_index)
+        areas = [int((dataset[int(i)]["seg"] > 0).sum()) for i in items]
+        best = int(np.argmax(areas))
+        picks.append((areas[best], int(items[best])))
+    picks = sorted(picks, key=lambda p: -p[0])[:n]
+    items = [dataset[i] for _, i in picks]
+    return {
+        "x1": np.stack([it["x1"][0].numpy() for it in items]),
+        "x2": np.stack([it["x2"][0].numpy() for it in items]),
+        "seg": np.stack([it["seg"].numpy().astype(np.uint8) for it in items]),
+        "case_id": np.array([it["case_id"] for it in items]),
+        "slice_index": np.array([it["slice_index"] for it in items]),
+    }
+
+
+def predict_slices(
+    run_dir: str | Path, slices: Mapping[str, np.ndarray], device: str = "auto"
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Fuse and segment ``slices`` (:func:`pick_slices`) with a run's best checkpoint.
+
+    Returns:
+        ``(x_f (N, S, S) or None for the 2-channel methods, labels (N, S, S) uint8)``.
+    """
+    from fuse4seg.inference import load_bundle, segment_slices
+
+    bundle = load_bundle(run_dir, device=device)
+    return segment_slices(bundle, slices["x1"], slices["x2"])
+
+
+def figure3(slices: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
+            title: str = "", ncols: int = 4, size: float = 2.8):
+    """Figure 3: for each test slice, FLAIR, the ground truth, then each method's labels on the
+    same FLAIR (NCR red, ED green, ET yellow; the orientation of chapters 1–3), ``ncols``
+    panels per row (a slice may take several rows), so the panels stay large enough to read.
+
+    Predicted labels are shown inside the brain only (where x1 or x2 is non-zero: the cache's
+    slices are 0 outside the brain), as evaluation masks them
+    (:func:`fuse4seg.inference.predict_volume`).
+
+    Args:
+        slices: :func:`pick_slices`.
+        predictions: ``{panel title: labels (N, S, S)}``.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from fuse4seg.plotting import overlay_labels, show
+
+    n, panels = len(slices["x2"]), 2 + len(predictions)
+    per_slice = -(-panels // ncols)
+    fig, axes = plt.subplots(n * per_slice, ncols, figsize=(size * ncols,
+                             size * n * per_slice + 0.6), squeeze=False)
+    for r in range(n):
+        x1, x2, seg = slices["x1"][r], slices["x2"][r], slices["seg"][r]
+        brain = (x1 > 0) | (x2 > 0)
+        axs = axes[r * per_slice : (r + 1) * per_slice].ravel()
+        case = f"{slices['case_id'][r]}, slice {slices['slice_index'][r]}"
+        show(axs[0], x2, f"FLAIR\n{case}", vmin=0, vmax=1)
+        overlay_labels(x2, seg, ax=axs[1], title=f"ground truth\n{case}")
+        for ax, (name, labels) in zip(axs[2:], predictions.items(), strict=False):
+            overlay_labels(x2, np.where(brain, labels[r], 0), ax=ax, title=name)
+        for ax in axs[panels:]:
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def feature_maps(
+    run_dir: str | Path,
+    slices: Mapping[str, np.ndarray],
+    index: int = 0,
+    layers: Sequence[str] = ("enc.0", "enc.1"),
+    per_layer: int = 2,
+    device: str = "cpu",
+) -> list[tuple[str, np.ndarray]]:
+    """Hidden feature maps of a run's follower on one slice (§4.3's "black box").
+
+    Forward hooks on the follower's modules ``layers`` (names of ``named_modules()``; the
+    default: the two highest-resolution encoder stages of the ConvNeXt U-Net) keep their
+    outputs; of each, the ``per_layer`` channels with the largest spatial standard deviation
+    (the most structured maps) are returned.
+
+    Returns:
+        ``[(title, (h, w) array)]``, ``per_layer`` per layer.
+
+    Raises:
+        ValueError: a layer name the follower does not have.
+    """
+    import torch
+
+    from fuse4seg.fusion_baselines import RULES
+    from fuse4seg.inference import load_bundle
+    from fuse4seg.train.methods import get_method
+
+    bundle = load_bundle(run_dir, device=device)
+    modules = dict(bundle.follower.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise ValueError(f"feature_maps: the follower has no module {missing}")
+    kept: dict[str, torch.Tensor] = {}
+    hooks = [
+        modules[name].register_forward_hook(
+            lambda _m, _i, out, name=name: kept.__setitem__(name, out.detach())
+        )
+        for name in layers
+    ]
+    x1 = torch.from_numpy(np.ascontiguousarray(slices["x1"][index : index + 1]))[:, None]
+    x2 = torch.from_numpy(np.ascontiguousarray(slices["x2"][index : index + 1]))[:, None]
+    x1, x2 = x1.float().to(bundle.device), x2.float().to(bundle.device)  # (1, 1, S, S)
+    try:
+        with torch.no_grad():
+            if bundle.leader is not None:
+                x_in, _ = bundle.leader(x1, x2)
+            else:
+                x_in = RULES[get_method(bundle.method).rule](x1, x2)
+            bundle.follower(x_in)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    maps = []
+    for name in layers:
+        fmap = kept[name][0].float().cpu().numpy()  # (C, h, w)
+        order = np.argsort(-fmap.reshape(fmap.shape[0], -1).std(axis=1), kind="stable")
+        for ch in order[:per_layer]:
+            maps.append((f"{name}, channel {int(ch)}\n{fmap.shape[1]}×{fmap.shape[2]}",
+                         fmap[ch]))
+    return maps
+
+
+def figure4(slices: Mapping[str, np.ndarray], x_f: np.ndarray | None,
+            maps: Sequence[tuple[str, np.ndarray]], index: int = 0, title: str = "",
+            ncols: int = 4, size: float = 3.0):
+    """Figure 4: top row T1ce, FLAIR, the fixed x_avg and Fuse4Seg's x_f of one slice; the rows
+    below: hidden feature maps of a multi-channel follower on the same slice (each with its
+    own colour range: they have no physical unit), ``ncols`` panels per row.
+
+    Args:
+        slices: :func:`pick_slices`; ``index`` picks the slice.
+        x_f: ``(N, S, S)`` fused images of that slice set (``None``: the panel says so).
+        maps: :func:`feature_maps`.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from fuse4seg.plotting import show
+
+    ncols = max(ncols, 4)  # the top row's four images
+    rows = 1 + -(-len(maps) // ncols)
+    fig, axes = plt.subplots(rows, ncols, figsize=(size * ncols, size * rows + 0.6),
+                             squeeze=False)
+    x1, x2 = slices["x1"][index], slices["x2"][index]
+    top = [(x1, "T1ce x1"), (x2, "FLAIR x2"), (0.5 * (x1 + x2), "x_avg (fixed rule)")]
+    for ax, (image, name) in zip(axes[0], top, strict=False):
+        show(ax, image, name, vmin=0, vmax=1)
+    if x_f is not None:
+        show(axes[0, 3], x_f[index], "Fuse4Seg x_f\n(what its follower reads)", vmin=0, vmax=1)
+    else:
+        axes[0, 3].text(0.5, 0.5, "no Fuse4Seg run", ha="center", va="center")
+        axes[0, 3].set_axis_off()
+    for ax in axes[0, 4:]:
+        ax.set_axis_off()
+    for i, ax in enumerate(axes[1:].ravel()):
+        if i < len(maps):
+            show(ax, maps[i][1], maps[i][0], cmap="magma")
+        else:
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
