@@ -367,14 +367,15 @@ _COMPONENTS = {  # Table 3's ✓/✗ columns: bi-level, L_decomp, L_grad
 
 def table3_markdown(rows: Sequence[Mapping[str, Any]], paper=TABLE3) -> str:
     """Table 3 as Markdown: each variant of ours (:func:`summary_rows` keyed by ablation name)
-    followed by the paper's row for it, in the paper's order (baseline, A, B, full); the
-    components column reads bi-level / L_decomp / L_grad as ✓ or ✗."""
+    followed by the paper's row for it, in the paper's order (baseline, A, B, full), labelled
+    by name (the chapter's prose says what each is); the components column reads bi-level,
+    L_decomp, L_grad as ✓ or ✗. Ten columns, so the table fits the book's page."""
     ours = {r["name"]: r for r in rows}
-    lines = ["| variant | bi-level / L_decomp / L_grad " + _HEAD, "|---|---|" + _RULE]
+    lines = ["| variant | bi-level, L_decomp, L_grad " + _HEAD, "|---|---|" + _RULE]
     for name in ABLATIONS:
         marks = " ".join(_COMPONENTS[name])
         if name in ours:
-            lines.append(f"| **{ABLATIONS[name].label}** | {marks} | {_cells(ours[name])} |")
+            lines.append(f"| **{name}** | {marks} | {_cells(ours[name])} |")
         if name in paper:
             lines.append(f"| *the paper reports: {name}* | {marks} | "
                          f"{_paper_cells(paper[name])} |")
@@ -542,7 +543,7 @@ def figure3(slices: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarr
             ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.0)  # room for the titles of the second row of a slice
     return fig
 
 
