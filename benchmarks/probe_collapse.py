@@ -238,10 +238,7 @@ def main() -> None:
             print("\n".join(summarise(name, results)))
         return
     base = parse_overrides(args.set)
-    candidates = args.candidates or [
-        c for c in CANDIDATES
-        if c != "warm_jitter" or "augment" in get_config(args.profile).train.__dataclass_fields__
-    ]
+    candidates = args.candidates or CANDIDATES
     if args.threads:
         torch.set_num_threads(args.threads)
     lines, everything = [], {}

@@ -122,6 +122,16 @@ class DevTools:
         os.close(fd)
         return high
 
+    def page_session(self) -> str:
+        """A new blank tab with network and page events on; returns its session id."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        self.send("Network.enable", session=session)
+        self.send("Page.enable", session=session)
+        return session
+
     def close(self) -> None:
         try:
             self.send("Browser.close", timeout=10)

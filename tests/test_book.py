@@ -393,12 +393,7 @@ def _load_page(url: str, tmp: Path, expect_math: int, expect_sliders: int) -> tu
         [*CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}"], tmp / "chromium.log"
     )
     try:
-        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"
-        ]
-        browser.send("Network.enable", session=session)
-        browser.send("Page.enable", session=session)
+        session = browser.page_session()
         browser.send("Page.navigate", {"url": url}, session=session)
         state: dict = {}
         deadline = time.monotonic() + 60

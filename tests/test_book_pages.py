@@ -225,12 +225,7 @@ def test_smoke_book_pages_render_in_chromium(request, tmp_path):
     states: dict[str, dict] = {}
     problems: list[str] = []
     try:
-        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"
-        ]
-        browser.send("Network.enable", session=session)
-        browser.send("Page.enable", session=session)
+        session = browser.page_session()
         browser.send(
             "Emulation.setDeviceMetricsOverride",
             {
