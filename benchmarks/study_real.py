@@ -39,13 +39,21 @@ BEGIN, END = "<!-- study_real:begin -->", "<!-- study_real:end -->"
 
 
 def link_cases(folders: list[Path], into: Path) -> list[str]:
-    """Link every case folder under ``folders`` into ``into``; returns the case ids."""
+    """Link every case folder under ``folders`` into ``into``; returns the case ids.
+
+    Every layout but MSD keeps a case in a folder of its own (:func:`fuse4seg.data.find.
+    find_cases`), which is linked whole; an MSD folder's cases share ``imagesTr/`` and cannot
+    be mixed this way (an error says so).
+    """
     from fuse4seg.data.find import find_cases
 
     into.mkdir(parents=True, exist_ok=True)
     ids = []
     for folder in folders:
         for case in find_cases(folder):
+            if case.layout == "msd":
+                raise SystemExit(f"--data {folder}: an MSD folder (imagesTr/) cannot be mixed "
+                                 "with other layouts here; give its cases as case folders")
             source = Path(next(p for p in case.paths.values() if p is not None)).parent
             target = into / source.name
             if target.exists():

@@ -241,6 +241,31 @@ def test_run_folder_is_found_again_and_not_overwritten(phantom_cache, tmp_path):
     assert other.run_dir != first.run_dir
 
 
+def test_a_finished_run_is_reused_from_its_files_without_building_a_model(
+    phantom_cache, tmp_path, monkeypatch
+):
+    import fuse4seg.train.trainer as trainer_module
+
+    config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
+    first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
+    done = json.loads((first.run_dir / "run.json").read_text())["finished"]
+    assert done["epochs"] == 1 and done["best"] == first.best
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a finished run built a Trainer")
+
+    monkeypatch.setattr(trainer_module, "Trainer", no_trainer)
+    again = train(config, "average", data=phantom_cache, out=tmp_path, resume=True, progress=False)
+    assert again.run_dir == first.run_dir and again.best == first.best
+    assert again.metrics == first.metrics
+    # without the record (a run stopped before its end) the Trainer is built to continue it
+    info = json.loads((first.run_dir / "run.json").read_text())
+    del info["finished"]
+    (first.run_dir / "run.json").write_text(json.dumps(info))
+    with pytest.raises(AssertionError, match="built a Trainer"):
+        train(config, "average", data=phantom_cache, out=tmp_path, resume=True, progress=False)
+
+
 def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):
     config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
     first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)

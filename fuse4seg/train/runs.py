@@ -209,6 +209,32 @@ def read_run_json(run_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
+def mark_finished(run_dir: str | Path, epochs: int, best: dict[str, Any] | None) -> None:
+    """Record in ``run.json`` that the run trained all ``epochs`` (its last checkpoint is saved)
+    and its best validation, so :func:`finished_run` can reuse it without loading anything."""
+    record = read_run_json(run_dir)
+    record["finished"] = {
+        "epochs": int(epochs),
+        "best": best,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(Path(run_dir) / "run.json", record)
+
+
+def finished_run(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``finished`` record of a run that trained to the end with this package's code
+    (:func:`mark_finished`; same :func:`~fuse4seg.utils.code_digest`, ``last.pt`` present),
+    else ``None``."""
+    run_dir = Path(run_dir)
+    info = read_run_json(run_dir)
+    done = info.get("finished")
+    if not done or info.get("code") != code_digest():
+        return None
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        return None
+    return done
+
+
 def check_code(run_dir: Path, restart: bool, quiet: bool = False) -> bool:
     """Compare the run's recorded code digest with this package's.
 

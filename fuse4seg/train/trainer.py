@@ -315,6 +315,8 @@ class Trainer:
                 self._end_epoch(epoch, stage, started, callback)
         finally:
             bar.close()
+        if self.is_main:
+            runs.mark_finished(self.run_dir, self.total_epochs, self.best)
         barrier()
         return TrainResult(self.run_dir, list(self.history), self.best, True, self.notes)
 
@@ -378,7 +380,8 @@ def train(
             folder, prepared into ``cache`` or ``out/cache-<hash>``.
         out: the runs folder.
         resume: continue from ``checkpoints/last.pt`` of the matching run folder (a finished run
-            returns at once). Without it an existing run folder with checkpoints is an error.
+            returns at once, from ``run.json``'s ``finished`` record, without building a model).
+            Without it an existing run folder with checkpoints is an error.
         checkpoint_every_steps: also checkpoint every N outer steps.
         ablation: ``"baseline"``, ``"A"``, ``"B"`` or ``"full"`` (Table 3).
         device: overrides ``config.train.device``.
@@ -429,6 +432,9 @@ def train(
     barrier()  # rank 0 may have moved the folder away
     if failure is not None:
         raise failure
+    if resume and world_size == 1 and (done := runs.finished_run(run_dir)) is not None:
+        # a finished run of this code: its files say everything; build no model, load nothing
+        return TrainResult(run_dir, runs.read_metrics(run_dir), done["best"], True)
     if last.exists() and not resume:
         raise ValueError(
             f"{run_dir} already holds a run; pass --resume to continue it (or delete the folder)"
