@@ -2,17 +2,22 @@
 
     python benchmarks/learning_curves.py [--data phantom|DIR] [--profile default]
         [--methods average fuse4seg] [--seeds 0 1 2] [--out benchmarks/learning_curves.json]
-        [--set NAME=VALUE ...]
+        [--set NAME=VALUE ...] [--workdir DIR] [--threads N]
 
 Trains each method once per seed with the profile, validating after **every** epoch
 (``train.val_every=1``; everything else as the profile says), and writes per epoch the stage,
 the follower's training loss L_lower and the validation mean Dice over NCR, ED and ET, plus the
-wall time of each run, the machine and the commit, to a JSON file that chapter 4 plots.
+time of each run (its own clock: training plus the validation of every epoch, so more than the
+profile's run, which validates every 5th), the machine and the commit, to a JSON file that
+chapter 4 plots. With ``--workdir`` the runs persist and are reused: two calls side by side
+(``--methods average --threads 1`` and ``--methods fuse4seg --threads 1``) share the two cores,
+and a last call with every method gathers the finished runs into one report.
 
-Printed: per method, the validation mean Dice at the end of each quarter of training (mean ±
-sd over seeds), and the plateau test of issue 10: the change of the validation Dice over the
-last quarter of the epochs (mean over seeds), against the seed-to-seed sd at the end. A change
-within the sd is a plateau.
+Printed (:func:`fuse4seg.curves.summary_markdown`): per method, the validation mean Dice at the
+end of each quarter of training (mean ± sd over seeds), the plateau test of issue 10 (the change
+of the validation Dice over the last quarter of the epochs, mean over seeds, against the
+seed-to-seed sd at the end; a change within the sd is a plateau) and the stage-change targets
+(:mod:`fuse4seg.curves`). Chapter 4 plots the JSON (:func:`fuse4seg.curves.plot_learning_curves`).
 
 Data: the book's phantom for the profile (written in a temporary folder) unless ``--data``
 names a NIfTI folder or a prepared cache. Not a timing benchmark, but the per-run times it
@@ -26,12 +31,10 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
 from fuse4seg.config import get_config, parse_overrides
+from fuse4seg.curves import curve, plateau, rollout_targets, summary_markdown
 from fuse4seg.train.runs import cpu_name
 
 
@@ -43,46 +46,6 @@ def commit() -> str:
         return "unknown"
 
 
-def curve(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
-    return [
-        {"epoch": r["epoch"], "stage": r["stage"], "L_lower": r.get("L_lower"),
-         "val": r["val"]["mean_dice"] if "val" in r else None, "elapsed_s": r.get("elapsed_s")}
-        for r in rows
-    ]
-
-
-def plateau(curves: list[list[dict]]) -> dict:
-    """The change of val. Dice over the last quarter of epochs against the seed-to-seed sd."""
-    vals = np.array([[r["val"] for r in c] for c in curves], dtype=float)  # seeds x epochs
-    n = vals.shape[1]
-    start = n - max(1, n // 4) - 1  # the epoch a quarter of the run before the end
-    change = vals[:, -1] - vals[:, start]
-    sd = float(vals[:, -1].std(ddof=1)) if len(curves) > 1 else float("nan")
-    return {"from_epoch": start + 1, "to_epoch": n, "change_mean": float(change.mean()),
-            "change_per_seed": change.tolist(), "sd_end": sd,
-            "plateau": bool(abs(change.mean()) <= sd) if len(curves) > 1 else None}
-
-
-def rollout_targets(curves: list[list[dict]]) -> dict | None:
-    """Issue 10's targets at the stage change: L_lower(first rollout epoch) / L_lower(last
-    warm-up epoch) ≤ 1.15, and no rollout validation below the last warm-up validation by more
-    than the seed-to-seed sd (of the last warm-up validation)."""
-    ratios, drops, warm_vals = [], [], []
-    for c in curves:
-        warm = [r for r in c if r["stage"] == "warmup"]
-        roll = [r for r in c if r["stage"] == "rollout"]
-        if not warm or not roll:
-            return None
-        ratios.append(roll[0]["L_lower"] / warm[-1]["L_lower"])
-        warm_vals.append(warm[-1]["val"])
-        drops.append(warm[-1]["val"] - min(r["val"] for r in roll))
-    sd = float(np.std(warm_vals, ddof=1)) if len(curves) > 1 else float("nan")
-    return {"loss_ratio": ratios, "drop": drops, "sd_warm": sd,
-            "loss_ok": bool(max(ratios) <= 1.15), "drop_ok": bool(max(drops) <= sd)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="phantom")
@@ -91,18 +54,27 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE overrides")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/learning_curves.json"))
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the phantom and the run folders here (default: a temporary "
+                             "folder); finished runs in it are reused, so several calls (one "
+                             "per method, say) can share the work and a last call gathers all")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
+    import torch
+
     from fuse4seg.book import data_label, phantom_cases, prepare_phantom
     from fuse4seg.train.trainer import train
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = {**parse_overrides(args.set), "train.val_every": 1}
     report = {"profile": args.profile, "overrides": args.set, "commit": commit(),
               "cpu": cpu_name(), "cores": os.cpu_count(), "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        work = args.workdir or Path(tmp)
         data = args.data
         if data == "phantom":
-            data = tmp / "phantom"
+            data = work / "phantom"
             prepare_phantom(data, phantom_cases(args.profile))
         report["data"] = data_label(data)
         for method in args.methods:
@@ -110,14 +82,18 @@ def main() -> None:
             for seed in args.seeds:
                 cfg = get_config(args.profile, {**overrides, "train.seed": seed})
                 load0 = os.getloadavg()[0]
-                t0 = time.perf_counter()
-                result = train(cfg, method, data=data, out=tmp / "runs", progress=False,
-                               device="cpu")
-                seconds = time.perf_counter() - t0
-                runs.append({"seed": seed, "seconds": round(seconds, 1), "load_before": load0,
-                             "load_after": os.getloadavg()[0], "curve": curve(result.run_dir)})
-                print(f"{method} seed {seed}: {seconds:.0f} s, final val "
-                      f"{runs[-1]['curve'][-1]['val']:.3f}", flush=True)
+                result = train(cfg, method, data=data, out=work / "runs", progress=False,
+                               device="cpu", resume=True, restart_if_code_changed=True)
+                info = json.loads((result.run_dir / "run.json").read_text())
+                c = curve(result.run_dir)
+                # the run's own clock (training and the validation of every epoch), so a
+                # reused run reports the time it took when it was trained
+                runs.append({"seed": seed, "seconds": c[-1]["elapsed_s"],
+                             "threads": info.get("threads"), "load_before": load0,
+                             "load_after": os.getloadavg()[0], "run": result.run_dir.name,
+                             "curve": c})
+                print(f"{method} seed {seed}: {c[-1]['elapsed_s']:.0f} s, final val "
+                      f"{c[-1]['val']:.3f}", flush=True)
             curves = [r["curve"] for r in runs]
             report["methods"][method] = {"runs": runs, "plateau": plateau(curves),
                                          "rollout": rollout_targets(curves)}
@@ -128,30 +104,7 @@ def main() -> None:
 
     print(f"\n{report['data']}; profile {args.profile} {args.set}; seeds {args.seeds}; "
           f"commit {report['commit']}; {report['cpu']}, {report['cores']} cores\n")
-    for method, entry in report["methods"].items():
-        t = entry["rollout"]
-        if t:
-            print(f"{method}: L_lower first rollout / last warm-up epoch per seed "
-                  f"{[round(r, 3) for r in t['loss_ratio']]} (target ≤ 1.15: "
-                  f"{'met' if t['loss_ok'] else 'not met'}); val. drop from the last warm-up "
-                  f"to the lowest rollout epoch {[round(d, 3) for d in t['drop']]} against the "
-                  f"seed sd {t['sd_warm']:.3f} ({'met' if t['drop_ok'] else 'not met'})")
-    print()
-    print("| method | s per run | val. Dice at 1/4 | 1/2 | 3/4 | end | change over last 1/4 "
-          "| sd at end | plateau |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for method, entry in report["methods"].items():
-        vals = np.array([[r["val"] for r in run["curve"]] for run in entry["runs"]])
-        n = vals.shape[1]
-        cells = []
-        for q in (n // 4, n // 2, 3 * n // 4, n):
-            col = vals[:, q - 1]
-            cells.append(f"{col.mean():.3f} ± {col.std(ddof=1) if len(col) > 1 else 0:.3f}")
-        p = entry["plateau"]
-        secs = np.mean([r["seconds"] for r in entry["runs"]])
-        print(f"| {method} | {secs:.0f} | " + " | ".join(cells)
-              + f" | {p['change_mean']:+.3f} (epochs {p['from_epoch']}→{p['to_epoch']}) "
-              f"| {p['sd_end']:.3f} | {'yes' if p['plateau'] else 'no'} |")
+    print(summary_markdown(report))
 
 
 if __name__ == "__main__":

@@ -181,24 +181,20 @@ def _read_page(browser: DevTools, session: str, url: str, expect: dict) -> tuple
 
 
 def _screenshot(browser: DevTools, session: str, height: int, path: Path) -> None:
-    # the clip is taken from the scrolled viewport's origin: start from the page's top left
-    _evaluate(browser, session, "window.scrollTo(0, 0); true")
-    shot = browser.send(
-        "Page.captureScreenshot",
-        {
-            "format": "png",
-            "captureBeyondViewport": True,
-            "clip": {
-                "x": 0,
-                "y": 0,
-                "width": SCREEN_WIDTH,
-                "height": max(SCREEN_HEIGHT, min(height, MAX_SHOT_HEIGHT)),
-                "scale": 1,
-            },
-        },
-        session=session,
-        timeout=PAGE_TIMEOUT,
-    )
+    # A full page: the viewport is made as tall as the page (capped) and captured whole, then
+    # restored. (A clip beyond the viewport came out shifted left: the theme's layout moves
+    # when Chromium resizes the page for captureBeyondViewport.)
+    tall = max(SCREEN_HEIGHT, min(height, MAX_SHOT_HEIGHT))
+    metrics = {"width": SCREEN_WIDTH, "deviceScaleFactor": 1, "mobile": False}
+    browser.send("Emulation.setDeviceMetricsOverride", {**metrics, "height": tall},
+                 session=session)
+    try:
+        _evaluate(browser, session, "window.scrollTo(0, 0); true")
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session,
+                            timeout=PAGE_TIMEOUT)
+    finally:
+        browser.send("Emulation.setDeviceMetricsOverride", {**metrics, "height": SCREEN_HEIGHT},
+                     session=session)
     path.write_bytes(base64.b64decode(shot["data"]))
 
 

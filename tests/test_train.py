@@ -266,6 +266,35 @@ def test_a_finished_run_is_reused_from_its_files_without_building_a_model(
         train(config, "average", data=phantom_cache, out=tmp_path, resume=True, progress=False)
 
 
+def test_table3_variants_share_one_warmup_bit_for_bit(phantom_cache, tmp_path):
+    config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 1})
+    full = train(config, ablation="full", data=phantom_cache, out=tmp_path / "shared",
+                 progress=False)
+    assert (full.run_dir / "checkpoints" / "warmup.pt").is_file()
+    shared = train(config, ablation="A", data=phantom_cache, out=tmp_path / "shared",
+                   progress=False)
+    info = json.loads((shared.run_dir / "run.json").read_text())
+    assert info["warmup_from"] == full.run_dir.name
+    alone = train(config, ablation="A", data=phantom_cache, out=tmp_path / "alone",
+                  progress=False)
+    assert json.loads((alone.run_dir / "run.json").read_text())["warmup_from"] is None
+
+    def numbers(rows):
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+    assert numbers(shared.metrics) == numbers(alone.metrics)
+    assert numbers(shared.metrics)[1] != numbers(full.metrics)[1]  # the rollouts differ
+    a = load_checkpoint(shared.run_dir / "checkpoints" / "last.pt")["engine"]
+    b = load_checkpoint(alone.run_dir / "checkpoints" / "last.pt")["engine"]
+    for net in ("follower", "leader"):
+        for name, value in a[net].items():
+            assert torch.equal(value, b[net][name]), f"{net}.{name}"
+    # the disjoint baseline's first stage reads the loss switches: it shares nothing
+    base = train(config, ablation="baseline", data=phantom_cache, out=tmp_path / "shared",
+                 progress=False)
+    assert json.loads((base.run_dir / "run.json").read_text())["warmup_from"] is None
+
+
 def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):
     config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
     first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)

@@ -132,6 +132,38 @@ def run_hash(config: Config, method: str, checksum: str, world_size: int = 1, n:
     return _short(key, n)
 
 
+UPPER_ONLY = ("loss.alpha_decomp", "loss.beta_grad", "loss.gamma_recon", "loss.use_decomp",
+              "loss.use_grad", "loss.use_recon")
+"""Settings that only the leader's upper-level loss reads (Eq. 3): runs that differ in nothing
+else (Table 3's variants A, B and full) have the same warm-up, bit for bit."""
+
+
+def warmup_key(config: Config, method: str, checksum: str, world_size: int = 1) -> str:
+    """What a run's warm-up depends on: :func:`run_hash`'s key without :data:`UPPER_ONLY`, plus
+    the code digest. Runs with the same key may share one warm-up (:func:`shared_warmup`)."""
+    cfg = _hashed_config(config)
+    cfg.pop("fusion", None)
+    for name in UPPER_ONLY:
+        section, field_name = name.split(".")
+        cfg.get(section, {}).pop(field_name, None)
+    key = {"config": cfg, "method": method, "data": checksum, "world_size": world_size,
+           "code": code_digest()}
+    return _short(key, 16)
+
+
+def shared_warmup(out: str | Path, key: str, exclude: Path) -> Path | None:
+    """The ``checkpoints/warmup.pt`` of a run folder under ``out`` (other than ``exclude``)
+    whose ``run.json`` has ``warmup_key == key``, else ``None``."""
+    for info_path in sorted(Path(out).glob("*/run.json")):
+        run_dir = info_path.parent
+        if run_dir.resolve() == Path(exclude).resolve():
+            continue
+        state = run_dir / "checkpoints" / "warmup.pt"
+        if state.is_file() and read_run_json(run_dir).get("warmup_key") == key:
+            return state
+    return None
+
+
 def fusion_run_name(
     config: Config, kind: str, schedule: dict[str, Any], seed: int, pairs: list[str]
 ) -> str:

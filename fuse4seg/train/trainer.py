@@ -189,6 +189,14 @@ class Trainer:
         self.steps_per_epoch = S
         self.stage_of_epoch = self.engine.stage_of_epoch
         self.total_epochs = len(self.stage_of_epoch)
+        # A plan that starts with the warm-up and continues with a rollout (not disjoint_ae,
+        # whose first stage trains the leader with the loss switches) can share its warm-up
+        # with the Table 3 variants of the same run (train(): runs.shared_warmup).
+        stages = list(self.stage_of_epoch)
+        self.warmup_end = stages.index("rollout") if "rollout" in stages else 0
+        self.has_rollout_after_warmup = (
+            self.warmup_end > 0 and set(stages[: self.warmup_end]) == {"warmup"}
+        )
 
         # mutable state (all of it goes into last.pt)
         self.epoch = 1  # the epoch to run next (1-based)
@@ -351,6 +359,9 @@ class Trainer:
         if self.is_main:
             self.write_metrics()
             self.save_last()
+            if self.has_rollout_after_warmup and epoch == self.warmup_end:
+                # the state a variant with the same warm-up continues from (train(): shared_warmup)
+                save_checkpoint(self.ckpt_dir / "warmup.pt", self.state())
             if callback is not None:
                 callback(row)
         barrier()
@@ -449,6 +460,9 @@ def train(
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
+        key = runs.warmup_key(config, method, checksum, world_size)
+        donor = (runs.shared_warmup(out, key, exclude=run_dir)
+                 if trainer.has_rollout_after_warmup else None)
         runs.write_run_json(
             run_dir,
             method=method,
@@ -459,8 +473,17 @@ def train(
             cache=str(Path(cache_dir).resolve()),
             data_checksum=checksum,
             world_size=world_size,
+            warmup_key=key,
+            warmup_from=donor.parent.parent.name if donor is not None else None,
         )
         if (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()
+        if donor is not None:
+            # Table 3's variants differ only in the leader's upper loss, so their warm-ups are
+            # the same bit for bit: continue from the one already trained, as a resumed run would
+            trainer.load_state(load_checkpoint(donor, map_location=trainer.device))
+            trainer.write_metrics()
+            if progress:
+                print(f"warm-up shared with {donor.parent.parent.name}", flush=True)
     return trainer.fit(callback)
 

@@ -1,0 +1,201 @@
+"""Learning curves over seeds: does a profile's training reach a plateau, and does the rollout
+keep what the warm-up learned? (issue 10; chapter 4, ``benchmarks/learning_curves.py``)
+
+A *curve* is one run's list of epochs, each ``{"epoch", "stage", "L_lower", "val",
+"elapsed_s"}`` with ``val`` the validation mean Dice over NCR, ED and ET (:func:`curve` reads
+it from a run folder trained with ``train.val_every=1``). A *report* is what
+``benchmarks/learning_curves.py`` writes: ``{"data", "profile", "overrides", "commit", "cpu",
+"cores", "methods": {method: {"runs": [{"seed", "seconds", "curve", ...}], ...}}}``.
+
+Two tests, both over seeds:
+
+- :func:`plateau` — the change of the validation Dice over the last quarter of the epochs
+  (mean over seeds) against the seed-to-seed standard deviation at the end. A change within the
+  sd is a plateau: more epochs of the same schedule would not move the result by more than a
+  change of seed does. (Our reading of issue 10's criterion; with a cosine schedule that ends at
+  zero the last quarter learns slowly by construction, so the test is a floor, not proof of
+  convergence.)
+- :func:`rollout_targets` — at the change from warm-up to rollout: the follower's training
+  loss in the first rollout epoch over its last warm-up epoch (target ≤ 1.15), and the largest
+  fall of any rollout validation below the last warm-up validation against the seed-to-seed sd
+  of that last warm-up validation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["curve", "load_report", "plateau", "plot_learning_curves", "rollout_targets",
+           "summary_markdown"]
+
+
+def curve(run_dir: str | Path) -> list[dict[str, Any]]:
+    """One run's curve from its ``metrics.jsonl`` (epochs without validation have ``val``
+    ``None``)."""
+    from fuse4seg.train.runs import read_metrics
+
+    return [
+        {"epoch": r["epoch"], "stage": r["stage"], "L_lower": r.get("L_lower"),
+         "val": r["val"]["mean_dice"] if "val" in r else None, "elapsed_s": r.get("elapsed_s")}
+        for r in read_metrics(run_dir)
+    ]
+
+
+def _vals(curves: Sequence[Sequence[Mapping[str, Any]]]) -> np.ndarray:
+    """seeds × epochs array of validation Dice (NaN where an epoch was not validated)."""
+    lengths = {len(c) for c in curves}
+    if len(lengths) != 1:
+        raise ValueError(f"curves of different lengths {sorted(lengths)}: one profile per test")
+    return np.array([[np.nan if r["val"] is None else r["val"] for r in c] for c in curves],
+                    dtype=float)
+
+
+def plateau(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The change of validation Dice over the last quarter of the epochs against the seed sd.
+
+    Returns ``from_epoch``/``to_epoch`` (1-based), ``change_mean`` and ``change_per_seed``,
+    ``sd_end`` (sample sd over seeds of the last validation) and ``plateau`` (``None`` with a
+    single seed, which has no sd).
+
+    Raises:
+        ValueError: no curves, curves of different lengths, or an epoch of the comparison that
+            was not validated.
+    """
+    if not curves:
+        raise ValueError("plateau: no curves")
+    vals = _vals(curves)
+    n = vals.shape[1]
+    start = n - max(1, n // 4) - 1  # index of the epoch a quarter of the run before the end
+    if np.isnan(vals[:, [start, -1]]).any():
+        raise ValueError(f"plateau: epochs {start + 1} and {n} must be validated "
+                         "(train with train.val_every=1)")
+    change = vals[:, -1] - vals[:, start]
+    single = len(curves) == 1
+    sd = float("nan") if single else float(vals[:, -1].std(ddof=1))
+    return {"from_epoch": start + 1, "to_epoch": n, "change_mean": float(change.mean()),
+            "change_per_seed": change.tolist(), "sd_end": sd,
+            "plateau": None if single else bool(abs(change.mean()) <= sd)}
+
+
+def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any] | None:
+    """Issue 10's targets at the stage change (``None`` for a method without both stages).
+
+    Returns ``loss_ratio`` (per seed: L_lower of the first rollout epoch / of the last warm-up
+    epoch), ``drop`` (per seed: last warm-up validation − lowest rollout validation),
+    ``sd_warm`` (seed sd of the last warm-up validation), ``loss_ok`` (every ratio ≤ 1.15) and
+    ``drop_ok`` (every drop ≤ ``sd_warm``; ``None`` with one seed).
+    """
+    ratios, drops, warm_vals = [], [], []
+    for c in curves:
+        warm = [r for r in c if r["stage"] == "warmup"]
+        roll = [r for r in c if r["stage"] == "rollout"]
+        if not warm or not roll:
+            return None
+        warm_val = next((r["val"] for r in reversed(warm) if r["val"] is not None), None)
+        roll_vals = [r["val"] for r in roll if r["val"] is not None]
+        ratios.append(roll[0]["L_lower"] / warm[-1]["L_lower"])
+        if warm_val is not None and roll_vals:
+            warm_vals.append(warm_val)
+            drops.append(warm_val - min(roll_vals))
+    sd = float(np.std(warm_vals, ddof=1)) if len(warm_vals) > 1 else float("nan")
+    return {"loss_ratio": ratios, "drop": drops, "sd_warm": sd,
+            "loss_ok": bool(max(ratios) <= 1.15),
+            "drop_ok": bool(max(drops) <= sd) if len(drops) > 1 else None}
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """A report written by ``benchmarks/learning_curves.py``. A relative ``path`` missing from
+    the working folder is also looked for in the source checkout this package was imported from
+    (a chapter run from ``book/`` in JupyterLab, or by nbval, has another working folder).
+
+    Raises:
+        FileNotFoundError: no such file (the message says how to make it).
+    """
+    path = Path(path)
+    checkout = Path(__file__).resolve().parents[1] / path
+    if not path.is_file() and not path.is_absolute() and checkout.is_file():
+        path = checkout
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no learning-curve report; make one with "
+            "`python benchmarks/learning_curves.py --out " + str(path) + "`"
+        )
+    return json.loads(path.read_text())
+
+
+def _stage_change(runs: Sequence[Mapping[str, Any]]) -> int | None:
+    """The last warm-up epoch of a method with a rollout (``None`` otherwise)."""
+    c = runs[0]["curve"]
+    warm = [r["epoch"] for r in c if r["stage"] == "warmup"]
+    return warm[-1] if warm and any(r["stage"] == "rollout" for r in c) else None
+
+
+def plot_learning_curves(report: Mapping[str, Any], axes=None):
+    """Validation mean Dice (left) and the follower's training loss L_lower (right) per epoch:
+    one thin line per seed, the mean over seeds bold, a band of ± one sd; a dotted line at the
+    end of each bi-level method's warm-up. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = axes[0].figure
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, entry) in enumerate(report["methods"].items()):
+        colour = colours[i % len(colours)]
+        runs = entry["runs"]
+        for ax, key in zip(axes, ("val", "L_lower"), strict=True):
+            epochs = np.array([r["epoch"] for r in runs[0]["curve"]])
+            values = np.array([[np.nan if r[key] is None else r[key] for r in run["curve"]]
+                               for run in runs], dtype=float)
+            for row in values:
+                ax.plot(epochs, row, color=colour, lw=0.6, alpha=0.45)
+            mean = np.nanmean(values, axis=0)
+            ax.plot(epochs, mean, color=colour, lw=2, label=f"{method} (mean of {len(runs)})")
+            if len(runs) > 1:
+                sd = np.nanstd(values, axis=0, ddof=1)
+                ax.fill_between(epochs, mean - sd, mean + sd, color=colour, alpha=0.15, lw=0)
+            change = _stage_change(runs)
+            if change is not None:
+                ax.axvline(change + 0.5, color=colour, ls=":", lw=1)
+    axes[0].set(title="validation mean Dice (NCR, ED, ET)", xlabel="epoch", ylabel="Dice")
+    axes[1].set(title="follower's training loss L_lower", xlabel="epoch", ylabel="loss")
+    axes[0].legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def summary_markdown(report: Mapping[str, Any]) -> str:
+    """A Markdown table: per method the seconds per run, the validation Dice at each quarter
+    of training (mean ± sd over seeds), the plateau test and the stage-change targets."""
+    lines = ["| method | s per run | val. Dice at 1/4 | 1/2 | 3/4 | end | change over the last "
+             "1/4 | sd at end | plateau | L_lower ratio at the stage change | largest val. drop "
+             "in the rollout |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, entry in report["methods"].items():
+        curves = [run["curve"] for run in entry["runs"]]
+        vals = _vals(curves)
+        n = vals.shape[1]
+        cells = []
+        for q in (n // 4, n // 2, 3 * n // 4, n):
+            col = vals[:, q - 1]
+            col = col[~np.isnan(col)]
+            sd = f" ± {col.std(ddof=1):.3f}" if len(col) > 1 else ""
+            cells.append(f"{col.mean():.3f}{sd}" if len(col) else "–")
+        p = plateau(curves)
+        verdict = {True: "yes", False: "no", None: "– (one seed)"}[p["plateau"]]
+        t = rollout_targets(curves)
+        ratio = drop = "–"
+        if t is not None:
+            ratio = ", ".join(f"{r:.2f}" for r in t["loss_ratio"])
+            drop = ", ".join(f"{d:+.3f}" for d in t["drop"]) + f" (sd {t['sd_warm']:.3f})"
+        secs = np.mean([run["seconds"] for run in entry["runs"]])
+        lines.append(
+            f"| `{method}` | {secs:.0f} | " + " | ".join(cells)
+            + f" | {p['change_mean']:+.3f} (epochs {p['from_epoch']}→{p['to_epoch']}) | "
+            f"{p['sd_end']:.3f} | {verdict} | {ratio} | {drop} |"
+        )
+    return "\n".join(lines)

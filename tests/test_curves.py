@@ -1,0 +1,95 @@
+"""fuse4seg.curves: the plateau test, the stage-change targets, the report's table and plot."""
+
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+
+from fuse4seg import curves
+
+matplotlib.use("Agg")
+
+
+def _curve(vals, losses=None, warm=0):
+    losses = losses or [1.0] * len(vals)
+    return [{"epoch": i + 1, "stage": "warmup" if i < warm else "rollout" if warm else "train",
+             "L_lower": loss, "val": v, "elapsed_s": 10.0 * (i + 1)}
+            for i, (v, loss) in enumerate(zip(vals, losses, strict=True))]
+
+
+def test_a_flat_end_within_the_seed_sd_is_a_plateau_and_a_rising_one_is_not():
+    flat = [_curve([0.1, 0.3, 0.5, 0.50, 0.51, 0.52, 0.52, 0.5 + d]) for d in (0.0, 0.1, -0.1)]
+    p = curves.plateau(flat)
+    # 8 epochs: the last quarter runs from epoch 6 to epoch 8
+    assert (p["from_epoch"], p["to_epoch"]) == (6, 8)
+    assert p["change_mean"] == pytest.approx(-0.02)
+    assert p["sd_end"] == pytest.approx(0.1)
+    assert p["plateau"] is True
+    rising = [_curve([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8 + d]) for d in (0.0, 0.01, -0.01)]
+    p = curves.plateau(rising)
+    assert p["change_mean"] == pytest.approx(0.2) and p["plateau"] is False
+    assert curves.plateau([flat[0]])["plateau"] is None  # one seed has no sd
+
+
+def test_plateau_refuses_unvalidated_epochs_and_mixed_lengths():
+    with pytest.raises(ValueError, match="val_every=1"):
+        curves.plateau([_curve([0.1, None, None, None, None, None, None, 0.5])] * 2)
+    with pytest.raises(ValueError, match="different lengths"):
+        curves.plateau([_curve([0.1] * 8), _curve([0.1] * 9)])
+    with pytest.raises(ValueError, match="no curves"):
+        curves.plateau([])
+
+
+def test_rollout_targets_measure_the_stage_change():
+    # warm-up 3 epochs, rollout 2; seed 0 jumps in loss (ratio 1.5) and falls 0.2 in Dice
+    runs = [_curve([0.4, 0.5, 0.6, 0.4, 0.6], [0.9, 0.7, 0.6, 0.9, 0.6], warm=3),
+            _curve([0.4, 0.5, 0.4, 0.4, 0.45], [0.9, 0.7, 0.6, 0.6, 0.6], warm=3)]
+    t = curves.rollout_targets(runs)
+    assert t["loss_ratio"] == pytest.approx([1.5, 1.0])
+    assert t["drop"] == pytest.approx([0.2, 0.0])
+    assert t["sd_warm"] == pytest.approx(np.std([0.6, 0.4], ddof=1))
+    assert t["loss_ok"] is False and t["drop_ok"] is False  # 0.2 > sd 0.141
+    assert curves.rollout_targets([_curve([0.1, 0.2])]) is None  # no stages: no targets
+
+
+def _report():
+    return {"data": "phantom", "profile": "default", "methods": {
+        "average": {"runs": [{"seed": s, "seconds": 100.0 + s,
+                              "curve": _curve([0.1 * s + 0.1 * i for i in range(8)])}
+                             for s in range(3)]},
+        "fuse4seg": {"runs": [{"seed": s, "seconds": 200.0,
+                               "curve": _curve([0.3, 0.4, 0.5, 0.5, 0.45, 0.5, 0.5, 0.5 + s / 50],
+                                               warm=4)} for s in range(3)]},
+    }}
+
+
+def test_the_summary_table_has_a_row_per_method_with_its_verdict():
+    text = curves.summary_markdown(_report())
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [r.split("|")[1].strip() for r in rows] == ["`average`", "`fuse4seg`"]
+    assert "| 101 |" in rows[0] and "| no |" in rows[0]  # rising 0.2 over the last quarter
+    assert "| yes |" in rows[1] and "1.00, 1.00, 1.00" in rows[1]
+
+
+def test_the_plot_draws_each_seed_and_the_mean(tmp_path):
+    report = _report()
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps(report))
+    fig = curves.plot_learning_curves(curves.load_report(path))
+    left, right = fig.axes
+    assert len(left.lines) == 3 + 1 + 3 + 1 + 1  # 3 seeds + mean, twice, + fuse4seg's stage line
+    assert left.get_legend() is not None
+    with pytest.raises(FileNotFoundError, match="learning_curves.py"):
+        curves.load_report(tmp_path / "missing.json")
+
+
+def test_curve_reads_a_run_folder(tmp_path):
+    rows = [{"epoch": 1, "stage": "warmup", "L_lower": 0.9, "elapsed_s": 3.0},
+            {"epoch": 2, "stage": "rollout", "L_lower": 0.8, "elapsed_s": 6.0,
+             "val": {"mean_dice": 0.4}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert curves.curve(tmp_path) == [
+        {"epoch": 1, "stage": "warmup", "L_lower": 0.9, "val": None, "elapsed_s": 3.0},
+        {"epoch": 2, "stage": "rollout", "L_lower": 0.8, "val": 0.4, "elapsed_s": 6.0},
+    ]
