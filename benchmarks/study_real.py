@@ -2,7 +2,8 @@
 
     python benchmarks/study_real.py --data ../shared/data/brats ../shared/data/brats2013 \\
         [--methods average disjoint_ae direct2ch fuse4seg] [--seeds 0 1 2] [--folds 3] \\
-        [--profile default] [--runs runs/study_real] [--results benchmarks/RESULTS.md]
+        [--profile default] [--runs runs/study_real] [--results benchmarks/RESULTS.md] \\
+        [--threads N]
 
 Every case folder found under the ``--data`` folders (any of the layouts
 :func:`fuse4seg.data.find_cases` detects, mixed) is linked into one folder and prepared once.
@@ -11,7 +12,8 @@ the test set, one of the other cases (rotating) the validation case, the rest tr
 method is trained once per seed and fold with the profile (runs are kept under ``--runs`` and
 reused, so an interrupted study resumes), its best checkpoint is scored on the fold's test
 cases with :func:`fuse4seg.inference.evaluate_run` (3-D Dice per case at the input's
-resolution), and so every case is tested once per seed, by a model that never saw it.
+resolution; kept in the run folder by :func:`fuse4seg.study.evaluate_cached`), and so every
+case is tested once per seed, by a model that never saw it.
 
 Written: per method, the mean Dice over NCR, ED and ET per test case (mean over seeds) and the
 per-class means ± sd over seeds; then the paired difference of ``fuse4seg`` against every
@@ -146,10 +148,18 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE overrides")
     parser.add_argument("--runs", type=Path, default=Path("runs/study_real"))
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (two calls side by side, each on its own methods "
+                             "with --threads 1, share 2 cores; a last call with every method "
+                             "reuses their runs and writes the tables)")
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from fuse4seg.config import get_config, parse_overrides
     from fuse4seg.data.slices import prepare_cache
-    from fuse4seg.inference import evaluate_run
+    from fuse4seg.study import evaluate_cached
     from fuse4seg.train.runs import cpu_name
     from fuse4seg.train.trainer import train
 
@@ -172,7 +182,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     run = train(cfg, m, data=data, out=args.runs / f"fold{f}" / "runs",
                                 resume=True, progress=False, device="cpu")
-                    test = evaluate_run(run.run_dir, data, split="test", device="cpu")
+                    # scored once per run (test.json), so a gathering call scores nothing
+                    test = evaluate_cached(run.run_dir, data, split="test", device="cpu")
                     for case, scores in test["per_case"].items():
                         results[m][s][case] = scores
                     print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
