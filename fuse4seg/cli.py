@@ -246,7 +246,8 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--which", default="best", choices=["best", "ema", "last"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
@@ -289,7 +290,8 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--which", default="best", choices=["best", "ema", "last"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
 
 
 def predict_main(args: argparse.Namespace) -> int:

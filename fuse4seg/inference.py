@@ -53,6 +53,17 @@ class Bundle:
     device: torch.device
 
 
+def default_batch_size(device: torch.device | str) -> int:
+    """Slices per forward pass when none is given: 4 on a CPU, 16 on a GPU.
+
+    On a CPU small batches are faster per slice: at the ``default`` profile's 80×80 slices a
+    batch of 4 pushes slices through leader and follower 1.7× faster than a batch of 16, whose
+    activations no longer fit the caches (``benchmarks/bench_inference.py``,
+    ``benchmarks/RESULTS.md``). The results do not depend on it beyond float noise.
+    """
+    return 4 if torch.device(device).type == "cpu" else 16
+
+
 def _checkpoint_path(checkpoint: str | Path, which: str) -> Path:
     path = Path(checkpoint)
     if path.is_file():
@@ -107,14 +118,16 @@ def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto
 
 @torch.no_grad()
 def segment_slices(
-    bundle: Bundle, x1: np.ndarray, x2: np.ndarray, batch_size: int = 16
+    bundle: Bundle, x1: np.ndarray, x2: np.ndarray, batch_size: int | None = None
 ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Fuse and segment ``(N, S, S)`` slices in [0, 1].
+    """Fuse and segment ``(N, S, S)`` slices in [0, 1], ``batch_size`` at a time (``None``:
+    :func:`default_batch_size` of the bundle's device).
 
     Returns:
         ``(fused (N, S, S) float32 or None, labels (N, S, S) uint8 canonical)``; ``fused`` is
         ``None`` for the 2-channel methods, which have no single fused image.
     """
+    batch_size = batch_size or default_batch_size(bundle.device)
     fused_out, labels_out = [], []
     spec = get_method(bundle.method)
     single = spec.in_channels == 1
@@ -139,7 +152,7 @@ def predict_volume(
     t1ce: np.ndarray,
     flair: np.ndarray,
     brain_mask: np.ndarray,
-    batch_size: int = 16,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Fuse and segment a whole volume, slice by slice.
 
@@ -192,7 +205,7 @@ def predict_files(
     flair: str | Path,
     out_dir: str | Path,
     scheme: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str = "auto",
     which: str = "best",
     mask: str | Path | None = None,
@@ -266,7 +279,7 @@ def evaluate_run(
     json_out: str | Path | None = None,
     which: str = "best",
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """``fuse4seg evaluate``: per-case and mean Dice/IoU of a run on a split, from the EMA leader.
