@@ -295,6 +295,34 @@ def test_table3_variants_share_one_warmup_bit_for_bit(phantom_cache, tmp_path):
     assert json.loads((base.run_dir / "run.json").read_text())["warmup_from"] is None
 
 
+def test_disjoint_follower_reads_a_kept_x_f_of_its_frozen_leader(phantom_cache, tmp_path,
+                                                                  monkeypatch):
+    from fuse4seg.train.bilevel import Engine
+
+    config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 1})
+    fused = {"n": 0}
+    real_prior = Engine.prior
+
+    def counting(self, x1, x2, stage, ema):
+        if self.spec.input_rule(stage) is None and stage != "fusion":
+            fused["n"] += x1.shape[0]
+        return real_prior(self, x1, x2, stage, ema)
+
+    monkeypatch.setattr(Engine, "prior", counting)
+    kept = train(config, "disjoint_ae", data=phantom_cache, out=tmp_path / "kept",
+                 progress=False)
+    kept_count = fused["n"]
+    fused["n"] = 0
+    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", 0)  # nothing fits: fused every step
+    every = train(config, "disjoint_ae", data=phantom_cache, out=tmp_path / "every",
+                  progress=False)
+    assert kept_count < fused["n"]  # fewer slices fused (validation's fusions count in both)
+    for a, b in zip(kept.metrics, every.metrics, strict=True):
+        for key in ("L_lower", "L_physical"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
 def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):
     config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
     first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)

@@ -184,6 +184,8 @@ class Engine:
             if leader is not None
             else None
         )
+        # x_f of a frozen leader per training slice (see frozen_prior); emptied on load
+        self._frozen_xf: dict[int, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -233,6 +235,36 @@ class Engine:
             x_fused, _ = net(x1, x2)  # (B, 1, H, W) x2 -> (B, 1, H, W)
         net.train(was_training)
         return x_fused.float()
+
+    FROZEN_CACHE_BYTES = 1 << 30
+    """Most bytes of x_f :meth:`frozen_prior` keeps (1 GiB: the default profile's training
+    slices need ~15 MB; the paper's BraTS 2021 ones would not fit, and are fused every step)."""
+
+    def frozen_prior(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """:meth:`prior` of a training batch, remembered per slice when the leader is frozen.
+
+        ``disjoint_ae`` trains its follower on the EMA leader, which no longer changes once its
+        fusion stage is over: x_f of a slice is then the same at every step, so it is computed
+        once and kept (the batch's ``index``: dataset indices), up to
+        :data:`FROZEN_CACHE_BYTES`. A slice's x_f does not depend on the other slices of its
+        batch, so this changes nothing but float rounding (tested). Every other case calls
+        :meth:`prior`.
+        """
+        frozen = (self.spec.trains_on_ema and self.spec.input_rule(stage) is None
+                  and not self.spec.learns_leader_from_follower and stage != "fusion")
+        keys = batch.get("index")
+        if not frozen or keys is None:
+            return self.prior(batch["x1"], batch["x2"], stage, ema=False)
+        missing = [j for j, k in enumerate(keys) if k not in self._frozen_xf]
+        if missing:
+            x_f = self.prior(batch["x1"][missing], batch["x2"][missing], stage, ema=False)
+            per_slice = x_f[0].numel() * x_f.element_size()
+            room = (self.FROZEN_CACHE_BYTES // per_slice) - len(self._frozen_xf)
+            if room < len(missing):  # too many slices to keep: fuse every step
+                return self.prior(batch["x1"], batch["x2"], stage, ema=False)
+            for j, x in zip(missing, x_f, strict=True):
+                self._frozen_xf[keys[j]] = x
+        return torch.stack([self._frozen_xf[k] for k in keys])
 
     def prior_label(self, stage: str, ema: bool = True) -> str:
         """What :meth:`prior` feeds the follower in ``stage`` (recorded with validations)."""
@@ -333,11 +365,11 @@ class Engine:
         self.follower.base_lr = rollout_lr or t.lr_follower  # train.lr_follower_rollout
         if stage == "warmup":
             batch = batches.single(stage, epoch, step)
-            x_in = self.prior(batch["x1"], batch["x2"], stage, ema=False)
+            x_in = self.frozen_prior(batch, stage)
             return {"L_lower": self.follower_step(x_in, batch["seg"], (epoch, step, 0))}
         bilevel = self.spec.learns_leader_from_follower
         tr, val = batches.split(epoch, step, bilevel)  # D_tr, D_val: no patient in both
-        x_tr = self.prior(tr["x1"], tr["x2"], stage, ema=False)  # x_f^(tr), computed once
+        x_tr = self.frozen_prior(tr, stage)  # x_f^(tr), computed once
         K = t.inner_steps
         inner = [self.follower_step(x_tr, tr["seg"], (epoch, step, k)) for k in range(K)]
         out = {"L_lower": float(np.mean(inner))}
@@ -357,6 +389,7 @@ class Engine:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._frozen_xf = {}
         for name, learner in (("follower", self.follower), ("leader", self.leader)):
             if learner is not None:
                 unwrap(learner.net).load_state_dict(state[name])

@@ -40,6 +40,7 @@ def collate(dataset, indices: np.ndarray, device: torch.device) -> dict[str, Any
         "seg": torch.stack([it["seg"] for it in items]).to(device),  # (B, S, S)
         "case_id": [it["case_id"] for it in items],
         "case_index": [it["case_index"] for it in items],
+        "index": [int(i) for i in indices],  # dataset indices (Engine.frozen_prior's keys)
     }
 
 
