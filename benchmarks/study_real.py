@@ -3,7 +3,7 @@
     python benchmarks/study_real.py --data ../shared/data/brats ../shared/data/brats2013 \\
         [--methods average disjoint_ae direct2ch fuse4seg] [--seeds 0 1 2] [--folds 3] \\
         [--profile default] [--runs runs/study_real] [--results benchmarks/RESULTS.md] \\
-        [--threads N]
+        [--threads N] [--finished-only]
 
 Every case folder found under the ``--data`` folders (any of the layouts
 :func:`fuse4seg.data.find_cases` detects, mixed) is linked into one folder and prepared once.
@@ -148,6 +148,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE overrides")
     parser.add_argument("--runs", type=Path, default=Path("runs/study_real"))
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: tabulate the finished runs under --runs; a fold "
+                             "that lacks a finished run of some method and seed is left out "
+                             "of every method's table (and named)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (two calls side by side, each on its own methods "
                              "with --threads 1, share 2 cores; a last call with every method "
@@ -160,7 +164,7 @@ def main() -> None:
     from fuse4seg.config import get_config, parse_overrides
     from fuse4seg.data.slices import prepare_cache
     from fuse4seg.study import evaluate_cached
-    from fuse4seg.train.runs import cpu_name
+    from fuse4seg.train.runs import cpu_name, data_checksum, finished_run, run_name
     from fuse4seg.train.trainer import train
 
     config = get_config(args.profile, parse_overrides(args.set))
@@ -173,23 +177,40 @@ def main() -> None:
         cache = args.runs / f"cache-{config.profile}"
         prepare_cache(tmp / "cases", cache, config.data, progress=False)
         splits = folds_of(cases, args.folds)
+        skipped = []
         for f, split in enumerate(splits):
             data = fold_cache(cache, split, args.runs / f"fold{f}")
+            out = args.runs / f"fold{f}" / "runs"
+            if args.finished_only and not all(
+                finished_run(out / run_name(
+                    get_config(args.profile, {**parse_overrides(args.set), "train.seed": s}),
+                    m, data_checksum(data)))
+                for m in args.methods for s in args.seeds
+            ):
+                skipped.append(f)
+                print(f"fold {f}: not every run is finished; left out", flush=True)
+                continue
             for m in args.methods:
                 for s in args.seeds:
                     cfg = get_config(args.profile,
                                      {**parse_overrides(args.set), "train.seed": s})
                     t0 = time.perf_counter()
-                    run = train(cfg, m, data=data, out=args.runs / f"fold{f}" / "runs",
-                                resume=True, progress=False, device="cpu")
+                    run = train(cfg, m, data=data, out=out, resume=True, progress=False,
+                                device="cpu")
                     # scored once per run (test.json), so a gathering call scores nothing
                     test = evaluate_cached(run.run_dir, data, split="test", device="cpu")
                     for case, scores in test["per_case"].items():
                         results[m][s][case] = scores
                     print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
                           f"{sorted(test['per_case'])}", flush=True)
-    lines = table(results, args.methods, args.seeds, cases,
-                  f"{len(cases)} real cases ({args.folds}-fold CV)", args.profile)
+    tested = [c for f, split in enumerate(splits) if f not in skipped for c in split["test"]]
+    if not tested:
+        raise SystemExit("no fold has every run finished")
+    name = f"{len(cases)} real cases ({args.folds}-fold CV)"
+    if skipped:
+        name += (f"; folds {skipped} left out (unfinished), so {len(tested)} of the "
+                 f"{len(cases)} cases are tested")
+    lines = table(results, args.methods, args.seeds, tested, name, args.profile)
     command = "python benchmarks/study_real.py " + shlex.join(sys.argv[1:])
     header = [f"Command: `{command}`; {time.perf_counter() - started:.0f} s in all on "
               f"{cpu_name()} ({os.cpu_count()} cores); folds (test cases): "
