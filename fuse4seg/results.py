@@ -286,14 +286,16 @@ def runs_markdown(
     after: Mapping[str, int],
 ) -> tuple[str, dict[str, Any]]:
     """The run folders behind the tables: one row per distinct folder, with its epochs, its
-    recorded training time (``elapsed_s`` of the last ``metrics.jsonl`` row) and whether this
-    call trained it (its ``last.pt`` is new or changed between ``before`` and ``after``,
+    recorded training time (``elapsed_s`` of the last ``metrics.jsonl`` row; for a run that
+    continued another run's warm-up, ``run.json``'s ``warmup_from``, its own part, with the
+    shared warm-up's time named apart and left out of the totals) and whether this call
+    trained it (its ``last.pt`` is new or changed between ``before`` and ``after``,
     :func:`checkpoint_stamps`) or reused it.
 
     Returns:
         ``(markdown, {"runs", "trained", "seconds", "trained_seconds"})``.
     """
-    from fuse4seg.train.runs import read_metrics
+    from fuse4seg.train.runs import read_metrics, read_run_json
 
     lines = ["| method / variant | seed | run | epochs | training time | this build |",
              "|---|---|---|---|---|---|"]
@@ -309,14 +311,21 @@ def runs_markdown(
                 seen[r.run_dir] = name
                 rows = read_metrics(r.run_dir)
                 elapsed = float(rows[-1].get("elapsed_s", 0.0)) if rows else 0.0
+                # a run that continued another's warm-up (Table 3's A, B) carries its clock
+                donor = read_run_json(r.run_dir).get("warmup_from")
+                warm = [row for row in rows if row.get("stage") == "warmup"]
+                shared = float(warm[-1].get("elapsed_s", 0.0)) if donor and warm else 0.0
+                own = elapsed - shared
                 key = r.run_dir.name
                 trained = key in after and before.get(key) != after[key]
                 totals["runs"] += 1
-                totals["seconds"] += elapsed
+                totals["seconds"] += own
                 if trained:
                     totals["trained"] += 1
-                    totals["trained_seconds"] += elapsed
-                lines.append(f"| {name} | {r.seed} | `{key}` | {len(rows)} | {elapsed:.0f} s | "
+                    totals["trained_seconds"] += own
+                time_cell = (f"{own:.0f} s (+ {shared:.0f} s: the warm-up of `{donor}`)"
+                             if shared else f"{elapsed:.0f} s")
+                lines.append(f"| {name} | {r.seed} | `{key}` | {len(rows)} | {time_cell} | "
                              f"{'trained' if trained else 'reused'} |")
     return "\n".join(lines), totals
 

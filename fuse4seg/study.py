@@ -269,9 +269,15 @@ def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None
             f"{span}{size}: with fewer than {MIN_CASES} test cases the interval does not measure "
             f"the uncertainty, so this difference is descriptive only and supports no claim."
         )
+    one_run = (
+        " With one seed the interval covers the test cases, not the training runs: another seed"
+        " may change the sign, so this is no evidence that one method trains better."
+        if n_seeds == 1
+        else ""
+    )
     if low > 0:
-        return f"{span}{size}: {a} scores higher than {b} on this data."
+        return f"{span}{size}: {a} scores higher than {b} on this data.{one_run}"
     if high < 0:
-        return f"{span}{size}: {a} scores lower than {b} on this data."
+        return f"{span}{size}: {a} scores lower than {b} on this data.{one_run}"
     return f"{span}{size}: the interval contains 0, so {a} and {b} are not distinguishable at " \
         "this scale."

@@ -66,10 +66,14 @@ def _report():
 
 def test_the_summary_table_has_a_row_per_method_with_its_verdict():
     text = curves.summary_markdown(_report())
-    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    first, second = text.split("\n\n")
+    rows = [line for line in first.splitlines() if line.startswith("| `")]
     assert [r.split("|")[1].strip() for r in rows] == ["`average`", "`fuse4seg`"]
-    assert "| 101 |" in rows[0] and "| no |" in rows[0]  # rising 0.2 over the last quarter
-    assert "| yes |" in rows[1] and "1.00, 1.00, 1.00" in rows[1]
+    assert "| 101 |" in rows[0] and rows[0].endswith("| no |")  # rising 0.2 in the last 1/4
+    assert rows[1].endswith("| yes |")
+    # the stage-change table has a row only for the method with a warm-up and a rollout
+    stage = [line for line in second.splitlines() if line.startswith("| `")]
+    assert len(stage) == 1 and stage[0].startswith("| `fuse4seg` | 1.00, 1.00, 1.00 |")
 
 
 def test_the_plot_draws_each_seed_and_the_mean(tmp_path):

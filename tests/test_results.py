@@ -217,3 +217,22 @@ def test_shared_cache_is_chapter_4s():
     assert R.shared_cache("_build/cache", "smoke") == Path("_build/cache/ch04-smoke")
     text = (Path(__file__).resolve().parents[1] / "book" / "04_bilevel_training.md").read_text()
     assert "shared_cache(cache_dir, profile)" in text
+
+
+def test_the_run_table_counts_a_shared_warmup_once(tmp_path):
+    def run(name, rows, **info):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "run.json").write_text(json.dumps(info))
+        return SeedResult(name, 0, folder, None, None)
+
+    rows = [{"epoch": 1, "stage": "warmup", "elapsed_s": 100.0},
+            {"epoch": 2, "stage": "rollout", "elapsed_s": 250.0}]
+    full = run("fuse4seg-x", rows, warmup_from=None)
+    a = run("fuse4seg-a", [rows[0], {**rows[1], "elapsed_s": 240.0}], warmup_from="fuse4seg-x")
+    text, totals = R.runs_markdown([{"full": [full], "A": [a]}], {}, {"fuse4seg-x": 1,
+                                                                     "fuse4seg-a": 1})
+    assert "| 250 s |" in text
+    assert "| 140 s (+ 100 s: the warm-up of `fuse4seg-x`) |" in text
+    assert totals["seconds"] == pytest.approx(390.0) and totals["trained"] == 2

@@ -19,6 +19,18 @@ def test_a_constant_difference_has_a_point_interval():
     assert d["low"] == pytest.approx(0.2) and d["high"] == pytest.approx(0.2)
     assert d["n_seeds"] == 2 and d["n_cases"] == 5
     assert "X scores higher than Y" in d["verdict"]
+    assert "another seed" not in d["verdict"]  # two seeds: no one-run caveat
+
+
+def test_one_seed_says_its_interval_covers_test_cases_only():
+    cases = [f"c{i}" for i in range(6)]
+    a = [{c: 0.7 - 0.01 * i for i, c in enumerate(cases)}]
+    b = [{c: v - 0.1 for c, v in a[0].items()}]
+    d = paired_difference(a, b, n_boot=200, names=("X", "Y"))
+    assert "X scores higher than Y" in d["verdict"]
+    assert "not the training runs" in d["verdict"] and "another seed" in d["verdict"]
+    d = paired_difference(b, a, n_boot=200, names=("Y", "X"))
+    assert "Y scores lower than X" in d["verdict"] and "another seed" in d["verdict"]
 
 
 def test_too_few_cases_support_no_claim():
