@@ -293,6 +293,9 @@ def test_table3_variants_share_one_warmup_bit_for_bit(phantom_cache, tmp_path):
     base = train(config, ablation="baseline", data=phantom_cache, out=tmp_path / "shared",
                  progress=False)
     assert json.loads((base.run_dir / "run.json").read_text())["warmup_from"] is None
+    # a warm-up whose validations may pick best.pt (average's) is never shared
+    avg = train(config, "average", data=phantom_cache, out=tmp_path / "shared", progress=False)
+    assert not (avg.run_dir / "checkpoints" / "warmup.pt").exists()
 
 
 def test_disjoint_follower_reads_a_kept_x_f_of_its_frozen_leader(phantom_cache, tmp_path,

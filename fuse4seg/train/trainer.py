@@ -191,11 +191,13 @@ class Trainer:
         self.total_epochs = len(self.stage_of_epoch)
         # A plan that starts with the warm-up and continues with a rollout (not disjoint_ae,
         # whose first stage trains the leader with the loss switches) can share its warm-up
-        # with the Table 3 variants of the same run (train(): runs.shared_warmup).
+        # with the Table 3 variants of the same run (train(): runs.shared_warmup), provided no
+        # warm-up validation can pick the best checkpoint (best.pt stays in the first run).
         stages = list(self.stage_of_epoch)
         self.warmup_end = stages.index("rollout") if "rollout" in stages else 0
-        self.has_rollout_after_warmup = (
+        self.can_share_warmup = (
             self.warmup_end > 0 and set(stages[: self.warmup_end]) == {"warmup"}
+            and not self.spec.validates_inference_input("warmup")
         )
 
         # mutable state (all of it goes into last.pt)
@@ -363,7 +365,7 @@ class Trainer:
         if self.is_main:
             self.write_metrics()
             self.save_last()
-            if self.has_rollout_after_warmup and epoch == self.warmup_end:
+            if self.can_share_warmup and epoch == self.warmup_end:
                 # the state a variant with the same warm-up continues from (train(): shared_warmup)
                 save_checkpoint(self.ckpt_dir / "warmup.pt", self.state())
             if callback is not None:
@@ -465,8 +467,9 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
         key = runs.warmup_key(config, method, checksum, world_size)
+        # (one process only: under DDP every rank would have to load the same state)
         donor = (runs.shared_warmup(out, key, exclude=run_dir)
-                 if trainer.has_rollout_after_warmup else None)
+                 if trainer.can_share_warmup and world_size == 1 else None)
         runs.write_run_json(
             run_dir,
             method=method,
