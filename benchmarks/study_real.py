@@ -6,7 +6,7 @@
         [--threads N] [--finished-only]
 
 Every case folder found under the ``--data`` folders (any of the layouts
-:func:`fuse4seg.data.find_cases` detects, mixed) is linked into one folder and prepared once.
+:func:`fuse4seg.data.find_cases` detects, mixed) is linked into ``--runs``/cases and prepared once.
 The cases are dealt into ``--folds`` folds by a seeded permutation; in fold f the f-th group is
 the test set, one of the other cases (rotating) the validation case, the rest train. Each
 method is trained once per seed and fold with the profile (runs are kept under ``--runs`` and
@@ -31,7 +31,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -171,38 +170,43 @@ def main() -> None:
     started = time.perf_counter()
     results: dict[str, dict[int, dict[str, dict]]] = {m: {s: {} for s in args.seeds}
                                                       for m in args.methods}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        cases = link_cases(args.data, tmp / "cases")
-        cache = args.runs / f"cache-{config.profile}"
-        prepare_cache(tmp / "cases", cache, config.data, progress=False)
-        splits = folds_of(cases, args.folds)
-        skipped = []
-        for f, split in enumerate(splits):
-            data = fold_cache(cache, split, args.runs / f"fold{f}")
-            out = args.runs / f"fold{f}" / "runs"
-            if args.finished_only and not all(
-                finished_run(out / run_name(
-                    get_config(args.profile, {**parse_overrides(args.set), "train.seed": s}),
-                    m, data_checksum(data)))
-                for m in args.methods for s in args.seeds
-            ):
-                skipped.append(f)
-                print(f"fold {f}: not every run is finished; left out", flush=True)
-                continue
-            for m in args.methods:
-                for s in args.seeds:
-                    cfg = get_config(args.profile,
-                                     {**parse_overrides(args.set), "train.seed": s})
-                    t0 = time.perf_counter()
-                    run = train(cfg, m, data=data, out=out, resume=True, progress=False,
-                                device="cpu")
-                    # scored once per run (test.json), so a gathering call scores nothing
-                    test = evaluate_cached(run.run_dir, data, split="test", device="cpu")
-                    for case, scores in test["per_case"].items():
-                        results[m][s][case] = scores
-                    print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
-                          f"{sorted(test['per_case'])}", flush=True)
+    # The links stay under --runs: the cache's manifest names the files, and scoring reads them
+    # (a temporary folder would vanish with the call that made it, under a second call's feet).
+    cases_dir = args.runs / "cases"
+    if cases_dir.exists():
+        for link in cases_dir.iterdir():
+            if link.is_symlink():
+                link.unlink()
+    cases = link_cases(args.data, cases_dir)
+    cache = args.runs / f"cache-{config.profile}"
+    prepare_cache(cases_dir, cache, config.data, progress=False)
+    splits = folds_of(cases, args.folds)
+    skipped = []
+    for f, split in enumerate(splits):
+        data = fold_cache(cache, split, args.runs / f"fold{f}")
+        out = args.runs / f"fold{f}" / "runs"
+        if args.finished_only and not all(
+            finished_run(out / run_name(
+                get_config(args.profile, {**parse_overrides(args.set), "train.seed": s}),
+                m, data_checksum(data)))
+            for m in args.methods for s in args.seeds
+        ):
+            skipped.append(f)
+            print(f"fold {f}: not every run is finished; left out", flush=True)
+            continue
+        for m in args.methods:
+            for s in args.seeds:
+                cfg = get_config(args.profile,
+                                 {**parse_overrides(args.set), "train.seed": s})
+                t0 = time.perf_counter()
+                run = train(cfg, m, data=data, out=out, resume=True, progress=False,
+                            device="cpu")
+                # scored once per run (test.json), so a gathering call scores nothing
+                test = evaluate_cached(run.run_dir, data, split="test", device="cpu")
+                for case, scores in test["per_case"].items():
+                    results[m][s][case] = scores
+                print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
+                      f"{sorted(test['per_case'])}", flush=True)
     tested = [c for f, split in enumerate(splits) if f not in skipped for c in split["test"]]
     if not tested:
         raise SystemExit("no fold has every run finished")
