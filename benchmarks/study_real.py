@@ -104,13 +104,16 @@ def table(results, methods, seeds, cases, data_name, profile) -> list[str]:
         per_seed = np.array([[tumour_mean(results[m][s][c]) for c in cases] for s in seeds])
         cells = [f"{v:.3f}" for v in per_seed.mean(axis=0)]
         means = per_seed.mean(axis=1)
-        row = f"| `{m}` | " + " | ".join(cells) + f" | {means.mean():.3f} ± " \
-            f"{means.std(ddof=1) if len(seeds) > 1 else 0:.3f} |"
+        def sd(v):  # one seed has no sd
+            return f" ± {v.std(ddof=1):.3f}" if len(seeds) > 1 else ""
+
+        row = f"| `{m}` | " + " | ".join(cells) + f" | {means.mean():.3f}{sd(means)} |"
         for cls in ("NCR", "ED", "ET"):
             v = np.array([np.mean([results[m][s][c][cls]["dice"] for c in cases]) for s in seeds])
-            row += f" {v.mean():.3f} ± {v.std(ddof=1) if len(seeds) > 1 else 0:.3f} |"
+            row += f" {v.mean():.3f}{sd(v)} |"
         out.append(row)
-    out += ["", "(± is the sd over seeds of the mean over cases.)", ""]
+    out += ["", "(± is the sd over seeds of the mean over cases.)" if len(seeds) > 1
+            else "(One seed: no sd over seeds.)", ""]
     if "fuse4seg" in methods:
         out += ["| comparison | mean difference | 95 % interval | verdict |", "|---|---|---|---|"]
         for other in (m for m in methods if m != "fuse4seg"):
