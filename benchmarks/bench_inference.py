@@ -15,6 +15,7 @@ phantom's 6 test patients pushes 930 slices through both networks, so this sets 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -62,7 +63,7 @@ def main() -> None:
     base = statistics.median(times[16]) if 16 in times else None
     print(f"{args.method}, profile {args.profile} ({size}x{size}), {args.slices} slices, "
           f"{torch.get_num_threads()} torch threads, {args.device}, load "
-          f"{' '.join(f'{v:.1f}' for v in __import__('os').getloadavg())}")
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("| batch | s per 100 slices (median) | all rounds | × batch 16 |")
     print("|---:|---:|---|---:|")
     for b in args.batches:
