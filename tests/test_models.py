@@ -237,3 +237,54 @@ def test_anchor_range_puts_x_f_on_the_warmup_priors_scale():
     y.sum().backward()
     assert fresh.head[-1].weight.grad.abs().sum() > 0
     assert not build_leader(get_config("paper")).anchor_range
+
+
+def _grn_formula(x, gamma, beta, eps):
+    """ConvNeXt V2's GRN as its paper writes it (autograd differentiates it)."""
+    g = torch.linalg.vector_norm(x.float(), dim=(1, 2), keepdim=True)
+    n = (g / (g.mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return gamma * (x * n) + beta + x
+
+
+def test_grn_gradients_are_exact_float64():
+    from fuse4seg.models.segmentation import _GRNFunction
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=gen)
+    x[:, :, :, 3] = 0  # an all-zero channel: its norm is 0, its gradient must stay finite
+    gamma = torch.randn(7, dtype=torch.float64, generator=gen)
+    beta = torch.randn(7, dtype=torch.float64, generator=gen)
+    inputs = tuple(t.requires_grad_() for t in (x, gamma, beta))
+    assert torch.autograd.gradcheck(lambda a, b, c: _GRNFunction.apply(a, b, c, 1e-6), inputs)
+
+
+def test_grn_equals_the_formula_forward_and_backward():
+    from fuse4seg.models.segmentation import GRN
+
+    gen = torch.Generator().manual_seed(1)
+    grn = GRN(64)
+    with torch.no_grad():  # trained-looking parameters (both start at zero)
+        grn.gamma.copy_(torch.randn(64, generator=gen))
+        grn.beta.copy_(torch.randn(64, generator=gen))
+    x = torch.randn(4, 20, 20, 64, generator=gen).requires_grad_()
+    dy = torch.randn(4, 20, 20, 64, generator=gen)
+    ours = grn(x)
+    grads = torch.autograd.grad(ours, (x, grn.gamma, grn.beta), dy)
+    ref = _grn_formula(x, grn.gamma, grn.beta, grn.eps)
+    ref_grads = torch.autograd.grad(ref, (x, grn.gamma, grn.beta), dy)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="GRN"):
+        grn(torch.zeros(2, 3, 4))
+
+
+def test_grn_keeps_the_input_dtype_of_its_gradient_under_bf16():
+    from fuse4seg.models.segmentation import GRN
+
+    grn = GRN(8)
+    x = torch.randn(2, 4, 4, 8).bfloat16().requires_grad_()
+    y = grn(x)
+    assert y.dtype == _grn_formula(x, grn.gamma, grn.beta, grn.eps).dtype
+    y.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
