@@ -57,12 +57,12 @@ def measure(run_dir: Path, steps: int) -> dict[str, float]:
         for step in range(min(steps, trainer.steps_per_epoch)):
             warm = trainer.batches.single("warmup", epoch, step)
             x = eng.prior(warm["x1"], warm["x2"], "warmup", ema=False)
-            sums["warm"].append(float(eng._lower_loss(net(x), warm["seg"])))
+            sums["warm"].append(float(eng.lower_loss(net(x), warm["seg"])))
             tr, _ = trainer.batches.split(epoch, step, False)
             x = eng.prior(tr["x1"], tr["x2"], "warmup", ema=False)
-            sums["D_tr x_avg"].append(float(eng._lower_loss(net(x), tr["seg"])))
+            sums["D_tr x_avg"].append(float(eng.lower_loss(net(x), tr["seg"])))
             x = eng.prior(tr["x1"], tr["x2"], "rollout", ema=False)
-            sums["D_tr x_f"].append(float(eng._lower_loss(net(x), tr["seg"])))
+            sums["D_tr x_f"].append(float(eng.lower_loss(net(x), tr["seg"])))
     rows = {r["epoch"]: r for r in read_metrics(run_dir)}
     logged = rows[epoch]["L_lower"] / rows[epoch - 1]["L_lower"]
     out = {k: float(np.mean(v)) for k, v in sums.items()}

@@ -202,7 +202,9 @@ class Engine:
     def guard(self, terms: dict[str, Any]) -> None:
         check_finite(terms, self.where, self.all_ranks)
 
-    def _lower_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def lower_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """L_lower (§3.5.1) with this run's class weights and smoothing, in float32: what the
+        follower minimises (also scored by ``benchmarks/probe_loss_ratio.py``)."""
         from fuse4seg.losses import lower_loss
 
         cfg = self.config.loss
@@ -295,7 +297,7 @@ class Engine:
         f.net.train()
         with self.autocast():
             logits = f.net(x_in)  # (B, C, H, W) -> (B, 4, H, W)
-        loss = self._lower_loss(logits, target)
+        loss = self.lower_loss(logits, target)
         self.guard({"L_lower": loss})
         f.step(loss, "L_lower", self.guard)
         return to_float(loss)
@@ -321,7 +323,7 @@ class Engine:
             with self.autocast():
                 x_fused, feats = lead.net(x1, x2)  # (B, 1, H, W) x2 -> (B, 1, H, W), feats
                 logits = follower(x_fused)  # (B, 1, H, W) -> (B, 4, H, W)
-            seg = self._lower_loss(logits, target)
+            seg = self.lower_loss(logits, target)
             total, terms = upper_loss(
                 seg, x_fused.float(), x1, x2, tuple(f.float() for f in feats), self.config.loss
             )

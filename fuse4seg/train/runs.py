@@ -122,10 +122,17 @@ def _short(key: dict[str, Any], n: int = 8) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:n]
 
 
-def run_hash(config: Config, method: str, checksum: str, world_size: int = 1, n: int = 8) -> str:
-    """The short hash that names a run folder (see the module docstring)."""
+def _training_config(config: Config) -> dict[str, Any]:
+    """The settings a segmentation run depends on: :func:`_hashed_config` without the
+    fusion-only section (chapter 5's schedule)."""
     cfg = _hashed_config(config)
     cfg.pop("fusion", None)
+    return cfg
+
+
+def run_hash(config: Config, method: str, checksum: str, world_size: int = 1, n: int = 8) -> str:
+    """The short hash that names a run folder (see the module docstring)."""
+    cfg = _training_config(config)
     key: dict[str, Any] = {"config": cfg, "method": method, "data": checksum}
     if world_size > 1:
         key["world_size"] = world_size
@@ -141,8 +148,7 @@ else (Table 3's variants A, B and full) have the same warm-up, bit for bit."""
 def warmup_key(config: Config, method: str, checksum: str, world_size: int = 1) -> str:
     """What a run's warm-up depends on: :func:`run_hash`'s key without :data:`UPPER_ONLY`, plus
     the code digest. Runs with the same key may share one warm-up (:func:`shared_warmup`)."""
-    cfg = _hashed_config(config)
-    cfg.pop("fusion", None)
+    cfg = _training_config(config)
     for name in UPPER_ONLY:
         section, field_name = name.split(".")
         cfg.get(section, {}).pop(field_name, None)
