@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--train-slices", type=int, default=100_000, help="N for the projection")
+    parser.add_argument("--trace", type=int, metavar="N", default=0,
+                        help="after the table, torch.profiler's N ops with the most self time "
+                        "in 3 warm-up and 3 outer steps of the first variant")
     parser.add_argument("--warmup-epochs", type=int, default=40)
     parser.add_argument("--rollout-epochs", type=int, default=120)
     args = parser.parse_args(argv)
@@ -280,8 +283,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{1000 * t_warm:.1f} | {r_warm} | {case.first:.1f} | {mfu} | {mem} | "
             f"{hours / 3600:.1f} |"
         )
+    if args.trace and cases:
+        trace(cases[0], args.trace)
     sys.stdout.flush()
     return 0
+
+
+def trace(case: Case, rows: int) -> None:
+    """Print where a variant's step time goes: ``torch.profiler``'s ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    for name, fn in (("warm-up", case.warm), ("outer", case.outer)):
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                fn()
+        key = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
+        print(f"\n# {case.variant}: 3 {name} steps, ops by self time")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
 if __name__ == "__main__":
