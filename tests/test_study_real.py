@@ -50,3 +50,32 @@ def test_fold_cache_replaces_only_the_split(tmp_path):
 def test_the_six_visible_real_cases_are_found_in_their_three_layouts(tmp_path):
     ids = _module().link_cases([SHARED / "brats", SHARED / "brats2013"], tmp_path / "cases")
     assert len(ids) == 6
+
+
+def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
+    study_real = _module()
+
+    def run(name, warm_val, roll_vals, warm_loss, roll_loss):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"epoch": 1, "stage": "warmup", "L_lower": 0.9, "val": {"mean_dice": 0.3}},
+                {"epoch": 2, "stage": "warmup", "L_lower": warm_loss,
+                 "val": {"mean_dice": warm_val}}]
+        rows += [{"epoch": 3 + i, "stage": "rollout", "L_lower": roll_loss,
+                  "val": {"mean_dice": v}} for i, v in enumerate(roll_vals)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    # fold 0: the rollout keeps its warm-up (drops 0.01, 0.00, -0.02; sd of 0.5/0.6/0.7 = 0.1)
+    # fold 1: seed 1 loses 0.3 in the rollout and its loss jumps 1.5x
+    runs = {0: {0: run("a0", 0.5, [0.49, 0.55], 0.5, 0.55), 1: run("a1", 0.6, [0.6], 0.5, 0.5),
+                2: run("a2", 0.7, [0.72], 0.5, 0.5)},
+            1: {0: run("b0", 0.5, [0.5], 0.5, 0.5), 1: run("b1", 0.6, [0.3, 0.6], 0.4, 0.6),
+                2: run("b2", 0.7, [0.7], 0.5, 0.5)}}
+    splits = [{"val": ["case_v0"]}, {"val": ["case_v1"]}]
+    rows = [r for r in study_real.stage_change(runs, splits) if r.startswith("| 0") or
+            r.startswith("| 1")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert cells[0][:2] == ["0", "case_v0"] and cells[0][4] == "0.100"
+    assert cells[0][5:] == ["yes", "yes"]
+    assert cells[1][2] == "1.000, 1.500, 1.000" and cells[1][5:] == ["no", "no"]
