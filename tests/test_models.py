@@ -288,3 +288,14 @@ def test_grn_keeps_the_input_dtype_of_its_gradient_under_bf16():
     assert y.dtype == _grn_formula(x, grn.gamma, grn.beta, grn.eps).dtype
     y.sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def test_grn_runs_the_formula_when_compiled(monkeypatch):
+    """torch.compile cannot trace the hand-written GRN; a compiled graph gets the formula."""
+    from fuse4seg.models import segmentation
+
+    grn = segmentation.GRN(8)
+    x = torch.randn(2, 4, 4, 8)
+    monkeypatch.setattr(segmentation._GRNFunction, "apply", None)  # must not be called
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(grn(x), _grn_formula(x, grn.gamma, grn.beta, grn.eps))

@@ -34,7 +34,18 @@ from torch import nn
 
 from fuse4seg.models.layers import LayerNorm2d, check_divisible
 
-__all__ = ["ConvNeXtBlock", "ConvNeXtUNet", "GRN", "TransformerBottleneckBlock"]
+__all__ = ["ConvNeXtBlock", "ConvNeXtUNet", "GRN", "TransformerBottleneckBlock", "grn_formula"]
+
+
+def grn_formula(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """GRN as ConvNeXt V2 writes it, for autograd (and for ``torch.compile``, which fuses its
+    elementwise chain itself): ``γ (x N) + β + x``, ``N = G / (mean_c G + eps)``, ``G = ‖x‖₂``
+    over H, W of ``x (B, H, W, C)``, in float32 at least."""
+    g = torch.linalg.vector_norm(x.float(), dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+    n = (g / (g.mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return gamma * (x * n) + beta + x
 
 
 class _GRNFunction(torch.autograd.Function):
@@ -43,8 +54,10 @@ class _GRNFunction(torch.autograd.Function):
     The same maths as ConvNeXt V2's ``γ (x N) + β + x``, written as one ``addcmul`` over the
     full-size map (the per-channel factor ``1 + γ N`` is small) and with a hand-written
     backward that makes two passes over the map instead of autograd's chain of elementwise
-    ops. On a CPU this made the ``default`` follower's training step 1.3× faster
-    (``benchmarks/RESULTS.md``). ``G`` is computed in float32 under autocast.
+    ops. On a CPU this made the ``default`` profile's warm-up step (one follower update) 1.19×
+    faster (``benchmarks/RESULTS.md``). ``G`` is computed in float32 under autocast. Eager
+    only: inductor cannot compile it (symbolic shapes in the reshapes), and needs not, so a
+    compiled GRN runs :func:`grn_formula`.
     """
 
     @staticmethod
@@ -84,8 +97,9 @@ class GRN(nn.Module):
     """Global response normalisation of ConvNeXt V2, on channels-last ``(B, H, W, C)``.
 
     ``G = ‖x‖₂`` over H, W per channel; ``N = G / (mean_c G + eps)``; ``y = γ (x N) + β + x``
-    with γ = β = 0 at initialisation (identity). Computed by :class:`_GRNFunction` (the same
-    values to float rounding, tested against this formula).
+    with γ = β = 0 at initialisation (identity). Eager calls use :class:`_GRNFunction` (the
+    same values to float rounding, tested against :func:`grn_formula`, which compiled graphs
+    use).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -97,6 +111,8 @@ class GRN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"GRN: expected (B, H, W, C), got {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            return grn_formula(x, self.gamma, self.beta, self.eps)
         return _GRNFunction.apply(x, self.gamma, self.beta, self.eps)
 
 
