@@ -127,33 +127,48 @@ def table(results, methods, seeds, cases, data_name, profile) -> list[str]:
     return out
 
 
-def stage_change(run_dirs: dict[int, dict[int, Path]], splits) -> list[str]:
-    """Issue 10 part 1's targets at the stage change, on real cases: per fold, over the seeds of
-    its ``fuse4seg`` runs (:func:`fuse4seg.curves.rollout_targets` on whole runs)."""
+STAGE_METHODS = ("fuse4seg", "average")
+"""The methods whose stage change :func:`stage_change` tabulates: Fuse4Seg and its own warm-up
+prior, which switches to the same rollout schedule (K steps on D_tr at ``lr_follower_rollout``)
+with no leader, so a fall they share is the schedule's, not the leader's."""
+
+
+def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> list[str]:
+    """Issue 10 part 1's targets at the stage change, on real cases: per fold and method
+    (``run_dirs[method][fold][seed]``), over the seeds (:func:`fuse4seg.curves.rollout_targets`
+    on whole runs)."""
     from fuse4seg.curves import curve, rollout_targets
 
-    out = ["Stage change of `fuse4seg` on the real folds (whole runs; a validation every "
-           "`train.val_every` epochs on the fold's one validation case). Targets of issue 10: "
+    out = ["Stage change on the real folds (whole runs; a validation every `train.val_every` "
+           "epochs on the fold's one validation case). Targets of issue 10 for `fuse4seg`: "
            "L_lower of the first rollout epoch within 1.15× that of the last warm-up epoch, and "
            "no rollout validation below the last warm-up validation by more than the seed sd "
-           "of that warm-up validation.", "",
-           "| fold | validation case | L_lower ratio per seed | drop per seed | sd of the last "
-           "warm-up validation | ratio ≤ 1.15 | drop ≤ sd |", "|---|---|---|---|---|---|---|"]
-    for f, by_seed in sorted(run_dirs.items()):
-        seeds = sorted(by_seed)
-        t = rollout_targets([curve(by_seed[s]) for s in seeds])
-        if t is None:
-            continue
-        def fmt(values):
-            return ", ".join(f"{v:+.3f}" if v < 0 else f"{v:.3f}" for v in values)
+           "of that warm-up validation. `average` switches to the same rollout schedule (K "
+           "steps on D_tr, the rollout learning rate) without a leader: what it shares with "
+           "`fuse4seg` comes from the schedule.", "",
+           "| fold | validation case | method | L_lower ratio per seed | drop per seed | sd of "
+           "the last warm-up validation | ratio ≤ 1.15 | drop ≤ sd |",
+           "|---|---|---|---|---|---|---|---|"]
+    seeds: list[int] = []
+    folds = sorted({f for by_fold in run_dirs.values() for f in by_fold})
+    for f in folds:
+        for m in (m for m in STAGE_METHODS if f in run_dirs.get(m, {})):
+            by_seed = run_dirs[m][f]
+            seeds = sorted(by_seed)
+            t = rollout_targets([curve(by_seed[s]) for s in seeds])
+            if t is None:
+                continue
 
-        sd = f"{t['sd_warm']:.3f}" if len(seeds) > 1 else "–"
-        drop_ok = "–" if t["drop_ok"] is None else ("yes" if t["drop_ok"] else "no")
-        out.append(f"| {f} | {', '.join(splits[f]['val'])} | {fmt(t['loss_ratio'])} | "
-                   f"{fmt(t['drop'])} | {sd} | "
-                   f"{'yes' if t['loss_ok'] else 'no'} | {drop_ok} |")
-    return out + ["", f"(Seeds {sorted(next(iter(run_dirs.values())))} in that order; a "
-                      "negative drop is a rollout validation above the warm-up's.)", ""]
+            def fmt(values):
+                return ", ".join(f"{v:.3f}" for v in values)
+
+            sd = f"{t['sd_warm']:.3f}" if len(seeds) > 1 else "–"
+            drop_ok = "–" if t["drop_ok"] is None else ("yes" if t["drop_ok"] else "no")
+            out.append(f"| {f} | {', '.join(splits[f]['val'])} | `{m}` | "
+                       f"{fmt(t['loss_ratio'])} | {fmt(t['drop'])} | {sd} | "
+                       f"{'yes' if t['loss_ok'] else 'no'} | {drop_ok} |")
+    return out + ["", f"(Seeds {seeds} in that order; a negative drop is a rollout validation "
+                      "above the warm-up's.)", ""]
 
 
 def write_section(path: Path, lines: list[str]) -> None:
@@ -214,7 +229,7 @@ def main() -> None:
     prepare_cache(cases_dir, cache, config.data, progress=False)
     splits = folds_of(cases, args.folds)
     skipped = []
-    fuse4seg_runs: dict[int, dict[int, Path]] = {}  # fold -> seed -> run folder
+    stage_runs: dict[str, dict[int, dict[int, Path]]] = {}  # method -> fold -> seed -> run
     for f, split in enumerate(splits):
         data = fold_cache(cache, split, args.runs / f"fold{f}")
         out = args.runs / f"fold{f}" / "runs"
@@ -238,8 +253,8 @@ def main() -> None:
                 test = evaluate_cached(run.run_dir, data, split="test", device="cpu")
                 for case, scores in test["per_case"].items():
                     results[m][s][case] = scores
-                if m == "fuse4seg":
-                    fuse4seg_runs.setdefault(f, {})[s] = run.run_dir
+                if m in STAGE_METHODS:
+                    stage_runs.setdefault(m, {}).setdefault(f, {})[s] = run.run_dir
                 print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
                       f"{sorted(test['per_case'])}", flush=True)
     tested = [c for f, split in enumerate(splits) if f not in skipped for c in split["test"]]
@@ -250,8 +265,8 @@ def main() -> None:
         name += (f"; folds {skipped} left out (unfinished), so {len(tested)} of the "
                  f"{len(cases)} cases are tested")
     lines = table(results, args.methods, args.seeds, tested, name, args.profile)
-    if fuse4seg_runs:
-        lines += ["", *stage_change(fuse4seg_runs, splits)]
+    if stage_runs:
+        lines += ["", *stage_change(stage_runs, splits)]
     command = "python benchmarks/study_real.py " + shlex.join(sys.argv[1:])
     header = [f"Command: `{command}`; {time.perf_counter() - started:.0f} s in all on "
               f"{cpu_name()} ({os.cpu_count()} cores); folds (test cases): "

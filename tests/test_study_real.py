@@ -68,14 +68,20 @@ def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
 
     # fold 0: the rollout keeps its warm-up (drops 0.01, 0.00, -0.02; sd of 0.5/0.6/0.7 = 0.1)
     # fold 1: seed 1 loses 0.3 in the rollout and its loss jumps 1.5x
-    runs = {0: {0: run("a0", 0.5, [0.49, 0.55], 0.5, 0.55), 1: run("a1", 0.6, [0.6], 0.5, 0.5),
-                2: run("a2", 0.7, [0.72], 0.5, 0.5)},
-            1: {0: run("b0", 0.5, [0.5], 0.5, 0.5), 1: run("b1", 0.6, [0.3, 0.6], 0.4, 0.6),
-                2: run("b2", 0.7, [0.7], 0.5, 0.5)}}
+    fold0 = {0: run("a0", 0.5, [0.49, 0.55], 0.5, 0.55), 1: run("a1", 0.6, [0.6], 0.5, 0.5),
+             2: run("a2", 0.7, [0.72], 0.5, 0.5)}
+    fold1 = {0: run("b0", 0.5, [0.5], 0.5, 0.5), 1: run("b1", 0.6, [0.3, 0.6], 0.4, 0.6),
+             2: run("b2", 0.7, [0.7], 0.5, 0.5)}
+    prior1 = {0: run("c0", 0.5, [0.5], 0.5, 0.5), 1: run("c1", 0.6, [0.6], 0.5, 0.5),
+              2: run("c2", 0.7, [0.7], 0.5, 0.5)}
+    runs = {"fuse4seg": {0: fold0, 1: fold1}, "average": {1: prior1}}
     splits = [{"val": ["case_v0"]}, {"val": ["case_v1"]}]
     rows = [r for r in study_real.stage_change(runs, splits) if r.startswith("| 0") or
             r.startswith("| 1")]
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-    assert cells[0][:2] == ["0", "case_v0"] and cells[0][4] == "0.100"
-    assert cells[0][5:] == ["yes", "yes"]
-    assert cells[1][2] == "1.000, 1.500, 1.000" and cells[1][5:] == ["no", "no"]
+    assert [c[:3] for c in cells] == [["0", "case_v0", "`fuse4seg`"],
+                                      ["1", "case_v1", "`fuse4seg`"],
+                                      ["1", "case_v1", "`average`"]]
+    assert cells[0][5] == "0.100" and cells[0][6:] == ["yes", "yes"]
+    assert cells[1][3] == "1.000, 1.500, 1.000" and cells[1][6:] == ["no", "no"]
+    assert cells[2][4] == "0.000, 0.000, 0.000" and cells[2][6:] == ["yes", "yes"]
