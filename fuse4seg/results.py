@@ -421,14 +421,26 @@ def per_case_table(
 
 
 def per_case_markdown(results: Mapping[str, Sequence[SeedResult]]) -> str:
-    """:func:`per_case_table` as Markdown: a row per method and seed, a column per test case
-    and the mean over cases."""
+    """:func:`per_case_table` as Markdown, narrow enough for a book page: a row per test case
+    (and seed, when there are several: the caption names a single one), a column per method,
+    and per seed a last row with the mean over the cases."""
     cases, rows = per_case_table(results)
-    lines = ["| method | seed | " + " | ".join(cases) + " | mean |",
-             "|---|---|" + "---|" * (len(cases) + 1)]
-    for name, seed, values in rows:
-        lines.append(f"| `{name}` | {seed} | " + " | ".join(f"{v:.3f}" for v in values)
-                     + f" | {np.mean(values):.3f} |")
+    names = list(dict.fromkeys(name for name, _, _ in rows))
+    seeds = list(dict.fromkeys(seed for _, seed, _ in rows))
+    score = {(name, seed): values for name, seed, values in rows}
+    several = len(seeds) > 1
+
+    def line(label: str, seed: int, value) -> str:
+        cells = ["–" if (n, seed) not in score else value(score[(n, seed)]) for n in names]
+        return f"| {label} | " + (f"{seed} | " if several else "") + " | ".join(cells) + " |"
+
+    lines = ["| test case | " + ("seed | " if several else "")
+             + " | ".join(f"`{n}`" for n in names) + " |",
+             "|---|" + ("---|" if several else "") + "---|" * len(names)]
+    for seed in seeds:
+        for i, case in enumerate(cases):
+            lines.append(line(case, seed, lambda v, i=i: f"{v[i]:.3f}"))
+        lines.append(line("**mean**", seed, lambda v: f"**{np.mean(v):.3f}**"))
     return "\n".join(lines)
 
 
