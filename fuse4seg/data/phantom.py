@@ -38,16 +38,16 @@ Contrast model (mean intensity of each tissue, before bias, noise and gain; each
 its own arbitrary unit, with white matter = 1 on T1ce; a voxel's value is the partial-volume mix
 of its tissue fractions)
 
-    ================  ======  ======  ==================================================
-    tissue            T1ce    FLAIR   why
-    ================  ======  ======  ==================================================
-    CSF               0.25    0.15    dark on both (FLAIR suppresses free water)
-    grey matter       0.65    0.85    T1: GM darker than WM; FLAIR: GM brighter than WM
-    white matter      1.00    0.65
-    edema (ED, 2)     0.85    1.45    barely visible on T1ce, bright on FLAIR
-    necrosis (NCR, 1) 0.30    1.25    dark on T1ce, bright on FLAIR
-    enhancing (ET, 4) 1.70    1.35    bright on T1ce (contrast agent), bright on FLAIR
-    ================  ======  ======  ==================================================
+    ===================  ======  ======  ==================================================
+    tissue               T1ce    FLAIR   why
+    ===================  ======  ======  ==================================================
+    CSF                  0.25    0.15    dark on both (FLAIR suppresses free water)
+    grey matter          0.65    0.85    T1: GM darker than WM; FLAIR: GM brighter than WM
+    white matter         1.00    0.65    reference (T1ce)
+    edema (ED, 2)        0.85    1.45    barely visible on T1ce, bright on FLAIR
+    necrosis (NCR, 1)    0.30    1.25    dark on T1ce, bright on FLAIR
+    enhancing (ET, 4)    1.70    1.35    bright on T1ce (contrast agent), bright on FLAIR
+    ===================  ======  ======  ==================================================
 
     So T1ce separates NCR from ET but hardly shows the edema, while FLAIR shows the whole tumour
     (ED ∪ NCR ∪ ET all bright) but cannot separate its sub-regions: only the two together give
@@ -371,9 +371,9 @@ def make_phantom_case(seed: int) -> dict[str, np.ndarray]:
         seed: non-negative integer; the same seed gives identical arrays.
 
     Returns:
-        ``{"t1ce": int16 (240, 240, 155), "flair": int16 (240, 240, 155), "seg": uint8
-        (240, 240, 155) with BraTS 2021 labels 0 bg, 1 NCR, 2 ED, 4 ET, "affine": float64 (4, 4)
-        RAS, world = MNI152 mm}`` (the contrast model is in the module docstring).
+        A dict: ``"t1ce"`` and ``"flair"`` int16 (240, 240, 155); ``"seg"`` uint8 (240, 240,
+        155) with the BraTS 2021 labels 0 bg, 1 NCR, 2 ED, 4 ET; ``"affine"`` float64 (4, 4),
+        RAS, world = MNI152 mm (the contrast model is in the module docstring).
 
     Raises:
         ValueError: if ``seed`` is negative or not an integer.
