@@ -435,7 +435,7 @@ def per_case_markdown(results: Mapping[str, Sequence[SeedResult]]) -> str:
         return f"| {label} | " + (f"{seed} | " if several else "") + " | ".join(cells) + " |"
 
     lines = ["| test case | " + ("seed | " if several else "")
-             + " | ".join(f"`{n}`" for n in names) + " |",
+             + " | ".join(names) + " |",
              "|---|" + ("---|" if several else "") + "---|" * len(names)]
     for seed in seeds:
         for i, case in enumerate(cases):

@@ -115,12 +115,12 @@ def test_per_case_table_and_mismatched_cases():
     assert cases == ["a", "b"]
     assert rows[0][:2] == ("fuse4seg", 0) and rows[0][2] == pytest.approx([0.1, 0.6])
     lines = R.per_case_markdown(runs).splitlines()  # one seed: no seed column
-    assert lines[0] == "| test case | `fuse4seg` | `average` |"
+    assert lines[0] == "| test case | fuse4seg | average |"
     assert lines[2:] == ["| a | 0.100 | 0.100 |", "| b | 0.600 | 0.200 |",
                          "| **mean** | **0.350** | **0.150** |"]
     runs["average"].append(_seed("average", 1, {"a": (0.3, 0.3, 0.3), "b": (0.5, 0.5, 0.5)}))
     lines = R.per_case_markdown(runs).splitlines()
-    assert lines[0] == "| test case | seed | `fuse4seg` | `average` |"
+    assert lines[0] == "| test case | seed | fuse4seg | average |"
     assert lines[2:] == ["| a | 0 | 0.100 | 0.100 |", "| b | 0 | 0.600 | 0.200 |",
                          "| **mean** | 0 | **0.350** | **0.150** |",
                          "| a | 1 | – | 0.300 |", "| b | 1 | – | 0.500 |",
