@@ -139,6 +139,9 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
     on whole runs)."""
     from fuse4seg.curves import curve, rollout_targets
 
+    def fmt(values):
+        return ", ".join(f"{v:.3f}" for v in values)
+
     out = ["Stage change on the real folds (whole runs; a validation every `train.val_every` "
            "epochs on the fold's one validation case). Targets of issue 10 for `fuse4seg`: "
            "L_lower of the first rollout epoch within 1.15× that of the last warm-up epoch, and "
@@ -158,10 +161,6 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
             t = rollout_targets([curve(by_seed[s]) for s in seeds])
             if t is None:
                 continue
-
-            def fmt(values):
-                return ", ".join(f"{v:.3f}" for v in values)
-
             sd = f"{t['sd_warm']:.3f}" if len(seeds) > 1 else "–"
             drop_ok = "–" if t["drop_ok"] is None else ("yes" if t["drop_ok"] else "no")
             out.append(f"| {f} | {', '.join(splits[f]['val'])} | `{m}` | "
