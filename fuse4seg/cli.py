@@ -44,6 +44,10 @@ def phantom_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="write cases in N processes (same bytes as one; default 1)",
+    )
 
 
 def phantom_main(args: argparse.Namespace) -> int:
@@ -55,7 +59,8 @@ def phantom_main(args: argparse.Namespace) -> int:
     from fuse4seg.data.phantom import write_phantom_dataset
 
     folders = write_phantom_dataset(
-        args.out, cases=args.cases, seed=args.seed, progress=not args.quiet
+        args.out, cases=args.cases, seed=args.seed, progress=not args.quiet,
+        workers=args.workers,
     )
     print(f"wrote {len(folders)} phantom cases to {args.out}")
     return 0

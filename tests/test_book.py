@@ -231,7 +231,8 @@ def test_prepare_phantom_writes_keeps_and_rewrites(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_writer(out, cases, seed):  # the real one takes seconds per case
+    def fake_writer(out, cases, seed, workers=1):  # the real one takes seconds per case
+        assert workers >= 1
         calls.append((cases, seed))
         for i in range(cases):
             (Path(out) / f"Phantom_{i:05d}").mkdir(parents=True)

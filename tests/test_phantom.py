@@ -157,6 +157,20 @@ def test_cli_determinism_byte_identical_overwrite(tmp_path, phantom_dir, capsys)
         assert (out / IDS[0] / fname).read_bytes() == (phantom_dir / IDS[0] / fname).read_bytes()
 
 
+def test_workers_write_the_same_bytes(tmp_path, phantom_dir, capsys):
+    # two processes, two cases: the files of one worker (the session fixture), in case order
+    out = tmp_path / "two"
+    assert cli_main(["data", "phantom", "--out", str(out), "--cases", "2", "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.index("phantom 1/2: " + IDS[0]) < err.index("phantom 2/2: " + IDS[1])
+    for cid in IDS[:2]:
+        for m in ("t1ce", "flair", "seg"):
+            name = f"{cid}_{m}.nii.gz"
+            assert (out / cid / name).read_bytes() == (phantom_dir / cid / name).read_bytes()
+    with pytest.raises(ValueError, match="workers"):
+        phantom.write_phantom_dataset(tmp_path / "none", cases=1, workers=0)
+
+
 def test_lead_loader_reads_the_phantom(phantom_dir):
     layouts = pytest.importorskip("fuse4seg.data.layouts")
     cases = layouts.find_cases(phantom_dir)

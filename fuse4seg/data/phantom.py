@@ -84,7 +84,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from fuse4seg.utils import atomic_write_bytes
+from fuse4seg.utils import atomic_write_bytes, case_map
 
 __all__ = [
     "BRATS_SHAPE",
@@ -450,8 +450,23 @@ def _nifti_gz_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
+def _write_case(job: tuple[str, int, int]) -> tuple[Path, list[int], float]:
+    """One case of :func:`write_phantom_dataset` (a top-level function, so a worker process
+    can run it): ``(folder, voxel counts per label, seconds)``."""
+    out_dir, seed, i = job
+    start = time.perf_counter()
+    cid = case_id(i)
+    case = make_phantom_case(case_seed(seed, i))
+    folder = Path(out_dir) / cid
+    for name in ("t1ce", "flair", "seg"):
+        atomic_write_bytes(folder / f"{cid}_{name}.nii.gz",
+                           _nifti_gz_bytes(case[name], case["affine"]))
+    counts = np.bincount(case["seg"].ravel(), minlength=5)
+    return folder, [int(c) for c in counts], time.perf_counter() - start
+
+
 def write_phantom_dataset(
-    out_dir: str | Path, cases: int = 8, seed: int = 0, progress: bool = True
+    out_dir: str | Path, cases: int = 8, seed: int = 0, progress: bool = True, workers: int = 1
 ) -> list[Path]:
     """Write ``cases`` phantom cases in the BraTS 2021 layout under ``out_dir``.
 
@@ -465,12 +480,16 @@ def write_phantom_dataset(
         cases: number of cases, >= 1.
         seed: dataset seed, >= 0.
         progress: print one line per case to stderr.
+        workers: write the cases in this many processes. Each case depends only on its own
+            seed, so the files are byte-identical to one worker's (tested); 2 workers write the
+            ``default`` profile's 24 cases in about half the time on 2 cores.
 
     Returns:
         The case folders, in order.
 
     Raises:
-        ValueError: if ``cases`` < 1, ``seed`` < 0, or ``out_dir`` exists and is not a folder.
+        ValueError: if ``cases`` < 1, ``seed`` < 0, ``workers`` < 1, or ``out_dir`` exists and
+            is not a folder.
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
         raise ValueError(f"phantom --cases must be an integer >= 1, got {cases!r}")
@@ -480,20 +499,14 @@ def write_phantom_dataset(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"phantom output {out_dir} exists and is not a folder")
     folders = []
-    for i in range(int(cases)):
-        start = time.perf_counter()
-        cid = case_id(i)
-        case = make_phantom_case(case_seed(seed, i))
-        folder = out_dir / cid
-        for name in ("t1ce", "flair", "seg"):
-            data = _nifti_gz_bytes(case[name], case["affine"])
-            atomic_write_bytes(folder / f"{cid}_{name}.nii.gz", data)
-        folders.append(folder)
-        if progress:
-            counts = np.bincount(case["seg"].ravel(), minlength=5)
-            print(
-                f"phantom {i + 1}/{cases}: {cid} NCR {counts[1]} ED {counts[2]} ET {counts[4]} "
-                f"voxels ({time.perf_counter() - start:.1f} s)",
-                file=sys.stderr,
-            )
+    jobs = [(str(out_dir), int(seed), i) for i in range(int(cases))]
+    with case_map(_write_case, jobs, workers) as results:
+        for i, (folder, counts, seconds) in enumerate(results):
+            folders.append(folder)
+            if progress:
+                print(
+                    f"phantom {i + 1}/{cases}: {folder.name} NCR {counts[1]} ED {counts[2]} "
+                    f"ET {counts[4]} voxels ({seconds:.1f} s)",
+                    file=sys.stderr,
+                )
     return folders
