@@ -319,11 +319,25 @@ def test_disjoint_follower_reads_a_kept_x_f_of_its_frozen_leader(phantom_cache, 
     monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", 0)  # nothing fits: fused every step
     every = train(config, "disjoint_ae", data=phantom_cache, out=tmp_path / "every",
                   progress=False)
-    assert kept_count < fused["n"]  # fewer slices fused (validation's fusions count in both)
+    assert kept_count < fused["n"]  # fewer slices fused
+    validations = [row for row in kept.metrics if "val" in row]
+    assert len(validations) >= 2  # the validation slices were fused at the first one only
     for a, b in zip(kept.metrics, every.metrics, strict=True):
         for key in ("L_lower", "L_physical"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4), key
+        if "val" in a:
+            assert a["val"]["mean_dice"] == pytest.approx(b["val"]["mean_dice"], abs=1e-6)
+    # what was fused, kept: each training slice drawn and each validation slice once
+    fused["n"] = 0
+    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", 1 << 30)
+    from fuse4seg.train.trainer import Trainer
+
+    trainer = Trainer(config, "disjoint_ae", phantom_cache, tmp_path / "direct", progress=False)
+    trainer.validate("warmup")
+    first = fused["n"]
+    trainer.validate("rollout")
+    assert first == len(trainer.val_items) and fused["n"] == first
 
 
 def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):

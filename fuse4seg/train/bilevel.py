@@ -184,8 +184,8 @@ class Engine:
             if leader is not None
             else None
         )
-        # x_f of a frozen leader per training slice (see frozen_prior); emptied on load
-        self._frozen_xf: dict[int, torch.Tensor] = {}
+        # x_f of a frozen leader per (split, slice) (see frozen_prior); emptied on load
+        self._frozen_xf: dict[tuple[str, int], torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -242,28 +242,30 @@ class Engine:
     """Most bytes of x_f :meth:`frozen_prior` keeps (1 GiB: the default profile's training
     slices need ~15 MB; the paper's BraTS 2021 ones would not fit, and are fused every step)."""
 
-    def frozen_prior(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        """:meth:`prior` of a training batch, remembered per slice when the leader is frozen.
+    def frozen_prior(self, batch: dict[str, Any], stage: str, split: str = "train",
+                     ema: bool = False) -> torch.Tensor:
+        """:meth:`prior` of a batch, remembered per slice when the leader is frozen.
 
         ``disjoint_ae`` trains its follower on the EMA leader, which no longer changes once its
-        fusion stage is over: x_f of a slice is then the same at every step, so it is computed
-        once and kept (the batch's ``index``: dataset indices), up to
-        :data:`FROZEN_CACHE_BYTES`. A slice's x_f does not depend on the other slices of its
-        batch, so this changes nothing but float rounding (tested). Every other case calls
-        :meth:`prior`.
+        fusion stage is over: x_f of a slice is then the same at every step and at every
+        validation, so it is computed once and kept (keyed by ``split`` and the batch's
+        ``index``, the dataset indices), up to :data:`FROZEN_CACHE_BYTES`. A slice's x_f does
+        not depend on the other slices of its batch, so this changes nothing but float rounding
+        (tested). Every other case calls :meth:`prior` (with ``ema``).
         """
         frozen = (self.spec.trains_on_ema and self.spec.input_rule(stage) is None
                   and not self.spec.learns_leader_from_follower and stage != "fusion")
-        keys = batch.get("index")
-        if not frozen or keys is None:
-            return self.prior(batch["x1"], batch["x2"], stage, ema=False)
+        indices = batch.get("index")
+        if not frozen or indices is None:
+            return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
+        keys = [(split, int(i)) for i in indices]
         missing = [j for j, k in enumerate(keys) if k not in self._frozen_xf]
         if missing:
-            x_f = self.prior(batch["x1"][missing], batch["x2"][missing], stage, ema=False)
+            x_f = self.prior(batch["x1"][missing], batch["x2"][missing], stage, ema=ema)
             per_slice = x_f[0].numel() * x_f.element_size()
             room = (self.FROZEN_CACHE_BYTES // per_slice) - len(self._frozen_xf)
             if room < len(missing):  # too many slices to keep: fuse every step
-                return self.prior(batch["x1"], batch["x2"], stage, ema=False)
+                return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
             for j, x in zip(missing, x_f, strict=True):
                 self._frozen_xf[keys[j]] = x
         return torch.stack([self._frozen_xf[k] for k in keys])

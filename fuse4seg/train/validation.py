@@ -71,9 +71,11 @@ def validate(
     follower = engine.follower_module
     follower.eval()
     meter = SegmentationMeter()
+    space = "val:" + ",".join(dataset.case_ids)  # the cache key of these slices
     for start in range(0, len(items), batch_size):
         batch = collate(dataset, items[start : start + batch_size], engine.device)
-        x_in = engine.prior(batch["x1"], batch["x2"], stage, ema=ema)
+        # a frozen leader's x_f is fused once per slice (Engine.frozen_prior)
+        x_in = engine.frozen_prior(batch, stage, split=space, ema=ema)
         with engine.autocast():
             logits = follower(x_in)  # (B, C, S, S) -> (B, 4, S, S)
         meter.update(logits.argmax(dim=1).cpu(), batch["seg"].cpu(), batch["case_id"])
