@@ -3,7 +3,8 @@
 Three profiles ship with the package (chapter 1 and chapter 4 explain them):
 
 - ``smoke``: CI and tests. Tiny models, 64×64 slices (volumes down-sampled 4×), a few steps.
-- ``default``: a laptop CPU on the built-in phantom (80×80 slices), minutes per chapter.
+- ``default``: a laptop CPU on the built-in phantom (3 mm slices cropped to 64×64), minutes
+  per chapter.
 - ``paper``: every hyper-parameter of the paper's §4.1 (240×240 slices, K = 5, batch 8, AMP, ...).
 
 A config is built with :func:`get_config` (profile name plus overrides). Overrides are dotted
@@ -220,9 +221,13 @@ _SECTIONS = {
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "default": {
-        # a laptop CPU: 80x80 slices (volumes down-sampled 3x), small models, ~2 min of training
+        # a laptop CPU: volumes down-sampled 3x (80x80 slices) and centre-cropped to 64x64, small
+        # models, ~1-2 min of training per run. At 3 mm the brain spans at most 63 pixels, so the
+        # crop holds all of it (every phantom case and every case in ../shared/data: 0.04 % of
+        # brain at most cut away, no tumour) and only drops zero background: 36 % fewer pixels
+        # per step than 80x80 (prepare_cache warns when a crop cuts brain or tumour away)
         "data.downsample": 3,
-        "data.crop_size": 80,
+        "data.crop_size": 64,
         "data.slice_stride": 4,
         # 24 phantom patients (fuse4seg.book.PHANTOM_CASES) -> 14 train / 4 val / 6 test: enough
         # validation and test patients for a seed-to-seed sd and a paired interval to mean much

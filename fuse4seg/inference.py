@@ -56,9 +56,9 @@ class Bundle:
 def default_batch_size(device: torch.device | str) -> int:
     """Slices per forward pass when none is given: 4 on a CPU, 16 on a GPU.
 
-    On a CPU small batches are faster per slice: at the ``default`` profile's 80×80 slices a
-    batch of 4 pushes slices through leader and follower 1.7× faster than a batch of 16, whose
-    activations no longer fit the caches (``benchmarks/bench_inference.py``,
+    On a CPU small batches are faster per slice: at 80×80 slices (the ``default`` profile before
+    its 64×64 crop) a batch of 4 pushes slices through leader and follower 1.7× faster than a
+    batch of 16, whose activations no longer fit the caches (``benchmarks/bench_inference.py``,
     ``benchmarks/RESULTS.md``). The results do not depend on it beyond float noise.
     """
     return 4 if torch.device(device).type == "cpu" else 16

@@ -18,6 +18,7 @@ from fuse4seg.data.slices import (
     SliceDataset,
     load_manifest,
     make_split,
+    outside_crop,
     prepare_cache,
     preprocess_labels,
     preprocess_volume,
@@ -242,6 +243,36 @@ def test_cache_rebuild_rule(brats2021_case, tmp_path):
     item = ds[0]
     assert item["x1"].shape == (1, 80, 80) and item["seg"].dtype.is_floating_point is False
     assert len(m["case_info"][0]["checksums"]) == 3
+
+
+def test_outside_crop_counts_what_the_crop_cuts_away():
+    cfg = get_config("default").data  # 3x down-sampling, 64x64 centre crop of 80x80
+    mask = np.zeros((240, 240, 4), bool)
+    mask[60:180, 60:180, :] = True  # 40x40 after down-sampling: inside the crop
+    assert outside_crop(mask, cfg) == 0.0
+    mask[0:3, 100:103, 0] = True  # one down-sampled pixel in the first row: cropped away
+    assert outside_crop(mask, cfg) == pytest.approx(9 / mask.sum())
+    assert outside_crop(np.zeros_like(mask), cfg) == 0.0
+
+
+def test_prepare_warns_when_the_crop_cuts_brain_or_tumour(brats2021_case, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(brats2021_case, data / "BraTS2021_00006")
+    # the real case at the default geometry: all of it inside the crop, no warning
+    cfg = get_config("default").data
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_cache(data, tmp_path / "fits", cfg, progress=False)
+    info = load_manifest(tmp_path / "fits")["case_info"][0]
+    assert info["brain_outside_crop"] == 0.0 and info["tumour_outside_crop"] == 0.0
+    # a 32x32 crop of 3 mm slices cuts brain (and here tumour) away: named in the warning
+    small = get_config("default", {"data.crop_size": 32}).data
+    with pytest.warns(UserWarning, match=r"crop_size=32 .* BraTS2021_00006 \(brain"):
+        prepare_cache(data, tmp_path / "cut", small, progress=False)
+    info = load_manifest(tmp_path / "cut")["case_info"][0]
+    assert 0.0 < info["brain_outside_crop"] < 1.0
 
 
 def test_prepare_cli(shared_data, tmp_path, capsys):

@@ -95,6 +95,24 @@ def _centre(slices: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def outside_crop(mask: np.ndarray, data_cfg: DataConfig) -> float:
+    """Fraction of the voxels of ``mask`` (bool ``(X, Y, Z)``) that the in-plane centre crop of
+    :func:`preprocess_volume` cuts away (0.0 when the crop holds them all, or ``mask`` is empty).
+
+    :func:`prepare_cache` records it per case for the brain and the tumour and warns when the
+    crop cuts into either: what is cut away is never seen in training and is predicted as
+    background at inference."""
+    f = data_cfg.downsample
+    counts = _pad_to_multiple(np.count_nonzero(mask, axis=2), f)  # (X, Y) voxels per column
+    x, y = counts.shape
+    counts = counts.reshape(x // f, f, y // f, f).sum(axis=(1, 3))
+    total = int(counts.sum())
+    if total == 0:
+        return 0.0
+    kept = int(_centre(counts[None], (data_cfg.crop_size,) * 2).sum())
+    return (total - kept) / total
+
+
 def preprocess_volume(volume: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
     """``(X, Y, Z)`` image in [0, 1] → ``(Z, S, S)`` float32 slices (block mean, crop/pad)."""
     f = data_cfg.downsample
@@ -256,6 +274,7 @@ def prepare_cache(
             info.append(entry)
             rebuilt += built
 
+    _warn_if_cropped(info, data_cfg)
     case_ids = [c["case_id"] for c in info]
     split = make_split(case_ids, data_cfg.split_fractions, data_cfg.split_seed)
     manifest = {
@@ -272,6 +291,32 @@ def prepare_cache(
     if not unchanged:
         atomic_write_json(path, manifest)
     return path
+
+
+CROP_WARN_FRACTION = 1e-3
+"""Brain fraction cut away by the crop above which :func:`prepare_cache` warns (any tumour
+voxel cut away always warns)."""
+
+
+def _warn_if_cropped(info: list[dict[str, Any]], data_cfg: DataConfig) -> None:
+    """Warn, naming the cases, when ``data.crop_size`` cuts brain or tumour away."""
+    import warnings
+
+    cut = [c for c in info if c.get("brain_outside_crop", 0.0) > CROP_WARN_FRACTION
+           or c.get("tumour_outside_crop", 0.0) > 0.0]
+    if not cut:
+        return
+    shown = ", ".join(
+        f"{c['case_id']} (brain {c['brain_outside_crop']:.1%}, tumour "
+        f"{c['tumour_outside_crop']:.1%})" for c in cut[:5]
+    )
+    more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
+    warnings.warn(
+        f"data.crop_size={data_cfg.crop_size} after {data_cfg.downsample}x down-sampling cuts "
+        f"brain or tumour voxels away in {len(cut)} case(s): {shown}{more}. They are never "
+        f"trained on and are predicted as background; raise data.crop_size (a multiple of 16).",
+        stacklevel=3,
+    )
 
 
 def _case_job(job) -> tuple[dict[str, Any], bool]:
@@ -329,6 +374,8 @@ def _prepare_case(files, data_cfg: DataConfig, stem: Path, raw=None) -> dict[str
         "shape": list(case.shape),
         "slices": [int(k) for k in keep],
         "num_slices": int(keep.size),
+        "brain_outside_crop": outside_crop(case.brain_mask, data_cfg),
+        "tumour_outside_crop": outside_crop(case.seg > 0, data_cfg),
     }
 
 
