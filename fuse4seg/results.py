@@ -27,6 +27,8 @@ Explained in chapter 6 (``book/06_results.md``).
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -420,6 +422,16 @@ def per_case_table(
     return cases or [], rows
 
 
+def _shared_prefix(ids: Sequence[str]) -> str:
+    """The part up to the last ``_``/``-`` that every id of several shares (``"Phantom_"``,
+    ``"BraTS2021_"``), so a narrow table can name it once; ``""`` when there is none."""
+    if len(ids) < 2:
+        return ""
+    common = os.path.commonprefix(list(ids))
+    cut = max(common.rfind("_"), common.rfind("-"))
+    return common[: cut + 1] if cut >= 0 else ""
+
+
 def per_case_markdown(results: Mapping[str, Sequence[SeedResult]]) -> str:
     """:func:`per_case_table` as Markdown, narrow enough for a book page: a row per test case
     (and seed, when there are several: the caption names a single one), a column per method,
@@ -434,12 +446,14 @@ def per_case_markdown(results: Mapping[str, Sequence[SeedResult]]) -> str:
         cells = ["–" if (n, seed) not in score else value(score[(n, seed)]) for n in names]
         return f"| {label} | " + (f"{seed} | " if several else "") + " | ".join(cells) + " |"
 
-    lines = ["| test case | " + ("seed | " if several else "")
+    prefix = _shared_prefix(cases)  # "Phantom_" of Phantom_00001, ...: said once, in the header
+    header = f"test case ({prefix}…)" if prefix else "test case"
+    lines = [f"| {header} | " + ("seed | " if several else "")
              + " | ".join(names) + " |",
              "|---|" + ("---|" if several else "") + "---|" * len(names)]
     for seed in seeds:
         for i, case in enumerate(cases):
-            lines.append(line(case, seed, lambda v, i=i: f"{v[i]:.3f}"))
+            lines.append(line(case[len(prefix):], seed, lambda v, i=i: f"{v[i]:.3f}"))
         lines.append(line("**mean**", seed, lambda v: f"**{np.mean(v):.3f}**"))
     return "\n".join(lines)
 

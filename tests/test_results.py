@@ -125,6 +125,12 @@ def test_per_case_table_and_mismatched_cases():
                          "| **mean** | 0 | **0.350** | **0.150** |",
                          "| a | 1 | – | 0.300 |", "| b | 1 | – | 0.500 |",
                          "| **mean** | 1 | – | **0.400** |"]
+    # a prefix every case id shares is named once, in the header
+    named = {"average": [_seed("average", 0, {"Phantom_00001": (0.1, 0.1, 0.1),
+                                              "Phantom_00014": (0.2, 0.2, 0.2)})]}
+    lines = R.per_case_markdown(named).splitlines()
+    assert lines[0] == "| test case (Phantom_…) | average |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["00001", "00014", "**mean**"]
     runs["max"] = [_seed("max", 0, {"a": (0.1, 0.1, 0.1), "c": (0.2, 0.2, 0.2)})]
     with pytest.raises(ValueError, match="max, seed 0: scored on cases"):
         R.per_case_table(runs)
