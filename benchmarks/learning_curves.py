@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fuse4seg.config import get_config, parse_overrides
 from fuse4seg.curves import curve, plateau, rollout_targets, summary_markdown
-from fuse4seg.train.runs import cpu_name
+from fuse4seg.train.runs import cpu_name, flatten
 
 
 def commit() -> str:
@@ -69,7 +69,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     overrides = {**parse_overrides(args.set), "train.val_every": 1}
     report = {"profile": args.profile, "overrides": args.set, "commit": commit(),
-              "cpu": cpu_name(), "cores": os.cpu_count(), "methods": {}}
+              "cpu": cpu_name(), "cores": os.cpu_count(), "methods": {},
+              # the settings every run shares (chapter 4 checks them: curves.config_differences)
+              "config": flatten(get_config(args.profile, parse_overrides(args.set)))}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         data = args.data

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["curve", "load_report", "plateau", "plot_learning_curves", "rollout_targets",
-           "summary_markdown"]
+__all__ = ["config_differences", "curve", "load_report", "plateau", "plot_learning_curves",
+           "rollout_targets", "summary_markdown"]
 
 
 def curve(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -126,6 +126,31 @@ def load_report(path: str | Path) -> dict[str, Any]:
             "`python benchmarks/learning_curves.py --out " + str(path) + "`"
         )
     return json.loads(path.read_text())
+
+
+PER_RUN_SETTINGS = ("train.seed", "train.val_every", "train.device")
+"""Settings a learning-curve report varies per run or by design (every epoch validated)."""
+
+
+def config_differences(report: Mapping[str, Any], config) -> list[str]:
+    """The settings in which the configuration of ``report`` (``benchmarks/learning_curves.py``
+    records it in ``config``) differs from ``config``, as ``"name: report value, here value"``
+    lines, :data:`PER_RUN_SETTINGS` left out. A report without its configuration (written by an
+    older script) gives one line that says so. Chapter 4 prints them under the plot, so curves
+    measured with another geometry or schedule are never shown as this profile's."""
+    from fuse4seg.train.runs import flatten
+
+    theirs = report.get("config")
+    if theirs is None:
+        return ["the report does not record its configuration (an older learning_curves.py)"]
+    ours = {k: v for k, v in flatten(config).items() if k not in PER_RUN_SETTINGS}
+    theirs = {k: v for k, v in theirs.items() if k not in PER_RUN_SETTINGS}
+
+    def norm(value):  # JSON turns tuples into lists
+        return list(value) if isinstance(value, tuple) else value
+
+    return [f"{k}: {theirs.get(k, '(unset)')!r} in the report, {ours.get(k, '(unset)')!r} here"
+            for k in sorted(set(ours) | set(theirs)) if norm(ours.get(k)) != norm(theirs.get(k))]
 
 
 def _stage_change(runs: Sequence[Mapping[str, Any]]) -> int | None:

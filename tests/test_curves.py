@@ -97,3 +97,20 @@ def test_curve_reads_a_run_folder(tmp_path):
         {"epoch": 1, "stage": "warmup", "L_lower": 0.9, "val": None, "elapsed_s": 3.0},
         {"epoch": 2, "stage": "rollout", "L_lower": 0.8, "val": 0.4, "elapsed_s": 6.0},
     ]
+
+
+def test_config_differences_name_the_settings_a_report_was_measured_with():
+    from fuse4seg.config import get_config
+    from fuse4seg.train.runs import flatten
+
+    here = get_config("default")
+    report = {"config": json.loads(json.dumps(flatten(here)))}  # as the JSON file holds it
+    assert curves.config_differences(report, here) == []
+    # seeds and the validation cadence vary by design; the geometry does not
+    other = get_config("default", {"train.seed": 3, "train.val_every": 1})
+    assert curves.config_differences(report, other) == []
+    older = get_config("default", {"data.crop_size": 80})
+    report = {"config": json.loads(json.dumps(flatten(older)))}
+    assert curves.config_differences(report, here) == [
+        "data.crop_size: 80 in the report, 64 here"]
+    assert "does not record" in curves.config_differences({}, here)[0]
