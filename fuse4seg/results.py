@@ -27,9 +27,8 @@ Explained in chapter 6 (``book/06_results.md``).
 
 from __future__ import annotations
 
-import os
-
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
