@@ -152,7 +152,7 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
            "| fold | validation case | method | L_lower ratio per seed | drop per seed | sd of "
            "the last warm-up validation | ratio ≤ 1.15 | drop ≤ sd |",
            "|---|---|---|---|---|---|---|---|"]
-    seeds: list[int] = []
+    seen: set[tuple[int, ...]] = set()  # the seeds of each row, in their order
     folds = sorted({f for by_fold in run_dirs.values() for f in by_fold})
     for f in folds:
         for m in (m for m in STAGE_METHODS if f in run_dirs.get(m, {})):
@@ -161,13 +161,18 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
             t = rollout_targets([curve(by_seed[s]) for s in seeds])
             if t is None:
                 continue
+            seen.add(tuple(seeds))
             sd = f"{t['sd_warm']:.3f}" if len(seeds) > 1 else "–"
             drop_ok = "–" if t["drop_ok"] is None else ("yes" if t["drop_ok"] else "no")
             out.append(f"| {f} | {', '.join(splits[f]['val'])} | `{m}` | "
                        f"{fmt(t['loss_ratio'])} | {fmt(t['drop'])} | {sd} | "
                        f"{'yes' if t['loss_ok'] else 'no'} | {drop_ok} |")
-    return out + ["", f"(Seeds {seeds} in that order; a negative drop is a rollout validation "
-                      "above the warm-up's.)", ""]
+    if len(seen) == 1:
+        order = f"Seeds {list(next(iter(seen)))} in that order"
+    else:  # rows with different seeds: say so rather than name one row's
+        order = "Seeds in increasing order within each row; the rows do not share one seed set"
+    return out + ["", f"({order}; a negative drop is a rollout validation above the "
+                      "warm-up's.)", ""]
 
 
 def write_section(path: Path, lines: list[str]) -> None:

@@ -85,3 +85,9 @@ def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
     assert cells[0][5] == "0.100" and cells[0][6:] == ["yes", "yes"]
     assert cells[1][3] == "1.000, 1.500, 1.000" and cells[1][6:] == ["no", "no"]
     assert cells[2][4] == "0.000, 0.000, 0.000" and cells[2][6:] == ["yes", "yes"]
+    table = study_real.stage_change(runs, splits)
+    assert "(Seeds [0, 1, 2] in that order;" in table[-2]
+    # rows with other seeds: the footer does not name one row's seeds for all
+    runs["average"][1] = {3: prior1[0], 4: prior1[1]}
+    table = study_real.stage_change(runs, splits)
+    assert "do not share one seed set" in table[-2] and "[0, 1, 2]" not in table[-2]
