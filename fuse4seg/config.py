@@ -232,7 +232,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         # 24 phantom patients (fuse4seg.book.PHANTOM_CASES) -> 14 train / 4 val / 6 test: enough
         # validation and test patients for a seed-to-seed sd and a paired interval to mean much
         "data.split_fractions": (0.6, 0.15, 0.25),
-        "model.fusion": "fuse4seg_small",
+        # the leader at dim 8 with one Restormer block and one INN layer (5.5 k parameters,
+        # fuse4seg_tiny): 2.7x faster in inference and 2.2x in training than fuse4seg_small on
+        # 2 CPU cores, which the 25-minute book budget needs (benchmarks/RESULTS.md, "The
+        # book"); at this scale's 80 leader steps x_f stays close to x_avg either way
+        "model.fusion": "fuse4seg_tiny",
         "model.segmentation": "convnext_unet_small",
         # x_f on x_avg's intensity range: without it the follower's validation Dice collapses
         # when the rollout starts (benchmarks/probe_collapse.py; chapter 4)

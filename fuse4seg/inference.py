@@ -37,6 +37,7 @@ __all__ = [
     "predict_files",
     "predict_volume",
     "segment_slices",
+    "volume_slices",
 ]
 
 @dataclass
@@ -147,36 +148,92 @@ def segment_slices(
     return (np.concatenate(fused_out) if single else None), labels
 
 
+def volume_slices(t1ce: np.ndarray, flair: np.ndarray, brain_mask: np.ndarray,
+                  data_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The networks' input of a whole volume: T1ce and FLAIR scaled to [0, 1] inside the
+    brain, down-sampled and cropped as the training slices, ``2 × (Z, S, S)`` float32."""
+    from fuse4seg.data.layouts import normalize_intensity
+    from fuse4seg.data.slices import preprocess_volume
+
+    pct = data_cfg.intensity_percentiles
+    return (preprocess_volume(normalize_intensity(t1ce, brain_mask, pct), data_cfg),
+            preprocess_volume(normalize_intensity(flair, brain_mask, pct), data_cfg))
+
+
 def predict_volume(
     bundle: Bundle,
-    t1ce: np.ndarray,
-    flair: np.ndarray,
+    t1ce: np.ndarray | None,
+    flair: np.ndarray | None,
     brain_mask: np.ndarray,
     batch_size: int | None = None,
+    fused: bool = True,
+    slices: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Fuse and segment a whole volume, slice by slice.
 
     Args:
-        t1ce, flair: raw intensities ``(X, Y, Z)`` on the same grid.
+        t1ce, flair: raw intensities ``(X, Y, Z)`` on the same grid (unused with ``slices``).
         brain_mask: bool ``(X, Y, Z)``.
+        fused: also put x_f back on the input grid (``False``: return ``None`` for it, as
+            scoring needs only the labels).
+        slices: :func:`volume_slices` of this volume with the bundle's data settings, when the
+            caller has them already.
 
     Returns:
         ``(fused (X, Y, Z) float32 in [0, 1] or None, seg (X, Y, Z) uint8 canonical labels)``.
     """
-    from fuse4seg.data.layouts import normalize_intensity
-    from fuse4seg.data.slices import preprocess_volume, restore_volume
+    from fuse4seg.data.slices import restore_volume
 
     cfg = bundle.config.data
-    shape = tuple(int(s) for s in t1ce.shape)
-    s1 = preprocess_volume(normalize_intensity(t1ce, brain_mask, cfg.intensity_percentiles), cfg)
-    s2 = preprocess_volume(normalize_intensity(flair, brain_mask, cfg.intensity_percentiles), cfg)
-    fused, labels = segment_slices(bundle, s1, s2, batch_size)  # (Z, S, S)
+    shape = tuple(int(s) for s in brain_mask.shape)
+    s1, s2 = slices if slices is not None else volume_slices(t1ce, flair, brain_mask, cfg)
+    x_f, labels = segment_slices(bundle, s1, s2, batch_size)  # (Z, S, S)
     seg = restore_volume(labels, shape, cfg, labels=True).astype(np.uint8)
     seg[~brain_mask] = 0
-    if fused is not None:
-        fused = np.clip(restore_volume(fused, shape, cfg, labels=False), 0.0, 1.0)
-        fused = fused.astype(np.float32)
-    return fused, seg
+    if x_f is None or not fused:
+        return None, seg
+    return np.clip(restore_volume(x_f, shape, cfg, labels=False), 0.0, 1.0).astype(np.float32), seg
+
+
+_SCORED: dict[tuple, tuple] = {}
+"""The test volumes :func:`evaluate_run` read last: ``key -> (slices, brain mask, labels)``."""
+
+SCORED_CACHE_BYTES = 512 << 20
+"""Most bytes :func:`evaluate_run` keeps of prepared test volumes between calls."""
+
+
+def _scored_case(entry: dict[str, Any], data_cfg) -> tuple:
+    """A test case as scoring needs it: ``((s1, s2), brain_mask, seg)``, kept between calls.
+
+    Scoring several runs of one split (chapter 06 scores up to nine) reads, scales and
+    down-samples the same volumes each time; the result depends only on the source files
+    (their paths, sizes and modification times are in the key) and the data settings, so it is
+    kept, up to :data:`SCORED_CACHE_BYTES`, the oldest dropped first. The networks' outputs are
+    exactly those of a fresh read (tested).
+    """
+    import os
+
+    from fuse4seg.data.layouts import CaseFiles, load_case
+
+    paths = {k: Path(v) for k, v in entry["sources"].items()}
+    stats = tuple(sorted((k, str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                         for k, p in paths.items()))
+    key = (entry["case_id"], entry["layout"], stats, data_cfg.downsample, data_cfg.crop_size,
+           tuple(data_cfg.intensity_percentiles))
+    if key in _SCORED:
+        return _SCORED[key]
+    case = load_case(CaseFiles(entry["case_id"], entry["layout"], paths))
+    item = (volume_slices(case.t1ce, case.flair, case.brain_mask, data_cfg), case.brain_mask,
+            case.seg)
+    for array in (*item[0], item[1], item[2]):
+        array.setflags(write=False)  # shared by later calls: nobody may change them
+    size = sum(a.nbytes for a in (*item[0], item[1], item[2]))
+    while _SCORED and sum(sum(a.nbytes for a in (*v[0], v[1], v[2])) for v in _SCORED.values()
+                          ) + size > SCORED_CACHE_BYTES:
+        _SCORED.pop(next(iter(_SCORED)))
+    if size <= SCORED_CACHE_BYTES:
+        _SCORED[key] = item
+    return item
 
 
 def _scheme_of(path: Path, default: str) -> str:
@@ -300,7 +357,6 @@ def evaluate_run(
     Raises:
         ValueError: unknown or empty split, data that do not match the run.
     """
-    from fuse4seg.data.layouts import CaseFiles, load_case
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.metrics.segmentation import SegmentationMeter
     from fuse4seg.train.runs import resolve_cache
@@ -321,11 +377,10 @@ def evaluate_run(
     info = {c["case_id"]: c for c in manifest["case_info"]}
     meter = SegmentationMeter()
     for cid in ids:
-        entry = info[cid]
-        paths = {k: Path(v) for k, v in entry["sources"].items()}
-        case = load_case(CaseFiles(cid, entry["layout"], paths))
-        _, pred = predict_volume(bundle, case.t1ce, case.flair, case.brain_mask, batch_size)
-        meter.update(pred, case.seg, cid)
+        slices, brain_mask, seg = _scored_case(info[cid], bundle.config.data)
+        _, pred = predict_volume(bundle, None, None, brain_mask, batch_size, fused=False,
+                                 slices=slices)
+        meter.update(pred, seg, cid)
     scores = meter.compute()
     mean = scores["mean"]
     result = {

@@ -173,3 +173,35 @@ def test_evaluate_writes_per_case_and_mean_scores(phantom_dir, tmp_path):
     assert set(result["per_case"][case]) >= {"NCR", "ED", "ET", "WT", "TC", "mean"}
     assert 0.0 <= result["mean_dice"] <= 1.0 and 0.0 <= result["mean_iou"] <= 1.0
     assert result["checkpoint"] == "best.pt"
+
+
+def test_scoring_keeps_the_test_volumes_and_scores_as_a_fresh_read(phantom_dir, tmp_path,
+                                                                    monkeypatch):
+    from fuse4seg import inference
+    from fuse4seg.data import layouts
+
+    run = _make_run(tmp_path)
+    monkeypatch.setattr(inference, "_SCORED", {})  # nothing kept from other tests
+    reads = []
+    real = layouts.load_case
+    monkeypatch.setattr(layouts, "load_case", lambda *a, **k: reads.append(1) or real(*a, **k))
+    first = inference.evaluate_run(run, phantom_dir, split="all", device="cpu")
+    assert len(reads) == len(first["cases"]) == 3
+    again = inference.evaluate_run(run, phantom_dir, split="all", device="cpu")
+    assert len(reads) == 3 and again["per_case"] == first["per_case"]  # read once, same scores
+    # the kept arrays cannot be changed by a caller
+    (slices, brain, seg) = next(iter(inference._SCORED.values()))
+    with pytest.raises(ValueError, match="read-only"):
+        seg[0, 0, 0] = 1
+    # as scored from a fresh read, with x_f put back or not
+    monkeypatch.setattr(inference, "_SCORED", {})
+    monkeypatch.setattr(inference, "SCORED_CACHE_BYTES", 0)  # nothing fits: read every time
+    fresh = inference.evaluate_run(run, phantom_dir, split="all", device="cpu")
+    assert len(reads) == 6 and fresh["per_case"] == first["per_case"] and not inference._SCORED
+    case = real(phantom_dir / first["cases"][0])
+    bundle = inference.load_bundle(run, device="cpu")
+    x_f, seg_a = inference.predict_volume(bundle, case.t1ce, case.flair, case.brain_mask)
+    none, seg_b = inference.predict_volume(bundle, case.t1ce, case.flair, case.brain_mask,
+                                           fused=False)
+    assert x_f is not None and x_f.shape == case.shape and none is None
+    np.testing.assert_array_equal(seg_a, seg_b)

@@ -1,11 +1,11 @@
 """Registered networks by name: ``create_fusion("fuse4seg_paper")``, ``create_segmentation(...)``.
 
-Every model has a ``*_tiny`` variant (CPU tests, the ``smoke`` profile), a ``*_small`` variant
-(laptop CPU at 128 × 128, the ``default`` profile) and a ``*_paper`` variant (§3.3, §3.4 and
-CDDFuse's scale: 64 channels, 8 heads, 4 encoder and 4 decoder Restormer blocks, 3 INN layers
-in the encoder, 1 in H_high). ``tests/test_models.py`` runs forward and backward over every
-registered name. Parameter counts per variant: chapter 2 and chapter 3, and
-``benchmarks/bench_models.py``.
+Every model has a ``*_tiny`` variant (CPU tests, the ``smoke`` profile, and the ``default``
+profile's leader), a ``*_small`` variant (a laptop CPU: the ``default`` profile's follower)
+and a ``*_paper`` variant (§3.3, §3.4 and CDDFuse's scale: 64 channels, 8 heads, 4 encoder and
+4 decoder Restormer blocks, 3 INN layers in the encoder, 1 in H_high). ``tests/test_models.py``
+runs forward and backward over every registered name. Parameter counts per variant: chapter 2
+and chapter 3, and ``benchmarks/bench_models.py``.
 """
 
 from __future__ import annotations
