@@ -435,6 +435,19 @@ def _npm_ci(repo: Path) -> None:
         raise BuildError(f"`npm ci` failed in {repo} (exit status {result.returncode})")
 
 
+BOOK_CSS = """\
+/* fuse4seg: results tables with a column per method (chapter 06's per-case table has seven)
+   fit the page: tighter cells and a slightly smaller font inside tables; a table still wider
+   than the article scrolls sideways instead of being cut off. */
+.bd-article table { font-size: 0.9rem; }
+.bd-article table th, .bd-article table td { padding: 0.3rem 0.5rem; }
+.bd-article table code { overflow-wrap: anywhere; }  /* long run ids may break */
+.bd-article .pst-scrollable-table-container { overflow-x: auto; }
+"""
+"""Contents of ``_vendor/fuse4seg.css``, which ``_config.yml`` adds to every page
+(``html_css_files``)."""
+
+
 def copy_vendor(node_modules: Path, vendor: Path) -> list[Path]:
     """Copy :data:`VENDOR_FILES` (and the widget manager's font files) into ``vendor``.
 
@@ -464,6 +477,9 @@ def copy_vendor(node_modules: Path, vendor: Path) -> list[Path]:
     paths_js = vendor / "html-manager" / "fuse4seg-paths.js"
     paths_js.write_text(WIDGET_PATHS_JS, encoding="utf-8")
     written.append(paths_js)
+    css = vendor / "fuse4seg.css"
+    css.write_text(BOOK_CSS, encoding="utf-8")
+    written.append(css)
     return written
 
 
