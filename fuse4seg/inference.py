@@ -133,8 +133,9 @@ def segment_slices(
     spec = get_method(bundle.method)
     single = spec.in_channels == 1
     for start in range(0, x1.shape[0], batch_size):
-        a = torch.from_numpy(np.ascontiguousarray(x1[start : start + batch_size], np.float32))
-        b = torch.from_numpy(np.ascontiguousarray(x2[start : start + batch_size], np.float32))
+        # copies: the slices may be read-only arrays kept between calls (_scored_case)
+        a = torch.from_numpy(np.array(x1[start : start + batch_size], np.float32))
+        b = torch.from_numpy(np.array(x2[start : start + batch_size], np.float32))
         a, b = a[:, None].to(bundle.device), b[:, None].to(bundle.device)  # (B, 1, S, S)
         if bundle.leader is not None:
             x_in, _ = bundle.leader(a, b)  # (B, 1, S, S) x2 -> (B, 1, S, S)
@@ -216,11 +217,14 @@ def _scored_case(entry: dict[str, Any], data_cfg) -> tuple:
     from fuse4seg.data.layouts import CaseFiles, load_case
 
     paths = {k: Path(v) for k, v in entry["sources"].items()}
-    stats = tuple(sorted((k, str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-                         for k, p in paths.items()))
+    try:
+        stats = tuple(sorted((k, str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                             for k, p in paths.items()))
+    except OSError:  # a missing file: load_case raises the DataError that names it
+        stats = None
     key = (entry["case_id"], entry["layout"], stats, data_cfg.downsample, data_cfg.crop_size,
            tuple(data_cfg.intensity_percentiles))
-    if key in _SCORED:
+    if stats is not None and key in _SCORED:
         return _SCORED[key]
     case = load_case(CaseFiles(entry["case_id"], entry["layout"], paths))
     item = (volume_slices(case.t1ce, case.flair, case.brain_mask, data_cfg), case.brain_mask,

@@ -205,3 +205,20 @@ def test_scoring_keeps_the_test_volumes_and_scores_as_a_fresh_read(phantom_dir, 
                                            fused=False)
     assert x_f is not None and x_f.shape == case.shape and none is None
     np.testing.assert_array_equal(seg_a, seg_b)
+
+
+def test_scoring_a_case_whose_file_is_gone_names_the_file(phantom_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from fuse4seg import inference
+    from fuse4seg.data.layouts import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    run = _make_run(tmp_path)
+    monkeypatch.setattr(inference, "_SCORED", {})
+    inference.evaluate_run(run, data, split="all", device="cpu")
+    gone = next(data.glob("*/*_t1ce.nii.gz"))
+    gone.unlink()
+    with pytest.raises(DataError, match=f"{gone.parent.name}: missing T1ce"):
+        inference.evaluate_run(run, data, split="all", device="cpu")
