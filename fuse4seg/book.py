@@ -102,10 +102,9 @@ def prepare_phantom(data_dir: str | Path, cases: int, seed: int = PHANTOM_SEED) 
     old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
     status = "rewritten" if data_dir.exists() else "written"
     try:
-        # one process per core: each case depends only on its seed, so the bytes are the same
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        workers = max(1, min(cores or os.cpu_count() or 1, cases))
-        phantom.write_phantom_dataset(tmp, cases=cases, seed=seed, workers=workers)
+        # one process: with worker processes here, the first chapter's widget cell hung
+        # under papermill this session (cause not found; benchmarks/RESULTS.md, "The book")
+        phantom.write_phantom_dataset(tmp, cases=cases, seed=seed)
         if data_dir.exists():
             os.replace(data_dir, old)
         os.replace(tmp, data_dir)

@@ -150,12 +150,6 @@ def case_map(fn, items: list, workers: int = 1, progress: bool = False, desc: st
 
     A context manager yielding the iterator of results, so the process pool is shut down (and
     pending work cancelled) however the caller leaves: ``with case_map(f, cases, 2) as it: ...``.
-    Workers are *spawned* (fresh interpreters), never forked: a fork copies the state of the
-    caller's other threads (locks, sockets: a Jupyter kernel, papermill's client). A default
-    ``make book`` once hung in its first chapter, papermill and the kernel both idle, after
-    forked workers had written the phantom; the cause was not established, and spawning takes
-    the suspect away for about a second of interpreter start per worker. ``fn`` must be a
-    module-level function.
 
     Raises:
         ValueError: ``workers`` < 1.
@@ -165,11 +159,9 @@ def case_map(fn, items: list, workers: int = 1, progress: bool = False, desc: st
     workers = min(int(workers), max(len(items), 1))
     pool = None
     if workers > 1:
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(max_workers=workers,
-                                   mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=workers)
         results = pool.map(fn, items)
     else:
         results = map(fn, items)
