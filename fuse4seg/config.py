@@ -223,9 +223,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         # a laptop CPU: volumes down-sampled 3x (80x80 slices) and centre-cropped to 64x64, small
         # models, ~1-2 min of training per run. At 3 mm the brain spans at most 63 pixels, so the
-        # crop holds all of it (every phantom case and every case in ../shared/data: 0.04 % of
-        # brain at most cut away, no tumour) and only drops zero background: 36 % fewer pixels
-        # per step than 80x80 (prepare_cache warns when a crop cuts brain or tumour away)
+        # crop holds all of it (every phantom case and the six real BraTS cases measured in
+        # benchmarks/RESULTS.md: 0.04 % of brain at most cut away, no tumour) and only drops
+        # zero background: 36 % fewer pixels per step than 80x80 (prepare_cache warns when a
+        # crop cuts brain or tumour away)
         "data.downsample": 3,
         "data.crop_size": 64,
         "data.slice_stride": 4,
