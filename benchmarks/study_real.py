@@ -142,15 +142,23 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
     def fmt(values):
         return ", ".join(f"{v:.3f}" for v in values)
 
+    def ratios(t):  # runs older than the same-slice reference have only the logged ratio
+        same = t["loss_basis"] != "logged L_lower"
+        return ", ".join(f"{r:.3f} ({g:.3f})" if same else f"– ({g:.3f})"
+                         for r, g in zip(t["loss_ratio"], t["loss_ratio_logged"], strict=True))
+
     out = ["Stage change on the real folds (whole runs; a validation every `train.val_every` "
            "epochs on the fold's one validation case). Targets of issue 10 for `fuse4seg`: "
            "L_lower of the first rollout epoch within 1.15× that of the last warm-up epoch, and "
            "no rollout validation below the last warm-up validation by more than the seed sd "
            "of that warm-up validation. `average` switches to the same rollout schedule (K "
            "steps on D_tr, the rollout learning rate) without a leader: what it shares with "
-           "`fuse4seg` comes from the schedule.", "",
-           "| fold | validation case | method | L_lower ratio per seed | drop per seed | sd of "
-           "the last warm-up validation | ratio ≤ 1.15 | drop ≤ sd |",
+           "`fuse4seg` comes from the schedule. The L_lower ratio compares the follower on the "
+           "same D_tr slices before and after the stage change (`fuse4seg.curves."
+           "rollout_targets`); in brackets the ratio of the two epochs' logged L_lower, which "
+           "compares different batches.", "",
+           "| fold | validation case | method | L_lower ratio, same slices (logged), per seed "
+           "| drop per seed | sd of the last warm-up validation | ratio ≤ 1.15 | drop ≤ sd |",
            "|---|---|---|---|---|---|---|---|"]
     seen: set[tuple[int, ...]] = set()  # the seeds of each row, in their order
     folds = sorted({f for by_fold in run_dirs.values() for f in by_fold})
@@ -165,7 +173,7 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
             sd = f"{t['sd_warm']:.3f}" if len(seeds) > 1 else "–"
             drop_ok = "–" if t["drop_ok"] is None else ("yes" if t["drop_ok"] else "no")
             out.append(f"| {f} | {', '.join(splits[f]['val'])} | `{m}` | "
-                       f"{fmt(t['loss_ratio'])} | {fmt(t['drop'])} | {sd} | "
+                       f"{ratios(t)} | {fmt(t['drop'])} | {sd} | "
                        f"{'yes' if t['loss_ok'] else 'no'} | {drop_ok} |")
     if len(seen) == 1:
         order = f"Seeds {list(next(iter(seen)))} in that order"

@@ -41,7 +41,8 @@ def curve(run_dir: str | Path) -> list[dict[str, Any]]:
 
     return [
         {"epoch": r["epoch"], "stage": r["stage"], "L_lower": r.get("L_lower"),
-         "val": r["val"]["mean_dice"] if "val" in r else None, "elapsed_s": r.get("elapsed_s")}
+         "val": r["val"]["mean_dice"] if "val" in r else None, "elapsed_s": r.get("elapsed_s"),
+         **{k: r[k] for k in ("L_lower_first", "L_lower_ref_next") if k in r}}
         for r in read_metrics(run_dir)
     ]
 
@@ -85,12 +86,22 @@ def plateau(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
 def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any] | None:
     """Issue 10's targets at the stage change (``None`` for a method without both stages).
 
-    Returns ``loss_ratio`` (per seed: L_lower of the first rollout epoch / of the last warm-up
-    epoch), ``drop`` (per seed: last warm-up validation − lowest rollout validation),
-    ``sd_warm`` (seed sd of the last warm-up validation), ``loss_ok`` (every ratio ≤ 1.15) and
+    The follower's training loss at the stage change is compared **on the same slices**:
+    ``loss_ratio`` (per seed) is the mean ``L_lower_first`` of the first rollout epoch (each
+    step's loss on its fresh D_tr before the K updates on it) over ``L_lower_ref_next`` of the
+    last warm-up epoch (the warmed-up follower's loss on those same D_tr slices, fed the
+    warm-up's prior, before any rollout update: :meth:`fuse4seg.train.bilevel.Engine.
+    stage_change_reference`). ``loss_ratio_logged`` is the ratio of the two epochs' logged
+    ``L_lower``, which compares different batches: B random slices in the warm-up, B/2 slices
+    from half the patients in D_tr, on which the batch soft Dice is higher for the same follower
+    (``benchmarks/probe_loss_ratio.py``). Runs written before the reference was logged have
+    only the logged ratio, and ``loss_ratio`` is then that one (``loss_basis`` says which).
+
+    Also ``drop`` (per seed: last warm-up validation − lowest rollout validation), ``sd_warm``
+    (seed sd of the last warm-up validation), ``loss_ok`` (every ``loss_ratio`` ≤ 1.15) and
     ``drop_ok`` (every drop ≤ ``sd_warm``; ``None`` with one seed).
     """
-    ratios, drops, warm_vals = [], [], []
+    ratios, logged, drops, warm_vals, same_slices = [], [], [], [], []
     for c in curves:
         warm = [r for r in c if r["stage"] == "warmup"]
         roll = [r for r in c if r["stage"] == "rollout"]
@@ -98,13 +109,18 @@ def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, 
             return None
         warm_val = next((r["val"] for r in reversed(warm) if r["val"] is not None), None)
         roll_vals = [r["val"] for r in roll if r["val"] is not None]
-        ratios.append(roll[0]["L_lower"] / warm[-1]["L_lower"])
+        logged.append(roll[0]["L_lower"] / warm[-1]["L_lower"])
+        ref, first = warm[-1].get("L_lower_ref_next"), roll[0].get("L_lower_first")
+        same_slices.append(ref is not None and first is not None)
+        ratios.append(first / ref if same_slices[-1] else logged[-1])
         if warm_val is not None and roll_vals:
             warm_vals.append(warm_val)
             drops.append(warm_val - min(roll_vals))
     sd = float(np.std(warm_vals, ddof=1)) if len(warm_vals) > 1 else float("nan")
-    return {"loss_ratio": ratios, "drop": drops, "sd_warm": sd,
-            "loss_ok": bool(max(ratios) <= 1.15),
+    basis = ("same D_tr slices" if all(same_slices)
+             else "logged L_lower" if not any(same_slices) else "mixed")
+    return {"loss_ratio": ratios, "loss_ratio_logged": logged, "loss_basis": basis,
+            "drop": drops, "sd_warm": sd, "loss_ok": bool(max(ratios) <= 1.15),
             "drop_ok": bool(max(drops) <= sd) if len(drops) > 1 else None}
 
 
@@ -200,8 +216,8 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     lines = ["| method | s per run | val. Dice at 1/4 | 1/2 | 3/4 | end | change over the last "
              "1/4 (sd at end) | plateau |",
              "|---|---|---|---|---|---|---|---|"]
-    stage = ["| method | L_lower ratio at the stage change, per seed | largest val. drop in the "
-             "rollout, per seed (seed sd) |", "|---|---|---|"]
+    stage = ["| method | L_lower ratio at the stage change, same slices (logged), per seed "
+             "| largest val. drop in the rollout, per seed (seed sd) |", "|---|---|---|"]
     for method, entry in report["methods"].items():
         curves = [run["curve"] for run in entry["runs"]]
         vals = _vals(curves)
@@ -222,7 +238,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         )
         t = rollout_targets(curves)
         if t is not None:
-            ratio = ", ".join(f"{r:.2f}" for r in t["loss_ratio"])
+            ratio = ", ".join(
+                f"{r:.2f} ({g:.2f})" if t["loss_basis"] != "logged L_lower" else f"– ({g:.2f})"
+                for r, g in zip(t["loss_ratio"], t["loss_ratio_logged"], strict=True))
             drop = ", ".join(f"{d:+.3f}" for d in t["drop"]) + f" ({t['sd_warm']:.3f})"
             stage.append(f"| `{method}` | {ratio} | {drop} |")
     if len(stage) > 2:

@@ -50,7 +50,22 @@ def test_rollout_targets_measure_the_stage_change():
     assert t["drop"] == pytest.approx([0.2, 0.0])
     assert t["sd_warm"] == pytest.approx(np.std([0.6, 0.4], ddof=1))
     assert t["loss_ok"] is False and t["drop_ok"] is False  # 0.2 > sd 0.141
+    assert t["loss_basis"] == "logged L_lower"  # runs without the same-slice reference
+    assert t["loss_ratio_logged"] == t["loss_ratio"]
     assert curves.rollout_targets([_curve([0.1, 0.2])]) is None  # no stages: no targets
+
+
+def test_the_loss_ratio_compares_the_same_slices_when_the_run_logged_them():
+    # the logged L_lower jumps 0.6 -> 0.9 (other batches); on the same D_tr slices the
+    # follower went from 0.80 before the stage change to 0.84 in the first rollout epoch
+    run = _curve([0.4, 0.5, 0.6, 0.6, 0.6], [0.9, 0.7, 0.6, 0.9, 0.6], warm=3)
+    run[2]["L_lower_ref_next"], run[3]["L_lower_first"] = 0.80, 0.84
+    t = curves.rollout_targets([run])
+    assert t["loss_ratio"] == pytest.approx([1.05]) and t["loss_ok"] is True
+    assert t["loss_ratio_logged"] == pytest.approx([1.5])
+    assert t["loss_basis"] == "same D_tr slices"
+    mixed = curves.rollout_targets([run, _curve([0.4, 0.5, 0.6, 0.6, 0.6], warm=3)])
+    assert mixed["loss_basis"] == "mixed" and mixed["loss_ratio"] == pytest.approx([1.05, 1.0])
 
 
 def _report():
@@ -73,7 +88,7 @@ def test_the_summary_table_has_a_row_per_method_with_its_verdict():
     assert rows[1].endswith("| yes |")
     # the stage-change table has a row only for the method with a warm-up and a rollout
     stage = [line for line in second.splitlines() if line.startswith("| `")]
-    assert len(stage) == 1 and stage[0].startswith("| `fuse4seg` | 1.00, 1.00, 1.00 |")
+    assert len(stage) == 1 and stage[0].startswith("| `fuse4seg` | – (1.00), – (1.00), – (1.00) |")
 
 
 def test_the_plot_draws_each_seed_and_the_mean(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import train_cli_args
 
+from fuse4seg import curves
 from fuse4seg.config import get_config, load_config
 from fuse4seg.train import METHODS, NonFiniteLossError, Trainer, train
 from fuse4seg.train.checkpoint import load_checkpoint
@@ -264,6 +265,34 @@ def test_a_finished_run_is_reused_from_its_files_without_building_a_model(
     (first.run_dir / "run.json").write_text(json.dumps(info))
     with pytest.raises(AssertionError, match="built a Trainer"):
         train(config, "average", data=phantom_cache, out=tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_stage_change_is_compared_on_the_same_slices(phantom_cache, tmp_path, augment):
+    # average feeds x_avg in both stages, so with one step per epoch nothing differs between
+    # the reference (warmed-up follower, no update) and the first rollout step's first inner
+    # loss: they must agree to float rounding, augmentation included
+    config = smoke(**{"train.warmup_epochs": 2, "train.rollout_epochs": 1,
+                      "train.steps_per_epoch": 1, "train.augment": augment})
+    rows = train(config, "average", data=phantom_cache, out=tmp_path, progress=False).metrics
+    assert "L_lower_ref_next" not in rows[0]  # only at the last warm-up epoch
+    assert rows[2]["L_lower_first"] == pytest.approx(rows[1]["L_lower_ref_next"], rel=1e-5)
+    # with two steps the reference is the mean over the epoch's D_tr halves, before any update
+    two = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 1,
+                   "train.steps_per_epoch": 2, "train.inner_steps": 2})
+    trainer = Trainer(two, "fuse4seg", phantom_cache, tmp_path / "two", progress=False)
+    seen = []
+    trainer.batches.on_split = lambda tr, val: seen.append(tr)
+    result = trainer.fit()
+    assert len(seen) == 2  # the reference's draws are not reported as rollout splits
+    ref, first = result.metrics[0]["L_lower_ref_next"], result.metrics[1]["L_lower_first"]
+    # fuse4seg's untrained leader anchored on x_avg's range: close to x_avg, not equal
+    assert np.isfinite(ref) and np.isfinite(first) and ref > 0
+    t = curves.rollout_targets([curves.curve(result.run_dir)])
+    assert t["loss_basis"] == "same D_tr slices"
+    assert t["loss_ratio"] == pytest.approx([first / ref])
+    assert t["loss_ratio_logged"] == pytest.approx(
+        [result.metrics[1]["L_lower"] / result.metrics[0]["L_lower"]])
 
 
 def test_table3_variants_share_one_warmup_bit_for_bit(phantom_cache, tmp_path):

@@ -289,11 +289,7 @@ class Engine:
         augmented first (:func:`fuse4seg.train.augment.augment`, seeded by ``train.seed`` and
         ``draw``).
         """
-        if draw is not None and self.config.train.augment:
-            from fuse4seg.train.augment import augment
-            from fuse4seg.train.sampling import step_generator
-
-            x_in, target = augment(x_in, target, step_generator(self.seed, 0xA06, *draw))
+        x_in, target = self._augmented(x_in, target, draw)
         f = self.follower
         f.zero_grad()
         f.net.train()
@@ -303,6 +299,52 @@ class Engine:
         self.guard({"L_lower": loss})
         f.step(loss, "L_lower", self.guard)
         return to_float(loss)
+
+    def _augmented(self, x_in, target, draw):
+        """``(x_in, target)`` augmented for update ``draw`` when ``train.augment`` is on."""
+        if draw is None or not self.config.train.augment:
+            return x_in, target
+        from fuse4seg.train.augment import augment
+        from fuse4seg.train.sampling import step_generator
+
+        return augment(x_in, target, step_generator(self.seed, 0xA06, *draw))
+
+    def follower_loss(
+        self, x_in: torch.Tensor, target: torch.Tensor, draw: tuple[int, ...] | None = None
+    ) -> float:
+        """L_lower of the follower on a batch **without updating it**: the value
+        :meth:`follower_step` would log for the same ``x_in``, ``target`` and ``draw`` (same
+        augmentation, same train mode; the follower has no dropout, so nothing random is drawn).
+        """
+        x_in, target = self._augmented(x_in, target, draw)
+        net = self.follower.net
+        was_training = net.training
+        net.train()
+        with torch.no_grad(), self.autocast():
+            logits = net(x_in)
+        net.train(was_training)
+        return to_float(self.lower_loss(logits, target))
+
+    def stage_change_reference(self, batches: Batches, epoch: int) -> float:
+        """The follower's L_lower, with no update, on the D_tr halves the rollout epoch
+        ``epoch`` will draw, fed the **warm-up's** prior (x_avg), with the augmentation of each
+        step's first inner update. The rollout logs ``L_lower_first``, the loss of that same
+        first inner update (before the K updates on its D_tr), so
+
+            mean L_lower_first of the first rollout epoch / this reference
+
+        compares the follower before and after the stage change on the same slices: a change of
+        prior, learning rate or leader that undid the warm-up raises it. The logged ``L_lower``
+        of the two stages is not comparable: warm-up batches are B random slices, D_tr is B/2
+        slices from half the patients, and the batch soft Dice of Eq. 2 is higher on the latter
+        for the same follower (``benchmarks/probe_loss_ratio.py``: 1.21× on average, phantom).
+        """
+        losses = []
+        for step in range(self.steps_per_epoch):
+            tr, _ = batches.split(epoch, step, False)
+            x_in = self.prior(tr["x1"], tr["x2"], "warmup", ema=False)
+            losses.append(self.follower_loss(x_in, tr["seg"], (epoch, step, 0)))
+        return float(np.mean(losses))
 
     def leader_step(self, x1, x2, target) -> dict[str, float]:
         """One leader update on D_val with L_upper (Eq. 3), then the EMA update (Eq. 4).
@@ -376,7 +418,9 @@ class Engine:
         x_tr = self.frozen_prior(tr, stage)  # x_f^(tr), computed once
         K = t.inner_steps
         inner = [self.follower_step(x_tr, tr["seg"], (epoch, step, k)) for k in range(K)]
-        out = {"L_lower": float(np.mean(inner))}
+        # L_lower_first: the loss on a fresh D_tr before the K updates on it (see
+        # stage_change_reference); L_lower: the mean over the K updates
+        out = {"L_lower": float(np.mean(inner)), "L_lower_first": inner[0]}
         if bilevel:
             out.update(self.leader_step(val["x1"], val["x2"], val["seg"]))
         return out

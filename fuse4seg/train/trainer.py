@@ -341,6 +341,15 @@ class Trainer:
         row["lr_follower"] = eng.follower.lr(max(eng.follower.updates - 1, 0))
         if eng.leader is not None:
             row["lr_leader"] = eng.leader.lr(max(eng.leader.updates - 1, 0))
+        if stage == "warmup" and epoch == self.warmup_end:
+            # the next epoch is the first rollout epoch: the follower's loss on its D_tr halves
+            # before any rollout update (Engine.stage_change_reference); rollout_targets
+            # divides that epoch's L_lower_first by it
+            on_split, self.batches.on_split = self.batches.on_split, None  # not a real draw
+            try:
+                row["L_lower_ref_next"] = eng.stage_change_reference(self.batches, epoch + 1)
+            finally:
+                self.batches.on_split = on_split
         row["follower_updates"] = eng.follower.updates
         row["leader_updates"] = eng.leader.updates if eng.leader is not None else 0
         due = epoch % t.val_every == 0 or epoch == self.total_epochs
