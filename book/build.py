@@ -335,8 +335,10 @@ def execute_chapter(
                 f"{executed}"
             ) from err
         except Exception as err:  # kernel died, timeout, bad notebook, ...
+            hint = (f" (a cell ran past the per-cell limit of {timeout} s; --timeout N sets it, "
+                    "0 for none)" if "Timeout" in type(err).__name__ else "")
             raise BuildError(
-                f"chapter {chapter.docname} failed: {type(err).__name__}: {err}"
+                f"chapter {chapter.docname} failed: {type(err).__name__}: {err}{hint}"
             ) from err
     if not prepare_only:
         collapse_parameter_cells(executed)
@@ -627,9 +629,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "paths), execute nothing, no HTML (make test runs them with nbval)",
     )
     parser.add_argument("--strict", action="store_true", help="turn Sphinx warnings into errors")
-    parser.add_argument("--timeout", type=int, default=None, help="per-cell time limit in seconds")
+    parser.add_argument(
+        "--timeout", type=int, default=None,
+        help="per-cell time limit in seconds (default: the profile's, CELL_TIMEOUT; 0 = none)",
+    )
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     return parser.parse_args(argv)
+
+
+CELL_TIMEOUT = {"smoke": 900, "default": 3600, "paper": None}
+"""Default per-cell limit (s) by profile. The longest cell of a smoke book takes about a minute
+and of a default book about eight (chapter 06's training); the limit is there so that a cell
+that never returns (seen three times in chapter 01 under papermill, cause not found: the kernel
+idle, the client waiting) fails the build with the chapter's name instead of holding CI until
+its own limit. The paper profile trains for hours in one cell: no limit."""
+
+
+def cell_timeout(profile: str, given: int | None) -> int | None:
+    """The per-cell limit: ``--timeout`` if given (0 = none), else the profile's."""
+    if given is not None:
+        if given < 0:
+            raise BuildError(f"--timeout {given}: give seconds >= 0 (0 = no limit)")
+        return given or None
+    return CELL_TIMEOUT.get(profile)
 
 
 def chapter_path(path: Path, root: Path) -> str:
@@ -673,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile not in PROFILES:
             raise BuildError(f"--profile {args.profile!r}: choose one of {sorted(PROFILES)}")
         cases = args.phantom_cases or phantom_cases(args.profile)
+        timeout = cell_timeout(args.profile, args.timeout)
         if cases < 1:
             raise BuildError(f"--phantom-cases {cases}: must be >= 1")
         present, missing = find_chapters(root, toc)
@@ -740,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
                 available,
                 cwd=root,
                 kernel_name=args.kernel,
-                timeout=args.timeout,
+                timeout=timeout,
                 progress_bar=sys.stderr.isatty(),
                 prepare_only=args.prepare_only,
             )

@@ -231,13 +231,19 @@ def _scored_case(entry: dict[str, Any], data_cfg) -> tuple:
             case.seg)
     for array in (*item[0], item[1], item[2]):
         array.setflags(write=False)  # shared by later calls: nobody may change them
-    size = sum(a.nbytes for a in (*item[0], item[1], item[2]))
-    while _SCORED and sum(sum(a.nbytes for a in (*v[0], v[1], v[2])) for v in _SCORED.values()
-                          ) + size > SCORED_CACHE_BYTES:
-        _SCORED.pop(next(iter(_SCORED)))
-    if size <= SCORED_CACHE_BYTES:
-        _SCORED[key] = item
+    size = _nbytes(item)
+    if stats is None or size > SCORED_CACHE_BYTES:
+        return item
+    kept = sum(_nbytes(v) for v in _SCORED.values())
+    while _SCORED and kept + size > SCORED_CACHE_BYTES:  # drop the oldest first
+        kept -= _nbytes(_SCORED.pop(next(iter(_SCORED))))
+    _SCORED[key] = item
     return item
+
+
+def _nbytes(item: tuple) -> int:
+    """Bytes of a :func:`_scored_case` entry."""
+    return sum(a.nbytes for a in (*item[0], item[1], item[2]))
 
 
 def _scheme_of(path: Path, default: str) -> str:

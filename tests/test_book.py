@@ -373,6 +373,27 @@ def test_a_failing_chapter_stops_the_build_with_its_name(tmp_path, capsys):
     assert (tmp_path / "_build" / "executed" / "book" / "01_broken.ipynb").is_file()
 
 
+def test_cell_timeout_defaults_by_profile():
+    assert build.cell_timeout("smoke", None) == 900
+    assert build.cell_timeout("default", None) == 3600
+    assert build.cell_timeout("paper", None) is None  # hours of training in one cell
+    assert build.cell_timeout("smoke", 0) is None and build.cell_timeout("paper", 60) == 60
+    with pytest.raises(build.BuildError, match="--timeout -1"):
+        build.cell_timeout("smoke", -1)
+
+
+@pytest.mark.slow
+def test_a_cell_past_the_limit_fails_the_build_with_its_name(tmp_path, capsys):
+    stuck = HEADER + "\n```{code-cell} ipython3\nimport time\ntime.sleep(60)\n```\n"
+    _write_book(tmp_path, {"01_stuck": stuck})
+    started = time.perf_counter()
+    status = build.main(["--root", str(tmp_path), "--profile", "smoke", "--no-html",
+                         "--timeout", "3"])
+    err = capsys.readouterr().err
+    assert status == 1 and time.perf_counter() - started < 50
+    assert "book/01_stuck" in err and "per-cell limit of 3 s" in err
+
+
 # --------------------------------------------------------------------------------------------
 # Headless Chromium over the DevTools protocol (pipe transport)
 # --------------------------------------------------------------------------------------------

@@ -273,6 +273,10 @@ def test_prepare_warns_when_the_crop_cuts_brain_or_tumour(brats2021_case, tmp_pa
         prepare_cache(data, tmp_path / "cut", small, progress=False)
     info = load_manifest(tmp_path / "cut")["case_info"][0]
     assert 0.0 < info["brain_outside_crop"] < 1.0
+    # resolving the same cache again in this process says nothing new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_cache(data, tmp_path / "cut", small, progress=False)
 
 
 def test_prepare_cli(shared_data, tmp_path, capsys):

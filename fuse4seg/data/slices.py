@@ -298,14 +298,23 @@ CROP_WARN_FRACTION = 1e-3
 voxel cut away always warns)."""
 
 
+_CROP_WARNED: set[tuple] = set()
+"""What :func:`_warn_if_cropped` has said in this process (a chapter resolves its cache several
+times; once is enough)."""
+
+
 def _warn_if_cropped(info: list[dict[str, Any]], data_cfg: DataConfig) -> None:
-    """Warn, naming the cases, when ``data.crop_size`` cuts brain or tumour away."""
+    """Warn, naming the cases, when ``data.crop_size`` cuts brain or tumour away (once per
+    process for the same cases and settings)."""
     import warnings
 
     cut = [c for c in info if c.get("brain_outside_crop", 0.0) > CROP_WARN_FRACTION
            or c.get("tumour_outside_crop", 0.0) > 0.0]
-    if not cut:
+    said = (data_cfg.crop_size, data_cfg.downsample,
+            tuple((c["case_id"], c["brain_outside_crop"], c["tumour_outside_crop"]) for c in cut))
+    if not cut or said in _CROP_WARNED:
         return
+    _CROP_WARNED.add(said)
     shown = ", ".join(
         f"{c['case_id']} (brain {c['brain_outside_crop']:.1%}, tumour "
         f"{c['tumour_outside_crop']:.1%})" for c in cut[:5]
