@@ -55,7 +55,7 @@ def test_the_six_visible_real_cases_are_found_in_their_three_layouts(tmp_path):
 def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
     study_real = _module()
 
-    def run(name, warm_val, roll_vals, warm_loss, roll_loss):
+    def run(name, warm_val, roll_vals, warm_loss, roll_loss, same=None):
         d = tmp_path / name
         d.mkdir()
         rows = [{"epoch": 1, "stage": "warmup", "L_lower": 0.9, "val": {"mean_dice": 0.3}},
@@ -63,15 +63,19 @@ def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
                  "val": {"mean_dice": warm_val}}]
         rows += [{"epoch": 3 + i, "stage": "rollout", "L_lower": roll_loss,
                   "val": {"mean_dice": v}} for i, v in enumerate(roll_vals)]
+        if same is not None:  # (reference at the end of the warm-up, first rollout loss)
+            rows[1]["L_lower_ref_next"], rows[2]["L_lower_first"] = same
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return d
 
     # fold 0: the rollout keeps its warm-up (drops 0.01, 0.00, -0.02; sd of 0.5/0.6/0.7 = 0.1)
-    # fold 1: seed 1 loses 0.3 in the rollout and its loss jumps 1.5x
+    # fold 1: seed 1 loses 0.3 in the rollout; its logged loss jumps 1.5x, 1.2x on the same
+    # D_tr slices (fold 1 logged the same-slice reference, fold 0 did not)
     fold0 = {0: run("a0", 0.5, [0.49, 0.55], 0.5, 0.55), 1: run("a1", 0.6, [0.6], 0.5, 0.5),
              2: run("a2", 0.7, [0.72], 0.5, 0.5)}
-    fold1 = {0: run("b0", 0.5, [0.5], 0.5, 0.5), 1: run("b1", 0.6, [0.3, 0.6], 0.4, 0.6),
-             2: run("b2", 0.7, [0.7], 0.5, 0.5)}
+    fold1 = {0: run("b0", 0.5, [0.5], 0.5, 0.5, (0.6, 0.6)),
+             1: run("b1", 0.6, [0.3, 0.6], 0.4, 0.6, (0.5, 0.6)),
+             2: run("b2", 0.7, [0.7], 0.5, 0.5, (0.7, 0.7))}
     prior1 = {0: run("c0", 0.5, [0.5], 0.5, 0.5), 1: run("c1", 0.6, [0.6], 0.5, 0.5),
               2: run("c2", 0.7, [0.7], 0.5, 0.5)}
     runs = {"fuse4seg": {0: fold0, 1: fold1}, "average": {1: prior1}}
@@ -83,7 +87,9 @@ def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
                                       ["1", "case_v1", "`fuse4seg`"],
                                       ["1", "case_v1", "`average`"]]
     assert cells[0][5] == "0.100" and cells[0][6:] == ["yes", "yes"]
-    assert cells[1][3] == "1.000, 1.500, 1.000" and cells[1][6:] == ["no", "no"]
+    assert cells[0][3] == "– (1.100), – (1.000), – (1.000)"  # logged ratio only
+    assert cells[1][3] == "1.000 (1.000), 1.200 (1.500), 1.000 (1.000)"
+    assert cells[1][6:] == ["no", "no"]
     assert cells[2][4] == "0.000, 0.000, 0.000" and cells[2][6:] == ["yes", "yes"]
     table = study_real.stage_change(runs, splits)
     assert "(Seeds [0, 1, 2] in that order;" in table[-2]
