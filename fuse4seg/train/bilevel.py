@@ -42,6 +42,12 @@ Choices where the paper is silent (and why):
   step), the leader's over its rollout updates; both decay towards 0 (§4.1 names cosine
   annealing without a floor).
 - L_lower and L_upper are computed in float32 on the autocast outputs.
+- What the stage change does to the follower is logged on the same slices: at the end of the
+  warm-up, :meth:`Engine.stage_change_reference` scores the follower, with no update, on the
+  D_tr halves of the first rollout epoch (``L_lower_ref_next``), and every rollout step logs
+  its first inner loss (``L_lower_first``). The epochs' logged ``L_lower`` are not comparable
+  across the change: the batch soft Dice of Eq. 2 is higher on D_tr's B/2 slices from half
+  the patients than on B random slices, for the same follower.
 - A non-finite loss or gradient norm stops the run (``NonFiniteLossError``) before any
   parameter or checkpoint is touched, naming the epoch, step and loss term.
 
