@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -157,11 +159,17 @@ def test_cli_determinism_byte_identical_overwrite(tmp_path, phantom_dir, capsys)
         assert (out / IDS[0] / fname).read_bytes() == (phantom_dir / IDS[0] / fname).read_bytes()
 
 
-def test_workers_write_the_same_bytes(tmp_path, phantom_dir, capsys):
-    # two processes, two cases: the files of one worker (the session fixture), in case order
+def test_workers_write_the_same_bytes(tmp_path, phantom_dir):
+    # two processes, two cases: the files of one worker (the session fixture), in case order.
+    # In a child process, so that this pytest worker never forks a pool: it later runs the
+    # smoke book's kernels (a chapter once hung there after a pool; see book/build.py)
     out = tmp_path / "two"
-    assert cli_main(["data", "phantom", "--out", str(out), "--cases", "2", "--workers", "2"]) == 0
-    err = capsys.readouterr().err
+    done = subprocess.run(
+        [sys.executable, "-m", "fuse4seg", "data", "phantom", "--out", str(out), "--cases", "2",
+         "--workers", "2"], capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    err = done.stderr
     assert err.index("phantom 1/2: " + IDS[0]) < err.index("phantom 2/2: " + IDS[1])
     for cid in IDS[:2]:
         for m in ("t1ce", "flair", "seg"):
