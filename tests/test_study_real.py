@@ -97,3 +97,29 @@ def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
     runs["average"][1] = {3: prior1[0], 4: prior1[1]}
     table = study_real.stage_change(runs, splits)
     assert "do not share one seed set" in table[-2] and "[0, 1, 2]" not in table[-2]
+
+
+def test_compare_studies_pairs_the_stored_test_scores(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare_studies",
+                                                  ROOT / "benchmarks/compare_studies.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def study(name, shift):
+        for fold, cases in enumerate((["a", "b"], ["c", "d"])):
+            for seed in (0, 1):
+                run = tmp_path / name / f"fold{fold}" / "runs" / f"average-default-{fold}{seed}"
+                run.mkdir(parents=True)
+                (run / "config.yaml").write_text(f"train:\n  seed: {seed}\n")
+                per_case = {c: {k: {"dice": 0.1 * (i + 1) + shift + 0.01 * seed, "iou": 0.0}
+                                for k in ("NCR", "ED", "ET")} for i, c in enumerate(cases)}
+                (run / "test.json").write_text(json.dumps({"result": {"per_case": per_case}}))
+        return tmp_path / name
+
+    a, b = study("a", 0.05), study("b", 0.0)
+    compare.main([str(a), str(b), "--methods", "average", "--names", "64", "80"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    # every (seed, case) differs by +0.05, so the interval is the point
+    assert row == "| `average` | 0.205 | 0.155 | +0.050 | [+0.050, +0.050] | 4 × 2 |"
+    with pytest.raises(SystemExit, match="no run of fuse4seg"):
+        compare.main([str(a), str(b), "--methods", "fuse4seg"])
