@@ -143,9 +143,9 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
         return ", ".join(f"{v:.3f}" for v in values)
 
     def ratios(t):  # runs older than the same-slice reference have only the logged ratio
-        same = t["loss_basis"] != "logged L_lower"
         return ", ".join(f"{r:.3f} ({g:.3f})" if same else f"– ({g:.3f})"
-                         for r, g in zip(t["loss_ratio"], t["loss_ratio_logged"], strict=True))
+                         for r, g, same in zip(t["loss_ratio"], t["loss_ratio_logged"],
+                                               t["same_slices"], strict=True))
 
     out = ["Stage change on the real folds (whole runs; a validation every `train.val_every` "
            "epochs on the fold's one validation case). Targets of issue 10 for `fuse4seg`: "

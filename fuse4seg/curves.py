@@ -95,7 +95,8 @@ def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, 
     ``L_lower``, which compares different batches: B random slices in the warm-up, B/2 slices
     from half the patients in D_tr, on which the batch soft Dice is higher for the same follower
     (``benchmarks/probe_loss_ratio.py``). Runs written before the reference was logged have
-    only the logged ratio, and ``loss_ratio`` is then that one (``loss_basis`` says which).
+    only the logged ratio, and ``loss_ratio`` is then that one (``same_slices`` says which, per
+    run; ``loss_basis`` for all of them).
 
     Also ``drop`` (per seed: last warm-up validation − lowest rollout validation), ``sd_warm``
     (seed sd of the last warm-up validation), ``loss_ok`` (every ``loss_ratio`` ≤ 1.15) and
@@ -120,6 +121,7 @@ def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, 
     basis = ("same D_tr slices" if all(same_slices)
              else "logged L_lower" if not any(same_slices) else "mixed")
     return {"loss_ratio": ratios, "loss_ratio_logged": logged, "loss_basis": basis,
+            "same_slices": same_slices,
             "drop": drops, "sd_warm": sd, "loss_ok": bool(max(ratios) <= 1.15),
             "drop_ok": bool(max(drops) <= sd) if len(drops) > 1 else None}
 
@@ -239,8 +241,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         t = rollout_targets(curves)
         if t is not None:
             ratio = ", ".join(
-                f"{r:.2f} ({g:.2f})" if t["loss_basis"] != "logged L_lower" else f"– ({g:.2f})"
-                for r, g in zip(t["loss_ratio"], t["loss_ratio_logged"], strict=True))
+                f"{r:.2f} ({g:.2f})" if same else f"– ({g:.2f})"
+                for r, g, same in zip(t["loss_ratio"], t["loss_ratio_logged"],
+                                      t["same_slices"], strict=True))
             drop = ", ".join(f"{d:+.3f}" for d in t["drop"]) + f" ({t['sd_warm']:.3f})"
             stage.append(f"| `{method}` | {ratio} | {drop} |")
     if len(stage) > 2:

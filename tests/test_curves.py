@@ -66,6 +66,12 @@ def test_the_loss_ratio_compares_the_same_slices_when_the_run_logged_them():
     assert t["loss_basis"] == "same D_tr slices"
     mixed = curves.rollout_targets([run, _curve([0.4, 0.5, 0.6, 0.6, 0.6], warm=3)])
     assert mixed["loss_basis"] == "mixed" and mixed["loss_ratio"] == pytest.approx([1.05, 1.0])
+    assert mixed["same_slices"] == [True, False]
+    report = {"data": "phantom", "profile": "default", "methods": {"fuse4seg": {"runs": [
+        {"seed": s, "seconds": 1.0, "curve": c}
+        for s, c in enumerate([run, _curve([0.4, 0.5, 0.6, 0.6, 0.6], warm=3)])]}}}
+    # each run's cell says what it holds: the old run has only its logged ratio
+    assert "| `fuse4seg` | 1.05 (1.50), – (1.00) |" in curves.summary_markdown(report)
 
 
 def _report():
