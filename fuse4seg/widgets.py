@@ -77,7 +77,17 @@ def slice_viewer(t1ce, flair, seg=None, title: str = ""):
 
     Returns an ``ipywidgets.VBox``; display it in a notebook. In a static page (the rendered
     book) the widget state of the initial slice is embedded.
+
+    The figure is an ``ipywidgets.Image`` whose PNG bytes are redrawn on every change, not
+    plots printed into an ``ipywidgets.Output``: a headless executor (nbclient, hence papermill
+    and nbval) mimics the Output widget by sending a ``comm_msg`` back to the kernel on the
+    shell channel for every output captured during the cell, and that traffic sometimes left
+    the cell waiting forever with the kernel idle (four times in this project's builds;
+    nbclient issue #312 reports the same with widget cells). An Image widget only sends state
+    from the kernel, so nothing is sent back while the cell runs.
     """
+    import io
+
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
@@ -87,26 +97,27 @@ def slice_viewer(t1ce, flair, seg=None, title: str = ""):
                                disabled=seg is None)
     opacity = widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05,
                                   description="opacity")
-    out = widgets.Output()
+    image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
 
     def draw(*_):
-        with out:
-            out.clear_output(wait=True)
-            fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
-            z = slider.value
-            for ax, vol, name in ((axes[0], t1ce, "T1ce"), (axes[1], flair, "FLAIR")):
-                ax.imshow(_view(vol[:, :, z]), cmap="gray")
-                if overlay.value and seg is not None:
-                    ax.imshow(_view(label_rgba(seg[:, :, z], opacity.value)))
-                ax.set_title(f"{name}, z = {z}")
-                ax.axis("off")
-            fig.suptitle(title)
-            plt.show()
+        fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
+        z = slider.value
+        for ax, vol, name in ((axes[0], t1ce, "T1ce"), (axes[1], flair, "FLAIR")):
+            ax.imshow(_view(vol[:, :, z]), cmap="gray")
+            if overlay.value and seg is not None:
+                ax.imshow(_view(label_rgba(seg[:, :, z], opacity.value)))
+            ax.set_title(f"{name}, z = {z}")
+            ax.axis("off")
+        fig.suptitle(title)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        plt.close(fig)
+        image.value = png.getvalue()
 
     for w in (slider, overlay, opacity):
         w.observe(draw, names="value")
     draw()
-    return widgets.VBox([widgets.HBox([slider, overlay, opacity]), out])
+    return widgets.VBox([widgets.HBox([slider, overlay, opacity]), image])
 
 
 def region_histograms(volumes: dict, seg, brain_mask, ax=None, bins: int = 50):

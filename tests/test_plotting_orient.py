@@ -20,3 +20,26 @@ def test_nifti_slices_turn_anterior_up_and_images_stay():
     assert orient(png, "image") is not None and orient(png, "image").shape == (5, 7, 3)
     with pytest.raises(ValueError, match="orientation"):
         orient(x, "radiological")
+
+
+def test_the_slice_viewer_redraws_a_png_image_and_captures_no_output():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    widgets = pytest.importorskip("ipywidgets")
+    from fuse4seg.widgets import slice_viewer
+
+    vol = np.random.default_rng(0).random((20, 24, 6)).astype(np.float32)
+    seg = np.zeros(vol.shape, np.uint8)
+    seg[5:9, 5:9, 4] = 2
+    box = slice_viewer(vol, vol, seg, title="case")
+    controls, image = box.children
+    slider, overlay, opacity = controls.children
+    # an Image widget, not an Output widget (whose captured outputs a headless executor
+    # syncs back to the kernel mid-cell: the chapter-01 hang)
+    assert isinstance(image, widgets.Image) and image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert slider.value == 4  # the slice with the most tumour
+    first = image.value
+    slider.value = 1
+    assert image.value != first and image.value[:4] == b"\x89PNG"
+    assert not any(isinstance(w, widgets.Output) for w in (*box.children, *controls.children))
