@@ -102,8 +102,10 @@ def prepare_phantom(data_dir: str | Path, cases: int, seed: int = PHANTOM_SEED) 
     old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
     status = "rewritten" if data_dir.exists() else "written"
     try:
-        # one process: with worker processes here, the first chapter's widget cell hung
-        # under papermill this session (cause not found; benchmarks/RESULTS.md, "The book")
+        # one process. Worker processes were suspected of chapter 01's widget-cell hang; its
+        # cause turned out to be nbclient's Output-widget sync (fuse4seg.widgets.slice_viewer,
+        # benchmarks/RESULTS.md), so workers (about 50 s faster) could return once a build
+        # with them has been measured
         phantom.write_phantom_dataset(tmp, cases=cases, seed=seed)
         if data_dir.exists():
             os.replace(data_dir, old)

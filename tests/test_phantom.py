@@ -161,8 +161,9 @@ def test_cli_determinism_byte_identical_overwrite(tmp_path, phantom_dir, capsys)
 
 def test_workers_write_the_same_bytes(tmp_path, phantom_dir):
     # two processes, two cases: the files of one worker (the session fixture), in case order.
-    # In a child process, so that this pytest worker never forks a pool: it later runs the
-    # smoke book's kernels (a chapter once hung there after a pool; see book/build.py)
+    # In a child process, so that this pytest worker never forks a pool before it runs the
+    # smoke book's kernels (a pool was once suspected of chapter 01's hang, whose cause was
+    # later found in the slice viewer's Output widget; the isolation costs nothing)
     out = tmp_path / "two"
     done = subprocess.run(
         [sys.executable, "-m", "fuse4seg", "data", "phantom", "--out", str(out), "--cases", "2",
