@@ -623,9 +623,10 @@ def test_metrics_cli_errors(png_triplet, tmp_path, capsys):
 @pytest.mark.parametrize("shape", [(64, 64), (70, 53), (256, 256)])
 @pytest.mark.parametrize("n", [3, 5, 9, 11, 17])
 @pytest.mark.parametrize("step", [1, 2])
-def test_banded_valid_filter_matches_convolve2d(rng, shape, n, step):
-    """The blocked banded-matrix filter equals a direct 2-D 'valid' convolution (then every
-    ``step``-th output), for sizes that are and are not multiples of its block."""
+def test_valid_filter_matches_convolve2d(rng, shape, n, step):
+    """The compiled separable filter equals a direct 2-D 'valid' convolution (then every
+    ``step``-th output), for odd, even and non-square sizes; an asymmetric or even-length
+    window is refused (the filter pairs mirrored taps)."""
     if min(shape) < n:
         pytest.skip("smaller than the window")
     w = fm._vif_window(1) if n == 17 else fm._gaussian_taps(1.5, 3.5) if n == 11 else None
@@ -638,6 +639,10 @@ def test_banded_valid_filter_matches_convolve2d(rng, shape, n, step):
         ref = convolve2d(img, np.outer(w, w), mode="valid")[::step, ::step]
         assert out.shape == ref.shape
         np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="symmetric"):
+        fm._valid_filter(stack, np.arange(1.0, n + 1), step=step)
+    with pytest.raises(ValueError, match="odd length"):
+        fm._valid_filter(stack, np.ones(4) / 4, step=step)
 
 
 def test_scratch_reuse_keeps_results_exact(images, rng):
@@ -697,12 +702,39 @@ def test_qabf_int16_sobel_path_equals_the_float_path(images):
     assert math.isnan(fusion_metrics(z, z, z, metrics=["Qabf"])["Qabf"])
 
 
-def test_vif_sum_of_logs_by_products(rng):
-    """VIF's Σ log over products of 32 terms equals the plain sum of logs, also at the largest
-    terms images on 0..255 can give (1 + 127.5² / 2) and past them (the overflow fallback)."""
-    from fuse4seg.metrics.vif import _sum_log
+def test_vif_scale_sums_equal_one_log_per_term(rng):
+    """VIF's compiled per-scale sums (one logarithm per product of 32 terms) equal the
+    reference arithmetic with one logarithm per term: on random moments with flat pixels and
+    negative gains mixed in (the guards), at the largest terms images on 0..255 can give
+    (σ_R² = 127.5²) and far past them (terms ~1e29, where the products must be flushed early)."""
+    from fuse4seg.metrics.vif import _VIF_EPS, _VIF_SIGMA_NSQ, _vif_scale_sums
 
-    for top in (2.0, 1 + 127.5**2 / 2, 1e30):
-        x = 1 + (top - 1) * rng.random((2, 75, 31))
-        expected = np.log(x).sum(axis=(1, 2))
-        np.testing.assert_allclose(_sum_log(x), expected, rtol=1e-13)
+    def reference(m):
+        mu_r, mu_d = m[0:2], m[2]
+        s_r = np.maximum(m[3:5] - mu_r**2, 0)
+        s_d = np.maximum(m[5] - mu_d**2, 0)
+        s_rd = m[6:8] - mu_r * mu_d
+        g = s_rd / (s_r + _VIF_EPS)
+        s_v = np.maximum(s_d - g * s_rd, _VIF_EPS)
+        live = s_r >= _VIF_EPS
+        gained = live & (g >= 0) & (s_d >= _VIF_EPS)
+        num = np.where(gained, np.log1p(g * g * s_r / (s_v + _VIF_SIGMA_NSQ)), 0.0)
+        den = np.where(live, np.log1p(s_r / _VIF_SIGMA_NSQ), 0.0)
+        return np.stack([num.sum(axis=(1, 2)), den.sum(axis=(1, 2))])
+
+    for top in (1.0, 127.5**2, 1e30):
+        shape = (37, 45)
+        mu = rng.uniform(0, 255, (3, *shape))
+        var = top * rng.random((3, *shape))
+        var[:, :5] = 0.0  # flat pixels: both terms dropped where the reference is flat
+        corr = rng.uniform(-0.5, 1.0, (2, *shape))  # negative gains too
+        m = np.empty((8, *shape))
+        m[:3] = mu
+        m[3:6] = var + mu**2
+        m[6:8] = corr * np.sqrt(var[:2] * var[2]) + mu[:2] * mu[2]
+        got = np.zeros((2, 2))
+        _vif_scale_sums(m, got)
+        # 1e-9, not 1e-14: σ² = E[x²] − μ² cancels up to 5 digits at top = 1 (μ² ≈ 6e4), and
+        # the compiled kernel may fuse that multiply-subtract (one rounding instead of two)
+        np.testing.assert_allclose(got, reference(m), rtol=1e-9)
+        assert np.isfinite(got).all()

@@ -38,18 +38,19 @@ Pass uint8 images (``to_uint8``) to score exactly what a PNG holds.
 Every value is checked against the reference file of the project's tests (computed by the
 original evaluators) to a relative 1e-4.
 
-Speed (issue 9; same values to ~1e-14 relative, checked against the code before it by
-``tests/test_fusion_metrics.py``): the Gaussian windows of VIF and the standard SSIM are applied
-as 'valid' separable filters by products with banded matrices (BLAS), float64 (float32 moves
-VIF by 2e-5); the moment stack ``[A, B, F, A², B², F², AF, BF]`` is built once per call and
-filtered by both; VIF's decimation computes only the outputs it keeps and its per-pixel terms
-take one logarithm per 32 terms (of their product); Q^AB/F's Sobel responses are int16 for
-uint8 inputs (exact), and its arctan and exp run, unmasked, on the gathered pixels where a
-source has a gradient; MI looks its ``c ln c`` up in a table; MSE and PSNR share one error;
-the per-pixel work runs in place in work arrays that each thread keeps between calls
-(:func:`_scratch`, some tens of MB for 256² images: on the machines we measured, a fresh array
-of that size can cost a page fault per 4 KB on every call); one :func:`fusion_metrics` call
-shares the grey levels, the moments and the SSIM statistics between metrics.
+Speed (issue 9; the same values to ~1e-10 relative, checked against the code before it by
+``tests/test_fusion_metrics.py``): the per-pixel work of VIF, the standard SSIM and Q^AB/F is
+compiled with numba (``cache=True``: a fresh install compiles each kernel once, in about a
+second, and later processes load it from ``__pycache__``). VIF's and the standard SSIM's
+Gaussian windows are 'valid' separable filters by direct loops (:func:`_valid_filter`),
+float64 (float32 moves VIF by 2e-5); the moment stack ``[A, B, F, A², B², F², AF, BF]`` is
+built once per call and filtered by both; VIF's decimation computes only the outputs it keeps,
+and its terms and SSIM's index are each one pass over the filtered moments (VIF takes one
+logarithm per 32 terms, of their product); Q^AB/F is one pass over the zero-padded images
+(Sobel, magnitudes, angles, the two sigmoids, the weighted sums), skipping pixels where a
+source has no gradient; MI looks its ``c ln c`` up in a table; MSE and PSNR share one error;
+work arrays are kept per thread between calls (:func:`_scratch`); one :func:`fusion_metrics`
+call shares the grey levels, the moments and the cddfuse SSIM statistics between metrics.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from fuse4seg.metrics.kernels import (  # noqa: F401  (tests reach them through 
     _sobel,
     _valid_filter,
 )
-from fuse4seg.metrics.ssim import _ssim_from_stats, _ssim_stats  # noqa: F401
+from fuse4seg.metrics.ssim import _ssim_from_stats, _ssim_gaussian, _ssim_stats  # noqa: F401
 from fuse4seg.metrics.vif import _vif, _vif_window  # noqa: F401
 
 __all__ = [
@@ -468,22 +469,18 @@ def _ssim(f, a, b, convention: str, data_range: float | None = None, cache=None)
     standard = convention == "standard"
     if data_range is None:
         data_range = 255.0 if standard else 2.0
-    key = ("ssim_stats", standard)
+    if standard:
+        vals = _ssim_gaussian(f, a, b, data_range, cache)
+        return 0.5 * (vals[0] + vals[1])
+    key = "ssim_stats"  # the cddfuse statistics, shared by its two data ranges
     if cache is not None and key in cache:
         stats = cache[key]
     else:
-        stats = _ssim_stats(
-            f,
-            [a, b],
-            gaussian=standard,
-            sample_cov=not standard,
-            dtype=np.float64 if standard else np.float32,
-            cache=cache,
-        )
+        stats = _ssim_stats(f, [a, b], sample_cov=True, dtype=np.float32)
         if cache is not None:
             cache[key] = stats
     vals = _ssim_from_stats(stats, data_range)
-    return 0.5 * (vals[0] + vals[1]) if standard else vals[0] + vals[1]
+    return vals[0] + vals[1]
 
 
 # --------------------------------------------------------------------------- VIF

@@ -1,8 +1,9 @@
 """The numerical kernels behind the fusion metrics (:mod:`fuse4seg.metrics.fusion`).
 
-- :func:`_valid_filter`: separable 'valid' filtering of a stack of images as banded matrix
-  products (the Gaussian windows of SSIM and VIF), with :func:`_moments_stack` building the
-  local-moment stacks both metrics filter and :func:`_source_moments` the one they share;
+- :func:`_valid_filter`: separable 'valid' filtering of a stack of images by direct loops
+  compiled with numba (the Gaussian windows of SSIM and VIF), with :func:`_moments_stack`
+  building the local-moment stacks both metrics filter and :func:`_source_moments` the one
+  they share;
 - :func:`_sobel`: the 3×3 Sobel responses of Q^AB/F with a zero border;
 - :func:`_scratch` / :func:`_bool_scratch`: per-thread work arrays kept between calls, so a
   metric call does not allocate some tens of MB of fresh arrays (about 60 MB for 256² images).
@@ -26,21 +27,6 @@ def _gaussian_taps(sigma: float, truncate: float) -> np.ndarray:
     x = np.arange(-radius, radius + 1)
     phi = np.exp(-0.5 / (sigma * sigma) * x * x)
     return phi / phi.sum()
-
-
-_BLOCK = 24  # outputs per matrix block of the banded filter (fastest at 256² on one core)
-
-
-@functools.lru_cache(maxsize=64)
-def _band(taps: tuple[float, ...], step: int) -> np.ndarray:
-    """The banded block ``T`` with ``T[i·step + k, i] = w[k]``: ``x[j0 : j0 + len] @ T`` gives
-    ``_BLOCK`` consecutive outputs of the 'valid' correlation with ``w`` taken every ``step``."""
-    n = len(taps)
-    band = np.zeros(((_BLOCK - 1) * step + n, _BLOCK))
-    for i in range(_BLOCK):
-        band[i * step : i * step + n, i] = taps
-    band.flags.writeable = False
-    return band
 
 
 _SCRATCH = threading.local()
@@ -75,35 +61,90 @@ def _bool_scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return _scratch(name, (-(-size // 8),)).view(np.bool_)[:size].reshape(shape)
 
 
+def _compiled(fn):
+    """``fn`` compiled by numba (``nopython``, ``cache=True``, multiply-adds fused) on its
+    first call. ``import numba`` takes about 0.4 s, so it waits until a metric needs a kernel:
+    importing the metrics, or scoring only EN, MI and the like, does not pay it. The cache in
+    ``__pycache__`` keeps a fresh install's one-off compilation (a few seconds for all the
+    kernels) from being repeated by later processes."""
+    jitted = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal jitted
+        if jitted is None:
+            import numba
+
+            jitted = numba.njit(cache=True, nogil=True, fastmath={"contract"})(fn)
+        return jitted(*args)
+
+    return call
+
+
+@_compiled
+def _filter_into(stack, w, step, across, out):  # pragma: no cover - compiled
+    """The loops of :func:`_valid_filter`: per image, the pass along W into ``across`` (H, m),
+    then the pass along H into ``out[s]``; symmetric taps, so each pair of mirrored taps costs
+    one multiplication; every inner loop runs along a row (contiguous, vectorised)."""
+    num, h = stack.shape[0], stack.shape[1]
+    n = w.shape[0]
+    half = n // 2
+    centre = w[half]
+    m, m2 = out.shape[2], out.shape[1]
+    for s in range(num):
+        for i in range(h):
+            row, dst = stack[s, i], across[i]
+            if step == 1:  # unit stride: the loops vectorise
+                for j in range(m):
+                    dst[j] = centre * row[j + half]
+                for k in range(half):
+                    wk, near, far = w[k], row[k:], row[n - 1 - k :]
+                    for j in range(m):
+                        dst[j] += wk * (near[j] + far[j])
+            else:
+                for j in range(m):
+                    dst[j] = centre * row[j * step + half]
+                for k in range(half):
+                    wk, far = w[k], n - 1 - k
+                    for j in range(m):
+                        dst[j] += wk * (row[j * step + k] + row[j * step + far])
+        for i in range(m2):
+            top = i * step
+            dst, mid = out[s, i], across[top + half]
+            for j in range(m):
+                dst[j] = centre * mid[j]
+            for k in range(half):
+                wk, r1, r2 = w[k], across[top + k], across[top + n - 1 - k]
+                for j in range(m):
+                    dst[j] += wk * (r1[j] + r2[j])
+
+
 def _valid_filter(stack: np.ndarray, w: np.ndarray, step: int = 1, name: str = "") -> np.ndarray:
     """'valid' 2-D filtering of a stack ``(N, H, W)`` with the separable window ``w ⊗ w``,
     keeping every ``step``-th output: ``(N, H, W) -> (N, (H − n) // step + 1, ...)``. The
-    window is symmetric, so correlation equals the evaluators' convolution.
+    window is symmetric (every window here is), so correlation equals the evaluators'
+    convolution.
 
-    Each pass is a product with a banded matrix, one block of outputs at a time (BLAS; about
-    twice the multiplications of a direct loop but far faster than one). float64 throughout:
-    the local variances are differences of such sums, and float32 filtering moves VIF by 2e-5
-    relative on the Harvard pairs (SSIM by 7e-7), past the 1e-6 the metrics keep (issue 9).
-    With a ``name`` the result is a reused scratch array (:func:`_scratch`): use it before the
-    next call with the same name and shape."""
+    Two 1-D passes of direct loops, compiled by numba (:func:`_filter_into`): a mirrored pair
+    of taps costs one multiplication and only the kept outputs are computed. float64
+    throughout: the local variances are differences of such sums, and float32 filtering moves
+    VIF by 2e-5 relative on the Harvard pairs (SSIM by 7e-7), past the 1e-6 the metrics keep
+    (issue 9). With a ``name`` the result is a reused scratch array (:func:`_scratch`): use it
+    before the next call with the same name and shape.
+
+    Raises:
+        ValueError: ``w`` is not symmetric or has an even length.
+    """
+    w = np.ascontiguousarray(w, dtype=np.float64)
     n = len(w)
-    band = _band(tuple(w.tolist()), step)
+    if n % 2 == 0 or not np.array_equal(w, w[::-1]):
+        raise ValueError(f"_valid_filter: the window must be symmetric with odd length, got {w}")
     num, h, wd = stack.shape
-    rows = np.ascontiguousarray(stack, dtype=np.float64).reshape(num * h, wd)
-    m = (wd - n) // step + 1
-    across = _scratch("across", (num * h, m))
-    for j in range(0, m, _BLOCK):
-        r = min(_BLOCK, m - j)
-        span = (r - 1) * step + n
-        across[:, j : j + r] = rows[:, j * step : j * step + span] @ band[:span, :r]
-    across3 = across.reshape(num, h, m)
-    down = band.T  # (block, span): down[i, i·step + k] = w[k]
-    m2 = (h - n) // step + 1
+    stack = np.ascontiguousarray(stack, dtype=np.float64)
+    m, m2 = (wd - n) // step + 1, (h - n) // step + 1
+    across = _scratch("across", (h, m))
     out = _scratch(name, (num, m2, m)) if name else np.empty((num, m2, m))
-    for i in range(0, m2, _BLOCK):
-        r = min(_BLOCK, m2 - i)
-        span = (r - 1) * step + n
-        out[:, i : i + r] = down[:r, :span] @ across3[:, i * step : i * step + span]
+    _filter_into(stack, w, step, across, out)
     return out
 
 

@@ -1,5 +1,7 @@
 """The arithmetic of SSIM (local statistics and the per-source index) for
-:func:`fuse4seg.metrics.fusion.ssim`, in its two windowings (Gaussian 11×11 σ 1.5, or uniform)."""
+:func:`fuse4seg.metrics.fusion.ssim`, in its two windowings: Gaussian 11×11 σ 1.5 in float64
+(the standard convention, :func:`_ssim_gaussian`) or uniform 7×7 in float32 (cddfuse,
+:func:`_ssim_stats` and :func:`_ssim_from_stats`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from fuse4seg.metrics.kernels import (
+    _compiled,
     _gaussian_taps,
     _scratch,
     _source_moments,
@@ -14,34 +17,49 @@ from fuse4seg.metrics.kernels import (
 )
 
 
-def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype, cache=None):
-    """Local means, variances and covariances of SSIM(F, S) for each S in ``srcs``, on the
-    pixels the evaluators average over (those (window − 1) / 2 or more from the border).
+@_compiled
+def _ssim_means(filt, c1, c2, out):  # pragma: no cover - compiled
+    """The mean SSIM map of each source into ``out`` (2,), from the filtered moments ``filt =
+    [μ_A, μ_B, μ_F, E[A²], E[B²], E[F²], E[AF], E[BF]]`` ``(8, h, w)``, in one pass:
+    population (co)variances σ = E[xy] − μ_x μ_y, then ``((2 μ_F μ_S + C1)(2 σ_FS + C2)) /
+    ((μ_F² + μ_S² + C1)(σ_F² + σ_S² + C2))``, summed per row and then over rows."""
+    h, w = filt.shape[1], filt.shape[2]
+    for s in range(2):
+        total = 0.0
+        for i in range(h):
+            row = 0.0
+            for j in range(w):
+                mu_f, mu_s = filt[2, i, j], filt[s, i, j]
+                v_f = filt[5, i, j] - mu_f * mu_f
+                v_s = filt[3 + s, i, j] - mu_s * mu_s
+                v_fs = filt[6 + s, i, j] - mu_f * mu_s
+                top = (2.0 * mu_f * mu_s + c1) * (2.0 * v_fs + c2)
+                bottom = (mu_f * mu_f + mu_s * mu_s + c1) * (v_f + v_s + c2)
+                row += top / bottom
+            total += row
+        out[s] = total / (h * w)
 
-    Follows Wang et al. (2004) as skimage implements it: a window filter (uniform ``size 7``
-    or Gaussian ``σ 1.5, truncate 3.5``), 'reflect' borders, then a crop of (window − 1) / 2
-    pixels per side. The crop removes exactly the pixels whose window reaches the border, so
-    the Gaussian case is a 'valid' filtering (the banded products of :func:`_valid_filter`,
-    float64) of the moment stack VIF filters too (:func:`_source_moments`, two sources); the
-    uniform case keeps skimage's own float32 filter, as the reference values were made with
-    it."""
+
+def _ssim_gaussian(f, a, b, data_range: float, cache=None) -> list[float]:
+    """SSIM(F, A) and SSIM(F, B) of the standard convention: Wang et al. (2004) as skimage
+    implements it with ``gaussian_weights=True`` (σ 1.5, truncate 3.5, so 11×11), population
+    covariance, float64, 'reflect' borders and then a crop of 5 pixels per side. The crop
+    removes exactly the pixels whose window reaches the border, so this is a 'valid' filtering
+    (:func:`_valid_filter`) of the moment stack VIF filters too (:func:`_source_moments`),
+    then the index per pixel and its mean (:func:`_ssim_means`)."""
+    taps = _gaussian_taps(1.5, 3.5)
+    filt = _valid_filter(_source_moments(f, a, b, cache), taps, name="ssim_m")
+    out = np.empty(2)
+    _ssim_means(filt, (0.01 * data_range) ** 2, (0.03 * data_range) ** 2, out)
+    return [float(out[0]), float(out[1])]
+
+
+def _ssim_stats(f, srcs, *, sample_cov, dtype):
+    """Local means, variances and covariances of SSIM(F, S) for each S in ``srcs`` with
+    skimage 0.19's default window (7×7 uniform, 'reflect' borders, then a crop of 3 pixels per
+    side), in ``dtype`` arithmetic: the cddfuse convention, whose reference values were made
+    with skimage's own float32 filter, which this keeps."""
     n = len(srcs)
-    if gaussian:  # filter [A, B, F, A², B², F², AF, BF] (float64, reused scratch arrays)
-        if n != 2:
-            raise ValueError("the Gaussian SSIM statistics take two sources")
-        taps = _gaussian_taps(1.5, 3.5)
-        stack = _source_moments(f, srcs[0], srcs[1], cache)
-        filt = _valid_filter(stack, taps, name="ssim_m")
-        uf, us = filt[n], filt[:n]
-        vf, vs, vfs = filt[2 * n + 1], filt[n + 1 : 2 * n + 1], filt[2 * n + 2 :]
-        tmp = _scratch("ssim_tmp", us.shape)
-        np.multiply(uf, uf, out=tmp[0])
-        np.subtract(vf, tmp[0], out=vf)  # population covariances, in place
-        np.multiply(us, us, out=tmp)
-        np.subtract(vs, tmp, out=vs)
-        np.multiply(uf, us, out=tmp)
-        np.subtract(vfs, tmp, out=vfs)
-        return uf, us, vf, vs, vfs
     # skimage 0.19's default on float32 input: 7×7 uniform window, float32 arithmetic
     win = 7
     pad = (win - 1) // 2
@@ -72,7 +90,7 @@ def _ssim_stats(f, srcs, *, gaussian, sample_cov, dtype, cache=None):
 
 
 def _ssim_from_stats(stats, data_range) -> list[float]:
-    """The mean SSIM map of each source from :func:`_ssim_stats`:
+    """The mean SSIM map of each source from :func:`_ssim_stats` (the cddfuse convention):
     ``((2 μ_F μ_S + C1)(2 σ_FS + C2)) / ((μ_F² + μ_S² + C1)(σ_F² + σ_S² + C2))``, evaluated in
     the statistics' dtype in the reference's order, in reused scratch arrays."""
     uf, us, vf, vs, vfs = stats

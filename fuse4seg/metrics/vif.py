@@ -9,15 +9,9 @@ import math
 
 import numpy as np
 
-from fuse4seg.metrics.kernels import (
-    _bool_scratch,
-    _moments_stack,
-    _scratch,
-    _source_moments,
-    _valid_filter,
-)
+from fuse4seg.metrics.kernels import _compiled, _moments_stack, _source_moments, _valid_filter
 
-_VIF_SIGMA_NSQ = 2.0
+_VIF_SIGMA_NSQ = 2.0  # σ_n², the reference code's noise variance
 _VIF_EPS = 1e-10
 
 
@@ -40,9 +34,9 @@ def _vif_pair(a: np.ndarray, b: np.ndarray, f: np.ndarray, cache=None) -> tuple[
     distorted image is flat (σ_D² < ε) or whose gain is negative ends with g = 0, so it adds
     log(1) = 0 to the numerator (and a flat reference adds 0 to the denominator). Natural
     logarithms replace log10 (the base cancels in the ratio), each taken of a product of
-    :data:`_LOG_GROUP` terms (:func:`_sum_log`). The first scale filters the moment stack the
-    standard SSIM filters too (:func:`_source_moments`)."""
-    num, den = np.zeros(2), np.zeros(2)
+    :data:`_LOG_GROUP` terms (:func:`_vif_scale_sums`). The first scale filters the moment
+    stack the standard SSIM filters too (:func:`_source_moments`)."""
+    sums = np.zeros((2, 2))  # [Σ log numerator terms, Σ log denominator terms] per source
     moments = _source_moments(f, a, b, cache)  # (8, H, W); its first three: A, B, F
     imgs = moments[:3]
     for scale in range(1, 5):
@@ -52,77 +46,55 @@ def _vif_pair(a: np.ndarray, b: np.ndarray, f: np.ndarray, cache=None) -> tuple[
             moments = _moments_stack("vif", imgs[:2], imgs[2])
         if min(moments.shape[1:]) < len(w):
             raise ValueError(f"vif: image too small for scale {scale} (need at least 41x41)")
-        m = _valid_filter(moments, w, name="vif_m")
-        _vif_terms(m, num, den)
+        _vif_scale_sums(_valid_filter(moments, w, name="vif_m"), sums)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = num / den
+        out = sums[0] / sums[1]
     return float(out[0]), float(out[1])
 
 
 _LOG_GROUP = 32
-"""Terms per logarithm in :func:`_sum_log`. Every term is 1 + x with 0 ≤ x ≤ σ_max² / σ_n²,
-σ_max² = 127.5² the largest variance of values on 0..255 (g² σ_R² ≤ σ_D² by Cauchy–Schwarz),
-so a term is at most about 8.2e3 and a product of 32 at most about 1e125: no overflow."""
+"""Terms per logarithm in :func:`_vif_scale_sums`. Every term is 1 + x with 0 ≤ x ≤
+σ_max² / σ_n², σ_max² = 127.5² the largest variance of values on 0..255 (g² σ_R² ≤ σ_D² by
+Cauchy–Schwarz), so a term is at most about 8.2e3 and a product of 32 at most about 1e125:
+no overflow (a product past 1e250 is flushed early all the same)."""
 
 
-def _sum_log(x: np.ndarray) -> np.ndarray:
-    """``Σ log x`` over axes 1 and 2 of ``(2, h, w)`` terms x ≥ 1, as the sum of the logs of
-    products of :data:`_LOG_GROUP` consecutive rows: 32 times fewer logarithms (the costly
-    part of VIF's per-pixel work), at a relative error of the product of ~32 ulp, i.e. about
-    1e-14 absolute per logarithm. Falls back to one log per term if a product overflows."""
-    with np.errstate(over="ignore"):  # checked just below
-        prods = np.multiply.reduceat(x, np.arange(0, x.shape[1], _LOG_GROUP), axis=1)
-    if not np.isfinite(prods).all():  # not expected for images on 0..255
-        prods = x
-    return np.log(prods).sum(axis=(1, 2))
+@_compiled
+def _vif_scale_sums(m, sums):  # pragma: no cover - compiled
+    """Add one scale's Σ log(numerator terms) and Σ log(denominator terms) to ``sums``
+    ``(2 [num, den], 2 sources)``, from the filtered moments ``m = [μ_A, μ_B, μ_F, E[A²],
+    E[B²], E[F²], E[AF], E[BF]]`` ``(8, h, w)``.
 
-
-def _vif_terms(m: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
-    """Add one scale's numerator and denominator sums to ``num`` and ``den`` (per source),
-    from the filtered moments ``m = [μ_A, μ_B, μ_F, E[A²], E[B²], E[F²], E[AF], E[BF]]``.
-
-    The same arithmetic as the reference code, in place in ``m`` and in reused scratch arrays
-    (no fresh temporaries: at these sizes, allocating them costs more than the arithmetic);
-    a term the guards drop becomes log(1)."""
-    shape = m.shape[1:]
-    tmp = _scratch("vif_tmp", (2, *shape))
-    g = _scratch("vif_g", (2, *shape))
-    sv = _scratch("vif_sv", (2, *shape))
-    live = _bool_scratch("vif_live", (2, *shape))
-    gained = _bool_scratch("vif_gained", (2, *shape))
-    busy = _bool_scratch("vif_busy", shape)
-    mu1, mu2 = m[0:2], m[2]
-    s1, s2, s12 = m[3:5], m[5], m[6:8]
-    np.multiply(mu1, mu1, out=tmp)
-    np.subtract(s1, tmp, out=s1)  # σ_R² = E[R²] − μ_R²
-    np.maximum(s1, 0, out=s1)
-    np.multiply(mu2, mu2, out=tmp[0])
-    np.subtract(s2, tmp[0], out=s2)  # σ_D²
-    np.maximum(s2, 0, out=s2)
-    np.multiply(mu1, mu2, out=tmp)
-    np.subtract(s12, tmp, out=s12)  # σ_RD
-    np.add(s1, _VIF_EPS, out=tmp)
-    np.divide(s12, tmp, out=g)  # gain g = σ_RD / (σ_R² + ε)
-    np.multiply(g, s12, out=tmp)
-    np.subtract(s2, tmp, out=sv)  # σ_V² = σ_D² − g σ_RD
-    np.maximum(sv, _VIF_EPS, out=sv)  # the reference's sv[sv <= eps] = eps
-    # Flat reference, flat distorted image or negative gain: g = 0, a term log(1) = 0.
-    np.greater_equal(s1, _VIF_EPS, out=live)
-    np.greater_equal(g, 0, out=gained)
-    gained &= live
-    np.greater_equal(s2, _VIF_EPS, out=busy)
-    gained &= busy
-    np.multiply(g, g, out=tmp)
-    tmp *= s1
-    sv += _VIF_SIGMA_NSQ
-    tmp /= sv
-    tmp *= gained  # x · 1 = x exactly; 0 where dropped
-    tmp += 1
-    num += _sum_log(tmp)
-    np.divide(s1, _VIF_SIGMA_NSQ, out=tmp)
-    tmp *= live
-    tmp += 1
-    den += _sum_log(tmp)
+    The reference code's arithmetic per pixel, fused into one pass: σ_R² = max(E[R²] − μ_R²,
+    0), σ_D² likewise, σ_RD = E[RD] − μ_R μ_D, g = σ_RD / (σ_R² + ε), σ_V² = max(σ_D² −
+    g σ_RD, ε); the numerator term 1 + g² σ_R² / (σ_V² + σ_n²) and the denominator term
+    1 + σ_R² / σ_n². A flat reference (σ_R² < ε) drops both terms (log 1 = 0), a flat distorted
+    image or a negative gain the numerator's. The logarithm, the costly part, is taken once
+    per :data:`_LOG_GROUP` terms, of their product (a relative error of the product of ~32 ulp,
+    about 1e-14 absolute per logarithm)."""
+    h, w = m.shape[1], m.shape[2]
+    eps, nsq = _VIF_EPS, _VIF_SIGMA_NSQ
+    for s in range(2):
+        log_num, log_den, p_num, p_den, count = 0.0, 0.0, 1.0, 1.0, 0
+        for i in range(h):
+            for j in range(w):
+                mu_r, mu_d = m[s, i, j], m[2, i, j]
+                s_r = max(m[3 + s, i, j] - mu_r * mu_r, 0.0)
+                s_d = max(m[5, i, j] - mu_d * mu_d, 0.0)
+                s_rd = m[6 + s, i, j] - mu_r * mu_d
+                g = s_rd / (s_r + eps)
+                s_v = max(s_d - g * s_rd, eps)
+                if s_r >= eps:
+                    p_den *= 1.0 + s_r / nsq
+                    if g >= 0.0 and s_d >= eps:
+                        p_num *= 1.0 + g * g * s_r / (s_v + nsq)
+                count += 1
+                if count == _LOG_GROUP or p_num > 1e250 or p_den > 1e250:
+                    log_num += math.log(p_num)
+                    log_den += math.log(p_den)
+                    p_num, p_den, count = 1.0, 1.0, 0
+        sums[0, s] += log_num + math.log(p_num)
+        sums[1, s] += log_den + math.log(p_den)
 
 
 def _vif(f: np.ndarray, a: np.ndarray, b: np.ndarray, convention: str, cache=None) -> float:
