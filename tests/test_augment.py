@@ -101,3 +101,39 @@ def test_the_rollout_has_its_own_follower_learning_rate():
     paper = Engine(get_config("smoke", {"data.crop_size": 48}), "average", torch.device("cpu"), 2)
     paper.outer_step("rollout", 2, 0, batches)
     assert paper.follower.base_lr == get_config("smoke").train.lr_follower
+
+
+def test_the_annealed_warmup_ends_at_the_rollouts_first_rate():
+    """train.warmup_anneal: the warm-up starts at lr_follower and decays without a jump into
+    the rate the rollout starts with; off, the rate drops by lr_follower / lr_follower_rollout
+    at the stage change; without a rollout rate the switch changes nothing."""
+    from fuse4seg.config import get_config
+    from fuse4seg.train.bilevel import Engine
+    from fuse4seg.train.engine import cosine_lr
+
+    def rates(anneal, rollout_lr=3e-4):
+        cfg = get_config("smoke", {"data.crop_size": 48, "train.warmup_epochs": 3,
+                                   "train.rollout_epochs": 2, "train.inner_steps": 2,
+                                   "train.lr_follower": 3e-3,
+                                   "train.lr_follower_rollout": rollout_lr,
+                                   "train.warmup_anneal": anneal})
+        eng = Engine(cfg, "average", torch.device("cpu"), steps_per_epoch=4)
+        eng._set_follower_rate("warmup")
+        warm = [eng.follower.lr(u) for u in range(12)]
+        eng._set_follower_rate("rollout")
+        roll = [eng.follower.lr(u) for u in range(12, 28)]
+        return warm, roll
+
+    warm, roll = rates(True)
+    total = 12 + 16
+    assert warm[0] == pytest.approx(3e-3)
+    assert all(a > b for a, b in zip(warm, warm[1:], strict=False))  # decays throughout
+    # the rollout's base on the common cosine plus the difference on the warm-up's own
+    assert warm[-1] == pytest.approx(cosine_lr(3e-4, 11, total) + cosine_lr(2.7e-3, 11, 12))
+    assert roll[0] == pytest.approx(cosine_lr(3e-4, 12, total))
+    assert warm[-1] / roll[0] < 1.5  # no jump at the change (4 updates an epoch here)
+    plain_warm, plain_roll = rates(False)
+    assert plain_roll == roll  # the rollout is unchanged
+    assert plain_warm[-1] / plain_roll[0] > 9  # without it, a 10x drop
+    same_warm, _ = rates(True, rollout_lr=None)
+    assert same_warm == rates(False, rollout_lr=None)[0]

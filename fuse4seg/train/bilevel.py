@@ -176,6 +176,7 @@ class Engine:
         self.steps_per_epoch = S
         # schedule lengths: every update each learner takes over the plan
         follower_updates = S * (epochs.get("warmup", 0) + K * epochs.get("rollout", 0))
+        self.warmup_updates = S * epochs.get("warmup", 0)  # train.warmup_anneal's span
         leader_updates = S * epochs.get("fusion", 0)
         if self.spec.learns_leader_from_follower:
             leader_updates += S * epochs.get("rollout", 0)
@@ -407,14 +408,26 @@ class Engine:
         out.update({f"physical/{k}": to_float(v) for k, v in terms.items()})
         return out
 
+    def _set_follower_rate(self, stage: str) -> None:
+        """The follower's rate for ``stage``: ``train.lr_follower`` in the warm-up and
+        ``train.lr_follower_rollout`` (if set) in the rollout, on one cosine over all its
+        updates that keeps its position across the change. With ``train.warmup_anneal`` the
+        warm-up instead runs on the rollout's base plus the difference of the two bases on a
+        cosine of its own that reaches 0 at the warm-up's last update: it starts at
+        ``lr_follower`` and arrives, without a jump, at the rate the rollout starts with."""
+        t, follower = self.config.train, self.follower
+        rollout = t.lr_follower_rollout or t.lr_follower
+        anneal = stage == "warmup" and t.warmup_anneal and rollout != t.lr_follower
+        follower.base_lr = rollout if stage == "rollout" or anneal else t.lr_follower
+        follower.excess = (t.lr_follower - rollout, self.warmup_updates) if anneal else None
+
     def outer_step(self, stage: str, epoch: int, step: int, batches: Batches) -> dict[str, float]:
         """One step of a stage (Algorithm 1 lines 3 and 6-17); returns the values to log."""
         if stage == "fusion":
             batch = batches.single(stage, epoch, step)
             return self.fusion_step(batch["x1"], batch["x2"])
         t = self.config.train
-        rollout_lr = t.lr_follower_rollout if stage == "rollout" else None
-        self.follower.base_lr = rollout_lr or t.lr_follower  # train.lr_follower_rollout
+        self._set_follower_rate(stage)
         if stage == "warmup":
             batch = batches.single(stage, epoch, step)
             x_in = self.frozen_prior(batch, stage)

@@ -214,6 +214,9 @@ class Learner:
         self.net = net
         self.base_lr = lr
         self.total_updates = total_updates
+        self.excess: tuple[float, int] | None = None
+        """``(extra, span)``: add ``cosine_lr(extra, u, span)`` to the rate of update ``u <
+        span`` (the follower's annealed warm-up, ``train.warmup_anneal``); ``None``: none."""
         self.grad_clip = grad_clip
         self.name = name
         self.opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -222,8 +225,11 @@ class Learner:
 
     def lr(self, update: int | None = None) -> float:
         """The learning rate of update ``update`` (default: the next one)."""
-        return cosine_lr(self.base_lr, self.updates if update is None else update,
-                         self.total_updates)
+        u = self.updates if update is None else update
+        lr = cosine_lr(self.base_lr, u, self.total_updates)
+        if self.excess is not None and u < self.excess[1]:
+            lr += cosine_lr(self.excess[0], u, self.excess[1])
+        return lr
 
     def zero_grad(self) -> None:
         """Set the learning rate of the coming update and clear the gradients."""
