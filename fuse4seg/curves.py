@@ -18,7 +18,8 @@ Two tests, both over seeds:
 - :func:`rollout_targets` — at the change from warm-up to rollout: the follower's training
   loss in the first rollout epoch over its last warm-up epoch (target ≤ 1.15), and the largest
   fall of any rollout validation below the last warm-up validation against the seed-to-seed sd
-  of that last warm-up validation.
+  of that last warm-up validation. :func:`warmup_noise` says how much of that fall is the
+  epoch-to-epoch noise of the one validation it starts from.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["config_differences", "curve", "load_report", "plateau", "plot_learning_curves",
-           "rollout_targets", "summary_markdown"]
+           "rollout_targets", "summary_markdown", "warmup_noise"]
 
 
 def curve(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -126,6 +127,49 @@ def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, 
             "drop_ok": bool(max(drops) <= sd) if len(drops) > 1 else None}
 
 
+def warmup_noise(curves: Sequence[Sequence[Mapping[str, Any]]], window: int = 5,
+                 cadence: int = 5) -> dict[str, Any] | None:
+    """How much of :func:`rollout_targets`' drop is the noise of one validation, per run.
+
+    The drop target compares the rollout's validations with the **single** last warm-up
+    validation. On one validation patient, with the warm-up's rate still high at its end, that
+    one value swings from epoch to epoch within a run. For runs validated every epoch
+    (``train.val_every=1``) this gives, per run: ``last`` (the last warm-up validation),
+    ``level`` and ``epoch_sd`` (mean and sample sd of the last ``window`` warm-up
+    validations), ``rollout_min`` (the lowest rollout validation a run validated every
+    ``cadence`` epochs would see: epochs divisible by ``cadence`` and the last), and the two
+    drops ``drop_last = last − rollout_min`` (the target's) and ``drop_level = level −
+    rollout_min``, and ``within_noise`` (``drop_level ≤ epoch_sd``: the rollout ends no
+    further below the warm-up's level than the warm-up's own validations scatter around it).
+    ``None`` for a method without both stages.
+
+    Raises:
+        ValueError: one of the last ``window`` warm-up epochs was not validated.
+    """
+    out: dict[str, list[float]] = {k: [] for k in
+                                   ("last", "level", "epoch_sd", "rollout_min", "drop_last",
+                                    "drop_level", "within_noise")}
+    for c in curves:
+        warm = [r for r in c if r["stage"] == "warmup"]
+        roll = [r for r in c if r["stage"] == "rollout"]
+        if not warm or not roll:
+            return None
+        tail = [r["val"] for r in warm[-window:]]
+        if len(tail) < window or any(v is None for v in tail):
+            raise ValueError(f"warmup_noise: the last {window} warm-up epochs must be validated "
+                             "(train with train.val_every=1)")
+        last_epoch = roll[-1]["epoch"]
+        seen = [r["val"] for r in roll if r["val"] is not None
+                and (r["epoch"] % cadence == 0 or r["epoch"] == last_epoch)]
+        level, low = float(np.mean(tail)), float(min(seen))
+        for k, v in (("last", tail[-1]), ("level", level),
+                     ("epoch_sd", float(np.std(tail, ddof=1))), ("rollout_min", low),
+                     ("drop_last", tail[-1] - low), ("drop_level", level - low)):
+            out[k].append(float(v))
+        out["within_noise"].append(bool(out["drop_level"][-1] <= out["epoch_sd"][-1]))
+    return out
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
     """A report written by ``benchmarks/learning_curves.py``. A relative ``path`` missing from
     the working folder is also looked for in the source checkout this package was imported from
@@ -153,9 +197,11 @@ PER_RUN_SETTINGS = ("train.seed", "train.val_every", "train.device")
 def config_differences(report: Mapping[str, Any], config) -> list[str]:
     """The settings in which the configuration of ``report`` (``benchmarks/learning_curves.py``
     records it in ``config``) differs from ``config``, as ``"name: report value, here value"``
-    lines, :data:`PER_RUN_SETTINGS` left out. A report without its configuration (written by an
-    older script) gives one line that says so. Chapter 4 prints them under the plot, so curves
+    lines, :data:`PER_RUN_SETTINGS` left out; a setting the report predates counts at its
+    default. A report without its configuration (written by an older script) gives one line
+    that says so. Chapter 4 prints them under the plot, so curves
     measured with another geometry or schedule are never shown as this profile's."""
+    from fuse4seg.config import Config
     from fuse4seg.train.runs import flatten
 
     theirs = report.get("config")
@@ -163,6 +209,9 @@ def config_differences(report: Mapping[str, Any], config) -> list[str]:
         return ["the report does not record its configuration (an older learning_curves.py)"]
     ours = {k: v for k, v in flatten(config).items() if k not in PER_RUN_SETTINGS}
     theirs = {k: v for k, v in theirs.items() if k not in PER_RUN_SETTINGS}
+    # a setting added after the report was written ran at its default there
+    defaults = flatten(Config())
+    theirs.update({k: defaults[k] for k in ours if k not in theirs and k in defaults})
 
     def norm(value):  # JSON turns tuples into lists
         return list(value) if isinstance(value, tuple) else value

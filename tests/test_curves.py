@@ -55,6 +55,29 @@ def test_rollout_targets_measure_the_stage_change():
     assert curves.rollout_targets([_curve([0.1, 0.2])]) is None  # no stages: no targets
 
 
+def test_warmup_noise_separates_the_last_validation_from_the_warmups_level():
+    # 10 warm-up epochs swinging 0.1 <-> 0.3 and ending high, then a flat rollout at 0.2:
+    # against the last validation the rollout "drops" 0.1, against the level (0.22) 0.02
+    warm = [0.1, 0.3] * 5
+    run = _curve(warm + [0.2] * 10, [0.5] * 20, warm=10)
+    t = curves.warmup_noise([run], window=5, cadence=5)
+    assert t["last"] == [0.3] and t["rollout_min"] == pytest.approx([0.2])
+    assert t["level"] == pytest.approx([0.22]) and t["drop_level"] == pytest.approx([0.02])
+    assert t["drop_last"] == pytest.approx([0.1])
+    assert t["epoch_sd"] == pytest.approx([np.std([0.3, 0.1, 0.3, 0.1, 0.3], ddof=1)])
+    assert t["within_noise"] == [True]  # 0.02 below the level, the epochs scatter by 0.11
+    # only the epochs a val_every=5 run validates count: a dip at epoch 12 is not seen
+    dip = _curve(warm + [0.2, 0.0] + [0.2] * 8, [0.5] * 20, warm=10)
+    assert curves.warmup_noise([dip])["rollout_min"] == pytest.approx([0.2])
+    low = curves.warmup_noise([dip], cadence=1)
+    assert low["rollout_min"] == pytest.approx([0.0]) and low["within_noise"] == [False]
+    assert curves.warmup_noise([_curve([0.1, 0.2])]) is None
+    sparse = _curve(warm + [0.2] * 10, [0.5] * 20, warm=10)
+    sparse[8]["val"] = None
+    with pytest.raises(ValueError, match="val_every=1"):
+        curves.warmup_noise([sparse])
+
+
 def test_the_loss_ratio_compares_the_same_slices_when_the_run_logged_them():
     # the logged L_lower jumps 0.6 -> 0.9 (other batches); on the same D_tr slices the
     # follower went from 0.80 before the stage change to 0.84 in the first rollout epoch
@@ -135,3 +158,10 @@ def test_config_differences_name_the_settings_a_report_was_measured_with():
     assert curves.config_differences(report, here) == [
         "data.crop_size: 80 in the report, 64 here"]
     assert "does not record" in curves.config_differences({}, here)[0]
+    # a setting added after the report was written ran at its default there
+    predates = {"config": {k: v for k, v in json.loads(json.dumps(flatten(here))).items()
+                           if k != "train.warmup_anneal"}}
+    assert curves.config_differences(predates, here) == []
+    annealed = get_config("default", {"train.warmup_anneal": True})
+    assert curves.config_differences(predates, annealed) == [
+        "train.warmup_anneal: False in the report, True here"]

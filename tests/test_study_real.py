@@ -123,3 +123,22 @@ def test_compare_studies_pairs_the_stored_test_scores(tmp_path, capsys):
     assert row == "| `average` | 0.205 | 0.155 | +0.050 | [+0.050, +0.050] | 4 × 2 |"
     with pytest.raises(SystemExit, match="no run of fuse4seg"):
         compare.main([str(a), str(b), "--methods", "fuse4seg"])
+
+
+def test_stage_noise_reads_a_study_validated_every_epoch(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("stage_noise", ROOT / "benchmarks/stage_noise.py")
+    noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noise)
+    for seed in (1, 0):  # written out of order: the table sorts by seed
+        run = tmp_path / "fold0" / "runs" / f"average-default-{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"train:\n  seed: {seed}\n")
+        vals = [0.1, 0.3] * 5 + [0.2 + 0.1 * seed] * 10  # warm-up ends on 0.3, level 0.22
+        rows = [{"epoch": e + 1, "stage": "warmup" if e < 10 else "rollout", "L_lower": 0.5,
+                 "val": {"mean_dice": v}} for e, v in enumerate(vals)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = noise.rows(tmp_path, "average", window=5, cadence=5)[0]
+    assert row.startswith("| fold0 | `average` | 0, 1 | 0.300, 0.300 | 0.220, 0.220 |")
+    assert row.endswith("| 0.200, 0.300 | +0.100, +0.000 | +0.020, -0.080 | yes, yes |")
+    with pytest.raises(SystemExit, match="no run of fuse4seg"):
+        noise.rows(tmp_path, "fuse4seg", 5, 5)
