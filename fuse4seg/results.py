@@ -145,6 +145,7 @@ def collect(
     seeds: Sequence[int] = (0,),
     device: str | None = None,
     on_start=None,
+    workers: int = 1,
 ) -> tuple[dict[str, list[SeedResult]], dict[str, list[SeedResult]]]:
     """Train (or reuse) and score every method and ablation variant over ``seeds``.
 
@@ -159,37 +160,55 @@ def collect(
         seeds: ``train.seed`` values.
         device: passed to the trainer (``None`` = the config's).
         on_start: called with ``(name, seeds)`` before each method or variant (a progress line).
+        workers: runs trained at a time (:func:`fuse4seg.study.train_parallel`: on a CPU, one
+            process per worker with ``cores // workers`` threads; 1 = one after the other in
+            this process).
 
     Returns:
         ``(by_method, by_ablation)``: ``{name: [SeedResult per seed]}`` in the order given.
 
     Raises:
-        ValueError: an unknown method or variant (the message lists the valid ones).
+        ValueError: an unknown method or variant (the message lists the valid ones), or
+            seeds that are empty or repeat.
     """
-    from fuse4seg.study import train_seeds
+    from fuse4seg.study import train_parallel
     from fuse4seg.train.methods import get_ablation, get_method
 
     for m in methods:
         get_method(m)
     for a in ablations:
         get_ablation(a)
-    by_method: dict[str, list[SeedResult]] = {}
-    for m in methods:
-        if on_start:
-            on_start(m, list(seeds))
-        by_method[m] = train_seeds(config, m, data, runs_dir, seeds, device=device)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: give distinct seeds, got {seeds}")
+    common = {"config": config, "data": data, "out": runs_dir, "device": device}
+
+    def trained(names: list[tuple[str, str, str | None]]) -> dict[str, list[SeedResult]]:
+        # (row name, method, ablation) -> {row name: [SeedResult per seed]}, in parallel
+        for name, _, _ in names:
+            if on_start:
+                on_start(name, seeds)
+        jobs = [{**common, "method": m, "ablation": a, "seed": s}
+                for _, m, a in names for s in seeds]
+        done = iter(train_parallel(jobs, workers))
+        return {name: [next(done) for _ in seeds] for name, _, _ in names}
+
+    by_method = trained([(m, m, None) for m in methods])
+    # Table 3's A and B continue from the fuse4seg run's warm-up (train(): warmup.pt), so the
+    # variants start once every method is done
     by_ablation: dict[str, list[SeedResult]] = {}
+    todo = []
     for a in ablations:
         variant = ABLATIONS[a]
         if not variant.overrides and variant.method in by_method:
             by_ablation[a] = [
                 dataclasses.replace(r, method=f"ablation {a}") for r in by_method[variant.method]
             ]
-            continue
-        if on_start:
-            on_start(f"ablation {a}", list(seeds))
-        by_ablation[a] = train_seeds(config, variant.method, data, runs_dir, seeds,
-                                     ablation=a, device=device)
+        else:
+            todo.append((f"ablation {a}", variant.method, a))
+            by_ablation[a] = []  # keeps the order given
+    for name, results in trained(todo).items():
+        by_ablation[name.removeprefix("ablation ")] = results
     return by_method, by_ablation
 
 

@@ -174,17 +174,24 @@ def test_collect_reuses_the_method_for_the_full_variant(monkeypatch, tmp_path):
 
     calls = []
 
-    def fake(config, method, data, out, seeds, ablation=None, device=None):
-        calls.append((method, ablation))
-        return [_seed(method, s, {"c": (0.1, 0.2, 0.3)}) for s in seeds]
+    def fake(config, method, data, out, seed, ablation=None, device=None):
+        calls.append((method, ablation, seed))
+        return _seed(method if ablation is None else f"ablation {ablation}", seed,
+                     {"c": (0.1, 0.2, 0.3)})
 
-    monkeypatch.setattr(study, "train_seeds", fake)
+    monkeypatch.setattr(study, "train_one", fake)
     by_method, by_ablation = R.collect(get_config("smoke"), tmp_path, tmp_path,
                                        methods=["fuse4seg"], seeds=[0, 1])
-    assert calls == [("fuse4seg", None), ("disjoint_ae", "baseline"), ("fuse4seg", "A"),
-                     ("fuse4seg", "B")]
+    assert calls == [(m, a, s) for m, a in [("fuse4seg", None), ("disjoint_ae", "baseline"),
+                                            ("fuse4seg", "A"), ("fuse4seg", "B")]
+                     for s in (0, 1)]
     assert [r.run_dir for r in by_ablation["full"]] == [r.run_dir for r in by_method["fuse4seg"]]
     assert by_ablation["full"][0].method == "ablation full"
+    assert list(by_ablation) == ["baseline", "A", "B", "full"]  # the order given
+    assert [r.seed for r in by_ablation["A"]] == [0, 1]
+    assert by_ablation["A"][0].method == "ablation A"
+    with pytest.raises(ValueError, match="distinct seeds"):
+        R.collect(get_config("smoke"), tmp_path, tmp_path, methods=["average"], seeds=[0, 0])
 
 
 def test_trained_now_compares_checkpoint_stamps(tmp_path):

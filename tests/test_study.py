@@ -93,3 +93,37 @@ def test_train_seeds_scores_every_test_case_of_every_seed(phantom_dir, tmp_path)
     (comparison,) = report["comparisons"]
     assert comparison["a"] == "average" and comparison["b"] == "max"
     assert comparison["low"] <= comparison["mean"] <= comparison["high"]
+
+
+@pytest.mark.slow
+def test_runs_trained_in_parallel_equal_those_trained_one_after_the_other(phantom_dir, tmp_path):
+    """train_parallel: spawned workers on cores // workers threads give the runs, scores and
+    order that one process gives on that many threads (and a bad job is refused)."""
+    import os
+
+    import torch
+
+    from fuse4seg.config import get_config
+    from fuse4seg.study import train_parallel
+
+    config = get_config("smoke", {"train.warmup_epochs": 1, "train.rollout_epochs": 0,
+                                  "data.split_fractions": [0.34, 0.33, 0.33]})
+
+    def jobs(out):
+        return [{"config": config, "method": m, "data": phantom_dir, "out": out, "seed": s,
+                 "device": "cpu"} for m in ("average", "max") for s in (0, 1)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        alone = train_parallel(jobs(tmp_path / "alone"), workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    together = train_parallel(jobs(tmp_path / "together"), workers=2)
+    assert [(r.method, r.seed) for r in together] == [
+        ("average", 0), ("average", 1), ("max", 0), ("max", 1)]
+    for a, b in zip(alone, together, strict=True):
+        assert a.run_dir.name == b.run_dir.name and a.best == b.best
+        assert a.per_case == b.per_case and a.per_case
+    with pytest.raises(ValueError, match="needs"):
+        train_parallel([{"method": "average"}])
