@@ -3,7 +3,7 @@
     python benchmarks/study_real.py --data ../shared/data/brats ../shared/data/brats2013 \\
         [--methods average disjoint_ae direct2ch fuse4seg] [--seeds 0 1 2] [--folds 3] \\
         [--profile default] [--runs runs/study_real] [--results benchmarks/RESULTS.md] \\
-        [--threads N] [--finished-only]
+        [--threads N | --workers N] [--finished-only]
 
 Every case folder found under the ``--data`` folders (any of the layouts
 :func:`fuse4seg.data.find_cases` detects, mixed) is linked into ``--runs``/cases and prepared once.
@@ -22,6 +22,11 @@ cases and seeds) and its verdict. With ``--results``, the tables replace the sec
 ``<!-- study_real:begin -->`` and ``<!-- study_real:end -->`` of that file (appended when
 absent), with the command and the machine. Slow (tens of minutes per seed on 2 cores): not
 part of ``make test``.
+
+``--workers 2`` trains every run of every fold two at a time, each in its own process on one
+thread of a 2-core machine (:func:`fuse4seg.study.train_parallel`): one command for both
+cores, and the same runs, bit for bit, as one process with ``--threads 1`` (checked on six
+short runs: every logged loss equal).
 """
 
 from __future__ import annotations
@@ -214,6 +219,10 @@ def main() -> None:
                         help="torch threads (two calls side by side, each on its own methods "
                              "with --threads 1, share 2 cores; a last call with every method "
                              "reuses their runs and writes the tables)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs trained at a time, each in its own process on cores // N "
+                             "threads (fuse4seg.study.train_parallel); 1: one after the other "
+                             "in this process (--threads sets its threads)")
     args = parser.parse_args()
     import torch
 
@@ -221,7 +230,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from fuse4seg.config import get_config, parse_overrides
     from fuse4seg.data.slices import prepare_cache
-    from fuse4seg.study import evaluate_cached
+    from fuse4seg.study import evaluate_cached, train_parallel
     from fuse4seg.train.runs import cpu_name, data_checksum, finished_run, run_name
     from fuse4seg.train.trainer import train
 
@@ -241,6 +250,7 @@ def main() -> None:
     prepare_cache(cases_dir, cache, config.data, progress=False)
     splits = folds_of(cases, args.folds)
     skipped = []
+    jobs: list[dict] = []  # with --workers > 1
     stage_runs: dict[str, dict[int, dict[int, Path]]] = {}  # method -> fold -> seed -> run
     for f, split in enumerate(splits):
         data = fold_cache(cache, split, args.runs / f"fold{f}")
@@ -253,6 +263,11 @@ def main() -> None:
         ):
             skipped.append(f)
             print(f"fold {f}: not every run is finished; left out", flush=True)
+            continue
+        if args.workers > 1 and not args.finished_only:  # all folds, args.workers at a time
+            jobs += [{"config": config, "method": m, "data": data, "out": out, "seed": s,
+                      "device": "cpu", "restart_if_code_changed": False, "fold": f}
+                     for m in args.methods for s in args.seeds]
             continue
         for m in args.methods:
             for s in args.seeds:
@@ -269,6 +284,17 @@ def main() -> None:
                     stage_runs.setdefault(m, {}).setdefault(f, {})[s] = run.run_dir
                 print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
                       f"{sorted(test['per_case'])}", flush=True)
+    if jobs:
+        t0 = time.perf_counter()
+        folds = [job.pop("fold") for job in jobs]
+        for f, job, done in zip(folds, jobs, train_parallel(jobs, args.workers), strict=True):
+            m, s = job["method"], job["seed"]
+            for case, scores in done.test["per_case"].items():
+                results[m][s][case] = scores
+            if m in STAGE_METHODS:
+                stage_runs.setdefault(m, {}).setdefault(f, {})[s] = done.run_dir
+        print(f"{len(jobs)} runs, {args.workers} at a time: {time.perf_counter() - t0:.0f} s",
+              flush=True)
     tested = [c for f, split in enumerate(splits) if f not in skipped for c in split["test"]]
     if not tested:
         raise SystemExit("no fold has every run finished")
