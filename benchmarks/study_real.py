@@ -230,9 +230,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from fuse4seg.config import get_config, parse_overrides
     from fuse4seg.data.slices import prepare_cache
-    from fuse4seg.study import evaluate_cached, train_parallel
+    from fuse4seg.study import train_one, train_parallel
     from fuse4seg.train.runs import cpu_name, data_checksum, finished_run, run_name
-    from fuse4seg.train.trainer import train
 
     config = get_config(args.profile, parse_overrides(args.set))
     started = time.perf_counter()
@@ -250,7 +249,8 @@ def main() -> None:
     prepare_cache(cases_dir, cache, config.data, progress=False)
     splits = folds_of(cases, args.folds)
     skipped = []
-    jobs: list[dict] = []  # with --workers > 1
+    jobs: list[dict] = []  # train_one's keyword arguments, one per run
+    folds: list[int] = []  # the fold of each job
     stage_runs: dict[str, dict[int, dict[int, Path]]] = {}  # method -> fold -> seed -> run
     for f, split in enumerate(splits):
         data = fold_cache(cache, split, args.runs / f"fold{f}")
@@ -264,37 +264,35 @@ def main() -> None:
             skipped.append(f)
             print(f"fold {f}: not every run is finished; left out", flush=True)
             continue
-        if args.workers > 1 and not args.finished_only:  # all folds, args.workers at a time
-            jobs += [{"config": config, "method": m, "data": data, "out": out, "seed": s,
-                      "device": "cpu", "restart_if_code_changed": False, "fold": f}
-                     for m in args.methods for s in args.seeds]
-            continue
         for m in args.methods:
             for s in args.seeds:
-                cfg = get_config(args.profile,
-                                 {**parse_overrides(args.set), "train.seed": s})
-                t0 = time.perf_counter()
-                run = train(cfg, m, data=data, out=out, resume=True, progress=False,
-                            device="cpu")
-                # scored once per run (test.json), so a gathering call scores nothing
-                test = evaluate_cached(run.run_dir, data, split="test", device="cpu")
-                for case, scores in test["per_case"].items():
-                    results[m][s][case] = scores
-                if m in STAGE_METHODS:
-                    stage_runs.setdefault(m, {}).setdefault(f, {})[s] = run.run_dir
-                print(f"fold {f} {m} seed {s}: {time.perf_counter() - t0:.0f} s, test "
-                      f"{sorted(test['per_case'])}", flush=True)
-    if jobs:
-        t0 = time.perf_counter()
-        folds = [job.pop("fold") for job in jobs]
+                jobs.append({"config": config, "method": m, "data": data, "out": out,
+                             "seed": s, "device": "cpu", "restart_if_code_changed": False})
+                folds.append(f)
+
+    def record(f: int, job: dict, done) -> None:
+        m, s = job["method"], job["seed"]
+        for case, scores in done.test["per_case"].items():
+            results[m][s][case] = scores
+        if m in STAGE_METHODS:
+            stage_runs.setdefault(m, {}).setdefault(f, {})[s] = done.run_dir
+
+    # each run's test scores are kept in its folder (test.json), so a gathering call scores
+    # nothing; a gathering call (--finished-only) spawns no worker
+    t0 = time.perf_counter()
+    if args.workers > 1 and not args.finished_only:
         for f, job, done in zip(folds, jobs, train_parallel(jobs, args.workers), strict=True):
-            m, s = job["method"], job["seed"]
-            for case, scores in done.test["per_case"].items():
-                results[m][s][case] = scores
-            if m in STAGE_METHODS:
-                stage_runs.setdefault(m, {}).setdefault(f, {})[s] = done.run_dir
+            record(f, job, done)
         print(f"{len(jobs)} runs, {args.workers} at a time: {time.perf_counter() - t0:.0f} s",
               flush=True)
+    else:
+        for f, job in zip(folds, jobs, strict=True):
+            t0 = time.perf_counter()
+            done = train_one(**job)
+            record(f, job, done)
+            print(f"fold {f} {job['method']} seed {job['seed']}: "
+                  f"{time.perf_counter() - t0:.0f} s, test {sorted(done.test['per_case'])}",
+                  flush=True)
     tested = [c for f, split in enumerate(splits) if f not in skipped for c in split["test"]]
     if not tested:
         raise SystemExit("no fold has every run finished")

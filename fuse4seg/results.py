@@ -171,16 +171,14 @@ def collect(
         ValueError: an unknown method or variant (the message lists the valid ones), or
             seeds that are empty or repeat.
     """
-    from fuse4seg.study import train_parallel
+    from fuse4seg.study import check_seeds, train_parallel
     from fuse4seg.train.methods import get_ablation, get_method
 
     for m in methods:
         get_method(m)
     for a in ablations:
         get_ablation(a)
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: give distinct seeds, got {seeds}")
+    seeds = check_seeds(seeds)
     common = {"config": config, "data": data, "out": runs_dir, "device": device}
 
     def trained(names: list[tuple[str, str, str | None]]) -> dict[str, list[SeedResult]]:

@@ -39,6 +39,7 @@ __all__ = [
     "MIN_CASES",
     "SeedResult",
     "case_scores",
+    "check_seeds",
     "evaluate_cached",
     "evaluation_key",
     "paired_difference",
@@ -96,12 +97,21 @@ def train_seeds(
     Raises:
         ValueError: no seeds, or a repeated seed.
     """
+    return [train_one(config, method, data, out, seed, ablation=ablation, device=device,
+                      progress=progress, restart_if_code_changed=restart_if_code_changed)
+            for seed in check_seeds(seeds)]
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """``seeds`` as a list of ints.
+
+    Raises:
+        ValueError: no seeds, or a repeated seed.
+    """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: give distinct seeds, got {seeds}")
-    return [train_one(config, method, data, out, seed, ablation=ablation, device=device,
-                      progress=progress, restart_if_code_changed=restart_if_code_changed)
-            for seed in seeds]
+    return seeds
 
 
 def train_one(
@@ -165,8 +175,12 @@ def train_parallel(jobs: Sequence[dict[str, Any]], workers: int = 1) -> list[See
     for job in jobs:
         if not needed <= set(job):
             raise ValueError(f"train_parallel: a job needs {sorted(needed)}, got {sorted(job)}")
-    if workers <= 1 or len(jobs) <= 1:
+    if workers <= 1:
         return [train_one(**job) for job in jobs]
+    if not jobs:
+        return []
+    # a lone job goes to a worker too: its thread count, and so its numbers, must not depend
+    # on how many jobs came with it
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
                              initializer=_set_threads, initargs=(threads,)) as pool:

@@ -125,5 +125,14 @@ def test_runs_trained_in_parallel_equal_those_trained_one_after_the_other(phanto
     for a, b in zip(alone, together, strict=True):
         assert a.run_dir.name == b.run_dir.name and a.best == b.best
         assert a.per_case == b.per_case and a.per_case
+    # a lone job also goes to a worker, on the same threads: its numbers do not depend on how
+    # many jobs came with it
+    torch.set_num_threads(os.cpu_count() or 1)  # unlike the workers' (when cores > 1)
+    try:
+        (lone,) = train_parallel(jobs(tmp_path / "lone")[:1], workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert lone.best == alone[0].best and lone.per_case == alone[0].per_case
+    assert train_parallel([], workers=2) == []
     with pytest.raises(ValueError, match="needs"):
         train_parallel([{"method": "average"}])

@@ -476,7 +476,7 @@ def _ssim(f, a, b, convention: str, data_range: float | None = None, cache=None)
     if cache is not None and key in cache:
         stats = cache[key]
     else:
-        stats = _ssim_stats(f, [a, b], sample_cov=True, dtype=np.float32)
+        stats = _ssim_stats(f, [a, b])
         if cache is not None:
             cache[key] = stats
     vals = _ssim_from_stats(stats, data_range)

@@ -54,13 +54,13 @@ def _ssim_gaussian(f, a, b, data_range: float, cache=None) -> list[float]:
     return [float(out[0]), float(out[1])]
 
 
-def _ssim_stats(f, srcs, *, sample_cov, dtype):
+def _ssim_stats(f, srcs):
     """Local means, variances and covariances of SSIM(F, S) for each S in ``srcs`` with
-    skimage 0.19's default window (7×7 uniform, 'reflect' borders, then a crop of 3 pixels per
-    side), in ``dtype`` arithmetic: the cddfuse convention, whose reference values were made
-    with skimage's own float32 filter, which this keeps."""
+    skimage 0.19's defaults on float32 input (7×7 uniform window, 'reflect' borders, then a
+    crop of 3 pixels per side, sample covariance, float32 arithmetic): the cddfuse convention,
+    whose reference values were made with skimage's own float32 filter, which this keeps."""
     n = len(srcs)
-    # skimage 0.19's default on float32 input: 7×7 uniform window, float32 arithmetic
+    dtype = np.float32
     win = 7
     pad = (win - 1) // 2
     stack = _scratch("ssim_u_in", (2 + 3 * n, *f.shape), dtype)
@@ -75,7 +75,7 @@ def _ssim_stats(f, srcs, *, sample_cov, dtype):
     filt = filt[:, pad:-pad, pad:-pad]
     uf, us = filt[0], filt[1 : 1 + n]
     uff, uss, ufs = filt[1 + n], filt[2 + n : 2 + 2 * n], filt[2 + 2 * n :]
-    cov_norm = win * win / (win * win - 1) if sample_cov else 1.0
+    cov_norm = win * win / (win * win - 1)  # sample covariance
     tmp = _scratch("ssim_u_tmp", us.shape, dtype)
     np.multiply(uf, uf, out=tmp[0])
     np.subtract(uff, tmp[0], out=uff)
