@@ -137,6 +137,14 @@ class TrainConfig:
     validation")."""
     weight_decay: float = 1e-5  # AdamW, §4.1
     ema_decay: float = 0.99  # m in Eq. 4
+    follower_ema: float | None = None
+    """Validate, pick the best checkpoint with, and save an exponential moving average of the
+    follower's weights (decay m, ramped as ``min(m, (1 + t) / (10 + t))`` over its updates t,
+    :class:`fuse4seg.train.engine.ModelEMA`), instead of the follower itself; ``None``: off, the
+    paper (Eq. 4 averages only the leader). Training is unchanged: the follower's updates and
+    the leader's hypergradient use the follower itself; only what is evaluated and saved is
+    the average. Measured against issue 10's drop target in ``benchmarks/RESULTS.md``
+    ("The follower's weight average")."""
     warmup_minmax: bool = False
     """Warm Fuse4Seg's follower up on minmax(x_avg), the per-image min–max the leader applies to
     x_f (§3.3.2), instead of the raw x_avg = ½(x1 + x2) of Algorithm 1, line 2 (the default,
@@ -396,6 +404,8 @@ def validate(config: Config) -> None:
         (t.lr_follower_rollout is None or t.lr_follower_rollout > 0,
          "train.lr_follower_rollout must be > 0 or null"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
+        (t.follower_ema is None or 0.0 < t.follower_ema < 1.0,
+         "train.follower_ema must be in (0, 1) or null"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch >= 1"),
         (t.val_every >= 1, "train.val_every must be >= 1"),
         (config.fusion.steps is None or config.fusion.steps >= 1, "fusion.steps must be >= 1"),

@@ -88,7 +88,8 @@ def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto
 
     Args:
         checkpoint: a run folder (``best.pt``, falling back to ``ema.pt``) or a ``.pt`` file
-            (a bundle, or a training state, whose EMA leader is used).
+            (a bundle, or a training state ``last.pt``, whose EMA leader is used, and its
+            follower's weight average where ``train.follower_ema`` kept one).
         which: ``"best"``, ``"ema"`` or ``"last"`` when ``checkpoint`` is a folder.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
 
@@ -103,14 +104,22 @@ def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto
     method = state["method"]
     spec = get_method(method)
     config = config_from_dict(state["config"])
+    if state.get("kind") == "training":  # last.pt: the engine's state
+        if "engine" not in state:
+            raise ValueError(f"{path}: a training state of an older fuse4seg; use best.pt")
+        engine = state["engine"]
+        # the EMA leader, and the follower's weight average where train.follower_ema kept one
+        leader_weights = engine["ema"]
+        follower_weights = engine.get("follower_ema") or engine["follower"]
+    else:
+        leader_weights, follower_weights = state["leader"], state["follower"]
     leader = None
     if spec.leader:
         leader = build_leader(config)
-        weights = state["leader"] if state.get("kind") == "bundle" else state["ema"]
-        leader.load_state_dict(weights)
+        leader.load_state_dict(leader_weights)
         leader = leader.to(dev).eval()
     follower = build_follower(config, method)
-    follower.load_state_dict(state["follower"])
+    follower.load_state_dict(follower_weights)
     follower = follower.to(dev).eval()
     scheme = state.get("scheme", "brats2021")
     epoch = int(state.get("epoch", 0))

@@ -509,3 +509,83 @@ def test_cli_train_reports_bad_input(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main([*base, "--data", str(tmp_path), "--set", "train.bogus=1"]) == 2
     assert "unknown setting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decay", [None, 0.9])
+def test_the_followers_weight_average_is_what_is_validated_and_saved(phantom_cache, tmp_path,
+                                                                     decay):
+    """train.follower_ema: validation scores, and best.pt / ema.pt / last.pt serve, the average
+    of the follower's weights; off (None), the follower itself."""
+    from fuse4seg.inference import load_bundle
+
+    config = smoke(**{"train.follower_ema": decay})
+    result = train(config, "fuse4seg", data=phantom_cache, out=tmp_path, progress=False)
+    ckpt = result.run_dir / "checkpoints"
+    engine = load_checkpoint(ckpt / "last.pt")["engine"]
+    saved = load_checkpoint(ckpt / "ema.pt")["follower"]
+    served = load_bundle(result.run_dir, which="last", device="cpu").follower.state_dict()
+    if decay is None:
+        assert engine["follower_ema"] is None
+        expected = engine["follower"]
+    else:
+        t = config.train
+        # every follower update, warm-up and inner steps alike, moves the average once
+        assert engine["follower_ema_updates"] == t.steps_per_epoch * (1 + t.inner_steps)
+        expected = engine["follower_ema"]
+        assert any(not torch.equal(expected[k], engine["follower"][k]) for k in expected)
+    for k in expected:
+        assert torch.equal(saved[k], expected[k]), k
+        assert torch.equal(served[k], expected[k]), k
+
+
+def test_validation_scores_the_followers_weight_average(phantom_cache, tmp_path):
+    trainer = _trainer(phantom_cache, tmp_path, **{"train.follower_ema": 0.5})
+    engine = trainer.engine
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 64, 64, generator=gen)
+    seg = torch.randint(0, 4, (4, 64, 64), generator=gen)
+    theta = [_params(engine.follower_module)]
+    for _ in range(2):
+        engine.follower_step(x, seg)
+        theta.append(_params(engine.follower_module))
+    assert engine.follower_ema.updates == 2
+    # the ramped decay min(m, (1 + t) / (10 + t)): 0.1, then 2/11
+    d0, d1 = 0.1, 2 / 11
+    avg = engine.follower_ema.module.state_dict()
+    moved = 0
+    for k, v in avg.items():
+        want = d1 * (d0 * theta[0][k] + (1 - d0) * theta[1][k]) + (1 - d1) * theta[2][k]
+        torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(v, theta[2][k])
+    assert moved  # the average is not the live follower
+    with_avg = trainer.validate("warmup")
+    # the same scores from a follower that holds the averaged weights, with no average kept
+    engine.follower_module.load_state_dict(avg)
+    engine.follower_ema = None
+    assert trainer.validate("warmup") == with_avg
+
+
+def test_a_follower_average_resumes_with_its_update_count(phantom_cache, tmp_path):
+    from fuse4seg.train.bilevel import Engine
+
+    config = smoke(**{"train.follower_ema": 0.9})
+    a = Engine(config, "average", torch.device("cpu"), steps_per_epoch=2)
+    gen = torch.Generator().manual_seed(1)
+    a.follower_step(torch.rand(2, 1, 64, 64, generator=gen),
+                    torch.randint(0, 4, (2, 64, 64), generator=gen))
+    b = Engine(config, "average", torch.device("cpu"), steps_per_epoch=2, seed=5)
+    b.load_state_dict(a.state_dict())
+    assert b.follower_ema.updates == 1
+    for k, v in a.follower_ema.state_dict().items():
+        assert torch.equal(b.follower_ema.state_dict()[k], v), k
+    off = Engine(smoke(), "average", torch.device("cpu"), steps_per_epoch=2)
+    state = off.state_dict()
+    with pytest.raises(ValueError, match="no follower_ema to resume"):
+        b.load_state_dict(state)
+
+
+def test_follower_ema_must_be_a_decay():
+    from fuse4seg.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.follower_ema must be in \(0, 1\)"):
+        smoke(**{"train.follower_ema": 1.0})

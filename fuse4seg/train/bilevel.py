@@ -157,6 +157,13 @@ class Engine:
                     f"stride {stride}"
                 )
         self.ema = ModelEMA(leader, t.ema_decay, ema_warmup) if leader is not None else None
+        # train.follower_ema: what is validated and saved; it starts from random weights, so
+        # its decay ramps up (ModelEMA's warm-up)
+        self.follower_ema = (
+            ModelEMA(follower, t.follower_ema, warmup=True)
+            if follower is not None and t.follower_ema is not None
+            else None
+        )
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -202,6 +209,14 @@ class Engine:
     @property
     def follower_module(self) -> nn.Module:
         return unwrap(self.follower.net)
+
+    @property
+    def eval_follower(self) -> nn.Module:
+        """The follower that validation scores and the saved bundles hold: the average of its
+        weights with ``train.follower_ema``, else the follower itself."""
+        if self.follower_ema is not None:
+            return self.follower_ema.module
+        return self.follower_module
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -305,6 +320,8 @@ class Engine:
         loss = self.lower_loss(logits, target)
         self.guard({"L_lower": loss})
         f.step(loss, "L_lower", self.guard)
+        if self.follower_ema is not None:
+            self.follower_ema.update(self.follower_module)
         return to_float(loss)
 
     def _augmented(self, x_in, target, draw):
@@ -451,8 +468,9 @@ class Engine:
         for name, learner in (("follower", self.follower), ("leader", self.leader)):
             state[name] = unwrap(learner.net).state_dict() if learner is not None else None
             state[f"{name}_learner"] = learner.state_dict() if learner is not None else None
-        state["ema"] = self.ema.state_dict() if self.ema is not None else None
-        state["ema_updates"] = self.ema.updates if self.ema is not None else 0
+        for name, avg in (("ema", self.ema), ("follower_ema", self.follower_ema)):
+            state[name] = avg.state_dict() if avg is not None else None
+            state[f"{name}_updates"] = avg.updates if avg is not None else 0
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -461,8 +479,11 @@ class Engine:
             if learner is not None:
                 unwrap(learner.net).load_state_dict(state[name])
                 learner.load_state_dict(state[f"{name}_learner"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"], state.get("ema_updates"))
+        for name, avg in (("ema", self.ema), ("follower_ema", self.follower_ema)):
+            if avg is not None:
+                if state.get(name) is None:
+                    raise ValueError(f"the training state has no {name} to resume")
+                avg.load_state_dict(state[name], state.get(f"{name}_updates"))
 
 
 def steps_per_epoch(config: Config, train_slices: int, world_size: int = 1) -> int:

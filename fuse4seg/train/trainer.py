@@ -236,8 +236,8 @@ class Trainer:
         return info[0].get("layout", "brats2021") if info else "brats2021"
 
     def bundle(self, epoch: int) -> dict[str, Any]:
-        """The inference bundle after ``epoch``: EMA leader, follower, config (``best.pt`` /
-        ``ema.pt``)."""
+        """The inference bundle after ``epoch``: EMA leader, follower (its weight average with
+        ``train.follower_ema``), config (``best.pt`` / ``ema.pt``)."""
         ema = self.engine.ema
         return {
             "format": CHECKPOINT_FORMAT,
@@ -246,7 +246,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "epoch": epoch,
             "leader": ema.state_dict() if ema is not None else None,
-            "follower": self.engine.follower_module.state_dict(),
+            "follower": self.engine.eval_follower.state_dict(),
             "scheme": self.scheme,
         }
 

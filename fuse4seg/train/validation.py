@@ -68,7 +68,8 @@ def validate(
     """
     from fuse4seg.metrics.segmentation import SegmentationMeter
 
-    follower = engine.follower_module
+    follower = engine.eval_follower  # the follower, or its weight average (train.follower_ema)
+    was_training = follower.training
     follower.eval()
     meter = SegmentationMeter()
     space = "val:" + ",".join(dataset.case_ids)  # the cache key of these slices
@@ -79,7 +80,7 @@ def validate(
         with engine.autocast():
             logits = follower(x_in)  # (B, C, S, S) -> (B, 4, S, S)
         meter.update(logits.argmax(dim=1).cpu(), batch["seg"].cpu(), batch["case_id"])
-    follower.train()
+    follower.train(was_training)
     mean = meter.compute()["mean"]
     return {
         "prior": engine.prior_label(stage, ema),
