@@ -176,10 +176,10 @@ def stage_change(run_dirs: dict[str, dict[int, dict[int, Path]]], splits) -> lis
                 continue
             seen.add(tuple(seeds))
             sd = f"{t['sd_warm']:.3f}" if len(seeds) > 1 else "–"
-            drop_ok = "–" if t["drop_ok"] is None else ("yes" if t["drop_ok"] else "no")
+            drop_ok, loss_ok = (
+                "–" if t[k] is None else ("yes" if t[k] else "no") for k in ("drop_ok", "loss_ok"))
             out.append(f"| {f} | {', '.join(splits[f]['val'])} | `{m}` | "
-                       f"{ratios(t)} | {fmt(t['drop'])} | {sd} | "
-                       f"{'yes' if t['loss_ok'] else 'no'} | {drop_ok} |")
+                       f"{ratios(t)} | {fmt(t['drop'])} | {sd} | {loss_ok} | {drop_ok} |")
     if len(seen) == 1:
         order = f"Seeds {list(next(iter(seen)))} in that order"
     else:  # rows with different seeds: say so rather than name one row's

@@ -100,7 +100,9 @@ def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, 
     run; ``loss_basis`` for all of them).
 
     Also ``drop`` (per seed: last warm-up validation − lowest rollout validation), ``sd_warm``
-    (seed sd of the last warm-up validation), ``loss_ok`` (every ``loss_ratio`` ≤ 1.15) and
+    (seed sd of the last warm-up validation), ``loss_ok`` (every ``loss_ratio`` ≤ 1.15;
+    ``None`` when the basis is mixed, since a logged ratio carries the batch effect above and
+    a same-slice one does not, so one verdict over both would judge unlike things) and
     ``drop_ok`` (every drop ≤ ``sd_warm``; ``None`` with one seed).
     """
     ratios, logged, drops, warm_vals, same_slices = [], [], [], [], []
@@ -121,9 +123,10 @@ def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, 
     sd = float(np.std(warm_vals, ddof=1)) if len(warm_vals) > 1 else float("nan")
     basis = ("same D_tr slices" if all(same_slices)
              else "logged L_lower" if not any(same_slices) else "mixed")
+    loss_ok = None if basis == "mixed" else bool(max(ratios) <= 1.15)
     return {"loss_ratio": ratios, "loss_ratio_logged": logged, "loss_basis": basis,
             "same_slices": same_slices,
-            "drop": drops, "sd_warm": sd, "loss_ok": bool(max(ratios) <= 1.15),
+            "drop": drops, "sd_warm": sd, "loss_ok": loss_ok,
             "drop_ok": bool(max(drops) <= sd) if len(drops) > 1 else None}
 
 

@@ -90,6 +90,7 @@ def test_the_loss_ratio_compares_the_same_slices_when_the_run_logged_them():
     mixed = curves.rollout_targets([run, _curve([0.4, 0.5, 0.6, 0.6, 0.6], warm=3)])
     assert mixed["loss_basis"] == "mixed" and mixed["loss_ratio"] == pytest.approx([1.05, 1.0])
     assert mixed["same_slices"] == [True, False]
+    assert mixed["loss_ok"] is None  # no one verdict over unlike ratios
     report = {"data": "phantom", "profile": "default", "methods": {"fuse4seg": {"runs": [
         {"seed": s, "seconds": 1.0, "curve": c}
         for s, c in enumerate([run, _curve([0.4, 0.5, 0.6, 0.6, 0.6], warm=3)])]}}}
