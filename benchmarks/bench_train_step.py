@@ -9,10 +9,12 @@ Variants: ``eager`` (fp32, as ``FUSE4SEG_EAGER=1`` trains), ``cl`` (fp32, channe
 and weights), ``amp`` (bf16 autocast; CUDA only, as in training), ``amp_cl`` (AMP +
 channels_last), ``compile`` (``train.compile=true``: the trainer's ``torch.compile`` of both
 networks, with AMP on CUDA). On CPU AMP is off in training, so ``amp``/``amp_cl`` are skipped
-there. The variants are built once and then timed in turns (``--rounds``), so that on a shared
-machine they see the same load; the medians over all rounds are printed. ``first calls (s)`` is
-the time of the untimed first calls of both step types: for ``compile`` it holds the compilation
-(or the load from inductor's cache, ``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
+there, unless ``--cpu-bf16`` asks what CPU bf16 autocast would give (a measurement only: the
+trainer ignores ``train.amp`` on CPU). The variants are built once and then timed in turns
+(``--rounds``), so that on a shared machine they see the same load; the medians over all rounds
+are printed. ``first calls (s)`` is the time of the untimed first calls of both step types: for
+``compile`` it holds the compilation (or the load from inductor's cache,
+``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
 
 On CUDA the table also gives the model FLOPs of each step (``FlopCounterMode``, counted once on
 the eager engine) and the MFU against the card's dense bf16 peak (:data:`BF16_PEAK`; ``n/a``
@@ -96,6 +98,8 @@ def build(args, variant: str, device: torch.device) -> Engine:
         overrides["model.segmentation"] = args.segmentation
     config = get_config(args.profile, overrides)
     engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
+    if variant in ("amp", "amp_cl") and device.type == "cpu":  # --cpu-bf16: measured only
+        engine.amp_dtype = torch.bfloat16
     if variant in ("cl", "amp_cl"):
         engine.leader.net = engine.leader.net.to(memory_format=torch.channels_last)
         engine.follower.net = engine.follower.net.to(memory_format=torch.channels_last)
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="turns over the variants")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="on CPU, run amp/amp_cl under bf16 autocast (training does not)")
     parser.add_argument("--train-slices", type=int, default=100_000, help="N for the projection")
     parser.add_argument("--trace", type=int, metavar="N", default=0,
                         help="after the table, torch.profiler's N ops with the most self time "
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[Case] = []
     notes: dict[str, str] = {}
     for variant in variants:
-        if variant in ("amp", "amp_cl") and device.type != "cuda":
+        if variant in ("amp", "amp_cl") and device.type != "cuda" and not args.cpu_bf16:
             notes[variant] = "skipped: AMP is off on CPU in training"
             continue
         try:

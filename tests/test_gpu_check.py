@@ -45,3 +45,20 @@ def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path):
     assert (out / "machine.txt").is_file()
     assert (out / "chapters" / "04_bilevel_training.ipynb").is_file()
     assert "chapter 04_bilevel_training: ok" in log
+
+
+def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
+    """``--cpu-bf16``: the amp rows are timed under CPU bf16 autocast; without it they say why
+    they were skipped (training ignores ``train.amp`` on CPU)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_train_step
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    args = ["--device", "cpu", "--size", "32", "--batch", "2", "--inner-steps", "1",
+            "--profile", "smoke", "--variants", "eager,amp", "--repeats", "1", "--warmup", "1"]
+    assert bench_train_step.main(args) == 0
+    assert "| amp | skipped: AMP is off on CPU in training |" in capsys.readouterr().out
+    assert bench_train_step.main([*args, "--cpu-bf16"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| amp |")]
+    assert len(rows) == 1 and "skipped" not in rows[0] and "failed" not in rows[0]
