@@ -744,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
                     markdown_to_ipynb(chapter.source, probe)
                     needs_data = needs_data or "data_dir" in declared_parameters(probe)
             if needs_data:
-                status = prepare_phantom(data_dir, cases)
+                # cases in parallel processes (one case is ~1 GB of work arrays at most)
+                status = prepare_phantom(data_dir, cases, workers=min(4, os.cpu_count() or 1))
                 if status == "foreign":
                     log(f"using the data in {data_dir} (not a phantom folder: left as it is)")
                 elif status == "kept":

@@ -70,14 +70,16 @@ def phantom_case_count(data_dir: Path) -> int | None:
     return None
 
 
-def prepare_phantom(data_dir: str | Path, cases: int, seed: int = PHANTOM_SEED) -> str:
+def prepare_phantom(data_dir: str | Path, cases: int, seed: int = PHANTOM_SEED,
+                    workers: int = 1) -> str:
     """Make ``data_dir`` hold the phantom dataset with ``cases`` cases.
 
     A missing folder is written; a folder holding only phantom cases, but another number of
     them (say, from a build with another profile), is rewritten, so a profile always sees the
     same data; a folder holding anything else is left alone (it is the user's data). Writing
     goes to a temporary sibling folder that is renamed into place, so ``data_dir`` is never
-    half-written.
+    half-written. ``workers`` processes write the cases (byte-identical to one worker's:
+    :func:`fuse4seg.data.phantom.write_phantom_dataset`); ``book/build.py`` uses up to 4.
 
     Returns:
         ``"written"``, ``"rewritten"``, ``"kept"`` (already right) or ``"foreign"`` (not a
@@ -102,11 +104,7 @@ def prepare_phantom(data_dir: str | Path, cases: int, seed: int = PHANTOM_SEED) 
     old = data_dir.parent / f".{data_dir.name}.old-{os.getpid()}"
     status = "rewritten" if data_dir.exists() else "written"
     try:
-        # one process. Worker processes were suspected of chapter 01's widget-cell hang; its
-        # cause turned out to be nbclient's Output-widget sync (fuse4seg.widgets.slice_viewer,
-        # benchmarks/RESULTS.md), so workers (about 50 s faster) could return once a build
-        # with them has been measured
-        phantom.write_phantom_dataset(tmp, cases=cases, seed=seed)
+        phantom.write_phantom_dataset(tmp, cases=cases, seed=seed, workers=workers)
         if data_dir.exists():
             os.replace(data_dir, old)
         os.replace(tmp, data_dir)

@@ -229,11 +229,12 @@ def test_phantom_cases_by_profile():
 def test_prepare_phantom_writes_keeps_and_rewrites(tmp_path, monkeypatch):
     from fuse4seg.data import phantom
 
-    calls = []
+    calls, used = [], []
 
     def fake_writer(out, cases, seed, workers=1):  # the real one takes seconds per case
         assert workers >= 1
         calls.append((cases, seed))
+        used.append(workers)
         for i in range(cases):
             (Path(out) / f"Phantom_{i:05d}").mkdir(parents=True)
 
@@ -242,7 +243,8 @@ def test_prepare_phantom_writes_keeps_and_rewrites(tmp_path, monkeypatch):
     assert build.prepare_phantom(data, cases=3) == "written"
     assert build.phantom_case_count(data) == 3
     assert build.prepare_phantom(data, cases=3) == "kept"
-    assert build.prepare_phantom(data, cases=2) == "rewritten"
+    assert build.prepare_phantom(data, cases=2, workers=2) == "rewritten"
+    assert used == [1, 2]  # the workers reach the writer
     assert sorted(p.name for p in data.iterdir()) == ["Phantom_00000", "Phantom_00001"]
     assert calls == [(3, 0), (2, 0)]
     assert sorted(p.name for p in data.parent.iterdir()) == ["phantom"]  # no leftovers

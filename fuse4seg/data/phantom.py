@@ -482,8 +482,8 @@ def write_phantom_dataset(
         progress: print one line per case to stderr.
         workers: write the cases in this many processes. Each case depends only on its own
             seed, so the files are byte-identical to one worker's (tested); 2 workers wrote the
-            ``default`` profile's 24 cases in 37 s against 82–89 s for one. The book itself
-            writes with one (``fuse4seg.book.prepare_phantom``).
+            ``default`` profile's 24 cases in 37 s against 82–89 s for one. ``book/build.py``
+            writes with up to 4 (``fuse4seg.book.prepare_phantom``).
 
     Returns:
         The case folders, in order.
