@@ -8,13 +8,14 @@ Both call the real :class:`fuse4seg.train.bilevel.Engine` step methods on random
 Variants: ``eager`` (fp32, as ``FUSE4SEG_EAGER=1`` trains), ``cl`` (fp32, channels_last inputs
 and weights), ``amp`` (bf16 autocast; CUDA only, as in training), ``amp_cl`` (AMP +
 channels_last), ``compile`` (``train.compile=true``: the trainer's ``torch.compile`` of both
-networks, with AMP on CUDA). On CPU AMP is off in training, so ``amp``/``amp_cl`` are skipped
-there, unless ``--cpu-bf16`` asks what CPU bf16 autocast would give (a measurement only: the
-trainer ignores ``train.amp`` on CPU). The variants are built once and then timed in turns
-(``--rounds``), so that on a shared machine they see the same load; the medians over all rounds
-are printed. ``first calls (s)`` is the time of the untimed first calls of both step types: for
-``compile`` it holds the compilation (or the load from inductor's cache,
-``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
+networks, with AMP on CUDA), ``no_follower_ema`` (eager without ``train.follower_ema``: what the
+follower's weight average costs per step where the profile sets it). On CPU AMP is off in
+training, so ``amp``/``amp_cl`` are skipped there, unless ``--cpu-bf16`` asks what CPU bf16
+autocast would give (a measurement only: the trainer ignores ``train.amp`` on CPU). The variants
+are built once and then timed in turns (``--rounds``), so that on a shared machine they see the
+same load; the medians over all rounds are printed. ``first calls (s)`` is the time of the
+untimed first calls of both step types: for ``compile`` it holds the compilation (or the load
+from inductor's cache, ``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
 
 On CUDA the table also gives the model FLOPs of each step (``FlopCounterMode``, counted once on
 the eager engine) and the MFU against the card's dense bf16 peak (:data:`BF16_PEAK`; ``n/a``
@@ -47,7 +48,7 @@ import torch
 from fuse4seg.config import get_config
 from fuse4seg.train.bilevel import Engine
 
-VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile")
+VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "no_follower_ema")
 
 # dense bf16 peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins
 BF16_PEAK = (
@@ -92,6 +93,8 @@ def build(args, variant: str, device: torch.device) -> Engine:
         or (variant == "compile" and device.type == "cuda"),
         "train.compile": variant == "compile",
     }
+    if variant == "no_follower_ema":  # eager without the follower's weight average
+        overrides["train.follower_ema"] = None
     if args.fusion:
         overrides["model.fusion"] = args.fusion
     if args.segmentation:

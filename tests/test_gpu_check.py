@@ -62,3 +62,20 @@ def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
     assert bench_train_step.main([*args, "--cpu-bf16"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| amp |")]
     assert len(rows) == 1 and "skipped" not in rows[0] and "failed" not in rows[0]
+
+
+def test_bench_train_step_can_switch_the_followers_average_off():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_train_step
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(size=64, batch=2, inner_steps=1, fusion=None, segmentation=None,
+                              profile="default")
+    cpu = torch.device("cpu")
+    assert bench_train_step.build(args, "eager", cpu).follower_ema is not None  # the profile's
+    assert bench_train_step.build(args, "no_follower_ema", cpu).follower_ema is None
