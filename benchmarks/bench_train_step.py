@@ -8,8 +8,10 @@ Both call the real :class:`fuse4seg.train.bilevel.Engine` step methods on random
 Variants: ``eager`` (fp32, as ``FUSE4SEG_EAGER=1`` trains), ``cl`` (fp32, channels_last inputs
 and weights), ``amp`` (bf16 autocast; CUDA only, as in training), ``amp_cl`` (AMP +
 channels_last), ``compile`` (``train.compile=true``: the trainer's ``torch.compile`` of both
-networks, with AMP on CUDA), ``no_follower_ema`` (eager without ``train.follower_ema``: what the
-follower's weight average costs per step where the profile sets it). On CPU AMP is off in
+networks, with AMP on CUDA), ``compile_static`` (the same with ``dynamic=False``: one static
+graph per batch shape instead of torch's second, dynamic-shape graph), ``no_follower_ema``
+(eager without ``train.follower_ema``: what the follower's weight average costs per step where
+the profile sets it). On CPU AMP is off in
 training, so ``amp``/``amp_cl`` are skipped there, unless ``--cpu-bf16`` asks what CPU bf16
 autocast would give (a measurement only: the trainer ignores ``train.amp`` on CPU). The variants
 are built once and then timed in turns (``--rounds``), so that on a shared machine they see the
@@ -47,8 +49,9 @@ import torch
 
 from fuse4seg.config import get_config
 from fuse4seg.train.bilevel import Engine
+from fuse4seg.train.engine import compile_net
 
-VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "no_follower_ema")
+VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "no_follower_ema")
 
 # dense bf16 peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins
 BF16_PEAK = (
@@ -90,7 +93,7 @@ def build(args, variant: str, device: torch.device) -> Engine:
         "train.batch_size": args.batch,
         "train.inner_steps": args.inner_steps,
         "train.amp": variant in ("amp", "amp_cl")
-        or (variant == "compile" and device.type == "cuda"),
+        or (variant.startswith("compile") and device.type == "cuda"),
         "train.compile": variant == "compile",
     }
     if variant == "no_follower_ema":  # eager without the follower's weight average
@@ -103,6 +106,9 @@ def build(args, variant: str, device: torch.device) -> Engine:
     engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
     if variant in ("amp", "amp_cl") and device.type == "cpu":  # --cpu-bf16: measured only
         engine.amp_dtype = torch.bfloat16
+    if variant == "compile_static":  # one static graph per shape (torch.compile's dynamic=False)
+        engine.leader.net = compile_net(engine.leader.net, dynamic=False)
+        engine.follower.net = compile_net(engine.follower.net, dynamic=False)
     if variant in ("cl", "amp_cl"):
         engine.leader.net = engine.leader.net.to(memory_format=torch.channels_last)
         engine.follower.net = engine.follower.net.to(memory_format=torch.channels_last)

@@ -21,6 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("kernels")
 
 
+def _benchmark(name: str):
+    """The module of ``benchmarks/<name>.py``."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path):
     out = tmp_path / "gpu_check"
@@ -50,11 +61,7 @@ def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path):
 def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
     """``--cpu-bf16``: the amp rows are timed under CPU bf16 autocast; without it they say why
     they were skipped (training ignores ``train.amp`` on CPU)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_train_step
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench_train_step = _benchmark("bench_train_step")
     args = ["--device", "cpu", "--size", "32", "--batch", "2", "--inner-steps", "1",
             "--profile", "smoke", "--variants", "eager,amp", "--repeats", "1", "--warmup", "1"]
     assert bench_train_step.main(args) == 0
@@ -65,11 +72,7 @@ def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
 
 
 def test_bench_train_step_can_switch_the_followers_average_off():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_train_step
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench_train_step = _benchmark("bench_train_step")
     import argparse
 
     import torch
@@ -79,3 +82,42 @@ def test_bench_train_step_can_switch_the_followers_average_off():
     cpu = torch.device("cpu")
     assert bench_train_step.build(args, "eager", cpu).follower_ema is not None  # the profile's
     assert bench_train_step.build(args, "no_follower_ema", cpu).follower_ema is None
+
+
+def test_bench_train_step_static_compile_trains_the_optimisers_parameters():
+    """``compile_static``: both networks compiled with ``dynamic=False``, wrapping the very
+    parameters their optimisers update (so a timed step is a real training step)."""
+    bench_train_step = _benchmark("bench_train_step")
+    import argparse
+
+    import torch
+
+    from fuse4seg.train.engine import unwrap
+
+    args = argparse.Namespace(size=32, batch=2, inner_steps=1, fusion=None, segmentation=None,
+                              profile="smoke")
+    engine = bench_train_step.build(args, "compile_static", torch.device("cpu"))
+    for learner in (engine.leader, engine.follower):
+        assert learner.net is not unwrap(learner.net)  # wrapped by torch.compile
+        held = {id(p) for group in learner.opt.param_groups for p in group["params"]}
+        assert held == {id(p) for p in learner.net.parameters()}
+        assert held == {id(p) for p in unwrap(learner.net).parameters()}
+
+
+def test_step_anatomy_parts_add_up_and_the_trainer_split_covers_the_run(phantom_dir, capsys):
+    """``benchmarks/step_anatomy.py`` on tiny sizes and the ``smoke`` profile: the parts of a
+    follower update are all timed, and the trainer's split accounts for its whole wall time."""
+    step_anatomy = _benchmark("step_anatomy")
+    argv = ["--profile", "smoke", "--sizes", "16", "32", "--batch", "2", "--inner-steps", "1",
+            "--repeats", "1", "--warmup", "1", "--data", str(phantom_dir)]
+    assert step_anatomy.main(argv) == 0
+    out = capsys.readouterr().out
+    for part in step_anatomy.PARTS:
+        assert f"| {part} |" in out
+    rows = {r.split("|")[1].strip(): r for r in out.splitlines() if r.startswith("| ")}
+    assert "warm-up step" in rows and "outer step" in rows
+    shares = [float(rows[k].split("|")[3].strip().rstrip(" %"))
+              for k in rows if k.startswith(("assembling", "the steps", "end of", "the rest"))]
+    assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5
+    with pytest.raises(SystemExit):
+        step_anatomy.main(["--sizes", "64", "16"])

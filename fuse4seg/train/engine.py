@@ -74,15 +74,18 @@ def compile_wanted(requested: bool) -> bool:
     return requested and os.environ.get("FUSE4SEG_EAGER", "0").strip() in ("", "0")
 
 
-def compile_net(net: nn.Module) -> nn.Module:
-    """``torch.compile(net)`` with inductor's cache in ``~/.cache/fuse4seg/inductor`` unless
-    ``TORCHINDUCTOR_CACHE_DIR`` names another folder (a second run loads the compiled kernels
-    and graphs instead of compiling them again). :func:`unwrap` returns ``net`` again, and the
-    state dict of ``unwrap(compiled)`` keeps the plain keys."""
+def compile_net(net: nn.Module, dynamic: bool | None = None) -> nn.Module:
+    """``torch.compile(net, dynamic=dynamic)`` with inductor's cache in
+    ``~/.cache/fuse4seg/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` names another folder (a
+    second run loads the compiled kernels and graphs instead of compiling them again).
+    :func:`unwrap` returns ``net`` again, and the state dict of ``unwrap(compiled)`` keeps the
+    plain keys. ``dynamic=None`` is torch's default (a second, dynamic-shape graph when a
+    shape changes, as the batch does from the warm-up's B to the rollout's B/2); ``False``
+    compiles one static graph per shape (``bench_train_step.py``'s ``compile_static``)."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "fuse4seg", "inductor")
-    return torch.compile(net)
+    return torch.compile(net, dynamic=dynamic)
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
