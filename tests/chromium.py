@@ -124,7 +124,11 @@ class DevTools:
 
     def page_session(self) -> str:
         """A new blank tab with network and page events on; returns its session id."""
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        # the first command waits for the browser to start, which under a loaded test run
+        # (two workers, a kernel each) once took longer than the usual 30 s
+        target = self.send("Target.createTarget", {"url": "about:blank"}, timeout=120)[
+            "targetId"
+        ]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
             "sessionId"
         ]
