@@ -162,16 +162,23 @@ def trainer_split(args) -> None:
     from fuse4seg.train.trainer import SliceBatches, Trainer, train
 
     spent: dict[str, float] = defaultdict(float)
+    stack: list[str] = []  # the timed calls in progress
 
     def timed(cls, name, key):
         original = getattr(cls, name)
 
         def wrapper(self, *a, **k):
+            # batches count only when a step fetches them (the end of the warm-up also draws
+            # the first rollout epoch's D_tr halves: that is end-of-epoch time)
+            counted = key != "batches" or stack[-1:] == ["steps"]
+            stack.append(key)
             start = time.perf_counter()
             try:
                 return original(self, *a, **k)
             finally:
-                spent[key] += time.perf_counter() - start
+                stack.pop()
+                if counted:
+                    spent[key] += time.perf_counter() - start
 
         setattr(cls, name, wrapper)
         return original
