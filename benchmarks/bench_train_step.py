@@ -11,13 +11,13 @@ channels_last), ``compile`` (``train.compile=true``: the trainer's ``torch.compi
 networks, with AMP on CUDA), ``compile_static`` (the same with ``dynamic=False``: one static
 graph per batch shape instead of torch's second, dynamic-shape graph), ``no_follower_ema``
 (eager without ``train.follower_ema``: what the follower's weight average costs per step where
-the profile sets it). On CPU AMP is off in
-training, so ``amp``/``amp_cl`` are skipped there, unless ``--cpu-bf16`` asks what CPU bf16
-autocast would give (a measurement only: the trainer ignores ``train.amp`` on CPU). The variants
-are built once and then timed in turns (``--rounds``), so that on a shared machine they see the
-same load; the medians over all rounds are printed. ``first calls (s)`` is the time of the
-untimed first calls of both step types: for ``compile`` it holds the compilation (or the load
-from inductor's cache, ``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
+the profile sets it). On CPU AMP is off in training, so ``amp``/``amp_cl`` are skipped there,
+unless ``--cpu-bf16`` asks what CPU bf16 autocast would give (a measurement only: the trainer
+ignores ``train.amp`` on CPU). The variants are built once and then timed in turns
+(``--rounds``), so that on a shared machine they see the same load; the medians over all rounds
+are printed. ``first calls (s)`` is the time of the untimed first calls of both step types: for
+``compile`` it holds the compilation (or the load from inductor's cache,
+``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
 
 On CUDA the table also gives the model FLOPs of each step (``FlopCounterMode``, counted once on
 the eager engine) and the MFU against the card's dense bf16 peak (:data:`BF16_PEAK`; ``n/a``

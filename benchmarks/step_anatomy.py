@@ -6,8 +6,9 @@ Three measurements, printed as Markdown tables:
 1. **The parts of one follower update** (the warm-up step) at each ``--sizes``: forward,
    L_lower (with the finiteness guard), backward, gradient clipping (with the guard), AdamW,
    and the follower's weight average (``train.follower_ema``). These are the operations of
-   :meth:`fuse4seg.train.bilevel.Engine.follower_step`, timed one by one; the last row times
-   ``follower_step`` itself, as the trainer calls it.
+   :meth:`fuse4seg.train.bilevel.Engine.follower_step`, timed one by one (:func:`follower_parts`
+   repeats that method's code, without its augmentation: change the two together); the last
+   row times ``follower_step`` itself, as the trainer calls it, as a check of the sum.
 2. **The cost that does not shrink with the image**: the outer and warm-up steps of
    ``bench_train_step.py`` at each size. The step at a tiny size is mostly per-op work
    (Python, dispatch, small kernels), which no faster kernel removes; what the step loses
@@ -46,9 +47,9 @@ from fuse4seg.train.bilevel import Engine
 PARTS = ("forward", "L_lower + guard", "backward", "clip + guard", "AdamW", "follower average")
 
 
-def _engine(profile: str, size: int, batch: int, inner: int, overrides: dict) -> Engine:
+def _engine(profile: str, size: int, batch: int, inner: int) -> Engine:
     config = get_config(profile, {"data.crop_size": size, "train.batch_size": batch,
-                                  "train.inner_steps": inner, **overrides})
+                                  "train.inner_steps": inner})
     return Engine(config, "fuse4seg", torch.device("cpu"), steps_per_epoch=10**6)
 
 
@@ -101,7 +102,7 @@ def anatomy(args) -> None:
 
     cases = {}
     for size in args.sizes:
-        engine = _engine(args.profile, size, args.batch, args.inner_steps, {})
+        engine = _engine(args.profile, size, args.batch, args.inner_steps)
         whole = _inputs(args.batch, size)
         half = math.ceil(args.batch / 2)
         tr, val = _inputs(half, size, 1), _inputs(args.batch - half, size, 2)
@@ -156,12 +157,16 @@ def anatomy(args) -> None:
         print(f"| {name} | {cells} | {ms(small, name) / ms(big, name):.2f} |")
 
 
-def trainer_split(args) -> None:
-    """Part 3: a short training run, its wall time split into batches, steps and epoch ends."""
+def trainer_split(args) -> dict:
+    """Part 3: one training run, its wall time split into batches, steps and epoch ends.
+
+    Returns ``{"seconds": {part: s}, "calls": {part: n}, "wall": s, "steps": n, "epochs": n}``
+    (``steps`` and ``epochs`` from the run's metrics rows), and prints the table."""
     from fuse4seg.train.bilevel import Engine as EngineCls
     from fuse4seg.train.trainer import SliceBatches, Trainer, train
 
     spent: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     stack: list[str] = []  # the timed calls in progress
 
     def timed(cls, name, key):
@@ -179,6 +184,7 @@ def trainer_split(args) -> None:
                 stack.pop()
                 if counted:
                     spent[key] += time.perf_counter() - start
+                    calls[key] += 1
 
         setattr(cls, name, wrapper)
         return original
@@ -192,7 +198,7 @@ def trainer_split(args) -> None:
     chosen = {"train.warmup_epochs": args.warmup_epochs,
               "train.rollout_epochs": args.rollout_epochs, "train.val_every": args.val_every}
     config = get_config(args.profile, {k: v for k, v in chosen.items() if v is not None})
-    t = config.train
+    train_cfg = config.train
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cache = None if (Path(args.data) / "manifest.json").exists() else Path(tmp) / "cache"
@@ -212,16 +218,20 @@ def trainer_split(args) -> None:
     rows = [("assembling batches (collate)", spent["batches"]),
             ("the steps, without their batches", steps),
             ("end of epoch (validation, checkpoints, metrics)", spent["end of epoch"])]
-    rest = wall - sum(t for _, t in rows)
+    rest = wall - sum(seconds for _, seconds in rows)
     rows.append(("the rest (building the run: models, data sets, run folder)", rest))
     print(f"\n## 3. The trainer around the steps: `fuse4seg` on {args.data}, profile "
-          f"{args.profile}, {t.warmup_epochs} warm-up + {t.rollout_epochs} rollout epochs, "
-          f"validation every {t.val_every} epoch(s); {len(result.metrics)} epochs run\n")
+          f"{args.profile}, {train_cfg.warmup_epochs} warm-up + {train_cfg.rollout_epochs} "
+          f"rollout epochs, validation every {train_cfg.val_every} epoch(s); "
+          f"{len(result.metrics)} epochs run\n")
     print("| where | s | share |")
     print("|---|---:|---:|")
-    for name, t in rows:
-        print(f"| {name} | {t:.2f} | {100 * t / wall:.1f} % |")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.2f} | {100 * seconds / wall:.1f} % |")
     print(f"| all (wall) | {wall:.2f} | 100 % |")
+    return {"seconds": {**spent, "rest": rest}, "calls": dict(calls), "wall": wall,
+            "steps": sum(int(r["steps"]) for r in result.metrics),
+            "epochs": len(result.metrics)}
 
 
 def main(argv: list[str] | None = None) -> int:
