@@ -76,6 +76,7 @@ from fuse4seg.train.engine import (
     compile_net,
     compile_wanted,
     to_float,
+    tune_malloc,
     unwrap,
 )
 from fuse4seg.train.methods import MethodSpec, build_follower, get_method
@@ -147,6 +148,8 @@ class Engine:
         set_seed(self.seed, deterministic=device.type != "cuda")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        else:  # freed activations stay in the heap for the next step (glibc)
+            tune_malloc()
         leader = build_leader(config).to(device) if self.spec.leader else None
         follower = build_follower(config, self.spec).to(device) if self.spec.follower else None
         for name, net in (("leader", leader), ("follower", follower)):
