@@ -106,8 +106,9 @@ def tune_malloc() -> bool:
     the top of the heap when more than its *trim threshold* is free there. Both start small
     (128 KB) and grow only as blocks are freed, so a training step, which frees and allocates
     activations of many sizes, keeps returning memory that the next step faults in again, page
-    by page: on the ``default`` profile, thousands of minor page faults per step and a sixth
-    of the process's CPU time in the kernel (``benchmarks/RESULTS.md``, "The allocator").
+    by page: on the ``default`` profile, 13,000-16,000 minor page faults and 23-36 ms of
+    kernel CPU time per warm-up step of 100-145 ms (``benchmarks/RESULTS.md``, "The
+    allocator").
     This sets the mmap threshold to 32 MB (glibc's largest) and the trim threshold to 2 GB,
     as ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``
     would at start-up. The values computed do not change; the heap keeps its peak size until
