@@ -306,9 +306,9 @@ def runs_markdown(
     """The run folders behind the tables: one row per distinct folder, with its epochs, its
     recorded training time (``elapsed_s`` of the last ``metrics.jsonl`` row; for a run that
     continued another run's warm-up, ``run.json``'s ``warmup_from``, its own part, with the
-    shared warm-up's time named apart and left out of the totals) and whether this call
-    trained it (its ``last.pt`` is new or changed between ``before`` and ``after``,
-    :func:`checkpoint_stamps`) or reused it.
+    shared warm-up's time and the row it came from named apart and left out of the totals)
+    and whether this call trained it (its ``last.pt`` is new or changed between ``before``
+    and ``after``, :func:`checkpoint_stamps`) or reused it.
 
     Returns:
         ``(markdown, {"runs", "trained", "seconds", "trained_seconds"})``.
@@ -341,7 +341,10 @@ def runs_markdown(
                 if trained:
                     totals["trained"] += 1
                     totals["trained_seconds"] += own
-                time_cell = (f"{own:.0f} s (+ {shared:.0f} s: the warm-up of `{donor}`)"
+                # the donor by its row's name: a folder name here would widen the column
+                # past the page (it does not wrap) and hide the last one
+                giver = next((n for d, n in seen.items() if d.name == donor), f"`{donor}`")
+                time_cell = (f"{own:.0f} s (+ {shared:.0f} s: {giver}'s warm-up)"
                              if shared else f"{elapsed:.0f} s")
                 lines.append(f"| {name} | {r.seed} | `{key}` | {len(rows)} | {time_cell} | "
                              f"{'trained' if trained else 'reused'} |")

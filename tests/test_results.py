@@ -256,5 +256,5 @@ def test_the_run_table_counts_a_shared_warmup_once(tmp_path):
     text, totals = R.runs_markdown([{"full": [full], "A": [a]}], {}, {"fuse4seg-x": 1,
                                                                      "fuse4seg-a": 1})
     assert "| 250 s |" in text
-    assert "| 140 s (+ 100 s: the warm-up of `fuse4seg-x`) |" in text
+    assert "| 140 s (+ 100 s: full's warm-up) |" in text  # the donor by its row's name
     assert totals["seconds"] == pytest.approx(390.0) and totals["trained"] == 2
