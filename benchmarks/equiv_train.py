@@ -1,0 +1,163 @@
+"""Does a speed change alter training? Whole runs with and without it, over seeds (issue 9, part 1).
+
+    python benchmarks/equiv_train.py --data _data/phantom [--profile default]
+        [--method fuse4seg] [--seeds 0 1 2] [--workdir DIR] [--threads N] [--set NAME=VALUE ...]
+
+Issue 9 asks that a change made for speed keep training "numerically equivalent: the same loss
+curve within noise over 3 seeds". The one adopted change that computes differently is GRN's
+hand-written backward (``fuse4seg.models.segmentation._GRNFunction``, commit 25bd028): the same
+values as the formula to float rounding, but summed in another order. (The other adopted change,
+:func:`fuse4seg.train.engine.tune_malloc`, computes nothing: ``bench_malloc.py --train`` shows
+the same logged losses with and without it.)
+
+For each seed this trains ``--method`` twice with the profile, one run after the other in this
+process, on the same data: ``shipped`` (GRN's hand-written backward, what the package runs) and
+``formula`` (GRN as :func:`~fuse4seg.models.segmentation.grn_formula`, differentiated by
+autograd, the code before the change). CPU runs are bit-for-bit repeatable for a seed, so the
+only difference between the two runs of a seed is GRN's rounding, which training then amplifies.
+Printed, per seed: the gap between its two runs, as the root mean square over the epochs of
+the difference of the epoch means of L_lower (the follower's loss) and of the validation mean
+Dice (at the validated epochs), and as the largest difference; and the final validation Dice
+of both. Then the noise they are compared with: the same root mean square difference between
+the ``shipped`` runs of two different seeds, for each pair of seeds. Float rounding is
+amplified by training until the two runs of a seed drift apart like two draws, so their gap
+is not zero; "the same curve within noise" means the gaps within a seed are smaller than the
+differences between seeds, and the last line says whether every one is.
+
+Not a timing benchmark (the runs' times are printed but the two variants share the machine in
+turn, not in alternation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+VARIANTS = ("shipped", "formula")
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def grn(variant: str):
+    """GRN as shipped, or as the formula differentiated by autograd (``formula``)."""
+    from fuse4seg.models import segmentation
+
+    if variant == "shipped":
+        yield
+        return
+    shipped = segmentation.GRN.forward
+
+    def formula(self, x):
+        return segmentation.grn_formula(x, self.gamma, self.beta, self.eps)
+
+    segmentation.GRN.forward = formula
+    try:
+        yield
+    finally:
+        segmentation.GRN.forward = shipped
+
+
+def series(curve: list[dict], key: str) -> list[float | None]:
+    return [row[key] for row in curve]
+
+
+def gaps(a: list[float | None], b: list[float | None]) -> tuple[float, float]:
+    """Root mean square and largest absolute difference where both curves have a value."""
+    diffs = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if not diffs:
+        return float("nan"), float("nan")
+    return math.sqrt(sum(d * d for d in diffs) / len(diffs)), max(abs(d) for d in diffs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True,
+                        help="a raw BraTS/phantom folder or a prepared slice cache")
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--method", default="fuse4seg")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], help="NAME=VALUE overrides")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the slice cache and the runs here (default: a temporary "
+                             "folder; finished runs in it are reused)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 2:
+        parser.error("--seeds: at least 2, to compare with the differences between seeds")
+    data = Path(args.data)
+    if not data.is_dir():
+        parser.error(f"--data {data}: no such folder")
+    import torch
+
+    from fuse4seg.config import get_config, parse_overrides
+    from fuse4seg.curves import curve
+    from fuse4seg.train.trainer import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.set)
+    print(f"# equiv_train: {args.method}, profile {args.profile} {args.set}, data {data}, "
+          f"seeds {args.seeds}, commit {commit()}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores", flush=True)
+    curves: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        for seed in args.seeds:
+            cfg = get_config(args.profile, {**overrides, "train.seed": seed})
+            for variant in VARIANTS:
+                with grn(variant):
+                    result = train(cfg, args.method, data=data, out=work / variant,
+                                   cache=work / "cache", progress=False, device="cpu",
+                                   resume=True, restart_if_code_changed=True)
+                c = curve(result.run_dir)
+                curves[variant].append(c)
+                last_val = next(r["val"] for r in reversed(c) if r["val"] is not None)
+                print(f"seed {seed} {variant}: {len(c)} epochs, {c[-1]['elapsed_s']:.0f} s, "
+                      f"final val {last_val:.4f}", flush=True)
+
+    keys = (("L_lower", "L_lower"), ("val", "validation Dice"))
+    print("\n| seed | L_lower gap, RMS / largest | validation Dice gap, RMS / largest "
+          "| final validation Dice, shipped / formula |")
+    print("|---:|---|---|---|")
+    within: dict[str, list[float]] = {key: [] for key, _ in keys}
+    for i, seed in enumerate(args.seeds):
+        a, b = curves["shipped"][i], curves["formula"][i]
+        cells = []
+        for key, _ in keys:
+            rms, largest = gaps(series(a, key), series(b, key))
+            within[key].append(rms)
+            cells.append(f"{rms:.4f} / {largest:.4f}")
+        va = [v for v in series(a, "val") if v is not None][-1]
+        vb = [v for v in series(b, "val") if v is not None][-1]
+        print(f"| {seed} | {cells[0]} | {cells[1]} | {va:.4f} / {vb:.4f} |")
+    pairs = list(itertools.combinations(range(len(args.seeds)), 2))
+    print("\nnoise: RMS difference between the shipped runs of two seeds, per pair "
+          f"({', '.join(f'{args.seeds[i]}-{args.seeds[j]}' for i, j in pairs)})")
+    verdict = []
+    for key, label in keys:
+        across = [gaps(series(curves["shipped"][i], key), series(curves["shipped"][j], key))[0]
+                  for i, j in pairs]
+        print(f"  {label}: {', '.join(f'{x:.4f}' for x in across)}")
+        below = max(within[key]) < min(across)
+        verdict.append(f"{label} {'yes' if below else 'no'} (largest within a seed "
+                       f"{max(within[key]):.4f}, smallest between seeds {min(across):.4f})")
+    print("every gap within a seed below every difference between seeds: " + "; ".join(verdict))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""``benchmarks/equiv_train.py``: whole runs with GRN's hand-written backward and the formula."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _equiv_train():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("equiv_train")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_the_formula_variant_differentiates_the_formula_and_is_undone():
+    """``formula`` swaps GRN's hand-written function for autograd's graph of the formula (the
+    same values and gradients to float rounding) and restores the shipped one on exit."""
+    from fuse4seg.models.segmentation import GRN
+
+    equiv = _equiv_train()
+    torch.manual_seed(0)
+    layer = GRN(8)
+    with torch.no_grad():
+        layer.gamma.normal_()
+        layer.beta.normal_()
+    x = torch.randn(2, 5, 5, 8, requires_grad=True)
+
+    def run():
+        y = layer(x)
+        grads = torch.autograd.grad((y * y.detach().sin()).sum(), (x, layer.gamma, layer.beta))
+        return y, type(y.grad_fn).__name__, grads
+
+    y0, fn0, g0 = run()
+    with equiv.grn("formula"):
+        y1, fn1, g1 = run()
+    y2, fn2, _ = run()
+    assert "GRNFunction" in fn0 and "GRNFunction" not in fn1 and fn2 == fn0
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    equiv = _equiv_train()
+    with pytest.raises(SystemExit):
+        equiv.main(["--data", str(tmp_path / "nowhere")])
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        equiv.main(["--data", str(tmp_path), "--seeds", "0"])
+    assert "at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_equiv_train_runs_with_the_smoke_profile(phantom_dir, tmp_path, capsys):
+    """End to end on the smoke profile, 2 seeds: both variants train, and over runs this short
+    the two runs of a seed differ by float rounding only, far below the gap between seeds."""
+    equiv = _equiv_train()
+    code = equiv.main(["--data", str(phantom_dir), "--profile", "smoke", "--seeds", "0", "1",
+                       "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = re.findall(r"^\| (\d) \| (\S+) / (\S+) \| (\S+) / (\S+) \| ", out, re.M)
+    assert [r[0] for r in rows] == ["0", "1"], out
+    for _, rms_loss, max_loss, rms_val, max_val in rows:
+        assert 0 <= float(rms_loss) <= float(max_loss) < 1e-3, out
+        assert 0 <= float(rms_val) <= float(max_val) < 1e-2, out
+    assert len(list((tmp_path / "formula").glob("fuse4seg-smoke-*"))) == 2
+    assert "noise: RMS difference between the shipped runs of two seeds, per pair (0-1)" in out
+    assert "every gap within a seed below every difference between seeds: L_lower " in out
