@@ -624,7 +624,8 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
     for path, prefix in COMMANDS.items():
         add_arguments, run = _resolve(prefix)
         doc = (run.__doc__ or "").strip().splitlines()
-        help_text = doc[0] if doc else None
+        # a verb's one-line help goes through argparse's %-formatting ("95 % intervals")
+        help_text = doc[0].replace("%", "%%") if doc else None
         if len(path) == 1:
             sub = top.add_parser(path[0], help=help_text, description=run.__doc__)
         else:

@@ -15,6 +15,22 @@ def test_every_verb_resolves_with_help(capsys):
         assert "usage: fuse4seg " + " ".join(path) in capsys.readouterr().out
 
 
+def test_the_top_level_and_group_help_list_every_verb(capsys):
+    """``fuse4seg --help`` lists each verb with its one-line help (a "%" in one, as in "95 %
+    intervals", once crashed argparse's formatting of the whole list)."""
+    for argv, verbs in (([], {p[0] for p in COMMANDS}),
+                        *(([g], {p[1] for p in COMMANDS if len(p) == 2 and p[0] == g})
+                          for g in {p[0] for p in COMMANDS if len(p) == 2})):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--help"])
+        assert exit_info.value.code == 0, argv
+        out = capsys.readouterr().out
+        assert all(f"    {verb} " in out for verb in verbs), (argv, out)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "95 % intervals" in capsys.readouterr().out
+
+
 def test_missing_file_is_a_clean_error(tmp_path, capsys):
     code = main(["predict", "--checkpoint", str(tmp_path / "nope"), "--t1ce", "a.nii.gz",
                  "--flair", "b.nii.gz", "--out", str(tmp_path / "out")])
