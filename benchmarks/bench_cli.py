@@ -65,22 +65,14 @@ def write_pair(folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="rounds over the commands")
     parser.add_argument("--data", type=Path, default=None,
                         help="a BraTS or phantom folder: also time `data check DIR`")
     args = parser.parse_args(argv)
+    from fuse4seg.train.runs import cpu_name
+
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.data is not None and not args.data.is_dir():
@@ -112,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(seconds)
                 imports[name] = top
 
-    print(f"# bench_cli: {cpu_model()}, {os.cpu_count()} cores, "
+    print(f"# bench_cli: {cpu_name()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {args.repeats} rounds, load "
           f"{os.getloadavg()[0]:.2f}\n")
     print("| command | median wall (s) | fastest (s) | imports torch | slowest top-level "

@@ -35,20 +35,11 @@ import contextlib
 import itertools
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 VARIANTS = ("shipped", "formula")
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 @contextlib.contextmanager
@@ -106,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     from fuse4seg.config import get_config, parse_overrides
     from fuse4seg.curves import curve
     from fuse4seg.train.trainer import train
+    from fuse4seg.utils import git_commit
 
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
     print(f"# equiv_train: {args.method}, profile {args.profile} {args.set}, data {data}, "
-          f"seeds {args.seeds}, commit {commit()}, {torch.get_num_threads()} threads, "
+          f"seeds {args.seeds}, commit {git_commit()}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores", flush=True)
     curves: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:

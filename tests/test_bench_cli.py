@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench_cli():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("bench_cli")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+from bench_scripts import load
 
 
 def test_top_level_imports_are_read_from_importtime():
-    bench = _bench_cli()
+    bench = load("bench_cli")
     stderr = "\n".join([
         "import time: self [us] | cumulative | imported package",
         "import time:       100 |        100 |   _io",
@@ -38,7 +26,7 @@ def test_top_level_imports_are_read_from_importtime():
 def test_the_light_verbs_import_no_torch(phantom_dir, capsys):
     """One round of every command: the baseline that imports torch says so, and no fuse4seg
     verb it times does (issue 9, part 4); every command exits 0."""
-    bench = _bench_cli()
+    bench = load("bench_cli")
     assert bench.main(["--repeats", "1", "--data", str(phantom_dir)]) == 0
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^\| `([^`]+)` \| [\d.]+ \| [\d.]+ \| (yes|no) \|", out, re.M))

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _equiv_train():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("equiv_train")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+from bench_scripts import load
 
 
 def test_the_formula_variant_differentiates_the_formula_and_is_undone():
@@ -26,7 +14,7 @@ def test_the_formula_variant_differentiates_the_formula_and_is_undone():
     same values and gradients to float rounding) and restores the shipped one on exit."""
     from fuse4seg.models.segmentation import GRN
 
-    equiv = _equiv_train()
+    equiv = load("equiv_train")
     torch.manual_seed(0)
     layer = GRN(8)
     with torch.no_grad():
@@ -50,7 +38,7 @@ def test_the_formula_variant_differentiates_the_formula_and_is_undone():
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):
-    equiv = _equiv_train()
+    equiv = load("equiv_train")
     with pytest.raises(SystemExit):
         equiv.main(["--data", str(tmp_path / "nowhere")])
     assert "--data" in capsys.readouterr().err
@@ -63,7 +51,7 @@ def test_bad_arguments_are_named(tmp_path, capsys):
 def test_equiv_train_runs_with_the_smoke_profile(phantom_dir, tmp_path, capsys):
     """End to end on the smoke profile, 2 seeds: both variants train, and over runs this short
     the two runs of a seed differ by float rounding only, far below the gap between seeds."""
-    equiv = _equiv_train()
+    equiv = load("equiv_train")
     code = equiv.main(["--data", str(phantom_dir), "--profile", "smoke", "--seeds", "0", "1",
                        "--workdir", str(tmp_path)])
     out = capsys.readouterr().out

@@ -14,22 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load
 
 REPO = Path(__file__).resolve().parents[1]
 
 # it starts a Jupyter kernel: the same xdist group as the chapter tests (see test_chapters.py)
 pytestmark = pytest.mark.xdist_group("kernels")
-
-
-def _benchmark(name: str):
-    """The module of ``benchmarks/<name>.py``."""
-    import importlib
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
 
 
 @pytest.mark.slow
@@ -61,7 +51,7 @@ def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path):
 def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
     """``--cpu-bf16``: the amp rows are timed under CPU bf16 autocast; without it they say why
     they were skipped (training ignores ``train.amp`` on CPU)."""
-    bench_train_step = _benchmark("bench_train_step")
+    bench_train_step = load("bench_train_step")
     args = ["--device", "cpu", "--size", "32", "--batch", "2", "--inner-steps", "1",
             "--profile", "smoke", "--variants", "eager,amp", "--repeats", "1", "--warmup", "1"]
     assert bench_train_step.main(args) == 0
@@ -72,7 +62,7 @@ def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
 
 
 def test_bench_train_step_can_switch_the_followers_average_off():
-    bench_train_step = _benchmark("bench_train_step")
+    bench_train_step = load("bench_train_step")
     import argparse
 
     import torch
@@ -87,7 +77,7 @@ def test_bench_train_step_can_switch_the_followers_average_off():
 def test_bench_train_step_static_compile_trains_the_optimisers_parameters():
     """``compile_static``: both networks compiled with ``dynamic=False``, wrapping the very
     parameters their optimisers update (so a timed step is a real training step)."""
-    bench_train_step = _benchmark("bench_train_step")
+    bench_train_step = load("bench_train_step")
     import argparse
 
     import torch
@@ -109,7 +99,7 @@ def test_step_anatomy_parts_and_the_trainer_split(phantom_dir, capsys):
     follower update is reported; in the trainer's split each step fetched its batch once (and
     no other draw, e.g. the stage change's reference, counts as a batch), every epoch ended
     once, and the timed parts do not add up to more than the run's wall time."""
-    step_anatomy = _benchmark("step_anatomy")
+    step_anatomy = load("step_anatomy")
     argv = ["--profile", "smoke", "--sizes", "16", "32", "--batch", "2", "--inner-steps", "1",
             "--repeats", "1", "--warmup", "1"]
     assert step_anatomy.main(argv) == 0

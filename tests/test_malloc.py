@@ -10,11 +10,9 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_scripts import load
 
 
 def _glibc() -> bool:
@@ -43,23 +41,13 @@ def test_the_switch_keeps_glibcs_defaults_and_the_setting_is_made_once():
     assert _tuned_in_child("") == expected
 
 
-def _bench_malloc():
-    import importlib
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("bench_malloc")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not _glibc(), reason="tune_malloc sets glibc's thresholds only")
 def test_a_cpu_engine_stops_faulting_its_activations_in_every_step():
     """The ``default`` profile's steps, in one child per setting: with glibc's defaults the
     warm-up step faults thousands of pages in (freed activations went back to the kernel);
     with the engine's setting (every CPU ``Engine`` calls ``tune_malloc``) almost none."""
-    bench_malloc = _bench_malloc()
+    bench_malloc = load("bench_malloc")
     args = argparse.Namespace(profile="default", size=64, batch=8, inner_steps=3, repeats=3,
                               rounds=1, warmup=3, threads=None)
     system = bench_malloc.run_child(args, "system")  # raises unless it reports tuned=False
@@ -79,7 +67,7 @@ def test_a_cpu_engine_stops_faulting_its_activations_in_every_step():
 def test_bench_malloc_runs_with_tiny_sizes(phantom_dir, capsys):
     """The script end to end, tiny: one pair of children and of whole smoke runs, whose logged
     losses must be the same (the allocator does not change what is computed)."""
-    bench_malloc = _bench_malloc()
+    bench_malloc = load("bench_malloc")
     code = bench_malloc.main([
         "--pairs", "1", "--profile", "smoke", "--size", "32", "--batch", "2",
         "--inner-steps", "1", "--repeats", "1", "--rounds", "1", "--warmup", "1",
