@@ -390,7 +390,12 @@ def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, cap
 
     fresh = train(config, "average", data=phantom_cache, out=tmp_path, resume=True,
                   progress=False, restart_if_code_changed=True)
-    assert "starting it again" in capsys.readouterr().err
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == str(first.run_dir)
+    assert said[1] == "  was trained by other fuse4seg code: starting it again"
+    assert said[2].startswith("  that run:  code 000000000000, commit ")
+    assert said[3].startswith(f"  this code: code {code_digest()}, commit ")
+    assert all(len(line) < 76 for line in said[1:4])  # fits a chapter's output block
     assert fresh.run_dir == first.run_dir
     assert json.loads(info_path.read_text())["code"] == code_digest()
     assert last.stat().st_mtime_ns > 1  # trained again

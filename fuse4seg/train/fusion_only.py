@@ -256,7 +256,7 @@ def train_fusion(
         if reuse_other_code or runs.check_code(run_dir, restart=False, quiet=True):
             return FusionRun(run_dir, leader, cfg, info, _read_history(run_dir), reused=True)
         if progress:
-            print(f"{run_dir}: trained by other fuse4seg code; training again", flush=True)
+            print(f"{run_dir}\n  was trained by other fuse4seg code: training it again", flush=True)
 
     total = sched["steps"]
     step_now = [0]

@@ -285,18 +285,28 @@ def check_code(run_dir: Path, restart: bool, quiet: bool = False) -> bool:
     recorded, current = info.get("code"), code_digest()
     if recorded == current:
         return True
-    what = (
-        f"{run_dir} was trained by other fuse4seg code (code {recorded or 'not recorded'}, "
-        f"commit {info.get('commit', 'unknown')}; this is code {current}, commit {git_commit()})"
+    # Short lines: a chapter shows this message in an output block about 75 characters wide.
+    what = f"{run_dir}\n  was trained by other fuse4seg code"
+    detail = (
+        f"\n  that run:  code {recorded or 'not recorded'}, "
+        f"commit {_short_commit(info.get('commit'))}"
+        f"\n  this code: code {current}, commit {_short_commit(git_commit())}"
     )
     if restart:
-        print(f"{what}: starting it again", file=sys.stderr, flush=True)
+        print(f"{what}: starting it again{detail}", file=sys.stderr, flush=True)
         stale = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
         os.replace(run_dir, stale)
         shutil.rmtree(stale)
     elif not quiet:
-        warnings.warn(f"{what}: resuming it anyway", stacklevel=3)
+        warnings.warn(f"{what}: resuming it anyway{detail}", stacklevel=3)
     return False
+
+
+def _short_commit(commit: str | None) -> str:
+    """A commit as :func:`git_commit` writes it, cut to 12 hex digits (``-dirty`` kept)."""
+    if not commit or commit == "unknown":
+        return "unknown"
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def flatten(config: Config) -> dict[str, Any]:
