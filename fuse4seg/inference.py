@@ -369,8 +369,9 @@ def evaluate_run(
         json_out: also write the result there (atomically).
 
     Returns:
-        ``{"run", "method", "profile", "checkpoint", "epoch", "split", "cases", "per_case":
-        {case: {class/region: {"dice", "iou"}}}, "mean": {...}, "mean_dice", "mean_iou"}``
+        ``{"run", "method", "profile", "checkpoint", "epoch", "split", "cases",``
+        ``"per_case": {case: {class/region: {"dice", "iou"}}}, "mean": {...}, "mean_dice",``
+        ``"mean_iou"}``
         (``mean_dice``/``mean_iou`` average NCR, ED and ET as in Table 3).
 
     Raises:

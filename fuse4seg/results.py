@@ -253,8 +253,8 @@ def summary_rows(
             ``results`` are skipped.
 
     Returns:
-        ``[{"name", "seeds", "runs", "NCR_dice": (mean, sd), "NCR_iou": ..., ...,
-        "mean_dice", "mean_iou"}]``; ``sd`` is ``None`` for a single seed.
+        ``[{"name", "seeds", "runs", "NCR_dice": (mean, sd), "NCR_iou": ..., ...,``
+        ``"mean_dice", "mean_iou"}]``; ``sd`` is ``None`` for a single seed.
 
     Raises:
         ValueError: a method with no seeds or a seed without a test evaluation.
@@ -517,8 +517,8 @@ def pick_slices(cache: str | Path, n: int = 3, split: str = "test") -> dict[str,
     ordered by that slice's tumour area, largest first), from the prepared cache.
 
     Returns:
-        ``{"x1", "x2": (N, S, S) float32, "seg": (N, S, S) uint8, "case_id": (N,) str,
-        "slice_index": (N,) int}``.
+        ``{"x1", "x2": (N, S, S) float32, "seg": (N, S, S) uint8, "case_id": (N,) str,``
+        ``"slice_index": (N,) int}``.
 
     Raises:
         ValueError: the split has no slices.

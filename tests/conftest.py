@@ -95,11 +95,12 @@ def phantom_dir(tmp_path_factory) -> Path:
 def smoke_book(tmp_path_factory) -> Path:
     """The HTML of the ``smoke`` book (``_build/html``), built once per test session.
 
-    ``book/build.py --profile smoke --device cpu`` (what ``make book PROFILE=smoke`` runs), into
-    a tmp folder, with the Harvard and GFP pairs of the shared data when present (as ``make``
-    passes them). The phantom is taken from ``_build/nbval/phantom`` when ``make test`` has
-    already written it there (the same smoke cases), else written in the tmp folder. With
-    ``FUSE4SEG_SMOKE_BOOK=DIR`` an existing smoke build's ``html`` folder is used instead.
+    ``book/build.py --profile smoke --device cpu --strict`` (what ``make book PROFILE=smoke``
+    runs, with Sphinx warnings as errors) into a tmp folder, with the Harvard and GFP pairs of
+    the shared data when present (as ``make`` passes them). The phantom is taken from
+    ``_build/nbval/phantom`` when ``make test`` has already written it there (the same smoke
+    cases), else written in the tmp folder. With ``FUSE4SEG_SMOKE_BOOK=DIR`` an existing smoke
+    build's ``html`` folder is used instead.
     """
     given = os.environ.get("FUSE4SEG_SMOKE_BOOK")
     if given:
@@ -113,7 +114,9 @@ def smoke_book(tmp_path_factory) -> Path:
     phantom = REPO / "_build" / "nbval" / "phantom"
     if not (phantom.is_dir() and build.phantom_case_count(phantom) == build.phantom_cases("smoke")):
         phantom = out / "phantom"
-    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(out), "--data-dir", str(phantom)]
+    # --strict: a Sphinx warning (a broken docstring, an ambiguous reference) fails the build
+    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(out), "--data-dir", str(phantom),
+            "--strict"]
     for option, name in (("--harvard-dir", "harvard"), ("--gfp-dir", "gfp")):
         if (_shared_data() / name).is_dir():
             argv += [option, str(_shared_data() / name)]

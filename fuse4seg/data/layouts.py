@@ -7,8 +7,9 @@ layout      files in ``<case>/``                          labels                
 ==========  ============================================  ==========================  ======
 brats2021   ``<ID>_t1ce.nii.gz``, ``_flair``, ``_seg``    0, 1 NCR, 2 ED, 4 ET        2018-21
 brats2023   ``<ID>-t1c.nii.gz``, ``-t2f``, ``-seg``       0, 1 NETC, 2 SNFH, 3 ET     BraTS 2023+
-brats2013   ``T1c*.nii.gz``, ``Flair*``, ``OTMultiClass``  0, 1, 2, 3 non-enh., 4 ET   BRATS 2013/15
-            ``brainmask.nii.gz`` (optional)
+brats2013   ``T1c*.nii.gz``, ``Flair*``,                  0, 1, 2, 3 non-enh., 4 ET   BRATS 2013/15
+            ``OTMultiClass``; ``brainmask.nii.gz``
+            (optional)
 msd         ``imagesTr/<ID>.nii.gz`` (4-D: FLAIR, T1w,    0, 1 edema, 2 non-enh.,     MSD Task01
             T1gd, T2w), ``labelsTr/<ID>.nii.gz``          3 enhancing
 named       common other names, any case: ``T1c``,        read from the values:       auto

@@ -425,7 +425,7 @@ def qabf(fused: Any, a: Any, b: Any, convention: str = "standard") -> float:
     (π/2 where s_x = 0); relative strength G^SF = min(g_S, g_F) / max(g_S, g_F), and
     G^SF = g_F where g_S = g_F (the quirk every evaluator inherits from the MATLAB original:
     0 where both are 0, g_F instead of 1 elsewhere); relative orientation
-    A^SF = 1 − |α_S − α_F| / (π/2); preservation
+    A^SF = 1 − abs(α_S − α_F) / (π/2); preservation
     Q^SF = Γ_g / (1 + e^{k_g (G^SF − D_g)}) · Γ_a / (1 + e^{k_a (A^SF − D_a)}) with
     Γ_g = 0.9994, k_g = −15, D_g = 0.5, Γ_a = 0.9879, k_a = −22, D_a = 0.8; then
     Q^AB/F = Σ (Q^AF g_A + Q^BF g_B) / Σ (g_A + g_B).

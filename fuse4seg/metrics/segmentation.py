@@ -233,9 +233,9 @@ class SegmentationMeter:
         """Per-case scores and their mean over cases.
 
         Returns:
-            ``{"per_case": {case_id: dice_iou-style dict}, "mean": dice_iou-style dict of the
-            means over cases, "cases": number of cases}``; ``"mean"`` holds NaN when no case
-            was seen.
+            ``{"per_case": {case_id: dice_iou-style dict}, "mean": dice_iou-style dict of``
+            ``the means over cases, "cases": number of cases}``; ``"mean"`` holds NaN when
+            no case was seen.
         """
         per_case = {cid: scores_from_confusion(self._counts[cid]) for cid in self.case_ids}
         names = [*LABEL_SETS, "mean"]

@@ -495,8 +495,8 @@ def evaluate_fusion(
             ``<out_dir>/<method>/color/<name>.png`` (chroma put back) for every pair.
 
     Returns:
-        ``{"method", "pairs": [names], "metrics": {convention: FusionMeter.compute()},
-        "fused": {name: uint8 Y}}``.
+        ``{"method", "pairs": [names], "metrics": {convention: FusionMeter.compute()},``
+        ``"fused": {name: uint8 Y}}``.
     """
     from PIL import Image
 
