@@ -445,6 +445,15 @@ BOOK_CSS = """\
 .bd-article table th, .bd-article table td { padding: 0.3rem 0.5rem; }
 .bd-article table code { overflow-wrap: anywhere; }  /* long run ids may break */
 .bd-article .pst-scrollable-table-container { overflow-x: auto; }
+/* Code cells and their outputs at 12 px (the theme's 14 px fits 79 characters): at a
+   1280-pixel window a cell holds 86 characters, the chapters' line limit, so code does not
+   scroll sideways (tests/test_chapters.py checks the limit). */
+.bd-article div.cell pre { font-size: 0.75rem; }
+/* Printed text (stdout, stderr) wraps at the cell's edge instead of scrolling: a sentence or
+   a dict printed on one line stays readable. Code shown as code (IPython's Code) still
+   scrolls, so a wrapped line is never mistaken for a new one. */
+.bd-article div.cell_output .output.stream pre,
+.bd-article div.cell_output .output.stderr pre { white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 """Contents of ``_vendor/fuse4seg.css``, which ``_config.yml`` adds to every page
 (``html_css_files``)."""

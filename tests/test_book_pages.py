@@ -101,6 +101,11 @@ PAGE_STATE_JS = r"""(() => {
       .filter((t) => t.scrollWidth > article.clientWidth + 2)
       .map((t) => `${(t.querySelector("th") || t).textContent.trim().slice(0, 60)} ` +
                   `(${t.scrollWidth} px in ${article.clientWidth} px)`),
+    // code cells whose source is wider than its box (it scrolls sideways)
+    wideCode: Array.from(article.querySelectorAll("div.cell_input pre"))
+      .filter((p) => p.scrollWidth > p.clientWidth + 1)
+      .map((p) => `${p.textContent.split("\n").reduce((a, l) => l.length > a.length ? l : a, "")
+                    .trim().slice(0, 60)} (${p.scrollWidth} px in ${p.clientWidth} px)`),
     images: outputs.length,
     imagesLoading: images.filter((i) => !i.complete).length,
     imagesBroken: images.filter((i) => i.complete && i.naturalWidth === 0).map((i) => i.src),
@@ -275,6 +280,8 @@ def _page_problems(name: str, state: dict, expect: dict) -> list[str]:
     if name.startswith("book/0"):  # a chapter's tables fit its column (the API page may not)
         for table in state.get("wideTables", []):
             out.append(f"{name}: a table is wider than the page: {table}")
+        for line in state.get("wideCode", []):
+            out.append(f"{name}: a code cell scrolls sideways, its longest line: {line}")
     if state["imagesLoading"] or state["imagesBroken"]:
         out.append(f"{name}: images not loaded: {state['imagesBroken'] or 'still loading'}")
     if state["rawMath"] or not state["mathJaxDone"]:

@@ -72,3 +72,23 @@ def test_chapter_opens_with_plain_parameters_and_setup(chapter):
     assert "environment_summary(" in setup.source, (
         f"{chapter.source}: print fuse4seg.utils.environment_summary(device) in cell 3"
     )
+
+
+# A code cell holds this many characters at the book's 12-pixel code font in a 1280-pixel
+# window (book/build.py, BOOK_CSS); longer lines scroll sideways. tests/test_book_pages.py
+# checks the rendered pages themselves.
+CODE_LINE_LIMIT = 86
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_chapter_code_fits_a_cell_without_scrolling(chapter):
+    long = [
+        f"cell {n}: {len(line)} characters: {line.strip()[:60]}"
+        for n, cell in enumerate(_code_cells(chapter), 1)
+        for line in cell.source.splitlines()
+        if len(line) > CODE_LINE_LIMIT
+    ]
+    assert not long, (
+        f"{chapter.source}: code lines over {CODE_LINE_LIMIT} characters scroll sideways in "
+        "the book:\n" + "\n".join(long)
+    )
