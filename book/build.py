@@ -445,10 +445,10 @@ BOOK_CSS = """\
 .bd-article table th, .bd-article table td { padding: 0.3rem 0.5rem; }
 .bd-article table code { overflow-wrap: anywhere; }  /* long run ids may break */
 .bd-article .pst-scrollable-table-container { overflow-x: auto; }
-/* Code cells and their outputs at 12 px (the theme's 14 px fits 79 characters): at a
-   1280-pixel window a cell holds 86 characters, the chapters' line limit, so code does not
-   scroll sideways (tests/test_chapters.py checks the limit). */
-.bd-article div.cell pre { font-size: 0.75rem; }
+/* Code at 12 px (the theme's 14 px fits 76-79 characters): at a 1280-pixel window a code
+   cell, its output or a code block holds 86 characters, the chapters' line limit, so code
+   does not scroll sideways (tests/test_chapters.py checks the limit). */
+.bd-article pre { font-size: 0.75rem; }
 /* Printed text (stdout, stderr) wraps at the cell's edge instead of scrolling: a sentence or
    a dict printed on one line stays readable. Code shown as code (IPython's Code) still
    scrolls, so a wrapped line is never mistaken for a new one. */

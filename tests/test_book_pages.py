@@ -101,8 +101,10 @@ PAGE_STATE_JS = r"""(() => {
       .filter((t) => t.scrollWidth > article.clientWidth + 2)
       .map((t) => `${(t.querySelector("th") || t).textContent.trim().slice(0, 60)} ` +
                   `(${t.scrollWidth} px in ${article.clientWidth} px)`),
-    // code cells whose source is wider than its box (it scrolls sideways)
-    wideCode: Array.from(article.querySelectorAll("div.cell_input pre"))
+    // code cells and code blocks wider than their box (they scroll sideways); not outputs,
+    // where chapter 4 shows the package's own source (100 columns) as it is
+    wideCode: Array.from(article.querySelectorAll("pre"))
+      .filter((p) => !p.closest(".cell_output"))
       .filter((p) => p.scrollWidth > p.clientWidth + 1)
       .map((p) => `${p.textContent.split("\n").reduce((a, l) => l.length > a.length ? l : a, "")
                     .trim().slice(0, 60)} (${p.scrollWidth} px in ${p.clientWidth} px)`),

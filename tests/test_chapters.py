@@ -92,3 +92,19 @@ def test_chapter_code_fits_a_cell_without_scrolling(chapter):
         f"{chapter.source}: code lines over {CODE_LINE_LIMIT} characters scroll sideways in "
         "the book:\n" + "\n".join(long)
     )
+
+
+@pytest.mark.parametrize("page", sorted((REPO / "book").glob("*.md")), ids=lambda p: p.name)
+def test_code_blocks_fit_the_page_without_scrolling(page):
+    """The fenced code blocks of every page (commands, examples; not MyST directives such as
+    code cells, checked above), at the same limit."""
+    long, fence = [], None
+    for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fence = None if fence else line.strip()
+        elif fence and not fence.startswith("```{") and len(line) > CODE_LINE_LIMIT:
+            long.append(f"line {n}: {len(line)} characters: {line.strip()[:60]}")
+    assert not long, (
+        f"{page}: lines of code blocks over {CODE_LINE_LIMIT} characters scroll sideways:\n"
+        + "\n".join(long)
+    )
