@@ -445,9 +445,9 @@ BOOK_CSS = """\
 .bd-article table th, .bd-article table td { padding: 0.3rem 0.5rem; }
 .bd-article table code { overflow-wrap: anywhere; }  /* long run ids may break */
 .bd-article .pst-scrollable-table-container { overflow-x: auto; }
-/* Code at 12 px (the theme's 14 px fits 76-79 characters): at a 1280-pixel window a code
-   cell, its output or a code block holds 86 characters, the chapters' line limit, so code
-   does not scroll sideways (tests/test_chapters.py checks the limit). */
+/* Code at 12 px. In a 1280-pixel window a code cell then holds 86 characters (73 at the
+   theme's 14 px) and a code block 88 (76), measured in Chromium; 86 is the chapters' line
+   limit, so code does not scroll sideways (tests/test_chapters.py checks the limit). */
 .bd-article pre { font-size: 0.75rem; }
 /* Printed text (stdout, stderr) wraps at the cell's edge instead of scrolling: a sentence or
    a dict printed on one line stays readable. Code shown as code (IPython's Code) still

@@ -283,7 +283,7 @@ def _page_problems(name: str, state: dict, expect: dict) -> list[str]:
         for table in state.get("wideTables", []):
             out.append(f"{name}: a table is wider than the page: {table}")
         for line in state.get("wideCode", []):
-            out.append(f"{name}: a code cell scrolls sideways, its longest line: {line}")
+            out.append(f"{name}: code scrolls sideways, its longest line: {line}")
     if state["imagesLoading"] or state["imagesBroken"]:
         out.append(f"{name}: images not loaded: {state['imagesBroken'] or 'still loading'}")
     if state["rawMath"] or not state["mathJaxDone"]:

@@ -184,13 +184,19 @@ def test_train_reuse_and_inference(train_pairs, test_pairs, smoke, tmp_path):
 
 
 def test_a_finished_run_made_by_other_code_is_trained_again(train_pairs, smoke, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, capsys):
     import fuse4seg.train.runs as runs
 
     run = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
-    assert json.loads((run.run_dir / "run.json").read_text())["code"] == runs.code_digest()
+    recorded = json.loads((run.run_dir / "run.json").read_text())["code"]
+    assert recorded == runs.code_digest()
     monkeypatch.setattr(runs, "code_digest", lambda: "f" * 12)  # the package changed
-    again = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu")
+    capsys.readouterr()
+    again = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu", progress=True)
+    said = capsys.readouterr().out.splitlines()
+    assert said[:2] == [str(run.run_dir), "  was trained by other fuse4seg code: training it again"]
+    assert said[2].startswith(f"  that run:  code {recorded}, commit ")
+    assert said[3].startswith(f"  this code: code {'f' * 12}, commit ")
     assert not again.reused and again.run_dir == run.run_dir
     assert json.loads((run.run_dir / "run.json").read_text())["code"] == "f" * 12
     assert train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu").reused

@@ -256,7 +256,8 @@ def train_fusion(
         if reuse_other_code or runs.check_code(run_dir, restart=False, quiet=True):
             return FusionRun(run_dir, leader, cfg, info, _read_history(run_dir), reused=True)
         if progress:
-            print(f"{run_dir}\n  was trained by other fuse4seg code: training it again", flush=True)
+            recorded = runs.read_run_json(run_dir)
+            print(runs.other_code_message(run_dir, recorded, "training it again"), flush=True)
 
     total = sched["steps"]
     step_now = [0]

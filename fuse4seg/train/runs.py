@@ -39,6 +39,7 @@ from fuse4seg.utils import atomic_write_json, atomic_write_text, code_digest, gi
 
 __all__ = [
     "check_code",
+    "other_code_message",
     "cpu_name",
     "data_checksum",
     "flatten",
@@ -282,24 +283,31 @@ def check_code(run_dir: Path, restart: bool, quiet: bool = False) -> bool:
     ``False`` is returned.
     """
     info = read_run_json(run_dir)
-    recorded, current = info.get("code"), code_digest()
-    if recorded == current:
+    if info.get("code") == code_digest():
         return True
-    # Short lines: a chapter shows this message in an output block about 75 characters wide.
-    what = f"{run_dir}\n  was trained by other fuse4seg code"
-    detail = (
-        f"\n  that run:  code {recorded or 'not recorded'}, "
-        f"commit {_short_commit(info.get('commit'))}"
-        f"\n  this code: code {current}, commit {_short_commit(git_commit())}"
+    what = other_code_message(
+        run_dir, info, "starting it again" if restart else "resuming it anyway"
     )
     if restart:
-        print(f"{what}: starting it again{detail}", file=sys.stderr, flush=True)
+        print(what, file=sys.stderr, flush=True)
         stale = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
         os.replace(run_dir, stale)
         shutil.rmtree(stale)
     elif not quiet:
-        warnings.warn(f"{what}: resuming it anyway{detail}", stacklevel=3)
+        warnings.warn(what, stacklevel=3)
     return False
+
+
+def other_code_message(run_dir: Path, info: dict[str, Any], action: str) -> str:
+    """What a run folder written by other fuse4seg code gets: its path, then ``action``, then
+    both code digests with their commits, in short lines (a chapter shows it in an output
+    block 86 characters wide)."""
+    return (
+        f"{run_dir}\n  was trained by other fuse4seg code: {action}"
+        f"\n  that run:  code {info.get('code') or 'not recorded'}, "
+        f"commit {_short_commit(info.get('commit'))}"
+        f"\n  this code: code {code_digest()}, commit {_short_commit(git_commit())}"
+    )
 
 
 def _short_commit(commit: str | None) -> str:
