@@ -279,6 +279,32 @@ def markdown_to_ipynb(source: Path, target: Path) -> None:
     jupytext.write(notebook, target, fmt="ipynb")
 
 
+UNIX_SOCKET_PATH_MAX = 100
+"""Longest IPC socket path :func:`kernel_config` uses (Linux allows 107 bytes, macOS 103)."""
+
+
+def kernel_config(folder: Path) -> Any:
+    """The kernel manager's settings for a chapter's kernel: IPC sockets in ``folder``.
+
+    jupyter_client talks to a kernel over TCP on localhost by default, unencrypted, and
+    ipykernel warns about it on every start ("Kernel is running over TCP without
+    encryption"). Unix-domain sockets in a private folder (``folder``, made by
+    ``tempfile`` with mode 0700) carry the same messages without a port that another user of
+    the machine can reach. Where they cannot work (Windows; a socket path longer than
+    :data:`UNIX_SOCKET_PATH_MAX`, e.g. under a long ``TMPDIR``) this returns ``None``: TCP as
+    before, warning included.
+    """
+    from traitlets.config import Config
+
+    connection_file = Path(folder) / "kernel.json"
+    longest_socket = f"{connection_file.with_suffix('')}-ipc-99999"
+    if os.name != "posix" or len(os.fsencode(longest_socket)) > UNIX_SOCKET_PATH_MAX:
+        return None
+    return Config(
+        {"KernelManager": {"transport": "ipc", "connection_file": str(connection_file)}}
+    )
+
+
 def execute_chapter(
     chapter: Chapter,
     executed: Path,
@@ -327,6 +353,7 @@ def execute_chapter(
                 log_output=False,
                 execution_timeout=timeout,
                 prepare_only=prepare_only,
+                **({"config": config} if (config := kernel_config(Path(tmp))) else {}),
             )
         except PapermillExecutionError as err:
             raise BuildError(

@@ -12,6 +12,7 @@ network even if the book regresses.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -373,6 +374,32 @@ def test_a_failing_chapter_stops_the_build_with_its_name(tmp_path, capsys):
     assert status == 1
     assert "book/01_broken" in err and "RuntimeError: boom 42" in err
     assert (tmp_path / "_build" / "executed" / "book" / "01_broken.ipynb").is_file()
+
+
+@pytest.mark.slow
+def test_chapter_kernels_talk_over_private_unix_sockets(tmp_path, capfd):
+    probe = HEADER + (
+        "\n```{code-cell} ipython3\nfrom ipykernel.kernelapp import IPKernelApp\n"
+        "print(IPKernelApp.instance().transport)\n```\n"
+    )
+    _write_book(tmp_path, {"01_probe": probe})
+    status = build.main(["--root", str(tmp_path), "--profile", "smoke", "--no-html"])
+    err = capfd.readouterr().err
+    assert status == 0, err
+    executed = tmp_path / "_build" / "executed" / "book" / "01_probe.ipynb"
+    outputs = [o for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])]
+    assert ["".join(o["text"]) for o in outputs if o.get("name") == "stdout"] == ["ipc\n"]
+    assert "without encryption" not in err  # ipykernel's warning for TCP
+
+
+def test_kernel_config_falls_back_to_tcp_where_a_socket_path_is_too_long(tmp_path):
+    config = build.kernel_config(tmp_path)
+    if os.name != "posix":
+        assert config is None
+        return
+    assert config.KernelManager.transport == "ipc"
+    assert config.KernelManager.connection_file == str(tmp_path / "kernel.json")
+    assert build.kernel_config(tmp_path / ("x" * build.UNIX_SOCKET_PATH_MAX)) is None
 
 
 def test_cell_timeout_defaults_by_profile():
