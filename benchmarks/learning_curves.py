@@ -68,7 +68,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {**parse_overrides(args.set), "train.val_every": 1}
+    from fuse4seg.utils import code_digest
+
+    # "code": the package's digest, so a reader can tell curves of other code (chapter 4)
     report = {"profile": args.profile, "overrides": args.set, "commit": commit(),
+              "code": code_digest(),
               "cpu": cpu_name(), "cores": os.cpu_count(), "methods": {},
               # the settings every run shares (chapter 4 checks them: curves.config_differences)
               "config": flatten(get_config(args.profile, parse_overrides(args.set)))}

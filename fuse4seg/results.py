@@ -47,6 +47,7 @@ __all__ = [
     "checkpoint_stamps",
     "collect",
     "compare",
+    "comparison_markdown",
     "feature_maps",
     "figure3",
     "figure4",
@@ -64,6 +65,7 @@ __all__ = [
     "table1_markdown",
     "table3_markdown",
     "pick_slices",
+    "warmup_end_dice",
 ]
 
 REGIONS = ("NCR", "ED", "ET", "mean")
@@ -505,6 +507,31 @@ def compare(
         diff = paired_difference(a, b, n_boot=n_boot, names=names)
         out.append({"a": reference, "b": other, **diff})
     return out
+
+
+def comparison_markdown(comparisons: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`compare`'s differences as a Markdown table, then each one's verdict as a list."""
+    lines = [
+        "| comparison | mean difference | 95 % interval | test cases × seeds |",
+        "|---|---|---|---|",
+    ]
+    for c in comparisons:
+        lines.append(
+            f"| `{c['a']}` − `{c['b']}` | {c['mean']:+.3f} | [{c['low']:+.3f}, "
+            f"{c['high']:+.3f}] | {c['n_cases']} × {c['n_seeds']} |"
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {c['verdict']}" for c in comparisons)
+
+
+def warmup_end_dice(run_dir: str | Path) -> float | None:
+    """The validation mean Dice of a run's last warm-up validation (``metrics.jsonl``), or
+    ``None`` when its warm-up logged none. Runs of one seed whose warm-ups are the same
+    (``fuse4seg`` and ``average``: :func:`fuse4seg.train.bilevel.init_seed`) show the same
+    value, so a difference between them at the end comes from the rollout."""
+    from fuse4seg.train.runs import read_metrics
+
+    rows = [r for r in read_metrics(Path(run_dir)) if r.get("stage") == "warmup" and "val" in r]
+    return float(rows[-1]["val"]["mean_dice"]) if rows else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -295,6 +295,36 @@ def test_the_stage_change_is_compared_on_the_same_slices(phantom_cache, tmp_path
         [result.metrics[1]["L_lower"] / result.metrics[0]["L_lower"]])
 
 
+def test_methods_of_one_seed_start_from_the_same_networks(phantom_cache, tmp_path):
+    # each network is initialised from its own seed (bilevel.init_seed), so fuse4seg's warm-up
+    # on x_avg is average's bit for bit: their paired difference is the rollout's alone
+    config = smoke(**{"train.warmup_epochs": 2, "train.rollout_epochs": 1})
+    runs = {m: Trainer(config, m, phantom_cache, tmp_path / m, progress=False)
+            for m in ("fuse4seg", "average", "disjoint_ae")}
+    nets = {m: (t.engine.leader_module, t.engine.follower_module) for m, t in runs.items()}
+    assert nets["average"][0] is None
+    for m in ("average", "disjoint_ae"):
+        assert _same_state(nets[m][1], nets["fuse4seg"][1]), m
+    assert _same_state(nets["disjoint_ae"][0], nets["fuse4seg"][0])
+    other = Trainer(smoke(**{"train.warmup_epochs": 2, "train.rollout_epochs": 1,
+                             "train.seed": 1}), "average", phantom_cache, tmp_path / "s1",
+                    progress=False)
+    assert not _same_state(other.engine.follower_module, nets["average"][1])
+    rows = {m: runs[m].fit().metrics for m in ("fuse4seg", "average")}
+
+    for epoch in (0, 1):  # the warm-up epochs: every number average logs (not the time)
+        ours, theirs = rows["fuse4seg"][epoch], rows["average"][epoch]
+        assert ours["stage"] == "warmup" and "val" in theirs
+        assert {k: ours[k] for k in theirs if k != "elapsed_s"} == {
+            k: v for k, v in theirs.items() if k != "elapsed_s"}
+    assert rows["fuse4seg"][2]["L_lower"] != rows["average"][2]["L_lower"]  # the rollouts differ
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_table3_variants_share_one_warmup_bit_for_bit(phantom_cache, tmp_path):
     config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 1})
     full = train(config, ablation="full", data=phantom_cache, out=tmp_path / "shared",

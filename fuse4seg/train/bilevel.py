@@ -48,6 +48,13 @@ Choices where the paper is silent (and why):
   its first inner loss (``L_lower_first``). The epochs' logged ``L_lower`` are not comparable
   across the change: the batch soft Dice of Eq. 2 is higher on D_tr's B/2 slices from half
   the patients than on B random slices, for the same follower.
+- Each network's initial weights come from its own seed, derived from ``train.seed``
+  (:func:`init_seed`). The paper does not say how its runs were seeded. We chose this so that
+  the methods of one seed are a paired comparison: ``fuse4seg``, ``average``, ``max`` and
+  ``disjoint_ae`` start from the same follower, ``fuse4seg`` and ``disjoint_ae`` from the same
+  leader, and since every batch and augmentation is drawn from (seed, epoch, step), Fuse4Seg's
+  warm-up on x_avg is ``average``'s warm-up bit for bit (on the same device and thread count).
+  A difference between the two is then the rollout's, not the luck of two initialisations.
 - A non-finite loss or gradient norm stops the run (``NonFiniteLossError``) before any
   parameter or checkpoint is touched, naming the epoch, step and loss term.
 
@@ -56,6 +63,7 @@ Explained in chapter 4 (``book/04_bilevel_training.md``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -81,7 +89,7 @@ from fuse4seg.train.engine import (
 )
 from fuse4seg.train.methods import MethodSpec, build_follower, get_method
 
-__all__ = ["Batches", "Engine"]
+__all__ = ["Batches", "Engine", "init_seed"]
 
 
 class Batches(Protocol):
@@ -98,6 +106,14 @@ class Batches(Protocol):
     def split(
         self, epoch: int, step: int, need_val: bool
     ) -> tuple[dict[str, Any], dict[str, Any] | None]: ...
+
+
+def init_seed(seed: int, network: str) -> int:
+    """The seed of ``network``'s initial weights (``"leader"`` or ``"follower"``) in a run of
+    seed ``seed``: a hash of both, so the two networks draw unrelated weights and each one's
+    draw does not depend on whether the other exists (the module docstring says why)."""
+    blob = f"{int(seed)},init,{network}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 class Engine:
@@ -150,8 +166,16 @@ class Engine:
             torch.backends.cudnn.benchmark = True
         else:  # freed activations stay in the heap for the next step (glibc)
             tune_malloc()
-        leader = build_leader(config).to(device) if self.spec.leader else None
-        follower = build_follower(config, self.spec).to(device) if self.spec.follower else None
+        # each network draws its initial weights from its own seed (init_seed), so whether a
+        # method has a leader does not change its follower's start: fuse4seg and average
+        # (disjoint_ae, max) start from the same follower, fuse4seg and disjoint_ae from the
+        # same leader, and with the seeded batches fuse4seg's warm-up equals average's
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed(self.seed, "leader"))
+            leader = build_leader(config).to(device) if self.spec.leader else None
+            torch.manual_seed(init_seed(self.seed, "follower"))
+            follower = (build_follower(config, self.spec).to(device)
+                        if self.spec.follower else None)
         for name, net in (("leader", leader), ("follower", follower)):
             stride = getattr(net, "stride", 1) if net is not None else 1
             if self.spec.follower and config.data.crop_size % stride:
