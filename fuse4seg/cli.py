@@ -39,13 +39,24 @@ def _config(profile: str, pairs: list[str]):
 # ============================================================================ data
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count or a size), refused otherwise with its value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def phantom_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
+    parser.add_argument("--cases", type=positive_int, default=8, help="number of cases (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     parser.add_argument(
-        "--workers", type=int, default=1,
+        "--workers", type=positive_int, default=1,
         help="write cases in N processes (same bytes as one; default 1)",
     )
 
@@ -93,7 +104,7 @@ def check_arguments(parser: argparse.ArgumentParser) -> None:
     _pattern_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
     parser.add_argument(
-        "--workers", type=int, default=1,
+        "--workers", type=positive_int, default=1,
         help="process this many cases at once in separate processes (same output as 1)",
     )
 
@@ -141,7 +152,7 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     _pattern_arguments(parser)
     _add_set(parser, "data.crop_size=192")
     parser.add_argument(
-        "--workers", type=int, default=1,
+        "--workers", type=positive_int, default=1,
         help="process this many cases at once in separate processes (same output as 1)",
     )
 
@@ -199,7 +210,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_set(parser, "train.inner_steps=3")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default: the config's)")
     parser.add_argument(
-        "--checkpoint-every-steps", type=int, metavar="N",
+        "--checkpoint-every-steps", type=positive_int, metavar="N",
         help="also write checkpoints/last.pt every N outer steps",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -251,7 +262,7 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--which", default="best", choices=["best", "ema", "last"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
 
 
@@ -295,7 +306,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--which", default="best", choices=["best", "ema", "last"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
 
 
@@ -390,7 +401,8 @@ def _pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", required=True, choices=_PAIR_KINDS)
     parser.add_argument("--only", help="comma-separated pair names to use (default: all)")
     parser.add_argument("--exclude", help="comma-separated pair names to leave out")
-    parser.add_argument("--max-pairs", type=int, help="use at most N pairs (sorted by name)")
+    parser.add_argument("--max-pairs", type=positive_int,
+                        help="use at most N pairs (sorted by name)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: config)")
 
 
@@ -410,9 +422,10 @@ def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--profile", default="default", help=_PROFILES)
     parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
-    parser.add_argument("--steps", type=int, help="leader updates (default: fusion.steps)")
-    parser.add_argument("--crop", type=int, help="crop side (default: fusion.crop)")
-    parser.add_argument("--batch-size", type=int, help="crops per step (default: fusion.batch)")
+    parser.add_argument("--steps", type=positive_int, help="leader updates (default: fusion.steps)")
+    parser.add_argument("--crop", type=positive_int, help="crop side (default: fusion.crop)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="crops per step (default: fusion.batch)")
     parser.add_argument("--lr", type=float, help="base learning rate (default: fusion.lr)")
     parser.add_argument("--seed", type=int)
     _add_set(parser, "loss.beta_grad=2")

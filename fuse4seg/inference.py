@@ -14,6 +14,7 @@ Explained in chapter 4 (``book/04_bilevel_training.md``).
 from __future__ import annotations
 
 import gzip
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def _checkpoint_path(checkpoint: str | Path, which: str) -> Path:
     if path.is_file():
         return path
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path}: no such run folder or file")
+        raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
     folder = path / "checkpoints"
     order = {"best": ["best.pt", "ema.pt"], "ema": ["ema.pt"], "last": ["last.pt"]}
     if which not in order:
@@ -79,7 +80,7 @@ def _checkpoint_path(checkpoint: str | Path, which: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(
-        f"--checkpoint {path}: no {' or '.join(order[which])} under {folder} (not a run folder?)"
+        f"{path}: no {' or '.join(order[which])} under {folder} (not a run folder?)"
     )
 
 
@@ -101,6 +102,14 @@ def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto
     path = _checkpoint_path(checkpoint, which)
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location="cpu")
+    if state.get("kind") == "fusion_leader":
+        raise ValueError(
+            f"{path}: a fusion-only leader (`fuse4seg fusion train`) has no segmentation "
+            "network; give a run folder of `fuse4seg train` (`fuse4seg fusion evaluate` "
+            "uses this one)"
+        )
+    if "method" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a fuse4seg training checkpoint (no method or config)")
     method = state["method"]
     spec = get_method(method)
     config = config_from_dict(state["config"])
@@ -264,7 +273,8 @@ def _scheme_of(path: Path, default: str) -> str:
     return default
 
 
-def _write_nifti(path: Path, data: np.ndarray, affine, header) -> None:
+def _nifti_bytes(path: Path, data: np.ndarray, affine, header) -> bytes:
+    """``data`` as the bytes of a NIfTI file named ``path`` (gzip for ``.gz``)."""
     import nibabel as nib
 
     hdr = header.copy()
@@ -272,7 +282,33 @@ def _write_nifti(path: Path, data: np.ndarray, affine, header) -> None:
     image = nib.Nifti1Image(data, affine, hdr)
     image.header.set_slope_inter(1.0, 0.0)
     raw = image.to_bytes()
-    atomic_write_bytes(path, gzip.compress(raw, compresslevel=6) if path.suffix == ".gz" else raw)
+    return gzip.compress(raw, compresslevel=6) if path.suffix == ".gz" else raw
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine, header) -> None:
+    atomic_write_bytes(path, _nifti_bytes(path, data, affine, header))
+
+
+WHOLE_VOLUME_BRAIN = 0.95
+"""A default brain mask (non-zero voxels) covering more of the volume than this is refused by
+:func:`predict_files`: the background is not zero, so the mask would be the whole volume."""
+
+
+def _writable_folder(out_dir: Path) -> None:
+    """Create ``out_dir`` and check that files can be written there, before any model runs.
+
+    Raises:
+        ValueError: the folder cannot be made or written to (the message names ``--out``).
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out_dir}: cannot create the folder ({err.strerror})") from err
+    try:  # a real write: os.access says yes to root even on a read-only mount
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out_dir}: cannot write there ({err.strerror})") from err
 
 
 def predict_files(
@@ -330,22 +366,48 @@ def predict_files(
         brain = m > 0.5
     else:
         brain = (a != 0) | (b != 0)
+        if brain.mean() > WHOLE_VOLUME_BRAIN:
+            raise ValueError(
+                f"{t1ce}, {flair}: {100 * brain.mean():.1f} % of the voxels are non-zero, so "
+                "the default brain mask (the non-zero voxels) would be the whole volume; the "
+                "background is not zero (z-scored volumes such as BRATS 2013/2015): pass "
+                "--mask with the case's brain mask"
+            )
     if not brain.any():
         raise ValueError(f"{mask or (str(t1ce) + ', ' + str(flair))}: empty brain (all zero)")
     bundle = load_bundle(checkpoint, which=which, device=device)
     scheme = scheme or _scheme_of(t1ce, bundle.scheme)
     if scheme not in EXPORT:
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
-    fused, seg = predict_volume(bundle, a, b, brain, batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Any] = {"fused": None, "scheme": scheme}
+    created = not out_dir.exists()
+    _writable_folder(out_dir)  # before the model runs: minutes at the paper's size
+    try:
+        fused, seg = predict_volume(bundle, a, b, brain, batch_size)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # no empty folder left by a failed prediction
+        raise
+    paths = {"fused": out_dir / "fused.nii.gz", "seg": out_dir / "seg.nii.gz"}
+    # both files are encoded before either is written; a fused.nii.gz left by another model
+    # (a 2-channel method has none) is removed, so the folder never mixes two models' outputs
+    blobs = {"seg": _nifti_bytes(paths["seg"], from_canonical(seg, scheme), affine, header)}
     if fused is not None:
-        _write_nifti(out_dir / "fused.nii.gz", fused, affine, header)
-        written["fused"] = str(out_dir / "fused.nii.gz")
-    _write_nifti(out_dir / "seg.nii.gz", from_canonical(seg, scheme), affine, header)
-    written["seg"] = str(out_dir / "seg.nii.gz")
-    written["label_counts"] = label_counts(seg)
-    return written
+        blobs["fused"] = _nifti_bytes(paths["fused"], fused, affine, header)
+    for key in ("fused", "seg"):
+        try:
+            if key in blobs:
+                atomic_write_bytes(paths[key], blobs[key])
+            else:
+                paths[key].unlink(missing_ok=True)
+        except OSError as err:
+            raise ValueError(f"--out {out_dir}: cannot write {paths[key].name} "
+                             f"({err.strerror})") from err
+    return {
+        "fused": str(paths["fused"]) if "fused" in blobs else None,
+        "scheme": scheme,
+        "seg": str(paths["seg"]),
+        "label_counts": label_counts(seg),
+    }
 
 
 def evaluate_run(

@@ -50,6 +50,14 @@ def resolve_device(name: str = "auto"):
     return device
 
 
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (``0o666 & ~umask``; ``mkstemp``
+    makes 0600 files, which another user of a shared cache could not read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,9 +67,7 @@ def _atomic_write(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

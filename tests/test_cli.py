@@ -40,6 +40,21 @@ def test_missing_file_is_a_clean_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv", [
+    ["fusion", "evaluate", "max", "--pairs", "p", "--kind", "PET-MRI", "--max-pairs", "-1"],
+    ["predict", "--checkpoint", "r", "--t1ce", "a", "--flair", "b", "--out", "o",
+     "--batch-size", "0"],
+    ["evaluate", "r", "--data", "d", "--batch-size", "-3"],
+    ["data", "prepare", "d", "--out", "o", "--workers", "0"],
+])
+def test_counts_and_sizes_below_one_are_refused_by_name(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    flag, value = argv[-2], argv[-1]
+    assert f"argument {flag}: must be at least 1, got {value}" in capsys.readouterr().err
+
+
 def test_light_verbs_do_not_import_torch():
     """`--version`, `--help`, `metrics` and `data check` answer without importing torch."""
     import subprocess

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -218,6 +219,12 @@ def test_geometry_round_trip():
     assert restore_volume(out, img.shape, cfg, labels=False).shape == img.shape
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_cache_rebuild_rule(brats2021_case, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(brats2021_case, data / "BraTS2021_00006")
@@ -227,6 +234,10 @@ def test_cache_rebuild_rule(brats2021_case, tmp_path):
     first = manifest.stat().st_mtime_ns
     arrays = cache / "cases" / "BraTS2021_00006.t1ce.npy"
     arrays_time = arrays.stat().st_mtime_ns
+    # the arrays get the mode the manifest gets (mkstemp alone makes 0600 files, which another
+    # user of a shared cache could not read)
+    modes = {p.stat().st_mode & 0o777 for p in (manifest, *(cache / "cases").iterdir())}
+    assert modes == {0o666 & ~_umask()}
     prepare_cache(data, cache, cfg, progress=False)  # same inputs: nothing is written
     assert manifest.stat().st_mtime_ns == first and arrays.stat().st_mtime_ns == arrays_time
     # a changed input file rebuilds that case

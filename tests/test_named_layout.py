@@ -65,6 +65,14 @@ def test_explicit_patterns_override_detection(renamed, tmp_path):
     assert case.layout == "named" and case.paths["seg"].name == "roi.nii.gz"
     with pytest.raises(DataError, match="unknown keys"):
         find_cases(odd.parent, patterns={"t2": "x*"})
+    # a pattern that matches several files names them, instead of taking the first
+    with pytest.raises(DataError) as info:
+        find_cases(odd.parent, patterns={"t1ce": "*.nii.gz", "flair": "fl*", "seg": "roi*"})
+    message = str(info.value)
+    assert "--t1ce-pattern '*.nii.gz' matches 3 files" in message and "fl.nii.gz" in message
+    # one file in two roles (FLAIR read as T1ce too) is refused
+    with pytest.raises(DataError, match="fl.nii.gz would be read as both t1ce and flair"):
+        find_cases(odd.parent, patterns={"t1ce": "fl*", "flair": "fl*", "seg": "roi*"})
 
 
 def test_scheme_guess_from_values():

@@ -90,6 +90,37 @@ def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tm
     assert _predict(run, t1ce, flair, tmp_path / "o") == 0
     assert (tmp_path / "o" / "seg.nii.gz").exists()
     assert not (tmp_path / "o" / "fused.nii.gz").exists()
+    # into a folder where a fusion method wrote before: its fused.nii.gz does not stay beside
+    # this model's segmentation
+    assert _predict(_make_run(tmp_path / "f"), t1ce, flair, tmp_path / "both") == 0
+    assert (tmp_path / "both" / "fused.nii.gz").exists()
+    assert _predict(run, t1ce, flair, tmp_path / "both") == 0
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["seg.nii.gz"]
+
+
+def test_predict_refuses_a_constant_background_and_an_unwritable_out(phantom_dir, tmp_path,
+                                                                     capsys, monkeypatch):
+    import fuse4seg.inference as inference
+
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    # z-scored like BRATS 2013/2015: the background is a constant below zero, not zero
+    image = nib.load(str(t1ce))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    zscored = tmp_path / "z_t1c.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(data == 0, -4.76, data), image.affine), str(zscored))
+    flair_z = tmp_path / "z_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(data == 0, -4.76, data), image.affine), str(flair_z))
+    assert _predict(run, zscored, flair_z, tmp_path / "z") == 2
+    err = capsys.readouterr().err
+    assert "would be the whole volume" in err and "--mask" in err and "z_t1c.nii.gz" in err
+    assert not (tmp_path / "z").exists()
+    # an --out that cannot be written is found before the model runs
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: pytest.fail("model ran"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    assert _predict(run, t1ce, flair, blocker / "out") == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
@@ -117,6 +148,11 @@ def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert _predict(tmp_path / "norun", t1ce, flair, tmp_path / "x") == 2
     assert "no such run folder" in capsys.readouterr().err
+    fusion_only = tmp_path / "leader.pt"  # what `fuse4seg fusion train` writes
+    save_checkpoint(fusion_only, {"format": CHECKPOINT_FORMAT, "kind": "fusion_leader",
+                                  "config": get_config("smoke").to_dict(), "leader": {}})
+    assert _predict(fusion_only, t1ce, flair, tmp_path / "x") == 2
+    assert "a fusion-only leader" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -89,15 +89,36 @@ def _stem(path: Path) -> str:
 
 def _named_paths(folder: Path, patterns: dict[str, str] | None = None) -> dict[str, Path | None]:
     """``{"t1ce", "flair", "seg", "mask"}`` of a ``named`` case: explicit glob ``patterns``
-    (case-sensitive, as given) or :data:`NAMED_PATTERNS`; the first match in name order."""
+    (case-sensitive, as given) or :data:`NAMED_PATTERNS`; the first match in name order.
+
+    Raises:
+        DataError: an explicit pattern matches more than one file of the folder, or one file
+            would be read as two of the roles (e.g. ``--t1ce-pattern '*.nii.gz'`` also
+            matching the FLAIR file).
+    """
     files = _nifti_files(folder)
     out: dict[str, Path | None] = {}
     for key, regex in NAMED_PATTERNS.items():
         if patterns and patterns.get(key):
             hits = sorted(p for p in folder.glob(patterns[key]) if p in files)
+            if len(hits) > 1:
+                raise DataError(
+                    f"case folder {folder}: --{key.replace('_', '-')}-pattern "
+                    f"{patterns[key]!r} matches {len(hits)} files "
+                    f"({', '.join(p.name for p in hits)}); give a pattern that matches one"
+                )
         else:
             hits = [p for p in files if re.search(regex, _stem(p))]
         out[key] = hits[0] if hits else None
+    roles: dict[Path, str] = {}
+    for key, path in out.items():
+        if path is not None and path in roles:
+            raise DataError(
+                f"case folder {folder}: {path.name} would be read as both {roles[path]} and "
+                f"{key}; give --{roles[path]}-pattern and --{key}-pattern that tell them apart"
+            )
+        if path is not None:
+            roles[path] = key
     return out
 
 

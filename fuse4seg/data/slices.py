@@ -36,7 +36,7 @@ import numpy as np
 from fuse4seg.config import DataConfig
 from fuse4seg.data.labels import NUM_CLASSES
 from fuse4seg.data.layouts import DataError, find_cases, load_case
-from fuse4seg.utils import atomic_write_json, case_map
+from fuse4seg.utils import atomic_write_json, case_map, file_mode
 
 __all__ = [
     "CACHE_VERSION",
@@ -219,6 +219,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, array)
+        os.chmod(tmp, file_mode())  # as the manifest: readable by whoever shares the cache
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
