@@ -129,7 +129,8 @@ def check_main(args: argparse.Namespace) -> int:
         print(f"{'case':<28} {'layout':<10} {'shape':<16} {'NCR':>8} {'ED':>8} {'ET':>8}")
         for s in summaries:
             if s["errors"]:
-                print(f"{s['case_id']:<28} {s['layout']:<10} BAD: {s['errors'][0]}")
+                first = s["errors"][0].removeprefix(f"case {s['case_id']}: ")
+                print(f"{s['case_id']:<28} {s['layout']:<10} BAD: {first}")
                 continue
             c = s["label_counts"]
             shape = "x".join(map(str, s["shape"]))
@@ -140,6 +141,7 @@ def check_main(args: argparse.Namespace) -> int:
         print(f"{len(summaries) - len(bad)} good, {len(bad)} bad")
     for s in bad:
         for error in s["errors"]:
+            error = error.removeprefix(f"case {s['case_id']}: ")
             print(f"fuse4seg: bad case {s['case_id']}: {error}", file=sys.stderr)
     return 1 if bad else 0
 
@@ -154,6 +156,11 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=positive_int, default=1,
         help="process this many cases at once in separate processes (same output as 1)",
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true",
+        help="leave bad cases out (listed, and in the manifest's 'skipped') instead of "
+        "stopping at the first",
     )
 
 
@@ -171,15 +178,19 @@ def prepare_main(args: argparse.Namespace) -> int:
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
     path = prepare_cache(
         args.data_dir, args.out, config.data, layout=args.layout, workers=args.workers,
-        patterns=_patterns(args),
+        patterns=_patterns(args), skip_bad=args.skip_bad,
     )
     manifest = load_manifest(args.out)
     changed = before is None or path.stat().st_mtime_ns != before
     split = {k: len(v) for k, v in manifest["split"].items()}
+    skipped = manifest.get("skipped", [])
     print(
         f"{'wrote' if changed else 'up to date:'} {path}: {len(manifest['cases'])} cases, "
         f"{manifest['num_slices']} slices, split {split}"
+        + (f"; {len(skipped)} bad case(s) left out" if skipped else "")
     )
+    for entry in skipped:
+        print(f"  left out {entry['case_id']}: {entry['error']}")
     return 0
 
 
@@ -257,26 +268,38 @@ def train_main(args: argparse.Namespace) -> int:
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="a run folder (or a checkpoint file)")
-    parser.add_argument("--data", type=Path, required=True, help="raw folder or prepared cache")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    parser.add_argument(
+        "--data", type=Path, required=True,
+        help="the prepared cache or raw folder the run was trained on (its split says which "
+        "cases are test cases); other data: use --split all",
+    )
+    parser.add_argument(
+        "--cache", type=Path,
+        help="where the cache of a raw --data folder is (or is prepared); default: the one "
+        "`train` prepared for it in the run's runs folder (cache-<hash>)",
+    )
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                        help="cases to score (default: test)")
     parser.add_argument("--json", type=Path, help="write the result here")
-    parser.add_argument("--which", default="best", choices=["best", "ema", "last"])
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--which", default="best", choices=["best", "ema", "last"],
+                        help="checkpoint of a run folder (default: best)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
-    """Dice/IoU per case and region of a run on a split, from the EMA leader.
+    """Dice/IoU per case and region of a run on a split (its best checkpoint by default).
 
     Whole volumes at the input's resolution (3-D counts per case); the split's patients come from
-    the cache manifest the run was trained with.
+    the cache's manifest: with the raw folder the run was trained on, that is the run's own
+    cache, so ``test`` holds the patients it never trained on.
     """
     from fuse4seg.inference import evaluate_run
 
     result = evaluate_run(
         args.run, args.data, split=args.split, json_out=args.json, which=args.which,
-        device=args.device, batch_size=args.batch_size,
+        device=args.device, batch_size=args.batch_size, cache=args.cache,
     )
     lines = [
         f"{result['method']} ({result['profile']}), {result['split']} split, "
@@ -302,10 +325,13 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
         "default: guessed from the file name, else the training data's",
     )
     parser.add_argument(
-        "--mask", type=Path, help="brain mask NIfTI (default: where T1ce or FLAIR is non-zero)"
+        "--mask", type=Path,
+        help="brain mask NIfTI (default: a BRATS 2013/2015 case folder's brainmask, else "
+        "where T1ce or FLAIR is non-zero)",
     )
-    parser.add_argument("--which", default="best", choices=["best", "ema", "last"])
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--which", default="best", choices=["best", "ema", "last"],
+                        help="checkpoint of a run folder (default: best)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
 
@@ -322,6 +348,8 @@ def predict_main(args: argparse.Namespace) -> int:
         args.checkpoint, args.t1ce, args.flair, args.out, scheme=args.scheme,
         batch_size=args.batch_size, device=args.device, which=args.which, mask=args.mask,
     )
+    if written["mask_found"]:
+        print(f"brain mask: {written['mask_found']} (the case folder's)")
     for key in ("fused", "seg"):
         if written[key]:
             print(f"wrote {written[key]}")
@@ -494,6 +522,11 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     pairs = _load_pairs(args, split)
     leader, label, source = None, args.method, None
     if args.method not in BASELINES:
+        if not Path(args.method).exists():
+            raise FileNotFoundError(
+                f"{args.method}: neither a rule ({', '.join(BASELINES)}) nor a fusion run "
+                "folder or checkpoint"
+            )
         leader, _, source = load_fusion_leader(args.method, device=args.device or "auto")
         label = f"leader:{Path(args.method).name}"
     result = evaluate_fusion(
@@ -665,7 +698,12 @@ def main(argv: list[str] | None = None) -> int:
         print("fuse4seg: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        message = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0])
+        if isinstance(exc, KeyError):
+            message = str(exc.args[0])
+        elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+            message = f"{exc.filename}: {exc.strerror}"  # not "[Errno 13] ...: 'path'"
+        else:
+            message = str(exc)
         print(f"fuse4seg: error: {message}", file=sys.stderr)
         return 2
 

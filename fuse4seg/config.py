@@ -401,7 +401,8 @@ def validate(config: Config) -> None:
     d, t, loss = config.data, config.train, config.loss
     checks = [
         (d.downsample >= 1, "data.downsample must be >= 1"),
-        (d.crop_size >= 16 and d.crop_size % 16 == 0, "data.crop_size must be a multiple of 16"),
+        (d.crop_size >= 16 and d.crop_size % 16 == 0,
+         f"data.crop_size must be a positive multiple of 16, got {d.crop_size}"),
         (0.0 <= d.min_brain_fraction < 1.0, "data.min_brain_fraction must be in [0, 1)"),
         (d.slice_stride >= 1, "data.slice_stride must be >= 1"),
         (d.max_cases is None or d.max_cases >= 1, "data.max_cases must be >= 1 or null"),

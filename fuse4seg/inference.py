@@ -270,7 +270,24 @@ def _scheme_of(path: Path, default: str) -> str:
         return "brats2021"
     if "-t1c" in name:
         return "brats2023"
+    if _brats2013_case(path) is not None:
+        return "brats2013"
     return default
+
+
+def _brats2013_case(t1ce: Path):
+    """The :class:`~fuse4seg.data.find.CaseFiles` of ``t1ce``'s folder when it is a BRATS
+    2013/2015 case folder (``T1c*``, ``Flair*``, ``brainmask*``), else ``None``."""
+    from fuse4seg.data.find import DataError, detect_layout, find_cases
+
+    folder = t1ce.parent
+    try:
+        if detect_layout(folder) != "brats2013":
+            return None
+        (case,) = find_cases(folder)
+    except (DataError, OSError, ValueError):
+        return None
+    return case if Path(case.paths["t1ce"]).resolve() == t1ce.resolve() else None
 
 
 def _nifti_bytes(path: Path, data: np.ndarray, affine, header) -> bytes:
@@ -332,12 +349,14 @@ def predict_files(
         scheme: label scheme of ``seg.nii.gz`` (``brats2021``: ET = 4, ``brats2023``: ET = 3,
             ...); default: guessed from the T1ce file name (``_t1ce`` → brats2021, ``-t1c`` →
             brats2023), else the training data's scheme.
-        mask: a brain-mask NIfTI on the same grid; default: the voxels where T1ce or FLAIR is
-            non-zero (right for skull-stripped BraTS volumes, wrong for z-scored ones with a
-            constant background such as BRATS 2013/2015, which ship a mask).
+        mask: a brain-mask NIfTI on the same grid; default: the ``brainmask`` file of a BRATS
+            2013/2015 case folder (z-scored volumes, whose background is a constant, not zero),
+            else the voxels where T1ce or FLAIR is non-zero (skull-stripped BraTS volumes). A
+            default mask that covers the whole volume is refused.
 
     Returns:
-        ``{"fused": path or None, "seg": path, "scheme": str, "label_counts": {...}}``.
+        ``{"fused": path or None, "seg": path, "scheme": str, "label_counts": {...},``
+        ``"mask_found": the brain mask taken from a BRATS 2013/2015 case folder, or None}``.
 
     Raises:
         FileNotFoundError: a missing file. ValueError: unreadable, non-3-D, NaN, shape or
@@ -359,6 +378,11 @@ def predict_files(
         raise ValueError(f"shape mismatch: {t1ce} is {a.shape}, {flair} is {b.shape}")
     if not np.allclose(affine, affine_b, atol=1e-3):
         raise ValueError(f"affine mismatch between {t1ce} and {flair}: not on the same grid")
+    found_mask = None
+    if mask is None and (case := _brats2013_case(t1ce)) is not None and case.paths.get("mask"):
+        # BRATS 2013/2015 volumes are z-scored (a constant background, not zero) and ship
+        # their brain mask: use it, as `fuse4seg data prepare` does for this layout
+        mask = found_mask = Path(case.paths["mask"])
     if mask is not None:
         m, affine_m, _ = load_volume(mask, "brain mask")
         if m.shape != a.shape or not np.allclose(affine, affine_m, atol=1e-3):
@@ -375,6 +399,11 @@ def predict_files(
             )
     if not brain.any():
         raise ValueError(f"{mask or (str(t1ce) + ', ' + str(flair))}: empty brain (all zero)")
+    for arr, path in ((a, t1ce), (b, flair)):
+        inside = arr[brain]
+        if inside.min() == inside.max():  # intensity normalisation would divide by zero
+            raise ValueError(f"{path}: the same value ({float(inside.min()):g}) in every brain "
+                             "voxel: nothing to normalise or segment")
     bundle = load_bundle(checkpoint, which=which, device=device)
     scheme = scheme or _scheme_of(t1ce, bundle.scheme)
     if scheme not in EXPORT:
@@ -404,6 +433,7 @@ def predict_files(
                              f"({err.strerror})") from err
     return {
         "fused": str(paths["fused"]) if "fused" in blobs else None,
+        "mask_found": str(found_mask) if found_mask is not None else None,
         "scheme": scheme,
         "seg": str(paths["seg"]),
         "label_counts": label_counts(seg),
@@ -419,14 +449,18 @@ def evaluate_run(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = False,
+    cache: str | Path | None = None,
 ) -> dict[str, Any]:
-    """``fuse4seg evaluate``: per-case and mean Dice/IoU of a run on a split, from the EMA leader.
+    """``fuse4seg evaluate``: per-case and mean Dice/IoU of a run on a split (``which``
+    checkpoint: its EMA leader and its follower).
 
     Args:
         run: a run folder (or a checkpoint file).
         data: the raw folder or the prepared cache the run was trained on; the split's case
             ids come from the cache manifest (so they are the patients the run never trained
-            on), the volumes from the raw files it lists.
+            on), the volumes from the raw files it lists. For other data, ``split="all"``.
+        cache: where the cache of a raw ``data`` folder is or is prepared; default: the run's
+            runs folder, ``cache-<hash>``, where ``train`` prepared it.
         split: ``"test"``, ``"val"``, ``"train"`` or ``"all"``.
         json_out: also write the result there (atomically).
 
@@ -446,7 +480,8 @@ def evaluate_run(
     bundle = load_bundle(run, which=which, device=device)
     run_dir = Path(run) if Path(run).is_dir() else None
     runs_dir = run_dir.parent if run_dir is not None else Path(run).parent
-    cache = resolve_cache(data, bundle.config, runs_dir=runs_dir, progress=progress)
+    cache = resolve_cache(data, bundle.config, cache=cache, runs_dir=runs_dir,
+                          progress=progress)
     manifest = load_manifest(cache)
     if split == "all":
         ids = list(manifest["cases"])
@@ -455,7 +490,9 @@ def evaluate_run(
     else:
         raise ValueError(f"--split {split!r}: choose train, val, test or all")
     if not ids:
-        raise ValueError(f"--split {split}: no cases in this split of {cache}")
+        raise ValueError(f"--split {split}: no cases in this split of {cache} (its split: "
+                         f"{ {k: len(v) for k, v in manifest['split'].items()} }); "
+                         "--split all scores every case")
     info = {c["case_id"]: c for c in manifest["case_info"]}
     meter = SegmentationMeter()
     for cid in ids:

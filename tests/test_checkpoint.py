@@ -58,6 +58,16 @@ def test_load_rejects_unsafe_and_foreign_files(tmp_path):
         load_checkpoint(other)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+    # the reason in a line, not torch's advice to load with weights_only=False
+    objects = tmp_path / "objects.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "steps": range(3)}, objects)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    for path, why in ((objects, "holds Python objects other than tensors"),
+                      (text, "not a file written by torch.save")):
+        with pytest.raises(ValueError) as info:
+            load_checkpoint(path)
+        assert why in str(info.value) and "weights_only" not in str(info.value)
 
 
 def test_rng_capture_and_restore(tmp_path):

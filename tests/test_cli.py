@@ -55,6 +55,21 @@ def test_counts_and_sizes_below_one_are_refused_by_name(argv, capsys):
     assert f"argument {flag}: must be at least 1, got {value}" in capsys.readouterr().err
 
 
+def test_os_errors_name_the_asked_for_file_and_a_bad_device_fails_first(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    assert main(["data", "phantom", "--out", str(blocker / "x"), "--cases", "1",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker / 'x'}" in err and "cannot write there (Not a directory)" in err
+    assert ".tmp" not in err and "[Errno" not in err
+    # train checks --device before it prepares anything
+    assert main(["train", "--method", "average", "--profile", "smoke", "--data",
+                 str(tmp_path), "--out", str(tmp_path / "runs"), "--device", "foo"]) == 2
+    assert "device 'foo': not a device" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_light_verbs_do_not_import_torch():
     """`--version`, `--help`, `metrics` and `data check` answer without importing torch."""
     import subprocess

@@ -177,8 +177,12 @@ def test_truncated_file(case_copy):
 def test_check_cli_names_bad_case(case_copy, capsys):
     (case_copy / "BraTS2021_00006_seg.nii.gz").unlink()
     assert cli_main(["data", "check", str(case_copy.parent)]) == 1
-    err = capsys.readouterr().err
-    assert "BraTS2021_00006" in err and "missing segmentation" in err
+    captured = capsys.readouterr()
+    assert "BraTS2021_00006" in captured.err and "missing segmentation" in captured.err
+    # the case is named once per line, not "case X: case X: ..."
+    for text in (captured.out, captured.err):
+        line = next(x for x in text.splitlines() if "missing segmentation" in x)
+        assert line.count("BraTS2021_00006") == 1, line
 
 
 def test_empty_folder_error(tmp_path, capsys):
@@ -288,6 +292,40 @@ def test_prepare_warns_when_the_crop_cuts_brain_or_tumour(brats2021_case, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_cache(data, tmp_path / "cut", small, progress=False)
+
+
+def test_prepare_stops_cleanly_or_skips_bad_cases(brats2021_case, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(brats2021_case, data / "BraTS2021_00006")
+    shutil.copytree(brats2021_case, data / "BraTS2021_00007")
+    for f in (data / "BraTS2021_00007").iterdir():
+        f.rename(f.with_name(f.name.replace("00006", "00007")))
+    flair = data / "BraTS2021_00007" / "BraTS2021_00007_flair.nii.gz"
+    flair.write_bytes(flair.read_bytes()[:2000])  # truncated
+    cfg = get_config("smoke").data
+    # stopped: the bad case is named with what to do, and no cache folder is left
+    with pytest.raises(DataError) as info:
+        prepare_cache(data, tmp_path / "cache", cfg, progress=False)
+    assert "BraTS2021_00007" in str(info.value) and "--skip-bad" in str(info.value)
+    assert not (tmp_path / "cache").exists()
+    # skipped: the good case is prepared, the bad one listed in the manifest
+    with pytest.warns(UserWarning, match="left out 1 bad case"):
+        prepare_cache(data, tmp_path / "cache", cfg, progress=False, skip_bad=True)
+    m = load_manifest(tmp_path / "cache")
+    assert m["cases"] == ["BraTS2021_00006"]
+    assert [e["case_id"] for e in m["skipped"]] == ["BraTS2021_00007"]
+    # a stopped update of an existing cache takes its manifest away (arrays may have changed)
+    with pytest.raises(DataError):
+        prepare_cache(data, tmp_path / "cache", get_config("smoke", {"data.crop_size": 80}).data,
+                      progress=False)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    # the CLI: --skip-bad says what it left out; --out = the data folder is refused
+    assert cli_main(["data", "prepare", str(data), "--out", str(tmp_path / "c2"), "--profile",
+                     "smoke", "--skip-bad"]) == 0
+    assert "left out BraTS2021_00007" in capsys.readouterr().out
+    assert cli_main(["data", "prepare", str(data), "--out", str(data), "--profile",
+                     "smoke"]) == 2
+    assert "is the data folder itself" in capsys.readouterr().err
 
 
 def test_prepare_cli(shared_data, tmp_path, capsys):

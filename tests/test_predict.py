@@ -136,7 +136,10 @@ def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
     nib.save(nib.Nifti1Image(data, shifted), str(moved))
     four_d = tmp_path / "four.nii.gz"
     nib.save(nib.Nifti1Image(data[..., None], image.affine), str(four_d))
+    zeros = tmp_path / "zeros.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros_like(data), image.affine), str(zeros))
     cases = [
+        (zeros, "zeros.nii.gz: the same value (0) in every brain voxel"),
         (small, "shape mismatch"),
         (moved, "affine mismatch"),
         (four_d, "3-D"),
@@ -169,6 +172,29 @@ def test_predict_with_a_brain_mask(phantom_dir, tmp_path):
     seg = np.asarray(nib.load(str(out / "seg.nii.gz")).dataobj)
     assert set(np.unique(seg[mask == 0])) == {0}
     assert (seg[mask == 1] == 2).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_predict_on_a_real_brats2013_case_uses_its_brain_mask(brats2013_dir, tmp_path, capsys):
+    import shutil
+
+    run = _make_run(tmp_path, favour=2)  # every brain voxel ED
+    case = sorted(p for p in brats2013_dir.iterdir() if p.is_dir())[0]
+    t1ce, flair = next(case.glob("T1c*.nii.gz")), next(case.glob("Flair*.nii.gz"))
+    assert _predict(run, t1ce, flair, tmp_path / "o") == 0
+    out = capsys.readouterr().out
+    assert f"brain mask: {case / 'brainmask.nii.gz'}" in out and "brats2013 scheme" in out
+    seg = np.asarray(nib.load(str(tmp_path / "o" / "seg.nii.gz")).dataobj)
+    mask = np.asarray(nib.load(str(case / "brainmask.nii.gz")).dataobj) > 0.5
+    assert (seg > 0).sum() == mask.sum() and not seg[~mask].any()
+    # the same volumes without their mask: the z-scored background is not zero, so the
+    # default mask would be the whole volume, and predict refuses instead of segmenting it
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(t1ce, bare / t1ce.name)
+    shutil.copy(flair, bare / flair.name)
+    assert _predict(run, bare / t1ce.name, bare / flair.name, tmp_path / "b") == 2
+    assert "would be the whole volume" in capsys.readouterr().err
 
 
 @pytest.mark.slow

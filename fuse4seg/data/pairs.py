@@ -246,7 +246,9 @@ class ImagePair:
 def _match(dir_a: Path, dir_b: Path, kind: str, split: str) -> list[PairPaths]:
     for d in (dir_a, dir_b):
         if not d.is_dir():
-            raise FileNotFoundError(f"{d}: folder of {kind} {split} images not found")
+            where = f"{kind} {split}" if split != "all" else kind
+            raise FileNotFoundError(f"{d}: no such folder (the {where} images: {d.name}/"
+                                    "<name>.png)")
     names_a = {p.stem: p for p in dir_a.glob("*.png")}
     names_b = {p.stem: p for p in dir_b.glob("*.png")}
     only_a, only_b = sorted(set(names_a) - set(names_b)), sorted(set(names_b) - set(names_a))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,7 @@ def prepare_cache(
     progress: bool = True,
     workers: int = 1,
     patterns: dict[str, str] | None = None,
+    skip_bad: bool = False,
 ) -> Path:
     """Build (or bring up to date) the slice cache of ``data_dir`` in ``cache_dir``.
 
@@ -243,20 +245,47 @@ def prepare_cache(
     are byte-identical to those of one worker (each case is built by the same function and the
     manifest lists the cases in the same order).
 
+    A bad case stops the preparation, naming it, unless ``skip_bad``: then every bad case is
+    left out, with its error, in the manifest's ``skipped`` list (and a warning). A stopped
+    preparation leaves no cache behind: a folder it created is removed, and an earlier cache
+    in ``cache_dir`` loses its manifest (some of its arrays may have been rewritten), so it is
+    prepared again next time rather than read half old, half new.
+
     Returns:
         The path of ``manifest.json``.
 
     Raises:
-        DataError: no cases, a bad case (named), or a case with no slice left.
+        DataError: no cases, a bad case (named), a case with no slice left, or ``cache_dir``
+            inside ``data_dir``'s case folders (it would be read as data next time).
 
     Explained in chapter 1.
     """
     if int(workers) < 1:
         raise ValueError(f"workers={workers}: need at least 1")
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    if cache_dir.resolve() == data_dir.resolve():
+        raise DataError(f"--out {cache_dir}: is the data folder itself; write the cache to "
+                        "another folder")
     cases = find_cases(data_dir, layout, patterns)
     if data_cfg.max_cases is not None:
         cases = cases[: data_cfg.max_cases]
+    created = not cache_dir.exists()
+    try:
+        return _prepare(data_dir, cache_dir, cases, data_cfg, progress, workers, skip_bad)
+    except BaseException as err:
+        if created:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        else:
+            (cache_dir / "manifest.json").unlink(missing_ok=True)
+        if isinstance(err, DataError) and not skip_bad:
+            raise DataError(f"{err}\n  `fuse4seg data check {data_dir}` lists every bad case; "
+                            "`fuse4seg data prepare --skip-bad` prepares the others") from err
+        raise
+
+
+def _prepare(data_dir: Path, cache_dir: Path, cases: list, data_cfg: DataConfig,
+             progress: bool, workers: int, skip_bad: bool) -> Path:
+    """:func:`prepare_cache`'s work once the cases are found."""
     (cache_dir / "cases").mkdir(parents=True, exist_ok=True)
     settings = _settings(data_cfg)
     old: dict[str, Any] = {}
@@ -269,11 +298,27 @@ def prepare_cache(
     old_cases = {c["case_id"]: c for c in old.get("case_info", [])} if same_settings else {}
 
     jobs = [(files, data_cfg, str(cache_dir), old_cases.get(files.case_id)) for files in cases]
-    info, rebuilt = [], 0
-    with case_map(_case_job, jobs, workers, progress, "preparing slices") as results:
+    info, rebuilt, skipped = [], 0, []
+    job = _case_job_or_error if skip_bad else _case_job
+    with case_map(job, jobs, workers, progress, "preparing slices") as results:
         for entry, built in results:
+            if "error" in entry:
+                skipped.append(entry)
+                continue
             info.append(entry)
             rebuilt += built
+    if skipped:
+        import warnings
+
+        warnings.warn(
+            f"--skip-bad: left out {len(skipped)} bad case(s): "
+            + "; ".join(f"{e['case_id']}: {e['error']}" for e in skipped[:5])
+            + (f"; and {len(skipped) - 5} more (the manifest's 'skipped')"
+               if len(skipped) > 5 else ""),
+            stacklevel=3,
+        )
+    if not info:
+        raise DataError(f"{data_dir}: every case is bad ({len(skipped)} skipped)")
 
     _warn_if_cropped(info, data_cfg)
     case_ids = [c["case_id"] for c in info]
@@ -287,7 +332,10 @@ def prepare_cache(
         "num_slices": int(sum(c["num_slices"] for c in info)),
         "case_info": info,
     }
-    unchanged = rebuilt == 0 and old.get("cases") == case_ids and old.get("split") == split
+    if skipped:
+        manifest["skipped"] = skipped
+    unchanged = (rebuilt == 0 and old.get("cases") == case_ids and old.get("split") == split
+                 and old.get("skipped") == manifest.get("skipped"))
     path = cache_dir / "manifest.json"
     if not unchanged:
         atomic_write_json(path, manifest)
@@ -327,6 +375,14 @@ def _warn_if_cropped(info: list[dict[str, Any]], data_cfg: DataConfig) -> None:
         f"trained on and are predicted as background; raise data.crop_size (a multiple of 16).",
         stacklevel=3,
     )
+
+
+def _case_job_or_error(job) -> tuple[dict[str, Any], bool]:
+    """:func:`_case_job`, with a bad case returned as ``({"case_id", "error"}, False)``."""
+    try:
+        return _case_job(job)
+    except DataError as err:
+        return {"case_id": job[0].case_id, "error": str(err)}, False
 
 
 def _case_job(job) -> tuple[dict[str, Any], bool]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's pickler warnings say nothing more than below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle errors, truncation, unsafe globals
-        raise ValueError(f"{path}: not a readable fuse4seg checkpoint ({exc})") from exc
+        text = str(exc)
+        if "Weights only load failed" in text and "Unsupported operand" not in text:
+            why = ("it holds Python objects other than tensors and plain values, which are "
+                   "not loaded, for safety")
+        elif "Weights only load failed" in text or not text.strip() or text.strip().isdigit():
+            why = f"not a file written by torch.save ({type(exc).__name__})"
+        else:
+            why = text.strip().splitlines()[0]
+        raise ValueError(f"{path}: not a readable fuse4seg checkpoint: {why}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a fuse4seg checkpoint (format {CHECKPOINT_FORMAT})")
     return state

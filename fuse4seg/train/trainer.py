@@ -434,6 +434,9 @@ def train(
         method = variant.method
         config = get_config(config.profile, {**runs.flatten(config), **variant.overrides})
     get_method(method)
+    from fuse4seg.utils import resolve_device
+
+    resolve_device(device or config.train.device)  # a bad --device fails before the cache
     rank, _, world_size = dist_info()
     out = Path(out)
     if rank == 0:
