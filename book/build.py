@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -526,6 +527,26 @@ def copy_vendor(node_modules: Path, vendor: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
+INCLUDE = re.compile(r"^\s*```\{include\}\s+(\S+)\s*$", re.MULTILINE)
+"""A MyST ``{include}`` directive's first line; its argument is a path relative to the page."""
+
+
+def included_files(page: Path) -> list[Path]:
+    """The files a plain page pulls in with ``{include}`` (staged beside it, at the same path
+    relative to the book's root, so the directive finds them in the staging tree).
+
+    Raises:
+        BuildError: an included file is missing (named with the page).
+    """
+    found = []
+    for target in INCLUDE.findall(Path(page).read_text("utf-8")):
+        path = (Path(page).parent / target).resolve()
+        if not path.is_file():
+            raise BuildError(f"{page}: includes {target}, which does not exist ({path})")
+        found.append(path)
+    return found
+
+
 def stage_source(
     root: Path,
     staging: Path,
@@ -574,6 +595,10 @@ def stage_source(
         target = staging / f"{page.docname}.md"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(page.source, target)
+        for included in included_files(page.source):  # e.g. benchmarks/RESULTS.md
+            rel = included.resolve().relative_to(root.resolve())
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(included, staging / rel)
     for docname, executed in notebooks.items():
         target = staging / f"{docname}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)

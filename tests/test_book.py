@@ -108,6 +108,7 @@ def test_repository_toc_lists_the_chapters_in_order():
         "book/06_results",
         "book/07_at_scale",
         "book/appendix_fusion_metrics",
+        "book/records",
         "book/api",
     ]
     intro = REPO / "book" / "intro.md"
@@ -343,6 +344,25 @@ def test_stage_source_replaces_notebooks_by_their_executed_copy(tmp_path):
         "book/figure.png",
         "book/intro.md",
     ]
+
+
+def test_stage_source_copies_what_a_page_includes(tmp_path):
+    root = tmp_path / "root"
+    _write_book(root, {"01_tiny": TINY_CHAPTER})
+    (root / "notes").mkdir()
+    (root / "notes" / "log.md").write_text("# Log\n\nmeasured 1.5 s\n")
+    page = root / "book" / "records.md"
+    page.write_text("# Records\n\n```{include} ../notes/log.md\n:heading-offset: 1\n```\n")
+    assert build.included_files(page) == [(root / "notes" / "log.md").resolve()]
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    toc["chapters"].append({"file": "book/records"})
+    present, _ = build.find_chapters(root, toc)
+    staging = tmp_path / "src"
+    build.stage_source(root, staging, toc, [c for c in present if not c.is_notebook], {})
+    assert (staging / "notes" / "log.md").read_text() == "# Log\n\nmeasured 1.5 s\n"
+    page.write_text("```{include} ../notes/missing.md\n```\n")
+    with pytest.raises(build.BuildError, match="records.md: includes ../notes/missing.md"):
+        build.included_files(page)
 
 
 def test_prepare_only_injects_the_parameters_and_runs_nothing(tmp_path):
