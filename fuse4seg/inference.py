@@ -264,15 +264,13 @@ def _nbytes(item: tuple) -> int:
     return sum(a.nbytes for a in (*item[0], item[1], item[2]))
 
 
-def _scheme_of(path: Path, default: str) -> str:
+def _scheme_of(path: Path, default: str, brats2013: bool = False) -> str:
     name = path.name.lower()
     if "_t1ce" in name:
         return "brats2021"
     if "-t1c" in name:
         return "brats2023"
-    if _brats2013_case(path) is not None:
-        return "brats2013"
-    return default
+    return "brats2013" if brats2013 else default
 
 
 def _brats2013_case(t1ce: Path):
@@ -348,7 +346,8 @@ def predict_files(
         out_dir: the output folder (created).
         scheme: label scheme of ``seg.nii.gz`` (``brats2021``: ET = 4, ``brats2023``: ET = 3,
             ...); default: guessed from the T1ce file name (``_t1ce`` → brats2021, ``-t1c`` →
-            brats2023), else the training data's scheme.
+            brats2023) or folder (a BRATS 2013/2015 case → brats2013), else the training
+            data's scheme.
         mask: a brain-mask NIfTI on the same grid; default: the ``brainmask`` file of a BRATS
             2013/2015 case folder (z-scored volumes, whose background is a constant, not zero),
             else the voxels where T1ce or FLAIR is non-zero (skull-stripped BraTS volumes). A
@@ -378,11 +377,11 @@ def predict_files(
         raise ValueError(f"shape mismatch: {t1ce} is {a.shape}, {flair} is {b.shape}")
     if not np.allclose(affine, affine_b, atol=1e-3):
         raise ValueError(f"affine mismatch between {t1ce} and {flair}: not on the same grid")
-    found_mask = None
-    if mask is None and (case := _brats2013_case(t1ce)) is not None and case.paths.get("mask"):
+    found_mask, case_2013 = None, _brats2013_case(t1ce)
+    if mask is None and case_2013 is not None and case_2013.paths.get("mask"):
         # BRATS 2013/2015 volumes are z-scored (a constant background, not zero) and ship
         # their brain mask: use it, as `fuse4seg data prepare` does for this layout
-        mask = found_mask = Path(case.paths["mask"])
+        mask = found_mask = Path(case_2013.paths["mask"])
     if mask is not None:
         m, affine_m, _ = load_volume(mask, "brain mask")
         if m.shape != a.shape or not np.allclose(affine, affine_m, atol=1e-3):
@@ -405,7 +404,7 @@ def predict_files(
             raise ValueError(f"{path}: the same value ({float(inside.min()):g}) in every brain "
                              "voxel: nothing to normalise or segment")
     bundle = load_bundle(checkpoint, which=which, device=device)
-    scheme = scheme or _scheme_of(t1ce, bundle.scheme)
+    scheme = scheme or _scheme_of(t1ce, bundle.scheme, brats2013=case_2013 is not None)
     if scheme not in EXPORT:
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
     created = not out_dir.exists()

@@ -256,7 +256,7 @@ def prepare_cache(
 
     Raises:
         DataError: no cases, a bad case (named), a case with no slice left, or ``cache_dir``
-            inside ``data_dir``'s case folders (it would be read as data next time).
+            that is ``data_dir`` itself (its manifest would make the data look like a cache).
 
     Explained in chapter 1.
     """
