@@ -205,16 +205,19 @@ def test_make_phantom_case_arrays_match_files(phantom_dir):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--cases", "0"], "--cases must be an integer >= 1, got 0"),
-        (["--cases", "-3"], "--cases must be an integer >= 1"),
-        (["--seed", "-1"], "--seed must be a non-negative integer"),
+        (["--cases", "0"], "argument --cases: must be at least 1, got 0"),  # argparse's
+        (["--cases", "-3"], "argument --cases: must be at least 1, got -3"),
+        (["--seed", "-1"], "fuse4seg: error: phantom --seed must be a non-negative integer"),
     ],
 )
 def test_cli_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "bad"
-    assert cli_main(["data", "phantom", "--out", str(out), *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("fuse4seg: error:") and message in err
+    try:
+        status = cli_main(["data", "phantom", "--out", str(out), *argv])
+    except SystemExit as exit_info:  # refused while parsing (cli.positive_int)
+        status = exit_info.code
+    assert status == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -239,8 +242,11 @@ def test_data_script_bad_cases(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("make_phantom", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--out", str(tmp_path / "x"), "--cases", "0"]) == 2
-    assert "--cases must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--out", str(tmp_path / "x"), "--cases", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --cases: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_anatomy_is_offline(monkeypatch):
