@@ -63,7 +63,6 @@ Explained in chapter 4 (``book/04_bilevel_training.md``).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -88,6 +87,7 @@ from fuse4seg.train.engine import (
     unwrap,
 )
 from fuse4seg.train.methods import MethodSpec, build_follower, get_method
+from fuse4seg.train.sampling import derived_seed
 
 __all__ = ["Batches", "Engine", "init_seed"]
 
@@ -112,8 +112,7 @@ def init_seed(seed: int, network: str) -> int:
     """The seed of ``network``'s initial weights (``"leader"`` or ``"follower"``) in a run of
     seed ``seed``: a hash of both, so the two networks draw unrelated weights and each one's
     draw does not depend on whether the other exists (the module docstring says why)."""
-    blob = f"{int(seed)},init,{network}".encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & ((1 << 63) - 1)
+    return derived_seed(int(seed), "init", network)
 
 
 class Engine:

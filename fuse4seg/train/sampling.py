@@ -28,18 +28,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["RolloutSampler", "SplitBatch", "step_generator", "warmup_batches"]
+__all__ = ["RolloutSampler", "SplitBatch", "derived_seed", "step_generator", "warmup_batches"]
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 63-bit seed hashed (SHA-256) from ``parts``, so nearby parts give unrelated seeds."""
+    blob = ",".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
-    """A ``torch.Generator`` seeded from ``seed`` and integer keys (rank, epoch, step, ...).
-
-    The keys are hashed (SHA-256) so nearby keys give unrelated streams.
-    """
-    blob = ",".join(str(int(k)) for k in (seed, *keys)).encode()
-    value = int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & ((1 << 63) - 1)
+    """A ``torch.Generator`` seeded from ``seed`` and integer keys (rank, epoch, step, ...)
+    through :func:`derived_seed`."""
     gen = torch.Generator()
-    gen.manual_seed(value)
+    gen.manual_seed(derived_seed(*(int(k) for k in (seed, *keys))))
     return gen
 
 
