@@ -343,6 +343,7 @@ def execute_chapter(
         markdown_to_ipynb(chapter.source, source_ipynb)
         parameters = select_parameters(declared_parameters(source_ipynb), available)
         executed.parent.mkdir(parents=True, exist_ok=True)
+        kernel = kernel_config(Path(tmp))  # None: TCP
         try:
             papermill.execute_notebook(
                 str(source_ipynb),
@@ -354,7 +355,7 @@ def execute_chapter(
                 log_output=False,
                 execution_timeout=timeout,
                 prepare_only=prepare_only,
-                **({"config": config} if (config := kernel_config(Path(tmp))) else {}),
+                **({"config": kernel} if kernel is not None else {}),
             )
         except PapermillExecutionError as err:
             raise BuildError(
@@ -596,7 +597,10 @@ def stage_source(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(page.source, target)
         for included in included_files(page.source):  # e.g. benchmarks/RESULTS.md
-            rel = included.resolve().relative_to(root.resolve())
+            if not included.is_relative_to(root.resolve()):
+                raise BuildError(f"{page.source}: includes {included}, outside the book's "
+                                 f"root {root}")
+            rel = included.relative_to(root.resolve())
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(included, staging / rel)
     for docname, executed in notebooks.items():
