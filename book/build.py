@@ -28,9 +28,10 @@
 
 Parameters passed to chapters (each only if its parameters cell declares it): ``profile``,
 ``data_dir`` (the phantom, or ``--brats-dir`` when given), ``brats_dir``, ``harvard_dir``,
-``gfp_dir`` (``None`` unless given), ``device``, ``runs_dir`` (``_build/runs``) and
-``cache_dir`` (``_build/cache``). Folders inside the book's root are passed relative to it
-(the kernel's working folder), others as absolute paths (:func:`chapter_path`).
+``gfp_dir`` (``None`` unless given), ``device``, ``runs_dir`` (``_build/runs``),
+``cache_dir`` (``_build/cache``), and ``overrides`` when ``--set NAME=VALUE`` is given (checked
+against the profile before any chapter runs). Folders inside the book's root are passed
+relative to it (the kernel's working folder), others as absolute paths (:func:`chapter_path`).
 
 With ``--prepare-only`` step 3 stops after the parameters are injected (papermill's
 ``prepare_only``): the parameterised notebooks are written to ``<out>/prepared/`` for another
@@ -43,6 +44,8 @@ Usage::
     python book/build.py --profile smoke
     python book/build.py --profile paper --brats-dir /data/BraTS2021 --device cuda
     python book/build.py --only book/01_data --no-html      # run one chapter, no HTML
+    python book/build.py --device cuda --set model.fusion=fuse4seg_paper --set \
+        train.rollout_epochs=2                              # config overrides for every chapter
     python book/build.py --profile smoke --prepare-only --out _build/nbval   # for nbval
 
 The intro chapter of the book (``book/intro.md``) says how to read and run the book.
@@ -699,6 +702,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-cell time limit in seconds (default: the profile's, CELL_TIMEOUT; 0 = none)",
     )
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+        help="a config override passed to every chapter as its `overrides` parameter "
+        "(repeatable; as `fuse4seg train --set`), e.g. --set train.rollout_epochs=2",
+    )
     return parser.parse_args(argv)
 
 
@@ -757,10 +765,12 @@ def main(argv: list[str] | None = None) -> int:
         toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
         if not isinstance(toc, Mapping) or "root" not in toc:
             raise BuildError(f"{root / '_toc.yml'}: no `root` entry")
-        from fuse4seg.config import PROFILES
+        from fuse4seg.config import PROFILES, get_config, parse_overrides
 
         if args.profile not in PROFILES:
             raise BuildError(f"--profile {args.profile!r}: choose one of {sorted(PROFILES)}")
+        overrides = parse_overrides(args.settings)
+        get_config(args.profile, overrides)  # an unknown name or bad value stops the build here
         cases = args.phantom_cases or phantom_cases(args.profile)
         timeout = cell_timeout(args.profile, args.timeout)
         if cases < 1:
@@ -793,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
             "runs_dir": place(out / "runs"),
             "cache_dir": place(out / "cache"),
         }
+        if overrides:  # else each chapter keeps its own default ({})
+            available["overrides"] = overrides
         log(
             f"profile {args.profile}, {len(notebooks)} chapter(s) to run, {len(pages)} page(s), "
             f"{len(missing)} missing"

@@ -385,6 +385,42 @@ def test_prepare_only_injects_the_parameters_and_runs_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["prepared"]
 
 
+def test_set_passes_overrides_to_the_chapters_that_declare_them(tmp_path):
+    """``--set NAME=VALUE`` becomes the ``overrides`` parameter (values parsed as YAML) of a
+    chapter that declares it; a chapter that does not declare it gets none."""
+    declares = TINY_CHAPTER.replace('device = "auto"\n', 'device = "auto"\noverrides = {}\n')
+    _write_book(tmp_path, {"01_tiny": declares, "02_plain": TINY_CHAPTER})
+    out = tmp_path / "out"
+    argv = ["--root", str(tmp_path), "--profile", "smoke", "--device", "cpu", "--out", str(out),
+            "--prepare-only", "--set", "train.rollout_epochs=2", "--set",
+            "model.fusion=fuse4seg_paper"]
+    assert build.main(argv) == 0
+
+    def injected(name: str) -> list[str]:
+        notebook = json.loads((out / "prepared" / "book" / f"{name}.ipynb").read_text())
+        cells = [c for c in notebook["cells"] if "injected-parameters" in
+                 c["metadata"].get("tags", [])]
+        return "".join(cells[0]["source"]).splitlines()
+
+    assert injected("01_tiny")[-1] == (
+        'overrides = {"train.rollout_epochs": 2, "model.fusion": "fuse4seg_paper"}'
+    )
+    assert not any(line.startswith("overrides") for line in injected("02_plain"))
+
+
+def test_set_refuses_an_unknown_setting_before_any_chapter(tmp_path, capsys):
+    _write_book(tmp_path, {"01_tiny": TINY_CHAPTER})
+    out = tmp_path / "out"
+    base = ["--root", str(tmp_path), "--profile", "smoke", "--out", str(out), "--no-html"]
+    assert build.main([*base, "--set", "train.nope=1"]) == 1
+    assert "unknown setting 'train.nope'" in capsys.readouterr().err
+    assert build.main([*base, "--set", "train.rollout_epochs"]) == 1
+    assert "--set expects NAME=VALUE" in capsys.readouterr().err
+    assert build.main([*base, "--set", "train.rollout_epochs=-3"]) == 1
+    assert "epochs must be >= 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_a_failing_chapter_stops_the_build_with_its_name(tmp_path, capsys):
     broken = HEADER + '\n```{code-cell} ipython3\nraise RuntimeError("boom 42")\n```\n'

@@ -46,6 +46,35 @@ def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path):
     assert (out / "machine.txt").is_file()
     assert (out / "chapters" / "04_bilevel_training.ipynb").is_file()
     assert "chapter 04_bilevel_training: ok" in log
+    # what the device tool brings back: at most 8 files, none deeper than OUT/a/b/file
+    files = [f.relative_to(out) for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
+    scratch = next(line for line in log.splitlines() if "scratch " in line).split("scratch ")[1]
+    assert not Path(scratch.strip()).exists()  # the phantom, runs and caches are removed
+
+
+def test_gpu_wheels_fetches_the_locked_versions_for_the_gpu_machines_python(tmp_path):
+    """``gpu_wheels.sh`` asks pip for each package the GPU image lacks at the version of
+    requirements.lock, as CPython 3.12 manylinux wheels without dependencies (a stub
+    interpreter records the call; no download)."""
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {calls}\n')
+    stub.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_wheels.sh"), str(tmp_path / "whl")],
+        env={**os.environ, "PYTHON": str(stub)}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    args = calls.read_text().splitlines()
+    assert args[:3] == ["-m", "pip", "download"]
+    assert "--no-deps" in args and args[args.index("--python-version") + 1] == "3.12"
+    pins = [a for a in args if "==" in a]
+    lock = set((REPO / "requirements.lock").read_text().splitlines())
+    assert pins and set(pins) <= lock
+    names = {pin.split("==")[0].lower().replace("_", "-") for pin in pins}
+    assert {"papermill", "jupytext", "ipykernel", "nibabel", "nilearn", "pywavelets"} <= names
+    assert "torch" not in names and "numpy" not in names  # the image has them
 
 
 def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
