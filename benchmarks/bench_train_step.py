@@ -11,13 +11,14 @@ channels_last), ``compile`` (``train.compile=true``: the trainer's ``torch.compi
 networks, with AMP on CUDA), ``compile_static`` (the same with ``dynamic=False``: one static
 graph per batch shape instead of torch's second, dynamic-shape graph), ``no_follower_ema``
 (eager without ``train.follower_ema``: what the follower's weight average costs per step where
-the profile sets it). On CPU AMP is off in training, so ``amp``/``amp_cl`` are skipped there,
-unless ``--cpu-bf16`` asks what CPU bf16 autocast would give (a measurement only: the trainer
-ignores ``train.amp`` on CPU). The variants are built once and then timed in turns
-(``--rounds``), so that on a shared machine they see the same load; the medians over all rounds
-are printed. ``first calls (s)`` is the time of the untimed first calls of both step types: for
-``compile`` it holds the compilation (or the load from inductor's cache,
-``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
+the profile sets it), ``loop_adamw`` (eager with torch's default AdamW instead of the fused
+kernel the trainer uses on a CPU, ``FUSE4SEG_ADAMW=loop``). On CPU AMP is off in training, so
+``amp``/``amp_cl`` are skipped there, unless ``--cpu-bf16`` asks what CPU bf16 autocast would
+give (a measurement only: the trainer ignores ``train.amp`` on CPU). The variants are built
+once and then timed in turns (``--rounds``), so that on a shared machine they see the same load;
+the medians over all rounds are printed. ``first calls (s)`` is the time of the untimed first
+calls of both step types: for ``compile`` it holds the compilation (or the load from inductor's
+cache, ``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
 
 On CUDA the table also gives the model FLOPs of each step (``FlopCounterMode``, counted once on
 the eager engine) and the MFU against the card's dense bf16 peak (:data:`BF16_PEAK`; ``n/a``
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -51,7 +53,8 @@ from fuse4seg.config import get_config
 from fuse4seg.train.bilevel import Engine
 from fuse4seg.train.engine import compile_net
 
-VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "no_follower_ema")
+VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "no_follower_ema",
+            "loop_adamw")
 
 # dense bf16 peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins
 BF16_PEAK = (
@@ -103,7 +106,18 @@ def build(args, variant: str, device: torch.device) -> Engine:
     if args.segmentation:
         overrides["model.segmentation"] = args.segmentation
     config = get_config(args.profile, overrides)
-    engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
+    if variant == "loop_adamw":  # torch's default AdamW (FUSE4SEG_ADAMW=loop) for this engine
+        saved = os.environ.get("FUSE4SEG_ADAMW")
+        os.environ["FUSE4SEG_ADAMW"] = "loop"
+        try:
+            engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
+        finally:
+            if saved is None:
+                del os.environ["FUSE4SEG_ADAMW"]
+            else:
+                os.environ["FUSE4SEG_ADAMW"] = saved
+    else:
+        engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
     if variant in ("amp", "amp_cl") and device.type == "cpu":  # --cpu-bf16: measured only
         engine.amp_dtype = torch.bfloat16
     if variant == "compile_static":  # one static graph per shape (torch.compile's dynamic=False)

@@ -1,20 +1,24 @@
 """Does a speed change alter training? Whole runs with and without it, over seeds (issue 9, part 1).
 
-    python benchmarks/equiv_train.py --data _data/phantom [--profile default]
-        [--method fuse4seg] [--seeds 0 1 2] [--workdir DIR] [--threads N] [--set NAME=VALUE ...]
+    python benchmarks/equiv_train.py --data _data/phantom [--change grn|adamw]
+        [--profile default] [--method fuse4seg] [--seeds 0 1 2] [--workdir DIR] [--threads N]
+        [--set NAME=VALUE ...]
 
 Issue 9 asks that a change made for speed keep training "numerically equivalent: the same loss
-curve within noise over 3 seeds". The one adopted change that computes differently is GRN's
-hand-written backward (``fuse4seg.models.segmentation._GRNFunction``, commit 25bd028): the same
-values as the formula to float rounding, but summed in another order. (The other adopted change,
-:func:`fuse4seg.train.engine.tune_malloc`, computes nothing: ``bench_malloc.py --train`` shows
-the same logged losses with and without it.)
+curve within noise over 3 seeds". Two adopted changes compute differently from the code before
+them: GRN's hand-written backward (``--change grn``; ``fuse4seg.models.segmentation.
+_GRNFunction``, commit 25bd028: the same values as the formula to float rounding, but summed in
+another order) and the fused AdamW on a CPU (``--change adamw``;
+:func:`fuse4seg.train.engine.adamw`: the same update, rounded differently in the last bit of
+some weights). (The allocator setting, :func:`fuse4seg.train.engine.tune_malloc`, computes
+nothing: ``bench_malloc.py --train`` shows the same logged losses with and without it.)
 
 For each seed this trains ``--method`` twice with the profile, one run after the other in this
-process, on the same data: ``shipped`` (GRN's hand-written backward, what the package runs) and
+process, on the same data: ``shipped`` (what the package runs) and the code before the change:
 ``formula`` (GRN as :func:`~fuse4seg.models.segmentation.grn_formula`, differentiated by
-autograd, the code before the change). CPU runs are bit-for-bit repeatable for a seed, so the
-only difference between the two runs of a seed is GRN's rounding, which training then amplifies.
+autograd) or ``loop`` (torch's default AdamW, ``FUSE4SEG_ADAMW=loop``). CPU runs are bit-for-bit
+repeatable for a seed, so the only difference between the two runs of a seed is the change's
+rounding, which training then amplifies.
 Printed, per seed: the gap between its two runs, as the root mean square over the epochs of
 the difference of the epoch means of L_lower (the follower's loss) and of the validation mean
 Dice (at the validated epochs), and as the largest difference; and the final validation Dice
@@ -39,7 +43,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("shipped", "formula")
+CHANGES = {"grn": ("shipped", "formula"), "adamw": ("shipped", "loop")}
+"""The second variant of each change: the code before it."""
+
+
+@contextlib.contextmanager
+def adamw(variant: str):
+    """AdamW as shipped (fused on a CPU), or torch's default loop (``FUSE4SEG_ADAMW=loop``)."""
+    saved = os.environ.get("FUSE4SEG_ADAMW")
+    if variant == "loop":
+        os.environ["FUSE4SEG_ADAMW"] = "loop"
+    else:
+        os.environ.pop("FUSE4SEG_ADAMW", None)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FUSE4SEG_ADAMW", None)
+        else:
+            os.environ["FUSE4SEG_ADAMW"] = saved
 
 
 @contextlib.contextmanager
@@ -80,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a raw BraTS/phantom folder or a prepared slice cache")
     parser.add_argument("--profile", default="default")
     parser.add_argument("--method", default="fuse4seg")
+    parser.add_argument("--change", choices=sorted(CHANGES), default="grn",
+                        help="grn: GRN's backward against the formula; adamw: the fused AdamW "
+                             "against torch's default loop")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE overrides")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -102,17 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
-    print(f"# equiv_train: {args.method}, profile {args.profile} {args.set}, data {data}, "
+    variants = CHANGES[args.change]
+    print(f"# equiv_train: change {args.change} ({' vs '.join(variants)}), {args.method}, "
+          f"profile {args.profile} {args.set}, data {data}, "
           f"seeds {args.seeds}, commit {git_commit()}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores", flush=True)
-    curves: dict[str, list[list[dict]]] = {v: [] for v in VARIANTS}
+    switch = {"grn": grn, "adamw": adamw}[args.change]
+    curves: dict[str, list[list[dict]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         for seed in args.seeds:
             cfg = get_config(args.profile, {**overrides, "train.seed": seed})
-            for variant in VARIANTS:
-                with grn(variant):
-                    result = train(cfg, args.method, data=data, out=work / variant,
+            for variant in variants:
+                with switch(variant):
+                    result = train(cfg, args.method, data=data, out=work / args.change / variant,
                                    cache=work / "cache", progress=False, device="cpu",
                                    resume=True, restart_if_code_changed=True)
                 c = curve(result.run_dir)
@@ -123,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = (("L_lower", "L_lower"), ("val", "validation Dice"))
     print("\n| seed | L_lower gap, RMS / largest | validation Dice gap, RMS / largest "
-          "| final validation Dice, shipped / formula |")
+          f"| final validation Dice, {' / '.join(variants)} |")
     print("|---:|---|---|---|")
     within: dict[str, list[float]] = {key: [] for key, _ in keys}
     for i, seed in enumerate(args.seeds):
-        a, b = curves["shipped"][i], curves["formula"][i]
+        a, b = curves[variants[0]][i], curves[variants[1]][i]
         cells = []
         for key, _ in keys:
             rms, largest = gaps(series(a, key), series(b, key))

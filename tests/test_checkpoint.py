@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 import random
 
@@ -16,7 +17,7 @@ from fuse4seg.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from fuse4seg.train.engine import ModelEMA, cosine_lr
+from fuse4seg.train.engine import ModelEMA, adamw, cosine_lr
 
 
 def test_roundtrip_weights_only_and_no_temp_files(tmp_path):
@@ -107,3 +108,31 @@ def test_cosine_lr_by_hand():
     assert cosine_lr(1.0, 5, 10) == pytest.approx(0.5)
     assert cosine_lr(1.0, 10, 10) == pytest.approx(0.0)
     assert cosine_lr(2.0, 3, 0) == 2.0
+
+
+def test_adamw_is_fused_on_a_cpu_unless_the_loop_is_asked_for(monkeypatch):
+    net = torch.nn.Linear(3, 2)
+    monkeypatch.delenv("FUSE4SEG_ADAMW", raising=False)
+    assert adamw(net, 1e-3, 1e-5).param_groups[0]["fused"] is True
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")
+    assert not adamw(net, 1e-3, 1e-5).param_groups[0]["fused"]
+
+
+def test_fused_adamw_takes_the_loops_steps_to_float_rounding(monkeypatch):
+    """The fused kernel computes AdamW's update (decoupled weight decay included) in another
+    order: after 30 steps on the same gradients the weights agree to float32 rounding."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    b = copy.deepcopy(a)
+    monkeypatch.delenv("FUSE4SEG_ADAMW", raising=False)
+    fused = adamw(a, 1e-2, 1e-2)
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")
+    loop = adamw(b, 1e-2, 1e-2)
+    for _ in range(30):
+        x = torch.randn(8, 16)
+        for net, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""``benchmarks/equiv_train.py``: whole runs with GRN's hand-written backward and the formula."""
+"""``benchmarks/equiv_train.py``: whole runs with and without a speed change (GRN's backward, the
+fused AdamW)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ def test_the_formula_variant_differentiates_the_formula_and_is_undone():
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
     for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_the_loop_variant_asks_for_torchs_default_adamw_and_is_undone(monkeypatch):
+    from fuse4seg.train.engine import adamw
+
+    equiv = load("equiv_train")
+    monkeypatch.delenv("FUSE4SEG_ADAMW", raising=False)
+    net = torch.nn.Linear(2, 2)
+    with equiv.adamw("loop"):
+        assert not adamw(net, 1e-3, 0.0).param_groups[0]["fused"]
+    assert adamw(net, 1e-3, 0.0).param_groups[0]["fused"] is True
+    with equiv.adamw("shipped"):
+        assert adamw(net, 1e-3, 0.0).param_groups[0]["fused"] is True
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):
