@@ -136,3 +136,14 @@ def test_fused_adamw_takes_the_loops_steps_to_float_rounding(monkeypatch):
             opt.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_optimizer_times_the_three_adamw_kernels(capsys):
+    from bench_scripts import load
+
+    bench = load("bench_optimizer")
+    assert bench.main(["--profile", "smoke", "--steps", "2", "--rounds", "1"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| follower")
+            or r.startswith("| leader")]
+    assert [r.split(" | ")[3] for r in rows] == ["loop", "foreach", "fused"] * 2
+    assert all(r.endswith("1.00 |") for r in rows[::3])  # the loop is its own baseline

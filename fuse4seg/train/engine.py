@@ -247,13 +247,14 @@ def adamw(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over ``net``'s parameters; on a CPU with torch's fused kernel.
 
     torch's default AdamW on CPU tensors runs a Python loop of about ten operations per
-    parameter tensor: 6.0 ms per step for the ``default`` follower's 134 tensors and 3.2 ms
-    for the leader's 70, of which the leader's 5,492 weights need almost none. The fused
-    kernel (``fused=True``, one C++ call for all tensors) takes 1.6 and 0.7 ms; in the
-    ``default`` profile that is about one twentieth of a warm-up or outer step
-    (``benchmarks/RESULTS.md``, "The fused AdamW"). It computes the same update in another
-    order, so its results differ from the loop's in the last bit of some weights; whole runs
-    stay within the spread between seeds (``benchmarks/equiv_train.py --change adamw``).
+    parameter tensor: 4.4 ms per step for the ``default`` follower's 134 tensors and 2.9 ms
+    for the leader's 70, whose 5,492 weights need almost none of it. The fused kernel
+    (``fused=True``, one C++ call for all tensors) takes 0.7 and 0.4 ms
+    (``benchmarks/bench_optimizer.py``); the ``default`` profile's warm-up and outer steps
+    become 1.05-1.07× faster (``benchmarks/RESULTS.md``, "The fused AdamW"). It computes the
+    same update in another order, so its results differ from the loop's in the last bit of
+    some weights; whole runs stay within the spread between seeds
+    (``benchmarks/equiv_train.py --change adamw``).
     On a GPU torch's own default (its multi-tensor ``foreach`` path) is kept: not measured
     there. ``FUSE4SEG_ADAMW=loop`` keeps torch's default on a CPU too.
     """
