@@ -75,6 +75,6 @@ def test_equiv_train_runs_with_the_smoke_profile(phantom_dir, tmp_path, capsys):
     for _, rms_loss, max_loss, rms_val, max_val in rows:
         assert 0 <= float(rms_loss) <= float(max_loss) < 1e-3, out
         assert 0 <= float(rms_val) <= float(max_val) < 1e-2, out
-    assert len(list((tmp_path / "formula").glob("fuse4seg-smoke-*"))) == 2
+    assert len(list((tmp_path / "grn" / "formula").glob("fuse4seg-smoke-*"))) == 2
     assert "noise: RMS difference between the shipped runs of two seeds, per pair (0-1)" in out
     assert "every gap within a seed below every difference between seeds: L_lower " in out
