@@ -46,6 +46,7 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -106,17 +107,9 @@ def build(args, variant: str, device: torch.device) -> Engine:
     if args.segmentation:
         overrides["model.segmentation"] = args.segmentation
     config = get_config(args.profile, overrides)
-    if variant == "loop_adamw":  # torch's default AdamW (FUSE4SEG_ADAMW=loop) for this engine
-        saved = os.environ.get("FUSE4SEG_ADAMW")
-        os.environ["FUSE4SEG_ADAMW"] = "loop"
-        try:
-            engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
-        finally:
-            if saved is None:
-                del os.environ["FUSE4SEG_ADAMW"]
-            else:
-                os.environ["FUSE4SEG_ADAMW"] = saved
-    else:
+    # loop_adamw: torch's default AdamW for this engine (engine.adamw reads FUSE4SEG_ADAMW)
+    adamw = {"FUSE4SEG_ADAMW": "loop"} if variant == "loop_adamw" else {}
+    with mock.patch.dict(os.environ, adamw):
         engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
     if variant in ("amp", "amp_cl") and device.type == "cpu":  # --cpu-bf16: measured only
         engine.amp_dtype = torch.bfloat16

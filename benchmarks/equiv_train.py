@@ -42,26 +42,18 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-
-CHANGES = {"grn": ("shipped", "formula"), "adamw": ("shipped", "loop")}
-"""The second variant of each change: the code before it."""
+from unittest import mock
 
 
 @contextlib.contextmanager
 def adamw(variant: str):
-    """AdamW as shipped (fused on a CPU), or torch's default loop (``FUSE4SEG_ADAMW=loop``)."""
-    saved = os.environ.get("FUSE4SEG_ADAMW")
-    if variant == "loop":
-        os.environ["FUSE4SEG_ADAMW"] = "loop"
-    else:
+    """AdamW as shipped (fused on a CPU), or torch's default loop (``FUSE4SEG_ADAMW=loop``,
+    which :func:`fuse4seg.train.engine.adamw` reads when a run builds its optimisers)."""
+    with mock.patch.dict(os.environ):  # the environment as it was, on exit
         os.environ.pop("FUSE4SEG_ADAMW", None)
-    try:
+        if variant == "loop":
+            os.environ["FUSE4SEG_ADAMW"] = "loop"
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("FUSE4SEG_ADAMW", None)
-        else:
-            os.environ["FUSE4SEG_ADAMW"] = saved
 
 
 @contextlib.contextmanager
@@ -82,6 +74,10 @@ def grn(variant: str):
         yield
     finally:
         segmentation.GRN.forward = shipped
+
+
+CHANGES = {"grn": (grn, ("shipped", "formula")), "adamw": (adamw, ("shipped", "loop"))}
+"""Per change: the switch, and its two variants (what ships, then the code before it)."""
 
 
 def series(curve: list[dict], key: str) -> list[float | None]:
@@ -127,12 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
-    variants = CHANGES[args.change]
+    switch, variants = CHANGES[args.change]
     print(f"# equiv_train: change {args.change} ({' vs '.join(variants)}), {args.method}, "
           f"profile {args.profile} {args.set}, data {data}, "
           f"seeds {args.seeds}, commit {git_commit()}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores", flush=True)
-    switch = {"grn": grn, "adamw": adamw}[args.change]
     curves: dict[str, list[list[dict]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)

@@ -147,3 +147,18 @@ def test_bench_optimizer_times_the_three_adamw_kernels(capsys):
             or r.startswith("| leader")]
     assert [r.split(" | ")[3] for r in rows] == ["loop", "foreach", "fused"] * 2
     assert all(r.endswith("1.00 |") for r in rows[::3])  # the loop is its own baseline
+
+
+def test_a_resumed_run_keeps_the_adamw_kernel_it_started_with(monkeypatch):
+    """torch's load_state_dict takes a group's ``fused`` from the checkpoint: a run started
+    with the loop (before the fused default, or under FUSE4SEG_ADAMW=loop) resumes with it."""
+    net = torch.nn.Linear(3, 2)
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")
+    loop = adamw(net, 1e-3, 1e-5)
+    net(torch.randn(4, 3)).sum().backward()
+    loop.step()
+    monkeypatch.delenv("FUSE4SEG_ADAMW")
+    resumed = adamw(net, 1e-3, 1e-5)
+    assert resumed.param_groups[0]["fused"] is True
+    resumed.load_state_dict(loop.state_dict())
+    assert not resumed.param_groups[0]["fused"]

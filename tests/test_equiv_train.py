@@ -3,6 +3,7 @@ fused AdamW)."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -49,6 +50,11 @@ def test_the_loop_variant_asks_for_torchs_default_adamw_and_is_undone(monkeypatc
     assert adamw(net, 1e-3, 0.0).param_groups[0]["fused"] is True
     with equiv.adamw("shipped"):
         assert adamw(net, 1e-3, 0.0).param_groups[0]["fused"] is True
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")  # a caller's setting survives both variants
+    for variant in ("shipped", "loop"):
+        with equiv.adamw(variant):
+            pass
+        assert os.environ["FUSE4SEG_ADAMW"] == "loop"
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

@@ -103,6 +103,25 @@ def test_bench_train_step_can_switch_the_followers_average_off():
     assert bench_train_step.build(args, "no_follower_ema", cpu).follower_ema is None
 
 
+def test_bench_train_step_loop_adamw_builds_torchs_default_optimisers(monkeypatch):
+    bench_train_step = load("bench_train_step")
+    import argparse
+
+    import torch
+
+    monkeypatch.delenv("FUSE4SEG_ADAMW", raising=False)
+    args = argparse.Namespace(size=32, batch=2, inner_steps=1, fusion=None, segmentation=None,
+                              profile="smoke")
+    cpu = torch.device("cpu")
+    loop = bench_train_step.build(args, "loop_adamw", cpu)
+    assert "FUSE4SEG_ADAMW" not in os.environ  # set for the build only
+    shipped = bench_train_step.build(args, "eager", cpu)
+    for learner in (loop.follower, loop.leader):
+        assert not learner.opt.param_groups[0]["fused"]
+    for learner in (shipped.follower, shipped.leader):
+        assert learner.opt.param_groups[0]["fused"] is True
+
+
 def test_bench_train_step_static_compile_trains_the_optimisers_parameters():
     """``compile_static``: both networks compiled with ``dynamic=False``, wrapping the very
     parameters their optimisers update (so a timed step is a real training step)."""
