@@ -12,9 +12,12 @@ networks, with AMP on CUDA), ``compile_static`` (the same with ``dynamic=False``
 graph per batch shape instead of torch's second, dynamic-shape graph), ``no_follower_ema``
 (eager without ``train.follower_ema``: what the follower's weight average costs per step where
 the profile sets it), ``loop_adamw`` (eager with torch's default AdamW instead of the fused
-kernel the trainer uses on a CPU, ``FUSE4SEG_ADAMW=loop``). On CPU AMP is off in training, so
-``amp``/``amp_cl`` are skipped there, unless ``--cpu-bf16`` asks what CPU bf16 autocast would
-give (a measurement only: the trainer ignores ``train.amp`` on CPU). The variants are built
+kernel the trainer uses on a CPU, ``FUSE4SEG_ADAMW=loop``), ``nchw_leader`` (eager with the
+leader's weights in NCHW instead of the channels-last layout
+:func:`fuse4seg.models.place_leader` gives them on a CPU, ``FUSE4SEG_LEADER_LAYOUT=nchw``).
+On CPU AMP is off in training, so ``amp``/``amp_cl`` are skipped there, unless ``--cpu-bf16``
+asks what CPU bf16 autocast would give (a measurement only: the trainer ignores ``train.amp``
+on CPU). The variants are built
 once and then timed in turns (``--rounds``), so that on a shared machine they see the same load;
 the medians over all rounds are printed. ``first calls (s)`` is the time of the untimed first
 calls of both step types: for ``compile`` it holds the compilation (or the load from inductor's
@@ -55,7 +58,7 @@ from fuse4seg.train.bilevel import Engine
 from fuse4seg.train.engine import compile_net
 
 VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "no_follower_ema",
-            "loop_adamw")
+            "loop_adamw", "nchw_leader")
 
 # dense bf16 peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins
 BF16_PEAK = (
@@ -107,9 +110,12 @@ def build(args, variant: str, device: torch.device) -> Engine:
     if args.segmentation:
         overrides["model.segmentation"] = args.segmentation
     config = get_config(args.profile, overrides)
-    # loop_adamw: torch's default AdamW for this engine (engine.adamw reads FUSE4SEG_ADAMW)
-    adamw = {"FUSE4SEG_ADAMW": "loop"} if variant == "loop_adamw" else {}
-    with mock.patch.dict(os.environ, adamw):
+    # the code before a CPU change, for this engine only: loop_adamw, torch's default AdamW
+    # (engine.adamw reads FUSE4SEG_ADAMW); nchw_leader, the leader's weights in NCHW
+    # (models.place_leader reads FUSE4SEG_LEADER_LAYOUT)
+    before = {"loop_adamw": {"FUSE4SEG_ADAMW": "loop"},
+              "nchw_leader": {"FUSE4SEG_LEADER_LAYOUT": "nchw"}}.get(variant, {})
+    with mock.patch.dict(os.environ, before):
         engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
     if variant in ("amp", "amp_cl") and device.type == "cpu":  # --cpu-bf16: measured only
         engine.amp_dtype = torch.bfloat16

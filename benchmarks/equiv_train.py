@@ -1,22 +1,26 @@
 """Does a speed change alter training? Whole runs with and without it, over seeds (issue 9, part 1).
 
-    python benchmarks/equiv_train.py --data _data/phantom [--change grn|adamw]
+    python benchmarks/equiv_train.py --data _data/phantom [--change grn|adamw|layout]
         [--profile default] [--method fuse4seg] [--seeds 0 1 2] [--workdir DIR] [--threads N]
         [--set NAME=VALUE ...]
 
 Issue 9 asks that a change made for speed keep training "numerically equivalent: the same loss
-curve within noise over 3 seeds". Two adopted changes compute differently from the code before
+curve within noise over 3 seeds". Three adopted changes compute differently from the code before
 them: GRN's hand-written backward (``--change grn``; ``fuse4seg.models.segmentation.
 _GRNFunction``, commit 25bd028: the same values as the formula to float rounding, but summed in
-another order) and the fused AdamW on a CPU (``--change adamw``;
+another order), the fused AdamW on a CPU (``--change adamw``;
 :func:`fuse4seg.train.engine.adamw`: the same update, rounded differently in the last bit of
-some weights). (The allocator setting, :func:`fuse4seg.train.engine.tune_malloc`, computes
-nothing: ``bench_malloc.py --train`` shows the same logged losses with and without it.)
+some weights) and the leader's channels-last weights on a CPU (``--change layout``;
+:func:`fuse4seg.models.place_leader`: the same convolutions through oneDNN's channels-last
+kernels, which sum in another order). (The allocator setting,
+:func:`fuse4seg.train.engine.tune_malloc`, computes nothing: ``bench_malloc.py --train``
+shows the same logged losses with and without it.)
 
 For each seed this trains ``--method`` twice with the profile, one run after the other in this
 process, on the same data: ``shipped`` (what the package runs) and the code before the change:
 ``formula`` (GRN as :func:`~fuse4seg.models.segmentation.grn_formula`, differentiated by
-autograd) or ``loop`` (torch's default AdamW, ``FUSE4SEG_ADAMW=loop``). CPU runs are bit-for-bit
+autograd), ``loop`` (torch's default AdamW, ``FUSE4SEG_ADAMW=loop``) or ``nchw`` (the leader's
+weights in NCHW, ``FUSE4SEG_LEADER_LAYOUT=nchw``). CPU runs are bit-for-bit
 repeatable for a seed, so the only difference between the two runs of a seed is the change's
 rounding, which training then amplifies.
 Printed, per seed: the gap between its two runs, as the root mean square over the epochs of
@@ -46,14 +50,27 @@ from unittest import mock
 
 
 @contextlib.contextmanager
+def _env_switch(name: str, before: str, variant: str):
+    """The code as shipped (``name`` unset), or as before the change (``name=before``, when
+    ``variant == before``), for the runs built inside; the environment as it was, on exit."""
+    with mock.patch.dict(os.environ):
+        os.environ.pop(name, None)
+        if variant == before:
+            os.environ[name] = before
+        yield
+
+
 def adamw(variant: str):
     """AdamW as shipped (fused on a CPU), or torch's default loop (``FUSE4SEG_ADAMW=loop``,
     which :func:`fuse4seg.train.engine.adamw` reads when a run builds its optimisers)."""
-    with mock.patch.dict(os.environ):  # the environment as it was, on exit
-        os.environ.pop("FUSE4SEG_ADAMW", None)
-        if variant == "loop":
-            os.environ["FUSE4SEG_ADAMW"] = "loop"
-        yield
+    return _env_switch("FUSE4SEG_ADAMW", "loop", variant)
+
+
+def layout(variant: str):
+    """The leader's weights channels-last on a CPU as shipped, or NCHW
+    (``FUSE4SEG_LEADER_LAYOUT=nchw``, which :func:`fuse4seg.models.place_leader` reads when a
+    run builds its leader)."""
+    return _env_switch("FUSE4SEG_LEADER_LAYOUT", "nchw", variant)
 
 
 @contextlib.contextmanager
@@ -76,7 +93,11 @@ def grn(variant: str):
         segmentation.GRN.forward = shipped
 
 
-CHANGES = {"grn": (grn, ("shipped", "formula")), "adamw": (adamw, ("shipped", "loop"))}
+CHANGES = {
+    "grn": (grn, ("shipped", "formula")),
+    "adamw": (adamw, ("shipped", "loop")),
+    "layout": (layout, ("shipped", "nchw")),
+}
 """Per change: the switch, and its two variants (what ships, then the code before it)."""
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from fuse4seg.config import Config, config_from_dict
 from fuse4seg.fusion_baselines import RULES
 from fuse4seg.metrics.segmentation import tumour_mean
-from fuse4seg.models import build_leader
+from fuse4seg.models import build_leader, place_leader
 from fuse4seg.train.checkpoint import load_checkpoint
 from fuse4seg.train.methods import build_follower, get_method
 from fuse4seg.utils import atomic_write_bytes, atomic_write_json
@@ -126,7 +126,7 @@ def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto
     if spec.leader:
         leader = build_leader(config)
         leader.load_state_dict(leader_weights)
-        leader = leader.to(dev).eval()
+        leader = place_leader(leader, dev).eval()  # channels-last on a CPU, as in training
     follower = build_follower(config, method)
     follower.load_state_dict(follower_weights)
     follower = follower.to(dev).eval()

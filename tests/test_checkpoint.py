@@ -162,3 +162,45 @@ def test_a_resumed_run_keeps_the_adamw_kernel_it_started_with(monkeypatch):
     assert resumed.param_groups[0]["fused"] is True
     resumed.load_state_dict(loop.state_dict())
     assert not resumed.param_groups[0]["fused"]
+
+
+def test_a_resumed_learner_gives_its_moments_its_parameters_layout():
+    """A checkpoint of a leader in NCHW resumed with the leader channels-last (or the other way
+    round, :func:`fuse4seg.models.place_leader`) continues as the run in one layout would:
+    torch's fused AdamW misreads moments whose strides differ from their parameter's (its
+    update then differs by about the learning rate), so ``Learner.load_state_dict`` gives
+    them the parameter's layout."""
+    from fuse4seg.train.engine import Learner
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+
+    def learner(channels_last: bool) -> Learner:
+        torch.manual_seed(1)
+        net = torch.nn.Conv2d(4, 6, 3)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        return Learner(net, lr=1e-2, total_updates=10, weight_decay=1e-2, grad_clip=0.0)
+
+    def steps(run: Learner, n: int) -> None:
+        for _ in range(n):
+            run.zero_grad()
+            run.step(run.net(x).square().mean(), "loss", lambda terms: None)
+
+    first = learner(False)
+    assert first.opt.param_groups[0]["fused"] is True
+    steps(first, 2)
+    saved = copy.deepcopy({"net": first.net.state_dict(), "learner": first.state_dict()})
+    for layout in (False, True):
+        resumed = learner(layout)
+        resumed.net.load_state_dict(copy.deepcopy(saved["net"]))
+        resumed.load_state_dict(copy.deepcopy(saved["learner"]))
+        for param, moments in resumed.opt.state.items():
+            assert moments["exp_avg"].stride() == param.stride()
+            assert moments["exp_avg_sq"].stride() == param.stride()
+        steps(resumed, 3)
+        if not layout:
+            reference = resumed.net.weight.detach().clone()
+        else:
+            torch.testing.assert_close(resumed.net.weight.detach(), reference,
+                                       rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
 """``benchmarks/equiv_train.py``: whole runs with and without a speed change (GRN's backward, the
-fused AdamW)."""
+fused AdamW, the leader's channels-last layout)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,24 @@ def test_the_loop_variant_asks_for_torchs_default_adamw_and_is_undone(monkeypatc
         with equiv.adamw(variant):
             pass
         assert os.environ["FUSE4SEG_ADAMW"] == "loop"
+
+
+def test_the_nchw_variant_keeps_the_leader_in_nchw_and_is_undone(monkeypatch):
+    from fuse4seg.models import create_fusion, place_leader
+
+    equiv = load("equiv_train")
+    monkeypatch.delenv("FUSE4SEG_LEADER_LAYOUT", raising=False)
+
+    def channels_last() -> bool:
+        weight = place_leader(create_fusion("fuse4seg_tiny"), "cpu").head[0].weight
+        return weight.is_contiguous(memory_format=torch.channels_last)
+
+    with equiv.layout("nchw"):
+        assert not channels_last()
+    assert channels_last() and "FUSE4SEG_LEADER_LAYOUT" not in os.environ
+    with equiv.layout("shipped"):
+        assert channels_last()
+    assert set(equiv.CHANGES) == {"grn", "adamw", "layout"}
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

@@ -122,6 +122,25 @@ def test_bench_train_step_loop_adamw_builds_torchs_default_optimisers(monkeypatc
         assert learner.opt.param_groups[0]["fused"] is True
 
 
+def test_bench_train_step_nchw_leader_keeps_the_leaders_weights_in_nchw(monkeypatch):
+    bench_train_step = load("bench_train_step")
+    import argparse
+
+    import torch
+
+    monkeypatch.delenv("FUSE4SEG_LEADER_LAYOUT", raising=False)
+    args = argparse.Namespace(size=32, batch=2, inner_steps=1, fusion=None, segmentation=None,
+                              profile="smoke")
+    cpu = torch.device("cpu")
+    nchw = bench_train_step.build(args, "nchw_leader", cpu)
+    assert "FUSE4SEG_LEADER_LAYOUT" not in os.environ  # set for the build only
+    shipped = bench_train_step.build(args, "eager", cpu)
+    cl = torch.channels_last
+    assert nchw.leader_module.head[0].weight.is_contiguous()
+    assert not nchw.leader_module.head[0].weight.is_contiguous(memory_format=cl)
+    assert shipped.leader_module.head[0].weight.is_contiguous(memory_format=cl)
+
+
 def test_bench_train_step_static_compile_trains_the_optimisers_parameters():
     """``compile_static``: both networks compiled with ``dynamic=False``, wrapping the very
     parameters their optimisers update (so a timed step is a real training step)."""

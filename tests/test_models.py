@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from fuse4seg.models import (
     list_fusion_models,
     list_segmentation_models,
     minmax_normalize,
+    place_leader,
 )
 from fuse4seg.models.fusion import INN, AffineCoupling, haar_squeeze, haar_unsqueeze
 
@@ -299,3 +302,70 @@ def test_grn_runs_the_formula_when_compiled(monkeypatch):
     monkeypatch.setattr(segmentation._GRNFunction, "apply", None)  # must not be called
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(grn(x), _grn_formula(x, grn.gamma, grn.beta, grn.eps))
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def test_place_leader_makes_the_weights_channels_last_on_a_cpu_with_the_same_values(monkeypatch):
+    """On a CPU the leader's convolution weights go channels-last (oneDNN's fast layout for its
+    small convolutions); its output, features and gradients are those of NCHW to float
+    rounding, its state dict has the same keys and values and loads into either layout, and
+    ``FUSE4SEG_LEADER_LAYOUT=nchw`` keeps NCHW."""
+    monkeypatch.delenv("FUSE4SEG_LEADER_LAYOUT", raising=False)
+    torch.manual_seed(0)
+    nchw = create_fusion("fuse4seg_tiny", inn_squeeze=True)
+    cl = place_leader(copy.deepcopy(nchw), "cpu")
+    weights = [w for w in cl.parameters() if w.ndim == 4]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    # (a 1×1 or one-input-channel weight has the same strides in both layouts; a 3×3 does not)
+    assert _channels_last(cl.head[0].weight)
+    assert not any(_channels_last(w) for w in nchw.parameters())
+    assert all(w.is_contiguous() for w in nchw.parameters())
+    x1, x2 = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    (y0, f0), (y1, f1) = nchw(x1, x2), cl(x1, x2)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(f0, f1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    (y0.square().sum() + sum(f.sum() for f in f0)).backward()
+    (y1.square().sum() + sum(f.sum() for f in f1)).backward()
+    for (name, a), b in zip(nchw.named_parameters(), cl.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    state = cl.state_dict()
+    assert list(state) == list(nchw.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in nchw.state_dict().items())
+    fresh = create_fusion("fuse4seg_tiny", inn_squeeze=True)
+    fresh.load_state_dict(state)  # a channels-last checkpoint into an NCHW leader
+    torch.testing.assert_close(fresh(x1, x2)[0], y0, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FUSE4SEG_LEADER_LAYOUT", "nchw")
+    kept = place_leader(create_fusion("fuse4seg_tiny"), "cpu")
+    assert all(w.is_contiguous() for w in kept.parameters())
+
+
+def test_training_and_served_leaders_are_channels_last_on_a_cpu(monkeypatch):
+    """The engine's leader and its EMA copy (what validation fuses with) share the layout."""
+    from fuse4seg.train.bilevel import Engine
+
+    monkeypatch.delenv("FUSE4SEG_LEADER_LAYOUT", raising=False)
+    engine = Engine(get_config("smoke"), "fuse4seg", torch.device("cpu"), steps_per_epoch=1)
+    assert _channels_last(engine.leader_module.head[0].weight)
+    assert _channels_last(engine.ema.module.head[0].weight)
+    assert not _channels_last(engine.follower_module.down[0].conv.weight)  # the follower: as built
+
+
+def test_bench_layout_times_every_convolution_of_the_leader_in_both_layouts(capsys):
+    from bench_scripts import load
+
+    bench = load("bench_layout")
+    assert bench.main(["--size", "8", "--batch", "1", "--rounds", "1", "--repeats", "1",
+                       "--variants", "fuse4seg_tiny"]) == 0
+    rows = [r.split(" | ") for r in capsys.readouterr().out.splitlines()
+            if r.startswith("| ") and r[2].isdigit()]
+    leader = create_fusion("fuse4seg_tiny")
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in leader.modules())
+    assert sum(int(r[3]) for r in rows) == convs  # each module called once per forward
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "fuse4seg_huge"])
+    assert "fuse4seg_huge" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from fuse4seg.models.registry import (
     create_segmentation,
     list_fusion_models,
     list_segmentation_models,
+    place_leader,
 )
 from fuse4seg.models.segmentation import ConvNeXtUNet
 
@@ -26,4 +27,5 @@ __all__ = [
     "list_fusion_models",
     "list_segmentation_models",
     "minmax_normalize",
+    "place_leader",
 ]

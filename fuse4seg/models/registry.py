@@ -10,8 +10,10 @@ and chapter 3, and ``benchmarks/bench_models.py``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from fuse4seg.models.fusion import FusionLeader
@@ -26,6 +28,7 @@ __all__ = [
     "create_segmentation",
     "list_fusion_models",
     "list_segmentation_models",
+    "place_leader",
 ]
 
 FUSION_VARIANTS: dict[str, dict[str, Any]] = {
@@ -157,6 +160,35 @@ def build_leader(config) -> FusionLeader:
         source_skip=config.model.source_skip,
         anchor_range=config.model.anchor_range,
     )
+
+
+def place_leader(leader: nn.Module, device: str | torch.device) -> nn.Module:
+    """``leader`` on ``device``; on a CPU with its convolution weights in channels-last layout.
+
+    On a CPU torch runs most convolutions through oneDNN, in channels-last layout when the input
+    or the weight is channels-last, else in NCHW. The leader's input has one channel, so unless
+    its weights are channels-last every map in it stays NCHW, where oneDNN is slow for its small
+    convolutions: with two threads, the forward and backward of each of its 1×1 and 3×3
+    depthwise convolutions at the ``default`` size took 2-8× as long in NCHW, and the whole
+    leader's forward and backward 1.1-1.3× as long (``fuse4seg_paper`` to ``fuse4seg_tiny``).
+    With one thread the whole leader gains nothing (1.0-1.05×): torch then sends 1×1
+    convolutions to its own kernel, which is slower on channels-last maps. Measured by
+    ``benchmarks/bench_layout.py``; figures in ``benchmarks/RESULTS.md``, "The leader in
+    channels-last layout". The values are the same to float rounding (tested).
+
+    Only the 4-D weights change layout; the state dict's keys and values do not, and a
+    checkpoint loads into either layout (a resumed optimiser's moments follow their parameters:
+    :meth:`fuse4seg.train.engine.Learner.load_state_dict`). On a GPU the layout is left as it
+    is (not measured there). ``FUSE4SEG_LEADER_LAYOUT=nchw`` keeps NCHW on a CPU too. The
+    follower is placed with a plain ``.to(device)``: its blocks already run channels-last
+    between their layer norms, and converting its weights gave no measurable change.
+    """
+    device = torch.device(device)
+    leader = leader.to(device)
+    nchw = os.environ.get("FUSE4SEG_LEADER_LAYOUT", "").strip().lower() == "nchw"
+    if device.type == "cpu" and not nchw:
+        leader = leader.to(memory_format=torch.channels_last)
+    return leader
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -73,7 +73,7 @@ from torch import nn
 
 from fuse4seg.config import Config
 from fuse4seg.fusion_baselines import RULE_LABELS, RULES
-from fuse4seg.models import build_leader, minmax_normalize
+from fuse4seg.models import build_leader, minmax_normalize, place_leader
 from fuse4seg.train.engine import (
     Learner,
     ModelEMA,
@@ -171,7 +171,7 @@ class Engine:
         # same leader, and with the seeded batches fuse4seg's warm-up equals average's
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed(self.seed, "leader"))
-            leader = build_leader(config).to(device) if self.spec.leader else None
+            leader = place_leader(build_leader(config), device) if self.spec.leader else None
             torch.manual_seed(init_seed(self.seed, "follower"))
             follower = (build_follower(config, self.spec).to(device)
                         if self.spec.follower else None)

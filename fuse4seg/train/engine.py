@@ -345,7 +345,17 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the optimiser, scaler and update count. AdamW's moments take the memory
+        layout of their parameters: a checkpoint written with the leader in one layout may be
+        resumed with it in the other (:func:`fuse4seg.models.place_leader`), and torch's fused
+        AdamW reads a moment with other strides than its parameter as if they were the same,
+        which corrupts the update silently (tested)."""
         self.opt.load_state_dict(state["opt"])
+        for param, moments in self.opt.state.items():
+            for key, value in moments.items():
+                if (torch.is_tensor(value) and value.shape == param.shape
+                        and value.stride() != param.stride()):
+                    moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.updates = int(state["updates"])

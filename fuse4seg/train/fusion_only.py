@@ -65,7 +65,7 @@ from fuse4seg.config import Config
 from fuse4seg.data.pairs import ImagePair, colorize, find_pairs, load_pair
 from fuse4seg.fusion_baselines import BASELINES, fuse_baseline
 from fuse4seg.metrics.fusion import FusionMeter, to_uint8
-from fuse4seg.models import build_leader
+from fuse4seg.models import build_leader, place_leader
 from fuse4seg.train import runs
 from fuse4seg.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from fuse4seg.train.methods import MethodSpec
@@ -409,7 +409,8 @@ def load_fusion_leader(path: str | Path, device: str = "auto") -> tuple[nn.Modul
             leader.load_state_dict(state["leader"])
             info = dict(state.get("info", {}), checkpoint=str(own))
             polarity = int(state.get("polarity", 1))
-            return OrientedLeader(leader, polarity).to(dev).eval(), config, info
+            # channels-last on a CPU, as in training (place_leader)
+            return OrientedLeader(place_leader(leader, dev), polarity).eval(), config, info
     if not path.exists():
         raise FileNotFoundError(f"{path}: no fusion run folder or checkpoint here")
     from fuse4seg.inference import load_bundle
