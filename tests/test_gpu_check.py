@@ -103,19 +103,25 @@ def test_bench_train_step_can_switch_the_followers_average_off():
     assert bench_train_step.build(args, "no_follower_ema", cpu).follower_ema is None
 
 
-def test_bench_train_step_loop_adamw_builds_torchs_default_optimisers(monkeypatch):
-    bench_train_step = load("bench_train_step")
+def _before_and_shipped(monkeypatch, variant: str, switch: str):
+    """The engines of ``variant`` (the code before a CPU change, built under ``switch``) and
+    of ``eager`` (as shipped), at the smoke profile; the switch is set for the build only."""
     import argparse
 
     import torch
 
-    monkeypatch.delenv("FUSE4SEG_ADAMW", raising=False)
+    bench_train_step = load("bench_train_step")
+    monkeypatch.delenv(switch, raising=False)
     args = argparse.Namespace(size=32, batch=2, inner_steps=1, fusion=None, segmentation=None,
                               profile="smoke")
     cpu = torch.device("cpu")
-    loop = bench_train_step.build(args, "loop_adamw", cpu)
-    assert "FUSE4SEG_ADAMW" not in os.environ  # set for the build only
-    shipped = bench_train_step.build(args, "eager", cpu)
+    before = bench_train_step.build(args, variant, cpu)
+    assert switch not in os.environ
+    return before, bench_train_step.build(args, "eager", cpu)
+
+
+def test_bench_train_step_loop_adamw_builds_torchs_default_optimisers(monkeypatch):
+    loop, shipped = _before_and_shipped(monkeypatch, "loop_adamw", "FUSE4SEG_ADAMW")
     for learner in (loop.follower, loop.leader):
         assert not learner.opt.param_groups[0]["fused"]
     for learner in (shipped.follower, shipped.leader):
@@ -123,18 +129,9 @@ def test_bench_train_step_loop_adamw_builds_torchs_default_optimisers(monkeypatc
 
 
 def test_bench_train_step_nchw_leader_keeps_the_leaders_weights_in_nchw(monkeypatch):
-    bench_train_step = load("bench_train_step")
-    import argparse
-
     import torch
 
-    monkeypatch.delenv("FUSE4SEG_LEADER_LAYOUT", raising=False)
-    args = argparse.Namespace(size=32, batch=2, inner_steps=1, fusion=None, segmentation=None,
-                              profile="smoke")
-    cpu = torch.device("cpu")
-    nchw = bench_train_step.build(args, "nchw_leader", cpu)
-    assert "FUSE4SEG_LEADER_LAYOUT" not in os.environ  # set for the build only
-    shipped = bench_train_step.build(args, "eager", cpu)
+    nchw, shipped = _before_and_shipped(monkeypatch, "nchw_leader", "FUSE4SEG_LEADER_LAYOUT")
     cl = torch.channels_last
     assert nchw.leader_module.head[0].weight.is_contiguous()
     assert not nchw.leader_module.head[0].weight.is_contiguous(memory_format=cl)

@@ -168,13 +168,15 @@ def place_leader(leader: nn.Module, device: str | torch.device) -> nn.Module:
     On a CPU torch runs most convolutions through oneDNN, in channels-last layout when the input
     or the weight is channels-last, else in NCHW. The leader's input has one channel, so unless
     its weights are channels-last every map in it stays NCHW, where oneDNN is slow for its small
-    convolutions: with two threads, the forward and backward of each of its 1×1 and 3×3
-    depthwise convolutions at the ``default`` size took 2-8× as long in NCHW, and the whole
-    leader's forward and backward 1.1-1.3× as long (``fuse4seg_paper`` to ``fuse4seg_tiny``).
-    With one thread the whole leader gains nothing (1.0-1.05×): torch then sends 1×1
-    convolutions to its own kernel, which is slower on channels-last maps. Measured by
-    ``benchmarks/bench_layout.py``; figures in ``benchmarks/RESULTS.md``, "The leader in
-    channels-last layout". The values are the same to float rounding (tested).
+    convolutions: on a 2-vCPU Intel Xeon with two threads, the forward and backward of each of
+    its 1×1 and 3×3 depthwise convolutions at the ``default`` size took 2-8× as long in NCHW,
+    and the whole leader's forward and backward 1.1-1.3× as long (``fuse4seg_paper`` to
+    ``fuse4seg_tiny``). With one thread the whole leader gains nothing (1.0-1.05×): torch then
+    sends 1×1 convolutions to its own kernel, which is slower on channels-last maps. Measured
+    by ``benchmarks/bench_layout.py`` on that machine only (figures in
+    ``benchmarks/RESULTS.md``, "The leader in channels-last layout"); oneDNN picks its kernels
+    by CPU, so run it where the layout matters to you. The values are the same to float
+    rounding (tested).
 
     Only the 4-D weights change layout; the state dict's keys and values do not, and a
     checkpoint loads into either layout (a resumed optimiser's moments follow their parameters:
