@@ -195,12 +195,12 @@ def test_a_resumed_learner_gives_its_moments_its_parameters_layout():
         resumed = learner(layout)
         resumed.net.load_state_dict(copy.deepcopy(saved["net"]))
         resumed.load_state_dict(copy.deepcopy(saved["learner"]))
-        for param, moments in resumed.opt.state.items():
-            assert moments["exp_avg"].stride() == param.stride()
-            assert moments["exp_avg_sq"].stride() == param.stride()
+        strides = [(m["exp_avg"].stride(), m["exp_avg_sq"].stride(), p.stride())
+                   for p, m in resumed.opt.state.items()]
         steps(resumed, 3)
         if not layout:
             reference = resumed.net.weight.detach().clone()
-        else:
+        else:  # the weights first: what a wrong layout would cost (its size in the message)
             torch.testing.assert_close(resumed.net.weight.detach(), reference,
                                        rtol=1e-5, atol=1e-6)
+        assert all(avg == avg_sq == param for avg, avg_sq, param in strides)
