@@ -19,6 +19,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "ENV_SWITCHES",
+    "check_env_switches",
+    "env_setting",
     "environment_summary",
     "git_commit",
     "resolve_device",
@@ -51,6 +54,42 @@ def resolve_device(name: str = "auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+ENV_SWITCHES: dict[str, tuple[str, ...]] = {
+    "FUSE4SEG_EAGER": ("0", "1"),  # 1: eager even where train.compile asks to compile
+    "FUSE4SEG_MALLOC": ("system",),  # glibc's malloc defaults (engine.tune_malloc)
+    "FUSE4SEG_ADAMW": ("loop",),  # torch's default AdamW on a CPU (engine.adamw)
+    "FUSE4SEG_LEADER_LAYOUT": ("nchw",),  # the leader's weights NCHW on a CPU (place_leader)
+}
+"""The environment variables that switch the package's speed measures off, and the values each
+takes (unset or empty: the default)."""
+
+
+def env_setting(name: str) -> str:
+    """The switch ``name`` of :data:`ENV_SWITCHES`, stripped and lower-cased; ``""`` when it is
+    unset or empty.
+
+    A value the switch does not take raises ``ValueError`` naming the variable and the values
+    it takes, so a misspelt switch (``FUSE4SEG_ADAMW=lop``) stops the run instead of leaving
+    the default silently in force.
+    """
+    allowed = ENV_SWITCHES[name]
+    value = os.environ.get(name, "").strip().lower()
+    if value and value not in allowed:
+        raise ValueError(
+            f"environment variable {name}={os.environ[name]!r}: expected one of "
+            f"{', '.join(allowed)}, or leave it unset"
+        )
+    return value
+
+
+def check_env_switches() -> None:
+    """:func:`env_setting` of every switch: the training engine calls this before it builds
+    anything, so a bad value fails at once, even for a switch read only later or only once per
+    process."""
+    for name in ENV_SWITCHES:
+        env_setting(name)
 
 
 def file_mode() -> int:

@@ -101,3 +101,38 @@ def test_a_verb_gets_only_its_own_options():
     parser = build_parser(only=("train",))
     args = parser.parse_args(["train", "--data", "d", "--method", "average"])
     assert args.method == "average"
+
+
+@pytest.mark.parametrize("name, value", [("FUSE4SEG_ADAMW", "lop"),
+                                         ("FUSE4SEG_LEADER_LAYOUT", "nhwc"),
+                                         ("FUSE4SEG_MALLOC", "jemalloc"),
+                                         ("FUSE4SEG_EAGER", "yes")])
+def test_a_misspelt_environment_switch_stops_training_by_name(
+        name, value, phantom_dir, tmp_path, monkeypatch, capsys):
+    """A switch the package reads (fuse4seg.utils.env_setting) refuses a value it does not
+    know, naming the variable and what it takes, instead of silently training the default; and
+    no run is left behind."""
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "runs"
+    argv = ["train", "--method", "fuse4seg", "--profile", "smoke", "--data", str(phantom_dir),
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"environment variable {name}={value!r}: expected one of" in err
+    assert not out.exists()  # checked before the slice cache or the run folder
+
+
+def test_env_setting_reads_a_switch_case_blind_and_refuses_an_unknown_one(monkeypatch):
+    from fuse4seg.utils import ENV_SWITCHES, env_setting
+
+    monkeypatch.delenv("FUSE4SEG_ADAMW", raising=False)
+    assert env_setting("FUSE4SEG_ADAMW") == ""
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "  Loop ")
+    assert env_setting("FUSE4SEG_ADAMW") == "loop"
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "")
+    assert env_setting("FUSE4SEG_ADAMW") == ""
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "fused")
+    with pytest.raises(ValueError, match="FUSE4SEG_ADAMW='fused': expected one of loop"):
+        env_setting("FUSE4SEG_ADAMW")
+    assert set(ENV_SWITCHES) == {"FUSE4SEG_EAGER", "FUSE4SEG_MALLOC", "FUSE4SEG_ADAMW",
+                                 "FUSE4SEG_LEADER_LAYOUT"}

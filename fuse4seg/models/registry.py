@@ -10,7 +10,6 @@ and chapter 3, and ``benchmarks/bench_models.py``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from fuse4seg.models.fusion import FusionLeader
 from fuse4seg.models.segmentation import ConvNeXtUNet
+from fuse4seg.utils import env_setting
 
 __all__ = [
     "FUSION_VARIANTS",
@@ -187,7 +187,7 @@ def place_leader(leader: nn.Module, device: str | torch.device) -> nn.Module:
     """
     device = torch.device(device)
     leader = leader.to(device)
-    nchw = os.environ.get("FUSE4SEG_LEADER_LAYOUT", "").strip().lower() == "nchw"
+    nchw = env_setting("FUSE4SEG_LEADER_LAYOUT") == "nchw"
     if device.type == "cpu" and not nchw:
         leader = leader.to(memory_format=torch.channels_last)
     return leader

@@ -148,8 +148,9 @@ class Engine:
         ema_warmup: bool = False,
         seed: int | None = None,
     ):
-        from fuse4seg.utils import set_seed
+        from fuse4seg.utils import check_env_switches, set_seed
 
+        check_env_switches()  # a misspelt FUSE4SEG_* fails here, not once half a run is built
         self.spec = method if isinstance(method, MethodSpec) else get_method(method)
         self.config, self.device = config, device
         self.where, self.all_ranks = where, all_ranks

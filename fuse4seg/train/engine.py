@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fuse4seg.utils import env_setting
+
 __all__ = [
     "Learner",
     "ModelEMA",
@@ -82,9 +84,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def compile_wanted(requested: bool) -> bool:
-    """Whether to ``torch.compile``: ``train.compile``, unless ``FUSE4SEG_EAGER`` is set (to
-    anything but ``0``/empty), which forces eager code for debugging."""
-    return requested and os.environ.get("FUSE4SEG_EAGER", "0").strip() in ("", "0")
+    """Whether to ``torch.compile``: ``train.compile``, unless ``FUSE4SEG_EAGER=1``, which
+    forces eager code for debugging (``0`` or unset: as ``train.compile`` says)."""
+    return requested and env_setting("FUSE4SEG_EAGER") != "1"
 
 
 def compile_net(net: nn.Module, dynamic: bool | None = None) -> nn.Module:
@@ -124,7 +126,7 @@ def tune_malloc() -> bool:
     if "tuned" in _malloc_state:
         return _malloc_state["tuned"]
     tuned = False
-    if os.environ.get("FUSE4SEG_MALLOC", "").strip().lower() != "system":
+    if env_setting("FUSE4SEG_MALLOC") != "system":
         try:
             glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
         except (AttributeError, ValueError, OSError):
@@ -247,10 +249,10 @@ def adamw(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over ``net``'s parameters; on a CPU with torch's fused kernel.
 
     torch's default AdamW on CPU tensors runs a Python loop of about ten operations per
-    parameter tensor: 4.4 ms per step for the ``default`` follower's 134 tensors and 2.9 ms
-    for the leader's 70, whose 5,492 weights need almost none of it. The fused kernel
-    (``fused=True``, one C++ call for all tensors) takes 0.7 and 0.4 ms
-    (``benchmarks/bench_optimizer.py``); the ``default`` profile's warm-up and outer steps
+    parameter tensor: on an AMD EPYC with 2 threads, 4.4 ms per step for the ``default``
+    follower's 134 tensors and 2.9 ms for the leader's 70, whose 5,492 weights need almost none
+    of it. The fused kernel (``fused=True``, one C++ call for all tensors) takes 0.7 and 0.4 ms
+    there (``benchmarks/bench_optimizer.py``); the ``default`` profile's warm-up and outer steps
     become 1.05-1.07× faster (``benchmarks/RESULTS.md``, "The fused AdamW"). It computes the
     same update in another order, so its results differ from the loop's in the last bit of
     some weights; whole runs stay within the spread between seeds
@@ -259,7 +261,7 @@ def adamw(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     there. ``FUSE4SEG_ADAMW=loop`` keeps torch's default on a CPU too.
     """
     params = list(net.parameters())
-    loop = os.environ.get("FUSE4SEG_ADAMW", "").strip().lower() == "loop"
+    loop = env_setting("FUSE4SEG_ADAMW") == "loop"
     fused = not loop and bool(params) and all(p.device.type == "cpu" for p in params)
     kernel = {"fused": True} if fused else {}
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kernel)

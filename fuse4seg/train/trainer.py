@@ -434,9 +434,11 @@ def train(
         method = variant.method
         config = get_config(config.profile, {**runs.flatten(config), **variant.overrides})
     get_method(method)
-    from fuse4seg.utils import resolve_device
+    from fuse4seg.utils import check_env_switches, resolve_device
 
-    resolve_device(device or config.train.device)  # a bad --device fails before the cache
+    # a bad --device or FUSE4SEG_* switch fails before the cache
+    resolve_device(device or config.train.device)
+    check_env_switches()
     rank, _, world_size = dist_info()
     out = Path(out)
     if rank == 0:
