@@ -136,3 +136,20 @@ def test_env_setting_reads_a_switch_case_blind_and_refuses_an_unknown_one(monkey
         env_setting("FUSE4SEG_ADAMW")
     assert set(ENV_SWITCHES) == {"FUSE4SEG_EAGER", "FUSE4SEG_MALLOC", "FUSE4SEG_ADAMW",
                                  "FUSE4SEG_LEADER_LAYOUT"}
+
+
+def test_an_engine_refuses_a_misspelt_switch_it_would_never_read(monkeypatch):
+    """Engine checks every switch when it is built, not only those its method reads: `average`
+    builds no leader, so place_leader never reads FUSE4SEG_LEADER_LAYOUT, yet a misspelt value
+    there still stops it (a caller that builds an Engine without `train` gets the same check)."""
+    import torch
+
+    from fuse4seg.config import get_config
+    from fuse4seg.train.bilevel import Engine
+
+    monkeypatch.setenv("FUSE4SEG_LEADER_LAYOUT", "nhwc")
+    with pytest.raises(ValueError, match="FUSE4SEG_LEADER_LAYOUT='nhwc'"):
+        Engine(get_config("smoke"), "average", torch.device("cpu"), steps_per_epoch=1)
+    monkeypatch.delenv("FUSE4SEG_LEADER_LAYOUT")
+    engine = Engine(get_config("smoke"), "average", torch.device("cpu"), steps_per_epoch=1)
+    assert engine.leader is None
