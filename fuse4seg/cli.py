@@ -296,10 +296,13 @@ def evaluate_main(args: argparse.Namespace) -> int:
     cache, so ``test`` holds the patients it never trained on.
     """
     from fuse4seg.inference import evaluate_run
+    from fuse4seg.utils import check_output_file
 
+    if args.json is not None:
+        check_output_file(args.json, "--json")  # before minutes of scoring, not after
     result = evaluate_run(
         args.run, args.data, split=args.split, json_out=args.json, which=args.which,
-        device=args.device, batch_size=args.batch_size, cache=args.cache,
+        device=args.device, batch_size=args.batch_size, cache=args.cache, progress=True,
     )
     lines = [
         f"{result['method']} ({result['profile']}), {result['split']} split, "
@@ -329,8 +332,8 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="brain mask NIfTI (default: a BRATS 2013/2015 case folder's brainmask, else "
         "where T1ce or FLAIR is non-zero)",
     )
-    parser.add_argument("--which", default="best", choices=["best", "ema", "last"],
-                        help="checkpoint of a run folder (default: best)")
+    parser.add_argument("--which", choices=["best", "ema", "last"],
+                        help="checkpoint of a run folder (default: best, else ema)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
@@ -344,10 +347,15 @@ def predict_main(args: argparse.Namespace) -> int:
     """
     from fuse4seg.inference import predict_files
 
+    if args.which is not None and args.checkpoint.is_file():
+        raise ValueError(f"--which {args.which}: --checkpoint {args.checkpoint} is a checkpoint "
+                         "file; --which chooses one inside a run folder")
     written = predict_files(
         args.checkpoint, args.t1ce, args.flair, args.out, scheme=args.scheme,
-        batch_size=args.batch_size, device=args.device, which=args.which, mask=args.mask,
+        batch_size=args.batch_size, device=args.device, which=args.which or "best",
+        mask=args.mask, progress=True,
     )
+    print(f"checkpoint: {written['checkpoint']} (epoch {written['epoch']})")
     if written["mask_found"]:
         print(f"brain mask: {written['mask_found']} (the case folder's)")
     for key in ("fused", "seg"):
@@ -382,12 +390,25 @@ def study_main(args: argparse.Namespace) -> int:
     scored on every test case; the first method is compared with each other one by the mean
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
+    from fuse4seg.data.slices import load_manifest
     from fuse4seg.study import paired_difference, train_seeds
-    from fuse4seg.utils import atomic_write_json
+    from fuse4seg.train.runs import resolve_cache
+    from fuse4seg.utils import atomic_write_json, check_output_file
 
     config = _config(args.profile, args.set)
+    if args.json is not None:
+        check_output_file(args.json, "--json")  # before hours of training, not after
+    # the split before any training: a study scores test cases, so it needs some
+    split = load_manifest(resolve_cache(args.data, config, runs_dir=args.out))["split"]
+    if not split.get("test"):
+        raise ValueError(
+            f"--data {args.data}: its split has no test case "
+            f"({ {k: len(v) for k, v in split.items()} }); a study scores test cases: give "
+            "more cases or other data.split_fractions (--set data.split_fractions=...)"
+        )
     results = {
-        m: train_seeds(config, m, args.data, args.out, args.seeds, device=args.device)
+        m: train_seeds(config, m, args.data, args.out, args.seeds, device=args.device,
+                       progress=True)
         for m in args.methods
     }
     report: dict = {"profile": args.profile, "data": str(args.data), "seeds": args.seeds,
@@ -499,7 +520,8 @@ def fusion_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "average, max, dwt",
     )
     _pair_arguments(parser)
-    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--split", choices=["train", "test"],
+                        help="Harvard split to score (default: test; GFP-PC has one set)")
     parser.add_argument("--convention", default="standard", choices=_conventions())
     parser.add_argument("--json", type=Path, help="write the metrics (per pair and mean) here")
     parser.add_argument("--images", type=Path, help="write fused grey and colour PNGs here")
@@ -515,10 +537,15 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     from fuse4seg.metrics.files import conventions_of
     from fuse4seg.metrics.fusion import nan_to_none
     from fuse4seg.train.fusion_only import evaluate_fusion, load_fusion_leader
-    from fuse4seg.utils import atomic_write_json
+    from fuse4seg.utils import atomic_write_json, check_output_file
 
     conventions = conventions_of(args.convention)
-    split = "all" if args.kind == "GFP-PC" else args.split
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    if args.kind == "GFP-PC" and args.split is not None:
+        raise ValueError(f"--split {args.split}: GFP-PC has a single set, scored whole; choose "
+                         "pairs with --only/--exclude")
+    split = "all" if args.kind == "GFP-PC" else (args.split or "test")
     pairs = _load_pairs(args, split)
     leader, label, source = None, args.method, None
     if args.method not in BASELINES:
@@ -581,12 +608,13 @@ def metrics_main(args: argparse.Namespace) -> int:
         write_csv,
     )
     from fuse4seg.metrics.fusion import nan_to_none
+    from fuse4seg.utils import check_output_file
 
     conventions = conventions_of(args.convention)
     metrics = parse_metric_names(args.metrics)
+    if args.csv is not None and args.fused.is_dir():
+        check_output_file(args.csv, "--csv")
     if args.fused.is_dir():
-        if args.csv is None and not args.json:
-            raise ValueError("folder mode: give --csv FILE for the per-pair values (or --json)")
         results = score_folder(args.fused, args.a, args.b, conventions, metrics)
         if args.csv is not None:
             write_csv(args.csv, results)
@@ -598,7 +626,10 @@ def metrics_main(args: argparse.Namespace) -> int:
                 print(f"convention: {conv}; mean over {n} pairs of {args.fused}")
                 for k, v in res["mean"].items():
                     print(f"  {k:>20}: {format_value(v)}")
-            print(f"wrote {args.csv}")
+            if args.csv is not None:
+                print(f"wrote {args.csv}")
+            else:
+                print("(the per-pair values: --csv FILE or --json)")
         return 0
     for path, what in ((args.fused, "--fused"), (args.a, "--a"), (args.b, "--b")):
         if not path.is_file():
@@ -688,10 +719,21 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one ``fuse4seg: warning: ...`` line, without the package's source line
+    (``python -W error`` or ``PYTHONWARNINGS`` still apply; the library's own callers see
+    Python's usual format)."""
+    return f"fuse4seg: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_verb_in(argv) or ())
     args = parser.parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -706,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             message = str(exc)
         print(f"fuse4seg: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -137,10 +137,12 @@ def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto
 
 @torch.no_grad()
 def segment_slices(
-    bundle: Bundle, x1: np.ndarray, x2: np.ndarray, batch_size: int | None = None
+    bundle: Bundle, x1: np.ndarray, x2: np.ndarray, batch_size: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Fuse and segment ``(N, S, S)`` slices in [0, 1], ``batch_size`` at a time (``None``:
-    :func:`default_batch_size` of the bundle's device).
+    :func:`default_batch_size` of the bundle's device); ``progress`` shows a bar over the
+    batches.
 
     Returns:
         ``(fused (N, S, S) float32 or None, labels (N, S, S) uint8 canonical)``; ``fused`` is
@@ -150,7 +152,12 @@ def segment_slices(
     fused_out, labels_out = [], []
     spec = get_method(bundle.method)
     single = spec.in_channels == 1
-    for start in range(0, x1.shape[0], batch_size):
+    starts = range(0, x1.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="slices", unit="batch", leave=False)
+    for start in starts:
         # copies: the slices may be read-only arrays kept between calls (_scored_case)
         a = torch.from_numpy(np.array(x1[start : start + batch_size], np.float32))
         b = torch.from_numpy(np.array(x2[start : start + batch_size], np.float32))
@@ -187,6 +194,7 @@ def predict_volume(
     batch_size: int | None = None,
     fused: bool = True,
     slices: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Fuse and segment a whole volume, slice by slice.
 
@@ -197,6 +205,7 @@ def predict_volume(
             scoring needs only the labels).
         slices: :func:`volume_slices` of this volume with the bundle's data settings, when the
             caller has them already.
+        progress: a bar over the batches of slices (:func:`segment_slices`).
 
     Returns:
         ``(fused (X, Y, Z) float32 in [0, 1] or None, seg (X, Y, Z) uint8 canonical labels)``.
@@ -206,7 +215,7 @@ def predict_volume(
     cfg = bundle.config.data
     shape = tuple(int(s) for s in brain_mask.shape)
     s1, s2 = slices if slices is not None else volume_slices(t1ce, flair, brain_mask, cfg)
-    x_f, labels = segment_slices(bundle, s1, s2, batch_size)  # (Z, S, S)
+    x_f, labels = segment_slices(bundle, s1, s2, batch_size, progress)  # (Z, S, S)
     seg = restore_volume(labels, shape, cfg, labels=True).astype(np.uint8)
     seg[~brain_mask] = 0
     if x_f is None or not fused:
@@ -294,6 +303,10 @@ def _nifti_bytes(path: Path, data: np.ndarray, affine, header) -> bytes:
 
     hdr = header.copy()
     hdr.set_data_dtype(data.dtype)
+    # the input's display window and intent describe its own intensities: a viewer that
+    # honours cal_max = 2000 would show x_f (in [0, 1]) black, and a label map is no estimate
+    hdr["cal_min"], hdr["cal_max"] = 0.0, 0.0
+    hdr.set_intent("label" if data.dtype.kind in "iu" else "none")
     image = nib.Nifti1Image(data, affine, hdr)
     image.header.set_slope_inter(1.0, 0.0)
     raw = image.to_bytes()
@@ -336,6 +349,7 @@ def predict_files(
     device: str = "auto",
     which: str = "best",
     mask: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """``fuse4seg predict``: write ``fused.nii.gz`` and ``seg.nii.gz`` for one case.
 
@@ -352,10 +366,16 @@ def predict_files(
             2013/2015 case folder (z-scored volumes, whose background is a constant, not zero),
             else the voxels where T1ce or FLAIR is non-zero (skull-stripped BraTS volumes). A
             default mask that covers the whole volume is refused.
+        progress: a bar over the batches of slices.
+
+    The outputs carry the T1ce file's header (grid, orientation, units) with its display
+    window (``cal_min``/``cal_max``) cleared and its intent set to ``label`` (``seg``) or
+    ``none`` (``fused``), which describe the input's intensities, not these images.
 
     Returns:
         ``{"fused": path or None, "seg": path, "scheme": str, "label_counts": {...},``
-        ``"mask_found": the brain mask taken from a BRATS 2013/2015 case folder, or None}``.
+        ``"mask_found": the brain mask taken from a BRATS 2013/2015 case folder, or None,``
+        ``"checkpoint": the checkpoint file used, "epoch": its epoch}``.
 
     Raises:
         FileNotFoundError: a missing file. ValueError: unreadable, non-3-D, NaN, shape or
@@ -410,7 +430,7 @@ def predict_files(
     created = not out_dir.exists()
     _writable_folder(out_dir)  # before the model runs: minutes at the paper's size
     try:
-        fused, seg = predict_volume(bundle, a, b, brain, batch_size)
+        fused, seg = predict_volume(bundle, a, b, brain, batch_size, progress=progress)
     except BaseException:
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()  # no empty folder left by a failed prediction
@@ -436,6 +456,8 @@ def predict_files(
         "scheme": scheme,
         "seg": str(paths["seg"]),
         "label_counts": label_counts(seg),
+        "checkpoint": str(bundle.path),
+        "epoch": bundle.epoch,
     }
 
 
@@ -494,7 +516,12 @@ def evaluate_run(
                          "--split all scores every case")
     info = {c["case_id"]: c for c in manifest["case_info"]}
     meter = SegmentationMeter()
-    for cid in ids:
+    cases = ids
+    if progress:
+        from tqdm.auto import tqdm
+
+        cases = tqdm(ids, desc=f"scoring {split}", unit="case", leave=False)
+    for cid in cases:
         slices, brain_mask, seg = _scored_case(info[cid], bundle.config.data)
         _, pred = predict_volume(bundle, None, None, brain_mask, batch_size, fused=False,
                                  slices=slices)

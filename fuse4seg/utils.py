@@ -18,6 +18,7 @@ __all__ = [
     "case_map",
     "atomic_write_bytes",
     "atomic_write_json",
+    "check_output_file",
     "atomic_write_text",
     "ENV_SWITCHES",
     "check_env_switches",
@@ -118,6 +119,33 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Check, before any work, that ``path`` can be written by :func:`atomic_write_bytes`.
+
+    The file need not exist; its folder is made when the file is written, so the nearest
+    existing folder above it must be a folder this process can write to (probed with a real
+    temporary file: ``os.access`` says yes to root even on a read-only mount). Nothing is
+    created.
+
+    Raises:
+        ValueError: ``path`` is a folder, a component of it is a file, or the folder is not
+            writable; the message starts with ``flag`` and the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror})") from err
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

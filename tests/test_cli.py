@@ -153,3 +153,36 @@ def test_an_engine_refuses_a_misspelt_switch_it_would_never_read(monkeypatch):
     monkeypatch.delenv("FUSE4SEG_LEADER_LAYOUT")
     engine = Engine(get_config("smoke"), "average", torch.device("cpu"), steps_per_epoch=1)
     assert engine.leader is None
+
+
+def test_study_refuses_an_unwritable_json_and_a_split_without_test_cases(phantom_dir, tmp_path,
+                                                                         capsys, monkeypatch):
+    """Both before any training: a --json under a file, then a split with no test patient
+    (the study scores test cases, so training would be for nothing)."""
+    from fuse4seg import study
+
+    monkeypatch.setattr(study, "train_seeds", None)  # must not be reached
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    base = ["study", "--methods", "average", "--seeds", "0", "--profile", "smoke", "--data",
+            str(phantom_dir), "--out", str(tmp_path / "runs")]
+    assert main([*base, "--json", str(blocker / "s.json")]) == 2
+    assert f"--json {blocker / 's.json'}: {blocker} is a file" in capsys.readouterr().err
+    assert main([*base, "--set", "data.split_fractions=[0.67,0.33,0.0]"]) == 2
+    err = capsys.readouterr().err
+    assert "its split has no test case" in err and "'test': 0" in err
+
+
+def test_fusion_evaluate_refuses_a_split_for_the_single_set_of_gfp_pc(tmp_path, capsys):
+    assert main(["fusion", "evaluate", "max", "--pairs", str(tmp_path), "--kind", "GFP-PC",
+                 "--split", "test"]) == 2
+    assert "--split test: GFP-PC has a single set" in capsys.readouterr().err
+
+
+def test_check_output_file_creates_nothing(tmp_path):
+    from fuse4seg.utils import check_output_file
+
+    check_output_file(tmp_path / "new" / "deeper" / "out.json", "--json")  # fine: made later
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="is a folder; give a file name"):
+        check_output_file(tmp_path, "--json")

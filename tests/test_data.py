@@ -174,6 +174,21 @@ def test_truncated_file(case_copy):
         load_case(case_copy)
 
 
+def test_damaged_gzip_data_is_refused_not_read(case_copy, capsys):
+    """Bytes changed inside a .nii.gz: the gzip CRC fails. nibabel alone reads such a file
+    without complaint (it never reaches the checksum); the loader must refuse it, and
+    `data check` must list the case as bad."""
+    path = case_copy / "BraTS2021_00006_flair.nii.gz"
+    blob = bytearray(path.read_bytes())
+    middle = len(blob) // 2
+    blob[middle : middle + 200] = bytes(b ^ 0x5A for b in blob[middle : middle + 200])
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"flair.*damaged gzip data"):
+        load_case(case_copy)
+    assert cli_main(["data", "check", str(case_copy.parent)]) == 1
+    assert "damaged gzip data" in capsys.readouterr().err
+
+
 def test_check_cli_names_bad_case(case_copy, capsys):
     (case_copy / "BraTS2021_00006_seg.nii.gz").unlink()
     assert cli_main(["data", "check", str(case_copy.parent)]) == 1
@@ -323,9 +338,57 @@ def test_prepare_stops_cleanly_or_skips_bad_cases(brats2021_case, tmp_path, caps
     assert cli_main(["data", "prepare", str(data), "--out", str(tmp_path / "c2"), "--profile",
                      "smoke", "--skip-bad"]) == 0
     assert "left out BraTS2021_00007" in capsys.readouterr().out
+    # as a user sees it (pytest records warnings itself): the warning is one line of the
+    # command's own, not Python's file:line and the source line that warned
+    import subprocess
+    import sys
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "fuse4seg", "data", "prepare", str(data), "--out",
+         str(tmp_path / "c3"), "--profile", "smoke", "--skip-bad"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr
+    (warning,) = [x for x in shown.stderr.splitlines() if "--skip-bad: left out" in x]
+    assert warning.startswith("fuse4seg: warning: --skip-bad: left out 1 bad case")
+    assert ".py:" not in shown.stderr and "prepare_cache(" not in shown.stderr
     assert cli_main(["data", "prepare", str(data), "--out", str(data), "--profile",
                      "smoke"]) == 2
     assert "is the data folder itself" in capsys.readouterr().err
+
+
+def test_prepare_refuses_a_folder_of_other_files_and_cleans_an_empty_one(brats2021_case,
+                                                                          tmp_path):
+    """--out an existing folder: one holding the user's own files (a manifest.json of theirs,
+    or anything without a manifest) is refused before anything is written, and left as it
+    was; in an existing empty folder a stopped preparation leaves no arrays behind."""
+    data = tmp_path / "data"
+    shutil.copytree(brats2021_case, data / "BraTS2021_00006")
+    cfg = get_config("smoke").data
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "manifest.json").write_text('{"my": "own"}')
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="its manifest.json is not a fuse4seg slice cache"):
+        prepare_cache(data, user, cfg, progress=False)
+    (user / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"holds files that are not a slice cache \(notes.txt\)"):
+        prepare_cache(data, user, cfg, progress=False)
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    # an empty folder, a stopped preparation: nothing of it is left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = data / "BraTS2021_00006" / "BraTS2021_00006_flair.nii.gz"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:2000])
+    with pytest.raises(DataError):
+        prepare_cache(data, empty, cfg, progress=False)
+    assert empty.is_dir() and not any(empty.iterdir())
+    # and the same folder then takes the cache, and a later run updates it in place
+    bad.write_bytes(good)
+    prepare_cache(data, empty, cfg, progress=False)
+    prepare_cache(data, empty, cfg, progress=False)
+    assert load_manifest(empty)["cases"] == ["BraTS2021_00006"]
 
 
 def test_prepare_cli(shared_data, tmp_path, capsys):

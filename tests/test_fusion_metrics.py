@@ -588,7 +588,17 @@ def test_metrics_cli_errors(png_triplet, tmp_path, capsys):
     from fuse4seg.cli import main
 
     f, a, b = (str(png_triplet[k]) for k in ("F", "A", "B"))
-    assert main(["metrics", "--fused", f, "--a", a, "--b", b]) == 2  # folder mode needs --csv
+    # folder mode without --csv or --json: the means, and where the per-pair values are
+    assert main(["metrics", "--fused", f, "--a", a, "--b", b]) == 0
+    assert "(the per-pair values: --csv FILE or --json)" in capsys.readouterr().out
+    # an unwritable --csv is refused before any image is scored
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["metrics", "--fused", f, "--a", a, "--b", b, "--csv",
+                 str(blocker / "x.csv")]) == 2
+    assert f"--csv {blocker / 'x.csv'}: {blocker} is a file" in capsys.readouterr().err
+    assert main(["metrics", "--fused", f, "--a", a, "--b", b, "--csv", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
     assert (
         main(["metrics", "--fused", f + "/p1.png", "--a", a + "/nope.png", "--b", b + "/p1.png"])
         == 2

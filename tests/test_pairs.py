@@ -143,6 +143,13 @@ def test_bad_arguments_and_missing_folders(tmp_path, tiny_harvard):
     (tmp_path / "bad.png").write_text("not a png")
     with pytest.raises(ValueError, match="not a readable image"):
         read_grey(tmp_path / "bad.png")
+    # a PNG cut short: Pillow's "image file is truncated" names no file; ours does
+    rng = np.random.default_rng(2)
+    whole = _write(tmp_path / "whole.png", rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut.png: unreadable or truncated image"):
+        read_grey(cut)
 
 
 def test_real_harvard_pairs(harvard_dir):

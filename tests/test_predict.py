@@ -84,6 +84,34 @@ def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
     assert set(np.unique(s3)) <= {0, 3} and 3 in s3
 
 
+def test_predict_clears_the_inputs_display_window_and_names_its_checkpoint(phantom_dir, tmp_path,
+                                                                           capsys):
+    """A T1ce header with a display window (cal_max 2000) and an intent: the outputs keep the
+    grid but not those fields, which describe the input's intensities; the checkpoint used is
+    printed; --which with a checkpoint file is refused by name."""
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    src = nib.load(str(t1ce))
+    header = src.header.copy()
+    header["cal_min"], header["cal_max"] = 0.0, 2000.0
+    header.set_intent("estimate")
+    windowed = tmp_path / "in_t1ce.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), src.affine, header), str(windowed))
+    out = tmp_path / "o"
+    assert _predict(run, windowed, flair, out, "--device", "cpu") == 0
+    printed = capsys.readouterr().out
+    assert f"checkpoint: {run / 'checkpoints' / 'best.pt'} (epoch 2)" in printed
+    fused, seg = nib.load(str(out / "fused.nii.gz")), nib.load(str(out / "seg.nii.gz"))
+    for image, intent in ((fused, "none"), (seg, "label")):
+        assert float(image.header["cal_min"]) == 0.0 and float(image.header["cal_max"]) == 0.0
+        assert image.header.get_intent()[0] == intent
+        np.testing.assert_allclose(image.affine, src.affine)
+    best = run / "checkpoints" / "best.pt"
+    assert _predict(best, windowed, flair, tmp_path / "o2", "--which", "ema") == 2
+    assert "--which ema: --checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):
     run = _make_run(tmp_path, method="direct2ch")
     t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
@@ -235,6 +263,20 @@ def test_evaluate_writes_per_case_and_mean_scores(phantom_dir, tmp_path):
     assert set(result["per_case"][case]) >= {"NCR", "ED", "ET", "WT", "TC", "mean"}
     assert 0.0 <= result["mean_dice"] <= 1.0 and 0.0 <= result["mean_iou"] <= 1.0
     assert result["checkpoint"] == "best.pt"
+
+
+def test_an_unwritable_json_is_refused_before_any_scoring(phantom_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    """evaluate --json under a file (not a folder): refused by name before the model loads."""
+    from fuse4seg import inference
+
+    run = _make_run(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setattr(inference, "load_bundle", None)  # must not be reached
+    assert main(["evaluate", str(run), "--data", str(phantom_dir), "--json",
+                 str(blocker / "eval.json")]) == 2
+    assert f"--json {blocker / 'eval.json'}: {blocker} is a file" in capsys.readouterr().err
 
 
 def test_scoring_keeps_the_test_volumes_and_scores_as_a_fresh_read(phantom_dir, tmp_path,

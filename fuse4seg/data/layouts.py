@@ -188,7 +188,8 @@ class Case:
 
 def _decode(raw: bytes, path: Path):
     """A NIfTI-1/2 image from the bytes of a ``.nii`` or ``.nii.gz`` file, or ``None`` when the
-    bytes are not one (the caller then falls back on ``nibabel.load``).
+    bytes are not one (the caller then falls back on ``nibabel.load``, except for gzip data
+    that fails zlib's checks, which is damaged).
 
     A gzip file is inflated in one call into a buffer of the size its trailer announces (half
     the time of reading it through ``gzip.GzipFile``); the NIfTI decoder then reads the result
@@ -285,6 +286,7 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
             raise DataError(f"{path}: {what} file does not exist")
         raw = path.read_bytes()
     digest = hashlib.sha1(raw).hexdigest()
+    damaged = None
     try:
         try:
             image, data = _decode(raw, path)
@@ -294,11 +296,21 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
             if array is not None:
                 return array, np.asarray(image.affine, dtype=np.float64), image.header, digest
             array = _image_array(image, data)
+        except zlib.error as exc:
+            # the gzip stream fails its own checks (its CRC-32, a bad block, a cut-off end):
+            # the bytes are damaged. nibabel would read such a file without looking at the
+            # checksum at its end, and train on altered voxels; so no fallback here.
+            damaged = exc
         except (*_READ_ERRORS, nib.filebasedimages.ImageFileError):
             image = nib.load(str(path))  # anything else nibabel reads, or its own error
             array = np.asarray(image.dataobj, dtype=np.float32)
     except (*_READ_ERRORS, nib.filebasedimages.ImageFileError) as exc:
         raise DataError(f"{path}: unreadable or truncated NIfTI file ({exc})") from exc
+    if damaged is not None:
+        raise DataError(
+            f"{path}: unreadable or truncated NIfTI file: damaged gzip data ({damaged}); "
+            "copy the file again from its source"
+        ) from damaged
     if not np.issubdtype(array.dtype, np.integer):
         array = np.asarray(array, dtype=np.float32)
         if not np.isfinite(array).all():

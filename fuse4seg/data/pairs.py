@@ -129,6 +129,8 @@ def _open(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB")).copy()  # palette, LA, RGBA, ...
     except UnidentifiedImageError as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
+    except (OSError, SyntaxError, EOFError) as exc:  # truncated or damaged data (Pillow's errors)
+        raise ValueError(f"{path}: unreadable or truncated image ({exc})") from exc
 
 
 def _luma_uint8(rgb: np.ndarray) -> np.ndarray:

@@ -247,16 +247,19 @@ def prepare_cache(
 
     A bad case stops the preparation, naming it, unless ``skip_bad``: then every bad case is
     left out, with its error, in the manifest's ``skipped`` list (and a warning). A stopped
-    preparation leaves no cache behind: a folder it created is removed, and an earlier cache
-    in ``cache_dir`` loses its manifest (some of its arrays may have been rewritten), so it is
-    prepared again next time rather than read half old, half new.
+    preparation leaves no cache behind: a folder it created is removed (in an existing empty
+    folder, the ``cases/`` it began), and an earlier cache in ``cache_dir`` loses its
+    manifest (some of its arrays may have been rewritten), so it is prepared again next time
+    rather than read half old, half new. An existing ``cache_dir`` that holds other files is
+    refused before anything is written.
 
     Returns:
         The path of ``manifest.json``.
 
     Raises:
-        DataError: no cases, a bad case (named), a case with no slice left, or ``cache_dir``
-            that is ``data_dir`` itself (its manifest would make the data look like a cache).
+        DataError: no cases, a bad case (named), a case with no slice left, ``cache_dir``
+            that is ``data_dir`` itself (its manifest would make the data look like a cache),
+            or an existing ``cache_dir`` that is not a cache (:func:`_check_cache_folder`).
 
     Explained in chapter 1.
     """
@@ -270,6 +273,9 @@ def prepare_cache(
     if data_cfg.max_cases is not None:
         cases = cases[: data_cfg.max_cases]
     created = not cache_dir.exists()
+    if not created:
+        _check_cache_folder(cache_dir)
+    had_cases = (cache_dir / "cases").exists()
     try:
         return _prepare(data_dir, cache_dir, cases, data_cfg, progress, workers, skip_bad)
     except BaseException as err:
@@ -277,10 +283,48 @@ def prepare_cache(
             shutil.rmtree(cache_dir, ignore_errors=True)
         else:
             (cache_dir / "manifest.json").unlink(missing_ok=True)
+            if not had_cases:  # the arrays this call began to write, in a folder it did not make
+                shutil.rmtree(cache_dir / "cases", ignore_errors=True)
         if isinstance(err, DataError) and not skip_bad:
             raise DataError(f"{err}\n  `fuse4seg data check {data_dir}` lists every bad case; "
                             "`fuse4seg data prepare --skip-bad` prepares the others") from err
         raise
+
+
+def _check_cache_folder(cache_dir: Path) -> None:
+    """Refuse an existing ``--out`` that is not a slice cache (nor the remains of one).
+
+    Preparing writes ``manifest.json`` and ``cases/`` there, and a stopped preparation removes
+    the manifest; in a folder of the user's own files that would overwrite or delete their
+    ``manifest.json``. Allowed: an empty folder, a cache (its ``manifest.json`` is one of
+    ours), and the ``cases/`` a stopped preparation left without its manifest.
+
+    Raises:
+        DataError: ``cache_dir`` is a file, holds a ``manifest.json`` that is not a cache's,
+            or holds other files and no manifest.
+    """
+    if not cache_dir.is_dir():
+        raise DataError(f"--out {cache_dir}: exists and is not a folder")
+    manifest = cache_dir / "manifest.json"
+    if manifest.exists():
+        try:
+            content = json.loads(manifest.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            content = None
+        if not (isinstance(content, dict) and "version" in content and "settings" in content):
+            raise DataError(
+                f"--out {cache_dir}: its manifest.json is not a fuse4seg slice cache's; "
+                "prepare into a new or empty folder"
+            )
+        return
+    others = sorted(p.name for p in cache_dir.iterdir()
+                    if p.name != "cases" and not p.name.startswith(".manifest.json."))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise DataError(
+            f"--out {cache_dir}: holds files that are not a slice cache ({shown}); prepare "
+            "into a new or empty folder"
+        )
 
 
 def _prepare(data_dir: Path, cache_dir: Path, cases: list, data_cfg: DataConfig,
