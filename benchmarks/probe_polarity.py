@@ -2,11 +2,16 @@
 losses, with and without the decoder's skip on the anchor (x1 + x2)/2.
 
     python benchmarks/probe_polarity.py [--data DIR] [--steps 60] [--profile default]
+        [--fusion NAME] [--seeds 0 1 2 3 4]
 
-Trains a fresh leader (the profile's variant) for ``--steps`` AdamW steps (lr 1e-3, batch 8) on
-α·L_decomp + β·L_grad + γ·L_recon alone, on the training slices of the phantom (12 cases, seed 0,
-made in a temporary folder unless ``--data`` is given), once per setting, and prints the Pearson
-correlation of x_f with x_avg on each batch. A negative value is a contrast-inverted x_f.
+Trains a fresh leader (the profile's variant, or ``--fusion``) for ``--steps`` AdamW steps
+(lr 1e-3, batch 8) on α·L_decomp + β·L_grad + γ·L_recon alone, on the training slices of the
+phantom (12 cases, seed 0, made in a temporary folder unless ``--data`` is given), once per
+setting and seed (the seed draws the initial weights and the batches), and prints the Pearson
+correlation of x_f with x_avg on the first and the last batch. A negative value is a
+contrast-inverted x_f. The leader is built as :func:`fuse4seg.models.create_fusion` builds it,
+so ``model.anchor_range`` is off here: the probe compares the decoder with and without its skip
+alone.
 Not a timing benchmark: an experiment whose printed numbers the docs quote.
 """
 
@@ -25,12 +30,13 @@ from fuse4seg.losses import physical_loss
 from fuse4seg.models import create_fusion
 
 
-def run(cache: Path, config, source_skip: bool, steps: int) -> list[float]:
-    torch.manual_seed(0)
+def run(cache: Path, config, fusion: str, source_skip: bool, steps: int,
+        seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
     data = SliceDataset(cache, "train")
-    leader = create_fusion(config.model.fusion, source_skip=source_skip)
+    leader = create_fusion(fusion, source_skip=source_skip)
     opt = torch.optim.AdamW(leader.parameters(), lr=1e-3, weight_decay=1e-5)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     corr = []
     for _ in range(steps):
         idx = rng.choice(len(data), 8, replace=False)
@@ -51,8 +57,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="BraTS-layout folder (default: a phantom)")
     parser.add_argument("--profile", default="default")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--fusion", help="leader variant (default: the profile's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     config = get_config(args.profile)
+    fusion = args.fusion or config.model.fusion
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
@@ -63,12 +72,13 @@ def main() -> None:
         cache = Path(tmp) / "cache"
         prepare_cache(data, cache, config.data, progress=False)
         print(f"data: {args.data or 'phantom (12 cases, seed 0)'}; profile {args.profile}; "
-              f"leader {config.model.fusion}; {args.steps} steps of the physical losses\n")
-        print("| source_skip | corr(x_f, x_avg) at step 1 | at the last step |")
-        print("|---|---|---|")
+              f"leader {fusion}; {args.steps} steps of the physical losses\n")
+        print("| source_skip | seed | corr(x_f, x_avg) at step 1 | at the last step |")
+        print("|---|---:|---:|---:|")
         for skip in (False, True):
-            corr = run(cache, config, skip, args.steps)
-            print(f"| {skip} | {corr[0]:+.3f} | {corr[-1]:+.3f} |")
+            for seed in args.seeds:
+                corr = run(cache, config, fusion, skip, args.steps, seed)
+                print(f"| {skip} | {seed} | {corr[0]:+.3f} | {corr[-1]:+.3f} |", flush=True)
 
 
 if __name__ == "__main__":

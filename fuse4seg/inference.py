@@ -328,6 +328,8 @@ def _writable_folder(out_dir: Path) -> None:
     Raises:
         ValueError: the folder cannot be made or written to (the message names ``--out``).
     """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -386,6 +388,8 @@ def predict_files(
 
     t1ce, flair, out_dir = Path(t1ce), Path(flair), Path(out_dir)
     for path, flag in ((t1ce, "--t1ce"), (flair, "--flair")):
+        if path.is_dir():
+            raise ValueError(f"{flag} {path}: is a folder; give the NIfTI file")
         if not path.is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
     a, affine, header = load_volume(t1ce, "T1ce")

@@ -110,6 +110,11 @@ def test_predict_clears_the_inputs_display_window_and_names_its_checkpoint(phant
     assert _predict(best, windowed, flair, tmp_path / "o2", "--which", "ema") == 2
     assert "--which ema: --checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    # a folder where a file goes, a file where the folder goes: said as such
+    assert _predict(run, tmp_path, flair, tmp_path / "o3") == 2
+    assert f"--t1ce {tmp_path}: is a folder" in capsys.readouterr().err
+    assert _predict(run, windowed, flair, windowed) == 2
+    assert f"--out {windowed}: is a file, not a folder" in capsys.readouterr().err
 
 
 def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):

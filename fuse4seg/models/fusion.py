@@ -389,9 +389,10 @@ class FusionLeader(nn.Module):
             keep the skip (default) because without it the polarity of x_f is left to the
             random initialisation: L_grad and L_decomp score an image and its negative alike,
             and γ·L_recon (γ = 0.05) is too weak to cross that barrier. Measured on the phantom
-            by ``benchmarks/probe_polarity.py`` (figures in ``benchmarks/RESULTS.md``): x_f
-            ends inverted without the skip and upright with it. ``source_skip=False`` gives
-            the literal reading. With the
+            by ``benchmarks/probe_polarity.py`` over 5 seeds (``benchmarks/RESULTS.md``, "The
+            polarity of x_f"): after 60 steps of the physical losses the ``fuse4seg_tiny``
+            leader's x_f ended inverted in 4 of 5 seeds without the skip, upright in all 5 with
+            it. ``source_skip=False`` gives the literal reading. With the
             skip the head's last convolution starts scaled by 0.01, so the untrained leader
             outputs ≈ minmax(x_avg), the prior of the follower's warm-up.
         anchor_range: after the min-max normalisation, map x_f linearly onto the intensity
