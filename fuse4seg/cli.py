@@ -390,46 +390,14 @@ def study_main(args: argparse.Namespace) -> int:
     scored on every test case; the first method is compared with each other one by the mean
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
-    from fuse4seg.data.slices import load_manifest
-    from fuse4seg.study import paired_difference, train_seeds
-    from fuse4seg.train.runs import resolve_cache
+    from fuse4seg.study import run_study
     from fuse4seg.utils import atomic_write_json, check_output_file
 
     config = _config(args.profile, args.set)
     if args.json is not None:
         check_output_file(args.json, "--json")  # before hours of training, not after
-    # the split before any training: a study scores test cases, so it needs some
-    split = load_manifest(resolve_cache(args.data, config, runs_dir=args.out))["split"]
-    if not split.get("test"):
-        raise ValueError(
-            f"--data {args.data}: its split has no test case "
-            f"({ {k: len(v) for k, v in split.items()} }); a study scores test cases: give "
-            "more cases or other data.split_fractions (--set data.split_fractions=...)"
-        )
-    results = {
-        m: train_seeds(config, m, args.data, args.out, args.seeds, device=args.device,
-                       progress=True)
-        for m in args.methods
-    }
-    report: dict = {"profile": args.profile, "data": str(args.data), "seeds": args.seeds,
-                    "methods": {}, "comparisons": []}
-    for method, seeds in results.items():
-        report["methods"][method] = [
-            {"seed": r.seed, "run": r.run_dir.name, "best_val": r.best, "per_case": r.per_case}
-            for r in seeds
-        ]
-        means = [float(sum(r.per_case.values()) / len(r.per_case)) for r in seeds if r.per_case]
-        shown = ", ".join(f"{v:.3f}" for v in means) or "no test cases"
-        print(f"{method}: test mean Dice per seed {shown}")
-    first = args.methods[0]
-    for other in args.methods[1:]:
-        a = {r.seed: r.per_case for r in results[first]}
-        b = {r.seed: r.per_case for r in results[other]}
-        if not all(a.values()):
-            break
-        diff = paired_difference(a, b, names=(first, other))
-        report["comparisons"].append({"a": first, "b": other, **diff})
-        print(diff["verdict"])
+    report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
+                       echo=print)
     if args.json is not None:
         atomic_write_json(args.json, report)
     return 0
@@ -626,10 +594,8 @@ def metrics_main(args: argparse.Namespace) -> int:
                 print(f"convention: {conv}; mean over {n} pairs of {args.fused}")
                 for k, v in res["mean"].items():
                     print(f"  {k:>20}: {format_value(v)}")
-            if args.csv is not None:
-                print(f"wrote {args.csv}")
-            else:
-                print("(the per-pair values: --csv FILE or --json)")
+            print(f"wrote {args.csv}" if args.csv is not None
+                  else "(the per-pair values: --csv FILE or --json)")
         return 0
     for path, what in ((args.fused, "--fused"), (args.a, "--a"), (args.b, "--b")):
         if not path.is_file():
@@ -720,9 +686,7 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as one ``fuse4seg: warning: ...`` line, without the package's source line
-    (``python -W error`` or ``PYTHONWARNINGS`` still apply; the library's own callers see
-    Python's usual format)."""
+    """A warning as one ``fuse4seg: warning: ...`` line, without Python's file:line."""
     return f"fuse4seg: warning: {message}\n"
 
 

@@ -383,8 +383,12 @@ def _apply(config: Config, overrides: Mapping[str, Any]) -> Config:
             top["profile"] = value
             continue
         if key not in names:
+            import difflib
+
+            close = dict.fromkeys(names[c] for c in difflib.get_close_matches(key, list(names)))
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
             raise ConfigError(
-                f"unknown setting {key!r}. Valid settings: {', '.join(valid_names())}"
+                f"unknown setting {key!r}{hint} Valid settings: {', '.join(valid_names())}"
             )
         section, fname = names[key].split(".", 1)
         cls = _SECTIONS[section]

@@ -28,7 +28,7 @@ Explained in chapter 4 (``book/04_bilevel_training.md``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_cached",
     "evaluation_key",
     "paired_difference",
+    "run_study",
     "train_one",
     "train_parallel",
     "train_seeds",
@@ -100,6 +101,69 @@ def train_seeds(
     return [train_one(config, method, data, out, seed, ablation=ablation, device=device,
                       progress=progress, restart_if_code_changed=restart_if_code_changed)
             for seed in check_seeds(seeds)]
+
+
+def run_study(
+    config,
+    methods: Sequence[str],
+    data: str | Path,
+    out: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    device: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``fuse4seg study``: train each of ``methods`` over ``seeds`` (:func:`train_seeds`, runs
+    reused), score every test case, and compare the first method with each other one
+    (:func:`paired_difference`).
+
+    The split is checked before any training: a study scores test cases, so a split without
+    one is refused at once rather than after hours of training.
+
+    Args:
+        echo: called with each line of the summary (per method, its test mean Dice per seed;
+            then each comparison's verdict), e.g. ``print``.
+
+    Returns:
+        ``{"profile", "data", "seeds", "methods": {method: [{"seed", "run", "best_val",``
+        ``"per_case"}]}, "comparisons": [{"a", "b", **paired_difference(...)}]}``.
+
+    Raises:
+        ValueError: a split with no test case (the message gives the split's sizes), and what
+            :func:`train_seeds` raises.
+    """
+    from fuse4seg.data.slices import load_manifest
+    from fuse4seg.train.runs import resolve_cache
+
+    echo = echo or (lambda line: None)
+    split = load_manifest(resolve_cache(data, config, runs_dir=out))["split"]
+    if not split.get("test"):
+        raise ValueError(
+            f"--data {data}: its split has no test case "
+            f"({ {k: len(v) for k, v in split.items()} }); a study scores test cases: give "
+            "more cases or other data.split_fractions (--set data.split_fractions=...)"
+        )
+    results = {m: train_seeds(config, m, data, out, seeds, device=device, progress=True)
+               for m in methods}
+    report: dict[str, Any] = {"profile": config.profile, "data": str(data),
+                              "seeds": list(seeds), "methods": {}, "comparisons": []}
+    for method, runs in results.items():
+        report["methods"][method] = [
+            {"seed": r.seed, "run": r.run_dir.name, "best_val": r.best, "per_case": r.per_case}
+            for r in runs
+        ]
+        means = [float(sum(r.per_case.values()) / len(r.per_case)) for r in runs if r.per_case]
+        echo(f"{method}: test mean Dice per seed "
+             + (", ".join(f"{v:.3f}" for v in means) or "no test cases"))
+    first = methods[0]
+    for other in methods[1:]:
+        a = {r.seed: r.per_case for r in results[first]}
+        b = {r.seed: r.per_case for r in results[other]}
+        if not all(a.values()):
+            break
+        diff = paired_difference(a, b, names=(first, other))
+        report["comparisons"].append({"a": first, "b": other, **diff})
+        echo(diff["verdict"])
+    return report
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:

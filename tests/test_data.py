@@ -412,6 +412,9 @@ def test_prepare_cli(shared_data, tmp_path, capsys):
 def test_config_unknown_name_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown setting 'inner_stepz'.*train.inner_steps"):
         get_config("smoke", {"inner_stepz": 3})
+    # the likely name first, before the whole list
+    with pytest.raises(ConfigError, match=r"'train.lr_leadr'; did you mean 'train.lr_leader'"):
+        get_config("smoke", {"train.lr_leadr": 1e-3})
 
 
 def test_config_bad_values():

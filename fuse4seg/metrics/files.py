@@ -128,8 +128,8 @@ def score_folder(
 
 
 def format_value(v: float) -> str:
-    """A metric value for a table or CSV cell (``nan`` for missing)."""
-    return "nan" if not math.isfinite(v) else f"{v:.6g}"
+    """A metric value for a table or CSV cell (``nan`` for missing; ``0``, not ``-0``)."""
+    return "nan" if not math.isfinite(v) else f"{v + 0.0:.6g}"
 
 
 def write_csv(path: Path, results: dict[str, dict]) -> None:
