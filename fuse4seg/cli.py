@@ -116,29 +116,14 @@ def check_main(args: argparse.Namespace) -> int:
     ED, ET), or the errors (missing modality, shape/affine mismatch, NaN/inf, all-zero volume,
     labels outside the scheme, unreadable file).
     """
-    from fuse4seg.data.layouts import check_dataset
+    from fuse4seg.data.layouts import check_dataset, check_table
 
     summaries = check_dataset(
         args.data_dir, args.layout, progress=not args.json, workers=args.workers,
         patterns=_patterns(args),
     )
     bad = [s for s in summaries if s["errors"]]
-    if args.json:
-        print(json.dumps(summaries, indent=2))
-    else:
-        print(f"{'case':<28} {'layout':<10} {'shape':<16} {'NCR':>8} {'ED':>8} {'ET':>8}")
-        for s in summaries:
-            if s["errors"]:
-                first = s["errors"][0].removeprefix(f"case {s['case_id']}: ")
-                print(f"{s['case_id']:<28} {s['layout']:<10} BAD: {first}")
-                continue
-            c = s["label_counts"]
-            shape = "x".join(map(str, s["shape"]))
-            print(
-                f"{s['case_id']:<28} {s['layout']:<10} {shape:<16} "
-                f"{c['NCR']:>8} {c['ED']:>8} {c['ET']:>8}"
-            )
-        print(f"{len(summaries) - len(bad)} good, {len(bad)} bad")
+    print(json.dumps(summaries, indent=2) if args.json else "\n".join(check_table(summaries)))
     for s in bad:
         for error in s["errors"]:
             error = error.removeprefix(f"case {s['case_id']}: ")
@@ -281,8 +266,8 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                         help="cases to score (default: test)")
     parser.add_argument("--json", type=Path, help="write the result here")
-    parser.add_argument("--which", default="best", choices=["best", "ema", "last"],
-                        help="checkpoint of a run folder (default: best)")
+    parser.add_argument("--which", choices=["best", "ema", "last"],
+                        help="checkpoint of a run folder (default: best, else ema)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
@@ -347,12 +332,9 @@ def predict_main(args: argparse.Namespace) -> int:
     """
     from fuse4seg.inference import predict_files
 
-    if args.which is not None and args.checkpoint.is_file():
-        raise ValueError(f"--which {args.which}: --checkpoint {args.checkpoint} is a checkpoint "
-                         "file; --which chooses one inside a run folder")
     written = predict_files(
         args.checkpoint, args.t1ce, args.flair, args.out, scheme=args.scheme,
-        batch_size=args.batch_size, device=args.device, which=args.which or "best",
+        batch_size=args.batch_size, device=args.device, which=args.which,
         mask=args.mask, progress=True,
     )
     print(f"checkpoint: {written['checkpoint']} (epoch {written['epoch']})")
@@ -502,7 +484,7 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     mean values, --images the fused Y and colour PNGs.
     """
     from fuse4seg.fusion_baselines import BASELINES
-    from fuse4seg.metrics.files import conventions_of
+    from fuse4seg.metrics.files import conventions_of, table_lines
     from fuse4seg.metrics.fusion import nan_to_none
     from fuse4seg.train.fusion_only import evaluate_fusion, load_fusion_leader
     from fuse4seg.utils import atomic_write_json, check_output_file
@@ -533,12 +515,10 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     }
     if args.json is not None:
         atomic_write_json(args.json, nan_to_none(out))
-    for conv, res in result["metrics"].items():
-        print(
-            f"{label} on {len(pairs)} {args.kind} {split} pairs of {args.pairs}; convention: {conv}"
-        )
-        for k, v in res["mean"].items():
-            print(f"  {k:>20}: {v:.6g}")
+    means = {conv: res["mean"] for conv, res in result["metrics"].items()}
+    header = f"{label} on {len(pairs)} {args.kind} {split} pairs of {args.pairs}; "
+    header += "convention: {conv}"
+    print("\n".join(table_lines(means, header)))
     return 0
 
 
@@ -569,10 +549,10 @@ def metrics_main(args: argparse.Namespace) -> int:
     """
     from fuse4seg.metrics.files import (
         conventions_of,
-        format_value,
         parse_metric_names,
         score_folder,
         score_pair,
+        table_lines,
         write_csv,
     )
     from fuse4seg.metrics.fusion import nan_to_none
@@ -589,11 +569,10 @@ def metrics_main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(nan_to_none(results), indent=2))
         else:
-            for conv, res in results.items():
-                n = len(res["per_pair"])
-                print(f"convention: {conv}; mean over {n} pairs of {args.fused}")
-                for k, v in res["mean"].items():
-                    print(f"  {k:>20}: {format_value(v)}")
+            n = len(next(iter(results.values()))["per_pair"])
+            means = {conv: res["mean"] for conv, res in results.items()}
+            print("\n".join(table_lines(means, f"convention: {{conv}}; mean over {n} pairs "
+                                                f"of {args.fused}")))
             print(f"wrote {args.csv}" if args.csv is not None
                   else "(the per-pair values: --csv FILE or --json)")
         return 0
@@ -607,10 +586,8 @@ def metrics_main(args: argparse.Namespace) -> int:
         out = {"fused": str(args.fused), "a": str(args.a), "b": str(args.b), "metrics": results}
         print(json.dumps(nan_to_none(out), indent=2))
     else:
-        for conv, row in results.items():
-            print(f"convention: {conv}; fused {args.fused}; A {args.a}; B {args.b}")
-            for k, v in row.items():
-                print(f"  {k:>20}: {format_value(v)}")
+        header = f"convention: {{conv}}; fused {args.fused}; A {args.a}; B {args.b}"
+        print("\n".join(table_lines(results, header)))
     return 0
 
 
@@ -662,6 +639,7 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
         "via bi-level optimisation.",
     )
     parser.add_argument("--version", action="version", version=f"fuse4seg {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, prefix in COMMANDS.items():
@@ -679,10 +657,16 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
                 )
             sub = groups[path[0]].add_parser(path[1], help=help_text, description=run.__doc__)
         sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        # also after the verb; SUPPRESS keeps a top-level --debug when this one is not given
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help=DEBUG_HELP)
         if only is None or path == only:
             add_arguments(sub)
         sub.set_defaults(_run=run)
     return parser
+
+
+DEBUG_HELP = "on an error, show Python's traceback, not only the one-line message"
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
@@ -704,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
         print("fuse4seg: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         if isinstance(exc, KeyError):
             message = str(exc.args[0])
         elif isinstance(exc, OSError) and exc.filename and exc.strerror:

@@ -14,7 +14,6 @@ Explained in chapter 4 (``book/04_bilevel_training.md``).
 from __future__ import annotations
 
 import gzip
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from fuse4seg.metrics.segmentation import tumour_mean
 from fuse4seg.models import build_leader, place_leader
 from fuse4seg.train.checkpoint import load_checkpoint
 from fuse4seg.train.methods import build_follower, get_method
-from fuse4seg.utils import atomic_write_bytes, atomic_write_json
+from fuse4seg.utils import atomic_write_bytes, atomic_write_json, probe_writable
 
 __all__ = [
     "Bundle",
@@ -66,16 +65,29 @@ def default_batch_size(device: torch.device | str) -> int:
     return 4 if torch.device(device).type == "cpu" else 16
 
 
-def _checkpoint_path(checkpoint: str | Path, which: str) -> Path:
+def _checkpoint_path(checkpoint: str | Path, which: str | None = None) -> Path:
+    """The checkpoint file of a run folder (``which``: ``best``, the default, falling back to
+    ``ema``; ``ema``; ``last``) or ``checkpoint`` itself when it is a file.
+
+    Raises:
+        FileNotFoundError: no such folder or file, or no such checkpoint in the folder.
+        ValueError: an unknown ``which``, or a ``which`` given with a checkpoint file (it
+            chooses a file inside a run folder; silently ignoring it would score another
+            checkpoint than the one asked for).
+    """
     path = Path(checkpoint)
+    order = {"best": ["best.pt", "ema.pt"], "ema": ["ema.pt"], "last": ["last.pt"]}
+    if which is not None and which not in order:
+        raise ValueError(f"--which {which!r}: choose best, ema or last")
     if path.is_file():
+        if which is not None:
+            raise ValueError(f"--which {which}: {path} is a checkpoint file; --which chooses "
+                             "one inside a run folder")
         return path
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
     folder = path / "checkpoints"
-    order = {"best": ["best.pt", "ema.pt"], "ema": ["ema.pt"], "last": ["last.pt"]}
-    if which not in order:
-        raise ValueError(f"which={which!r}: choose best, ema or last")
+    which = which or "best"
     for name in order[which]:
         if (folder / name).is_file():
             return folder / name
@@ -84,14 +96,16 @@ def _checkpoint_path(checkpoint: str | Path, which: str) -> Path:
     )
 
 
-def load_bundle(checkpoint: str | Path, which: str = "best", device: str = "auto") -> Bundle:
+def load_bundle(checkpoint: str | Path, which: str | None = None,
+                device: str = "auto") -> Bundle:
     """Load the EMA leader and follower of a run folder or a checkpoint file.
 
     Args:
         checkpoint: a run folder (``best.pt``, falling back to ``ema.pt``) or a ``.pt`` file
             (a bundle, or a training state ``last.pt``, whose EMA leader is used, and its
             follower's weight average where ``train.follower_ema`` kept one).
-        which: ``"best"``, ``"ema"`` or ``"last"`` when ``checkpoint`` is a folder.
+        which: ``"best"`` (the default), ``"ema"`` or ``"last"`` when ``checkpoint`` is a
+            folder; must be ``None`` for a file.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
 
     Raises:
@@ -334,11 +348,7 @@ def _writable_folder(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--out {out_dir}: cannot create the folder ({err.strerror})") from err
-    try:  # a real write: os.access says yes to root even on a read-only mount
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        raise ValueError(f"--out {out_dir}: cannot write there ({err.strerror})") from err
+    probe_writable(out_dir, "--out")
 
 
 def predict_files(
@@ -349,7 +359,7 @@ def predict_files(
     scheme: str | None = None,
     batch_size: int | None = None,
     device: str = "auto",
-    which: str = "best",
+    which: str | None = None,
     mask: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -392,6 +402,7 @@ def predict_files(
             raise ValueError(f"{flag} {path}: is a folder; give the NIfTI file")
         if not path.is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
+    _checkpoint_path(checkpoint, which)  # a wrong checkpoint or --which: before any read
     a, affine, header = load_volume(t1ce, "T1ce")
     b, affine_b, _ = load_volume(flair, "FLAIR")
     for arr, path in ((a, t1ce), (b, flair)):
@@ -431,13 +442,17 @@ def predict_files(
     scheme = scheme or _scheme_of(t1ce, bundle.scheme, brats2013=case_2013 is not None)
     if scheme not in EXPORT:
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
-    created = not out_dir.exists()
-    _writable_folder(out_dir)  # before the model runs: minutes at the paper's size
+    # the folders this call makes (deepest first): a failed or stopped prediction removes
+    # those it left empty, so no empty folder chain is left behind
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
+        _writable_folder(out_dir)  # before the model runs: minutes at the paper's size
         fused, seg = predict_volume(bundle, a, b, brain, batch_size, progress=progress)
     except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # no empty folder left by a failed prediction
+        for folder in made:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
         raise
     paths = {"fused": out_dir / "fused.nii.gz", "seg": out_dir / "seg.nii.gz"}
     # both files are encoded before either is written; a fused.nii.gz left by another model
@@ -470,7 +485,7 @@ def evaluate_run(
     data: str | Path,
     split: str = "test",
     json_out: str | Path | None = None,
-    which: str = "best",
+    which: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = False,
@@ -487,6 +502,7 @@ def evaluate_run(
         cache: where the cache of a raw ``data`` folder is or is prepared; default: the run's
             runs folder, ``cache-<hash>``, where ``train`` prepared it.
         split: ``"test"``, ``"val"``, ``"train"`` or ``"all"``.
+        which: the checkpoint of a run folder (:func:`load_bundle`; default ``best``).
         json_out: also write the result there (atomically).
 
     Returns:

@@ -135,14 +135,17 @@ def run_study(
     from fuse4seg.train.runs import resolve_cache
 
     echo = echo or (lambda line: None)
-    split = load_manifest(resolve_cache(data, config, runs_dir=out))["split"]
+    # resolved once: the runs train on this cache, and a raw folder's sources are not
+    # checked again for every method and seed
+    cache = resolve_cache(data, config, runs_dir=out)
+    split = load_manifest(cache)["split"]
     if not split.get("test"):
         raise ValueError(
             f"--data {data}: its split has no test case "
             f"({ {k: len(v) for k, v in split.items()} }); a study scores test cases: give "
             "more cases or other data.split_fractions (--set data.split_fractions=...)"
         )
-    results = {m: train_seeds(config, m, data, out, seeds, device=device, progress=True)
+    results = {m: train_seeds(config, m, cache, out, seeds, device=device, progress=True)
                for m in methods}
     report: dict[str, Any] = {"profile": config.profile, "data": str(data),
                               "seeds": list(seeds), "methods": {}, "comparisons": []}

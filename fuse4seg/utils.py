@@ -19,6 +19,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "check_output_file",
+    "probe_writable",
     "atomic_write_text",
     "ENV_SWITCHES",
     "check_env_switches",
@@ -141,11 +142,21 @@ def check_output_file(path: str | Path, flag: str) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    probe_writable(ancestor, f"{flag} {path}")
+
+
+def probe_writable(folder: str | Path, what: str) -> None:
+    """Check that a file can be made in the existing ``folder``, with a real temporary file
+    (``os.access`` says yes to root even on a read-only mount); nothing is left behind.
+
+    Raises:
+        ValueError: ``"{what}: cannot write in {folder} (reason)"``.
+    """
     try:
-        with tempfile.TemporaryFile(dir=ancestor):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror})") from err
+        raise ValueError(f"{what}: cannot write in {folder} ({err.strerror})") from err
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,5 +1,7 @@
 """The command line: every verb of the design's CLI contract is wired and documented."""
 
+from pathlib import Path
+
 import pytest
 
 from fuse4seg.cli import COMMANDS, build_parser, main
@@ -71,7 +73,8 @@ def test_os_errors_name_the_asked_for_file_and_a_bad_device_fails_first(tmp_path
 
 
 def test_light_verbs_do_not_import_torch():
-    """`--version`, `--help`, `metrics` and `data check` answer without importing torch."""
+    """Parsing `metrics` and `data check` and importing their modules imports no torch, and
+    `--version` answers (the slow `test_bench_cli` runs every light verb for real)."""
     import subprocess
     import sys
 
@@ -101,6 +104,9 @@ def test_a_verb_gets_only_its_own_options():
     parser = build_parser(only=("train",))
     args = parser.parse_args(["train", "--data", "d", "--method", "average"])
     assert args.method == "average"
+    with pytest.raises(SystemExit) as stop:  # another verb's options are not there
+        parser.parse_args(["metrics", "--fused", "f", "--a", "a", "--b", "b"])
+    assert stop.value.code == 2
 
 
 @pytest.mark.parametrize("name, value", [("FUSE4SEG_ADAMW", "lop"),
@@ -173,6 +179,41 @@ def test_study_refuses_an_unwritable_json_and_a_split_without_test_cases(phantom
     assert "its split has no test case" in err and "'test': 0" in err
 
 
+def test_a_study_resolves_the_cache_once_and_trains_on_it(phantom_dir, tmp_path, monkeypatch):
+    """run_study prepares (or finds) the raw folder's cache once and hands that cache to every
+    method's runs, so the sources are not checked again per method and seed."""
+    from fuse4seg import study
+    from fuse4seg.config import get_config
+    from fuse4seg.data import slices
+
+    given, prepared = [], []
+    real = slices.prepare_cache
+    monkeypatch.setattr(slices, "prepare_cache",
+                        lambda *a, **k: prepared.append(1) or real(*a, **k))
+
+    def fake(config, method, data, out, seeds, **kwargs):
+        given.append(Path(data))
+        return [study.SeedResult(method, s, Path(out), None, None) for s in seeds]
+
+    monkeypatch.setattr(study, "train_seeds", fake)
+    report = study.run_study(get_config("smoke"), ["fuse4seg", "average"], phantom_dir,
+                             tmp_path / "runs", seeds=[0, 1])
+    assert len(prepared) == 1 and len(given) == 2 and given[0] == given[1]
+    assert (given[0] / "manifest.json").is_file() and given[0].parent == tmp_path / "runs"
+    assert report["data"] == str(phantom_dir) and report["comparisons"] == []
+
+
+def test_debug_shows_the_traceback_before_the_one_line_error(tmp_path, capsys):
+    missing = str(tmp_path / "none")
+    for argv in (["--debug", "data", "check", missing], ["data", "check", missing, "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "DataError" in err
+        assert err.rstrip().endswith(f"fuse4seg: error: {missing}: no such folder")
+    assert main(["data", "check", missing]) == 2
+    assert capsys.readouterr().err == f"fuse4seg: error: {missing}: no such folder\n"
+
+
 def test_fusion_evaluate_refuses_a_split_for_the_single_set_of_gfp_pc(tmp_path, capsys):
     assert main(["fusion", "evaluate", "max", "--pairs", str(tmp_path), "--kind", "GFP-PC",
                  "--split", "test"]) == 2
@@ -186,3 +227,23 @@ def test_check_output_file_creates_nothing(tmp_path):
     assert not (tmp_path / "new").exists()
     with pytest.raises(ValueError, match="is a folder; give a file name"):
         check_output_file(tmp_path, "--json")
+
+
+def test_one_write_probe_serves_output_files_and_predict_folders(tmp_path, monkeypatch):
+    """A folder that refuses a real file (a read-only mount: os.access says yes to root)
+    is named with the flag, by the one probe both checks share."""
+    import tempfile
+
+    from fuse4seg.inference import _writable_folder
+    from fuse4seg.utils import check_output_file
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ValueError, match=f"--csv {tmp_path / 'm.csv'}: cannot write in "
+                                         f"{tmp_path} \\(Read-only file system\\)"):
+        check_output_file(tmp_path / "m.csv", "--csv")
+    with pytest.raises(ValueError, match=f"--out: cannot write in {tmp_path / 'o'} "
+                                         "\\(Read-only file system\\)"):
+        _writable_folder(tmp_path / "o")

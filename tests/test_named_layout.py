@@ -65,14 +65,25 @@ def test_explicit_patterns_override_detection(renamed, tmp_path):
     assert case.layout == "named" and case.paths["seg"].name == "roi.nii.gz"
     with pytest.raises(DataError, match="unknown keys"):
         find_cases(odd.parent, patterns={"t2": "x*"})
-    # a pattern that matches several files names them, instead of taking the first
+    # a pattern that matches several files names them, instead of taking the first; the case
+    # is found (so `data check` goes on to the other cases) and refused when it is read
+    (several,) = find_cases(odd.parent, patterns={"t1ce": "*.nii.gz", "flair": "fl*",
+                                                  "seg": "roi*"})
     with pytest.raises(DataError) as info:
-        find_cases(odd.parent, patterns={"t1ce": "*.nii.gz", "flair": "fl*", "seg": "roi*"})
+        load_case(several)
     message = str(info.value)
-    assert "--t1ce-pattern '*.nii.gz' matches 3 files" in message and "fl.nii.gz" in message
+    assert message.startswith("case p1: --t1ce-pattern '*.nii.gz' matches 3 files")
+    assert "fl.nii.gz" in message
     # one file in two roles (FLAIR read as T1ce too) is refused
+    (twice,) = find_cases(odd.parent, patterns={"t1ce": "fl*", "flair": "fl*", "seg": "roi*"})
     with pytest.raises(DataError, match="fl.nii.gz would be read as both t1ce and flair"):
-        find_cases(odd.parent, patterns={"t1ce": "fl*", "flair": "fl*", "seg": "roi*"})
+        load_case(twice)
+    # a segmentation pattern that matches nothing is named, and only where it is needed
+    (no_seg,) = find_cases(odd.parent, patterns={"t1ce": "post*", "flair": "fl*",
+                                                 "seg": "label*"})
+    with pytest.raises(DataError, match=r"--seg-pattern 'label\*' matches no file in"):
+        load_case(no_seg)
+    assert load_case(no_seg, require_seg=False).seg is None
 
 
 def test_scheme_guess_from_values():
@@ -88,3 +99,21 @@ def test_cli_check_with_patterns(renamed, tmp_path, capsys):
     assert main(["data", "check", str(root / "caseA"), "--t1ce-pattern", "T1c*",
                  "--flair-pattern", "Flair*", "--seg-pattern", "seg*", "--json"]) == 0
     assert '"layout": "named"' in capsys.readouterr().out
+
+
+def test_cli_check_marks_a_case_with_an_ambiguous_pattern_bad_and_checks_the_others(
+        renamed, tmp_path, capsys):
+    from fuse4seg.cli import main
+
+    root, _ = renamed
+    data = tmp_path / "two"
+    shutil.copytree(root / "caseA", data / "good")
+    shutil.copytree(root / "caseA", data / "extra")
+    shutil.copy(root / "caseA" / "T1c.nii.gz", data / "extra" / "T1c_old.nii.gz")
+    argv = ["data", "check", str(data), "--t1ce-pattern", "T1c*", "--flair-pattern", "Flair*",
+            "--seg-pattern", "seg*"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "1 good, 1 bad" in captured.out
+    assert ("bad case extra: --t1ce-pattern 'T1c*' matches 2 files" in captured.err
+            and "T1c_old.nii.gz" in captured.err)

@@ -85,7 +85,7 @@ def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
 
 
 def test_predict_clears_the_inputs_display_window_and_names_its_checkpoint(phantom_dir, tmp_path,
-                                                                           capsys):
+                                                                           capsys, monkeypatch):
     """A T1ce header with a display window (cal_max 2000) and an intent: the outputs keep the
     grid but not those fields, which describe the input's intensities; the checkpoint used is
     printed; --which with a checkpoint file is refused by name."""
@@ -107,14 +107,51 @@ def test_predict_clears_the_inputs_display_window_and_names_its_checkpoint(phant
         assert image.header.get_intent()[0] == intent
         np.testing.assert_allclose(image.affine, src.affine)
     best = run / "checkpoints" / "best.pt"
-    assert _predict(best, windowed, flair, tmp_path / "o2", "--which", "ema") == 2
-    assert "--which ema: --checkpoint" in capsys.readouterr().err
+    from fuse4seg.data import layouts
+
+    with monkeypatch.context() as patch:  # refused before any volume is read
+        patch.setattr(layouts, "load_volume", lambda *a, **k: pytest.fail("volume read"))
+        assert _predict(best, windowed, flair, tmp_path / "o2", "--which", "ema") == 2
+    err = capsys.readouterr().err
+    assert f"--which ema: {best} is a checkpoint file" in err
     assert not (tmp_path / "o2").exists()
     # a folder where a file goes, a file where the folder goes: said as such
     assert _predict(run, tmp_path, flair, tmp_path / "o3") == 2
     assert f"--t1ce {tmp_path}: is a folder" in capsys.readouterr().err
     assert _predict(run, windowed, flair, windowed) == 2
     assert f"--out {windowed}: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_which_with_a_checkpoint_file_is_refused_by_evaluate_too(phantom_dir, tmp_path, capsys):
+    """The check lives where the checkpoint is chosen, so every caller gets it."""
+    from fuse4seg.inference import _checkpoint_path, load_bundle
+
+    run = _make_run(tmp_path)
+    best = run / "checkpoints" / "best.pt"
+    assert main(["evaluate", str(best), "--data", str(phantom_dir), "--which", "last"]) == 2
+    assert f"--which last: {best} is a checkpoint file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a checkpoint file"):
+        load_bundle(best, which="best")
+    assert _checkpoint_path(best) == best and _checkpoint_path(run) == best
+    with pytest.raises(ValueError, match="choose best, ema or last"):
+        _checkpoint_path(run, "newest")
+
+
+def test_a_stopped_predict_removes_the_folders_it_made(phantom_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    import fuse4seg.inference as inference
+
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "predict_volume", stop)
+    (tmp_path / "kept").mkdir()
+    assert _predict(run, t1ce, flair, tmp_path / "kept" / "a" / "b" / "out") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):
@@ -265,9 +302,19 @@ def test_evaluate_writes_per_case_and_mean_scores(phantom_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result["split"] == "test" and len(result["cases"]) == 1
     (case,) = result["cases"]
-    assert set(result["per_case"][case]) >= {"NCR", "ED", "ET", "WT", "TC", "mean"}
-    assert 0.0 <= result["mean_dice"] <= 1.0 and 0.0 <= result["mean_iou"] <= 1.0
+    scores = result["per_case"][case]
+    assert set(scores) >= {"NCR", "ED", "ET", "WT", "TC", "mean"}
+    # one case: the means are its NCR, ED and ET scores' mean (the paper's Mean Dice)
+    for key in ("dice", "iou"):
+        assert result[f"mean_{key}"] == pytest.approx(
+            np.mean([scores[c][key] for c in ("NCR", "ED", "ET")]))
     assert result["checkpoint"] == "best.pt"
+    # a follower that says "background" everywhere scores 0 on a case with every region
+    from fuse4seg.inference import evaluate_run
+
+    silent = evaluate_run(_make_run(tmp_path / "bg", favour=0), phantom_dir, device="cpu")
+    assert silent["cases"] == [case] and silent["mean_dice"] == 0.0
+    assert all(silent["per_case"][case][c]["dice"] == 0.0 for c in ("NCR", "ED", "ET"))
 
 
 def test_an_unwritable_json_is_refused_before_any_scoring(phantom_dir, tmp_path, capsys,

@@ -40,6 +40,10 @@ class CaseFiles:
     case_id: str
     layout: str
     paths: dict[str, Path | None] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+    """Why a role of a ``named`` case has no file (an explicit pattern that matches no file or
+    several, one file in two roles); :func:`~fuse4seg.data.layouts.load_case` raises it for a
+    role it needs, so ``data check`` marks that one case bad instead of stopping."""
 
     @property
     def scheme(self) -> str:
@@ -87,39 +91,45 @@ def _stem(path: Path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", path.name.lower())
 
 
-def _named_paths(folder: Path, patterns: dict[str, str] | None = None) -> dict[str, Path | None]:
-    """``{"t1ce", "flair", "seg", "mask"}`` of a ``named`` case: explicit glob ``patterns``
-    (case-sensitive, as given) or :data:`NAMED_PATTERNS`; the first match in name order.
+_NO_MATCH = "matches no file"
 
-    Raises:
-        DataError: an explicit pattern matches more than one file of the folder, or one file
-            would be read as two of the roles (e.g. ``--t1ce-pattern '*.nii.gz'`` also
-            matching the FLAIR file).
+
+def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFiles:
+    """The ``named`` case of ``folder``: explicit glob ``patterns`` (case-sensitive, as given)
+    or :data:`NAMED_PATTERNS`; the first match in name order.
+
+    A role gets no file, and a :attr:`CaseFiles.problems` entry that says why, when its
+    explicit pattern matches no file or more than one (instead of taking the first), or when
+    its file is already another role's (e.g. ``--t1ce-pattern '*.nii.gz'`` also matching the
+    FLAIR file).
     """
     files = _nifti_files(folder)
-    out: dict[str, Path | None] = {}
+    paths: dict[str, Path | None] = {}
+    problems: dict[str, str] = {}
     for key, regex in NAMED_PATTERNS.items():
         if patterns and patterns.get(key):
+            flag = f"--{key.replace('_', '-')}-pattern {patterns[key]!r}"
             hits = sorted(p for p in folder.glob(patterns[key]) if p in files)
             if len(hits) > 1:
-                raise DataError(
-                    f"case folder {folder}: --{key.replace('_', '-')}-pattern "
-                    f"{patterns[key]!r} matches {len(hits)} files "
-                    f"({', '.join(p.name for p in hits)}); give a pattern that matches one"
-                )
+                problems[key] = (f"{flag} matches {len(hits)} files in {folder} "
+                                 f"({', '.join(p.name for p in hits)}); give a pattern that "
+                                 "matches one")
+                hits = []
+            elif not hits:
+                problems[key] = (f"{flag} {_NO_MATCH} in {folder} (files found: "
+                                 f"{', '.join(p.name for p in files) or 'none'})")
         else:
             hits = [p for p in files if re.search(regex, _stem(p))]
-        out[key] = hits[0] if hits else None
+        paths[key] = hits[0] if hits else None
     roles: dict[Path, str] = {}
-    for key, path in out.items():
+    for key, path in paths.items():
         if path is not None and path in roles:
-            raise DataError(
-                f"case folder {folder}: {path.name} would be read as both {roles[path]} and "
-                f"{key}; give --{roles[path]}-pattern and --{key}-pattern that tell them apart"
-            )
-        if path is not None:
+            problems[key] = (f"{path.name} would be read as both {roles[path]} and {key}; give "
+                             f"--{roles[path]}-pattern and --{key}-pattern that tell them apart")
+            paths[key] = None
+        elif path is not None:
             roles[path] = key
-    return out
+    return CaseFiles(folder.name, "named", paths, problems)
 
 
 def detect_layout(folder: str | Path) -> str | None:
@@ -138,7 +148,7 @@ def detect_layout(folder: str | Path) -> str | None:
     if hits[best] >= 2 or (best == "brats2013" and hits[best] >= 1):
         return best
     if folder.is_dir():
-        named = _named_paths(folder)
+        named = _named_case(folder).paths
         if named["t1ce"] is not None and named["flair"] is not None:
             return "named"
     return best if hits[best] else None
@@ -173,7 +183,7 @@ def _case_files(folder: Path, layout: str) -> CaseFiles:
             "mask": ["brainmask*"],
         }
     elif layout == "named":
-        return CaseFiles(case_id=folder.name, layout=layout, paths=_named_paths(folder))
+        return _named_case(folder)
     else:
         raise DataError(f"{folder}: unknown layout {layout!r}; choose one of {LAYOUTS}")
     paths = {key: _first(folder, _nifti_patterns(stems)) for key, stems in find.items()}
@@ -233,15 +243,18 @@ def find_cases(
         cases = []
         for folder in folders:
             if patterns:
-                paths = _named_paths(folder, patterns)
-                if paths["t1ce"] is None and paths["flair"] is None:
+                case = _named_case(folder, patterns)
+                # a folder where neither image pattern matches anything is not a case; one
+                # whose pattern matches several files is, and is reported bad when read
+                if all(case.paths[k] is None and _NO_MATCH in case.problems.get(k, _NO_MATCH)
+                       for k in ("t1ce", "flair")):
                     if _nifti_files(folder):
                         raise DataError(
                             f"case folder {folder}: no file matches the patterns {patterns}; "
                             f"files found: {', '.join(p.name for p in _nifti_files(folder))}"
                         )
                     continue
-                cases.append(CaseFiles(folder.name, "named", paths))
+                cases.append(case)
                 continue
             found = detect_layout(folder)
             if found is None:

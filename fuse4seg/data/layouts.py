@@ -83,6 +83,7 @@ __all__ = [
     "DataError",
     "check_case",
     "check_dataset",
+    "check_table",
     "detect_layout",
     "find_cases",
     "guess_scheme",
@@ -387,6 +388,8 @@ def _canonical_seg(raw: np.ndarray, scheme: str, where: str) -> np.ndarray:
 
 def _require(files: CaseFiles, key: str, what: str) -> Path:
     path = files.paths.get(key)
+    if key in files.problems:  # an explicit pattern that matched no file, or several
+        raise DataError(f"case {files.case_id}: {files.problems[key]}")
     if path is None:
         raise DataError(f"case {files.case_id}: missing {what} file ({files.layout} layout)")
     return path
@@ -426,6 +429,9 @@ def load_case(
     raw = {} if raw is None else raw
     t1ce_path = _require(files, "t1ce", "T1ce")
     flair_path = _require(files, "flair", "FLAIR")
+    for key in ("mask", "seg") if require_seg else ("mask",):
+        if key in files.problems:  # an explicit pattern's problem, before any file is read
+            raise DataError(f"case {cid}: {files.problems[key]}")
     checksums: dict[str, str] = {}
 
     def read(key: str, path: Path, what: str, above: float | None = None):
@@ -601,3 +607,21 @@ def check_dataset(
     cases = find_cases(root, layout, patterns)
     with case_map(check_case, cases, workers, progress, "checking cases") as results:
         return list(results)
+
+
+def check_table(summaries: list[dict[str, Any]]) -> list[str]:
+    """The table ``fuse4seg data check`` prints for :func:`check_dataset`'s summaries: per
+    case its layout, shape and voxel counts of NCR, ED and ET, or its first error; then the
+    numbers of good and bad cases."""
+    lines = [f"{'case':<28} {'layout':<10} {'shape':<16} {'NCR':>8} {'ED':>8} {'ET':>8}"]
+    for s in summaries:
+        if s["errors"]:
+            first = s["errors"][0].removeprefix(f"case {s['case_id']}: ")
+            lines.append(f"{s['case_id']:<28} {s['layout']:<10} BAD: {first}")
+            continue
+        c, shape = s["label_counts"], "x".join(map(str, s["shape"]))
+        lines.append(f"{s['case_id']:<28} {s['layout']:<10} {shape:<16} "
+                     f"{c['NCR']:>8} {c['ED']:>8} {c['ET']:>8}")
+    bad = sum(bool(s["errors"]) for s in summaries)
+    lines.append(f"{len(summaries) - bad} good, {bad} bad")
+    return lines

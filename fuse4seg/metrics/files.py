@@ -29,6 +29,7 @@ __all__ = [
     "parse_metric_names",
     "score_folder",
     "score_pair",
+    "table_lines",
     "write_csv",
 ]
 
@@ -130,6 +131,17 @@ def score_folder(
 def format_value(v: float) -> str:
     """A metric value for a table or CSV cell (``nan`` for missing; ``0``, not ``-0``)."""
     return "nan" if not math.isfinite(v) else f"{v + 0.0:.6g}"
+
+
+def table_lines(rows: dict[str, dict[str, float]], header: str) -> list[str]:
+    """The tables the metric verbs print: per convention of ``rows``
+    (``{convention: {metric: value}}``), ``header`` with ``{conv}`` replaced by the
+    convention's name, then one line per metric (values as :func:`format_value`)."""
+    lines = []
+    for conv, row in rows.items():
+        lines.append(header.replace("{conv}", conv))
+        lines.extend(f"  {k:>20}: {format_value(v)}" for k, v in row.items())
+    return lines
 
 
 def write_csv(path: Path, results: dict[str, dict]) -> None:
