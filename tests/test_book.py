@@ -547,8 +547,9 @@ def test_tiny_book_build_layout(tiny_site):
     html = chapter.read_text()
     assert "profile=smoke device=cpu" in html  # the parameters reached the chapter
     assert "application/vnd.jupyter.widget-state+json" in html
-    for script in ("mathjax/tex-chtml-full.js", "requirejs/require.js", "embed-amd.js"):
-        assert f"_static/{script}" in html or script in html
+    for script in ("mathjax/tex-chtml-full.js", "requirejs/require.js",
+                   "html-manager/embed-amd.js"):
+        assert f'src="../_static/{script}' in html, script  # the bundled copy, no CDN
     assert "cdn.jsdelivr.net" not in html and "cdnjs.cloudflare.com" not in html
     assert (tiny_site / "_static" / "mathjax" / "output" / "chtml" / "fonts").is_dir()
 

@@ -236,6 +236,15 @@ def test_geometry_round_trip():
     out = preprocess_volume(img, cfg)
     assert np.isclose(out[0, 2 + 10, 2 + 10], img[40:44, 40:44, 0].mean(), atol=1e-6)
     assert restore_volume(out, img.shape, cfg, labels=False).shape == img.shape
+    # the image path's values: a constant comes back as itself, a ramp along x as the ramp
+    # (bilinear, away from the edges, where the downsampled grid has no neighbour outside)
+    flat = np.full((240, 240, 5), 0.7, np.float32)
+    back = restore_volume(preprocess_volume(flat, cfg), flat.shape, cfg, labels=False)
+    assert np.abs(back - 0.7).max() < 1e-6
+    ramp = np.broadcast_to(np.linspace(0, 1, 240, dtype=np.float32)[:, None, None],
+                           (240, 240, 5)).copy()
+    back = restore_volume(preprocess_volume(ramp, cfg), ramp.shape, cfg, labels=False)
+    assert np.abs(back - ramp)[8:-8].max() < 1e-6
 
 
 def _umask() -> int:

@@ -228,6 +228,30 @@ def test_cross_validation_never_scores_a_training_pair(train_pairs, smoke, tmp_p
         cross_validate(train_pairs, smoke, tmp_path, folds=1)
 
 
+def test_each_pair_gets_the_leader_of_a_fold_that_left_it_out(train_pairs, smoke, monkeypatch):
+    """Which leader each pair is scored with: one per fold, and never one trained on it."""
+    from types import SimpleNamespace
+
+    import fuse4seg.train.fusion_only as fusion_only
+
+    trained_on: dict[int, set[str]] = {}
+
+    def fake_train(pairs, *args, **kwargs):
+        sentinel = object()
+        trained_on[id(sentinel)] = {p.name for p in pairs}
+        return SimpleNamespace(leader=sentinel)
+
+    monkeypatch.setattr(fusion_only, "train_fusion", fake_train)
+    for folds in (2, 3):
+        trained_on.clear()
+        leaders = cross_validate(train_pairs, smoke, "unused", folds=folds)
+        assert sorted(leaders) == ["t1", "t2", "t3"] and len(trained_on) == folds
+        for name, leader in leaders.items():
+            assert name not in trained_on[id(leader)] and trained_on[id(leader)]
+            if folds == 3:  # leave-one-out: trained on exactly the two other pairs
+                assert trained_on[id(leader)] == {"t1", "t2", "t3"} - {name}
+
+
 # ----------------------------------------------------------------- the CLI verbs
 
 

@@ -180,5 +180,7 @@ def test_step_anatomy_parts_and_the_trainer_split(phantom_dir, capsys):
     assert split["calls"]["end of epoch"] == split["epochs"]
     assert split["seconds"]["batches"] > 0 and split["seconds"]["rest"] >= 0
     assert "| all (wall) |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         step_anatomy.main(["--sizes", "64", "16"])
+    assert stop.value.code == 2
+    assert "--sizes must be distinct and increasing" in capsys.readouterr().err

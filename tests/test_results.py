@@ -4,6 +4,7 @@ mismatched cases refused; the cached test evaluation (fuse4seg.study.evaluate_ca
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,10 @@ def test_trained_now_compares_checkpoint_stamps(tmp_path):
     (tmp_path / "b" / "checkpoints" / "last.pt").write_bytes(b"2")
     assert R.checkpoint_stamps(tmp_path).keys() - before.keys() == {"b"}
     assert R.checkpoint_stamps(tmp_path / "missing") == {}
+    # a run that trained on (its last.pt rewritten) gets a new stamp; an untouched one keeps it
+    os.utime(tmp_path / "a" / "checkpoints" / "last.pt", ns=(before["a"] + 10**9,) * 2)
+    after = R.checkpoint_stamps(tmp_path)
+    assert after["a"] == before["a"] + 10**9 and R.checkpoint_stamps(tmp_path)["b"] == after["b"]
 
 
 def test_evaluate_cached_reuses_a_matching_evaluation_only(monkeypatch, tmp_path):
@@ -258,3 +263,10 @@ def test_the_run_table_counts_a_shared_warmup_once(tmp_path):
     assert "| 250 s |" in text
     assert "| 140 s (+ 100 s: full's warm-up) |" in text  # the donor by its row's name
     assert totals["seconds"] == pytest.approx(390.0) and totals["trained"] == 2
+    # the same stamp before and after: reused, and out of the trained totals
+    text, totals = R.runs_markdown([{"full": [full], "A": [a]}], {"fuse4seg-x": 1},
+                                   {"fuse4seg-x": 1, "fuse4seg-a": 2})
+    assert "| `fuse4seg-x` | 2 | 250 s | reused |" in text
+    assert text.rstrip().endswith("| trained |")
+    assert totals["trained"] == 1 and totals["trained_seconds"] == pytest.approx(140.0)
+    assert totals["seconds"] == pytest.approx(390.0)

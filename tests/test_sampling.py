@@ -40,6 +40,11 @@ def test_warmup_batches_are_sharded_by_rank():
 def test_warmup_batches_extend_past_one_pass():
     batches = warmup_batches(5, 4, seed=0, epoch=1, steps=4)
     assert len(batches) == 4 and all(len(b) == 4 for b in batches)
+    # one shuffle of the 5 slices after another: each pass holds every slice once
+    flat = np.concatenate(batches)
+    assert sorted(flat[:5]) == sorted(flat[5:10]) == [0, 1, 2, 3, 4]
+    assert not np.array_equal(flat[:5], flat[5:10])  # a new shuffle, not the same order again
+    assert np.array_equal(flat[:4], warmup_batches(5, 4, seed=0, epoch=1)[0])  # one pass's start
 
 
 def test_rollout_split_never_puts_a_patient_in_both_halves():

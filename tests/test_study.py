@@ -52,7 +52,7 @@ def test_an_interval_across_zero_says_not_distinguishable():
     assert d["low"] < 0 < d["high"]
     assert d["mean"] == pytest.approx(0.0, abs=1e-12)
     assert "not distinguishable at this scale" in d["verdict"]
-    # the interval is reproducible and narrower for more resamples of the same data
+    # the interval is reproducible: the same data and resamples give the same numbers
     assert paired_difference(a, b, n_boot=2000) == d
 
 

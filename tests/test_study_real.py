@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def _module():
@@ -46,10 +45,18 @@ def test_fold_cache_replaces_only_the_split(tmp_path):
     assert (fold / "cases").resolve() == (cache / "cases").resolve()
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="no ../shared/data")
-def test_the_six_visible_real_cases_are_found_in_their_three_layouts(tmp_path):
-    ids = _module().link_cases([SHARED / "brats", SHARED / "brats2013"], tmp_path / "cases")
-    assert len(ids) == 6
+def test_the_six_visible_real_cases_are_found_in_their_three_layouts(shared_data, tmp_path):
+    from fuse4seg.data.layouts import find_cases
+
+    ids = _module().link_cases([shared_data / "brats", shared_data / "brats2013"],
+                               tmp_path / "cases")
+    assert sorted(ids) == ["BraTS-GLI-00000-000", "BraTS2021_00006", "brats_2013_pat0001_1",
+                           "brats_2013_pat0002_1", "brats_2013_pat0003_1",
+                           "brats_2013_pat0004_1"]
+    layouts = {c.case_id: c.layout for c in find_cases(tmp_path / "cases")}
+    assert layouts["BraTS2021_00006"] == "brats2021"
+    assert layouts["BraTS-GLI-00000-000"] == "brats2023"
+    assert {layouts[i] for i in ids if i.startswith("brats_2013")} == {"brats2013"}
 
 
 def test_stage_change_table_reads_the_targets_off_whole_runs(tmp_path):
