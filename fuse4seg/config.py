@@ -5,7 +5,8 @@ Three profiles ship with the package (chapter 1 and chapter 4 explain them):
 - ``smoke``: CI and tests. Tiny models, 64×64 slices (volumes down-sampled 4×), a few steps.
 - ``default``: a laptop CPU on the built-in phantom (3 mm slices cropped to 64×64), minutes
   per chapter.
-- ``paper``: every hyper-parameter of the paper's §4.1 (240×240 slices, K = 5, batch 8, AMP, ...).
+- ``paper``: every hyper-parameter of the paper's §4.1 (K = 5, batch 8, AMP, ...) on BraTS'
+  whole 240×240 slices (the paper gives no slice size; chapter 7 says why we read it so).
 
 A config is built with :func:`get_config` (profile name plus overrides). Overrides are dotted
 names (``"train.inner_steps"``) or, where unambiguous, bare field names (``"inner_steps"``);
@@ -56,17 +57,20 @@ class DataConfig:
     labels) applied before cropping; 1 in the paper profile, 4 for smoke."""
     crop_size: int = 240
     """Slices are centre-cropped or zero-padded to ``crop_size × crop_size`` after
-    down-sampling. 240 in the paper (BraTS' native in-plane size)."""
+    down-sampling. 240 in the ``paper`` profile: BraTS' native in-plane size, our reading (the
+    paper gives no slice size)."""
     min_brain_fraction: float = 0.05
-    """Keep an axial slice only if at least this fraction of its pixels is brain."""
+    """Keep an axial slice only if at least this fraction of its pixels is brain (ours: the
+    paper does not say which slices it trains on)."""
     slice_stride: int = 1
     """Keep every n-th qualifying slice (1 = all)."""
     max_cases: int | None = None
     """Use at most this many cases (sorted by id); ``None`` = all."""
     intensity_percentiles: tuple[float, float] = (0.5, 99.5)
-    """Robust per-volume scaling to [0, 1] inside the brain (``fuse4seg.data.layouts``)."""
+    """Robust per-volume scaling to [0, 1] inside the brain (``fuse4seg.data.layouts``; ours:
+    the paper gives no intensity normalisation)."""
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    """Patient-level train / validation / test fractions."""
+    """Patient-level train / validation / test fractions (ours: the paper gives no split)."""
     split_seed: int = 0
     """Seed of the patient-level split (fixed, so every method sees the same split)."""
 
@@ -105,7 +109,7 @@ class LossConfig:
     dice_class_weights: tuple[float, float, float, float] = (0.1, 1.3, 1.3, 1.3)
     """w_c of §3.5.1 for (background, NCR, ED, ET). The paper does not report them; we
     down-weight the dominant background and keep Σ w_c = C so the Dice term stays in [0, 1]."""
-    dice_smooth: float = 1e-5  # ε of §3.5.1
+    dice_smooth: float = 1e-5  # ε of §3.5.1 (its value is ours: the paper gives none)
 
 
 @dataclass(frozen=True)
@@ -171,10 +175,16 @@ class TrainConfig:
     debugging). Compiled artefacts are cached in ``TORCHINDUCTOR_CACHE_DIR`` (default
     ``~/.cache/fuse4seg/inductor``), so a second run loads them instead of recompiling; the
     speed-up on CPU is measured in ``benchmarks/RESULTS.md``."""
-    grad_clip: float = 1.0
-    """Gradient-norm clipping (not in the paper; a safety net for AMP)."""
+    grad_clip: float = 0.0
+    """Gradient-norm clipping (``<= 0``: none). Not in the paper, so off in ``paper``; 1.0 in
+    ``default`` and ``smoke``, whose runs (and every figure of the book and
+    ``benchmarks/RESULTS.md``) were all made with it. A non-finite loss or gradient stops a run
+    either way (``fuse4seg.train.engine``)."""
     steps_per_epoch: int | None = None
-    """Cap on outer steps per epoch (``None`` = one pass over the training slices)."""
+    """Cap on outer steps per epoch (``None``: ``ceil(N / B)`` steps, as many as one pass of
+    batches over the N training slices takes). In the rollout each step draws its own patients
+    and slices (``fuse4seg.train.sampling``), so an epoch is a number of steps, not a pass:
+    within one, some slices come twice and others not at all."""
     val_every: int = 5
     """Validate every N epochs (and after the last)."""
     val_max_slices: int | None = None
@@ -267,6 +277,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # book"); at this scale's 80 leader steps x_f stays close to x_avg either way
         "model.fusion": "fuse4seg_tiny",
         "model.segmentation": "convnext_unet_small",
+        "train.grad_clip": 1.0,  # not in the paper: every default run was made with it
         # x_f on x_avg's intensity range: without it the follower's validation Dice collapses
         # when the rollout starts (benchmarks/probe_collapse.py; chapter 4)
         "model.anchor_range": True,
@@ -302,6 +313,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.warmup_epochs": 1,
         "train.rollout_epochs": 1,
         "train.inner_steps": 2,
+        "train.grad_clip": 1.0,
         "train.batch_size": 4,
         "train.steps_per_epoch": 2,
         "train.val_every": 1,

@@ -448,6 +448,18 @@ def test_config_yaml_round_trip(tmp_path):
     assert get_config("paper").loss.beta_grad == 5.0
 
 
+def test_the_paper_profile_holds_section_4_1_and_adds_no_clipping():
+    paper = get_config("paper")
+    t, loss = paper.train, paper.loss
+    assert (t.warmup_epochs, t.rollout_epochs, t.inner_steps, t.batch_size) == (40, 120, 5, 8)
+    assert (t.lr_leader, t.lr_follower, t.weight_decay, t.ema_decay) == (1e-4, 3e-4, 1e-5, 0.99)
+    assert (loss.alpha_decomp, loss.beta_grad, loss.gamma_recon) == (1.0, 5.0, 0.05)
+    assert t.amp and t.lr_follower_rollout is None and t.follower_ema is None
+    # gradient clipping is not in the paper: off there, on where every figure was made with it
+    assert t.grad_clip <= 0
+    assert get_config("default").train.grad_clip == get_config("smoke").train.grad_clip == 1.0
+
+
 def test_geometry_round_trip_when_cropping():
     cfg = get_config("paper", {"data.crop_size": 224}).data  # 240 -> 224: a real crop
     seg = np.zeros((240, 240, 3), np.uint8)

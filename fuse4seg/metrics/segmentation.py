@@ -17,7 +17,8 @@ Conventions:
   case before forming the ratios, so a case scored slice by slice equals the same case scored
   as one volume. :func:`dice_iou` scores one case (any shape) directly.
 - **Per slice**: :func:`dice_iou_per_slice` scores each 2-D slice on its own (with the same
-  empty/empty = 1 rule, which makes slice means optimistic; the paper's tables are per case).
+  empty/empty = 1 rule, which makes slice means optimistic). The paper does not say how its
+  Dice is aggregated; the book's tables are per case, the usual BraTS reporting.
 - **Aggregation over cases**: the arithmetic mean over cases of each per-case score
   (``SegmentationMeter.compute()["mean"]``), the usual BraTS reporting.
 """

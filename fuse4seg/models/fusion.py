@@ -19,13 +19,16 @@ Choices where the paper is silent or ambiguous (also stated in chapter 2):
 
 - **Attention type.** Both the Restormer blocks and the "multi-head self-attention" of the
   low-frequency branch attend across *channels* (transposed attention, as in Restormer and in
-  CDDFuse's reference code): a spatial attention over 240 × 240 = 57,600 tokens would need a
-  57,600² attention matrix per head, which no GPU holds.
+  CDDFuse's reference code): a spatial attention over 240 × 240 = 57,600 tokens compares
+  57,600² ≈ 3.3 × 10⁹ pairs per head and block; memory-efficient kernels avoid storing that
+  matrix (13 GB per head in fp32), not computing it.
 - **Haar squeeze.** §3.3.1 says the INN block squeezes with a Haar wavelet; CDDFuse's reference
   code (which the paper says it follows) has no squeeze. Both are implemented
-  (``inn_squeeze``); the ``paper`` profile uses ``inn_squeeze=False`` to match the reference
-  code the reported numbers were most likely produced with. With the squeeze, H and W must be
-  even (``leader.stride == 2``).
+  (``inn_squeeze``). The paper's text and the code it names are at odds (it attributes the
+  squeeze to "the architectural design of CDDFuse"), and the paper has no code of its own, so
+  the ``paper`` profile follows the code: ``inn_squeeze=False``. This is a judgement, not
+  a measurement; ``--set model.inn_squeeze=true`` gives the text's reading. With the squeeze,
+  H and W must be even (``leader.stride == 2``).
 - **Channel mixing between couplings.** CDDFuse mixes channels with a plain 1×1 convolution
   before each coupling, which is not guaranteed invertible. We use a Glow-style invertible 1×1
   convolution (LU-parameterised, so it stays invertible while it learns), which keeps the INN
@@ -158,8 +161,10 @@ class LowFrequencyBlock(nn.Module):
     """The low-frequency extractor (§3.3.1) and H_low (Eq. 6): multi-head attention + MLP.
 
     Pre-norm multi-head (channel) attention, then a plain per-pixel MLP (1×1 conv, GELU, 1×1
-    conv), each residual. It differs from :class:`RestormerBlock` by the ungated MLP, as
-    CDDFuse's base-feature block does.
+    conv, ×``mlp_ratio``), each residual. The paper says only "MSA and MLP layers", and we take
+    "MLP" literally: ungated, with no depthwise convolution. CDDFuse's base-feature block is
+    not this: its ``Mlp`` is gated (``gelu(x1)·x2`` after a 3×3 depthwise convolution, like
+    :class:`GatedFeedForward`) with expansion 1.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0, bias: bool = False):
@@ -394,7 +399,8 @@ class FusionLeader(nn.Module):
             leader's x_f ended inverted in 4 of 5 seeds without the skip, upright in all 5 with
             it. ``source_skip=False`` gives the literal reading. With the
             skip the head's last convolution starts scaled by 0.01, so the untrained leader
-            outputs ≈ minmax(x_avg), the prior of the follower's warm-up.
+            outputs ≈ minmax(x_avg): the follower's warm-up prior x_avg after the per-image
+            min-max (and, with ``anchor_range``, on x_avg's own range, i.e. ≈ x_avg).
         anchor_range: after the min-max normalisation, map x_f linearly onto the intensity
             range [min, max] of the anchor x_avg = (x1 + x2)/2 of the same image, so x_f keeps
             the brightness of the follower's warm-up prior and stays in [0, 1]. Not in the
@@ -468,9 +474,10 @@ class FusionLeader(nn.Module):
             nn.Conv2d(max(dim // 2, 1), 1, 3, padding=1, bias=False),
         )
         if source_skip:
-            # Start as (almost) the identity prior: x_f ≈ minmax(x_avg), the input the follower
-            # was warmed up on (Algorithm 1, stage 1), so stage 2 begins without a domain jump.
-            # Not exactly zero, so every parameter still gets a gradient on the first step.
+            # Start as (almost) the identity prior: x_f ≈ minmax(x_avg), close to the follower's
+            # warm-up input x_avg (Algorithm 1, stage 1); only the min-max's change of scale is
+            # left, which model.anchor_range removes (chapter 4). Not exactly zero, so every
+            # parameter still gets a gradient on the first step.
             with torch.no_grad():
                 self.head[-1].weight.mul_(0.01)
 

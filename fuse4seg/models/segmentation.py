@@ -23,7 +23,8 @@ Choices where the paper is silent (also stated in chapter 3):
 - **Bottleneck.** Pre-norm transformer blocks (multi-head self-attention over the H/16 × W/16
   tokens, then an MLP ×4) with a 3×3 depthwise convolutional position encoding (works for any
   input size, unlike a learnt position table). At 240 × 240 input that is 15 × 15 = 225 tokens.
-- **Widths.** The paper gives none; the ``paper`` variant has about twice the leader's weights.
+- **Widths.** The paper gives none; the ``paper`` variant has 2.07 M weights, 3.8× the
+  ``fuse4seg_paper`` leader's 0.55 M.
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ Choices where the paper is silent (and why):
   steps: per-image min-max takes away the absolute intensity the follower reads tumour classes
   from.
 - The leader's x_f for the inner loop and the follower during the leader step run in ``eval``
-  mode: "frozen" networks should not inject dropout noise into the other's update.
+  mode. Neither network has dropout or batch normalisation, so today this changes nothing; it
+  keeps a frozen network deterministic should a layer that behaves differently in training be
+  added.
 - Cosine schedules without restarts: the follower's over all its updates (warm-up + K per outer
   step), the leader's over its rollout updates; both decay towards 0 (§4.1 names cosine
   annealing without a floor).

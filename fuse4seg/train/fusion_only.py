@@ -27,7 +27,10 @@ Choices where the paper is silent (also stated in chapter 5):
   differ in L_recon only, and the leader keeps the orientation with the lower loss
   (``polarity`` −1 = output inverted; stored in the checkpoint and applied by
   :class:`OrientedLeader`). This can only lower the training objective, and no test pair is
-  used.
+  used. Those inverted runs predate the decoder's source skip (``model.source_skip``, on in
+  every profile), with which x_f stayed upright in 5 of 5 seeds on the phantom
+  (``benchmarks/probe_polarity.py``); the default book's three Harvard leaders keep polarity 1
+  (chapter 5 prints it). The check stays as a guard.
 - **EMA warm-up.** Eq. 4's EMA with m = 0.99 from the first step would keep 80 % of the random
   initialisation after 20 steps, so the decay ramps up as ``min(m, (1 + t) / (10 + t))``
   (the usual EMA warm-up, :class:`fuse4seg.train.engine.ModelEMA` with ``warmup=True``).

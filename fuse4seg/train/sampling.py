@@ -9,6 +9,10 @@ permutes the training patients and gives the first ⌈n/2⌉ to the D_tr pool an
 D_val pool, then draws ``n_tr`` slices from the first pool and ``B - n_tr`` from the second
 (without replacement while a pool has enough slices). No patient is ever in both halves.
 
+The sizes are our reading: the paper gives "a batch size of 8" (§4.1) and splits the batch
+(Algorithm 1, line 6) without saying how. We take ``n_tr = ⌈B/2⌉``, so at B = 8 the follower's
+rollout updates see 4 slices and the leader's step 4, while its warm-up updates see 8.
+
 Single training patient: a patient-level split is impossible. We then split that patient's
 slices into two contiguous blocks of axial slices (the inferior half feeds D_tr, the superior
 half D_val) and say so once with a warning; :attr:`RolloutSampler.patient_level` is ``False``.

@@ -424,6 +424,11 @@ def train(
         ValueError: unknown method or ablation, bad data, a run folder that exists without
             ``resume``; :class:`~fuse4seg.train.engine.NonFiniteLossError` on NaN/inf.
 
+    Algorithm 1 returns the final θ̂_f and θ_s; the run keeps those (``checkpoints/last.pt``,
+    ``--which last``) and also the checkpoint of its best validation (``best.pt``), which
+    evaluation and prediction use by default. That choice is ours: the paper does not say
+    which weights its tables score.
+
     Explained in chapter 4 (``book/04_bilevel_training.md``).
     """
     config = config or get_config("default")
