@@ -84,6 +84,13 @@ def test_explicit_patterns_override_detection(renamed, tmp_path):
     with pytest.raises(DataError, match=r"--seg-pattern 'label\*' matches no file in"):
         load_case(no_seg)
     assert load_case(no_seg, require_seg=False).seg is None
+    # neither image pattern matches anything: not a case, and the folder's files are named
+    with pytest.raises(DataError, match="no file matches the patterns .*files found: fl.nii.gz"):
+        find_cases(odd.parent, patterns={"t1ce": "T1*", "flair": "FLAIR*"})
+    # one image pattern matches: a case, whose other pattern is named when it is read
+    (half,) = find_cases(odd.parent, patterns={"t1ce": "post*", "flair": "FLAIR*"})
+    with pytest.raises(DataError, match=r"case p1: --flair-pattern 'FLAIR\*' matches no file"):
+        load_case(half)
 
 
 def test_scheme_guess_from_values():

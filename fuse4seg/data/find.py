@@ -91,10 +91,7 @@ def _stem(path: Path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", path.name.lower())
 
 
-_NO_MATCH = "matches no file"
-
-
-def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFiles:
+def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFiles | None:
     """The ``named`` case of ``folder``: explicit glob ``patterns`` (case-sensitive, as given)
     or :data:`NAMED_PATTERNS`; the first match in name order.
 
@@ -102,25 +99,32 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
     explicit pattern matches no file or more than one (instead of taking the first), or when
     its file is already another role's (e.g. ``--t1ce-pattern '*.nii.gz'`` also matching the
     FLAIR file).
+
+    Returns ``None`` when explicit patterns are given and neither the T1ce nor the FLAIR
+    pattern matches any file: the folder is not a case (without patterns, never ``None``).
     """
     files = _nifti_files(folder)
     paths: dict[str, Path | None] = {}
     problems: dict[str, str] = {}
+    matched: set[str] = set()  # the roles whose explicit pattern matched at least one file
     for key, regex in NAMED_PATTERNS.items():
         if patterns and patterns.get(key):
             flag = f"--{key.replace('_', '-')}-pattern {patterns[key]!r}"
             hits = sorted(p for p in folder.glob(patterns[key]) if p in files)
+            matched |= {key} if hits else set()
             if len(hits) > 1:
                 problems[key] = (f"{flag} matches {len(hits)} files in {folder} "
                                  f"({', '.join(p.name for p in hits)}); give a pattern that "
                                  "matches one")
                 hits = []
             elif not hits:
-                problems[key] = (f"{flag} {_NO_MATCH} in {folder} (files found: "
+                problems[key] = (f"{flag} matches no file in {folder} (files found: "
                                  f"{', '.join(p.name for p in files) or 'none'})")
         else:
             hits = [p for p in files if re.search(regex, _stem(p))]
         paths[key] = hits[0] if hits else None
+    if patterns and not matched & {"t1ce", "flair"}:
+        return None
     roles: dict[Path, str] = {}
     for key, path in paths.items():
         if path is not None and path in roles:
@@ -246,8 +250,7 @@ def find_cases(
                 case = _named_case(folder, patterns)
                 # a folder where neither image pattern matches anything is not a case; one
                 # whose pattern matches several files is, and is reported bad when read
-                if all(case.paths[k] is None and _NO_MATCH in case.problems.get(k, _NO_MATCH)
-                       for k in ("t1ce", "flair")):
+                if case is None:
                     if _nifti_files(folder):
                         raise DataError(
                             f"case folder {folder}: no file matches the patterns {patterns}; "

@@ -388,8 +388,6 @@ def _canonical_seg(raw: np.ndarray, scheme: str, where: str) -> np.ndarray:
 
 def _require(files: CaseFiles, key: str, what: str) -> Path:
     path = files.paths.get(key)
-    if key in files.problems:  # an explicit pattern that matched no file, or several
-        raise DataError(f"case {files.case_id}: {files.problems[key]}")
     if path is None:
         raise DataError(f"case {files.case_id}: missing {what} file ({files.layout} layout)")
     return path
@@ -427,11 +425,11 @@ def load_case(
         files = found[0]
     cid = files.case_id
     raw = {} if raw is None else raw
-    t1ce_path = _require(files, "t1ce", "T1ce")
-    flair_path = _require(files, "flair", "FLAIR")
-    for key in ("mask", "seg") if require_seg else ("mask",):
+    for key in ("t1ce", "flair", "mask", "seg")[: 4 if require_seg else 3]:
         if key in files.problems:  # an explicit pattern's problem, before any file is read
             raise DataError(f"case {cid}: {files.problems[key]}")
+    t1ce_path = _require(files, "t1ce", "T1ce")
+    flair_path = _require(files, "flair", "FLAIR")
     checksums: dict[str, str] = {}
 
     def read(key: str, path: Path, what: str, above: float | None = None):
