@@ -7,6 +7,8 @@
   and a label that says which data the chapter runs on;
 - :func:`data_label`: that label for any folder (read from a prepared cache's manifest when
   given one);
+- :func:`book_seeds`: the seeds chapters 4 and 6 train each method over, per profile
+  (:data:`BOOK_SEEDS`), unless the reader passes others;
 - :func:`check_parameters`: a chapter's check, right after its parameters cell, that papermill
   injected no name the chapter does not declare (a misspelt ``-p profil smoke`` is an error,
   not a warning and a whole run with the default profile).
@@ -24,14 +26,16 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BOOK_SEEDS",
     "PHANTOM_CASES",
     "PHANTOM_SEED",
     "UnknownParameterError",
+    "book_seeds",
     "check_parameters",
     "data_label",
     "ensure_data",
@@ -55,6 +59,28 @@ def phantom_cases(profile: str) -> int:
     if profile not in PHANTOM_CASES:
         raise ValueError(f"--profile {profile!r}: choose one of {sorted(PHANTOM_CASES)}")
     return PHANTOM_CASES[profile]
+
+
+BOOK_SEEDS = {"smoke": (0,), "default": (0, 1, 2), "paper": (0,)}
+"""The ``train.seed`` values chapters 4 and 6 train each method over when their ``seeds``
+parameter is ``None``. One run is an anecdote, so ``default``, which trains in minutes on a CPU,
+trains three; ``smoke`` (the tests' profile) and ``paper`` (days per run on a GPU) train one."""
+
+
+def book_seeds(profile: str, seeds: Sequence[int] | None = None) -> list[int]:
+    """The seeds a chapter trains over: ``seeds`` when given, else the profile's
+    (:data:`BOOK_SEEDS`).
+
+    Raises:
+        ValueError: unknown profile (with ``seeds`` ``None``), no seeds, or a repeated seed.
+    """
+    from fuse4seg.study import check_seeds
+
+    if seeds is None:
+        if profile not in BOOK_SEEDS:
+            raise ValueError(f"profile {profile!r}: choose one of {sorted(BOOK_SEEDS)}")
+        seeds = BOOK_SEEDS[profile]
+    return check_seeds(seeds)
 
 
 def phantom_case_count(data_dir: Path) -> int | None:

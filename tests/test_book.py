@@ -228,6 +228,22 @@ def test_phantom_cases_by_profile():
         build.phantom_cases("tiny")
 
 
+def test_book_seeds_per_profile_and_as_given():
+    from fuse4seg.book import BOOK_SEEDS, book_seeds
+    from fuse4seg.config import PROFILES
+
+    assert set(BOOK_SEEDS) == set(PROFILES)  # a new profile must say how many seeds it trains
+    assert book_seeds("default") == [0, 1, 2]  # three runs per method where they take minutes
+    assert book_seeds("smoke") == [0] and book_seeds("paper") == [0]
+    assert book_seeds("smoke", (4, 2)) == [4, 2]  # the reader's seeds win, in their order
+    with pytest.raises(ValueError, match="profile 'tiny'"):
+        book_seeds("tiny")
+    with pytest.raises(ValueError, match="distinct seeds"):
+        book_seeds("default", [1, 1])
+    with pytest.raises(ValueError, match="distinct seeds"):
+        book_seeds("default", [])
+
+
 def test_prepare_phantom_writes_keeps_and_rewrites(tmp_path, monkeypatch):
     from fuse4seg.data import phantom
 

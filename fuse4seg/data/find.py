@@ -111,7 +111,8 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
         if patterns and patterns.get(key):
             flag = f"--{key.replace('_', '-')}-pattern {patterns[key]!r}"
             hits = sorted(p for p in folder.glob(patterns[key]) if p in files)
-            matched |= {key} if hits else set()
+            if hits:
+                matched.add(key)
             if len(hits) > 1:
                 problems[key] = (f"{flag} matches {len(hits)} files in {folder} "
                                  f"({', '.join(p.name for p in hits)}); give a pattern that "

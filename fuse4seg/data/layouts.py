@@ -425,7 +425,8 @@ def load_case(
         files = found[0]
     cid = files.case_id
     raw = {} if raw is None else raw
-    for key in ("t1ce", "flair", "mask", "seg")[: 4 if require_seg else 3]:
+    roles = ("t1ce", "flair", "mask", "seg") if require_seg else ("t1ce", "flair", "mask")
+    for key in roles:
         if key in files.problems:  # an explicit pattern's problem, before any file is read
             raise DataError(f"case {cid}: {files.problems[key]}")
     t1ce_path = _require(files, "t1ce", "T1ce")
