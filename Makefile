@@ -24,7 +24,7 @@ venv: $(STAMP)
 # pyproject.toml declares ranges; requirements.lock holds the exact versions the book and the
 # tests use (-c: every package pip installs, dependencies included, at its locked version).
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || { $(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(None if v >= (3, 11) else f"fuse4seg needs Python 3.11 or newer (numpy 2.3 does); $(PYTHON) is {v.major}.{v.minor}: run make PYTHON=python3.11 (or newer)")' && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[book,test,lab]"

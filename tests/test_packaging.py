@@ -295,3 +295,21 @@ def test_wheel_builds_checks_and_runs_in_a_fresh_venv(tmp_path):
     _run([bindir / "fuse4seg", "data", "phantom", "--cases", "1", "--out", out, "--quiet"],
          cwd=tmp_path, env=env)
     assert len(list(out.rglob("*.nii.gz"))) >= 3, sorted(out.rglob("*"))
+
+
+def test_requires_python_floor_is_one_every_dependency_supports():
+    # the installed (locked) releases of the dependencies must run on the lowest Python that
+    # requires-python admits; numpy >= 2.3 needs 3.11, so ">=3.10" promised what pip refuses
+    from importlib import metadata
+
+    requires = _pyproject()["project"]["requires-python"]
+    floor = re.fullmatch(r">=\s*(\d+\.\d+)", requires)
+    assert floor, f"requires-python {requires!r}: give a lower bound, e.g. >=3.11"
+    lowest = floor.group(1) + ".0"
+    refused = {}
+    for text in _pyproject()["project"]["dependencies"]:
+        name = Requirement(text).name
+        needs = metadata.metadata(name).get("Requires-Python")
+        if needs and not SpecifierSet(needs).contains(lowest):
+            refused[name] = needs
+    assert not refused, f"requires-python {requires}, but these need more: {refused}"

@@ -27,9 +27,9 @@ L_decomp and L_grad (Table 3 marks both ✗ for the disjoint baseline; its leade
 the reconstruction anchor alone). L_recon stays on in every variant: Table 3 does not ablate it.
 This is the literal reading of the marks. The paper calls the baseline a "disjoint AutoEncoder"
 and says no more: a leader fitted to x_avg is not an autoencoder of the sources, and the
-paper's baseline row (mean Dice 0.820, IoU 0.718) equals its Table 1 row for CDDFuse + Seg,
-which suggests a CDDFuse-style autoencoder trained with its own losses. ``disjoint_ae`` (every
-physical loss) is the closer match to that reading.
+paper's baseline row has the mean Dice and IoU (0.820, 0.718) of its Table 1 row for CDDFuse +
+Seg (the per-class scores differ), which suggests a CDDFuse-style autoencoder trained with its
+own losses. ``disjoint_ae`` (every physical loss) is the closer match to that reading.
 
 This module imports no torch at load time (the CLI lists the methods without it).
 Explained in chapter 4 (``book/04_bilevel_training.md``).
