@@ -9,7 +9,10 @@ Variants: ``eager`` (fp32, as ``FUSE4SEG_EAGER=1`` trains), ``cl`` (fp32, channe
 and weights), ``amp`` (bf16 autocast; CUDA only, as in training), ``amp_cl`` (AMP +
 channels_last), ``compile`` (``train.compile=true``: the trainer's ``torch.compile`` of both
 networks, with AMP on CUDA), ``compile_static`` (the same with ``dynamic=False``: one static
-graph per batch shape instead of torch's second, dynamic-shape graph), ``no_follower_ema``
+graph per batch shape instead of torch's second, dynamic-shape graph), ``compile_leader``
+(only the leader compiled, ``dynamic=False``: the leader step's forward and backward, whose many
+small normalisation, activation and attention ops are what a compiler fuses; the follower, the
+inner loop's x_f and the leader's average stay eager), ``no_follower_ema``
 (eager without ``train.follower_ema``: what the follower's weight average costs per step where
 the profile sets it), ``loop_adamw`` (eager with torch's default AdamW instead of the fused
 kernel the trainer uses on a CPU, ``FUSE4SEG_ADAMW=loop``), ``nchw_leader`` (eager with the
@@ -57,8 +60,8 @@ from fuse4seg.config import get_config
 from fuse4seg.train.bilevel import Engine
 from fuse4seg.train.engine import compile_net
 
-VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "no_follower_ema",
-            "loop_adamw", "nchw_leader")
+VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "compile_leader",
+            "no_follower_ema", "loop_adamw", "nchw_leader")
 
 # dense bf16 peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins
 BF16_PEAK = (
@@ -122,6 +125,8 @@ def build(args, variant: str, device: torch.device) -> Engine:
     if variant == "compile_static":  # one static graph per shape (torch.compile's dynamic=False)
         engine.leader.net = compile_net(engine.leader.net, dynamic=False)
         engine.follower.net = compile_net(engine.follower.net, dynamic=False)
+    if variant == "compile_leader":  # the leader's training graph only
+        engine.leader.net = compile_net(engine.leader.net, dynamic=False)
     if variant in ("cl", "amp_cl"):
         engine.leader.net = engine.leader.net.to(memory_format=torch.channels_last)
         engine.follower.net = engine.follower.net.to(memory_format=torch.channels_last)

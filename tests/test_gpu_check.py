@@ -156,6 +156,10 @@ def test_bench_train_step_static_compile_trains_the_optimisers_parameters():
         held = {id(p) for group in learner.opt.param_groups for p in group["params"]}
         assert held == {id(p) for p in learner.net.parameters()}
         assert held == {id(p) for p in unwrap(learner.net).parameters()}
+    # compile_leader: the leader alone is compiled, the follower stays eager
+    engine = bench_train_step.build(args, "compile_leader", torch.device("cpu"))
+    assert engine.leader.net is not unwrap(engine.leader.net)
+    assert engine.follower.net is unwrap(engine.follower.net)
 
 
 def test_step_anatomy_parts_and_the_trainer_split(phantom_dir, capsys):
