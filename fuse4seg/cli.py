@@ -157,8 +157,10 @@ def prepare_main(args: argparse.Namespace) -> int:
     nothing; changed inputs or settings rebuild.
     """
     from fuse4seg.data.slices import load_manifest, prepare_cache
+    from fuse4seg.utils import check_output_folder
 
     config = _config(args.profile, args.set)
+    check_output_folder(args.out, "--out")  # before any case is read
     manifest_path = args.out / "manifest.json"
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
     path = prepare_cache(
@@ -175,7 +177,9 @@ def prepare_main(args: argparse.Namespace) -> int:
         + (f"; {len(skipped)} bad case(s) left out" if skipped else "")
     )
     for entry in skipped:
-        print(f"  left out {entry['case_id']}: {entry['error']}")
+        error = str(entry["error"])  # the loader's message often starts "case ID: "
+        error = error.removeprefix(f"case {entry['case_id']}: ")
+        print(f"  left out {entry['case_id']}: {error}")
     return 0
 
 
@@ -185,7 +189,8 @@ def prepare_main(args: argparse.Namespace) -> int:
 def train_arguments(parser: argparse.ArgumentParser) -> None:
     from fuse4seg.train.methods import ABLATIONS, METHODS
 
-    parser.add_argument("--method", default="fuse4seg", choices=METHODS, help="what to train")
+    parser.add_argument("--method", choices=METHODS,
+                        help="what to train (default: fuse4seg)")
     parser.add_argument(
         "--ablation", choices=sorted(ABLATIONS),
         help="a Table 3 variant (sets the method and the loss switches): baseline, A, B, full",
@@ -212,6 +217,26 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_ablation(args: argparse.Namespace) -> None:
+    """Refuse an ``--ablation`` that another option contradicts: a ``--method`` other than the
+    variant's, or a ``--set`` of a setting the variant fixes (it would be overridden)."""
+    if args.ablation is None:
+        return
+    from fuse4seg.config import parse_overrides
+    from fuse4seg.train.methods import get_ablation
+
+    variant = get_ablation(args.ablation)
+    if args.method is not None and args.method != variant.method:
+        raise ValueError(f"--method {args.method} and --ablation {args.ablation}: the ablation "
+                         f"trains {variant.method}; give one of the two")
+    fixed = {key.rsplit(".", 1)[-1]: key for key in variant.overrides}
+    clash = sorted(fixed[name.rsplit(".", 1)[-1]] for name in parse_overrides(args.set)
+                   if name.rsplit(".", 1)[-1] in fixed)
+    if clash:
+        raise ValueError(f"--set {', '.join(clash)} and --ablation {args.ablation}: the "
+                         "ablation sets these itself; drop them or train without --ablation")
+
+
 def train_main(args: argparse.Namespace) -> int:
     """Train a method (Algorithm 1, a baseline or an ablation) into RUNS/<method>-<profile>-<hash>.
 
@@ -224,10 +249,13 @@ def train_main(args: argparse.Namespace) -> int:
 
     from fuse4seg.train.distributed import dist_info
     from fuse4seg.train.trainer import train
+    from fuse4seg.utils import check_output_folder
 
+    check_output_folder(args.out, "--out")  # before the data is prepared or a network built
+    _check_ablation(args)
     result = train(
         _config(args.profile, args.set),
-        method=args.method,
+        method=args.method or "fuse4seg",
         data=args.data,
         out=args.out,
         cache=args.cache,
@@ -373,9 +401,10 @@ def study_main(args: argparse.Namespace) -> int:
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
     from fuse4seg.study import run_study
-    from fuse4seg.utils import atomic_write_json, check_output_file
+    from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
 
     config = _config(args.profile, args.set)
+    check_output_folder(args.out, "--out")
     if args.json is not None:
         check_output_file(args.json, "--json")  # before hours of training, not after
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
@@ -438,10 +467,12 @@ def fusion_train_main(args: argparse.Namespace) -> int:
     checkpoints/leader.pt) and prints its path; a finished run with the same settings is reused.
     """
     from fuse4seg.train.fusion_only import train_fusion
+    from fuse4seg.utils import check_output_folder
 
     if args.kind == "GFP-PC" and args.split != "train":
         raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
     config = _config(args.profile, args.set)
+    check_output_folder(args.out, "--out")
     pairs = _load_pairs(args, args.split)
     run = train_fusion(
         pairs, config, args.out, args.kind, steps=args.steps, crop=args.crop,
@@ -487,11 +518,13 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     from fuse4seg.metrics.files import conventions_of, table_lines
     from fuse4seg.metrics.fusion import nan_to_none
     from fuse4seg.train.fusion_only import evaluate_fusion, load_fusion_leader
-    from fuse4seg.utils import atomic_write_json, check_output_file
+    from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
 
     conventions = conventions_of(args.convention)
     if args.json is not None:
         check_output_file(args.json, "--json")
+    if args.images is not None:  # before any pair is fused
+        check_output_folder(args.images, "--images")
     if args.kind == "GFP-PC" and args.split is not None:
         raise ValueError(f"--split {args.split}: GFP-PC has a single set, scored whole; choose "
                          "pairs with --only/--exclude")
@@ -577,6 +610,9 @@ def metrics_main(args: argparse.Namespace) -> int:
                   else "(the per-pair values: --csv FILE or --json)")
         return 0
     for path, what in ((args.fused, "--fused"), (args.a, "--a"), (args.b, "--b")):
+        if path.is_dir():
+            raise ValueError(f"{what} {path}: is a folder, but --fused {args.fused} is a file; "
+                             "give three files (one pair) or three folders")
         if not path.is_file():
             raise FileNotFoundError(f"{what} {path}: file not found")
     if args.csv is not None:

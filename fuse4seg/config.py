@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -412,6 +413,13 @@ def _apply(config: Config, overrides: Mapping[str, Any]) -> Config:
     return out
 
 
+def _positive(value: float, floor_allowed: float | None = None) -> bool:
+    """``value`` is finite and > 0 (or >= ``floor_allowed`` when given)."""
+    if not math.isfinite(value):
+        return False
+    return value >= floor_allowed if floor_allowed is not None else value > 0
+
+
 def validate(config: Config) -> None:
     """Raise :class:`ConfigError` on values that cannot work (checked once, at build time)."""
     d, t, loss = config.data, config.train, config.loss
@@ -426,10 +434,13 @@ def validate(config: Config) -> None:
          "data.intensity_percentiles must be 0 <= low < high <= 100"),
         (abs(sum(d.split_fractions) - 1.0) < 1e-6 and min(d.split_fractions) >= 0,
          "data.split_fractions must be non-negative and sum to 1"),
-        (t.warmup_epochs >= 0 and t.rollout_epochs >= 0, "train epochs must be >= 0"),
+        (t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}"),
+        (t.rollout_epochs >= 0, f"train.rollout_epochs must be >= 0, got {t.rollout_epochs}"),
         (t.inner_steps >= 1, "train.inner_steps (K) must be >= 1"),
         (t.batch_size >= 2, "train.batch_size must be >= 2 (the batch is split into D_tr/D_val)"),
-        (t.lr_leader > 0 and t.lr_follower > 0, "learning rates must be > 0"),
+        (_positive(t.lr_leader), f"train.lr_leader must be a finite number > 0, got {t.lr_leader}"),
+        (_positive(t.lr_follower),
+         f"train.lr_follower must be a finite number > 0, got {t.lr_follower}"),
         (t.lr_follower_rollout is None or t.lr_follower_rollout > 0,
          "train.lr_follower_rollout must be > 0 or null"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
@@ -443,7 +454,13 @@ def validate(config: Config) -> None:
         (config.fusion.lr is None or config.fusion.lr > 0, "fusion.lr must be > 0"),
         (config.fusion.log_every >= 1, "fusion.log_every must be >= 1"),
         (len(loss.dice_class_weights) == 4, "loss.dice_class_weights needs 4 values"),
-        (min(loss.alpha_decomp, loss.beta_grad, loss.gamma_recon) >= 0, "loss weights >= 0"),
+        (all(_positive(w, 0) for w in loss.dice_class_weights),
+         f"loss.dice_class_weights must be finite and >= 0, got {loss.dice_class_weights}"),
+        (_positive(loss.dice_smooth),
+         f"loss.dice_smooth (ε) must be a finite number > 0, got {loss.dice_smooth}"),
+        *((_positive(getattr(loss, name), 0),
+           f"loss.{name} must be a finite number >= 0, got {getattr(loss, name)}")
+          for name in ("alpha_decomp", "beta_grad", "gamma_recon")),
     ]
     bad = [msg for ok, msg in checks if not ok]
     if bad:

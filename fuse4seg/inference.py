@@ -28,7 +28,13 @@ from fuse4seg.metrics.segmentation import tumour_mean
 from fuse4seg.models import build_leader, place_leader
 from fuse4seg.train.checkpoint import load_checkpoint
 from fuse4seg.train.methods import build_follower, get_method
-from fuse4seg.utils import atomic_write_bytes, atomic_write_json, probe_writable
+from fuse4seg.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    missing_folders,
+    probe_writable,
+    remove_empty_folders,
+)
 
 __all__ = [
     "Bundle",
@@ -444,15 +450,12 @@ def predict_files(
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
     # the folders this call makes (deepest first): a failed or stopped prediction removes
     # those it left empty, so no empty folder chain is left behind
-    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    made = missing_folders(out_dir)
     try:
         _writable_folder(out_dir)  # before the model runs: minutes at the paper's size
         fused, seg = predict_volume(bundle, a, b, brain, batch_size, progress=progress)
     except BaseException:
-        for folder in made:
-            if not folder.is_dir() or any(folder.iterdir()):
-                break
-            folder.rmdir()
+        remove_empty_folders(made)
         raise
     paths = {"fused": out_dir / "fused.nii.gz", "seg": out_dir / "seg.nii.gz"}
     # both files are encoded before either is written; a fused.nii.gz left by another model
@@ -460,13 +463,21 @@ def predict_files(
     blobs = {"seg": _nifti_bytes(paths["seg"], from_canonical(seg, scheme), affine, header)}
     if fused is not None:
         blobs["fused"] = _nifti_bytes(paths["fused"], fused, affine, header)
+    for path in paths.values():  # a folder in a file's place: refused before any write
+        if path.is_dir():
+            raise ValueError(f"--out {out_dir}: {path.name} is a folder; remove it or choose "
+                             "another --out")
+    written = []
     for key in ("fused", "seg"):
         try:
             if key in blobs:
                 atomic_write_bytes(paths[key], blobs[key])
+                written.append(paths[key])
             else:
                 paths[key].unlink(missing_ok=True)
         except OSError as err:
+            for path in written:  # never one new file beside an old one: remove this call's
+                path.unlink(missing_ok=True)
             raise ValueError(f"--out {out_dir}: cannot write {paths[key].name} "
                              f"({err.strerror})") from err
     return {

@@ -128,13 +128,18 @@ def run_study(
         ``"per_case"}]}, "comparisons": [{"a", "b", **paired_difference(...)}]}``.
 
     Raises:
-        ValueError: a split with no test case (the message gives the split's sizes), and what
-            :func:`train_seeds` raises.
+        ValueError: repeated methods or seeds; a split with no test case (the message gives
+            the split's sizes); and what :func:`train_seeds` raises.
     """
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.train.runs import resolve_cache
 
     echo = echo or (lambda line: None)
+    methods = list(methods)
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"--methods {' '.join(methods)}: give distinct methods (the first is "
+                         "compared with each other one)")
+    seeds = check_seeds(seeds, "--seeds")  # before the cache is prepared
     # resolved once: the runs train on this cache, and a raw folder's sources are not
     # checked again for every method and seed
     cache = resolve_cache(data, config, runs_dir=out)
@@ -169,15 +174,15 @@ def run_study(
     return report
 
 
-def check_seeds(seeds: Sequence[int]) -> list[int]:
-    """``seeds`` as a list of ints.
+def check_seeds(seeds: Sequence[int], what: str = "seeds") -> list[int]:
+    """``seeds`` as a list of ints (``what`` names them in the error, e.g. ``--seeds``).
 
     Raises:
         ValueError: no seeds, or a repeated seed.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: give distinct seeds, got {seeds}")
+        raise ValueError(f"{what}: give distinct seeds, got {seeds}")
     return seeds
 
 

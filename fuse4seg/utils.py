@@ -19,7 +19,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "check_output_file",
+    "check_output_folder",
+    "missing_folders",
     "probe_writable",
+    "remove_empty_folders",
     "atomic_write_text",
     "ENV_SWITCHES",
     "check_env_switches",
@@ -143,6 +146,44 @@ def check_output_file(path: str | Path, flag: str) -> None:
     if not ancestor.is_dir():
         raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder")
     probe_writable(ancestor, f"{flag} {path}")
+
+
+def check_output_folder(path: str | Path, flag: str) -> None:
+    """Check, before any work, that ``path`` is (or can become) a folder this process writes in.
+
+    Nothing is created: the nearest existing folder at or above ``path`` is probed with a real
+    temporary file (:func:`probe_writable`).
+
+    Raises:
+        ValueError: ``path`` is a file, a component of it is a file, or the folder is not
+            writable; the message starts with ``flag`` and the path.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, not a folder")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    probe_writable(ancestor, f"{flag} {path}")
+
+
+def missing_folders(path: str | Path) -> list[Path]:
+    """The folders of ``path``'s chain (``path`` itself first, then its parents) that do not
+    exist yet: what a ``mkdir(parents=True)`` of it would create. Pair with
+    :func:`remove_empty_folders` so that a failed command leaves no empty folder chain."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first, as :func:`missing_folders` lists them) while they
+    are empty folders; stop at the first one that is not."""
+    for folder in folders:
+        if not folder.is_dir() or any(folder.iterdir()):
+            break
+        folder.rmdir()
 
 
 def probe_writable(folder: str | Path, what: str) -> None:

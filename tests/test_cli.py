@@ -247,3 +247,102 @@ def test_one_write_probe_serves_output_files_and_predict_folders(tmp_path, monke
     with pytest.raises(ValueError, match=f"--out: cannot write in {tmp_path / 'o'} "
                                          "\\(Read-only file system\\)"):
         _writable_folder(tmp_path / "o")
+
+
+def test_output_folders_are_checked_first_and_named(tmp_path, capsys):
+    """``--out`` given a file is refused by name before any work, by every verb that writes a
+    folder (the message used to name a path inside it, from the first mkdir that failed)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    data = tmp_path / "no-data-needed"
+    for argv in (["train", "--data", str(data), "--out", str(afile), "--profile", "smoke"],
+                 ["data", "prepare", str(data), "--out", str(afile)],
+                 ["study", "--data", str(data), "--out", str(afile), "--profile", "smoke"],
+                 ["fusion", "train", "--pairs", str(data), "--kind", "PET-MRI", "--out",
+                  str(afile)]):
+        assert main(argv) == 2, argv
+        assert f"--out {afile}: is a file, not a folder" in capsys.readouterr().err, argv
+
+
+def test_a_train_cache_option_is_named_as_such(phantom_dir, tmp_path):
+    from fuse4seg.config import get_config
+    from fuse4seg.data.find import DataError
+    from fuse4seg.train.runs import resolve_cache
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DataError, match=f"--cache {afile}: exists and is not a folder"):
+        resolve_cache(phantom_dir, get_config("smoke"), cache=afile)
+
+
+def test_train_on_a_bad_case_leaves_no_empty_out_folders(phantom_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "data"
+    case = sorted(phantom_dir.iterdir())[0]
+    shutil.copytree(case, bad / case.name)
+    flair = next((bad / case.name).glob("*flair*"))
+    flair.write_bytes(flair.read_bytes()[:200])  # truncated
+    out = tmp_path / "runs" / "deep"
+    assert main(["train", "--data", str(bad), "--out", str(out), "--profile", "smoke"]) == 2
+    assert flair.name in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_ablation_refuses_a_method_or_a_setting_it_would_override(tmp_path, capsys):
+    data, out = str(tmp_path / "d"), str(tmp_path / "o")
+    base = ["train", "--data", data, "--out", out, "--profile", "smoke", "--ablation", "A"]
+    assert main([*base, "--method", "average"]) == 2
+    assert "--method average and --ablation A: the ablation trains fuse4seg" in (
+        capsys.readouterr().err)
+    assert main([*base, "--set", "loss.use_grad=true"]) == 2
+    assert "--set loss.use_grad and --ablation A" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_study_refuses_repeated_methods_and_seeds_before_any_work(tmp_path):
+    from fuse4seg.config import get_config
+    from fuse4seg.study import run_study
+
+    config, out = get_config("smoke"), tmp_path / "out"
+    with pytest.raises(ValueError, match="--methods fuse4seg fuse4seg: give distinct"):
+        run_study(config, ["fuse4seg", "fuse4seg"], tmp_path / "d", out, [0])
+    with pytest.raises(ValueError, match=r"--seeds: give distinct seeds, got \[0, 0\]"):
+        run_study(config, ["fuse4seg", "average"], tmp_path / "d", out, [0, 0])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"loss.dice_smooth": -1}, "loss.dice_smooth (ε) must be a finite number > 0, got -1"),
+    ({"loss.beta_grad": float("inf")}, "loss.beta_grad must be a finite number >= 0, got inf"),
+    ({"loss.dice_class_weights": [0.1, -1, 1, 1]}, "loss.dice_class_weights must be finite"),
+    ({"train.lr_leader": 0}, "train.lr_leader must be a finite number > 0, got 0"),
+    ({"train.rollout_epochs": -1}, "train.rollout_epochs must be >= 0, got -1"),
+])
+def test_config_checks_name_the_setting(override, message):
+    from fuse4seg.config import ConfigError, get_config
+
+    with pytest.raises(ConfigError) as info:
+        get_config("smoke", override)
+    assert message in str(info.value)
+
+
+def test_metrics_says_when_files_and_folders_are_mixed(tmp_path, capsys):
+    folder, afile = tmp_path / "dir", tmp_path / "x.png"
+    folder.mkdir()
+    afile.write_bytes(b"")
+    assert main(["metrics", "--fused", str(afile), "--a", str(folder), "--b", str(afile)]) == 2
+    assert f"--a {folder}: is a folder, but --fused {afile} is a file" in (
+        capsys.readouterr().err)
+    assert main(["metrics", "--fused", str(folder), "--a", str(afile), "--b", str(folder)]) == 2
+    assert f"--a {afile}: is a file, but --fused {folder} is a folder" in (
+        capsys.readouterr().err)
+
+
+def test_fusion_evaluate_checks_images_before_fusing(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code = main(["fusion", "evaluate", "max", "--pairs", str(tmp_path / "nowhere"), "--kind",
+                 "PET-MRI", "--images", str(afile)])
+    assert code == 2
+    assert f"--images {afile}: is a file, not a folder" in capsys.readouterr().err

@@ -378,3 +378,17 @@ def test_scoring_a_case_whose_file_is_gone_names_the_file(phantom_dir, tmp_path,
     gone.unlink()
     with pytest.raises(DataError, match=f"{gone.parent.name}: missing T1ce"):
         inference.evaluate_run(run, data, split="all", device="cpu")
+
+
+def test_predict_refuses_a_folder_in_an_output_files_place_before_writing(phantom_dir, tmp_path,
+                                                                           capsys):
+    """A ``seg.nii.gz`` that is a folder is refused before ``fused.nii.gz`` is written: the
+    folder never holds a new fused image beside an old segmentation."""
+    run = _make_run(tmp_path / "run")
+    t1ce, flair = _case_files(sorted(phantom_dir.iterdir())[0])
+    out = tmp_path / "out"
+    (out / "seg.nii.gz").mkdir(parents=True)
+    assert _predict(run, t1ce, flair, out) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: seg.nii.gz is a folder" in err
+    assert not (out / "fused.nii.gz").exists()

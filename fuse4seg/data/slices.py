@@ -237,6 +237,7 @@ def prepare_cache(
     workers: int = 1,
     patterns: dict[str, str] | None = None,
     skip_bad: bool = False,
+    flag: str = "--out",
 ) -> Path:
     """Build (or bring up to date) the slice cache of ``data_dir`` in ``cache_dir``.
 
@@ -267,14 +268,14 @@ def prepare_cache(
         raise ValueError(f"workers={workers}: need at least 1")
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     if cache_dir.resolve() == data_dir.resolve():
-        raise DataError(f"--out {cache_dir}: is the data folder itself; write the cache to "
+        raise DataError(f"{flag} {cache_dir}: is the data folder itself; write the cache to "
                         "another folder")
     cases = find_cases(data_dir, layout, patterns)
     if data_cfg.max_cases is not None:
         cases = cases[: data_cfg.max_cases]
     created = not cache_dir.exists()
     if not created:
-        _check_cache_folder(cache_dir)
+        _check_cache_folder(cache_dir, flag)
     had_cases = (cache_dir / "cases").exists()
     try:
         return _prepare(data_dir, cache_dir, cases, data_cfg, progress, workers, skip_bad)
@@ -291,8 +292,9 @@ def prepare_cache(
         raise
 
 
-def _check_cache_folder(cache_dir: Path) -> None:
-    """Refuse an existing ``--out`` that is not a slice cache (nor the remains of one).
+def _check_cache_folder(cache_dir: Path, flag: str = "--out") -> None:
+    """Refuse an existing ``cache_dir`` that is not a slice cache (nor the remains of one);
+    messages name it as ``flag`` (``--out`` of ``data prepare``, ``--cache`` of ``train``).
 
     Preparing writes ``manifest.json`` and ``cases/`` there, and a stopped preparation removes
     the manifest; in a folder of the user's own files that would overwrite or delete their
@@ -304,7 +306,7 @@ def _check_cache_folder(cache_dir: Path) -> None:
             or holds other files and no manifest.
     """
     if not cache_dir.is_dir():
-        raise DataError(f"--out {cache_dir}: exists and is not a folder")
+        raise DataError(f"{flag} {cache_dir}: exists and is not a folder")
     manifest = cache_dir / "manifest.json"
     if manifest.exists():
         try:
@@ -313,7 +315,7 @@ def _check_cache_folder(cache_dir: Path) -> None:
             content = None
         if not (isinstance(content, dict) and "version" in content and "settings" in content):
             raise DataError(
-                f"--out {cache_dir}: its manifest.json is not a fuse4seg slice cache's; "
+                f"{flag} {cache_dir}: its manifest.json is not a fuse4seg slice cache's; "
                 "prepare into a new or empty folder"
             )
         return
@@ -322,7 +324,7 @@ def _check_cache_folder(cache_dir: Path) -> None:
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise DataError(
-            f"--out {cache_dir}: holds files that are not a slice cache ({shown}); prepare "
+            f"{flag} {cache_dir}: holds files that are not a slice cache ({shown}); prepare "
             "into a new or empty folder"
         )
 

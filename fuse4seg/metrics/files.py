@@ -100,12 +100,15 @@ def score_folder(
         ``{convention: FusionMeter.compute()}`` (per pair and mean).
 
     Raises:
-        ValueError: an empty folder, or fused images without a source of the same name (all
-            are named). FileNotFoundError: a missing folder.
+        ValueError: an empty folder, a file given for a folder, or fused images without a
+            source of the same name (all are named). FileNotFoundError: a missing folder.
     """
     from fuse4seg.data.pairs import read_grey
 
     for d, what in ((fused_dir, "--fused"), (a_dir, "--a"), (b_dir, "--b")):
+        if d.is_file():
+            raise ValueError(f"{what} {d}: is a file, but --fused {fused_dir} is a folder; "
+                             "give three folders or three files (one pair)")
         if not d.is_dir():
             raise FileNotFoundError(f"{what} {d}: folder not found")
     fused, src_a, src_b = (_images_by_stem(d) for d in (fused_dir, a_dir, b_dir))

@@ -98,12 +98,16 @@ def resolve_cache(
                 f"raw folder"
             )
         return data
+    flag = "--cache"
     if cache is None:
         if runs_dir is None:
             raise ValueError("resolve_cache: give `cache` or `runs_dir` for a raw data folder")
+        if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
+            raise ValueError(f"--out {runs_dir}: is a file, not a folder")
         key = json.dumps([str(data.resolve()), config.to_dict()["data"]], sort_keys=True)
         cache = Path(runs_dir) / f"cache-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-    prepare_cache(data, cache, config.data, progress=progress)
+        flag = "the slice cache"
+    prepare_cache(data, cache, config.data, progress=progress, flag=flag)
     return Path(cache)
 
 

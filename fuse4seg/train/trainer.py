@@ -439,7 +439,12 @@ def train(
         method = variant.method
         config = get_config(config.profile, {**runs.flatten(config), **variant.overrides})
     get_method(method)
-    from fuse4seg.utils import check_env_switches, resolve_device
+    from fuse4seg.utils import (
+        check_env_switches,
+        missing_folders,
+        remove_empty_folders,
+        resolve_device,
+    )
 
     # a bad --device or FUSE4SEG_* switch fails before the cache
     resolve_device(device or config.train.device)
@@ -447,7 +452,13 @@ def train(
     rank, _, world_size = dist_info()
     out = Path(out)
     if rank == 0:
-        cache_dir = runs.resolve_cache(data, config, cache=cache, runs_dir=out, progress=progress)
+        made = missing_folders(out)  # a bad data folder leaves no empty --out chain behind
+        try:
+            cache_dir = runs.resolve_cache(data, config, cache=cache, runs_dir=out,
+                                           progress=progress)
+        except BaseException:
+            remove_empty_folders(made)
+            raise
     if world_size > 1:  # rank 0 prepares the cache; the others wait, then read it
         from fuse4seg.utils import resolve_device
 
