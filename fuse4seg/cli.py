@@ -176,10 +176,9 @@ def prepare_main(args: argparse.Namespace) -> int:
         f"{manifest['num_slices']} slices, split {split}"
         + (f"; {len(skipped)} bad case(s) left out" if skipped else "")
     )
-    for entry in skipped:
-        error = str(entry["error"])  # the loader's message often starts "case ID: "
-        error = error.removeprefix(f"case {entry['case_id']}: ")
-        print(f"  left out {entry['case_id']}: {error}")
+    for entry in skipped:  # the loader's message often starts "case ID: " already
+        print(f"  left out {entry['case_id']}: "
+              + str(entry["error"]).removeprefix(f"case {entry['case_id']}: "))
     return 0
 
 
@@ -217,26 +216,6 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _check_ablation(args: argparse.Namespace) -> None:
-    """Refuse an ``--ablation`` that another option contradicts: a ``--method`` other than the
-    variant's, or a ``--set`` of a setting the variant fixes (it would be overridden)."""
-    if args.ablation is None:
-        return
-    from fuse4seg.config import parse_overrides
-    from fuse4seg.train.methods import get_ablation
-
-    variant = get_ablation(args.ablation)
-    if args.method is not None and args.method != variant.method:
-        raise ValueError(f"--method {args.method} and --ablation {args.ablation}: the ablation "
-                         f"trains {variant.method}; give one of the two")
-    fixed = {key.rsplit(".", 1)[-1]: key for key in variant.overrides}
-    clash = sorted(fixed[name.rsplit(".", 1)[-1]] for name in parse_overrides(args.set)
-                   if name.rsplit(".", 1)[-1] in fixed)
-    if clash:
-        raise ValueError(f"--set {', '.join(clash)} and --ablation {args.ablation}: the "
-                         "ablation sets these itself; drop them or train without --ablation")
-
-
 def train_main(args: argparse.Namespace) -> int:
     """Train a method (Algorithm 1, a baseline or an ablation) into RUNS/<method>-<profile>-<hash>.
 
@@ -247,12 +226,14 @@ def train_main(args: argparse.Namespace) -> int:
     """
     import torch.distributed as dist
 
+    from fuse4seg.config import parse_overrides
     from fuse4seg.train.distributed import dist_info
+    from fuse4seg.train.methods import check_ablation
     from fuse4seg.train.trainer import train
     from fuse4seg.utils import check_output_folder
 
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
-    _check_ablation(args)
+    check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
     result = train(
         _config(args.profile, args.set),
         method=args.method or "fuse4seg",
@@ -401,10 +382,9 @@ def study_main(args: argparse.Namespace) -> int:
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
     from fuse4seg.study import run_study
-    from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
+    from fuse4seg.utils import atomic_write_json, check_output_file
 
     config = _config(args.profile, args.set)
-    check_output_folder(args.out, "--out")
     if args.json is not None:
         check_output_file(args.json, "--json")  # before hours of training, not after
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
@@ -581,6 +561,7 @@ def metrics_main(args: argparse.Namespace) -> int:
     --csv writes the per-pair values in folder mode. Every output names its convention.
     """
     from fuse4seg.metrics.files import (
+        check_pair_files,
         conventions_of,
         parse_metric_names,
         score_folder,
@@ -609,12 +590,7 @@ def metrics_main(args: argparse.Namespace) -> int:
             print(f"wrote {args.csv}" if args.csv is not None
                   else "(the per-pair values: --csv FILE or --json)")
         return 0
-    for path, what in ((args.fused, "--fused"), (args.a, "--a"), (args.b, "--b")):
-        if path.is_dir():
-            raise ValueError(f"{what} {path}: is a folder, but --fused {args.fused} is a file; "
-                             "give three files (one pair) or three folders")
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} {path}: file not found")
+    check_pair_files(args.fused, args.a, args.b)
     if args.csv is not None:
         raise ValueError("--csv is for folder mode (--fused FOLDER); use --json for one pair")
     results = score_pair(args.fused, args.a, args.b, conventions, metrics)

@@ -128,11 +128,13 @@ def run_study(
         ``"per_case"}]}, "comparisons": [{"a", "b", **paired_difference(...)}]}``.
 
     Raises:
-        ValueError: repeated methods or seeds; a split with no test case (the message gives
-            the split's sizes); and what :func:`train_seeds` raises.
+        ValueError: repeated methods or seeds; an ``out`` that is a file or not writable; a
+            split with no test case (the message gives the split's sizes); and what
+            :func:`train_seeds` raises.
     """
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.train.runs import resolve_cache
+    from fuse4seg.utils import check_output_folder
 
     echo = echo or (lambda line: None)
     methods = list(methods)
@@ -140,6 +142,7 @@ def run_study(
         raise ValueError(f"--methods {' '.join(methods)}: give distinct methods (the first is "
                          "compared with each other one)")
     seeds = check_seeds(seeds, "--seeds")  # before the cache is prepared
+    check_output_folder(out, "--out")
     # resolved once: the runs train on this cache, and a raw folder's sources are not
     # checked again for every method and seed
     cache = resolve_cache(data, config, runs_dir=out)

@@ -24,6 +24,7 @@ from pathlib import Path
 from fuse4seg.metrics.fusion import CONVENTIONS, METRICS, FusionMeter
 
 __all__ = [
+    "check_pair_files",
     "conventions_of",
     "format_value",
     "parse_metric_names",
@@ -49,6 +50,21 @@ def parse_metric_names(text: str | None) -> list[str] | None:
 
 def conventions_of(choice: str) -> list[str]:
     return list(CONVENTIONS) if choice == "all" else [choice]
+
+
+def check_pair_files(fused: Path, a: Path, b: Path) -> None:
+    """One-pair mode of ``fuse4seg metrics``: ``--fused``, ``--a`` and ``--b`` must be files.
+
+    Raises:
+        ValueError: one of them is a folder (the message says to give three files or three
+            folders). FileNotFoundError: one of them is missing.
+    """
+    for path, what in ((fused, "--fused"), (a, "--a"), (b, "--b")):
+        if path.is_dir():
+            raise ValueError(f"{what} {path}: is a folder, but --fused {fused} is a file; "
+                             "give three files (one pair) or three folders")
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path}: file not found")
 
 
 def score_pair(

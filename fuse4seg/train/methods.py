@@ -52,6 +52,7 @@ __all__ = [
     "AblationSpec",
     "MethodSpec",
     "build_follower",
+    "check_ablation",
     "get_ablation",
     "get_method",
 ]
@@ -182,6 +183,28 @@ def get_ablation(name: str) -> AblationSpec:
         ValueError: unknown variant (the message lists the valid ones).
     """
     return _lookup(ABLATIONS, name, "--ablation")
+
+
+def check_ablation(ablation: str | None, method: str | None, overrides: dict[str, Any]) -> None:
+    """Refuse an ``--ablation`` that other options contradict, before any work: a ``method``
+    other than the variant's, or an override of a setting the variant fixes (it would be
+    replaced without a word). ``None``: the option was not given (no ablation: nothing to check).
+
+    Raises:
+        ValueError: the conflict, naming both options.
+    """
+    if ablation is None:
+        return
+    variant = get_ablation(ablation)
+    if method is not None and method != variant.method:
+        raise ValueError(f"--method {method} and --ablation {ablation}: the ablation trains "
+                         f"{variant.method}; give one of the two")
+    fixed = {key.rsplit(".", 1)[-1]: key for key in variant.overrides}
+    clash = sorted(fixed[name.rsplit(".", 1)[-1]] for name in overrides
+                   if name.rsplit(".", 1)[-1] in fixed)
+    if clash:
+        raise ValueError(f"--set {', '.join(clash)} and --ablation {ablation}: the ablation "
+                         "sets these itself; drop them or train without --ablation")
 
 
 # channel widths of MONAI's UNet matched to the size of our follower variant
