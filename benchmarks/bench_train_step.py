@@ -28,7 +28,11 @@ cache, ``TORCHINDUCTOR_CACHE_DIR``), reported apart from the steps.
 
 On CUDA the table also gives the model FLOPs of each step (``FlopCounterMode``, counted once on
 the eager engine) and the MFU against the card's dense bf16 peak (:data:`BF16_PEAK`; ``n/a``
-for a card not in the table).
+for a card not in the table). ``peak GPU mem`` is each variant's own: the most memory allocated
+during its timed calls, with every variant's engine still allocated beside it (their weights and
+optimiser states, small beside a step's activations). Until 2026-12-04 that column held one
+figure for the whole call, the same in every row (``RESULTS.md``, *The prepared GPU check*).
+``--trace N --trace-variant NAME`` profiles NAME instead of the first variant.
 
 Projection (printed with the table): E_warm · ⌈N/B⌉ warm-up steps + E_roll · ⌈N/B⌉ outer
 steps, with the paper's E_warm = 40, E_roll = 120, B = 8 and N training slices. We assume
@@ -192,6 +196,7 @@ class Case:
         self.t_outer: list[float] = []
         self.t_warm: list[float] = []
         self.first = 0.0
+        self.peak = 0  # bytes: the most allocated during this variant's timed calls (CUDA)
 
     def outer(self) -> None:
         outer_step(self.engine, self.tr, self.val, self.k)
@@ -220,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", type=int, metavar="N", default=0,
                         help="after the table, torch.profiler's N ops with the most self time "
                         "in 3 warm-up and 3 outer steps of the first variant")
+    parser.add_argument("--trace-variant", metavar="NAME",
+                        help="the variant --trace profiles (default: the first that ran)")
     parser.add_argument("--warmup-epochs", type=int, default=40)
     parser.add_argument("--rollout-epochs", type=int, default=120)
     args = parser.parse_args(argv)
@@ -276,16 +283,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'n/a (card not in the table)'}",
             flush=True,
         )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for r in range(args.rounds):
         order = cases if r % 2 == 0 else cases[::-1]
         for case in order:
+            if device.type == "cuda":  # each variant's own peak (every engine stays allocated)
+                torch.cuda.reset_peak_memory_stats(device)
             case.t_outer += timed(case.outer, device, args.repeats)
             case.t_warm += timed(case.warm, device, args.repeats)
-    mem = (
-        f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
-    )
+            if device.type == "cuda":
+                case.peak = max(case.peak, torch.cuda.max_memory_allocated(device))
     eager = next((c for c in cases if c.variant == "eager"), None)
     base_outer = statistics.median(eager.t_outer) if eager else None
     base_warm = statistics.median(eager.t_warm) if eager else None
@@ -311,13 +317,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             mfu = "n/a"
         hours = args.warmup_epochs * steps * t_warm + args.rollout_epochs * steps * t_outer
+        mem = f"{case.peak / 2**30:.1f}" if device.type == "cuda" else "-"
         print(
             f"| {variant} | {1000 * t_outer:.1f} | {r_outer} | {args.batch / t_outer:.1f} | "
             f"{1000 * t_warm:.1f} | {r_warm} | {case.first:.1f} | {mfu} | {mem} | "
             f"{hours / 3600:.1f} |"
         )
     if args.trace and cases:
-        trace(cases[0], args.trace)
+        traced = next((c for c in cases if c.variant == args.trace_variant), cases[0])
+        if args.trace_variant and traced.variant != args.trace_variant:
+            print(f"\n# --trace-variant {args.trace_variant} did not run: "
+                  f"tracing {traced.variant}")
+        trace(traced, args.trace)
     sys.stdout.flush()
     return 0
 
@@ -329,12 +340,19 @@ def trace(case: Case, rows: int) -> None:
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
+    device = case.tr[0].device
     for name, fn in (("warm-up", case.warm), ("outer", case.outer)):
         with profile(activities=activities) as prof:
+            _sync(device)
+            start = time.perf_counter()
             for _ in range(3):
                 fn()
+            _sync(device)
+            wall = time.perf_counter() - start
         key = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
-        print(f"\n# {case.variant}: 3 {name} steps, ops by self time")
+        # against the table's self CUDA total: how much of the wall time the GPU was busy
+        print(f"\n# {case.variant}: 3 {name} steps ({1000 * wall:.0f} ms of wall time under "
+              "the profiler), ops by self time")
         print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 

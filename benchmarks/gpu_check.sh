@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 9 (part 5): one script, under 8 minutes on one GPU.
+# The prepared GPU check of issue 9 (part 5): one script, at most DEADLINE (500 s) on one GPU.
 #
 #   bash benchmarks/gpu_check.sh OUT --wheels .whl        # on the lent GPU machine
 #   bash benchmarks/gpu_check.sh OUT --device cpu --size 32 --batch 2 --inner-steps 1 \
@@ -7,7 +7,9 @@
 #
 # 1. bench_train_step.py at the paper's size (240², B 8, K 5, the paper's models): eager fp32,
 #    bf16 AMP, AMP + channels_last, with the model FLOPs, the MFU against the card's bf16
-#    peak and the projected hours of the paper's schedule -> OUT/bench_train_step.md
+#    peak and the projected hours of the paper's schedule; then torch.profiler's TRACE ops with
+#    the most GPU time in 3 warm-up and 3 outer steps of the amp variant (the trainer's CUDA
+#    default), beside the wall time of those steps -> OUT/bench_train_step.md
 # 2. chapters 2-4 of the book (book/build.py --no-html: jupytext -> papermill) on the phantom
 #    with `device`, `profile` (default: the `default` profile) and --set overrides for the
 #    paper's model sizes and one epoch per stage, so the CUDA path of the book runs end to
@@ -17,22 +19,25 @@
 # OUT gets six files (the device tool brings back at most eight): those, gpu_check.log and
 # machine.txt. The phantom, the runs and inductor's cache go to a scratch folder (--work DIR
 # to keep them; by default a temporary one, removed at the end). The whole script stops by
-# DEADLINE seconds (default 480): each stage's limit is cut to what is left.
+# DEADLINE seconds (default 500): each stage's limit is cut to what is left.
 # Options: --wheels DIR installs the wheels of benchmarks/gpu_wheels.sh first (the GPU machine
 # reaches no index); the repository goes on PYTHONPATH, so fuse4seg needs no install.
+# --trace N: the ops in stage 1's profile (default 25; 0: no profile).
 # PYTHON (default: python3) is the interpreter; FUSE4SEG_COMMIT names the commit where the
 # copy has no .git.
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 [[ $# -ge 1 && $1 != -* ]] || { usage >&2; exit 2; }
 OUT=$1
 shift
 DEVICE=cuda SIZE=240 BATCH=8 K=5 PROFILE=default MODELS=paper REPEATS=5
 VARIANTS=eager,amp,amp_cl,compile WARM_EPOCHS=1 ROLL_EPOCHS=1 CHAPTERS="02 03 04"
 WHEELS="" WORK=""
-DEADLINE=${DEADLINE:-480} BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
-COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-180} CHAPTER_TIMEOUT=${CHAPTER_TIMEOUT:-80}
+TRACE=25
+# the 2026-12-04 run on an H200: stage 1 96 s, stage 2 150 s, stage 3 210 s (compiling 169 s)
+DEADLINE=${DEADLINE:-500} BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-240} CHAPTER_TIMEOUT=${CHAPTER_TIMEOUT:-80}
 while [[ $# -gt 0 ]]; do
     [[ $# -ge 2 ]] || { echo "gpu_check.sh: $1 needs a value" >&2; exit 2; }
     case $1 in
@@ -44,6 +49,7 @@ while [[ $# -gt 0 ]]; do
         --models) MODELS=$2 ;;            # paper (the paper's sizes) | profile (the profile's)
         --variants) VARIANTS=$2 ;;
         --repeats) REPEATS=$2 ;;
+        --trace) TRACE=$2 ;;              # ops in stage 1's profile (0: no profile)
         --epochs) WARM_EPOCHS=$2; ROLL_EPOCHS=$2 ;;
         --chapters) CHAPTERS=$2 ;;
         --wheels) WHEELS=$2 ;;
@@ -93,13 +99,13 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # fuse4seg from this copy, i
 
 BENCH_MODELS=()
 [[ $MODELS == paper ]] && BENCH_MODELS=(--profile paper) || BENCH_MODELS=(--profile "$PROFILE")
-bench() {  # bench VARIANTS LIMIT: one bench_train_step.py call, its table appended
+bench() {  # bench VARIANTS LIMIT [OPTION...]: one bench_train_step.py call, its table appended
     local limit
     limit=$(left "$2")
-    echo "## bench_train_step.py --variants $1 (limit $limit s)"
+    echo "## bench_train_step.py --variants $1 ${*:3} (limit $limit s)"
     timeout "$limit" "$PY" "$ROOT/benchmarks/bench_train_step.py" --device "$DEVICE" \
         --size "$SIZE" --batch "$BATCH" --inner-steps "$K" "${BENCH_MODELS[@]}" \
-        --variants "$1" --repeats "$REPEATS" | tee -a "$OUT/bench_train_step.md" \
+        --variants "$1" --repeats "$REPEATS" "${@:3}" | tee -a "$OUT/bench_train_step.md" \
         || echo "bench_train_step.py --variants $1 failed or timed out (status $?)" \
             | tee -a "$OUT/bench_train_step.md"
     echo | tee -a "$OUT/bench_train_step.md" > /dev/null
@@ -110,7 +116,12 @@ PLAIN=() COMPILED=()
 IFS=, read -ra ALL <<< "$VARIANTS"
 for v in "${ALL[@]}"; do [[ $v == compile* ]] && COMPILED+=("$v") || PLAIN+=("$v"); done
 echo "## 1. bench_train_step.py"
-if ((${#PLAIN[@]})); then bench "$(IFS=,; echo "${PLAIN[*]}")" "$BENCH_TIMEOUT"; fi
+TRACED=()  # where the time goes: the amp variant (as CUDA trains) if it runs, else the first
+if ((TRACE > 0)); then
+    TRACED=(--trace "$TRACE")
+    [[ " ${PLAIN[*]} " == *" amp "* ]] && TRACED+=(--trace-variant amp)
+fi
+if ((${#PLAIN[@]})); then bench "$(IFS=,; echo "${PLAIN[*]}")" "$BENCH_TIMEOUT" "${TRACED[@]}"; fi
 echo "bench: $((SECONDS - START)) s"
 
 echo "## 2. chapters $CHAPTERS on the phantom"

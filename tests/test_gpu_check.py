@@ -43,6 +43,7 @@ def test_gpu_check_runs_on_cpu_with_tiny_sizes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = (out / "bench_train_step.md").read_text()
     assert "| eager |" in table and "failed" not in table
+    assert "# eager: 3 outer steps (" in table  # the profile of where the step's time goes
     assert (out / "machine.txt").is_file()
     assert (out / "chapters" / "04_bilevel_training.ipynb").is_file()
     assert "chapter 04_bilevel_training: ok" in log
