@@ -140,12 +140,7 @@ def check_output_file(path: str | Path, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give a file name")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    probe_writable(ancestor, f"{flag} {path}")
+    _probe_nearest_folder(path, path.parent, flag)
 
 
 def check_output_folder(path: str | Path, flag: str) -> None:
@@ -161,7 +156,13 @@ def check_output_folder(path: str | Path, flag: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path}: is a file, not a folder")
-    ancestor = path
+    _probe_nearest_folder(path, path, flag)
+
+
+def _probe_nearest_folder(path: Path, start: Path, flag: str) -> None:
+    """Probe the nearest existing folder at or above ``start`` (where ``path`` will be made)
+    with :func:`probe_writable`; a file in its place is a ValueError naming ``flag path``."""
+    ancestor = start
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():

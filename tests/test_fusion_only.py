@@ -183,6 +183,17 @@ def test_train_reuse_and_inference(train_pairs, test_pairs, smoke, tmp_path):
         load_fusion_leader(tmp_path / "nothing", "cpu")
 
 
+def test_a_crop_larger_than_the_images_is_said_and_recorded(train_pairs, smoke, tmp_path):
+    """--crop 100 on 48×48 pairs trains on 48-pixel crops: a warning says so, and the run
+    records (and is named by) the crop it used, so it is the run of --crop 48."""
+    fast = {**FAST, "crop": 100}
+    with pytest.warns(UserWarning, match=r"crop 100 is larger .* side \(48\); training on 48"):
+        run = train_fusion(train_pairs, smoke, tmp_path, **fast, device="cpu")
+    assert json.loads((run.run_dir / "run.json").read_text())["schedule"]["crop"] == 48
+    same = train_fusion(train_pairs, smoke, tmp_path, **{**FAST, "crop": 48}, device="cpu")
+    assert same.reused and same.run_dir == run.run_dir
+
+
 def test_a_finished_run_made_by_other_code_is_trained_again(train_pairs, smoke, tmp_path,
                                                             monkeypatch, capsys):
     import fuse4seg.train.runs as runs

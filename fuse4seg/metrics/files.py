@@ -59,12 +59,28 @@ def check_pair_files(fused: Path, a: Path, b: Path) -> None:
         ValueError: one of them is a folder (the message says to give three files or three
             folders). FileNotFoundError: one of them is missing.
     """
+    _check_kind(fused, a, b, folders=False)
+
+
+def _check_kind(fused: Path, a: Path, b: Path, folders: bool) -> None:
+    """``--fused``, ``--a`` and ``--b`` are all files (one pair) or, with ``folders``, all
+    folders: a ValueError names the one of the other kind, a FileNotFoundError a missing one."""
+    kind, other = ("folder", "file") if folders else ("file", "folder")
     for path, what in ((fused, "--fused"), (a, "--a"), (b, "--b")):
-        if path.is_dir():
-            raise ValueError(f"{what} {path}: is a folder, but --fused {fused} is a file; "
+        if path.is_file() if folders else path.is_dir():
+            raise ValueError(f"{what} {path}: is a {other}, but --fused {fused} is a {kind}; "
                              "give three files (one pair) or three folders")
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} {path}: file not found")
+        if not (path.is_dir() if folders else path.is_file()):
+            raise FileNotFoundError(f"{what} {path}: {kind} not found")
+
+
+def _check_sizes(name: str, fused: tuple, a: tuple, b: tuple) -> None:
+    """The three images of a pair ``(path, image)`` have one size, else a ValueError names them."""
+    if not (fused[1].shape == a[1].shape == b[1].shape):
+        raise ValueError(
+            f"size mismatch{name}: {fused[0]} is {fused[1].shape}, {a[0]} is {a[1].shape}, "
+            f"{b[0]} is {b[1].shape}"
+        )
 
 
 def score_pair(
@@ -79,10 +95,7 @@ def score_pair(
     from fuse4seg.data.pairs import read_grey
 
     f_img, a_img, b_img = read_grey(fused), read_grey(a), read_grey(b)
-    if not (f_img.shape == a_img.shape == b_img.shape):
-        raise ValueError(
-            f"size mismatch: {fused} is {f_img.shape}, {a} is {a_img.shape}, {b} is {b_img.shape}"
-        )
+    _check_sizes("", (fused, f_img), (a, a_img), (b, b_img))
     out = {}
     for conv in conventions:
         meter = FusionMeter(conv, metrics)
@@ -121,12 +134,7 @@ def score_folder(
     """
     from fuse4seg.data.pairs import read_grey
 
-    for d, what in ((fused_dir, "--fused"), (a_dir, "--a"), (b_dir, "--b")):
-        if d.is_file():
-            raise ValueError(f"{what} {d}: is a file, but --fused {fused_dir} is a folder; "
-                             "give three folders or three files (one pair)")
-        if not d.is_dir():
-            raise FileNotFoundError(f"{what} {d}: folder not found")
+    _check_kind(fused_dir, a_dir, b_dir, folders=True)
     fused, src_a, src_b = (_images_by_stem(d) for d in (fused_dir, a_dir, b_dir))
     if not fused:
         raise ValueError(f"--fused {fused_dir}: no images ({', '.join(_IMAGE_SUFFIXES)})")
@@ -137,11 +145,7 @@ def score_folder(
     meters = {c: FusionMeter(c, metrics) for c in conventions}
     for name, path in fused.items():
         f_img, a_img, b_img = read_grey(path), read_grey(src_a[name]), read_grey(src_b[name])
-        if not (f_img.shape == a_img.shape == b_img.shape):
-            raise ValueError(
-                f"size mismatch for {name!r}: {path} {f_img.shape}, {src_a[name]} "
-                f"{a_img.shape}, {src_b[name]} {b_img.shape}"
-            )
+        _check_sizes(f" for {name!r}", (path, f_img), (src_a[name], a_img), (src_b[name], b_img))
         for meter in meters.values():
             meter.update(f_img, a_img, b_img, name=name)
     return {c: m.compute() for c, m in meters.items()}

@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,14 @@ def train_fusion(
     sched = fusion_schedule(
         config, len(train_pairs), steps=steps, crop=crop, batch_size=batch_size, lr=lr
     )
+    side = min(min(x.shape[:2]) for p in train_pairs for x in (p.a, p.b))
+    if sched["crop"] > side:  # the largest crop there is; the run records (and hashes) it
+        warnings.warn(
+            f"fusion training: crop {sched['crop']} is larger than the smallest training "
+            f"image side ({side}); training on {side}-pixel crops",
+            stacklevel=2,
+        )
+        sched["crop"] = side
     names = sorted(p.name for p in train_pairs)
     run_dir = Path(runs_dir) / runs.fusion_run_name(config, kind, sched, seed, names)
     ckpt = run_dir / "checkpoints" / "leader.pt"
