@@ -91,6 +91,22 @@ def test_bench_train_step_measures_cpu_bf16_only_when_asked(capsys):
     assert len(rows) == 1 and "skipped" not in rows[0] and "failed" not in rows[0]
 
 
+def test_bench_train_step_traces_the_variant_asked_for(capsys):
+    """``--trace N --trace-variant NAME`` profiles NAME, not the first variant; a variant that
+    did not run is said, and the first one is traced instead."""
+    bench_train_step = load("bench_train_step")
+    args = ["--device", "cpu", "--size", "32", "--batch", "2", "--inner-steps", "1",
+            "--profile", "smoke", "--variants", "eager,cl", "--repeats", "1", "--warmup", "1",
+            "--trace", "3"]
+    assert bench_train_step.main([*args, "--trace-variant", "cl"]) == 0
+    out = capsys.readouterr().out
+    assert "# cl: 3 outer steps (" in out and "# eager: 3 outer steps" not in out
+    assert bench_train_step.main([*args, "--trace-variant", "amp"]) == 0
+    out = capsys.readouterr().out
+    assert "# --trace-variant amp did not run: tracing eager" in out
+    assert "# eager: 3 outer steps (" in out
+
+
 def test_bench_train_step_can_switch_the_followers_average_off():
     bench_train_step = load("bench_train_step")
     import argparse
