@@ -17,7 +17,15 @@ from fuse4seg.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from fuse4seg.train.engine import ModelEMA, adamw, cosine_lr
+from fuse4seg.train.engine import (
+    Learner,
+    ModelEMA,
+    NonFiniteLossError,
+    adamw,
+    check_finite,
+    cosine_lr,
+    fetch,
+)
 
 
 def test_roundtrip_weights_only_and_no_temp_files(tmp_path):
@@ -103,6 +111,74 @@ def test_ema_follows_eq4_by_hand():
         ModelEMA(net, decay=1.0)
 
 
+def test_ema_update_is_the_per_tensor_formula_bit_for_bit():
+    """The ``foreach`` update computes avg·m + (1 − m)·value exactly as the per-tensor loop did,
+    and copies integer buffers."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+    ema = ModelEMA(net, decay=0.97)
+    by_hand = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].num_batches_tracked += 5
+        ema.update(net)
+        for name, value in net.state_dict().items():
+            if value.dtype.is_floating_point:
+                by_hand[name].mul_(0.97).add_(value, alpha=1.0 - 0.97)
+            else:
+                by_hand[name].copy_(value)
+    for name, value in ema.module.state_dict().items():
+        assert torch.equal(value, by_hand[name]), name
+    assert ema.module[1].num_batches_tracked.item() == 15
+
+
+def test_fetch_reads_every_value_in_one_transfer(monkeypatch):
+    values = {"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([[3.25]]), "d": float("nan")}
+
+    def no_item(self):
+        raise AssertionError("fetch read a value with .item()")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    out = fetch(values)
+    assert list(out) == ["a", "b", "c", "d"]
+    assert out["a"] == 1.5 and out["b"] == 2.0 and out["c"] == 3.25 and np.isnan(out["d"])
+    assert fetch({}) == {}
+
+
+def test_check_finite_returns_the_values_and_checks_only_the_terms():
+    out = check_finite({"L": torch.tensor(0.5)}, lambda: "here", also={"logged": float("inf")})
+    assert out == {"L": 0.5, "logged": float("inf")}
+    with pytest.raises(NonFiniteLossError, match=r"at step 3: L_b = \[nan\]"):
+        check_finite({"L_a": 1.0, "L_b": torch.tensor(float("nan"))}, lambda: "step 3")
+
+
+def test_a_learner_step_stops_on_a_non_finite_loss_before_the_weights_move():
+    """The loss and the gradient norm are checked together, after the backward and before the
+    step: the message names both, and no weight or optimiser state changes."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    before = copy.deepcopy(net.state_dict())
+    learner = Learner(net, lr=0.1, total_updates=10, weight_decay=0.0, grad_clip=1.0)
+
+    def guard(terms, also=None):
+        return check_finite(terms, lambda: "step 1", also=also)
+
+    learner.zero_grad()
+    loss = net(torch.randn(3, 4)).sum() * float("nan")
+    with pytest.raises(NonFiniteLossError, match="L_x, gradient norm of L_x"):
+        learner.step(loss, "L_x", guard, {"L_x": loss})
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert learner.updates == 0 and not learner.opt.state
+    learner.zero_grad()
+    loss = net(torch.randn(3, 4)).square().mean()
+    out = learner.step(loss, "L_x", guard, {"L_x": loss}, {"logged": torch.tensor(7.0)})
+    assert set(out) == {"L_x", "gradient norm of L_x", "logged"} and out["logged"] == 7.0
+    assert out["L_x"] == pytest.approx(loss.item()) and learner.updates == 1
+    assert not torch.equal(net.weight, before["weight"])
+
+
 def test_cosine_lr_by_hand():
     assert cosine_lr(1.0, 0, 10) == pytest.approx(1.0)
     assert cosine_lr(1.0, 5, 10) == pytest.approx(0.5)
@@ -185,7 +261,7 @@ def test_a_resumed_learner_gives_its_moments_its_parameters_layout():
     def steps(run: Learner, n: int) -> None:
         for _ in range(n):
             run.zero_grad()
-            run.step(run.net(x).square().mean(), "loss", lambda terms: None)
+            run.step(run.net(x).square().mean(), "loss", lambda terms, also=None: {})
 
     first = learner(False)
     assert first.opt.param_groups[0]["fused"] is True

@@ -205,3 +205,26 @@ def test_step_anatomy_parts_and_the_trainer_split(phantom_dir, capsys):
         step_anatomy.main(["--sizes", "64", "16"])
     assert stop.value.code == 2
     assert "--sizes must be distinct and increasing" in capsys.readouterr().err
+
+
+def test_probe_gpu_leader_compares_its_variants_to_amp_on_the_same_weights(capsys):
+    """``probe_gpu_leader.py`` on a CPU at a tiny size: one row per variant, each patch
+    computing the same x_f as the package's leader to float rounding, the patched classes
+    restored afterwards, and a variant that needs CUDA (graphs) said to have failed."""
+    from fuse4seg.models import fusion
+    from fuse4seg.models.layers import LayerNorm2d
+
+    probe = load("probe_gpu_leader")
+    forwards = (LayerNorm2d.forward, fusion.TransposedAttention.forward,
+                fusion.DepthwiseConv2d.forward)
+    variants = "amp,amp_ln_nchw,amp_attn,amp_best,amp_graph"
+    assert probe.main(["--device", "cpu", "--size", "16", "--batch", "1", "--repeats", "1",
+                       "--fusion", "fuse4seg_tiny", "--variants", variants]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| amp")}
+    assert set(rows) == set(variants.split(","))
+    assert "failed" in rows["amp_graph"]
+    for name in ("amp_ln_nchw", "amp_attn", "amp_best"):
+        assert float(rows[name].split("|")[5]) < 1e-4, rows[name]
+    assert forwards == (LayerNorm2d.forward, fusion.TransposedAttention.forward,
+                        fusion.DepthwiseConv2d.forward)

@@ -74,11 +74,12 @@ def _check_kind(fused: Path, a: Path, b: Path, folders: bool) -> None:
             raise FileNotFoundError(f"{what} {path}: {kind} not found")
 
 
-def _check_sizes(name: str, fused: tuple, a: tuple, b: tuple) -> None:
-    """The three images of a pair ``(path, image)`` have one size, else a ValueError names them."""
+def _check_sizes(which: str, fused: tuple, a: tuple, b: tuple) -> None:
+    """The three images of a pair ``(path, image)`` have one size, else a ValueError names them;
+    ``which`` follows "size mismatch" in the message (``""``, or ``" for 'name'"`` in a folder)."""
     if not (fused[1].shape == a[1].shape == b[1].shape):
         raise ValueError(
-            f"size mismatch{name}: {fused[0]} is {fused[1].shape}, {a[0]} is {a[1].shape}, "
+            f"size mismatch{which}: {fused[0]} is {fused[1].shape}, {a[0]} is {a[1].shape}, "
             f"{b[0]} is {b[1].shape}"
         )
 

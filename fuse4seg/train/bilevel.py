@@ -250,8 +250,9 @@ class Engine:
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
 
-    def guard(self, terms: dict[str, Any]) -> None:
-        check_finite(terms, self.where, self.all_ranks)
+    def guard(self, terms: dict[str, Any], also: dict[str, Any] | None = None) -> dict[str, float]:
+        """Stop on a non-finite term (:func:`check_finite`); return all values as floats."""
+        return check_finite(terms, self.where, self.all_ranks, also)
 
     def lower_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """L_lower (§3.5.1) with this run's class weights and smoothing, in float32: what the
@@ -347,11 +348,10 @@ class Engine:
         with self.autocast():
             logits = f.net(x_in)  # (B, C, H, W) -> (B, 4, H, W)
         loss = self.lower_loss(logits, target)
-        self.guard({"L_lower": loss})
-        f.step(loss, "L_lower", self.guard)
+        values = f.step(loss, "L_lower", self.guard, {"L_lower": loss})
         if self.follower_ema is not None:
             self.follower_ema.update(self.follower_module)
-        return to_float(loss)
+        return values["L_lower"]
 
     def _augmented(self, x_in, target, draw):
         """``(x_in, target)`` augmented for update ``draw`` when ``train.augment`` is on."""
@@ -424,15 +424,16 @@ class Engine:
             total, terms = upper_loss(
                 seg, x_fused.float(), x1, x2, tuple(f.float() for f in feats), self.config.loss
             )
-            self.guard({"L_lower|D_val": seg, **self._enabled_terms(terms), "L_upper": total})
-            lead.step(total, "L_upper", self.guard)
+            checked = {"L_lower|D_val": seg, **self._enabled_terms(terms), "L_upper": total}
+            logged = {f"upper/{k}": v for k, v in terms.items()}
+            values = lead.step(total, "L_upper", self.guard, checked, logged)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
             follower.train()
         self.ema.update(self.leader_module)  # Eq. 4
-        out = {"L_upper": to_float(total), "L_lower_val": to_float(seg)}
-        out.update({f"upper/{k}": to_float(v) for k, v in terms.items()})
+        out = {"L_upper": values["L_upper"], "L_lower_val": values["L_lower|D_val"]}
+        out.update({k: values[k] for k in logged})
         return out
 
     def fusion_step(self, x1, x2) -> dict[str, float]:
@@ -447,11 +448,12 @@ class Engine:
         total, terms = physical_loss(
             x_fused.float(), x1, x2, tuple(f.float() for f in feats), self.config.loss
         )
-        self.guard({**self._enabled_terms(terms), "L_physical": total})
-        lead.step(total, "L_physical", self.guard)
+        logged = {f"physical/{k}": v for k, v in terms.items()}
+        checked = {**self._enabled_terms(terms), "L_physical": total}
+        values = lead.step(total, "L_physical", self.guard, checked, logged)
         self.ema.update(self.leader_module)
-        out = {"L_physical": to_float(total)}
-        out.update({f"physical/{k}": to_float(v) for k, v in terms.items()})
+        out = {"L_physical": values["L_physical"]}
+        out.update({k: values[k] for k in logged})
         return out
 
     def _set_follower_rate(self, stage: str) -> None:

@@ -5,7 +5,7 @@ Bi-level training (:mod:`fuse4seg.train.bilevel`), the baselines and fusion-only
 
 - the **schedule**: cosine annealing without restarts to 0 (§4.1 names cosine annealing
   without a floor), :func:`cosine_lr`, indexed by the learner's own update counter;
-- the **optimiser step**: AdamW (``train.weight_decay``; torch's fused kernel on a CPU,
+- the **optimiser step**: AdamW (``train.weight_decay``; torch's fused kernel,
   :func:`adamw`), backward through a gradient scaler
   (a no-op unless fp16 AMP), gradient-norm clipping (``train.grad_clip``), a finite-norm check,
   the step;
@@ -43,6 +43,7 @@ __all__ = [
     "amp_dtype",
     "autocast",
     "check_finite",
+    "fetch",
     "compile_net",
     "cosine_lr",
     "to_float",
@@ -160,12 +161,31 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def fetch(values: dict[str, Any]) -> dict[str, float]:
+    """``{name: float}`` from tensors and numbers, with at most one host sync for all of them.
+
+    A training step reads its losses and gradient norm back through here, once, instead of
+    one ``.item()`` each (a leader step logs eight values). With the EMA's ``foreach`` update
+    this made the ``default`` profile's outer step on a 2-vCPU Intel Xeon 1.11× faster
+    (median of six processes each); on an H200 the paper's outer step did not change
+    measurably, since its host is busy launching kernels rather than waiting
+    (``benchmarks/RESULTS.md``, "Where the GPU outer step's time goes").
+    """
+    names = [k for k, v in values.items() if torch.is_tensor(v)]
+    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    if names:
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in names])
+        out.update(zip(names, stacked.tolist(), strict=True))
+    return {k: out[k] for k in values}
+
+
 def check_finite(
     terms: dict[str, Any],
     where: Callable[[], str],
     all_ranks: Callable[[bool], bool] | None = None,
-) -> None:
-    """Raise :class:`NonFiniteLossError` when any term is NaN/inf.
+    also: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Raise :class:`NonFiniteLossError` when any term is NaN/inf; else return the values.
 
     Args:
         terms: ``{name: tensor or number}``.
@@ -173,19 +193,23 @@ def check_finite(
             called only on failure.
         all_ranks: under DDP, reduces this rank's verdict over every rank (so all ranks stop
             together); ``None`` for a single process.
+        also: values to read back in the same sync (for logging) but not to check.
+
+    Returns:
+        ``{name: float}`` for ``terms`` and then ``also`` (:func:`fetch`: one host sync).
     """
-    values = torch.tensor([to_float(v) for v in terms.values()], dtype=torch.float64)
-    finite = torch.isfinite(values)
-    ok = bool(finite.all())
+    values = fetch({**terms, **(also or {})})
+    bad = [k for k in terms if not math.isfinite(values[k])]
+    ok = not bad
     if all_ranks is not None:
         ok = all_ranks(ok)
     if not ok:
-        bad = [k for k, good in zip(terms, finite.tolist(), strict=True) if not good]
         bad = bad or ["(on another rank)"]
         raise NonFiniteLossError(
             f"non-finite loss at {where()}: {', '.join(bad)} = "
-            f"{[to_float(terms[k]) for k in bad if k in terms]}"
+            f"{[values[k] for k in bad if k in values]}"
         )
+    return values
 
 
 class ModelEMA:
@@ -228,12 +252,19 @@ class ModelEMA:
         """One Eq. 4 step towards ``model``'s current weights."""
         decay = self.current_decay()
         current = unwrap(model).state_dict()
+        avgs, values = [], []
         for name, avg in self.module.state_dict().items():
             value = current[name].detach()
             if avg.dtype.is_floating_point:
-                avg.mul_(decay).add_(value.to(avg.dtype), alpha=1.0 - decay)
+                avgs.append(avg)
+                values.append(value.to(avg.dtype))
             else:
                 avg.copy_(value)
+        # the same two operations as avg.mul_(m).add_(v, alpha=1 - m) per tensor, launched
+        # once for all tensors (on a GPU a few kernels instead of two per tensor)
+        if avgs:
+            torch._foreach_mul_(avgs, decay)
+            torch._foreach_add_(avgs, values, alpha=1.0 - decay)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -246,7 +277,7 @@ class ModelEMA:
 
 
 def adamw(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over ``net``'s parameters; on a CPU with torch's fused kernel.
+    """AdamW over ``net``'s parameters, with torch's fused kernel.
 
     torch's default AdamW on CPU tensors runs a Python loop of about ten operations per
     parameter tensor: on an AMD EPYC with 2 threads, 4.4 ms per step for the ``default``
@@ -257,12 +288,17 @@ def adamw(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     same update in another order, so its results differ from the loop's in the last bit of
     some weights; whole runs stay within the spread between seeds
     (``benchmarks/equiv_train.py --change adamw``).
-    On a GPU torch's own default (its multi-tensor ``foreach`` path) is kept: not measured
-    there. ``FUSE4SEG_ADAMW=loop`` keeps torch's default on a CPU too.
+    On a CUDA GPU the fused kernel replaces torch's default multi-tensor (``foreach``) path,
+    which launches a few kernels for each of the update's operations. On an H200 the paper's
+    outer step was no faster or slower for it, within the spread between runs (measured
+    together with :meth:`Learner.step`'s single sync and the EMA's ``foreach`` update:
+    ``benchmarks/RESULTS.md``, "Where the GPU outer step's time goes"); it is kept because it
+    does less work for the same update. ``FUSE4SEG_ADAMW=loop`` keeps torch's default on
+    either device.
     """
     params = list(net.parameters())
     loop = env_setting("FUSE4SEG_ADAMW") == "loop"
-    fused = not loop and bool(params) and all(p.device.type == "cpu" for p in params)
+    fused = not loop and bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     kernel = {"fused": True} if fused else {}
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kernel)
 
@@ -320,11 +356,25 @@ class Learner:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
 
-    def step(self, loss: torch.Tensor, loss_name: str, guard: Callable[[dict], None]) -> None:
+    def step(
+        self,
+        loss: torch.Tensor,
+        loss_name: str,
+        guard: Callable[..., dict[str, float]],
+        terms: dict[str, Any] | None = None,
+        also: dict[str, Any] | None = None,
+    ) -> dict[str, float]:
         """Backpropagate ``loss`` and take one clipped AdamW step.
 
-        A non-finite gradient norm stops the run through ``guard`` before the step (under fp16
-        the scaler skips such a step instead, as AMP intends).
+        ``guard`` checks ``terms`` (the loss and its parts) and the gradient norm together,
+        after the backward and before the step, so a non-finite value stops the run before any
+        parameter moves (under fp16 the scaler skips a step with a non-finite gradient
+        instead, as AMP intends, and only ``terms`` are checked). That one check is the step's
+        only host sync.
+
+        Returns:
+            ``{name: float}`` for ``terms``, the gradient norm (``"gradient norm of
+            <loss_name>"``, unless fp16) and ``also`` (values only logged).
         """
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -333,11 +383,14 @@ class Learner:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        checked = dict(terms or {})
         if not self.scaler.is_enabled():
-            guard({f"gradient norm of {loss_name}": norm})
+            checked[f"gradient norm of {loss_name}"] = norm
+        values = guard(checked, also)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.updates += 1
+        return values
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -88,6 +88,7 @@ __all__ = [
     "fusion_schedule",
     "load_fusion_leader",
     "load_pairs",
+    "smallest_side",
     "train_fusion",
 ]
 
@@ -141,6 +142,12 @@ def fusion_schedule(config: Config, n_pairs: int, **overrides: Any) -> dict[str,
 # --------------------------------------------------------------------------- data
 
 
+def smallest_side(pairs: list[ImagePair]) -> int:
+    """The shortest side, in pixels, of any image of ``pairs``: the largest square crop all of
+    them allow."""
+    return min(min(x.shape[:2]) for p in pairs for x in (p.a, p.b))
+
+
 class PairSampler:
     """Random training crops of the pairs' fusion channels, as tensors in [0, 1].
 
@@ -160,8 +167,7 @@ class PairSampler:
         self.images = [
             np.stack([p.a, p.b]).astype(np.float32) / 255.0 for p in pairs
         ]  # each (2, H, W)
-        side = min(min(x.shape[1:]) for x in self.images)
-        crop = min(int(crop), side)
+        crop = min(int(crop), smallest_side(pairs))
         self.crop = crop - crop % stride
         if self.crop < 1:
             raise ValueError(f"PairSampler: crop {crop} is smaller than the stride {stride}")
@@ -251,7 +257,7 @@ def train_fusion(
     sched = fusion_schedule(
         config, len(train_pairs), steps=steps, crop=crop, batch_size=batch_size, lr=lr
     )
-    side = min(min(x.shape[:2]) for p in train_pairs for x in (p.a, p.b))
+    side = smallest_side(train_pairs)
     if sched["crop"] > side:  # the largest crop there is; the run records (and hashes) it
         warnings.warn(
             f"fusion training: crop {sched['crop']} is larger than the smallest training "
