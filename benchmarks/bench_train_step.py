@@ -12,7 +12,11 @@ networks, with AMP on CUDA), ``compile_static`` (the same with ``dynamic=False``
 graph per batch shape instead of torch's second, dynamic-shape graph), ``compile_leader``
 (only the leader compiled, ``dynamic=False``: the leader step's forward and backward, whose many
 small normalisation, activation and attention ops are what a compiler fuses; the follower, the
-inner loop's x_f and the leader's average stay eager), ``no_follower_ema``
+inner loop's x_f and the leader's average stay eager), ``compile_graphs`` (both networks
+compiled with ``mode="reduce-overhead"`` and ``dynamic=False``: inductor's kernels replayed as
+CUDA graphs, so the host launches one graph instead of each kernel; each step starts with
+``torch.compiler.cudagraph_mark_step_begin()``; on a CPU no graphs, a plain static compile;
+AMP on CUDA), ``no_follower_ema``
 (eager without ``train.follower_ema``: what the follower's weight average costs per step where
 the profile sets it), ``loop_adamw`` (eager with torch's default AdamW instead of the fused
 kernel the trainer uses on a CPU, ``FUSE4SEG_ADAMW=loop``), ``nchw_leader`` (eager with the
@@ -65,6 +69,7 @@ from fuse4seg.train.bilevel import Engine
 from fuse4seg.train.engine import compile_net
 
 VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "compile_leader",
+            "compile_graphs",
             "no_follower_ema", "loop_adamw", "nchw_leader")
 
 # dense bf16 peak (TFLOP/s) by a substring of torch.cuda.get_device_name(), first match wins
@@ -129,6 +134,9 @@ def build(args, variant: str, device: torch.device) -> Engine:
     if variant == "compile_static":  # one static graph per shape (torch.compile's dynamic=False)
         engine.leader.net = compile_net(engine.leader.net, dynamic=False)
         engine.follower.net = compile_net(engine.follower.net, dynamic=False)
+    if variant == "compile_graphs":  # CUDA graphs around the compiled graphs (CUDA only)
+        for learner in (engine.leader, engine.follower):
+            learner.net = torch.compile(learner.net, mode="reduce-overhead", dynamic=False)
     if variant == "compile_leader":  # the leader's training graph only
         engine.leader.net = compile_net(engine.leader.net, dynamic=False)
     if variant in ("cl", "amp_cl"):
@@ -199,10 +207,17 @@ class Case:
         self.peak = 0  # bytes: the most allocated during this variant's timed calls (CUDA)
 
     def outer(self) -> None:
+        self._mark()
         outer_step(self.engine, self.tr, self.val, self.k)
 
     def warm(self) -> None:
+        self._mark()
         warmup_step(self.engine, self.whole)
+
+    def _mark(self) -> None:
+        """A new step for CUDA graph trees: the last step's graph outputs may be overwritten."""
+        if self.variant == "compile_graphs":
+            torch.compiler.cudagraph_mark_step_begin()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from bench_scripts import load
@@ -173,6 +174,21 @@ def test_bench_train_step_static_compile_trains_the_optimisers_parameters():
         held = {id(p) for group in learner.opt.param_groups for p in group["params"]}
         assert held == {id(p) for p in learner.net.parameters()}
         assert held == {id(p) for p in unwrap(learner.net).parameters()}
+    # compile_graphs: both compiled (reduce-overhead), every step marked as a new one
+    engine = bench_train_step.build(args, "compile_graphs", torch.device("cpu"))
+    for learner in (engine.leader, engine.follower):
+        assert learner.net is not unwrap(learner.net)
+        held = {id(p) for group in learner.opt.param_groups for p in group["params"]}
+        assert held == {id(p) for p in unwrap(learner.net).parameters()}
+    case = bench_train_step.Case.__new__(bench_train_step.Case)
+    marks = []
+    case.variant = "compile_graphs"
+    with mock.patch.object(torch.compiler, "cudagraph_mark_step_begin",
+                           lambda: marks.append(1)):
+        case._mark()
+        case.variant = "compile"
+        case._mark()
+    assert marks == [1]
     # compile_leader: the leader alone is compiled, the follower stays eager
     engine = bench_train_step.build(args, "compile_leader", torch.device("cpu"))
     assert engine.leader.net is not unwrap(engine.leader.net)

@@ -7,8 +7,8 @@ Bi-level training (:mod:`fuse4seg.train.bilevel`), the baselines and fusion-only
   without a floor), :func:`cosine_lr`, indexed by the learner's own update counter;
 - the **optimiser step**: AdamW (``train.weight_decay``; torch's fused kernel,
   :func:`adamw`), backward through a gradient scaler
-  (a no-op unless fp16 AMP), gradient-norm clipping (``train.grad_clip``), a finite-norm check,
-  the step;
+  (a no-op unless fp16 AMP), gradient-norm clipping (``train.grad_clip``), one check that the
+  loss terms and the gradient norm are finite (the update's only host sync), the step;
 - the **EMA** of Eq. 4, :class:`ModelEMA` (optionally with the usual warm-up of the decay);
 - the **non-finite guard**, :func:`check_finite`, which raises :class:`NonFiniteLossError`
   naming the step and the loss term before any parameter or checkpoint is touched;
@@ -43,9 +43,9 @@ __all__ = [
     "amp_dtype",
     "autocast",
     "check_finite",
-    "fetch",
     "compile_net",
     "cosine_lr",
+    "fetch",
     "to_float",
     "tune_malloc",
     "unwrap",
