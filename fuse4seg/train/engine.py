@@ -166,7 +166,7 @@ def fetch(values: dict[str, Any]) -> dict[str, float]:
 
     A training step reads its losses and gradient norm back through here, once, instead of
     one ``.item()`` each (a leader step logs eight values). With the EMA's ``foreach`` update
-    this made the ``default`` profile's outer step on a 2-vCPU Intel Xeon 1.11× faster
+    this made the ``default`` profile's outer step on a 2-vCPU AMD EPYC 1.11× faster
     (median of six processes each); on an H200 the paper's outer step did not change
     measurably, since its host is busy launching kernels rather than waiting
     (``benchmarks/RESULTS.md``, "Where the GPU outer step's time goes").
