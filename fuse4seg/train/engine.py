@@ -7,8 +7,8 @@ Bi-level training (:mod:`fuse4seg.train.bilevel`), the baselines and fusion-only
   without a floor), :func:`cosine_lr`, indexed by the learner's own update counter;
 - the **optimiser step**: AdamW (``train.weight_decay``; torch's fused kernel,
   :func:`adamw`), backward through a gradient scaler
-  (a no-op unless fp16 AMP), gradient-norm clipping (``train.grad_clip``), one check that the
-  loss terms and the gradient norm are finite (the update's only host sync), the step;
+  (a no-op unless fp16 AMP), gradient-norm clipping (``train.grad_clip``), one check, in one
+  host read, that the loss terms and the gradient norm are finite, the step;
 - the **EMA** of Eq. 4, :class:`ModelEMA` (optionally with the usual warm-up of the decay);
 - the **non-finite guard**, :func:`check_finite`, which raises :class:`NonFiniteLossError`
   naming the step and the loss term before any parameter or checkpoint is touched;
@@ -164,12 +164,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def fetch(values: dict[str, Any]) -> dict[str, float]:
     """``{name: float}`` from tensors and numbers, with at most one host sync for all of them.
 
-    A training step reads its losses and gradient norm back through here, once, instead of
-    one ``.item()`` each (a leader step logs eight values). With the EMA's ``foreach`` update
-    this made the ``default`` profile's outer step on a 2-vCPU AMD EPYC 1.11× faster
-    (median of six processes each); on an H200 the paper's outer step did not change
-    measurably, since its host is busy launching kernels rather than waiting
-    (``benchmarks/RESULTS.md``, "Where the GPU outer step's time goes").
+    An update reads its checked losses, its gradient norm and its logged values back through
+    here in one transfer instead of one ``.item()`` each: a follower update now syncs once
+    (it did three times), a leader update seven times (eleven; six are the physical losses'
+    own, which return their terms as floats). With the EMA's ``foreach`` update this made the
+    ``default`` profile's outer step on a 2-vCPU AMD EPYC 1.11× faster (median of six
+    processes each); on an H200 the paper's outer step did not change measurably, since its
+    host is busy launching kernels rather than waiting (``benchmarks/RESULTS.md``, "Where the
+    GPU outer step's time goes").
     """
     names = [k for k, v in values.items() if torch.is_tensor(v)]
     out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
@@ -369,8 +371,8 @@ class Learner:
         ``guard`` checks ``terms`` (the loss and its parts) and the gradient norm together,
         after the backward and before the step, so a non-finite value stops the run before any
         parameter moves (under fp16 the scaler skips a step with a non-finite gradient
-        instead, as AMP intends, and only ``terms`` are checked). That one check is the step's
-        only host sync.
+        instead, as AMP intends, and only ``terms`` are checked). The check reads ``terms``,
+        the norm and ``also`` back in one host sync (:func:`fetch`).
 
         Returns:
             ``{name: float}`` for ``terms``, the gradient norm (``"gradient norm of
