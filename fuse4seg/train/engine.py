@@ -167,11 +167,12 @@ def fetch(values: dict[str, Any]) -> dict[str, float]:
     An update reads its checked losses, its gradient norm and its logged values back through
     here in one transfer instead of one ``.item()`` each: a follower update now syncs once
     (it did three times), a leader update seven times (eleven; six are the physical losses'
-    own, which return their terms as floats). With the EMA's ``foreach`` update this made the
-    ``default`` profile's outer step on a 2-vCPU AMD EPYC 1.11× faster (median of six
-    processes each); on an H200 the paper's outer step did not change measurably, since its
-    host is busy launching kernels rather than waiting (``benchmarks/RESULTS.md``, "Where the
-    GPU outer step's time goes").
+    own, which return their terms as floats). Together with the EMA's ``foreach`` update this
+    made the ``default`` profile's outer step on a 2-vCPU AMD EPYC 1.01× and 1.11× faster in
+    two runs of six process pairs (a small gain at most), and the paper's outer step on an
+    H200 no faster measurably: its host is busy launching kernels rather than waiting
+    (``benchmarks/RESULTS.md``, "Where the GPU outer step's time goes"). Training computes
+    the same numbers either way.
     """
     names = [k for k, v in values.items() if torch.is_tensor(v)]
     out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
