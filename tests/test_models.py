@@ -330,8 +330,11 @@ def test_place_leader_makes_the_weights_channels_last_on_a_cpu_with_the_same_val
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     (y0.square().sum() + sum(f.sum() for f in f0)).backward()
     (y1.square().sum() + sum(f.sum() for f in f1)).backward()
+    # float rounding of sums whose terms reach |grad| ~ 1e3: an absolute tolerance scaled by
+    # each gradient's largest entry (on an AMD EPYC up to 6.2e-7 of it; a fixed 1e-5 failed there)
     for (name, a), b in zip(nchw.named_parameters(), cl.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+        scale = max(1.0, float(a.grad.abs().max()))
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
     state = cl.state_dict()
     assert list(state) == list(nchw.state_dict())
     assert all(torch.equal(state[k], v) for k, v in nchw.state_dict().items())
