@@ -19,9 +19,9 @@ CUDA graphs, so the host launches one graph instead of each kernel; each step st
 AMP on CUDA), ``no_follower_ema``
 (eager without ``train.follower_ema``: what the follower's weight average costs per step where
 the profile sets it), ``loop_adamw`` (eager with torch's default AdamW instead of the fused
-kernel the trainer uses on a CPU, ``FUSE4SEG_ADAMW=loop``), ``nchw_leader`` (eager with the
-leader's weights in NCHW instead of the channels-last layout
-:func:`fuse4seg.models.place_leader` gives them on a CPU, ``FUSE4SEG_LEADER_LAYOUT=nchw``).
+kernel the trainer uses, ``FUSE4SEG_ADAMW=loop``; on CUDA that default is its ``foreach``
+path), ``nchw_leader`` (eager with the leader's weights in NCHW instead of the channels-last
+layout :func:`fuse4seg.models.place_leader` gives them on a CPU, ``FUSE4SEG_LEADER_LAYOUT=nchw``).
 On CPU AMP is off in training, so ``amp``/``amp_cl`` are skipped there, unless ``--cpu-bf16``
 asks what CPU bf16 autocast would give (a measurement only: the trainer ignores ``train.amp``
 on CPU). The variants are built
