@@ -348,28 +348,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def trace(case: Case, rows: int) -> None:
-    """Print where a variant's step time goes: ``torch.profiler``'s ops by self time."""
+def profiled(fn, device: torch.device, calls: int = 3, record_shapes: bool = False):
+    """``torch.profiler`` over ``calls`` calls of ``fn`` (with CUDA activity on a GPU):
+    ``(profile, wall seconds of those calls)`` and the key to sort its table by (self CUDA
+    time on a GPU, else self CPU time). Against the table's self CUDA total, the wall time
+    says how much of it the GPU was busy. Also used by ``probe_gpu_leader.py``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=record_shapes) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        wall = time.perf_counter() - start
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof, wall, key
+
+
+def trace(case: Case, rows: int) -> None:
+    """Print where a variant's step time goes: ``torch.profiler``'s ops by self time."""
     device = case.tr[0].device
     for name, fn in (("warm-up", case.warm), ("outer", case.outer)):
-        with profile(activities=activities) as prof:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(3):
-                fn()
-            _sync(device)
-            wall = time.perf_counter() - start
-        key = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
-        # against the table's self CUDA total: how much of the wall time the GPU was busy
+        prof, wall, key = profiled(fn, device)
         print(f"\n# {case.variant}: 3 {name} steps ({1000 * wall:.0f} ms of wall time under "
               "the profiler), ops by self time")
         print(prof.key_averages().table(sort_by=key, row_limit=rows))
-
 
 if __name__ == "__main__":
     sys.exit(main())

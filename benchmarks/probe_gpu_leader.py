@@ -46,6 +46,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_train_step import _sync, profiled  # noqa: E402
+
 from fuse4seg.models import create_fusion  # noqa: E402
 from fuse4seg.models import fusion as fusion_mod  # noqa: E402
 from fuse4seg.models.layers import LayerNorm2d  # noqa: E402
@@ -121,11 +123,6 @@ class Flat(nn.Module):
     def forward(self, x1, x2):
         x_f, feats = self.leader(x1, x2)
         return (x_f, *feats)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(variant, leader, x1, x2, device):
@@ -213,25 +210,13 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.trace:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                         else [])
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         for variant in ("amp", "fp32"):
             if variant not in variants:
                 continue
-            leader = copy.deepcopy(base)
-            step = make_step(variant, leader, x1, x2, device)
+            step = make_step(variant, copy.deepcopy(base), x1, x2, device)
             for _ in range(3):
                 step()
-            with profile(activities=acts, record_shapes=True) as prof:
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    step()
-                _sync(device)
-                wall = time.perf_counter() - t0
+            prof, wall, key = profiled(step, device, record_shapes=True)
             print(f"\n# {variant}: 3 calls, {1000 * wall:.0f} ms of wall time under the "
                   "profiler; ops by self time")
             print(prof.key_averages().table(sort_by=key, row_limit=args.trace))

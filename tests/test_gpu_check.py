@@ -235,9 +235,12 @@ def test_probe_gpu_leader_compares_its_variants_to_amp_on_the_same_weights(capsy
                 fusion.DepthwiseConv2d.forward)
     variants = "amp,amp_ln_nchw,amp_attn,amp_best,amp_graph"
     assert probe.main(["--device", "cpu", "--size", "16", "--batch", "1", "--repeats", "1",
-                       "--fusion", "fuse4seg_tiny", "--variants", variants]) == 0
-    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+                       "--fusion", "fuse4seg_tiny", "--variants", variants, "--trace", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines()
             if line.startswith("| amp")}
+    assert "# amp: 3 calls, " in out and "# amp: by input shape" in out  # --trace: amp only
+    assert "# fp32:" not in out
     assert set(rows) == set(variants.split(","))
     assert "failed" in rows["amp_graph"]
     for name in ("amp_ln_nchw", "amp_attn", "amp_best"):
