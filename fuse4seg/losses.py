@@ -27,6 +27,7 @@ Conventions (where the paper leaves a choice; each also stated at its function):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +69,12 @@ def _check_seg(logits: torch.Tensor, target: torch.Tensor, n_weights: int) -> No
         raise ValueError(f"segmentation loss: target must hold integer labels, got {target.dtype}")
     if n_weights != c:
         raise ValueError(f"segmentation loss: {n_weights} class weights for {c} classes")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= c):
-        raise ValueError(
-            f"segmentation loss: target labels must be in 0..{c - 1}, "
-            f"got {int(target.min())}..{int(target.max())}"
-        )
+    if target.numel():
+        lo, hi = torch.stack(torch.aminmax(target)).tolist()  # one host read for both
+        if lo < 0 or hi >= c:
+            raise ValueError(
+                f"segmentation loss: target labels must be in 0..{c - 1}, got {lo}..{hi}"
+            )
 
 
 def soft_dice_loss(
@@ -264,13 +266,21 @@ def _check_images(x_fused: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, nam
 # ---------------------------------------------------------------------------------------------
 # Eq. 3: the leader's objective
 # ---------------------------------------------------------------------------------------------
+def _logged(value: torch.Tensor, as_tensor: bool) -> Any:
+    """A loss term as it is logged: a float, or (``as_tensor``) a detached float32 0-dim tensor
+    that costs no host sync until it is read."""
+    value = value.detach().float()
+    return value if as_tensor else float(value)
+
+
 def physical_loss(
     x_fused: torch.Tensor,
     x1: torch.Tensor,
     x2: torch.Tensor,
     feats: Sequence[torch.Tensor] | None,
     loss_cfg: LossConfig,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    as_tensors: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """``α·L_decomp + β·L_grad + γ·L_recon`` (Eq. 3 without L_seg), with the ablation switches.
 
     Used alone for fusion-only training (the ``disjoint_ae`` baseline, the Harvard/GFP pairs),
@@ -281,12 +291,15 @@ def physical_loss(
         feats: ``(f_low1, f_high1, f_low2, f_high2)`` from the leader; may be ``None`` when
             ``loss_cfg.use_decomp`` is False.
         loss_cfg: weights α, β, γ and the ``use_*`` switches.
+        as_tensors: return the terms as detached 0-dim float32 tensors on x_fused's device
+            instead of floats. A float costs a host sync per term on a GPU; the trainer reads
+            all of an update's values back at once (:func:`fuse4seg.train.engine.fetch`).
 
     Returns:
-        ``(total, terms)``: a float32 scalar with a graph, and a dict of floats
-        ``{"decomp", "grad", "recon", "total"}``. A switched-off term is still computed (without
-        a graph) and logged so ablation runs stay comparable, but does not enter the total;
-        ``"decomp"`` is NaN when ``feats`` is None.
+        ``(total, terms)``: a float32 scalar with a graph, and a dict of floats (or tensors,
+        ``as_tensors``) ``{"decomp", "grad", "recon", "total"}``. A switched-off term is still
+        computed (without a graph) and logged so ablation runs stay comparable, but does not
+        enter the total; ``"decomp"`` is NaN when ``feats`` is None.
 
     Raises:
         ValueError: ``use_decomp`` with ``feats`` None or not four tensors; bad shapes.
@@ -298,7 +311,7 @@ def physical_loss(
     if loss_cfg.use_decomp and feats is None:
         raise ValueError("physical_loss: use_decomp needs the leader's features (feats)")
     total = torch.zeros((), dtype=torch.float32, device=x_fused.device)
-    terms: dict[str, float] = {}
+    terms: dict[str, Any] = {}
     specs = [
         (
             "decomp",
@@ -311,7 +324,7 @@ def physical_loss(
     ]
     for name, used, weight, compute in specs:
         if compute is None:
-            terms[name] = float("nan")
+            terms[name] = _logged(torch.full((), float("nan"), device=x_fused.device), as_tensors)
             continue
         if used:
             value = compute()
@@ -319,8 +332,8 @@ def physical_loss(
         else:
             with torch.no_grad():
                 value = compute()
-        terms[name] = float(value.detach())
-    terms["total"] = float(total.detach())
+        terms[name] = _logged(value, as_tensors)
+    terms["total"] = _logged(total, as_tensors)
     return total, terms
 
 
@@ -331,24 +344,26 @@ def upper_loss(
     x2: torch.Tensor,
     feats: Sequence[torch.Tensor] | None,
     loss_cfg: LossConfig,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    as_tensors: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """The leader's objective, Eq. 3: ``L_seg|D_val + α L_decomp + β L_grad + γ L_recon``.
 
     Args:
         seg_loss: L_lower of the (frozen) follower on D_val (:func:`lower_loss`), a scalar whose
             graph runs through the follower into the leader.
-        x_fused, x1, x2, feats, loss_cfg: see :func:`physical_loss`.
+        x_fused, x1, x2, feats, loss_cfg, as_tensors: see :func:`physical_loss`.
 
     Returns:
         ``(total, terms)`` with ``terms = {"seg", "decomp", "grad", "recon", "total"}``
-        (floats; switched-off terms are logged but not added).
+        (floats, or detached tensors with ``as_tensors``; switched-off terms are logged but not
+        added).
 
     Explained in chapter 2 and chapter 4.
     """
-    physical, terms = physical_loss(x_fused, x1, x2, feats, loss_cfg)
+    physical, terms = physical_loss(x_fused, x1, x2, feats, loss_cfg, as_tensors)
     total = seg_loss.float() + physical
     return total, {
-        "seg": float(seg_loss.detach()),
+        "seg": _logged(seg_loss, as_tensors),
         **{k: v for k, v in terms.items() if k != "total"},
-        "total": float(total.detach()),
+        "total": _logged(total, as_tensors),
     }

@@ -152,6 +152,9 @@ def test_check_finite_returns_the_values_and_checks_only_the_terms():
     assert out == {"L": 0.5, "logged": float("inf")}
     with pytest.raises(NonFiniteLossError, match=r"at step 3: L_b = \[nan\]"):
         check_finite({"L_a": 1.0, "L_b": torch.tensor(float("nan"))}, lambda: "step 3")
+    # a logged value must not hide a checked term of the same name (it would replace it)
+    with pytest.raises(ValueError, match=r"\['L'\] are both checked terms and logged"):
+        check_finite({"L": torch.tensor(float("nan"))}, lambda: "here", also={"L": 0.0})
 
 
 def test_a_learner_step_stops_on_a_non_finite_loss_before_the_weights_move():

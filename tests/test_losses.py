@@ -77,6 +77,8 @@ def test_lower_loss_rejects_bad_input():
     logits = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="labels must be in 0..3"):
         lower_loss(logits, torch.full((1, 2, 2), 4))
+    with pytest.raises(ValueError, match=r"labels must be in 0..3, got -1..2"):
+        lower_loss(logits, torch.tensor([[[0, 2], [-1, 1]]]))
     with pytest.raises(ValueError, match="target must be"):
         lower_loss(logits, torch.zeros(1, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="3 class weights for 4 classes"):
@@ -170,6 +172,25 @@ def test_upper_loss_assembles_eq3_with_paper_weights():
     assert terms["total"] == pytest.approx(expected, abs=1e-5)
     total.backward()
     assert xf.grad is not None
+
+
+def test_the_terms_as_tensors_are_the_float_terms():
+    """``as_tensors=True`` (the trainer's, read back in one sync) gives the same values as
+    floats, as detached 0-dim float32 tensors, NaN included, and the same total."""
+    xf, x1, x2, feats = _upper_inputs()
+    for cfg, f in ((get_config("paper").loss, feats), (LossConfig(use_decomp=False), None)):
+        seg = torch.tensor(0.7, requires_grad=True)
+        total, terms = upper_loss(seg, xf, x1, x2, f, cfg)
+        total_t, tensors = upper_loss(seg, xf, x1, x2, f, cfg, as_tensors=True)
+        assert list(tensors) == list(terms) == ["seg", "decomp", "grad", "recon", "total"]
+        for name, value in tensors.items():
+            assert torch.is_tensor(value) and value.shape == () and not value.requires_grad
+            assert value.dtype == torch.float32
+            assert float(value) == terms[name] or (math.isnan(terms[name]) and value.isnan())
+        assert torch.equal(total_t, total) and total_t.requires_grad
+    assert math.isnan(terms["decomp"])  # the second config: no features
+    _, physical = physical_loss(xf, x1, x2, feats, LossConfig(), as_tensors=True)
+    assert all(torch.is_tensor(v) for v in physical.values())
 
 
 def test_switched_off_terms_are_logged_but_not_added():

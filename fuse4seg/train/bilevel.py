@@ -421,9 +421,9 @@ class Engine:
                 x_fused, feats = lead.net(x1, x2)  # (B, 1, H, W) x2 -> (B, 1, H, W), feats
                 logits = follower(x_fused)  # (B, 1, H, W) -> (B, 4, H, W)
             seg = self.lower_loss(logits, target)
-            total, terms = upper_loss(
-                seg, x_fused.float(), x1, x2, tuple(f.float() for f in feats), self.config.loss
-            )
+            total, terms = upper_loss(seg, x_fused.float(), x1, x2,
+                                      tuple(f.float() for f in feats), self.config.loss,
+                                      as_tensors=True)  # read back in lead.step's one sync
             checked = {"L_lower|D_val": seg, **self._enabled_terms(terms), "L_upper": total}
             logged = {f"upper/{k}": v for k, v in terms.items()}
             values = lead.step(total, "L_upper", self.guard, checked, logged)
@@ -446,7 +446,8 @@ class Engine:
         with self.autocast():
             x_fused, feats = lead.net(x1, x2)
         total, terms = physical_loss(
-            x_fused.float(), x1, x2, tuple(f.float() for f in feats), self.config.loss
+            x_fused.float(), x1, x2, tuple(f.float() for f in feats), self.config.loss,
+            as_tensors=True,
         )
         logged = {f"physical/{k}": v for k, v in terms.items()}
         checked = {**self._enabled_terms(terms), "L_physical": total}

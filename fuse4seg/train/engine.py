@@ -165,14 +165,18 @@ def fetch(values: dict[str, Any]) -> dict[str, float]:
     """``{name: float}`` from tensors and numbers, with at most one host sync for all of them.
 
     An update reads its checked losses, its gradient norm and its logged values back through
-    here in one transfer instead of one ``.item()`` each: a follower update now syncs once
-    (it did three times), a leader update seven times (eleven; six are the physical losses'
-    own, which return their terms as floats). Together with the EMA's ``foreach`` update this
-    made the ``default`` profile's outer step on a 2-vCPU AMD EPYC 1.01× and 1.11× faster in
-    two runs of six process pairs (a small gain at most), and the paper's outer step on an
-    H200 no faster measurably: its host is busy launching kernels rather than waiting
-    (``benchmarks/RESULTS.md``, "Where the GPU outer step's time goes"). Training computes
-    the same numbers either way.
+    here in one transfer instead of one ``.item()`` each; the physical losses hand over their
+    terms as tensors for it (``as_tensors=True``). The only other read of an update is
+    L_lower's check of the labels' range (their minimum and maximum in one transfer; on a CPU,
+    not on a GPU, ``F.one_hot`` reads them again). The
+    first version of this, which left six reads of the physical terms in a leader update,
+    made, together with the EMA's ``foreach`` update, the ``default`` profile's outer step on
+    a 2-vCPU AMD EPYC 1.01× and 1.11× faster in two runs of six process pairs (a small gain
+    at most), and the paper's outer step on an H200 no faster measurably: its host is busy
+    launching kernels rather than waiting (``benchmarks/RESULTS.md``, "Where the GPU outer
+    step's time goes"). The later removal of those six reads and of one of the label check's
+    two has not been timed on a GPU; on a CPU a read waits for nothing. Training computes the
+    same numbers either way.
     """
     names = [k for k, v in values.items() if torch.is_tensor(v)]
     out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
@@ -196,11 +200,18 @@ def check_finite(
             called only on failure.
         all_ranks: under DDP, reduces this rank's verdict over every rank (so all ranks stop
             together); ``None`` for a single process.
-        also: values to read back in the same sync (for logging) but not to check.
+        also: values to read back in the same sync (for logging) but not to check; no name
+            may be in both.
 
     Returns:
         ``{name: float}`` for ``terms`` and then ``also`` (:func:`fetch`: one host sync).
+
+    Raises:
+        ValueError: a name in both ``terms`` and ``also`` (one value would hide the other).
     """
+    both = sorted(set(terms) & set(also or {}))
+    if both:
+        raise ValueError(f"check_finite: {both} are both checked terms and logged values")
     values = fetch({**terms, **(also or {})})
     bad = [k for k in terms if not math.isfinite(values[k])]
     ok = not bad
