@@ -372,3 +372,54 @@ def test_bench_layout_times_every_convolution_of_the_leader_in_both_layouts(caps
     with pytest.raises(SystemExit):
         bench.main(["--variants", "fuse4seg_huge"])
     assert "fuse4seg_huge" in capsys.readouterr().err
+
+
+def test_probe_follower_rewrites_give_the_shipped_gradients_and_its_tables_print(capsys):
+    """``probe_follower.py``'s two rewrites of the ConvNeXt block (GRN folded into pw2; the
+    depthwise gradients as forward convolutions) compute the shipped block's output and
+    gradients (float64, γ and β non-zero so GRN is not the identity); the script runs at a
+    tiny size with one row per distinct convolution and one per variant."""
+    from bench_scripts import load
+
+    from fuse4seg.models.segmentation import ConvNeXtBlock
+
+    probe = load("probe_follower")
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(8).double()
+    with torch.no_grad():
+        block.grn.gamma.normal_()
+        block.grn.beta.normal_()
+    x = torch.randn(5, 8, 12, 12, dtype=torch.float64, requires_grad=True)
+    shipped = ConvNeXtBlock.forward
+    probe.CHUNK, saved = 16, probe.CHUNK  # 16 // 8 = 2 images per chunk: 3 chunks, one short
+    try:
+        results = {}
+        for variant in probe.VARIANTS:
+            with probe.patched(variant):
+                out = block(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+            results[variant] = (out, grads)
+    finally:
+        probe.CHUNK = saved
+    assert ConvNeXtBlock.forward is shipped  # restored
+    ref_out, ref_grads = results["shipped"]
+    for variant in probe.VARIANTS[1:]:
+        out, grads = results[variant]
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+    assert probe.main(["--size", "16", "--batch", "2", "--inner-steps", "1", "--rounds", "1",
+                       "--repeats", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    convs = [r.split(" | ") for r in lines if r.startswith("| ") and r[2].isdigit()]
+    follower = create_segmentation("convnext_unet_small")
+    assert sum(int(r[4]) for r in convs) == sum(
+        isinstance(m, torch.nn.Conv2d) for m in follower.modules())
+    assert all(float(c) > 0 for r in convs for c in r[5:8])
+    variants = [r.split(" | ")[0][2:] for r in lines if r.startswith("| ") and
+                r.split(" | ")[0][2:] in probe.VARIANTS]
+    assert variants == list(probe.VARIANTS)
+    gaps = {r.split(" | ")[0][2:]: float(r.rstrip(" |").split(" | ")[-1]) for r in lines
+            if r.startswith("| ") and r.split(" | ")[0][2:] in probe.VARIANTS}
+    assert gaps["shipped"] == 0 and max(gaps.values()) < 1e-4

@@ -1,0 +1,341 @@
+"""Where a follower update goes on a CPU, and two rewrites of its ConvNeXt block, measured and
+not adopted (issue 9, part 1).
+
+    python benchmarks/probe_follower.py [--profile default] [--size 64] [--batch 8]
+        [--inner-steps 3] [--rounds 6] [--repeats 3] [--threads 2] [--onednn-verbose]
+
+The follower is about 70 % of the ``default`` profile's outer step (its K updates on D_tr and
+its forward and backward in the leader step) and all of a warm-up step, and two thirds of an
+update is its backward (``step_anatomy.py``). Two tables, each timed in turns (the order
+reversed every round), medians:
+
+1. **The follower's convolutions**, one row per distinct shape met in one forward of the
+   profile's follower on a ``(--batch, 1, S, S)`` input, in the memory layout training gives
+   each its input (recorded by hooks; the transposed up-sampling convolutions are not
+   among them): the forward, the backward to the input and the
+   backward to the weight, timed apart (``aten.convolution_backward`` asked for one of them),
+   and the weight gradient's time over the forward's. With ``--onednn-verbose`` oneDNN then
+   prints the kernel it runs for the forward and for the weight gradient of the first
+   depthwise shape.
+2. **A follower update, and the outer step, under each variant**:
+
+   - ``shipped``: the package as it is;
+   - ``mlp``: the block's ``pw1 → GELU → GRN → pw2`` as one autograd function with GRN folded
+     into pw2's weight: ``GRN(a) W2ᵀ = a (s ⊙ W2)ᵀ + β W2ᵀ`` with ``s = 1 + γ N`` per image
+     and channel, so the GRN output (×4 channels, full resolution) is neither written in the
+     forward nor read in the backward;
+   - ``dw``: the 7×7 depthwise convolutions' weight gradient as a depthwise *forward*
+     convolution of the padded input, the images folded into the channels, with the output
+     gradient as its kernel, in chunks of at most 64 folded channels, and the input gradient
+     as a forward convolution with the flipped kernel;
+   - ``both``.
+
+   Rows: the warm-up step (an update on B slices), an update on D_tr (B/2) and the outer step
+   (``bench_train_step.outer_step``: x_f on D_tr, K updates, the leader step), each × shipped.
+   Before the timing, each variant's L_lower and gradients are compared with ``shipped``'s on
+   the same weights and batch (largest difference relative to the largest gradient).
+
+A measurement only: it patches ``ConvNeXtBlock.forward`` for the duration of a variant and
+restores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_layout import timed_in_turns  # noqa: E402
+from bench_train_step import outer_step  # noqa: E402
+
+from fuse4seg.config import get_config  # noqa: E402
+from fuse4seg.models import segmentation as seg_mod  # noqa: E402
+from fuse4seg.train.bilevel import Engine  # noqa: E402
+
+VARIANTS = ("shipped", "mlp", "dw", "both")
+CHUNK = 64
+"""Most folded channels (images × channels) per depthwise call of the ``dw`` variant's weight
+gradient: above it, this AMD EPYC's oneDNN ran the folded convolution several times slower."""
+
+
+# ------------------------------------------------------------------------ the two rewrites
+class _FoldedMLP(torch.autograd.Function):
+    """``GRN(GELU(x W1ᵀ + b1)) W2ᵀ + b2`` on ``x (B, H, W, C)``, GRN folded into W2."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, gamma, beta, w2, b2, eps):
+        b, h, w, c = x.shape
+        pre = torch.addmm(b1, x.reshape(b * h * w, c), w1.t())  # (BP, 4C)
+        a = F.gelu(pre).reshape(b, h * w, -1)  # (B, P, 4C)
+        g = torch.linalg.vector_norm(a, dim=1, keepdim=True)  # (B, 1, 4C)
+        m = g.mean(dim=-1, keepdim=True) + eps
+        n = g / m
+        s = 1 + gamma * n  # (B, 1, 4C)
+        out = torch.baddbmm(b2 + beta @ w2.t(), a, s.transpose(1, 2) * w2.t())  # (B, P, C)
+        ctx.save_for_backward(x, w1, pre, a, gamma, beta, w2, g, m, n, s)
+        return out.reshape(b, h, w, -1)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, w1, pre, a, gamma, beta, w2, g, m, n, s = ctx.saved_tensors
+        b, h, w, c = x.shape
+        c4 = a.shape[-1]
+        do = d_out.reshape(b, h * w, -1)  # (B, P, C)
+        at_do = torch.bmm(a.transpose(1, 2), do)  # (B, 4C, C)
+        d_b2 = do.sum(dim=(0, 1))
+        d_w2 = (s.transpose(1, 2) * at_do).sum(0).t() + d_b2[:, None] * beta  # (C, 4C)
+        d_beta = d_b2 @ w2
+        d_s = (at_do * w2.t()).sum(-1).unsqueeze(1)  # (B, 1, 4C)
+        d_gamma = (d_s * n).sum(dim=(0, 1))
+        d_n = d_s * gamma
+        d_g = d_n / m - (d_n * g).sum(dim=-1, keepdim=True) / (m * m * c4)
+        t = torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
+        d_a = torch.bmm(do, w2 * s).addcmul_(a, t)  # (B, P, 4C)
+        d_pre = torch.ops.aten.gelu_backward(d_a.reshape(b * h * w, c4), pre)
+        d_x = (d_pre @ w1).reshape(b, h, w, c)
+        d_w1 = d_pre.t() @ x.reshape(b * h * w, c)
+        return d_x, d_w1, d_pre.sum(0), d_gamma, d_beta, d_w2, d_b2, None
+
+
+class _DepthwiseByForward(torch.autograd.Function):
+    """A k×k depthwise convolution (padding k // 2, bias) whose gradients are forward
+    depthwise convolutions."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        b, c, h, w = x.shape
+        k = weight.shape[-1]
+        p = k // 2
+        d_x = F.conv2d(gy, weight.flip(-1, -2), padding=p, groups=c)
+        d_w = None
+        step = max(1, CHUNK // c)
+        for i in range(0, b, step):  # dW[c] = Σ_b xpad[b, c] ⋆ gy[b, c]: gy[b, c] is a kernel
+            xs, gs = x[i:i + step], gy[i:i + step]
+            n = xs.shape[0]
+            xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
+            part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)
+            part = part.reshape(n, c, k, k).sum(0)
+            d_w = part if d_w is None else d_w + part
+        return d_x, d_w.unsqueeze(1), gy.sum(dim=(0, 2, 3))
+
+
+def _block_forward(mlp: bool, dw: bool) -> Callable:
+    shipped = seg_mod.ConvNeXtBlock.forward
+
+    def forward(self, x):
+        if not (mlp or dw):
+            return shipped(self, x)
+        conv = self.dwconv
+        y = _DepthwiseByForward.apply(x, conv.weight, conv.bias) if dw else conv(x)
+        y = self.norm(y.permute(0, 2, 3, 1))  # (B, H, W, C)
+        if mlp:
+            y = _FoldedMLP.apply(y, self.pw1.weight, self.pw1.bias, self.grn.gamma,
+                                 self.grn.beta, self.pw2.weight, self.pw2.bias, self.grn.eps)
+        else:
+            y = self.pw2(self.grn(F.gelu(self.pw1(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+    return forward
+
+
+FORWARDS = {"shipped": (False, False), "mlp": (True, False), "dw": (False, True),
+            "both": (True, True)}
+
+
+class patched:
+    """``ConvNeXtBlock.forward`` of ``variant`` inside the ``with`` block."""
+
+    def __init__(self, variant: str):
+        self.forward = _block_forward(*FORWARDS[variant])
+
+    def __enter__(self):
+        self.saved = seg_mod.ConvNeXtBlock.forward
+        seg_mod.ConvNeXtBlock.forward = self.forward
+
+    def __exit__(self, *exc):
+        seg_mod.ConvNeXtBlock.forward = self.saved
+
+
+# ------------------------------------------------------------------------ table 1
+def follower_convolutions(net: nn.Module, x: torch.Tensor) -> list[dict]:
+    """The distinct convolutions of one forward: shapes, stride, padding, groups, whether the
+    input and output are channels-last, and how many modules share them."""
+    seen: dict[tuple, dict] = {}
+
+    def hook(module: nn.Conv2d, args, out):
+        inp = args[0]
+        cl = inp.dim() == 4 and not inp.is_contiguous() and inp.is_contiguous(
+            memory_format=torch.channels_last)
+        key = (tuple(inp.shape), tuple(module.weight.shape), module.stride, module.padding,
+               module.groups, cl)
+        row = seen.setdefault(key, {"input": key[0], "weight": key[1], "stride": key[2],
+                                    "padding": key[3], "groups": key[4], "channels_last": cl,
+                                    "output": tuple(out.shape), "count": 0})
+        row["count"] += 1
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(seen.values())
+
+
+def conv_calls(conv: dict, gen: torch.Generator) -> dict[str, Callable[[], None]]:
+    """Forward, backward to the input and backward to the weight of one convolution."""
+    fmt = torch.channels_last if conv["channels_last"] else torch.contiguous_format
+    x = torch.randn(conv["input"], generator=gen).contiguous(memory_format=fmt)
+    gy = torch.randn(conv["output"], generator=gen).contiguous(memory_format=fmt)
+    w = torch.randn(conv["weight"], generator=gen) * 0.1
+    args = (list(conv["stride"]), list(conv["padding"]), [1, 1], False, [0, 0], conv["groups"])
+
+    def back(mask):
+        return lambda: torch.ops.aten.convolution_backward(gy, x, w, None, *args, mask)
+
+    return {
+        "forward": lambda: F.conv2d(x, w, None, conv["stride"], conv["padding"], 1,
+                                    conv["groups"]),
+        "input grad": back([True, False, False]),
+        "weight grad": back([False, True, False]),
+    }
+
+
+# ------------------------------------------------------------------------ table 2
+def _engine(args) -> Engine:
+    config = get_config(args.profile, {"data.crop_size": args.size,
+                                       "train.batch_size": args.batch,
+                                       "train.inner_steps": args.inner_steps})
+    return Engine(config, "fuse4seg", torch.device("cpu"), steps_per_epoch=10**6)
+
+
+def _batch(n: int, size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x1 = torch.rand(n, 1, size, size, generator=gen)
+    x2 = torch.rand(n, 1, size, size, generator=gen)
+    return x1, x2, torch.randint(0, 4, (n, size, size), generator=gen)
+
+
+def gradient_gaps(engine: Engine, x: torch.Tensor, seg: torch.Tensor) -> dict[str, float]:
+    """Per variant: the largest difference of L_lower and of any gradient from ``shipped``'s,
+    relative to the largest (same weights, same batch)."""
+    grads, losses = {}, {}
+    for variant in VARIANTS:
+        net = copy.deepcopy(engine.follower_module).train()
+        with patched(variant):
+            loss = engine.lower_loss(net(x), seg)
+            loss.backward()
+        losses[variant] = float(loss.detach())
+        grads[variant] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    ref = grads["shipped"]
+    scale = float(ref.abs().max())
+    return {v: max(abs(losses[v] - losses["shipped"]) / abs(losses["shipped"]),
+                   float((grads[v] - ref).abs().max()) / scale) for v in VARIANTS}
+
+
+def time_variants(engine: Engine, args) -> dict[str, dict[str, float]]:
+    """Median ms of the warm-up step, a D_tr update and the outer step per variant, in turns."""
+    engine._set_follower_rate("rollout")
+    half = args.batch // 2
+    x1, x2, seg = _batch(args.batch, args.size, 0)
+    x_in = engine.prior(x1, x2, "warmup", ema=False)
+    tr = (x1[:half], x2[:half], seg[:half])
+    val = (x1[half:], x2[half:], seg[half:])
+    x_tr = engine.prior(tr[0], tr[1], "rollout", ema=False)
+    steps = {
+        "warm-up step": lambda: engine.follower_step(x_in, seg),
+        "update on D_tr": lambda: engine.follower_step(x_tr, tr[2]),
+        "outer step": lambda: outer_step(engine, tr, val, args.inner_steps),
+    }
+    times = {v: {s: [] for s in steps} for v in VARIANTS}
+    for r in range(args.rounds):
+        for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            with patched(variant):
+                for fn in steps.values():
+                    fn()  # untimed
+                for name, fn in steps.items():
+                    for _ in range(args.repeats):
+                        start = time.perf_counter()
+                        fn()
+                        times[variant][name].append(time.perf_counter() - start)
+    return {v: {s: 1000 * statistics.median(t) for s, t in per.items()}
+            for v, per in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--size", type=int, default=64, help="slice size")
+    parser.add_argument("--batch", type=int, default=8, help="B (D_tr and D_val: B/2)")
+    parser.add_argument("--inner-steps", type=int, default=3, help="K")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per round")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--onednn-verbose", action="store_true",
+                        help="print oneDNN's kernels for the first depthwise shape")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = _engine(args)
+    print(f"# probe_follower: {args.profile} follower, {args.size}x{args.size}, batch "
+          f"{args.batch}, K {args.inner_steps}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; {args.rounds} rounds x {args.repeats} calls\n")
+
+    x = torch.rand(args.batch, 1, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    convs = follower_convolutions(engine.follower_module, x)
+    gen = torch.Generator().manual_seed(0)
+    print("| input | weight | groups | layout | in the follower | forward (ms) | input grad "
+          "(ms) | weight grad (ms) | weight grad / forward |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for conv in convs:
+        t = timed_in_turns(conv_calls(conv, gen), args.rounds, args.repeats)
+        ms = {k: 1000 * v for k, v in t.items()}
+        shape = "×".join(map(str, conv["input"]))
+        weight = "×".join(map(str, conv["weight"]))
+        layout = "channels-last" if conv["channels_last"] else "NCHW"
+        print(f"| {shape} | {weight} | {conv['groups']} | {layout} | {conv['count']} | "
+              f"{ms['forward']:.3f} | {ms['input grad']:.3f} | {ms['weight grad']:.3f} | "
+              f"{ms['weight grad'] / ms['forward']:.1f} |", flush=True)
+    if args.onednn_verbose:
+        first = next(c for c in convs if c["groups"] > 1 and c["groups"] == c["weight"][0])
+        calls = conv_calls(first, gen)
+        print("\noneDNN's kernels for the first depthwise shape (forward, then weight grad):")
+        sys.stdout.flush()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            calls["forward"]()
+            calls["weight grad"]()
+        sys.stdout.flush()
+
+    x_in, _, seg = _batch(args.batch, args.size, 2)
+    gaps = gradient_gaps(engine, x_in, seg)
+    times = time_variants(engine, args)
+    print("\n| variant | warm-up step (ms) | × shipped | update on D_tr (ms) | × shipped | "
+          "outer step (ms) | × shipped | largest gap to shipped |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = times["shipped"]
+    for variant in VARIANTS:
+        t = times[variant]
+        cells = " | ".join(f"{t[s]:.1f} | {base[s] / t[s]:.3f}" for s in base)
+        print(f"| {variant} | {cells} | {gaps[variant]:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
