@@ -30,6 +30,9 @@ reversed every round), medians:
      as a forward convolution with the flipped kernel;
    - ``both``.
 
+   Both rewrites skip the weight gradients when the weights are frozen (the follower in the
+   leader step), as autograd does for the shipped block.
+
    Rows: the warm-up step (an update on B slices), an update on D_tr (B/2) and the outer step
    (``bench_train_step.outer_step``: x_f on D_tr, K updates, the leader step), each × shipped.
    Before the timing, each variant's L_lower and gradients are compared with ``shipped``'s on
@@ -103,6 +106,8 @@ class _FoldedMLP(torch.autograd.Function):
         d_a = torch.bmm(do, w2 * s).addcmul_(a, t)  # (B, P, 4C)
         d_pre = torch.ops.aten.gelu_backward(d_a.reshape(b * h * w, c4), pre)
         d_x = (d_pre @ w1).reshape(b, h, w, c)
+        if not ctx.needs_input_grad[1]:  # frozen (the leader step): no weight gradients
+            return d_x, None, None, None, None, None, None, None
         d_w1 = d_pre.t() @ x.reshape(b * h * w, c)
         return d_x, d_w1, d_pre.sum(0), d_gamma, d_beta, d_w2, d_b2, None
 
@@ -123,6 +128,8 @@ class _DepthwiseByForward(torch.autograd.Function):
         k = weight.shape[-1]
         p = k // 2
         d_x = F.conv2d(gy, weight.flip(-1, -2), padding=p, groups=c)
+        if not ctx.needs_input_grad[1]:  # frozen (the leader step): no weight gradient
+            return d_x, None, None
         d_w = None
         step = max(1, CHUNK // c)
         for i in range(0, b, step):  # dW[c] = Σ_b xpad[b, c] ⋆ gy[b, c]: gy[b, c] is a kernel

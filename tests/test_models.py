@@ -399,8 +399,16 @@ def test_probe_follower_rewrites_give_the_shipped_gradients_and_its_tables_print
                 out = block(x)
             grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
             results[variant] = (out, grads)
+        frozen = {}  # the leader step: the follower's weights frozen, the input's gradient only
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for variant in probe.VARIANTS:
+            with probe.patched(variant):
+                frozen[variant] = torch.autograd.grad(block(x).square().sum(), x)[0]
     finally:
         probe.CHUNK = saved
+        for p in block.parameters():
+            p.requires_grad_(True)
     assert ConvNeXtBlock.forward is shipped  # restored
     ref_out, ref_grads = results["shipped"]
     for variant in probe.VARIANTS[1:]:
@@ -408,6 +416,8 @@ def test_probe_follower_rewrites_give_the_shipped_gradients_and_its_tables_print
         torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
         for g, r in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(frozen[variant], ref_grads[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(frozen["shipped"], ref_grads[0], rtol=1e-9, atol=1e-9)
 
     assert probe.main(["--size", "16", "--batch", "2", "--inner-steps", "1", "--rounds", "1",
                        "--repeats", "1", "--threads", "1"]) == 0
