@@ -1,28 +1,31 @@
 """Does a speed change alter training? Whole runs with and without it, over seeds (issue 9, part 1).
 
-    python benchmarks/equiv_train.py --data _data/phantom [--change grn|adamw|layout]
+    python benchmarks/equiv_train.py --data _data/phantom [--change grn|adamw|layout|convnext]
         [--profile default] [--method fuse4seg] [--seeds 0 1 2] [--workdir DIR] [--threads N]
         [--set NAME=VALUE ...]
 
 Issue 9 asks that a change made for speed keep training "numerically equivalent: the same loss
-curve within noise over 3 seeds". Three adopted changes compute differently from the code before
+curve within noise over 3 seeds". Four adopted changes compute differently from the code before
 them: GRN's hand-written backward (``--change grn``; ``fuse4seg.models.segmentation.
 _GRNFunction``, commit 25bd028: the same values as the formula to float rounding, but summed in
 another order), the fused AdamW on a CPU (``--change adamw``;
 :func:`fuse4seg.train.engine.adamw`: the same update, rounded differently in the last bit of
-some weights) and the leader's channels-last weights on a CPU (``--change layout``;
+some weights), the leader's channels-last weights on a CPU (``--change layout``;
 :func:`fuse4seg.models.place_leader`: the same convolutions through oneDNN's channels-last
-kernels, which sum in another order). (The allocator setting,
+kernels, which sum in another order), and the follower's ConvNeXt blocks on a CPU
+(``--change convnext``; ``ConvNeXtBlock``: GRN folded into pw2 and the depthwise gradients as
+forward convolutions, the same maths in another order). (The allocator setting,
 :func:`fuse4seg.train.engine.tune_malloc`, computes nothing: ``bench_malloc.py --train``
 shows the same logged losses with and without it.)
 
 For each seed this trains ``--method`` twice with the profile, one run after the other in this
 process, on the same data: ``shipped`` (what the package runs) and the code before the change:
 ``formula`` (GRN as :func:`~fuse4seg.models.segmentation.grn_formula`, differentiated by
-autograd), ``loop`` (torch's default AdamW, ``FUSE4SEG_ADAMW=loop``) or ``nchw`` (the leader's
-weights in NCHW, ``FUSE4SEG_LEADER_LAYOUT=nchw``). CPU runs are bit-for-bit
-repeatable for a seed, so the only difference between the two runs of a seed is the change's
-rounding, which training then amplifies.
+autograd), ``loop`` (torch's default AdamW, ``FUSE4SEG_ADAMW=loop``), ``nchw`` (the leader's
+weights in NCHW, ``FUSE4SEG_LEADER_LAYOUT=nchw``) or ``autograd`` (the blocks as written,
+``FUSE4SEG_CONVNEXT=autograd``). CPU runs are bit-for-bit repeatable for a seed, so the only
+difference between the two runs of a seed is the change's rounding, which training then
+amplifies.
 Printed, per seed: the gap between its two runs, as the root mean square over the epochs of
 the difference of the epoch means of L_lower (the follower's loss) and of the validation mean
 Dice (at the validated epochs), and as the largest difference; and the final validation Dice
@@ -73,30 +76,41 @@ def layout(variant: str):
     return _env_switch("FUSE4SEG_LEADER_LAYOUT", "nchw", variant)
 
 
+def convnext(variant: str):
+    """The follower's ConvNeXt blocks as shipped (on a CPU: GRN folded into pw2, the depthwise
+    gradients as forward convolutions), or as written and differentiated by autograd
+    (``FUSE4SEG_CONVNEXT=autograd``, which the blocks read at each call)."""
+    return _env_switch("FUSE4SEG_CONVNEXT", "autograd", variant)
+
+
 @contextlib.contextmanager
 def grn(variant: str):
-    """GRN as shipped, or as the formula differentiated by autograd (``formula``)."""
+    """GRN as shipped, or as the formula differentiated by autograd (``formula``). Both with
+    the blocks as written (``FUSE4SEG_CONVNEXT=autograd``): on a CPU the shipped block folds
+    GRN into pw2 and calls neither."""
     from fuse4seg.models import segmentation
 
-    if variant == "shipped":
-        yield
-        return
-    shipped = segmentation.GRN.forward
+    with mock.patch.dict(os.environ, {"FUSE4SEG_CONVNEXT": "autograd"}):
+        if variant == "shipped":
+            yield
+            return
+        shipped = segmentation.GRN.forward
 
-    def formula(self, x):
-        return segmentation.grn_formula(x, self.gamma, self.beta, self.eps)
+        def formula(self, x):
+            return segmentation.grn_formula(x, self.gamma, self.beta, self.eps)
 
-    segmentation.GRN.forward = formula
-    try:
-        yield
-    finally:
-        segmentation.GRN.forward = shipped
+        segmentation.GRN.forward = formula
+        try:
+            yield
+        finally:
+            segmentation.GRN.forward = shipped
 
 
 CHANGES = {
     "grn": (grn, ("shipped", "formula")),
     "adamw": (adamw, ("shipped", "loop")),
     "layout": (layout, ("shipped", "nchw")),
+    "convnext": (convnext, ("shipped", "autograd")),
 }
 """Per change: the switch, and its two variants (what ships, then the code before it)."""
 

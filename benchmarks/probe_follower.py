@@ -1,5 +1,5 @@
-"""Where a follower update goes on a CPU, and two rewrites of its ConvNeXt block, measured and
-not adopted (issue 9, part 1).
+"""Where a follower update goes on a CPU, and what the ConvNeXt block's two CPU rewrites buy
+(issue 9, part 1).
 
     python benchmarks/probe_follower.py [--profile default] [--size 64] [--batch 8]
         [--inner-steps 3] [--rounds 6] [--repeats 3] [--threads 2] [--onednn-verbose]
@@ -11,32 +11,27 @@ reversed every round), medians:
 
 1. **The follower's convolutions**, one row per distinct shape met in one forward of the
    profile's follower on a ``(--batch, 1, S, S)`` input, in the memory layout training gives
-   each its input (recorded by hooks; the transposed up-sampling convolutions are not
-   among them): the forward, the backward to the input and the
-   backward to the weight, timed apart (``aten.convolution_backward`` asked for one of them),
-   and the weight gradient's time over the forward's. With ``--onednn-verbose`` oneDNN then
-   prints the kernel it runs for the forward and for the weight gradient of the first
-   depthwise shape.
-2. **A follower update, and the outer step, under each variant**:
+   each its input (recorded by hooks; the transposed up-sampling convolutions are not among
+   them): the forward, the backward to the input and the backward to the weight through
+   torch's own kernels, timed apart (``aten.convolution_backward`` asked for one of them), and
+   the weight gradient's time over the forward's. With ``--onednn-verbose`` oneDNN then prints
+   the kernel it runs for the forward and for the weight gradient of the first depthwise shape.
+2. **A follower update, and the outer step, under each variant** of
+   :meth:`fuse4seg.models.segmentation.ConvNeXtBlock.forward_parts`:
 
-   - ``shipped``: the package as it is;
-   - ``mlp``: the block's ``pw1 → GELU → GRN → pw2`` as one autograd function with GRN folded
-     into pw2's weight: ``GRN(a) W2ᵀ = a (s ⊙ W2)ᵀ + β W2ᵀ`` with ``s = 1 + γ N`` per image
-     and channel, so the GRN output (×4 channels, full resolution) is neither written in the
-     forward nor read in the backward;
-   - ``dw``: the 7×7 depthwise convolutions' weight gradient as a depthwise *forward*
-     convolution of the padded input, the images folded into the channels, with the output
-     gradient as its kernel, in chunks of at most 64 folded channels, and the input gradient
-     as a forward convolution with the flipped kernel;
-   - ``both``.
-
-   Both rewrites skip the weight gradients when the weights are frozen (the follower in the
-   leader step), as autograd does for the shipped block.
+   - ``autograd``: the block as written, differentiated by autograd (the code before the
+     rewrites; ``FUSE4SEG_CONVNEXT=autograd``), the baseline;
+   - ``mlp``: ``pw1 → GELU → GRN → pw2`` as one autograd function with GRN folded into pw2's
+     weight (``_FoldedMLP``);
+   - ``dw``: the 7×7 depthwise convolutions' gradients as forward convolutions
+     (``_DepthwiseByForward``);
+   - ``shipped``: both, what a CPU runs.
 
    Rows: the warm-up step (an update on B slices), an update on D_tr (B/2) and the outer step
-   (``bench_train_step.outer_step``: x_f on D_tr, K updates, the leader step), each × shipped.
-   Before the timing, each variant's L_lower and gradients are compared with ``shipped``'s on
-   the same weights and batch (largest difference relative to the largest gradient).
+   (``bench_train_step.outer_step``: x_f on D_tr, K updates, the leader step), each as
+   ``autograd``'s time over the variant's. Before the timing, each variant's L_lower and
+   gradients are compared with ``autograd``'s on the same weights and batch (largest
+   difference relative to the largest gradient).
 
 A measurement only: it patches ``ConvNeXtBlock.forward`` for the duration of a variant and
 restores it.
@@ -65,111 +60,25 @@ from fuse4seg.config import get_config  # noqa: E402
 from fuse4seg.models import segmentation as seg_mod  # noqa: E402
 from fuse4seg.train.bilevel import Engine  # noqa: E402
 
-VARIANTS = ("shipped", "mlp", "dw", "both")
-CHUNK = 64
-"""Most folded channels (images × channels) per depthwise call of the ``dw`` variant's weight
-gradient: above it, this AMD EPYC's oneDNN ran the folded convolution several times slower."""
+VARIANTS = ("autograd", "mlp", "dw", "shipped")
 
 
-# ------------------------------------------------------------------------ the two rewrites
-class _FoldedMLP(torch.autograd.Function):
-    """``GRN(GELU(x W1ᵀ + b1)) W2ᵀ + b2`` on ``x (B, H, W, C)``, GRN folded into W2."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, gamma, beta, w2, b2, eps):
-        b, h, w, c = x.shape
-        pre = torch.addmm(b1, x.reshape(b * h * w, c), w1.t())  # (BP, 4C)
-        a = F.gelu(pre).reshape(b, h * w, -1)  # (B, P, 4C)
-        g = torch.linalg.vector_norm(a, dim=1, keepdim=True)  # (B, 1, 4C)
-        m = g.mean(dim=-1, keepdim=True) + eps
-        n = g / m
-        s = 1 + gamma * n  # (B, 1, 4C)
-        out = torch.baddbmm(b2 + beta @ w2.t(), a, s.transpose(1, 2) * w2.t())  # (B, P, C)
-        ctx.save_for_backward(x, w1, pre, a, gamma, beta, w2, g, m, n, s)
-        return out.reshape(b, h, w, -1)
-
-    @staticmethod
-    def backward(ctx, d_out):
-        x, w1, pre, a, gamma, beta, w2, g, m, n, s = ctx.saved_tensors
-        b, h, w, c = x.shape
-        c4 = a.shape[-1]
-        do = d_out.reshape(b, h * w, -1)  # (B, P, C)
-        at_do = torch.bmm(a.transpose(1, 2), do)  # (B, 4C, C)
-        d_b2 = do.sum(dim=(0, 1))
-        d_w2 = (s.transpose(1, 2) * at_do).sum(0).t() + d_b2[:, None] * beta  # (C, 4C)
-        d_beta = d_b2 @ w2
-        d_s = (at_do * w2.t()).sum(-1).unsqueeze(1)  # (B, 1, 4C)
-        d_gamma = (d_s * n).sum(dim=(0, 1))
-        d_n = d_s * gamma
-        d_g = d_n / m - (d_n * g).sum(dim=-1, keepdim=True) / (m * m * c4)
-        t = torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
-        d_a = torch.bmm(do, w2 * s).addcmul_(a, t)  # (B, P, 4C)
-        d_pre = torch.ops.aten.gelu_backward(d_a.reshape(b * h * w, c4), pre)
-        d_x = (d_pre @ w1).reshape(b, h, w, c)
-        if not ctx.needs_input_grad[1]:  # frozen (the leader step): no weight gradients
-            return d_x, None, None, None, None, None, None, None
-        d_w1 = d_pre.t() @ x.reshape(b * h * w, c)
-        return d_x, d_w1, d_pre.sum(0), d_gamma, d_beta, d_w2, d_b2, None
-
-
-class _DepthwiseByForward(torch.autograd.Function):
-    """A k×k depthwise convolution (padding k // 2, bias) whose gradients are forward
-    depthwise convolutions."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        b, c, h, w = x.shape
-        k = weight.shape[-1]
-        p = k // 2
-        d_x = F.conv2d(gy, weight.flip(-1, -2), padding=p, groups=c)
-        if not ctx.needs_input_grad[1]:  # frozen (the leader step): no weight gradient
-            return d_x, None, None
-        d_w = None
-        step = max(1, CHUNK // c)
-        for i in range(0, b, step):  # dW[c] = Σ_b xpad[b, c] ⋆ gy[b, c]: gy[b, c] is a kernel
-            xs, gs = x[i:i + step], gy[i:i + step]
-            n = xs.shape[0]
-            xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
-            part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)
-            part = part.reshape(n, c, k, k).sum(0)
-            d_w = part if d_w is None else d_w + part
-        return d_x, d_w.unsqueeze(1), gy.sum(dim=(0, 2, 3))
-
-
-def _block_forward(mlp: bool, dw: bool) -> Callable:
-    shipped = seg_mod.ConvNeXtBlock.forward
-
-    def forward(self, x):
-        if not (mlp or dw):
-            return shipped(self, x)
-        conv = self.dwconv
-        y = _DepthwiseByForward.apply(x, conv.weight, conv.bias) if dw else conv(x)
-        y = self.norm(y.permute(0, 2, 3, 1))  # (B, H, W, C)
-        if mlp:
-            y = _FoldedMLP.apply(y, self.pw1.weight, self.pw1.bias, self.grn.gamma,
-                                 self.grn.beta, self.pw2.weight, self.pw2.bias, self.grn.eps)
-        else:
-            y = self.pw2(self.grn(F.gelu(self.pw1(y))))
-        return x + y.permute(0, 3, 1, 2)
-
-    return forward
-
-
-FORWARDS = {"shipped": (False, False), "mlp": (True, False), "dw": (False, True),
-            "both": (True, True)}
+# ------------------------------------------------------------------------ the variants
+FORWARDS = {"autograd": (False, False), "mlp": (True, False), "dw": (False, True),
+            "shipped": (True, True)}
+"""Per variant: ``ConvNeXtBlock.forward_parts``'s ``folded_mlp`` and ``depthwise_by_forward``."""
 
 
 class patched:
     """``ConvNeXtBlock.forward`` of ``variant`` inside the ``with`` block."""
 
     def __init__(self, variant: str):
-        self.forward = _block_forward(*FORWARDS[variant])
+        folded, by_forward = FORWARDS[variant]
+
+        def forward(block, x):
+            return block.forward_parts(x, folded_mlp=folded, depthwise_by_forward=by_forward)
+
+        self.forward = forward
 
     def __enter__(self):
         self.saved = seg_mod.ConvNeXtBlock.forward
@@ -198,7 +107,7 @@ def follower_convolutions(net: nn.Module, x: torch.Tensor) -> list[dict]:
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), patched("autograd"):  # every convolution through its module
             net(x)
     finally:
         for h in handles:
@@ -241,7 +150,7 @@ def _batch(n: int, size: int, seed: int):
 
 
 def gradient_gaps(engine: Engine, x: torch.Tensor, seg: torch.Tensor) -> dict[str, float]:
-    """Per variant: the largest difference of L_lower and of any gradient from ``shipped``'s,
+    """Per variant: the largest difference of L_lower and of any gradient from ``autograd``'s,
     relative to the largest (same weights, same batch)."""
     grads, losses = {}, {}
     for variant in VARIANTS:
@@ -251,9 +160,9 @@ def gradient_gaps(engine: Engine, x: torch.Tensor, seg: torch.Tensor) -> dict[st
             loss.backward()
         losses[variant] = float(loss.detach())
         grads[variant] = torch.cat([p.grad.flatten() for p in net.parameters()])
-    ref = grads["shipped"]
+    ref = grads["autograd"]
     scale = float(ref.abs().max())
-    return {v: max(abs(losses[v] - losses["shipped"]) / abs(losses["shipped"]),
+    return {v: max(abs(losses[v] - losses["autograd"]) / abs(losses["autograd"]),
                    float((grads[v] - ref).abs().max()) / scale) for v in VARIANTS}
 
 
@@ -333,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     x_in, _, seg = _batch(args.batch, args.size, 2)
     gaps = gradient_gaps(engine, x_in, seg)
     times = time_variants(engine, args)
-    print("\n| variant | warm-up step (ms) | × shipped | update on D_tr (ms) | × shipped | "
-          "outer step (ms) | × shipped | largest gap to shipped |")
+    print("\n| variant | warm-up step (ms) | × autograd | update on D_tr (ms) | × autograd | "
+          "outer step (ms) | × autograd | largest gap to autograd |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    base = times["shipped"]
+    base = times["autograd"]
     for variant in VARIANTS:
         t = times[variant]
         cells = " | ".join(f"{t[s]:.1f} | {base[s] / t[s]:.3f}" for s in base)

@@ -66,6 +66,7 @@ ENV_SWITCHES: dict[str, tuple[str, ...]] = {
     "FUSE4SEG_MALLOC": ("system",),  # glibc's malloc defaults (engine.tune_malloc)
     "FUSE4SEG_ADAMW": ("loop",),  # torch's default AdamW on a CPU (engine.adamw)
     "FUSE4SEG_LEADER_LAYOUT": ("nchw",),  # the leader's weights NCHW on a CPU (place_leader)
+    "FUSE4SEG_CONVNEXT": ("autograd",),  # the follower's blocks as autograd runs them (CPU)
 }
 """The environment variables that switch the package's speed measures off, and the values each
 takes (unset or empty: the default)."""

@@ -1,5 +1,5 @@
 """``benchmarks/equiv_train.py``: whole runs with and without a speed change (GRN's backward, the
-fused AdamW, the leader's channels-last layout)."""
+fused AdamW, the leader's channels-last layout, the ConvNeXt blocks' CPU rewrites)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,39 @@ def test_the_nchw_variant_keeps_the_leader_in_nchw_and_is_undone(monkeypatch):
     assert channels_last() and "FUSE4SEG_LEADER_LAYOUT" not in os.environ
     with equiv.layout("shipped"):
         assert channels_last()
-    assert set(equiv.CHANGES) == {"grn", "adamw", "layout"}
+    assert set(equiv.CHANGES) == {"grn", "adamw", "layout", "convnext"}
+
+
+def test_the_autograd_variant_runs_the_blocks_as_written_and_is_undone(monkeypatch):
+    """``--change convnext``: ``autograd`` sets ``FUSE4SEG_CONVNEXT=autograd`` (the blocks
+    build autograd's graph from their modules: GRN's function, no ``_FoldedMLP``) and removes
+    it on exit; ``grn``'s two variants both run the blocks as written, or GRN would not be
+    called on a CPU."""
+    from fuse4seg.models.segmentation import ConvNeXtBlock
+
+    equiv = load("equiv_train")
+    monkeypatch.delenv("FUSE4SEG_CONVNEXT", raising=False)
+    block = ConvNeXtBlock(8)
+    x = torch.randn(1, 8, 4, 4)
+
+    def graph() -> str:
+        seen, stack = {}, [block(x).grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is not None and id(fn) not in seen:
+                seen[id(fn)] = fn  # kept alive, so no later node reuses its id
+                stack.extend(f for f, _ in fn.next_functions)
+        return " ".join(sorted({type(fn).__name__ for fn in seen.values()}))
+
+    assert "FoldedMLP" in graph()
+    with equiv.convnext("autograd"):
+        assert "FoldedMLP" not in graph() and "GRNFunction" in graph()
+    assert "FoldedMLP" in graph() and "FUSE4SEG_CONVNEXT" not in os.environ
+    for variant in ("shipped", "formula"):
+        with equiv.grn(variant):
+            assert "FoldedMLP" not in graph()
+    with equiv.convnext("shipped"):
+        assert "FoldedMLP" in graph()
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

@@ -374,62 +374,77 @@ def test_bench_layout_times_every_convolution_of_the_leader_in_both_layouts(caps
     assert "fuse4seg_huge" in capsys.readouterr().err
 
 
-def test_probe_follower_rewrites_give_the_shipped_gradients_and_its_tables_print(capsys):
-    """``probe_follower.py``'s two rewrites of the ConvNeXt block (GRN folded into pw2; the
-    depthwise gradients as forward convolutions) compute the shipped block's output and
-    gradients (float64, γ and β non-zero so GRN is not the identity); the script runs at a
-    tiny size with one row per distinct convolution and one per variant."""
+def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
+    """The ConvNeXt block's CPU rewrites (GRN folded into pw2, ``_FoldedMLP``; the depthwise
+    gradients as forward convolutions, ``_DepthwiseByForward``), each alone and together, give
+    the block's output and gradients as autograd computes them from the module as written:
+    in float64 to 1e-9, with γ and β non-zero (GRN not the identity), the weight gradient in
+    chunks (one short), and with the weights frozen (the leader step: the input's gradient
+    only). ``forward`` takes both on a CPU, neither under ``FUSE4SEG_CONVNEXT=autograd`` or
+    autocast."""
+    from fuse4seg.models import segmentation as seg
+
+    torch.manual_seed(0)
+    block = seg.ConvNeXtBlock(8).double()
+    with torch.no_grad():
+        block.grn.gamma.normal_()
+        block.grn.beta.normal_()
+    x = torch.randn(5, 8, 12, 12, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(seg, "DEPTHWISE_CHUNK", 16)  # 2 images per chunk: 3 chunks, one short
+    flags = [(False, False), (True, False), (False, True), (True, True)]
+    results = []
+    for folded, by_forward in flags:
+        out = block.forward_parts(x, folded_mlp=folded, depthwise_by_forward=by_forward)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, *block.parameters()])))
+    block.requires_grad_(False)
+    frozen = [torch.autograd.grad(block.forward_parts(x, *f).square().sum(), x)[0]
+              for f in flags]
+    block.requires_grad_(True)
+    ref_out, ref_grads = results[0]
+    for (out, grads), frozen_x in zip(results[1:], frozen[1:], strict=True):
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(frozen_x, ref_grads[0], rtol=1e-9, atol=1e-9)
+
+    calls = []
+    real = seg._FoldedMLP.apply
+    monkeypatch.setattr(seg._FoldedMLP, "apply", lambda *a: calls.append(1) or real(*a))
+    y = torch.randn(2, 8, 8, 8)
+    block = seg.ConvNeXtBlock(8)
+    block(y)
+    assert calls == [1]
+    monkeypatch.setenv("FUSE4SEG_CONVNEXT", "autograd")
+    block(y)
+    monkeypatch.delenv("FUSE4SEG_CONVNEXT")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(y)
+    assert calls == [1]
+    monkeypatch.setenv("FUSE4SEG_CONVNEXT", "autgrad")
+    with pytest.raises(ValueError, match="FUSE4SEG_CONVNEXT"):
+        block(y)
+
+
+def test_probe_follower_prints_its_tables(capsys):
+    """``probe_follower.py`` at a tiny size: one row per distinct convolution of the follower,
+    with positive times, and one row per variant, each within rounding of ``autograd``."""
     from bench_scripts import load
 
     from fuse4seg.models.segmentation import ConvNeXtBlock
 
     probe = load("probe_follower")
-    torch.manual_seed(0)
-    block = ConvNeXtBlock(8).double()
-    with torch.no_grad():
-        block.grn.gamma.normal_()
-        block.grn.beta.normal_()
-    x = torch.randn(5, 8, 12, 12, dtype=torch.float64, requires_grad=True)
     shipped = ConvNeXtBlock.forward
-    probe.CHUNK, saved = 16, probe.CHUNK  # 16 // 8 = 2 images per chunk: 3 chunks, one short
-    try:
-        results = {}
-        for variant in probe.VARIANTS:
-            with probe.patched(variant):
-                out = block(x)
-            grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
-            results[variant] = (out, grads)
-        frozen = {}  # the leader step: the follower's weights frozen, the input's gradient only
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for variant in probe.VARIANTS:
-            with probe.patched(variant):
-                frozen[variant] = torch.autograd.grad(block(x).square().sum(), x)[0]
-    finally:
-        probe.CHUNK = saved
-        for p in block.parameters():
-            p.requires_grad_(True)
-    assert ConvNeXtBlock.forward is shipped  # restored
-    ref_out, ref_grads = results["shipped"]
-    for variant in probe.VARIANTS[1:]:
-        out, grads = results[variant]
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-        for g, r in zip(grads, ref_grads, strict=True):
-            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(frozen[variant], ref_grads[0], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(frozen["shipped"], ref_grads[0], rtol=1e-9, atol=1e-9)
-
     assert probe.main(["--size", "16", "--batch", "2", "--inner-steps", "1", "--rounds", "1",
                        "--repeats", "1", "--threads", "1"]) == 0
+    assert ConvNeXtBlock.forward is shipped  # restored
     lines = capsys.readouterr().out.splitlines()
     convs = [r.split(" | ") for r in lines if r.startswith("| ") and r[2].isdigit()]
     follower = create_segmentation("convnext_unet_small")
     assert sum(int(r[4]) for r in convs) == sum(
         isinstance(m, torch.nn.Conv2d) for m in follower.modules())
     assert all(float(c) > 0 for r in convs for c in r[5:8])
-    variants = [r.split(" | ")[0][2:] for r in lines if r.startswith("| ") and
-                r.split(" | ")[0][2:] in probe.VARIANTS]
-    assert variants == list(probe.VARIANTS)
-    gaps = {r.split(" | ")[0][2:]: float(r.rstrip(" |").split(" | ")[-1]) for r in lines
+    rows = {r.split(" | ")[0][2:]: r.rstrip(" |").split(" | ") for r in lines
             if r.startswith("| ") and r.split(" | ")[0][2:] in probe.VARIANTS}
-    assert gaps["shipped"] == 0 and max(gaps.values()) < 1e-4
+    assert list(rows) == list(probe.VARIANTS)
+    gaps = {v: float(r[-1]) for v, r in rows.items()}
+    assert gaps["autograd"] == 0 and max(gaps.values()) < 1e-4

@@ -56,9 +56,10 @@ class _GRNFunction(torch.autograd.Function):
     full-size map (the per-channel factor ``1 + γ N`` is small) and with a hand-written
     backward that makes two passes over the map instead of autograd's chain of elementwise
     ops. On a CPU this made the ``default`` profile's warm-up step (one follower update) 1.19×
-    faster (``benchmarks/RESULTS.md``). ``G`` is computed in float32 under autocast. Eager
-    only: inductor cannot compile it (symbolic shapes in the reshapes), and needs not, so a
-    compiled GRN runs :func:`grn_formula`.
+    faster (``benchmarks/RESULTS.md``); a CPU block now folds GRN into pw2 instead
+    (:class:`_FoldedMLP`), so this serves GPUs. ``G`` is computed in float32 under autocast.
+    Eager only: inductor cannot compile it (symbolic shapes in the reshapes), and needs not, so
+    a compiled GRN runs :func:`grn_formula`.
     """
 
     @staticmethod
@@ -100,7 +101,8 @@ class GRN(nn.Module):
     ``G = ‖x‖₂`` over H, W per channel; ``N = G / (mean_c G + eps)``; ``y = γ (x N) + β + x``
     with γ = β = 0 at initialisation (identity). Eager calls use :class:`_GRNFunction` (the
     same values to float rounding, tested against :func:`grn_formula`, which compiled graphs
-    use).
+    use). On a CPU a :class:`ConvNeXtBlock` does not call it: it folds GRN into its pw2
+    (:class:`_FoldedMLP`).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -117,9 +119,122 @@ class GRN(nn.Module):
         return _GRNFunction.apply(x, self.gamma, self.beta, self.eps)
 
 
+class _FoldedMLP(torch.autograd.Function):
+    """``GRN(GELU(x W1ᵀ + b1)) W2ᵀ + b2`` on ``x (B, H, W, C)``, with GRN folded into W2.
+
+    GRN scales each image's channels, ``GRN(a) = a ⊙ s + β`` with ``s = 1 + γ N`` of shape
+    ``(B, 1, 4C)``, so ``GRN(a) W2ᵀ = a (s ⊙ W2)ᵀ + β W2ᵀ``: one batched product with a
+    per-image weight. GRN's output, a full-resolution ×4 map, is then neither written in the
+    forward nor saved and read in the backward; the backward gets ``∂L/∂s`` from the small
+    ``aᵀ ∂L/∂out`` that pw2's weight gradient needs anyway. Weight gradients are skipped when
+    the weights are frozen (the follower in the leader step). Float32 or float64, no autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, gamma, beta, w2, b2, eps: float):
+        b, h, w, c = x.shape
+        pre = torch.addmm(b1, x.reshape(b * h * w, c), w1.t())  # (BP, 4C), P = H·W
+        a = F.gelu(pre).reshape(b, h * w, -1)  # (B, P, 4C)
+        g = torch.linalg.vector_norm(a, dim=1, keepdim=True)  # ‖a‖ over H, W: (B, 1, 4C)
+        m = g.mean(dim=-1, keepdim=True) + eps  # (B, 1, 1)
+        n = g / m
+        s = 1 + gamma * n  # (B, 1, 4C)
+        out = torch.baddbmm(b2 + beta @ w2.t(), a, s.transpose(1, 2) * w2.t())  # (B, P, C)
+        ctx.save_for_backward(x, w1, pre, a, gamma, beta, w2, g, m, n, s)
+        return out.reshape(b, h, w, -1)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, w1, pre, a, gamma, beta, w2, g, m, n, s = ctx.saved_tensors
+        b, h, w, c = x.shape
+        c4 = a.shape[-1]
+        do = d_out.reshape(b, h * w, -1)  # (B, P, C)
+        at_do = torch.bmm(a.transpose(1, 2), do)  # (B, 4C, C)
+        d_s = (at_do * w2.t()).sum(-1).unsqueeze(1)  # ∂L/∂s, (B, 1, 4C)
+        d_n = d_s * gamma
+        # n = g / m with m = mean_c g + eps; g = ‖a‖, dg/da = a / g (0 for an all-zero channel)
+        d_g = d_n / m - (d_n * g).sum(dim=-1, keepdim=True) / (m * m * c4)
+        t = torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
+        d_a = torch.bmm(do, w2 * s).addcmul_(a, t)  # (B, P, 4C)
+        d_pre = torch.ops.aten.gelu_backward(d_a.reshape(b * h * w, c4), pre)
+        d_x = (d_pre @ w1).reshape(b, h, w, c)
+        if not ctx.needs_input_grad[1]:  # frozen weights: the input's gradient only
+            return d_x, None, None, None, None, None, None, None
+        d_b2 = do.sum(dim=(0, 1))
+        d_w2 = (s.transpose(1, 2) * at_do).sum(0).t() + d_b2[:, None] * beta  # (C, 4C)
+        d_w1 = d_pre.t() @ x.reshape(b * h * w, c)
+        return d_x, d_w1, d_pre.sum(0), (d_s * n).sum(dim=(0, 1)), d_b2 @ w2, d_w2, d_b2, None
+
+
+DEPTHWISE_CHUNK = 64
+"""Most images × channels per call of :class:`_DepthwiseByForward`'s weight gradient: above it
+the folded convolution ran several times slower per image on an AMD EPYC (2 vCPUs)."""
+
+
+class _DepthwiseByForward(torch.autograd.Function):
+    """A k×k depthwise convolution (padding k // 2, bias) whose two gradients are depthwise
+    *forward* convolutions.
+
+    On a CPU oneDNN computes the weight gradient of a channels-last depthwise convolution with
+    its general kernel (16×16 channel blocks, a dense convolution's), 6-13× the forward's time
+    for the follower's 7×7 convolutions (``benchmarks/probe_follower.py``). Here
+    ``∂L/∂W[c] = Σ_b pad(x)[b, c] ⋆ ∂L/∂y[b, c]``: a forward depthwise convolution of the
+    padded input with the output gradient as its (H × W) kernel, the images folded into the
+    channels, in chunks of :data:`DEPTHWISE_CHUNK`; ``∂L/∂x`` is the forward convolution of
+    ``∂L/∂y`` with the flipped kernel. The same values to float rounding (tested in float64).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        b, c, h, w = x.shape
+        k = weight.shape[-1]
+        p = k // 2
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = F.conv2d(gy, weight.flip(-1, -2), padding=p, groups=c)
+        if not ctx.needs_input_grad[1]:  # frozen weights: the input's gradient only
+            return d_x, None, None
+        d_w = None
+        step = max(1, DEPTHWISE_CHUNK // c)
+        for i in range(0, b, step):
+            xs, gs = x[i:i + step], gy[i:i + step]
+            n = xs.shape[0]
+            xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
+            part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)  # (1, nC, k, k)
+            part = part.reshape(n, c, k, k).sum(0)
+            d_w = part if d_w is None else d_w + part
+        return d_x, d_w.unsqueeze(1), gy.sum(dim=(0, 2, 3))
+
+
+def _cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether a ConvNeXt block on ``x`` runs :class:`_DepthwiseByForward` and
+    :class:`_FoldedMLP`: eager float on a CPU without autocast, unless ``FUSE4SEG_CONVNEXT=
+    autograd``."""
+    from fuse4seg.utils import env_setting
+
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and env_setting("FUSE4SEG_CONVNEXT") != "autograd")
+
+
 class ConvNeXtBlock(nn.Module):
     """A ConvNeXt V2 block (§3.4): 7×7 depthwise conv, LayerNorm, inverted bottleneck (×4) with
-    GELU and GRN, residual. ``(B, C, H, W) -> (B, C, H, W)``."""
+    GELU and GRN, residual. ``(B, C, H, W) -> (B, C, H, W)``.
+
+    On a CPU (float, no autocast) the depthwise convolution runs as
+    :class:`_DepthwiseByForward` and ``pw1 → GELU → GRN → pw2`` as :class:`_FoldedMLP`: the
+    same maths with fewer passes over memory and without oneDNN's slow depthwise weight
+    gradient. On the ``default`` profile (AMD EPYC, 2 threads) the warm-up step became
+    1.11-1.12× and the outer step 1.03-1.05× faster (``benchmarks/RESULTS.md``, "The
+    follower's update"). Elsewhere, and with ``FUSE4SEG_CONVNEXT=autograd``, the block runs as
+    written and autograd differentiates it (GRN: :class:`GRN`).
+    """
 
     def __init__(self, dim: int, expansion: int = 4):
         super().__init__()
@@ -130,10 +245,25 @@ class ConvNeXtBlock(nn.Module):
         self.pw2 = nn.Linear(dim * expansion, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
-        y = self.grn(F.gelu(self.pw1(self.norm(y))))  # (B, H, W, 4C)
-        y = self.pw2(y).permute(0, 3, 1, 2)  # (B, H, W, 4C) -> (B, C, H, W)
-        return x + y
+        fast = _cpu_kernels(x)
+        return self.forward_parts(x, folded_mlp=fast, depthwise_by_forward=fast)
+
+    def forward_parts(self, x: torch.Tensor, folded_mlp: bool, depthwise_by_forward: bool
+                      ) -> torch.Tensor:
+        """The block with each CPU rewrite on or off (``benchmarks/probe_follower.py`` times
+        each alone); :meth:`forward` chooses both together."""
+        conv = self.dwconv
+        if depthwise_by_forward:
+            y = _DepthwiseByForward.apply(x, conv.weight, conv.bias)
+        else:
+            y = conv(x)
+        y = self.norm(y.permute(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
+        if folded_mlp:
+            y = _FoldedMLP.apply(y, self.pw1.weight, self.pw1.bias, self.grn.gamma,
+                                 self.grn.beta, self.pw2.weight, self.pw2.bias, self.grn.eps)
+        else:
+            y = self.pw2(self.grn(F.gelu(self.pw1(y))))  # (B, H, W, 4C) -> (B, H, W, C)
+        return x + y.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
 
 class TransformerBottleneckBlock(nn.Module):
