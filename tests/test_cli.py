@@ -141,7 +141,7 @@ def test_env_setting_reads_a_switch_case_blind_and_refuses_an_unknown_one(monkey
     with pytest.raises(ValueError, match="FUSE4SEG_ADAMW='fused': expected one of loop"):
         env_setting("FUSE4SEG_ADAMW")
     assert set(ENV_SWITCHES) == {"FUSE4SEG_EAGER", "FUSE4SEG_MALLOC", "FUSE4SEG_ADAMW",
-                                 "FUSE4SEG_LEADER_LAYOUT"}
+                                 "FUSE4SEG_LEADER_LAYOUT", "FUSE4SEG_CONVNEXT"}
 
 
 def test_an_engine_refuses_a_misspelt_switch_it_would_never_read(monkeypatch):
