@@ -407,6 +407,24 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(frozen_x, ref_grads[0], rtol=1e-9, atol=1e-9)
 
+    # some weights frozen, some not (fine-tuning part of a block): each gradient still equals
+    # autograd's, and a frozen weight gets none
+    for frozen_names in (("pw1.weight",), ("dwconv.weight", "grn.gamma"), ("dwconv.bias",)):
+        grads = {}
+        for f in flags:
+            for name, p in block.named_parameters():
+                p.requires_grad_(name not in frozen_names)
+                p.grad = None
+            block.forward_parts(x, *f).square().sum().backward()
+            grads[f] = {n: p.grad for n, p in block.named_parameters()}
+        block.requires_grad_(True)
+        for f in flags[1:]:
+            for name, g in grads[f].items():
+                if name in frozen_names:
+                    assert g is None, (f, name)
+                else:
+                    torch.testing.assert_close(g, grads[flags[0]][name], rtol=1e-9, atol=1e-9)
+
     calls = []
     real = seg._FoldedMLP.apply
     monkeypatch.setattr(seg._FoldedMLP, "apply", lambda *a: calls.append(1) or real(*a))

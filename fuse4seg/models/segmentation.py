@@ -126,8 +126,9 @@ class _FoldedMLP(torch.autograd.Function):
     ``(B, 1, 4C)``, so ``GRN(a) W2ᵀ = a (s ⊙ W2)ᵀ + β W2ᵀ``: one batched product with a
     per-image weight. GRN's output, a full-resolution ×4 map, is then neither written in the
     forward nor saved and read in the backward; the backward gets ``∂L/∂s`` from the small
-    ``aᵀ ∂L/∂out`` that pw2's weight gradient needs anyway. Weight gradients are skipped when
-    the weights are frozen (the follower in the leader step). Float32 or float64, no autocast.
+    ``aᵀ ∂L/∂out`` that pw2's weight gradient needs anyway. Only the gradients autograd asks
+    for are returned, and none of the weights' when all are frozen (the follower in the leader
+    step). Float32 or float64, no autocast.
     """
 
     @staticmethod
@@ -157,13 +158,21 @@ class _FoldedMLP(torch.autograd.Function):
         t = torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
         d_a = torch.bmm(do, w2 * s).addcmul_(a, t)  # (B, P, 4C)
         d_pre = torch.ops.aten.gelu_backward(d_a.reshape(b * h * w, c4), pre)
-        d_x = (d_pre @ w1).reshape(b, h, w, c)
-        if not ctx.needs_input_grad[1]:  # frozen weights: the input's gradient only
+        need = ctx.needs_input_grad  # x, w1, b1, γ, β, w2, b2, eps
+        d_x = (d_pre @ w1).reshape(b, h, w, c) if need[0] else None
+        if not any(need[1:7]):  # frozen weights (the leader step): the input's gradient only
             return d_x, None, None, None, None, None, None, None
         d_b2 = do.sum(dim=(0, 1))
-        d_w2 = (s.transpose(1, 2) * at_do).sum(0).t() + d_b2[:, None] * beta  # (C, 4C)
-        d_w1 = d_pre.t() @ x.reshape(b * h * w, c)
-        return d_x, d_w1, d_pre.sum(0), (d_s * n).sum(dim=(0, 1)), d_b2 @ w2, d_w2, d_b2, None
+        weights = (
+            d_pre.t() @ x.reshape(b * h * w, c),  # w1
+            d_pre.sum(0),  # b1
+            (d_s * n).sum(dim=(0, 1)),  # γ
+            d_b2 @ w2,  # β
+            (s.transpose(1, 2) * at_do).sum(0).t() + d_b2[:, None] * beta,  # w2, (C, 4C)
+            d_b2,  # b2
+        )
+        return (d_x, *(g if want else None for g, want in zip(weights, need[1:7], strict=True)),
+                None)
 
 
 DEPTHWISE_CHUNK = 64
@@ -195,21 +204,20 @@ class _DepthwiseByForward(torch.autograd.Function):
         b, c, h, w = x.shape
         k = weight.shape[-1]
         p = k // 2
-        d_x = None
-        if ctx.needs_input_grad[0]:
-            d_x = F.conv2d(gy, weight.flip(-1, -2), padding=p, groups=c)
-        if not ctx.needs_input_grad[1]:  # frozen weights: the input's gradient only
-            return d_x, None, None
+        need = ctx.needs_input_grad  # x, weight, bias
+        d_x = F.conv2d(gy, weight.flip(-1, -2), padding=p, groups=c) if need[0] else None
         d_w = None
-        step = max(1, DEPTHWISE_CHUNK // c)
-        for i in range(0, b, step):
-            xs, gs = x[i:i + step], gy[i:i + step]
-            n = xs.shape[0]
-            xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
-            part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)  # (1, nC, k, k)
-            part = part.reshape(n, c, k, k).sum(0)
-            d_w = part if d_w is None else d_w + part
-        return d_x, d_w.unsqueeze(1), gy.sum(dim=(0, 2, 3))
+        if need[1]:  # not when frozen (the leader step)
+            step = max(1, DEPTHWISE_CHUNK // c)
+            for i in range(0, b, step):
+                xs, gs = x[i:i + step], gy[i:i + step]
+                n = xs.shape[0]
+                xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
+                part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)  # (1, nC, k, k)
+                part = part.reshape(n, c, k, k).sum(0)
+                d_w = part if d_w is None else d_w + part
+            d_w = d_w.unsqueeze(1)
+        return d_x, d_w, gy.sum(dim=(0, 2, 3)) if need[2] else None
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
