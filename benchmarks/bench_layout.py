@@ -52,25 +52,28 @@ def timed_in_turns(calls: dict[str, Callable[[], None]], rounds: int, repeats: i
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def leader_convolutions(leader: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> list[dict]:
-    """The distinct convolutions of one forward: input shape, weight shape, stride, padding,
-    groups, and how many modules share them, in the order first met."""
+def convolutions(net: nn.Module, *inputs: torch.Tensor) -> list[dict]:
+    """The distinct convolutions of one forward ``net(*inputs)``: input shape, weight shape,
+    stride, padding, groups, whether the input is channels-last, the output shape, and how many
+    modules share them, in the order first met (``probe_follower.py`` uses it too)."""
     seen: dict[tuple, dict] = {}
 
-    def hook(module: nn.Conv2d, args, _out):
+    def hook(module: nn.Conv2d, args, out):
         x = args[0]
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=CL)
         key = (tuple(x.shape), tuple(module.weight.shape), module.stride, module.padding,
-               module.groups)
+               module.groups, cl)
         if key not in seen:
             seen[key] = {"input": key[0], "weight": key[1], "stride": key[2],
-                         "padding": key[3], "groups": key[4], "count": 0}
+                         "padding": key[3], "groups": key[4], "channels_last": cl,
+                         "output": tuple(out.shape), "count": 0}
         seen[key]["count"] += 1
 
-    handles = [m.register_forward_hook(hook) for m in leader.modules()
+    handles = [m.register_forward_hook(hook) for m in net.modules()
                if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():
-            leader(x1, x2)
+            net(*inputs)
     finally:
         for h in handles:
             h.remove()
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nEach kind of convolution in `{args.variants[0]}`, forward + backward (ms):\n")
     print("| input | weight | groups | in the leader | NCHW | channels-last | NCHW / CL |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for conv in leader_convolutions(first, x1, x2):
+    for conv in convolutions(first, x1, x2):
         calls = {"nchw": conv_call(conv, torch.contiguous_format, gen),
                  "cl": conv_call(conv, CL, gen)}
         t = timed_in_turns(calls, args.rounds, args.repeats)

@@ -14,8 +14,11 @@ reversed every round), medians:
    each its input (recorded by hooks; the transposed up-sampling convolutions are not among
    them): the forward, the backward to the input and the backward to the weight through
    torch's own kernels, timed apart (``aten.convolution_backward`` asked for one of them), and
-   the weight gradient's time over the forward's. With ``--onednn-verbose`` oneDNN then prints
-   the kernel it runs for the forward and for the weight gradient of the first depthwise shape.
+   the weight gradient's time over the forward's. Then, for each 7×7 depthwise shape, the
+   weight gradient three ways: oneDNN's, ``depthwise_weight_grad`` (the package's, in chunks
+   of ``DEPTHWISE_CHUNK`` images × channels) and the same in one call. With
+   ``--onednn-verbose`` oneDNN then prints the kernel it runs for the forward and for the
+   weight gradient of the first depthwise shape.
 2. **A follower update, and the outer step, under each variant** of
    :meth:`fuse4seg.models.segmentation.ConvNeXtBlock.forward_parts`:
 
@@ -49,14 +52,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_layout import timed_in_turns  # noqa: E402
+from bench_layout import convolutions, timed_in_turns  # noqa: E402
 from bench_train_step import outer_step  # noqa: E402
+from step_anatomy import _engine, _inputs  # noqa: E402
 
-from fuse4seg.config import get_config  # noqa: E402
 from fuse4seg.models import segmentation as seg_mod  # noqa: E402
 from fuse4seg.train.bilevel import Engine  # noqa: E402
 
@@ -89,32 +91,6 @@ class patched:
 
 
 # ------------------------------------------------------------------------ table 1
-def follower_convolutions(net: nn.Module, x: torch.Tensor) -> list[dict]:
-    """The distinct convolutions of one forward: shapes, stride, padding, groups, whether the
-    input and output are channels-last, and how many modules share them."""
-    seen: dict[tuple, dict] = {}
-
-    def hook(module: nn.Conv2d, args, out):
-        inp = args[0]
-        cl = inp.dim() == 4 and not inp.is_contiguous() and inp.is_contiguous(
-            memory_format=torch.channels_last)
-        key = (tuple(inp.shape), tuple(module.weight.shape), module.stride, module.padding,
-               module.groups, cl)
-        row = seen.setdefault(key, {"input": key[0], "weight": key[1], "stride": key[2],
-                                    "padding": key[3], "groups": key[4], "channels_last": cl,
-                                    "output": tuple(out.shape), "count": 0})
-        row["count"] += 1
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad(), patched("autograd"):  # every convolution through its module
-            net(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return list(seen.values())
-
-
 def conv_calls(conv: dict, gen: torch.Generator) -> dict[str, Callable[[], None]]:
     """Forward, backward to the input and backward to the weight of one convolution."""
     fmt = torch.channels_last if conv["channels_last"] else torch.contiguous_format
@@ -134,21 +110,21 @@ def conv_calls(conv: dict, gen: torch.Generator) -> dict[str, Callable[[], None]
     }
 
 
+def weight_grad_calls(conv: dict, gen: torch.Generator) -> dict[str, Callable[[], None]]:
+    """A 7×7 depthwise convolution's weight gradient: oneDNN's (as autograd gets it), and
+    :func:`fuse4seg.models.segmentation.depthwise_weight_grad` in chunks and in one call."""
+    calls = conv_calls(conv, gen)
+    x = torch.randn(conv["input"], generator=gen).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(conv["output"], generator=gen).contiguous(memory_format=torch.channels_last)
+    folded = conv["input"][0] * conv["input"][1]
+    return {
+        "oneDNN": calls["weight grad"],
+        "chunks": lambda: seg_mod.depthwise_weight_grad(x, gy, 7),
+        "one call": lambda: seg_mod.depthwise_weight_grad(x, gy, 7, chunk=folded),
+    }
+
+
 # ------------------------------------------------------------------------ table 2
-def _engine(args) -> Engine:
-    config = get_config(args.profile, {"data.crop_size": args.size,
-                                       "train.batch_size": args.batch,
-                                       "train.inner_steps": args.inner_steps})
-    return Engine(config, "fuse4seg", torch.device("cpu"), steps_per_epoch=10**6)
-
-
-def _batch(n: int, size: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x1 = torch.rand(n, 1, size, size, generator=gen)
-    x2 = torch.rand(n, 1, size, size, generator=gen)
-    return x1, x2, torch.randint(0, 4, (n, size, size), generator=gen)
-
-
 def gradient_gaps(engine: Engine, x: torch.Tensor, seg: torch.Tensor) -> dict[str, float]:
     """Per variant: the largest difference of L_lower and of any gradient from ``autograd``'s,
     relative to the largest (same weights, same batch)."""
@@ -170,7 +146,7 @@ def time_variants(engine: Engine, args) -> dict[str, dict[str, float]]:
     """Median ms of the warm-up step, a D_tr update and the outer step per variant, in turns."""
     engine._set_follower_rate("rollout")
     half = args.batch // 2
-    x1, x2, seg = _batch(args.batch, args.size, 0)
+    x1, x2, seg = _inputs(args.batch, args.size, 0)
     x_in = engine.prior(x1, x2, "warmup", ema=False)
     tr = (x1[:half], x2[:half], seg[:half])
     val = (x1[half:], x2[half:], seg[half:])
@@ -209,28 +185,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = _engine(args)
+    engine = _engine(args.profile, args.size, args.batch, args.inner_steps)
     print(f"# probe_follower: {args.profile} follower, {args.size}x{args.size}, batch "
           f"{args.batch}, K {args.inner_steps}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; {args.rounds} rounds x {args.repeats} calls\n")
 
     x = torch.rand(args.batch, 1, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    convs = follower_convolutions(engine.follower_module, x)
+    with patched("autograd"):  # every convolution through its module, for the hooks
+        convs = convolutions(engine.follower_module, x)
     gen = torch.Generator().manual_seed(0)
-    print("| input | weight | groups | layout | in the follower | forward (ms) | input grad "
-          "(ms) | weight grad (ms) | weight grad / forward |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    print("CL: channels-last; n: convolutions of that shape in the follower; a depthwise "
+          "convolution's weight is C×1×k×k\n")
+    print("| input | weight | layout | n | forward (ms) | input grad (ms) | weight grad (ms) | "
+          "weight grad / forward |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for conv in convs:
         t = timed_in_turns(conv_calls(conv, gen), args.rounds, args.repeats)
         ms = {k: 1000 * v for k, v in t.items()}
         shape = "×".join(map(str, conv["input"]))
         weight = "×".join(map(str, conv["weight"]))
-        layout = "channels-last" if conv["channels_last"] else "NCHW"
-        print(f"| {shape} | {weight} | {conv['groups']} | {layout} | {conv['count']} | "
+        layout = "CL" if conv["channels_last"] else "NCHW"
+        print(f"| {shape} | {weight} | {layout} | {conv['count']} | "
               f"{ms['forward']:.3f} | {ms['input grad']:.3f} | {ms['weight grad']:.3f} | "
               f"{ms['weight grad'] / ms['forward']:.1f} |", flush=True)
+    depthwise = [c for c in convs if c["groups"] > 1 and c["weight"][-1] == 7]
+    print(f"\n| depthwise 7×7 | oneDNN's weight grad (ms) | `depthwise_weight_grad`, chunks "
+          f"of ≤ {seg_mod.DEPTHWISE_CHUNK} (ms) | the same in one call (ms) |")
+    print("|---|---:|---:|---:|")
+    for conv in depthwise:
+        t = timed_in_turns(weight_grad_calls(conv, gen), args.rounds, args.repeats)
+        shape = "×".join(map(str, conv["input"]))
+        print(f"| input {shape} | {1000 * t['oneDNN']:.3f} | {1000 * t['chunks']:.3f} | "
+              f"{1000 * t['one call']:.3f} |", flush=True)
     if args.onednn_verbose:
-        first = next(c for c in convs if c["groups"] > 1 and c["groups"] == c["weight"][0])
+        first = depthwise[0]
         calls = conv_calls(first, gen)
         print("\noneDNN's kernels for the first depthwise shape (forward, then weight grad):")
         sys.stdout.flush()
@@ -239,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             calls["weight grad"]()
         sys.stdout.flush()
 
-    x_in, _, seg = _batch(args.batch, args.size, 2)
+    x_in, _, seg = _inputs(args.batch, args.size, 2)
     gaps = gradient_gaps(engine, x_in, seg)
     times = time_variants(engine, args)
     print("\n| variant | warm-up step (ms) | × autograd | update on D_tr (ms) | × autograd | "

@@ -444,8 +444,9 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
 
 
 def test_probe_follower_prints_its_tables(capsys):
-    """``probe_follower.py`` at a tiny size: one row per distinct convolution of the follower,
-    with positive times, and one row per variant, each within rounding of ``autograd``."""
+    """``probe_follower.py`` at a tiny size: one row per distinct convolution of the follower
+    and per 7×7 depthwise shape, with positive times, and one row per variant, each within
+    rounding of ``autograd``."""
     from bench_scripts import load
 
     from fuse4seg.models.segmentation import ConvNeXtBlock
@@ -458,9 +459,13 @@ def test_probe_follower_prints_its_tables(capsys):
     lines = capsys.readouterr().out.splitlines()
     convs = [r.split(" | ") for r in lines if r.startswith("| ") and r[2].isdigit()]
     follower = create_segmentation("convnext_unet_small")
-    assert sum(int(r[4]) for r in convs) == sum(
+    assert sum(int(r[3]) for r in convs) == sum(
         isinstance(m, torch.nn.Conv2d) for m in follower.modules())
-    assert all(float(c) > 0 for r in convs for c in r[5:8])
+    assert all(float(c) > 0 for r in convs for c in r[4:7])
+    depthwise = [r.rstrip(" |").split(" | ") for r in lines
+                 if r.startswith("| input ") and r[8].isdigit()]
+    assert len(depthwise) == 4  # one per level: the encoder's and decoder's blocks share it
+    assert all(float(c) > 0 for r in depthwise for c in r[1:4])
     rows = {r.split(" | ")[0][2:]: r.rstrip(" |").split(" | ") for r in lines
             if r.startswith("| ") and r.split(" | ")[0][2:] in probe.VARIANTS}
     assert list(rows) == list(probe.VARIANTS)

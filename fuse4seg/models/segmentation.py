@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuse4seg.models.layers import LayerNorm2d, check_divisible
+from fuse4seg.utils import env_setting
 
-__all__ = ["ConvNeXtBlock", "ConvNeXtUNet", "GRN", "TransformerBottleneckBlock", "grn_formula"]
+__all__ = ["ConvNeXtBlock", "ConvNeXtUNet", "GRN", "TransformerBottleneckBlock",
+           "depthwise_weight_grad", "grn_formula"]
 
 
 def grn_formula(
@@ -47,6 +49,17 @@ def grn_formula(
     g = torch.linalg.vector_norm(x.float(), dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
     n = (g / (g.mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return gamma * (x * n) + beta + x
+
+
+def _grn_norm_grad(d_s: torch.Tensor, gamma: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
+                   channels: int) -> torch.Tensor:
+    """GRN's ``s = 1 + γ N`` with ``N = G / m``, ``m = mean_c G + eps``, ``G = ‖x‖₂`` over
+    H, W: the factor ``t`` with ``∂L/∂x = t · x`` along the path through ``G``, from
+    ``∂L/∂s`` ``(B, 1, C)``. ``dG/dx = x / G``, 0 where a channel is all zero (as
+    ``vector_norm``'s backward). Shared by :class:`_GRNFunction` and :class:`_FoldedMLP`."""
+    d_n = d_s * gamma  # (B, 1, C)
+    d_g = d_n / m - (d_n * g).sum(dim=-1, keepdim=True) / (m * m * channels)
+    return torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
 
 
 class _GRNFunction(torch.autograd.Function):
@@ -86,11 +99,7 @@ class _GRNFunction(torch.autograd.Function):
         d_beta = dyf.sum(dim=(0, 1)).to(gamma.dtype) if ctx.needs_input_grad[2] else None
         d_x = None
         if ctx.needs_input_grad[0]:
-            d_n = d_s * gamma  # (B, 1, C)
-            # n = g / m with m = mean_c g + eps
-            d_g = d_n / m - (d_n * g).sum(dim=-1, keepdim=True) / (m * m * c)
-            # g = ‖x‖: dg/dx = x / g (0 where a channel is all zero, as vector_norm's backward)
-            t = torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
+            t = _grn_norm_grad(d_s, gamma, g, m, c)
             d_x = torch.addcmul(dyf * s, xf, t.to(s.dtype)).to(x.dtype).reshape(b, h, w, c)
         return d_x, d_gamma, d_beta, None
 
@@ -152,10 +161,7 @@ class _FoldedMLP(torch.autograd.Function):
         do = d_out.reshape(b, h * w, -1)  # (B, P, C)
         at_do = torch.bmm(a.transpose(1, 2), do)  # (B, 4C, C)
         d_s = (at_do * w2.t()).sum(-1).unsqueeze(1)  # ∂L/∂s, (B, 1, 4C)
-        d_n = d_s * gamma
-        # n = g / m with m = mean_c g + eps; g = ‖a‖, dg/da = a / g (0 for an all-zero channel)
-        d_g = d_n / m - (d_n * g).sum(dim=-1, keepdim=True) / (m * m * c4)
-        t = torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
+        t = _grn_norm_grad(d_s, gamma, g, m, c4)
         d_a = torch.bmm(do, w2 * s).addcmul_(a, t)  # (B, P, 4C)
         d_pre = torch.ops.aten.gelu_backward(d_a.reshape(b * h * w, c4), pre)
         need = ctx.needs_input_grad  # x, w1, b1, γ, β, w2, b2, eps
@@ -176,8 +182,11 @@ class _FoldedMLP(torch.autograd.Function):
 
 
 DEPTHWISE_CHUNK = 64
-"""Most images × channels per call of :class:`_DepthwiseByForward`'s weight gradient: above it
-the folded convolution ran several times slower per image on an AMD EPYC (2 vCPUs)."""
+"""Most images × channels per call of :func:`depthwise_weight_grad`. Chosen from a scratch
+timing with fresh tensors at 8×16×64×64 on an AMD EPYC; ``benchmarks/probe_follower.py``'s
+kept timing of the weight gradient alone (same tensors each call) found one call faster than
+these chunks at every follower shape (``benchmarks/RESULTS.md``, run E), so the chunks may
+cost time. Removing them changes the rounding, so it waits for its own whole-run check."""
 
 
 class _DepthwiseByForward(torch.autograd.Function):
@@ -201,31 +210,38 @@ class _DepthwiseByForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        b, c, h, w = x.shape
-        k = weight.shape[-1]
+        c, k = x.shape[1], weight.shape[-1]
         p = k // 2
         need = ctx.needs_input_grad  # x, weight, bias
         d_x = F.conv2d(gy, weight.flip(-1, -2), padding=p, groups=c) if need[0] else None
-        d_w = None
-        if need[1]:  # not when frozen (the leader step)
-            step = max(1, DEPTHWISE_CHUNK // c)
-            for i in range(0, b, step):
-                xs, gs = x[i:i + step], gy[i:i + step]
-                n = xs.shape[0]
-                xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
-                part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)  # (1, nC, k, k)
-                part = part.reshape(n, c, k, k).sum(0)
-                d_w = part if d_w is None else d_w + part
-            d_w = d_w.unsqueeze(1)
+        d_w = depthwise_weight_grad(x, gy, k) if need[1] else None  # not when frozen
         return d_x, d_w, gy.sum(dim=(0, 2, 3)) if need[2] else None
+
+
+def depthwise_weight_grad(x: torch.Tensor, gy: torch.Tensor, k: int,
+                          chunk: int | None = None) -> torch.Tensor:
+    """``∂L/∂W`` ``(C, 1, k, k)`` of a k×k depthwise convolution (padding k // 2) from its
+    input ``x`` and output gradient ``gy`` (both ``(B, C, H, W)``), by forward depthwise
+    convolutions over at most ``chunk`` images × channels each (default
+    :data:`DEPTHWISE_CHUNK`; ``benchmarks/probe_follower.py`` times it against one call)."""
+    b, c, h, w = x.shape
+    p = k // 2
+    step = max(1, (chunk or DEPTHWISE_CHUNK) // c)
+    d_w = None
+    for i in range(0, b, step):  # ∂L/∂W[c] = Σ_b pad(x)[b, c] ⋆ gy[b, c]: gy[b, c] as a kernel
+        xs, gs = x[i:i + step], gy[i:i + step]
+        n = xs.shape[0]
+        xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
+        part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)  # (1, nC, k, k)
+        part = part.reshape(n, c, k, k).sum(0)
+        d_w = part if d_w is None else d_w + part
+    return d_w.unsqueeze(1)
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
     """Whether a ConvNeXt block on ``x`` runs :class:`_DepthwiseByForward` and
     :class:`_FoldedMLP`: eager float on a CPU without autocast, unless ``FUSE4SEG_CONVNEXT=
     autograd``."""
-    from fuse4seg.utils import env_setting
-
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and env_setting("FUSE4SEG_CONVNEXT") != "autograd")
@@ -238,10 +254,11 @@ class ConvNeXtBlock(nn.Module):
     On a CPU (float, no autocast) the depthwise convolution runs as
     :class:`_DepthwiseByForward` and ``pw1 → GELU → GRN → pw2`` as :class:`_FoldedMLP`: the
     same maths with fewer passes over memory and without oneDNN's slow depthwise weight
-    gradient. On the ``default`` profile (AMD EPYC, 2 threads) the warm-up step became
-    1.11-1.12× and the outer step 1.03-1.05× faster (``benchmarks/RESULTS.md``, "The
-    follower's update"). Elsewhere, and with ``FUSE4SEG_CONVNEXT=autograd``, the block runs as
-    written and autograd differentiates it (GRN: :class:`GRN`).
+    gradient. On the ``default`` profile (AMD EPYC, 2 threads; four runs of
+    ``benchmarks/probe_follower.py``) the warm-up step became 1.07-1.12× and the outer step
+    1.02-1.05× faster (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a
+    CPU"). Elsewhere, and with ``FUSE4SEG_CONVNEXT=autograd``, the block runs as written and
+    autograd differentiates it (GRN: :class:`GRN`).
     """
 
     def __init__(self, dim: int, expansion: int = 4):
