@@ -15,8 +15,9 @@ reversed every round), medians:
    them): the forward, the backward to the input and the backward to the weight through
    torch's own kernels, timed apart (``aten.convolution_backward`` asked for one of them), and
    the weight gradient's time over the forward's. Then, for each 7×7 depthwise shape, the
-   weight gradient three ways: oneDNN's, ``depthwise_weight_grad`` (the package's, in chunks
-   of ``DEPTHWISE_CHUNK`` images × channels) and the same in one call. With
+   weight gradient three ways: oneDNN's, the package's before 2026-12-04 (chunks of at most
+   64 images × channels, padded with ``F.pad``: :func:`chunked_weight_grad`, kept here to
+   measure against) and the package's ``depthwise_weight_grad`` (one call). With
    ``--onednn-verbose`` oneDNN then prints the kernel it runs for the forward and for the
    weight gradient of the first depthwise shape.
 2. **A follower update, and the outer step, under each variant** of
@@ -110,17 +111,35 @@ def conv_calls(conv: dict, gen: torch.Generator) -> dict[str, Callable[[], None]
     }
 
 
+def chunked_weight_grad(x: torch.Tensor, gy: torch.Tensor, k: int, chunk: int = 64
+                        ) -> torch.Tensor:
+    """The depthwise weight gradient as the package computed it from 1128490 to 26576e2:
+    forward convolutions over at most ``chunk`` images × channels each, the input padded with
+    ``F.pad``. Kept only to time the package's one call against."""
+    b, c, h, w = x.shape
+    p = k // 2
+    step = max(1, chunk // c)
+    d_w = None
+    for i in range(0, b, step):
+        xs, gs = x[i:i + step], gy[i:i + step]
+        n = xs.shape[0]
+        xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
+        part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c).reshape(n, c, k, k).sum(0)
+        d_w = part if d_w is None else d_w + part
+    return d_w.unsqueeze(1)
+
+
 def weight_grad_calls(conv: dict, gen: torch.Generator) -> dict[str, Callable[[], None]]:
-    """A 7×7 depthwise convolution's weight gradient: oneDNN's (as autograd gets it), and
-    :func:`fuse4seg.models.segmentation.depthwise_weight_grad` in chunks and in one call."""
+    """A 7×7 depthwise convolution's weight gradient: oneDNN's (as autograd gets it), the
+    package's before (:func:`chunked_weight_grad`) and
+    :func:`fuse4seg.models.segmentation.depthwise_weight_grad`."""
     calls = conv_calls(conv, gen)
     x = torch.randn(conv["input"], generator=gen).contiguous(memory_format=torch.channels_last)
     gy = torch.randn(conv["output"], generator=gen).contiguous(memory_format=torch.channels_last)
-    folded = conv["input"][0] * conv["input"][1]
     return {
         "oneDNN": calls["weight grad"],
-        "chunks": lambda: seg_mod.depthwise_weight_grad(x, gy, 7),
-        "one call": lambda: seg_mod.depthwise_weight_grad(x, gy, 7, chunk=folded),
+        "chunks": lambda: chunked_weight_grad(x, gy, 7),
+        "one call": lambda: seg_mod.depthwise_weight_grad(x, gy, 7),
     }
 
 
@@ -209,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{ms['forward']:.3f} | {ms['input grad']:.3f} | {ms['weight grad']:.3f} | "
               f"{ms['weight grad'] / ms['forward']:.1f} |", flush=True)
     depthwise = [c for c in convs if c["groups"] > 1 and c["weight"][-1] == 7]
-    print(f"\n| depthwise 7×7 | oneDNN's weight grad (ms) | `depthwise_weight_grad`, chunks "
-          f"of ≤ {seg_mod.DEPTHWISE_CHUNK} (ms) | the same in one call (ms) |")
-    print("|---|---:|---:|---:|")
+    print("\n| depthwise 7×7 | oneDNN's weight grad (ms) | before: chunks of ≤ 64, `F.pad` "
+          "(ms) | `depthwise_weight_grad`: one call (ms) | chunks / one call |")
+    print("|---|---:|---:|---:|---:|")
     for conv in depthwise:
         t = timed_in_turns(weight_grad_calls(conv, gen), args.rounds, args.repeats)
         shape = "×".join(map(str, conv["input"]))
         print(f"| input {shape} | {1000 * t['oneDNN']:.3f} | {1000 * t['chunks']:.3f} | "
-              f"{1000 * t['one call']:.3f} |", flush=True)
+              f"{1000 * t['one call']:.3f} | {t['chunks'] / t['one call']:.2f} |", flush=True)
     if args.onednn_verbose:
         first = depthwise[0]
         calls = conv_calls(first, gen)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fuse4seg.config import get_config
 from fuse4seg.models import (
@@ -378,10 +379,9 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
     """The ConvNeXt block's CPU rewrites (GRN folded into pw2, ``_FoldedMLP``; the depthwise
     gradients as forward convolutions, ``_DepthwiseByForward``), each alone and together, give
     the block's output and gradients as autograd computes them from the module as written:
-    in float64 to 1e-9, with γ and β non-zero (GRN not the identity), the weight gradient in
-    chunks (one short), and with the weights frozen (the leader step: the input's gradient
-    only). ``forward`` takes both on a CPU, neither under ``FUSE4SEG_CONVNEXT=autograd`` or
-    autocast."""
+    in float64 to 1e-9, with γ and β non-zero (GRN not the identity), and with the weights
+    frozen (the leader step: the input's gradient only). ``forward`` takes both on a CPU,
+    neither under ``FUSE4SEG_CONVNEXT=autograd`` or autocast."""
     from fuse4seg.models import segmentation as seg
 
     torch.manual_seed(0)
@@ -390,7 +390,6 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
         block.grn.gamma.normal_()
         block.grn.beta.normal_()
     x = torch.randn(5, 8, 12, 12, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr(seg, "DEPTHWISE_CHUNK", 16)  # 2 images per chunk: 3 chunks, one short
     flags = [(False, False), (True, False), (False, True), (True, True)]
     results = []
     for folded, by_forward in flags:
@@ -443,12 +442,35 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
         block(y)
 
 
+def test_depthwise_weight_grad_equals_autograd_in_both_layouts():
+    """``depthwise_weight_grad`` (one folded forward convolution) gives the weight gradient
+    autograd computes for a depthwise convolution with padding k // 2: float64, k 7 and 3,
+    non-square maps, one smaller than the kernel, NCHW and channels-last inputs."""
+    from fuse4seg.models.segmentation import depthwise_weight_grad
+
+    gen = torch.Generator().manual_seed(3)
+    for k, shape in ((7, (3, 5, 9, 6)), (7, (2, 4, 5, 4)), (3, (4, 6, 8, 11))):
+        c = shape[1]
+        w = torch.randn(c, 1, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(shape, dtype=torch.float64, generator=gen)
+            x = x.contiguous(memory_format=fmt)
+            y = F.conv2d(x, w, padding=k // 2, groups=c)
+            gy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+            gy = gy.contiguous(memory_format=fmt)
+            (ref,) = torch.autograd.grad(y, w, gy)
+            got = depthwise_weight_grad(x, gy, k)
+            assert got.shape == (c, 1, k, k)
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_probe_follower_prints_its_tables(capsys):
     """``probe_follower.py`` at a tiny size: one row per distinct convolution of the follower
     and per 7×7 depthwise shape, with positive times, and one row per variant, each within
     rounding of ``autograd``."""
     from bench_scripts import load
 
+    from fuse4seg.models import segmentation as seg_mod
     from fuse4seg.models.segmentation import ConvNeXtBlock
 
     probe = load("probe_follower")
@@ -465,7 +487,15 @@ def test_probe_follower_prints_its_tables(capsys):
     depthwise = [r.rstrip(" |").split(" | ") for r in lines
                  if r.startswith("| input ") and r[8].isdigit()]
     assert len(depthwise) == 4  # one per level: the encoder's and decoder's blocks share it
-    assert all(float(c) > 0 for r in depthwise for c in r[1:4])
+    assert all(float(c) > 0 for r in depthwise for c in r[1:5])
+    # the code it times the package's against computes the same gradient (3 images of 24
+    # channels: chunks of 2 images and 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 24, 9, 9, dtype=torch.float64, generator=gen)
+    gy = torch.randn(3, 24, 9, 9, dtype=torch.float64, generator=gen)
+    x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+    torch.testing.assert_close(probe.chunked_weight_grad(x, gy, 7),
+                               seg_mod.depthwise_weight_grad(x, gy, 7), rtol=1e-10, atol=1e-10)
     rows = {r.split(" | ")[0][2:]: r.rstrip(" |").split(" | ") for r in lines
             if r.startswith("| ") and r.split(" | ")[0][2:] in probe.VARIANTS}
     assert list(rows) == list(probe.VARIANTS)

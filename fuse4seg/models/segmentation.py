@@ -181,14 +181,6 @@ class _FoldedMLP(torch.autograd.Function):
                 None)
 
 
-DEPTHWISE_CHUNK = 64
-"""Most images × channels per call of :func:`depthwise_weight_grad`. Chosen from a scratch
-timing with fresh tensors at 8×16×64×64 on an AMD EPYC; ``benchmarks/probe_follower.py``'s
-kept timing of the weight gradient alone (same tensors each call) found one call faster than
-these chunks at every follower shape (``benchmarks/RESULTS.md``, run E), so the chunks may
-cost time. Removing them changes the rounding, so it waits for its own whole-run check."""
-
-
 class _DepthwiseByForward(torch.autograd.Function):
     """A k×k depthwise convolution (padding k // 2, bias) whose two gradients are depthwise
     *forward* convolutions.
@@ -198,7 +190,7 @@ class _DepthwiseByForward(torch.autograd.Function):
     for the follower's 7×7 convolutions (``benchmarks/probe_follower.py``). Here
     ``∂L/∂W[c] = Σ_b pad(x)[b, c] ⋆ ∂L/∂y[b, c]``: a forward depthwise convolution of the
     padded input with the output gradient as its (H × W) kernel, the images folded into the
-    channels, in chunks of :data:`DEPTHWISE_CHUNK`; ``∂L/∂x`` is the forward convolution of
+    channels (:func:`depthwise_weight_grad`); ``∂L/∂x`` is the forward convolution of
     ``∂L/∂y`` with the flipped kernel. The same values to float rounding (tested in float64).
     """
 
@@ -218,24 +210,22 @@ class _DepthwiseByForward(torch.autograd.Function):
         return d_x, d_w, gy.sum(dim=(0, 2, 3)) if need[2] else None
 
 
-def depthwise_weight_grad(x: torch.Tensor, gy: torch.Tensor, k: int,
-                          chunk: int | None = None) -> torch.Tensor:
+def depthwise_weight_grad(x: torch.Tensor, gy: torch.Tensor, k: int) -> torch.Tensor:
     """``∂L/∂W`` ``(C, 1, k, k)`` of a k×k depthwise convolution (padding k // 2) from its
-    input ``x`` and output gradient ``gy`` (both ``(B, C, H, W)``), by forward depthwise
-    convolutions over at most ``chunk`` images × channels each (default
-    :data:`DEPTHWISE_CHUNK`; ``benchmarks/probe_follower.py`` times it against one call)."""
+    input ``x`` and output gradient ``gy`` (both ``(B, C, H, W)``).
+
+    ``∂L/∂W[c] = Σ_b pad(x)[b, c] ⋆ gy[b, c]``: one depthwise forward convolution of ``x``
+    with the B·C images × channels folded into its channels and ``gy`` as their (H × W)
+    kernels, padded by the convolution itself (output k × k), then the sum over the images.
+    Until 2026-12-04 this ran in chunks of at most 64 images × channels and padded with
+    ``F.pad``; ``benchmarks/probe_follower.py`` found one call faster than the chunks at
+    every follower shape, and the padding argument faster again (``benchmarks/RESULTS.md``,
+    "The follower's ConvNeXt blocks on a CPU"). It needs a copy of ``x`` and of ``gy`` in
+    the folded layout, no more memory than the activations it differentiates."""
     b, c, h, w = x.shape
-    p = k // 2
-    step = max(1, (chunk or DEPTHWISE_CHUNK) // c)
-    d_w = None
-    for i in range(0, b, step):  # ∂L/∂W[c] = Σ_b pad(x)[b, c] ⋆ gy[b, c]: gy[b, c] as a kernel
-        xs, gs = x[i:i + step], gy[i:i + step]
-        n = xs.shape[0]
-        xp = F.pad(xs, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
-        part = F.conv2d(xp, gs.reshape(n * c, 1, h, w), groups=n * c)  # (1, nC, k, k)
-        part = part.reshape(n, c, k, k).sum(0)
-        d_w = part if d_w is None else d_w + part
-    return d_w.unsqueeze(1)
+    folded = F.conv2d(x.reshape(1, b * c, h, w), gy.reshape(b * c, 1, h, w),
+                      padding=k // 2, groups=b * c)  # (1, B·C, k, k)
+    return folded.reshape(b, c, k, k).sum(0).unsqueeze(1)
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
