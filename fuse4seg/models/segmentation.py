@@ -244,11 +244,12 @@ class ConvNeXtBlock(nn.Module):
     On a CPU (float, no autocast) the depthwise convolution runs as
     :class:`_DepthwiseByForward` and ``pw1 → GELU → GRN → pw2`` as :class:`_FoldedMLP`: the
     same maths with fewer passes over memory and without oneDNN's slow depthwise weight
-    gradient. On the ``default`` profile (AMD EPYC, 2 threads; four runs of
-    ``benchmarks/probe_follower.py``) the warm-up step became 1.07-1.12× and the outer step
-    1.02-1.05× faster (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a
-    CPU"). Elsewhere, and with ``FUSE4SEG_CONVNEXT=autograd``, the block runs as written and
-    autograd differentiates it (GRN: :class:`GRN`).
+    gradient. On the ``default`` profile (AMD EPYC, 2 threads; ``benchmarks/probe_follower.py``)
+    the warm-up step became 1.07-1.12× and the outer step 1.02-1.06× faster in five runs
+    with the weight gradient in chunks, and 1.23× and 1.15× in one run with it in one call, as
+    now (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a CPU"). Elsewhere,
+    and with ``FUSE4SEG_CONVNEXT=autograd``, the block runs as written and autograd
+    differentiates it (GRN: :class:`GRN`).
     """
 
     def __init__(self, dim: int, expansion: int = 4):
