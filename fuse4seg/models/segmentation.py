@@ -219,10 +219,11 @@ def depthwise_weight_grad(x: torch.Tensor, gy: torch.Tensor, k: int) -> torch.Te
     kernels, padded by the convolution's own ``padding`` (output k × k, no padded copy of
     ``x``), then the sum over the images. Until 2026-12-04 this ran in chunks of at most 64
     images × channels, each padded with ``F.pad``; ``benchmarks/probe_follower.py`` times the
-    two against each other and against oneDNN: one call was 2.5-5.5× faster than the chunks
-    and 1.6-4.2× faster than oneDNN at every follower shape (``benchmarks/RESULTS.md``, "The
-    follower's ConvNeXt blocks on a CPU", run F). It needs a copy of ``x`` and of ``gy`` in
-    the folded layout, no more memory than the activations it differentiates."""
+    two against each other and against oneDNN: one call was 1.5-6.9× faster than the chunks
+    and 1.6-4.2× faster than oneDNN at every follower shape, in three runs
+    (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a CPU", runs F-H). It
+    needs a copy of ``x`` and of ``gy`` in the folded layout, no more memory than the
+    activations it differentiates."""
     b, c, h, w = x.shape
     folded = F.conv2d(x.reshape(1, b * c, h, w), gy.reshape(b * c, 1, h, w),
                       padding=k // 2, groups=b * c)  # (1, B·C, k, k)
@@ -247,8 +248,9 @@ class ConvNeXtBlock(nn.Module):
     same maths with fewer passes over memory and without oneDNN's slow depthwise weight
     gradient. On the ``default`` profile (AMD EPYC, 2 threads; ``benchmarks/probe_follower.py``)
     the warm-up step became 1.07-1.12× and the outer step 1.02-1.06× faster in five runs
-    with the weight gradient in chunks, and 1.23× and 1.15× in one run with it in one call, as
-    now (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a CPU"). Elsewhere,
+    with the weight gradient in chunks; with it in one call, as now, 1.20-1.23× and
+    1.10-1.15× in two of three runs, and 1.02× and 0.90× (slower) in the third
+    (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a CPU"). Elsewhere,
     and with ``FUSE4SEG_CONVNEXT=autograd``, the block runs as written and autograd
     differentiates it (GRN: :class:`GRN`).
     """
