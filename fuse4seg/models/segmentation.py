@@ -136,8 +136,9 @@ class _FoldedMLP(torch.autograd.Function):
     per-image weight. GRN's output, a full-resolution ×4 map, is then neither written in the
     forward nor saved and read in the backward; the backward gets ``∂L/∂s`` from the small
     ``aᵀ ∂L/∂out`` that pw2's weight gradient needs anyway. Only the gradients autograd asks
-    for are returned, and none of the weights' when all are frozen (the follower in the leader
-    step). Float32 or float64, no autocast.
+    for are computed: none of the weights' when all are frozen (the follower in the leader
+    step), and only those of the trainable ones when some are. Float32 or float64, no
+    autocast.
     """
 
     @staticmethod
@@ -166,19 +167,18 @@ class _FoldedMLP(torch.autograd.Function):
         d_pre = torch.ops.aten.gelu_backward(d_a.reshape(b * h * w, c4), pre)
         need = ctx.needs_input_grad  # x, w1, b1, γ, β, w2, b2, eps
         d_x = (d_pre @ w1).reshape(b, h, w, c) if need[0] else None
-        if not any(need[1:7]):  # frozen weights (the leader step): the input's gradient only
-            return d_x, None, None, None, None, None, None, None
-        d_b2 = do.sum(dim=(0, 1))
-        weights = (
-            d_pre.t() @ x.reshape(b * h * w, c),  # w1
-            d_pre.sum(0),  # b1
-            (d_s * n).sum(dim=(0, 1)),  # γ
-            d_b2 @ w2,  # β
-            (s.transpose(1, 2) * at_do).sum(0).t() + d_b2[:, None] * beta,  # w2, (C, 4C)
-            d_b2,  # b2
+        d_b2 = do.sum(dim=(0, 1)) if any(need[4:7]) else None
+        # each weight's gradient only when asked for: none in the leader step (all frozen)
+        grads = (
+            d_pre.t() @ x.reshape(b * h * w, c) if need[1] else None,  # w1
+            d_pre.sum(0) if need[2] else None,  # b1
+            (d_s * n).sum(dim=(0, 1)) if need[3] else None,  # γ
+            d_b2 @ w2 if need[4] else None,  # β
+            ((s.transpose(1, 2) * at_do).sum(0).t() + d_b2[:, None] * beta
+             if need[5] else None),  # w2, (C, 4C)
+            d_b2 if need[6] else None,  # b2
         )
-        return (d_x, *(g if want else None for g, want in zip(weights, need[1:7], strict=True)),
-                None)
+        return (d_x, *grads, None)
 
 
 class _DepthwiseByForward(torch.autograd.Function):
@@ -221,9 +221,11 @@ def depthwise_weight_grad(x: torch.Tensor, gy: torch.Tensor, k: int) -> torch.Te
     images × channels, each padded with ``F.pad``; ``benchmarks/probe_follower.py`` times the
     two against each other and against oneDNN: one call was 1.5-6.9× faster than the chunks
     and 1.6-4.2× faster than oneDNN at every follower shape, in three runs
-    (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a CPU", runs F-H). It
-    needs a copy of ``x`` and of ``gy`` in the folded layout, no more memory than the
-    activations it differentiates."""
+    (``benchmarks/RESULTS.md``, "The follower's ConvNeXt blocks on a CPU", runs F-H). Its
+    extra memory is the ``(1, B·C, k, k)`` output and, for channels-last ``x`` or ``gy``
+    (the follower's), one NCHW copy of each for the fold (a view when already NCHW): at
+    most one more copy of the two maps, where the chunks held one chunk's worth at a
+    time."""
     b, c, h, w = x.shape
     folded = F.conv2d(x.reshape(1, b * c, h, w), gy.reshape(b * c, 1, h, w),
                       padding=k // 2, groups=b * c)  # (1, B·C, k, k)
