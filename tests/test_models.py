@@ -408,7 +408,7 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
 
     # some weights frozen, some not (fine-tuning part of a block): each gradient still equals
     # autograd's, and a frozen weight gets none
-    # (β, pw2's weight and bias share ∂L/∂b2: freeze each pair in turn)
+    # (the gradients of β, pw2's weight and pw2's bias share ∂L/∂b2: cases freeze some of them)
     for frozen_names in (("pw1.weight",), ("dwconv.weight", "grn.gamma"), ("dwconv.bias",),
                          ("grn.beta", "pw2.weight"), ("pw2.bias", "pw1.bias"),
                          ("grn.beta", "pw2.bias")):
