@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_layout import convolutions, timed_in_turns  # noqa: E402
 from bench_train_step import outer_step  # noqa: E402
-from step_anatomy import _engine, _inputs  # noqa: E402
+from step_anatomy import build_engine, random_batch  # noqa: E402
 
 from fuse4seg.models import segmentation as seg_mod  # noqa: E402
 from fuse4seg.train.bilevel import Engine  # noqa: E402
@@ -165,7 +165,7 @@ def time_variants(engine: Engine, args) -> dict[str, dict[str, float]]:
     """Median ms of the warm-up step, a D_tr update and the outer step per variant, in turns."""
     engine._set_follower_rate("rollout")
     half = args.batch // 2
-    x1, x2, seg = _inputs(args.batch, args.size, 0)
+    x1, x2, seg = random_batch(args.batch, args.size, 0)
     x_in = engine.prior(x1, x2, "warmup", ema=False)
     tr = (x1[:half], x2[:half], seg[:half])
     val = (x1[half:], x2[half:], seg[half:])
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = _engine(args.profile, args.size, args.batch, args.inner_steps)
+    engine = build_engine(args.profile, args.size, args.batch, args.inner_steps)
     print(f"# probe_follower: {args.profile} follower, {args.size}x{args.size}, batch "
           f"{args.batch}, K {args.inner_steps}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; {args.rounds} rounds x {args.repeats} calls\n")
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             calls["weight grad"]()
         sys.stdout.flush()
 
-    x_in, _, seg = _inputs(args.batch, args.size, 2)
+    x_in, _, seg = random_batch(args.batch, args.size, 2)
     gaps = gradient_gaps(engine, x_in, seg)
     times = time_variants(engine, args)
     print("\n| variant | warm-up step (ms) | × autograd | update on D_tr (ms) | × autograd | "

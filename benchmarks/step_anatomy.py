@@ -47,13 +47,17 @@ from fuse4seg.train.bilevel import Engine
 PARTS = ("forward", "L_lower", "backward", "clip + guard", "AdamW", "follower average")
 
 
-def _engine(profile: str, size: int, batch: int, inner: int) -> Engine:
+def build_engine(profile: str, size: int, batch: int, inner: int) -> Engine:
+    """A CPU ``Engine`` of ``profile`` at ``size``, batch ``batch`` and K ``inner`` (also
+    ``probe_follower.py``'s)."""
     config = get_config(profile, {"data.crop_size": size, "train.batch_size": batch,
                                   "train.inner_steps": inner})
     return Engine(config, "fuse4seg", torch.device("cpu"), steps_per_epoch=10**6)
 
 
-def _inputs(n: int, size: int, seed: int = 0):
+def random_batch(n: int, size: int, seed: int = 0):
+    """``x1, x2`` ``(n, 1, size, size)`` in [0, 1) and labels ``(n, size, size)`` in 0-3, from
+    ``seed`` (also ``probe_follower.py``'s)."""
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.rand(n, 1, size, size, generator=gen)
     x2 = torch.rand(n, 1, size, size, generator=gen)
@@ -101,10 +105,10 @@ def anatomy(args) -> None:
 
     cases = {}
     for size in args.sizes:
-        engine = _engine(args.profile, size, args.batch, args.inner_steps)
-        whole = _inputs(args.batch, size)
+        engine = build_engine(args.profile, size, args.batch, args.inner_steps)
+        whole = random_batch(args.batch, size)
         half = math.ceil(args.batch / 2)
-        tr, val = _inputs(half, size, 1), _inputs(args.batch - half, size, 2)
+        tr, val = random_batch(half, size, 1), random_batch(args.batch - half, size, 2)
         x_avg = engine.prior(whole[0], whole[1], "warmup", ema=False)
         cases[size] = (engine, whole, tr, val, x_avg)
     parts: dict[int, dict[str, list[float]]] = {s: defaultdict(list) for s in args.sizes}
