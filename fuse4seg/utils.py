@@ -26,6 +26,8 @@ __all__ = [
     "atomic_write_text",
     "ENV_SWITCHES",
     "check_env_switches",
+    "code_digest",
+    "code_text",
     "env_setting",
     "environment_summary",
     "git_commit",
@@ -234,29 +236,90 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
-def code_digest(n: int = 12) -> str:
-    """SHA-256 (first ``n`` hex digits) of the installed package's Python sources.
+def code_digest(n: int = 12, root: str | Path | None = None) -> str:
+    """SHA-256 (first ``n`` hex digits) of the installed package's code.
 
     Unlike :func:`git_commit` it also works outside git (a wheel) and ignores changes outside
     the package (chapters, tests). Run folders record it, so a finished run made by other code
-    is recognised (``fuse4seg.train.train(..., restart_if_code_changed=True)``).
+    is recognised (``fuse4seg.train.train(..., restart_if_code_changed=True)``), and the book
+    says when its stored learning curves were made by other code.
 
-    Regular ``.py`` files only, skipping any path with a part that starts with a dot (editor
-    lock files, ``.ipynb_checkpoints``); line endings are normalised, so a CRLF checkout hashes
-    like an LF one. Any edit of a source file, docstrings included, changes the digest. It
-    reads the files on disk, not the modules a running kernel has already imported.
+    What is hashed is each ``.py`` file's **code** (:func:`code_text`): its docstrings and
+    comments are left out, since they change no number (the one reader of a docstring at run
+    time is the command line's help). So a corrected docstring, or a benchmark ratio quoted in
+    one, does not mark every run and the stored curves as made by other code; any other edit
+    does, a change of indentation or of a string that is not a docstring included. Regular
+    ``.py`` files only, skipping any path with a part that starts with a dot (editor lock files,
+    ``.ipynb_checkpoints``); line endings are normalised, so a CRLF checkout hashes like an LF
+    one. It reads the files on disk (``root``, default this package's folder), not the modules
+    a running kernel has already imported.
     """
     import hashlib
 
-    root = Path(__file__).resolve().parent
+    base = Path(root) if root is not None else Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
+    for path in sorted(base.rglob("*.py")):
+        rel = path.relative_to(base)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        h.update(rel.as_posix().encode() + b"\0")
-        h.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+        raw = path.read_bytes()
+        key = hashlib.sha256(raw).digest()
+        if key not in _CODE_HASHES:  # parsing is the slow part: once per distinct file
+            _CODE_HASHES[key] = hashlib.sha256(code_text(raw).encode()).digest()
+        h.update(rel.as_posix().encode() + b"\0" + _CODE_HASHES[key])
     return h.hexdigest()[:n]
+
+
+_CODE_HASHES: dict[bytes, bytes] = {}  # SHA-256 of a file's bytes -> of its code_text
+
+
+def code_text(source: bytes | str) -> str:
+    """``source`` (a Python file) without its docstrings, comments and blank lines.
+
+    A docstring is the string literal that opens a module, class or function body, as
+    Python's ``ast`` finds it; it is cut by the positions ``ast`` gives (the same in every
+    Python version), comments by those of ``tokenize``, and each line's trailing spaces go.
+    A file that does not parse (or tokenize) is kept whole, with normalised line endings, so
+    its digest still changes with any edit.
+    """
+    import ast
+    import io
+    import tokenize
+
+    if isinstance(source, bytes):
+        source = source.decode("utf-8", errors="surrogateescape")
+    lines = source.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    try:
+        tree = ast.parse("\n".join(lines))
+        cuts = []  # (line, column) .. (end line, end column), 0-based lines, str columns
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                     ast.AsyncFunctionDef)):
+                continue
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                # ast's columns count UTF-8 bytes; turn them into str columns
+                start, end = first.lineno - 1, first.end_lineno - 1
+                cuts.append((start, _str_col(lines[start], first.col_offset),
+                             end, _str_col(lines[end], first.end_col_offset)))
+        tokens = tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline)
+        for tok in tokens:
+            if tok.type == tokenize.COMMENT:
+                (row, col), (end_row, end_col) = tok.start, tok.end
+                cuts.append((row - 1, col, end_row - 1, end_col))
+    except (SyntaxError, tokenize.TokenError, ValueError):
+        return "\n".join(lines)
+    for start, col, end, end_col in sorted(cuts, reverse=True):
+        head, tail = lines[start][:col], lines[end][end_col:]
+        lines[start:end + 1] = [head + tail]
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
+def _str_col(line: str, byte_col: int) -> int:
+    """The str column of UTF-8 byte column ``byte_col`` in ``line``."""
+    return len(line.encode("utf-8", errors="surrogateescape")[:byte_col].decode(
+        "utf-8", errors="surrogateescape"))
 
 
 def environment_summary(device: str = "auto") -> dict[str, str]:

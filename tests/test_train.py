@@ -440,6 +440,69 @@ def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, cap
               restart_if_code_changed=True)
 
 
+def test_code_digest_ignores_docstrings_and_comments_but_not_code(tmp_path):
+    import shutil
+
+    import fuse4seg
+    from fuse4seg.utils import code_digest, code_text
+
+    pkg = tmp_path / "fuse4seg"
+    shutil.copytree(Path(fuse4seg.__file__).parent, pkg,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_digest(root=pkg) == code_digest()  # the copy hashes like the package
+    engine = pkg / "train" / "engine.py"
+    original = engine.read_text()
+
+    def digest_after(text: str) -> str:
+        engine.write_bytes(text.encode())
+        try:
+            return code_digest(root=pkg)
+        finally:
+            engine.write_text(original)
+
+    base = code_digest(root=pkg)
+    doc = '"""One Eq. 4 step towards ``model``\'s current weights."""'
+    assert original.count(doc) == 1
+    line = "        decay = self.current_decay()"
+    # docstrings (longer, shorter, gone), comments, blank lines and line endings change nothing
+    same = [
+        original.replace(doc, '"""A longer docstring,\n\n        over three lines."""'),
+        original.replace(doc, "'doc'"),
+        original.replace('"""The parts every training loop', '"""What every training loop', 1),
+        original.replace(line, f"        # a new comment, \u00e9 and all\n{line}  # another"),
+        original.replace("\n\n\n", "\n\n\n\n\n"),
+        original.replace("\n", "\r\n"),  # a CRLF checkout
+    ]
+    for text in same:
+        assert text != original
+        assert digest_after(text) == base
+    # code does: a number, a string that is not a docstring, a statement, a line's joining
+    other = [
+        original.replace("self.updates += 1", "self.updates += 2", 1),
+        original.replace('"FUSE4SEG_EAGER"', '"FUSE4SEG_EAGERLY"', 1),
+        original.replace(line, f"{line}\n        pass"),
+        original.replace(doc, "x = 0"),
+        original.replace("import math\n", "import math; import os\n", 1),
+    ]
+    for text in other:
+        assert text != original
+        assert digest_after(text) != base
+    assert code_digest(root=pkg) == base  # each edit undone
+    (pkg / "new.py").write_text('"""Only a docstring."""\n')
+    assert code_digest(root=pkg) != base  # a new file counts by its name
+    (pkg / "new.py").unlink()
+    (pkg / ".#lock.py").write_text("x = 1\n")  # editor files are skipped
+    assert code_digest(root=pkg) == base
+    # a file that does not parse is kept whole, so any edit of it still counts
+    broken = "def f(:\n    'doc'\n"
+    assert code_text(broken) == broken
+    assert code_text("x = 1  # note\r\n\r\n'doc'\n") == "x = 1\n'doc'"  # not first
+    assert code_text('"""Module."""\nx = 1\n') == "x = 1"
+    assert code_text('def f():\n    "\u00e9t\u00e9"; return 1\n') == "def f():\n    ; return 1"
+    assert code_text("def f():\n    x = '''not a\n    docstring'''\n") == (
+        "def f():\n    x = '''not a\n    docstring'''")
+
+
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
     phantom_cache, tmp_path, monkeypatch
 ):
