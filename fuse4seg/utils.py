@@ -244,15 +244,16 @@ def code_digest(n: int = 12, root: str | Path | None = None) -> str:
     is recognised (``fuse4seg.train.train(..., restart_if_code_changed=True)``), and the book
     says when its stored learning curves were made by other code.
 
-    What is hashed is each ``.py`` file's **code** (:func:`code_text`): its docstrings and
-    comments are left out, since they change no number (the one reader of a docstring at run
-    time is the command line's help). So a corrected docstring, or a benchmark ratio quoted in
-    one, does not mark every run and the stored curves as made by other code; any other edit
-    does, a change of indentation or of a string that is not a docstring included. Regular
-    ``.py`` files only, skipping any path with a part that starts with a dot (editor lock files,
-    ``.ipynb_checkpoints``); line endings are normalised, so a CRLF checkout hashes like an LF
-    one. It reads the files on disk (``root``, default this package's folder), not the modules
-    a running kernel has already imported.
+    What is hashed is each ``.py`` file's **code** (:func:`code_text`): its docstrings
+    (attribute docstrings included) and comments are left out, since they change no number
+    (the one reader of a docstring at run time is the command line's help). So a corrected
+    docstring, or a benchmark ratio quoted in one, does not mark every run and the stored
+    curves as made by other code; any other edit does, a change of indentation or of a string
+    that is not a docstring included. Regular ``.py`` files only, skipping any path with a
+    part that starts with a dot (editor lock files, ``.ipynb_checkpoints``); line endings are
+    normalised, so a CRLF checkout hashes like an LF one. It reads the files on disk
+    (``root``, default this package's folder), not the modules a running kernel has already
+    imported.
     """
     import hashlib
 
@@ -276,11 +277,13 @@ _CODE_HASHES: dict[bytes, bytes] = {}  # SHA-256 of a file's bytes -> of its cod
 def code_text(source: bytes | str) -> str:
     """``source`` (a Python file) without its docstrings, comments and blank lines.
 
-    A docstring is the string literal that opens a module, class or function body, as
-    Python's ``ast`` finds it; it is cut by the positions ``ast`` gives (the same in every
-    Python version), comments by those of ``tokenize``, and each line's trailing spaces go.
-    A file that does not parse (or tokenize) is kept whole, with normalised line endings, so
-    its digest still changes with any edit.
+    A docstring here is any statement that is a string literal alone: the one that opens a
+    module, class or function body, and the attribute docstrings after a setting or a
+    constant (``config.py``'s fields), which Python evaluates and throws away. They are cut
+    at the positions Python's ``ast`` gives (the same in every Python version), comments at
+    those of ``tokenize``, and each line's trailing spaces go. A string inside an expression
+    (an argument, an assignment) is code and stays. A file that does not parse (or tokenize)
+    is kept whole, with normalised line endings, so its digest still changes with any edit.
     """
     import ast
     import io
@@ -293,16 +296,12 @@ def code_text(source: bytes | str) -> str:
         tree = ast.parse("\n".join(lines))
         cuts = []  # (line, column) .. (end line, end column), 0-based lines, str columns
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                     ast.AsyncFunctionDef)):
-                continue
-            first = node.body[0] if node.body else None
-            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                    and isinstance(first.value.value, str)):
+            if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, str)):
                 # ast's columns count UTF-8 bytes; turn them into str columns
-                start, end = first.lineno - 1, first.end_lineno - 1
-                cuts.append((start, _str_col(lines[start], first.col_offset),
-                             end, _str_col(lines[end], first.end_col_offset)))
+                start, end = node.lineno - 1, node.end_lineno - 1
+                cuts.append((start, _str_col(lines[start], node.col_offset),
+                             end, _str_col(lines[end], node.end_col_offset)))
         tokens = tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline)
         for tok in tokens:
             if tok.type == tokenize.COMMENT:

@@ -488,6 +488,16 @@ def test_code_digest_ignores_docstrings_and_comments_but_not_code(tmp_path):
         assert text != original
         assert digest_after(text) != base
     assert code_digest(root=pkg) == base  # each edit undone
+    # an attribute docstring (the settings' documentation) is no code either; a default is
+    config = pkg / "config.py"
+    settings = config.read_text()
+    field = '    slice_stride: int = 1\n    """Keep every n-th qualifying slice (1 = all)."""\n'
+    assert settings.count(field) == 1
+    config.write_text(settings.replace(field, field.replace("(1 = all)", "(1: every one)")))
+    assert code_digest(root=pkg) == base
+    config.write_text(settings.replace(field, field.replace("= 1", "= 2", 1)))
+    assert code_digest(root=pkg) != base
+    config.write_text(settings)
     (pkg / "new.py").write_text('"""Only a docstring."""\n')
     assert code_digest(root=pkg) != base  # a new file counts by its name
     (pkg / "new.py").unlink()
@@ -496,11 +506,13 @@ def test_code_digest_ignores_docstrings_and_comments_but_not_code(tmp_path):
     # a file that does not parse is kept whole, so any edit of it still counts
     broken = "def f(:\n    'doc'\n"
     assert code_text(broken) == broken
-    assert code_text("x = 1  # note\r\n\r\n'doc'\n") == "x = 1\n'doc'"  # not first
+    assert code_text("x = 1  # note\r\n\r\n'doc of x'\n") == "x = 1"  # attribute docstring
     assert code_text('"""Module."""\nx = 1\n') == "x = 1"
     assert code_text('def f():\n    "\u00e9t\u00e9"; return 1\n') == "def f():\n    ; return 1"
     assert code_text("def f():\n    x = '''not a\n    docstring'''\n") == (
         "def f():\n    x = '''not a\n    docstring'''")
+    assert code_text("print('a string in an expression is code')\n") == (
+        "print('a string in an expression is code')")
 
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
