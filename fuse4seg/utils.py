@@ -266,7 +266,8 @@ def code_digest(n: int = 12, root: str | Path | None = None) -> str:
         raw = path.read_bytes()
         key = hashlib.sha256(raw).digest()
         if key not in _CODE_HASHES:  # parsing is the slow part: once per distinct file
-            _CODE_HASHES[key] = hashlib.sha256(code_text(raw).encode()).digest()
+            text = code_text(raw).encode("utf-8", errors="surrogateescape")
+            _CODE_HASHES[key] = hashlib.sha256(text).digest()
         h.update(rel.as_posix().encode() + b"\0" + _CODE_HASHES[key])
     return h.hexdigest()[:n]
 
@@ -283,15 +284,23 @@ def code_text(source: bytes | str) -> str:
     at the positions Python's ``ast`` gives (the same in every Python version), comments at
     those of ``tokenize``, and each line's trailing spaces go. A string inside an expression
     (an argument, an assignment) is code and stays. A file that does not parse (or tokenize)
-    is kept whole, with normalised line endings, so its digest still changes with any edit.
+    is kept whole, with normalised line endings, so its digest still changes with any edit;
+    bytes are read in the file's declared encoding (UTF-8 by default), and a file they do
+    not decode in is kept whole too.
     """
     import ast
     import io
     import tokenize
 
+    readable = True
     if isinstance(source, bytes):
-        source = source.decode("utf-8", errors="surrogateescape")
+        try:  # the file's own encoding (PEP 263), UTF-8 unless it declares another
+            source = source.decode(tokenize.detect_encoding(io.BytesIO(source).readline)[0])
+        except (SyntaxError, LookupError, UnicodeDecodeError):
+            source, readable = source.decode("utf-8", errors="surrogateescape"), False
     lines = source.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if not readable:
+        return "\n".join(lines)
     try:
         tree = ast.parse("\n".join(lines))
         cuts = []  # (line, column) .. (end line, end column), 0-based lines, str columns

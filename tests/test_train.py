@@ -513,6 +513,14 @@ def test_code_digest_ignores_docstrings_and_comments_but_not_code(tmp_path):
         "def f():\n    x = '''not a\n    docstring'''")
     assert code_text("print('a string in an expression is code')\n") == (
         "print('a string in an expression is code')")
+    # bytes in the encoding a file declares; bytes that do not decode are kept whole
+    latin = b"# -*- coding: latin-1 -*-\n'd\xe9j\xe0'\nx = '\xe9'\n"
+    assert code_text(latin) == "x = '\u00e9'"
+    assert code_text(b"x = '\xe9'\n") == "x = '\udce9'\n"
+    (pkg / "odd.py").write_bytes(b"'doc'\nx = '\xe9'\n")
+    odd = code_digest(root=pkg)
+    (pkg / "odd.py").write_bytes(b"'doc'\nx = '\xe8'\n")
+    assert code_digest(root=pkg) not in (odd, base)
 
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
