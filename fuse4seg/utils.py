@@ -248,10 +248,11 @@ def code_digest(n: int = 12, root: str | Path | None = None) -> str:
     (attribute docstrings included) and comments are left out, since they change no number
     (the one reader of a docstring at run time is the command line's help). So a corrected
     docstring, or a benchmark ratio quoted in one, does not mark every run and the stored
-    curves as made by other code; any other edit does, a change of indentation or of a string
-    that is not a docstring included. Regular ``.py`` files only, skipping any path with a
-    part that starts with a dot (editor lock files, ``.ipynb_checkpoints``); line endings are
-    normalised, so a CRLF checkout hashes like an LF one. It reads the files on disk
+    curves as made by other code; an edit of code does, a change of indentation or of a
+    string that is not a docstring included. Blank lines, trailing spaces and line endings
+    (a CRLF checkout hashes like an LF one) do not count either. Regular ``.py`` files only,
+    skipping any path with a part that starts with a dot (editor lock files,
+    ``.ipynb_checkpoints``). It reads the files on disk
     (``root``, default this package's folder), not the modules a running kernel has already
     imported.
     """
@@ -281,12 +282,12 @@ def code_text(source: bytes | str) -> str:
     A docstring here is any statement that is a string literal alone: the one that opens a
     module, class or function body, and the attribute docstrings after a setting or a
     constant (``config.py``'s fields), which Python evaluates and throws away. They are cut
-    at the positions Python's ``ast`` gives (the same in every Python version), comments at
-    those of ``tokenize``, and each line's trailing spaces go. A string inside an expression
-    (an argument, an assignment) is code and stays. A file that does not parse (or tokenize)
-    is kept whole, with normalised line endings, so its digest still changes with any edit;
-    bytes are read in the file's declared encoding (UTF-8 by default), and a file they do
-    not decode in is kept whole too.
+    at the positions Python's ``ast`` gives, comments at those of ``tokenize``; then blank
+    lines and each line's trailing spaces go, except inside a string that is code (a
+    multi-line string in an expression keeps its blank lines and spaces: they are its value).
+    A file that does not parse (or tokenize) is kept whole, with normalised line endings, so
+    its digest still changes with any edit; bytes are read in the file's declared encoding
+    (UTF-8 by default), and a file they do not decode in is kept whole too.
     """
     import ast
     import io
@@ -298,12 +299,13 @@ def code_text(source: bytes | str) -> str:
             source = source.decode(tokenize.detect_encoding(io.BytesIO(source).readline)[0])
         except (SyntaxError, LookupError, UnicodeDecodeError):
             source, readable = source.decode("utf-8", errors="surrogateescape"), False
+    source = source.removeprefix("\ufeff")
     lines = source.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if not readable:
         return "\n".join(lines)
     try:
         tree = ast.parse("\n".join(lines))
-        cuts = []  # (line, column) .. (end line, end column), 0-based lines, str columns
+        cuts = []  # (line, column, end line, end column): 0-based lines, str columns
         for node in ast.walk(tree):
             if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
                     and isinstance(node.value.value, str)):
@@ -311,17 +313,31 @@ def code_text(source: bytes | str) -> str:
                 start, end = node.lineno - 1, node.end_lineno - 1
                 cuts.append((start, _str_col(lines[start], node.col_offset),
                              end, _str_col(lines[end], node.end_col_offset)))
-        tokens = tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline)
-        for tok in tokens:
+        strings = []  # (line, column, end line) of each string token over several lines
+        opened = []  # where each f-string began (Python 3.12+ splits them into tokens)
+        f_start = getattr(tokenize, "FSTRING_START", -1)
+        f_end = getattr(tokenize, "FSTRING_END", -1)
+        for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline):
+            (row, col), (end_row, end_col) = tok.start, tok.end
             if tok.type == tokenize.COMMENT:
-                (row, col), (end_row, end_col) = tok.start, tok.end
                 cuts.append((row - 1, col, end_row - 1, end_col))
+            elif tok.type == f_start:
+                opened.append((row - 1, col))
+            elif tok.type == tokenize.STRING or (tok.type == f_end and opened):
+                first, first_col = opened.pop() if tok.type == f_end else (row - 1, col)
+                if end_row - 1 > first:
+                    strings.append((first, first_col, end_row - 1))
     except (SyntaxError, tokenize.TokenError, ValueError):
         return "\n".join(lines)
+    # lines inside a string that is code, its last excepted, keep their spaces and blankness
+    verbatim = {i for first, col, last in strings
+                if not any((s, c) <= (first, col) < (e, ec) for s, c, e, ec in cuts)
+                for i in range(first, last)}
     for start, col, end, end_col in sorted(cuts, reverse=True):
-        head, tail = lines[start][:col], lines[end][end_col:]
-        lines[start:end + 1] = [head + tail]
-    return "\n".join(line.rstrip() for line in lines if line.strip())
+        lines[start] = lines[start][:col] + lines[end][end_col:]
+        lines[start + 1:end + 1] = [""] * (end - start)  # line numbers stay as they were
+    return "\n".join(line if i in verbatim else line.rstrip()
+                     for i, line in enumerate(lines) if i in verbatim or line.strip())
 
 
 def _str_col(line: str, byte_col: int) -> int:

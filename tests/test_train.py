@@ -440,6 +440,28 @@ def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, cap
               restart_if_code_changed=True)
 
 
+SAMPLE = '''"""A module of the package: its docstring."""
+
+import math
+import os
+
+LIMIT: int = 3
+"""An attribute docstring, as config.py documents its settings."""
+
+HELP = """usage:
+
+  run it"""
+
+
+def scale(x):  # a comment
+    """Scale x.
+
+    More words.
+    """
+    return math.sqrt(x) * LIMIT + len(os.sep)
+'''
+
+
 def test_code_digest_ignores_docstrings_and_comments_but_not_code(tmp_path):
     import shutil
 
@@ -450,77 +472,67 @@ def test_code_digest_ignores_docstrings_and_comments_but_not_code(tmp_path):
     shutil.copytree(Path(fuse4seg.__file__).parent, pkg,
                     ignore=shutil.ignore_patterns("__pycache__"))
     assert code_digest(root=pkg) == code_digest()  # the copy hashes like the package
-    engine = pkg / "train" / "engine.py"
-    original = engine.read_text()
-
-    def digest_after(text: str) -> str:
-        engine.write_bytes(text.encode())
-        try:
-            return code_digest(root=pkg)
-        finally:
-            engine.write_text(original)
-
+    sample = pkg / "sample.py"  # a module of known text, so the package's own can change
+    sample.write_text(SAMPLE)
     base = code_digest(root=pkg)
-    doc = '"""One Eq. 4 step towards ``model``\'s current weights."""'
-    assert original.count(doc) == 1
-    line = "        decay = self.current_decay()"
-    # docstrings (longer, shorter, gone), comments, blank lines and line endings change nothing
+
+    def digest_of(text: str) -> str:
+        sample.write_bytes(text.encode())
+        return code_digest(root=pkg)
+
+    def edited(old: str, new: str) -> str:
+        assert SAMPLE.count(old) == 1
+        return SAMPLE.replace(old, new)
+
+    # docstrings (longer, shorter, an attribute's), comments, blank lines, line endings: no code
     same = [
-        original.replace(doc, '"""A longer docstring,\n\n        over three lines."""'),
-        original.replace(doc, "'doc'"),
-        original.replace('"""The parts every training loop', '"""What every training loop', 1),
-        original.replace(line, f"        # a new comment, \u00e9 and all\n{line}  # another"),
-        original.replace("\n\n\n", "\n\n\n\n\n"),
-        original.replace("\n", "\r\n"),  # a CRLF checkout
+        edited('"""Scale x.\n\n    More words.\n    """', '"""Scale x, in one line."""'),
+        edited('"""A module of the package: its docstring."""', "'Another.'"),
+        edited("config.py documents its settings.", "the settings are documented."),
+        edited("  # a comment", "  # another, \u00e9 and all\n    # and a line more"),
+        edited("\n\n\ndef scale", "\n\n\n\n\ndef scale"),
+        edited("    return math", "    \n    return math"),
+        SAMPLE.replace("\n", "\r\n"),  # a CRLF checkout
     ]
     for text in same:
-        assert text != original
-        assert digest_after(text) == base
-    # code does: a number, a string that is not a docstring, a statement, a line's joining
+        assert digest_of(text) == base, text
+    # code does: a number, a string's value (its blank line too), a statement, lines joined
     other = [
-        original.replace("self.updates += 1", "self.updates += 2", 1),
-        original.replace('"FUSE4SEG_EAGER"', '"FUSE4SEG_EAGERLY"', 1),
-        original.replace(line, f"{line}\n        pass"),
-        original.replace(doc, "x = 0"),
-        original.replace("import math\n", "import math; import os\n", 1),
+        edited("LIMIT: int = 3", "LIMIT: int = 4"),
+        edited("usage:\n\n  run it", "usage:\n  run it"),
+        edited("usage:\n", "usage:  \n"),
+        edited("    return math", "    pass\n    return math"),
+        edited("import math\nimport os\n", "import math; import os\n"),
+        edited('"""Scale x.\n\n    More words.\n    """', "x = 0"),
     ]
     for text in other:
-        assert text != original
-        assert digest_after(text) != base
-    assert code_digest(root=pkg) == base  # each edit undone
-    # an attribute docstring (the settings' documentation) is no code either; a default is
-    config = pkg / "config.py"
-    settings = config.read_text()
-    field = '    slice_stride: int = 1\n    """Keep every n-th qualifying slice (1 = all)."""\n'
-    assert settings.count(field) == 1
-    config.write_text(settings.replace(field, field.replace("(1 = all)", "(1: every one)")))
-    assert code_digest(root=pkg) == base
-    config.write_text(settings.replace(field, field.replace("= 1", "= 2", 1)))
-    assert code_digest(root=pkg) != base
-    config.write_text(settings)
-    (pkg / "new.py").write_text('"""Only a docstring."""\n')
-    assert code_digest(root=pkg) != base  # a new file counts by its name
-    (pkg / "new.py").unlink()
+        assert digest_of(text) != base, text
+    assert digest_of(SAMPLE) == base
+    sample.unlink()
+    assert code_digest(root=pkg) == code_digest()  # a file counts by its name and code
     (pkg / ".#lock.py").write_text("x = 1\n")  # editor files are skipped
-    assert code_digest(root=pkg) == base
-    # a file that does not parse is kept whole, so any edit of it still counts
-    broken = "def f(:\n    'doc'\n"
-    assert code_text(broken) == broken
-    assert code_text("x = 1  # note\r\n\r\n'doc of x'\n") == "x = 1"  # attribute docstring
-    assert code_text('"""Module."""\nx = 1\n') == "x = 1"
+    assert code_digest(root=pkg) == code_digest()
+
+    # code_text itself: what is cut, what stays
+    assert code_text('"""Module."""\nx = 1  # note\r\n\r\n\'doc of x\'\n') == "x = 1"
     assert code_text('def f():\n    "\u00e9t\u00e9"; return 1\n') == "def f():\n    ; return 1"
-    assert code_text("def f():\n    x = '''not a\n    docstring'''\n") == (
-        "def f():\n    x = '''not a\n    docstring'''")
+    assert code_text('x = "\u00e9"; "doc"; y = 2\n') == 'x = "\u00e9"; ; y = 2'  # str columns
     assert code_text("print('a string in an expression is code')\n") == (
         "print('a string in an expression is code')")
+    for value in ('x = """a\n\nb"""', 'x = """a   \nb"""', "x = b'''a\n\nb'''",
+                  'x = f"""{1}\n\nb"""'):
+        assert code_text(value + "\n") == value  # a string's blank lines and spaces stay
+    broken = "def f(:\n    'doc'\n"  # a file that does not parse is kept whole
+    assert code_text(broken) == broken
     # bytes in the encoding a file declares; bytes that do not decode are kept whole
     latin = b"# -*- coding: latin-1 -*-\n'd\xe9j\xe0'\nx = '\xe9'\n"
     assert code_text(latin) == "x = '\u00e9'"
     assert code_text(b"x = '\xe9'\n") == "x = '\udce9'\n"
+    assert code_text(b"\xef\xbb\xbfx = 1\n") == code_text("\ufeffx = 1\n") == "x = 1"
     (pkg / "odd.py").write_bytes(b"'doc'\nx = '\xe9'\n")
     odd = code_digest(root=pkg)
     (pkg / "odd.py").write_bytes(b"'doc'\nx = '\xe8'\n")
-    assert code_digest(root=pkg) not in (odd, base)
+    assert code_digest(root=pkg) not in (odd, code_digest())
 
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
