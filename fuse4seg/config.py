@@ -142,6 +142,16 @@ class TrainConfig:
     validation")."""
     weight_decay: float = 1e-5  # AdamW, §4.1
     ema_decay: float = 0.99  # m in Eq. 4
+    ema_warmup: bool = False
+    """Ramp the leader EMA's decay as ``min(m, (1 + t) / (10 + t))`` over its updates t (the
+    warm-up the follower's average and fusion-only training use,
+    :class:`fuse4seg.train.engine.ModelEMA`). Off: Eq. 4 as written, with θ̂ starting at the
+    initial leader (Algorithm 1's input) and m from the first update, so after n updates θ̂
+    still holds m**n of the initial weights: 0.99**80 ≈ 45 % after the ``default`` profile's 80
+    leader updates, nothing at the paper's schedule. Validation, the best checkpoint, the test
+    scores and the exported leader all use θ̂, while the follower trains on the live leader's
+    x_f. Off in every profile; ``benchmarks/RESULTS.md``, "The leader's EMA at the default
+    profile's 80 updates", measures it on."""
     follower_ema: float | None = None
     """Validate, pick the best checkpoint with, and save an exponential moving average of the
     follower's weights (decay m, ramped as ``min(m, (1 + t) / (10 + t))`` over its updates t,

@@ -130,7 +130,8 @@ class Engine:
         ddp: wrap both networks in ``DistributedDataParallel``.
         plan: the stage plan (default: the method's, from E_warm and E_roll).
         leader_lr: the leader's base learning rate (default ``train.lr_leader``).
-        ema_warmup: ramp the EMA decay up (:class:`~fuse4seg.train.engine.ModelEMA`).
+        ema_warmup: ramp the EMA decay up (:class:`~fuse4seg.train.engine.ModelEMA`); also
+            on with ``train.ema_warmup``.
         seed: the seed of the initial weights (default ``train.seed``).
 
     Explained in chapter 4.
@@ -185,6 +186,8 @@ class Engine:
                     f"data.crop_size {config.data.crop_size} is not divisible by the {name}'s "
                     f"stride {stride}"
                 )
+        # the leader's EMA (Eq. 4), ramped with ema_warmup (fusion-only) or train.ema_warmup
+        ema_warmup = ema_warmup or t.ema_warmup
         self.ema = ModelEMA(leader, t.ema_decay, ema_warmup) if leader is not None else None
         # train.follower_ema: what is validated and saved; it starts from random weights, so
         # its decay ramps up (ModelEMA's warm-up)
