@@ -749,6 +749,32 @@ def _check_dir(option: str, path: Path | None) -> Path | None:
     return path
 
 
+def clear_stale_runs(runs_dir: Path) -> list[str]:
+    """Remove the run folders in ``runs_dir`` whose ``run.json`` records a code digest other
+    than this package's (:func:`fuse4seg.utils.code_digest`), and return their names, sorted.
+
+    The chapters would train such a run again anyway (``fuse4seg.train.runs.check_code``), and
+    each would print the package's "trained by other fuse4seg code" notice into the page: build
+    history, not something a reader of the book needs. A folder without a recorded digest is
+    left to the trainer. Each folder is renamed before it is deleted, so an interruption leaves
+    no half-deleted run under its name.
+    """
+    from fuse4seg.train.runs import read_run_json
+    from fuse4seg.utils import code_digest
+
+    if not runs_dir.is_dir():
+        return []
+    digest, removed = code_digest(), []
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        code = read_run_json(run_dir).get("code")
+        if code and code != digest:
+            doomed = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
+            os.replace(run_dir, doomed)
+            shutil.rmtree(doomed)
+            removed.append(run_dir.name)
+    return removed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -829,6 +855,14 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"using the phantom in {data_dir} ({cases} cases)")
                 else:
                     log(f"{status} the phantom ({cases} cases, seed {PHANTOM_SEED}) in {data_dir}")
+
+        # Runs trained by other package code: gone before any chapter, which would train each
+        # again anyway and print the package's notice about it into the page.
+        if not args.prepare_only:
+            stale = clear_stale_runs(out / "runs")
+            if stale:
+                log(f"removed {len(stale)} run(s) trained by other fuse4seg code from "
+                    f"{out / 'runs'}: {', '.join(stale)}")
 
         # Chapters.
         executed: dict[str, Path] = {}

@@ -215,6 +215,28 @@ print(profile)
     assert build.select_parameters([], available) == {}
 
 
+def test_clear_stale_runs_removes_only_runs_of_other_code(tmp_path, monkeypatch):
+    monkeypatch.setattr("fuse4seg.utils.code_digest", lambda n=12: "this-code")
+    runs = tmp_path / "runs"
+    for name, record in {
+        "current": {"code": "this-code"},
+        "old-a": {"code": "other-code"},
+        "old-b": {"code": "older-code", "finished": {"epochs": 3}},
+        "unrecorded": {"method": "average"},  # no digest yet: the trainer's to judge
+    }.items():
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.pt").write_bytes(b"x")
+        (runs / name / "run.json").write_text(json.dumps(record))
+    (runs / "no-record").mkdir()
+    (runs / "notes.txt").write_text("a file, not a run")
+    assert build.clear_stale_runs(runs) == ["old-a", "old-b"]
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "current", "no-record", "notes.txt", "unrecorded"
+    ]
+    assert build.clear_stale_runs(runs) == []
+    assert build.clear_stale_runs(tmp_path / "missing") == []
+
+
 def test_chapter_path_is_relative_inside_the_root(tmp_path):
     assert build.chapter_path(tmp_path / "_data" / "phantom", tmp_path) == "_data/phantom"
     assert build.chapter_path(tmp_path, tmp_path) == "."
