@@ -114,8 +114,9 @@ def test_the_summary_table_has_a_row_per_method_with_its_verdict():
     first, second = text.split("\n\n")
     rows = [line for line in first.splitlines() if line.startswith("| `")]
     assert [r.split("|")[1].strip() for r in rows] == ["`average`", "`fuse4seg`"]
-    assert "| 101 |" in rows[0] and rows[0].endswith("| no |")  # rising 0.2 in the last 1/4
-    assert rows[1].endswith("| yes |")
+    # average rises 0.2 in the last 1/4 in every seed; fuse4seg by 0, 0.02, 0.04 (sd 0.02)
+    assert "| 101 |" in rows[0] and rows[0].endswith("| no; 3 of 3 |")
+    assert rows[1].endswith("| yes; 2 of 3 |")
     # the stage-change table has a row only for the method with a warm-up and a rollout
     stage = [line for line in second.splitlines() if line.startswith("| `")]
     assert len(stage) == 1 and stage[0].startswith("| `fuse4seg` | – (1.00), – (1.00), – (1.00) |")
@@ -129,6 +130,9 @@ def test_the_plot_draws_each_seed_and_the_mean(tmp_path):
     left, right = fig.axes
     assert len(left.lines) == 3 + 1 + 3 + 1 + 1  # 3 seeds + mean, twice, + fuse4seg's stage line
     assert left.get_legend() is not None
+    # the two means (bold) are told apart by their dashes, not by colour alone
+    means = [line for line in left.lines if line.get_linewidth() == 2]
+    assert len(means) == 2 and means[0].get_linestyle() != means[1].get_linestyle()
     with pytest.raises(FileNotFoundError, match="learning_curves.py"):
         curves.load_report(tmp_path / "missing.json")
 
