@@ -719,3 +719,50 @@ def test_follower_ema_must_be_a_decay():
 
     with pytest.raises(ConfigError, match=r"train.follower_ema must be in \(0, 1\)"):
         smoke(**{"train.follower_ema": 1.0})
+
+
+@pytest.mark.parametrize("ramp", [False, True])
+def test_leader_drift_rebuilds_the_initial_live_and_ema_leaders(phantom_cache, tmp_path, ramp,
+                                                             monkeypatch, capsys):
+    """validation.leader_drift, chapter 4's "Which leader is this?": the initial leader it
+    rebuilds is the one the run started from (the glass box's warm-up frame, where the EMA has
+    not moved), its EMA is the one the glass box shows after the rollout, and train.ema_warmup
+    ramps the EMA's decay."""
+    from fuse4seg.train.validation import leader_drift
+
+    config = smoke(**{"train.ema_warmup": ramp})
+    result = train(config, "fuse4seg", data=phantom_cache, out=tmp_path, progress=False)
+    drift = leader_drift(result.run_dir)
+    n = config.train.steps_per_epoch  # one rollout epoch: one leader update per step
+    assert drift["updates"] == n == 2
+    m = config.train.ema_decay
+    share = (1 / 10) * (2 / 11) if ramp else m**n  # min(m, (1 + t) / (10 + t)), t = 0, 1
+    assert drift["initial_share"] == pytest.approx(share)
+    rows = {row["leader"]: row for row in drift["rows"]}
+    glass = result.run_dir / "glassbox"
+    with np.load(glass / "inputs.npz") as z:
+        x_avg = 0.5 * (z["x1"] + z["x2"])
+    for leader, frame in (("initial", "epoch_001"), ("EMA", "epoch_002")):
+        with np.load(glass / f"{frame}.npz") as z:
+            want = float(np.abs(z["x_fused"] - x_avg).mean())
+        assert rows[leader]["from_x_avg"] == pytest.approx(want, rel=1e-4, abs=1e-7), leader
+    assert rows["live"]["from_live"] == 0.0 and rows["initial"]["from_live"] > 0
+    # the EMA lies between the initial and the live leader, near the initial one unramped
+    ema_gap, init_gap = rows["EMA"]["from_live"], rows["initial"]["from_live"]
+    assert (ema_gap < 0.5 * init_gap) if ramp else (0.9 * init_gap < ema_gap < init_gap)
+    average = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
+    assert leader_drift(average.run_dir) is None
+    # benchmarks/leader_drift.py: a row per run with a leader, the EMA's gap last
+    import bench_scripts
+
+    script = bench_scripts.load("leader_drift")
+    monkeypatch.setattr(sys, "argv", ["leader_drift.py", str(result.run_dir),
+                                      str(average.run_dir)])
+    capsys.readouterr()
+    script.main()
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert len(table) == 1 and table[0].startswith(f"| `{result.run_dir.name}` | 0 | {ramp} | 2 |")
+    assert table[0].endswith(f"| {ema_gap:.4f} |")
+    monkeypatch.setattr(sys, "argv", ["leader_drift.py", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a run folder"):
+        script.main()

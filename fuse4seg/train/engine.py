@@ -256,10 +256,18 @@ class ModelEMA:
 
     def current_decay(self) -> float:
         """The m used by the next :meth:`update`."""
-        if not self.warmup:
-            return self.decay
-        t = self.updates
-        return min(self.decay, (1 + t) / (10 + t))
+        return self.decay_at(self.updates, self.decay, self.warmup)
+
+    @staticmethod
+    def decay_at(t: int, decay: float, warmup: bool) -> float:
+        """The m of update ``t`` (0-based) of an EMA with ``decay`` and ``warmup``."""
+        return min(decay, (1 + t) / (10 + t)) if warmup else decay
+
+    @staticmethod
+    def initial_share(updates: int, decay: float, warmup: bool) -> float:
+        """The weight the average still gives the weights it started from after ``updates``
+        updates: the product of the decays used (m ** updates without the warm-up)."""
+        return math.prod(ModelEMA.decay_at(t, decay, warmup) for t in range(updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -26,7 +26,7 @@ from fuse4seg.metrics.segmentation import tumour_mean
 from fuse4seg.train.bilevel import Engine
 from fuse4seg.utils import atomic_write_bytes
 
-__all__ = ["GLASSBOX_SLICES", "collate", "glassbox", "validate"]
+__all__ = ["GLASSBOX_SLICES", "collate", "glassbox", "leader_drift", "validate"]
 
 GLASSBOX_SLICES = 4
 
@@ -133,3 +133,58 @@ def glassbox(engine: Engine, dataset, items: np.ndarray, folder: Path, epoch: in
         x_fused=x_fused[:, 0].float().cpu().numpy(),
         stage=np.array(stage),
     )
+
+
+@torch.no_grad()
+def leader_drift(run_dir: str | Path) -> dict[str, Any] | None:
+    """How far a run's leaders move x_f away from x_avg, on its glass-box slices.
+
+    From the run's ``checkpoints/last.pt`` this rebuilds three leaders: the initial one (drawn
+    from the run's seed as training drew it, :func:`fuse4seg.train.bilevel.init_seed`), the
+    live leader θ_f (whose x_f the follower trains on) and its EMA θ̂ (Eq. 4: what validation,
+    the glass box, the test scores and the saved bundles use). Each fuses the slices of
+    ``glassbox/inputs.npz`` on the CPU in float32.
+
+    Returns ``None`` for a run without a leader or a glass box, else a dict:
+    ``updates`` (the EMA's updates), ``initial_share`` (the weight θ̂ still gives the initial
+    leader, :meth:`~fuse4seg.train.engine.ModelEMA.initial_share` with the run's
+    ``train.ema_decay`` and ``train.ema_warmup``) and ``rows``: per leader (``"initial"``,
+    ``"live"``, ``"EMA"``) the mean absolute difference of its x_f from x_avg = ½(x1 + x2)
+    (``from_x_avg``) and from the live leader's x_f (``from_live``).
+    """
+    from fuse4seg.config import config_from_dict
+    from fuse4seg.models import build_leader
+    from fuse4seg.train.bilevel import init_seed
+    from fuse4seg.train.checkpoint import load_checkpoint
+    from fuse4seg.train.engine import ModelEMA
+
+    run_dir = Path(run_dir)
+    inputs = run_dir / "glassbox" / "inputs.npz"
+    if not inputs.is_file():
+        return None
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    weights = state["engine"]
+    if weights.get("leader") is None or weights.get("ema") is None:
+        return None
+    config = config_from_dict(state["config"])
+    with np.load(inputs) as z:  # (N, S, S) each
+        x1, x2 = (torch.from_numpy(z[k]).float()[:, None] for k in ("x1", "x2"))
+    x_avg = 0.5 * (x1 + x2)
+    fused = {}
+    for name, trained in (("initial", None), ("live", weights["leader"]), ("EMA", weights["ema"])):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed(config.train.seed, "leader"))
+            net = build_leader(config)
+        if trained is not None:
+            net.load_state_dict(trained)
+        fused[name] = net.eval()(x1, x2)[0].float()
+    updates = int(weights.get("ema_updates") or 0)
+    t = config.train
+    return {
+        "updates": updates,
+        "initial_share": ModelEMA.initial_share(updates, t.ema_decay, t.ema_warmup),
+        "rows": [{"leader": name,
+                  "from_x_avg": float((x_f - x_avg).abs().mean()),
+                  "from_live": float((x_f - fused["live"]).abs().mean())}
+                 for name, x_f in fused.items()],
+    }
