@@ -200,6 +200,14 @@ def test_check_cli_names_bad_case(case_copy, capsys):
         assert line.count("BraTS2021_00006") == 1, line
 
 
+def test_check_cli_lists_a_folder_in_a_files_place_as_a_bad_case(case_copy, capsys):
+    flair = case_copy / "BraTS2021_00006_flair.nii.gz"
+    flair.unlink()
+    flair.mkdir()  # named like the FLAIR file
+    assert cli_main(["data", "check", str(case_copy.parent)]) == 1
+    assert f"{flair}: the FLAIR file is a folder" in capsys.readouterr().err
+
+
 def test_empty_folder_error(tmp_path, capsys):
     assert cli_main(["data", "check", str(tmp_path)]) == 2
     assert "no BraTS cases found" in capsys.readouterr().err
@@ -366,6 +374,21 @@ def test_prepare_stops_cleanly_or_skips_bad_cases(brats2021_case, tmp_path, caps
     assert "is the data folder itself" in capsys.readouterr().err
 
 
+def test_skip_bad_names_each_left_out_case_once(brats2021_case, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(brats2021_case, data / "BraTS2021_00006")
+    (data / "BraTS2021_00006" / "BraTS2021_00006_seg.nii.gz").unlink()
+    shutil.copytree(brats2021_case, data / "BraTS2021_00007")
+    for f in (data / "BraTS2021_00007").iterdir():
+        f.rename(f.with_name(f.name.replace("00006", "00007")))
+    with pytest.warns(UserWarning, match="left out 1 bad case") as caught:
+        prepare_cache(data, tmp_path / "cache", get_config("smoke").data, progress=False,
+                      skip_bad=True)
+    (text,) = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert "BraTS2021_00006: missing segmentation" in text, text
+    assert text.count("BraTS2021_00006") == 1, text  # not "X: case X: ..."
+
+
 def test_prepare_refuses_a_folder_of_other_files_and_cleans_an_empty_one(brats2021_case,
                                                                           tmp_path):
     """--out an existing folder: one holding the user's own files (a manifest.json of theirs,
@@ -436,6 +459,14 @@ def test_config_bad_values():
         get_config("smoke", {"train.lr_follower": "fast"})
     with pytest.raises(ConfigError, match="multiple of 16"):
         get_config("smoke", {"crop_size": 70})
+    # what torch or an empty validation would otherwise report without naming the setting
+    for overrides, message in (
+        ({"train.val_max_slices": 0}, "train.val_max_slices must be >= 1 or null, got 0"),
+        ({"train.weight_decay": -1.0}, "train.weight_decay must be a finite number >= 0"),
+        ({"train.warmup_epochs": 0, "train.rollout_epochs": 0}, "both 0: nothing to train"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            get_config("smoke", overrides)
 
 
 def test_config_yaml_round_trip(tmp_path):

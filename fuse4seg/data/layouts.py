@@ -285,7 +285,12 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
     if raw is None:
         if not path.exists():
             raise DataError(f"{path}: {what} file does not exist")
-        raw = path.read_bytes()
+        if path.is_dir():
+            raise DataError(f"{path}: the {what} file is a folder")
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: the {what} file cannot be read ({exc.strerror})") from exc
     digest = hashlib.sha1(raw).hexdigest()
     damaged = None
     try:
@@ -293,10 +298,13 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
             image, data = _decode(raw, path)
             if image is None:
                 raise ValueError("not NIfTI-1/2")
+            _check_axial(path, image.affine, what)
             array = None if above is None else _scaled_above(image, data, above)
             if array is not None:
                 return array, np.asarray(image.affine, dtype=np.float64), image.header, digest
             array = _image_array(image, data)
+        except DataError:  # a readable file fuse4seg cannot use (_check_axial)
+            raise
         except zlib.error as exc:
             # the gzip stream fails its own checks (its CRC-32, a bad block, a cut-off end):
             # the bytes are damaged. nibabel would read such a file without looking at the
@@ -304,7 +312,10 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
             damaged = exc
         except (*_READ_ERRORS, nib.filebasedimages.ImageFileError):
             image = nib.load(str(path))  # anything else nibabel reads, or its own error
+            _check_axial(path, image.affine, what)
             array = np.asarray(image.dataobj, dtype=np.float32)
+    except DataError:
+        raise
     except (*_READ_ERRORS, nib.filebasedimages.ImageFileError) as exc:
         raise DataError(f"{path}: unreadable or truncated NIfTI file ({exc})") from exc
     if damaged is not None:
@@ -320,6 +331,34 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
     if above is not None:
         array = (array if array.dtype.kind in "iu" else _as_float32(array)) > above
     return array, np.asarray(image.affine, dtype=np.float64), image.header, digest
+
+
+def _check_axial(path: Path, affine: np.ndarray, what: str) -> None:
+    """Refuse a volume whose third voxel axis is not the superior–inferior one.
+
+    Every step of fuse4seg (``data prepare``, ``predict``, ``evaluate``) takes axial slices
+    along the third axis, as BraTS stores its volumes; the in-plane orientation varies between
+    BraTS releases (L, P in 2021, L, A in 2023) and is left as it is. A volume stored sagittally
+    or coronally would be cut into the wrong slices, and give wrong labels without any error.
+    An affine whose axes cannot be told (nibabel returns no code) is let through.
+
+    Raises:
+        DataError: names the file and its axis codes.
+    """
+    import nibabel as nib
+
+    try:
+        codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))
+    except (ValueError, np.linalg.LinAlgError):
+        return
+    if len(codes) > 2 and codes[2] in ("L", "R", "A", "P"):
+        axes = ", ".join(str(c) for c in codes)
+        raise DataError(
+            f"{path}: the {what}'s third voxel axis runs {codes[2]} (axes {axes}), not "
+            "superior-inferior; fuse4seg takes axial slices along the third axis, as BraTS "
+            "stores them: reorient the volume first (nibabel's as_closest_canonical, or FSL's "
+            "fslreorient2std)"
+        )
 
 
 def load_volume(path: str | Path, what: str = "volume"):

@@ -358,7 +358,8 @@ def _prepare(data_dir: Path, cache_dir: Path, cases: list, data_cfg: DataConfig,
 
         warnings.warn(
             f"--skip-bad: left out {len(skipped)} bad case(s): "
-            + "; ".join(f"{e['case_id']}: {e['error']}" for e in skipped[:5])
+            + "; ".join(f"{e['case_id']}: " + e["error"].removeprefix(f"case {e['case_id']}: ")
+                        for e in skipped[:5])  # the case named once
             + (f"; and {len(skipped) - 5} more (the manifest's 'skipped')"
                if len(skipped) > 5 else ""),
             stacklevel=3,
