@@ -293,7 +293,8 @@ def evaluate_main(args: argparse.Namespace) -> int:
     from fuse4seg.utils import check_output_file
 
     if args.json is not None:
-        check_output_file(args.json, "--json")  # before minutes of scoring, not after
+        check_output_file(args.json, "--json", [("--data", args.data), ("--cache", args.cache)],
+                          [("RUN", args.run)])  # before minutes of scoring, not after
     result = evaluate_run(
         args.run, args.data, split=args.split, json_out=args.json, which=args.which,
         device=args.device, batch_size=args.batch_size, cache=args.cache, progress=True,
@@ -386,7 +387,7 @@ def study_main(args: argparse.Namespace) -> int:
 
     config = _config(args.profile, args.set)
     if args.json is not None:
-        check_output_file(args.json, "--json")  # before hours of training, not after
+        check_output_file(args.json, "--json", [("--data", args.data)])  # before any training
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
                        echo=print)
     if args.json is not None:
@@ -501,10 +502,11 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
 
     conventions = conventions_of(args.convention)
+    run = None if args.method in BASELINES else args.method
     if args.json is not None:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", [("--pairs", args.pairs)], [("METHOD", run)])
     if args.images is not None:  # before any pair is fused
-        check_output_folder(args.images, "--images")
+        check_output_folder(args.images, "--images", [("--pairs", args.pairs)], [("METHOD", run)])
     if args.kind == "GFP-PC" and args.split is not None:
         raise ValueError(f"--split {args.split}: GFP-PC has a single set, scored whole; choose "
                          "pairs with --only/--exclude")
@@ -575,7 +577,8 @@ def metrics_main(args: argparse.Namespace) -> int:
     conventions = conventions_of(args.convention)
     metrics = parse_metric_names(args.metrics)
     if args.csv is not None and args.fused.is_dir():
-        check_output_file(args.csv, "--csv")
+        check_output_file(args.csv, "--csv", [("--fused", args.fused), ("--a", args.a),
+                                              ("--b", args.b)])
     if args.fused.is_dir():
         results = score_folder(args.fused, args.a, args.b, conventions, metrics)
         if args.csv is not None:

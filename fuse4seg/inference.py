@@ -31,6 +31,7 @@ from fuse4seg.train.methods import build_follower, get_method
 from fuse4seg.utils import (
     atomic_write_bytes,
     atomic_write_json,
+    check_not_an_input,
     missing_folders,
     probe_writable,
     remove_empty_folders,
@@ -395,12 +396,17 @@ def predict_files(
         ``"mask_found": the brain mask taken from a BRATS 2013/2015 case folder, or None,``
         ``"checkpoint": the checkpoint file used, "epoch": its epoch}``.
 
+    Warns when the run's crop cuts more than :data:`~fuse4seg.data.slices.CROP_WARN_FRACTION`
+    of the brain away (a volume at another resolution than the training data's, say).
+
     Raises:
-        FileNotFoundError: a missing file. ValueError: unreadable, non-3-D, NaN, shape or
-            affine mismatch, empty brain, unknown scheme.
+        FileNotFoundError: a missing file. ValueError: unreadable, non-3-D or non-axial, NaN,
+            shape or affine mismatch, empty brain, unknown scheme, an output that would
+            replace an input.
     """
     from fuse4seg.data.labels import EXPORT, from_canonical, label_counts
     from fuse4seg.data.layouts import load_volume
+    from fuse4seg.data.slices import CROP_WARN_FRACTION, outside_crop
 
     t1ce, flair, out_dir = Path(t1ce), Path(flair), Path(out_dir)
     for path, flag in ((t1ce, "--t1ce"), (flair, "--flair")):
@@ -408,6 +414,9 @@ def predict_files(
             raise ValueError(f"{flag} {path}: is a folder; give the NIfTI file")
         if not path.is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
+    for name in ("fused.nii.gz", "seg.nii.gz"):  # an output never replaces an input
+        check_not_an_input(out_dir / name, "--out", [("--t1ce", t1ce), ("--flair", flair),
+                                                     ("--mask", mask)])
     _checkpoint_path(checkpoint, which)  # a wrong checkpoint or --which: before any read
     a, affine, header = load_volume(t1ce, "T1ce")
     b, affine_b, _ = load_volume(flair, "FLAIR")
@@ -445,6 +454,17 @@ def predict_files(
             raise ValueError(f"{path}: the same value ({float(inside.min()):g}) in every brain "
                              "voxel: nothing to normalise or segment")
     bundle = load_bundle(checkpoint, which=which, device=device)
+    cut = outside_crop(brain, bundle.config.data)
+    if cut > CROP_WARN_FRACTION:  # as `data prepare` warns for the training cases
+        import warnings
+
+        cfg = bundle.config.data
+        warnings.warn(
+            f"{t1ce}: the run's data.crop_size={cfg.crop_size} after {cfg.downsample}x "
+            f"down-sampling cuts {cut:.1%} of the brain away ({a.shape} voxels); it is labelled "
+            "background. Is the volume at the resolution of the run's training data?",
+            stacklevel=2,
+        )
     scheme = scheme or _scheme_of(t1ce, bundle.scheme, brats2013=case_2013 is not None)
     if scheme not in EXPORT:
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")

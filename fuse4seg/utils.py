@@ -18,6 +18,7 @@ __all__ = [
     "case_map",
     "atomic_write_bytes",
     "atomic_write_json",
+    "check_not_an_input",
     "check_output_file",
     "check_output_folder",
     "missing_folders",
@@ -128,8 +129,10 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def check_output_file(path: str | Path, flag: str) -> None:
-    """Check, before any work, that ``path`` can be written by :func:`atomic_write_bytes`.
+def check_output_file(path: str | Path, flag: str, inputs=(), runs=()) -> None:
+    """Check, before any work, that ``path`` can be written by :func:`atomic_write_bytes`,
+    and does not overwrite what the command reads (``inputs``, ``runs``:
+    :func:`check_not_an_input`).
 
     The file need not exist; its folder is made when the file is written, so the nearest
     existing folder above it must be a folder this process can write to (probed with a real
@@ -143,11 +146,61 @@ def check_output_file(path: str | Path, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    check_not_an_input(path, flag, inputs, runs)
     _probe_nearest_folder(path, path.parent, flag)
 
 
-def check_output_folder(path: str | Path, flag: str) -> None:
-    """Check, before any work, that ``path`` is (or can become) a folder this process writes in.
+RUN_RECORDS = ("run.json", "config.yaml", "metrics.jsonl", "test.json")
+"""The files of a run folder that its tools read back (:mod:`fuse4seg.train.runs`)."""
+
+
+def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
+                       folder: bool = False) -> None:
+    """Refuse an output ``path`` that would overwrite what the command reads.
+
+    Args:
+        inputs: ``(flag, path)`` pairs (a ``None`` path is skipped): files and data folders.
+            Refused: the input itself (through links too) and, inside an input folder, an
+            existing file or, with ``folder``, any path (an output folder would write among
+            the data).
+        runs: ``(flag, run folder or checkpoint)`` pairs: the run folder itself, its records
+            (:data:`RUN_RECORDS`) and anything in its subfolders (``checkpoints/``, ...) are
+            refused; other files there are fine (``evaluate --json RUN/scores.json``, again and
+            again). A checkpoint file counts as an input.
+        folder: ``path`` is an output folder, not a file.
+
+    Raises:
+        ValueError: starts with ``flag`` and ``path`` and names the input.
+    """
+    path = Path(path)
+    target = path.resolve()
+
+    def refuse(what: str, name: str, source: Path) -> None:
+        raise ValueError(f"{flag} {path}: {what} {name} {source}; write the output elsewhere")
+
+    for name, source in inputs:
+        if source is None:
+            continue
+        source = Path(source)
+        src = source.resolve()
+        if target == src or (path.exists() and source.exists() and os.path.samefile(path, source)):
+            refuse("is the input", name, source)
+        if source.is_dir() and target.is_relative_to(src) and (folder or path.exists()):
+            refuse("lies inside the input", name, source)
+    for name, run in runs:
+        run = Path(run) if run is not None else None
+        if run is not None and not run.is_dir():
+            check_not_an_input(path, flag, [(name, run)], folder=folder)
+        if run is None or not run.is_dir() or not target.is_relative_to(run.resolve()):
+            continue
+        inner = target.relative_to(run.resolve()).parts
+        if not inner or len(inner) > 1 or inner[0] in RUN_RECORDS:
+            refuse("would overwrite the records of the run", name, run)
+
+
+def check_output_folder(path: str | Path, flag: str, inputs=(), runs=()) -> None:
+    """Check, before any work, that ``path`` is (or can become) a folder this process writes in,
+    outside what the command reads (``inputs``, ``runs``: :func:`check_not_an_input`).
 
     Nothing is created: the nearest existing folder at or above ``path`` is probed with a real
     temporary file (:func:`probe_writable`).
@@ -159,6 +212,7 @@ def check_output_folder(path: str | Path, flag: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path}: is a file, not a folder")
+    check_not_an_input(path, flag, inputs, runs, folder=True)
     _probe_nearest_folder(path, path, flag)
 
 

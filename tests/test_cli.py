@@ -229,6 +229,68 @@ def test_check_output_file_creates_nothing(tmp_path):
         check_output_file(tmp_path, "--json")
 
 
+def test_outputs_never_overwrite_what_the_command_reads(tmp_path):
+    """check_not_an_input: an input file (also through a link), an existing file inside an
+    input folder, an output folder among the data, and a run folder's records are refused;
+    new files beside the data and other files in a run folder are fine."""
+    from fuse4seg.utils import check_not_an_input, check_output_file, check_output_folder
+
+    data = tmp_path / "data"
+    (data / "case").mkdir(parents=True)
+    (data / "manifest.json").write_text("{}")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    (tmp_path / "link.png").symlink_to(image)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "scores.json").write_text("{}")  # an earlier `evaluate --json RUN/scores.json`
+    inputs, runs = [("--data", data), ("--a", image), ("--cache", None)], [("RUN", run)]
+    refused = {
+        data / "manifest.json": "lies inside the input --data",
+        image: "is the input --a",
+        tmp_path / "link.png": "is the input --a",
+        run / "run.json": "would overwrite the records of the run RUN",
+        run / "checkpoints" / "x.json": "would overwrite the records of the run RUN",
+    }
+    for path, message in refused.items():
+        with pytest.raises(ValueError, match=f"--json {path}: {message}"):
+            check_output_file(path, "--json", inputs, runs)
+    for fine in (data / "new.json", tmp_path / "out.json", run / "scores.json"):
+        check_output_file(fine, "--json", inputs, runs)
+    with pytest.raises(ValueError, match="lies inside the input --data"):
+        check_output_folder(data / "images", "--images", inputs, runs)
+    with pytest.raises(ValueError, match="is the input --data"):
+        check_output_folder(data, "--images", inputs, runs)
+    with pytest.raises(ValueError, match="would overwrite the records of the run RUN"):
+        check_output_folder(run, "--images", inputs, runs)
+    check_output_folder(run / "images", "--images", inputs, runs)
+    ckpt = run / "checkpoints" / "best.pt"
+    ckpt.write_bytes(b"pt")
+    with pytest.raises(ValueError, match="is the input RUN"):  # a checkpoint file is an input
+        check_not_an_input(ckpt, "--json", runs=[("RUN", ckpt)])
+
+
+def test_evaluate_and_metrics_refuse_to_overwrite_their_inputs(phantom_dir, tmp_path, capsys):
+    """The CLI's --json/--csv: refused by name before any work, the input left as it was."""
+    manifest = tmp_path / "cache" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text('{"kept": true}')
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(manifest.parent), "--json",
+                 str(manifest)]) == 2
+    assert f"--json {manifest}: lies inside the input --data" in capsys.readouterr().err
+    assert manifest.read_text() == '{"kept": true}'
+    folders = {name: tmp_path / name for name in ("F", "A", "B")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "p.png").write_bytes(b"not scored: refused first")
+    target = folders["A"] / "p.png"
+    assert main(["metrics", "--fused", str(folders["F"]), "--a", str(folders["A"]), "--b",
+                 str(folders["B"]), "--csv", str(target)]) == 2
+    assert f"--csv {target}: lies inside the input --a" in capsys.readouterr().err
+    assert target.read_bytes() == b"not scored: refused first"
+
+
 def test_one_write_probe_serves_output_files_and_predict_folders(tmp_path, monkeypatch):
     """A folder that refuses a real file (a read-only mount: os.access says yes to root)
     is named with the flag, by the one probe both checks share."""

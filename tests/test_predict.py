@@ -392,3 +392,54 @@ def test_predict_refuses_a_folder_in_an_output_files_place_before_writing(phanto
     err = capsys.readouterr().err
     assert f"--out {out}: seg.nii.gz is a folder" in err
     assert not (out / "fused.nii.gz").exists()
+
+
+def test_predict_never_overwrites_its_inputs_and_refuses_a_sagittal_volume(phantom_dir,
+                                                                           tmp_path, capsys):
+    """An output named like an input (fused.nii.gz, seg.nii.gz in --out) is refused before
+    anything is read, and so is a volume whose third axis is not the axial one: predict would
+    otherwise cut it into sagittal slices and label them without any error."""
+    import shutil
+
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(t1ce, same / "fused.nii.gz")
+    shutil.copy(flair, same / "seg.nii.gz")
+    before = {p.name: p.read_bytes() for p in same.iterdir()}
+    assert _predict(run, same / "fused.nii.gz", same / "seg.nii.gz", same) == 2
+    err = capsys.readouterr().err
+    assert f"--out {same / 'fused.nii.gz'}: is the input --t1ce" in err
+    assert {p.name: p.read_bytes() for p in same.iterdir()} == before
+    # the same volumes stored sagittally: axes (S, x, y) with the affine that says so
+    image = nib.load(str(flair))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    sagittal = tmp_path / "sagittal.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(data, (2, 0, 1)), image.affine[:, [2, 0, 1, 3]]),
+             str(sagittal))
+    assert nib.aff2axcodes(nib.load(str(sagittal)).affine)[2] != "S"
+    assert _predict(run, t1ce, sagittal, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "sagittal.nii.gz: the FLAIR's third voxel axis runs" in err
+    assert "not superior-inferior" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_warns_when_the_runs_crop_cuts_the_brain_away(phantom_dir, tmp_path):
+    """A volume at twice the training resolution: the run's 64-pixel crop after 4x
+    down-sampling holds only its centre, and predict says so (as `data prepare` does)."""
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    big = []
+    for path in (t1ce, flair):
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32).repeat(2, 0).repeat(2, 1)
+        affine = image.affine.copy()
+        affine[:3, :2] /= 2
+        big.append(tmp_path / f"big_{path.name}")
+        nib.save(nib.Nifti1Image(data, affine), str(big[-1]))
+    with pytest.warns(UserWarning, match=r"data.crop_size=64 after 4x down-sampling cuts "
+                                         r"\d+\.\d% of the brain away"):
+        assert _predict(run, *big, tmp_path / "out") == 0
+    assert (tmp_path / "out" / "seg.nii.gz").is_file()
