@@ -80,7 +80,7 @@ def _checkpoint_path(checkpoint: str | Path, which: str | None = None) -> Path:
         FileNotFoundError: no such folder or file, or no such checkpoint in the folder.
         ValueError: an unknown ``which``, or a ``which`` given with a checkpoint file (it
             chooses a file inside a run folder; silently ignoring it would score another
-            checkpoint than the one asked for).
+            checkpoint than the one asked for), or a fusion-only run folder (no follower).
     """
     path = Path(checkpoint)
     order = {"best": ["best.pt", "ema.pt"], "ema": ["ema.pt"], "last": ["last.pt"]}
@@ -98,6 +98,10 @@ def _checkpoint_path(checkpoint: str | Path, which: str | None = None) -> Path:
     for name in order[which]:
         if (folder / name).is_file():
             return folder / name
+    if (folder / "leader.pt").is_file():  # what `fuse4seg fusion train` writes
+        raise ValueError(f"{path}: a fusion-only run (checkpoints/leader.pt): it has no "
+                         "segmentation follower; score its leader with `fuse4seg fusion "
+                         "evaluate`")
     raise FileNotFoundError(
         f"{path}: no {' or '.join(order[which])} under {folder} (not a run folder?)"
     )

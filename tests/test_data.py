@@ -491,6 +491,14 @@ def test_the_paper_profile_holds_section_4_1_and_adds_no_clipping():
     assert get_config("default").train.grad_clip == get_config("smoke").train.grad_clip == 1.0
 
 
+def test_a_downsample_that_leaves_almost_nothing_is_refused_by_name():
+    cfg = get_config("smoke", {"data.downsample": 3}).data
+    assert preprocess_volume(np.ones((48, 48, 2), np.float32), cfg).shape == (2, 64, 64)
+    with pytest.raises(DataError, match="data.downsample=3 leaves 14x16 pixels of a 40x48 "
+                                        "slice, fewer than 16 a side"):
+        preprocess_volume(np.ones((40, 48, 2), np.float32), cfg)
+
+
 def test_geometry_round_trip_when_cropping():
     cfg = get_config("paper", {"data.crop_size": 224}).data  # 240 -> 224: a real crop
     seg = np.zeros((240, 240, 3), np.uint8)

@@ -157,6 +157,11 @@ def test_cli_determinism_byte_identical_overwrite(tmp_path, phantom_dir, capsys)
     assert sorted(p.name for p in (out / IDS[0]).iterdir()) == names
     for fname in names:
         assert (out / IDS[0] / fname).read_bytes() == (phantom_dir / IDS[0] / fname).read_bytes()
+    # fewer cases than the folder holds: the extra case is named, not silently kept
+    shutil.copytree(phantom_dir / IDS[1], out / IDS[1])
+    with pytest.warns(UserWarning, match=f"also holds 1 other phantom case folder\\(s\\) "
+                                         f"\\({IDS[1]}\\), so it is a dataset of 2 cases, not 1"):
+        assert cli_main(["data", "phantom", "--out", str(out), "--cases", "1"]) == 0
 
 
 def test_workers_write_the_same_bytes(tmp_path, phantom_dir):

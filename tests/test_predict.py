@@ -226,6 +226,10 @@ def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
                                   "config": get_config("smoke").to_dict(), "leader": {}})
     assert _predict(fusion_only, t1ce, flair, tmp_path / "x") == 2
     assert "a fusion-only leader" in capsys.readouterr().err
+    fusion_run = tmp_path / "fusion-PET-MRI-smoke-x"  # a `fusion train` run folder
+    save_checkpoint(fusion_run / "checkpoints" / "leader.pt", {"leader": {}})
+    assert _predict(fusion_run, t1ce, flair, tmp_path / "x") == 2
+    assert "a fusion-only run (checkpoints/leader.pt)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

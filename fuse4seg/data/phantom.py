@@ -488,6 +488,9 @@ def write_phantom_dataset(
     Returns:
         The case folders, in order.
 
+    Warns when ``out_dir`` holds other ``Phantom_*`` case folders (an earlier call's, with more
+    cases): they are left as they are, and anything reading the folder would see them.
+
     Raises:
         ValueError: if ``cases`` < 1, ``seed`` < 0, ``workers`` < 1, or ``out_dir`` exists and
             is not a folder.
@@ -510,4 +513,16 @@ def write_phantom_dataset(
                     f"ET {counts[4]} voxels ({seconds:.1f} s)",
                     file=sys.stderr,
                 )
+    made = {f.name for f in folders}
+    others = sorted(p.name for p in out_dir.glob("Phantom_*") if p.is_dir() and p.name not in made)
+    if others:  # from an earlier call with more cases: every reader would see them too
+        import warnings
+
+        warnings.warn(
+            f"{out_dir} also holds {len(others)} other phantom case folder(s) ("
+            + ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            + f"), so it is a dataset of {len(made) + len(others)} cases, not {len(made)}: "
+            "remove them, or write to a new folder",
+            stacklevel=2,
+        )
     return folders

@@ -114,9 +114,22 @@ def outside_crop(mask: np.ndarray, data_cfg: DataConfig) -> float:
     return (total - kept) / total
 
 
+MIN_SIDE = 16
+"""The fewest pixels a side :func:`preprocess_volume` leaves of a slice after down-sampling."""
+
+
 def preprocess_volume(volume: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
-    """``(X, Y, Z)`` image in [0, 1] → ``(Z, S, S)`` float32 slices (block mean, crop/pad)."""
+    """``(X, Y, Z)`` image in [0, 1] → ``(Z, S, S)`` float32 slices (block mean, crop/pad).
+
+    Raises:
+        DataError: ``data.downsample`` leaves fewer than :data:`MIN_SIDE` pixels a side (the
+            slices would be almost all padding, with no tumour left to learn or segment).
+    """
     f = data_cfg.downsample
+    if -(-min(volume.shape[:2]) // f) < MIN_SIDE:
+        x, y = volume.shape[:2]
+        raise DataError(f"data.downsample={f} leaves {-(-x // f)}x{-(-y // f)} pixels of a {x}x{y} "
+                        f"slice, fewer than {MIN_SIDE} a side: lower data.downsample")
     v = _pad_to_multiple(np.asarray(volume, dtype=np.float32), f)
     x, y, z = v.shape
     v = v.reshape(x // f, f, y // f, f, z).mean(axis=(1, 3))  # (X/f, Y/f, Z)
