@@ -451,7 +451,8 @@ def predict_files(
                 "--mask with the case's brain mask"
             )
     if not brain.any():
-        raise ValueError(f"{mask or (str(t1ce) + ', ' + str(flair))}: empty brain (all zero)")
+        raise ValueError(f"--mask {mask}: no voxel above 0.5, so an empty brain" if mask else
+                         f"{t1ce}, {flair}: empty brain (all zero)")
     for arr, path in ((a, t1ce), (b, flair)):
         inside = arr[brain]
         if inside.min() == inside.max():  # intensity normalisation would divide by zero

@@ -248,6 +248,16 @@ def test_predict_with_a_brain_mask(phantom_dir, tmp_path):
     assert (seg[mask == 1] == 2).mean() > 0.9
 
 
+def test_a_mask_that_never_passes_one_half_is_named(phantom_dir, tmp_path, capsys):
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    image = nib.load(str(t1ce))
+    half = tmp_path / "half.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(image.shape, 0.5, np.float32), image.affine), str(half))
+    assert _predict(run, t1ce, flair, tmp_path / "h", "--mask", half) == 2
+    assert f"--mask {half}: no voxel above 0.5" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_predict_on_a_real_brats2013_case_uses_its_brain_mask(brats2013_dir, tmp_path, capsys):
     import shutil
