@@ -400,7 +400,7 @@ def predict_files(
         ``"mask_found": the brain mask taken from a BRATS 2013/2015 case folder, or None,``
         ``"checkpoint": the checkpoint file used, "epoch": its epoch}``.
 
-    Warns when the run's crop cuts more than :data:`~fuse4seg.data.slices.CROP_WARN_FRACTION`
+    Warns when the run's crop cuts more than ``fuse4seg.data.slices.CROP_WARN_FRACTION``
     of the brain away (a volume at another resolution than the training data's, say).
 
     Raises:

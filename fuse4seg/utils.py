@@ -164,7 +164,7 @@ def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
             existing file or, with ``folder``, any path (an output folder would write among
             the data).
         runs: ``(flag, run folder or checkpoint)`` pairs: the run folder itself, its records
-            (:data:`RUN_RECORDS`) and anything in its subfolders (``checkpoints/``, ...) are
+            (``RUN_RECORDS``) and anything in its subfolders (``checkpoints/``, ...) are
             refused; other files there are fine (``evaluate --json RUN/scores.json``, again and
             again). A checkpoint file counts as an input.
         folder: ``path`` is an output folder, not a file.

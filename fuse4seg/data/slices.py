@@ -122,7 +122,7 @@ def preprocess_volume(volume: np.ndarray, data_cfg: DataConfig) -> np.ndarray:
     """``(X, Y, Z)`` image in [0, 1] → ``(Z, S, S)`` float32 slices (block mean, crop/pad).
 
     Raises:
-        DataError: ``data.downsample`` leaves fewer than :data:`MIN_SIDE` pixels a side (the
+        DataError: ``data.downsample`` leaves fewer than ``MIN_SIDE`` pixels a side (the
             slices would be almost all padding, with no tumour left to learn or segment).
     """
     f = data_cfg.downsample
