@@ -291,7 +291,6 @@ def evaluate_main(args: argparse.Namespace) -> int:
     """
     from fuse4seg.inference import evaluate_run
     from fuse4seg.utils import check_output_file
-
     if args.json is not None:
         check_output_file(args.json, "--json", [("--data", args.data), ("--cache", args.cache)],
                           [("RUN", args.run)])  # before minutes of scoring, not after
@@ -384,7 +383,6 @@ def study_main(args: argparse.Namespace) -> int:
     """
     from fuse4seg.study import run_study
     from fuse4seg.utils import atomic_write_json, check_output_file
-
     config = _config(args.profile, args.set)
     if args.json is not None:
         check_output_file(args.json, "--json", [("--data", args.data)])  # before any training
@@ -500,7 +498,6 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     from fuse4seg.metrics.fusion import nan_to_none
     from fuse4seg.train.fusion_only import evaluate_fusion, load_fusion_leader
     from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
-
     conventions = conventions_of(args.convention)
     run = None if args.method in BASELINES else args.method
     if args.json is not None:
