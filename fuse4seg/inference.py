@@ -451,8 +451,9 @@ def predict_files(
                 "--mask with the case's brain mask"
             )
     if not brain.any():
-        raise ValueError(f"--mask {mask}: no voxel above 0.5, so an empty brain" if mask else
-                         f"{t1ce}, {flair}: empty brain (all zero)")
+        which_mask = "--mask" if found_mask is None else "the case's brain mask"
+        raise ValueError(f"{which_mask} {mask}: no voxel above 0.5, so an empty brain" if mask
+                         else f"{t1ce}, {flair}: empty brain (all zero)")
     for arr, path in ((a, t1ce), (b, flair)):
         inside = arr[brain]
         if inside.min() == inside.max():  # intensity normalisation would divide by zero
@@ -466,7 +467,7 @@ def predict_files(
         cfg = bundle.config.data
         warnings.warn(
             f"{t1ce}: the run's data.crop_size={cfg.crop_size} after {cfg.downsample}x "
-            f"down-sampling cuts {cut:.1%} of the brain away ({a.shape} voxels); it is labelled "
+            f"down-sampling cuts {cut:.1%} of the brain away (of {a.shape} voxels); it is labelled "
             "background. Is the volume at the resolution of the run's training data?",
             stacklevel=2,
         )

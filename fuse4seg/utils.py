@@ -18,6 +18,9 @@ __all__ = [
     "case_map",
     "atomic_write_bytes",
     "atomic_write_json",
+    "DATA_FILES",
+    "RUN_FOLDERS",
+    "RUN_RECORDS",
     "check_not_an_input",
     "check_output_file",
     "check_output_folder",
@@ -150,30 +153,45 @@ def check_output_file(path: str | Path, flag: str, inputs=(), runs=()) -> None:
     _probe_nearest_folder(path, path.parent, flag)
 
 
-RUN_RECORDS = ("run.json", "config.yaml", "metrics.jsonl", "test.json")
-"""The files of a run folder that its tools read back (:mod:`fuse4seg.train.runs`)."""
+RUN_RECORDS = ("run.json", "config.yaml", "metrics.jsonl", "train.json", "val.json",
+               "test.json", "all.json")
+"""The files of a run folder that its tools read back (:mod:`fuse4seg.train.runs`, and
+``fuse4seg.study.evaluate_cached``'s ``<split>.json``)."""
+
+RUN_FOLDERS = ("checkpoints", "glassbox")
+"""The subfolders of a run folder that its tools write and read back."""
+
+DATA_FILES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy",
+              ".npz", "manifest.json")
+"""What the readers of a data folder read (volumes, images, a cache's arrays and manifest):
+names an output inside an input folder may not end with."""
 
 
 def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
                        folder: bool = False) -> None:
     """Refuse an output ``path`` that would overwrite what the command reads.
 
+    Outputs are written by renaming a temporary file onto ``path`` (:func:`atomic_write_bytes`),
+    which replaces the folder entry ``path`` names (a link itself, not what it points to), so
+    that entry is what is compared.
+
     Args:
         inputs: ``(flag, path)`` pairs (a ``None`` path is skipped): files and data folders.
-            Refused: the input itself (through links too) and, inside an input folder, an
-            existing file or, with ``folder``, any path (an output folder would write among
-            the data).
+            Refused: the input itself (also when the input is given through a link); inside an
+            input folder, a file named like data (:data:`DATA_FILES`) or, with ``folder``, any
+            path. Other files there are fine, on every run (``--json DATA/scores.json``).
         runs: ``(flag, run folder or checkpoint)`` pairs: the run folder itself, its records
-            (``RUN_RECORDS``) and anything in its subfolders (``checkpoints/``, ...) are
+            (:data:`RUN_RECORDS`, :data:`RUN_FOLDERS`) and anything in its subfolders are
             refused; other files there are fine (``evaluate --json RUN/scores.json``, again and
-            again). A checkpoint file counts as an input.
+            again). A checkpoint file counts as an input, and one in ``RUN/checkpoints/`` makes
+            ``RUN`` a run folder too.
         folder: ``path`` is an output folder, not a file.
 
     Raises:
         ValueError: starts with ``flag`` and ``path`` and names the input.
     """
     path = Path(path)
-    target = path.resolve()
+    entry = path.parent.resolve() / path.name  # what the rename replaces
 
     def refuse(what: str, name: str, source: Path) -> None:
         raise ValueError(f"{flag} {path}: {what} {name} {source}; write the output elsewhere")
@@ -182,19 +200,22 @@ def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
         if source is None:
             continue
         source = Path(source)
-        src = source.resolve()
-        if target == src or (path.exists() and source.exists() and os.path.samefile(path, source)):
+        if entry in (source.parent.resolve() / source.name, source.resolve()):
             refuse("is the input", name, source)
-        if source.is_dir() and target.is_relative_to(src) and (folder or path.exists()):
+        src = source.resolve()
+        data = path.name.lower().endswith(DATA_FILES)
+        if source.is_dir() and entry.is_relative_to(src) and (folder or data):
             refuse("lies inside the input", name, source)
     for name, run in runs:
         run = Path(run) if run is not None else None
         if run is not None and not run.is_dir():
             check_not_an_input(path, flag, [(name, run)], folder=folder)
-        if run is None or not run.is_dir() or not target.is_relative_to(run.resolve()):
+            if run.parent.name == "checkpoints":  # RUN/checkpoints/best.pt: RUN's records too
+                run = run.parent.parent
+        if run is None or not run.is_dir() or not entry.is_relative_to(run.resolve()):
             continue
-        inner = target.relative_to(run.resolve()).parts
-        if not inner or len(inner) > 1 or inner[0] in RUN_RECORDS:
+        inner = entry.relative_to(run.resolve()).parts
+        if not inner or len(inner) > 1 or inner[0] in RUN_RECORDS + RUN_FOLDERS:
             refuse("would overwrite the records of the run", name, run)
 
 

@@ -230,17 +230,19 @@ def test_check_output_file_creates_nothing(tmp_path):
 
 
 def test_outputs_never_overwrite_what_the_command_reads(tmp_path):
-    """check_not_an_input: an input file (also through a link), an existing file inside an
+    """check_not_an_input: an input (also one given through a link), a data file inside an
     input folder, an output folder among the data, and a run folder's records are refused;
-    new files beside the data and other files in a run folder are fine."""
+    other files beside the data or in a run folder are fine, on every run."""
     from fuse4seg.utils import check_not_an_input, check_output_file, check_output_folder
 
     data = tmp_path / "data"
     (data / "case").mkdir(parents=True)
     (data / "manifest.json").write_text("{}")
+    (data / "scores.json").write_text("{}")  # an earlier `--json DATA/scores.json`
     image = tmp_path / "a.png"
     image.write_bytes(b"png")
-    (tmp_path / "link.png").symlink_to(image)
+    link = tmp_path / "link.png"
+    link.symlink_to(image)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "run.json").write_text("{}")
@@ -248,27 +250,34 @@ def test_outputs_never_overwrite_what_the_command_reads(tmp_path):
     inputs, runs = [("--data", data), ("--a", image), ("--cache", None)], [("RUN", run)]
     refused = {
         data / "manifest.json": "lies inside the input --data",
+        data / "case" / "new.nii.gz": "lies inside the input --data",
         image: "is the input --a",
-        tmp_path / "link.png": "is the input --a",
         run / "run.json": "would overwrite the records of the run RUN",
+        run / "val.json": "would overwrite the records of the run RUN",
         run / "checkpoints" / "x.json": "would overwrite the records of the run RUN",
     }
     for path, message in refused.items():
         with pytest.raises(ValueError, match=f"--json {path}: {message}"):
             check_output_file(path, "--json", inputs, runs)
-    for fine in (data / "new.json", tmp_path / "out.json", run / "scores.json"):
+    for fine in (data / "new.json", data / "scores.json", tmp_path / "out.json",
+                 run / "scores.json", link):  # the rename replaces the link, not a.png
         check_output_file(fine, "--json", inputs, runs)
+    with pytest.raises(ValueError, match="is the input --a"):  # an input given by its link
+        check_output_file(image, "--csv", [("--a", link)])
     with pytest.raises(ValueError, match="lies inside the input --data"):
         check_output_folder(data / "images", "--images", inputs, runs)
     with pytest.raises(ValueError, match="is the input --data"):
         check_output_folder(data, "--images", inputs, runs)
-    with pytest.raises(ValueError, match="would overwrite the records of the run RUN"):
-        check_output_folder(run, "--images", inputs, runs)
+    for taken in (run, run / "checkpoints", run / "glassbox"):
+        with pytest.raises(ValueError, match="would overwrite the records of the run RUN"):
+            check_output_folder(taken, "--images", inputs, runs)
     check_output_folder(run / "images", "--images", inputs, runs)
     ckpt = run / "checkpoints" / "best.pt"
     ckpt.write_bytes(b"pt")
     with pytest.raises(ValueError, match="is the input RUN"):  # a checkpoint file is an input
         check_not_an_input(ckpt, "--json", runs=[("RUN", ckpt)])
+    with pytest.raises(ValueError, match="would overwrite the records of the run RUN"):
+        check_not_an_input(run / "test.json", "--json", runs=[("RUN", ckpt)])
 
 
 def test_evaluate_and_metrics_refuse_to_overwrite_their_inputs(phantom_dir, tmp_path, capsys):

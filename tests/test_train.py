@@ -766,3 +766,5 @@ def test_leader_drift_rebuilds_the_initial_live_and_ema_leaders(phantom_cache, t
     monkeypatch.setattr(sys, "argv", ["leader_drift.py", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a run folder"):
         script.main()
+    (result.run_dir / "checkpoints" / "last.pt").unlink()  # pruned: nothing to rebuild from
+    assert leader_drift(result.run_dir) is None

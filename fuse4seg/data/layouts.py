@@ -290,7 +290,7 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise DataError(f"{path}: the {what} file cannot be read ({exc.strerror})") from exc
+            raise DataError(f"{path}: the {what} file cannot be read ({exc})") from exc
     digest = hashlib.sha1(raw).hexdigest()
     damaged = None
     try:

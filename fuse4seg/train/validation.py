@@ -145,7 +145,8 @@ def leader_drift(run_dir: str | Path) -> dict[str, Any] | None:
     the glass box, the test scores and the saved bundles use). Each fuses the slices of
     ``glassbox/inputs.npz`` on the CPU in float32.
 
-    Returns ``None`` for a run without a leader or a glass box, else a dict:
+    Returns ``None`` for a run without a leader, a glass box or ``checkpoints/last.pt``, else a
+    dict:
     ``updates`` (the EMA's updates), ``initial_share`` (the weight θ̂ still gives the initial
     leader, :meth:`~fuse4seg.train.engine.ModelEMA.initial_share` with the run's
     ``train.ema_decay`` and ``train.ema_warmup``) and ``rows``: per leader (``"initial"``,
@@ -160,9 +161,10 @@ def leader_drift(run_dir: str | Path) -> dict[str, Any] | None:
 
     run_dir = Path(run_dir)
     inputs = run_dir / "glassbox" / "inputs.npz"
-    if not inputs.is_file():
+    last = run_dir / "checkpoints" / "last.pt"
+    if not inputs.is_file() or not last.is_file():
         return None
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state = load_checkpoint(last)
     weights = state["engine"]
     if weights.get("leader") is None or weights.get("ema") is None:
         return None
