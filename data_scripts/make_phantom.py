@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fuse4seg.cli import phantom_arguments, phantom_main
+from fuse4seg.cli.data import phantom_arguments, phantom_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,6 +177,22 @@ def test_study_refuses_an_unwritable_json_and_a_split_without_test_cases(phantom
     assert main([*base, "--set", "data.split_fractions=[0.67,0.33,0.0]"]) == 2
     err = capsys.readouterr().err
     assert "its split has no test case" in err and "'test': 0" in err
+    # the seeds are --seeds: a train.seed set beside them would be ignored, so it is refused
+    assert main([*base, "--set", "train.seed=5"]) == 2
+    err = capsys.readouterr().err
+    assert "--set train.seed: a study trains one run per seed" in err and "--seeds" in err
+
+
+def test_given_names_each_argument_once_for_its_label_and_its_value():
+    import argparse
+
+    from fuse4seg.cli.common import given
+
+    args = argparse.Namespace(data=Path("d"), t1ce=Path("t"), run=Path("r"), max_pairs=None)
+    assert given(args, "--data", "--t1ce", "RUN", "--max-pairs") == [
+        ("--data", Path("d")), ("--t1ce", Path("t")), ("RUN", Path("r")), ("--max-pairs", None)]
+    with pytest.raises(AttributeError):
+        given(args, "--cache")
 
 
 def test_a_study_resolves_the_cache_once_and_trains_on_it(phantom_dir, tmp_path, monkeypatch):

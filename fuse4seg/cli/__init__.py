@@ -1,0 +1,146 @@
+"""The ``fuse4seg`` command line: the table of verbs, the parser and the error handling.
+
+Each verb is a pair ``<verb>_arguments(parser)`` / ``<verb>_main(args) -> int`` in one of this
+package's modules, registered in :data:`COMMANDS`:
+
+- :mod:`fuse4seg.cli.data`: ``data phantom``, ``data check``, ``data prepare``;
+- :mod:`fuse4seg.cli.segmentation`: ``train``, ``evaluate``, ``predict``, ``study``;
+- :mod:`fuse4seg.cli.fusion`: ``fusion train``, ``fusion evaluate``, ``metrics``;
+- :mod:`fuse4seg.cli.common`: what they share.
+
+The logic lives in the package (the mains only call it). Nothing heavy is imported at load
+time: a call imports the module of its own verb only, and torch only when a verb that trains or
+runs networks starts, so ``fuse4seg --help``, ``--version``, ``metrics`` and ``data check``
+answer without it.
+
+Expected failures (bad input, missing files, invalid settings) print one
+``fuse4seg: error: ...`` line naming the file or parameter and exit with status 2; nothing is
+left half-written (outputs go through ``fuse4seg.utils.atomic_write_*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS: dict[tuple[str, ...], str] = {
+    ("data", "phantom"): "data:phantom",
+    ("data", "check"): "data:check",
+    ("data", "prepare"): "data:prepare",
+    ("train",): "segmentation:train",
+    ("evaluate",): "segmentation:evaluate",
+    ("predict",): "segmentation:predict",
+    ("study",): "segmentation:study",
+    ("metrics",): "fusion:metrics",
+    ("fusion", "train"): "fusion:fusion_train",
+    ("fusion", "evaluate"): "fusion:fusion_evaluate",
+}
+"""Verb path -> ``module:prefix``: the module of this package holding the verb's
+``<prefix>_arguments`` / ``<prefix>_main`` pair."""
+
+GROUP_HELP = {
+    "data": "find, check, prepare BraTS data; make the built-in phantom",
+    "fusion": "fusion-only training and evaluation on image pairs (Harvard, GFP-PC)",
+}
+
+
+def _resolve(target: str):
+    """The ``(arguments, main)`` pair of a :data:`COMMANDS` target. The verbs' modules import
+    nothing heavy at load time, so every one is imported: each verb's one-line help is the first
+    line of its main's docstring."""
+    name, prefix = target.split(":")
+    module = importlib.import_module(f"{__name__}.{name}")
+    return getattr(module, f"{prefix}_arguments"), getattr(module, f"{prefix}_main")
+
+
+def _verb_in(argv: list[str]) -> tuple[str, ...] | None:
+    """The registered verb path named by ``argv`` (``None`` when there is none yet)."""
+    words = [w for w in argv if not w.startswith("-")][:2]
+    for path in COMMANDS:
+        if tuple(words[: len(path)]) == path:
+            return path
+    return None
+
+
+def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The parser of every verb; with ``only``, the options of that verb alone are added (the
+    others are listed with their one-line help), so a call imports only what its verb needs.
+    No verb's options import torch."""
+    from fuse4seg import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fuse4seg",
+        description="Fuse4Seg: image fusion for multi-modal medical segmentation "
+        "via bi-level optimisation.",
+    )
+    parser.add_argument("--version", action="version", version=f"fuse4seg {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, target in COMMANDS.items():
+        add_arguments, run = _resolve(target)
+        doc = (run.__doc__ or "").strip().splitlines()
+        # a verb's one-line help goes through argparse's %-formatting ("95 % intervals")
+        help_text = doc[0].replace("%", "%%") if doc else None
+        if len(path) == 1:
+            sub = top.add_parser(path[0], help=help_text, description=run.__doc__)
+        else:
+            if path[0] not in groups:
+                group = top.add_parser(path[0], help=GROUP_HELP.get(path[0]))
+                groups[path[0]] = group.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=run.__doc__)
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        # also after the verb; SUPPRESS keeps a top-level --debug when this one is not given
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help=DEBUG_HELP)
+        if only is None or path == only:
+            add_arguments(sub)
+        sub.set_defaults(_run=run)
+    return parser
+
+
+DEBUG_HELP = "on an error, show Python's traceback, not only the one-line message"
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one ``fuse4seg: warning: ...`` line, without Python's file:line."""
+    return f"fuse4seg: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_verb_in(argv) or ())
+    args = parser.parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("fuse4seg: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        if isinstance(exc, KeyError):
+            message = str(exc.args[0])
+        elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+            message = f"{exc.filename}: {exc.strerror}"  # not "[Errno 13] ...: 'path'"
+        else:
+            message = str(exc)
+        print(f"fuse4seg: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = shown
+
+
+if __name__ == "__main__":
+    sys.exit(main())

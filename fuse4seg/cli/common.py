@@ -1,0 +1,49 @@
+"""What the verbs of :mod:`fuse4seg.cli` share: argument types, ``--set``, the config, and the
+inputs an output is checked against."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PROFILES = "smoke, default or paper"
+PAIR_KINDS = ["CT-MRI", "PET-MRI", "SPECT-MRI", "GFP-PC"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count or a size), refused otherwise with its value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_set(parser: argparse.ArgumentParser, example: str) -> None:
+    """The repeatable ``--set NAME=VALUE`` override, with ``example`` in its help."""
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help=f"override a setting, e.g. --set {example} (repeatable)",
+    )
+
+
+def config_of(profile: str, pairs: list[str]):
+    """The profile's config with the ``--set`` overrides ``pairs`` applied (checked)."""
+    from fuse4seg.config import get_config, parse_overrides
+
+    return get_config(profile, parse_overrides(pairs))
+
+
+def given(args: argparse.Namespace, *names: str) -> list[tuple[str, Path | None]]:
+    """``(name, value)`` of the arguments ``names`` as the user wrote them (``"--data"`` reads
+    ``args.data``, ``"--t1ce"`` ``args.t1ce``, a positional ``"RUN"`` ``args.run``): the
+    ``inputs`` and ``runs`` of :func:`fuse4seg.utils.check_output_file`. Naming an argument
+    once, for both its label and its value, keeps an error's flag and the path it checked
+    together.
+
+    Raises:
+        AttributeError: a name that is not one of the verb's arguments (a programming error).
+    """
+    return [(name, getattr(args, name.lstrip("-").replace("-", "_").lower())) for name in names]

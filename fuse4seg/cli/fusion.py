@@ -1,0 +1,216 @@
+"""The verbs of image fusion on its own: ``fusion train``, ``fusion evaluate`` and ``metrics``
+(``metrics`` never imports torch: ``tests/test_cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fuse4seg.cli.common import PAIR_KINDS, PROFILES, add_set, config_of, given, positive_int
+
+
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _pair_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pairs", type=Path, required=True,
+        help="Harvard folder (holding PET-MRI/, ...) or the GFP folder (GFP/, PC/)",
+    )
+    parser.add_argument("--kind", required=True, choices=PAIR_KINDS)
+    parser.add_argument("--only", help="comma-separated pair names to use (default: all)")
+    parser.add_argument("--exclude", help="comma-separated pair names to leave out")
+    parser.add_argument("--max-pairs", type=positive_int,
+                        help="use at most N pairs (sorted by name)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: config)")
+
+
+def _load_pairs(args: argparse.Namespace, split: str):
+    from fuse4seg.train.fusion_only import load_pairs
+
+    return load_pairs(
+        args.pairs, args.kind, split, _names(args.only), _names(args.exclude), args.max_pairs
+    )
+
+
+def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _pair_arguments(parser)
+    parser.add_argument(
+        "--split", default="train", choices=["train", "test"],
+        help="Harvard split to train on (GFP-PC has one set; use --exclude)",
+    )
+    parser.add_argument("--profile", default="default", help=PROFILES)
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
+    parser.add_argument("--steps", type=positive_int, help="leader updates (default: fusion.steps)")
+    parser.add_argument("--crop", type=positive_int, help="crop side (default: fusion.crop)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="crops per step (default: fusion.batch)")
+    parser.add_argument("--lr", type=float, help="base learning rate (default: fusion.lr)")
+    parser.add_argument("--seed", type=int)
+    add_set(parser, "loss.beta_grad=2")
+    parser.add_argument("--force", action="store_true", help="retrain even if the run exists")
+
+
+def fusion_train_main(args: argparse.Namespace) -> int:
+    """Train the fusion leader on image pairs with the physical losses only (no labels).
+
+    Writes RUNS/fusion-<kind>-<profile>-<hash>/ (config, run.json, metrics.jsonl,
+    checkpoints/leader.pt) and prints its path; a finished run with the same settings is reused.
+    """
+    from fuse4seg.train.fusion_only import train_fusion
+    from fuse4seg.utils import check_output_folder
+
+    if args.kind == "GFP-PC" and args.split != "train":
+        raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
+    config = config_of(args.profile, args.set)
+    check_output_folder(args.out, "--out")
+    pairs = _load_pairs(args, args.split)
+    run = train_fusion(
+        pairs, config, args.out, args.kind, steps=args.steps, crop=args.crop,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        force=args.force, progress=True,
+    )
+    last = run.history[-1] if run.history else {}
+    state = "reused" if run.reused else "trained"
+    print(
+        f"{state} {run.run_dir} on {len(pairs)} {args.kind} pairs; last logged loss: "
+        f"{last.get('total', float('nan')):.4g}"
+    )
+    return 0
+
+
+def _conventions() -> list[str]:
+    from fuse4seg.metrics.fusion import CONVENTIONS
+
+    return [*CONVENTIONS, "all"]
+
+
+def fusion_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "method",
+        help="a fusion run folder / leader checkpoint (fusion-only or a BraTS run), or a rule: "
+        "average, max, dwt",
+    )
+    _pair_arguments(parser)
+    parser.add_argument("--split", choices=["train", "test"],
+                        help="Harvard split to score (default: test; GFP-PC has one set)")
+    parser.add_argument("--convention", default="standard", choices=_conventions())
+    parser.add_argument("--json", type=Path, help="write the metrics (per pair and mean) here")
+    parser.add_argument("--images", type=Path, help="write fused grey and colour PNGs here")
+
+
+def fusion_evaluate_main(args: argparse.Namespace) -> int:
+    """Fuse the test pairs with a trained leader or a classical rule and score them.
+
+    Prints the mean of every metric under the chosen convention(s); --json writes per-pair and
+    mean values, --images the fused Y and colour PNGs.
+    """
+    from fuse4seg.fusion_baselines import BASELINES
+    from fuse4seg.metrics.files import conventions_of, table_lines
+    from fuse4seg.metrics.fusion import nan_to_none
+    from fuse4seg.train.fusion_only import evaluate_fusion, load_fusion_leader
+    from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
+    conventions = conventions_of(args.convention)
+    run = None if args.method in BASELINES else args.method
+    if args.json is not None:
+        check_output_file(args.json, "--json", given(args, "--pairs"), [("METHOD", run)])
+    if args.images is not None:  # before any pair is fused
+        check_output_folder(args.images, "--images", given(args, "--pairs"), [("METHOD", run)])
+    if args.kind == "GFP-PC" and args.split is not None:
+        raise ValueError(f"--split {args.split}: GFP-PC has a single set, scored whole; choose "
+                         "pairs with --only/--exclude")
+    split = "all" if args.kind == "GFP-PC" else (args.split or "test")
+    pairs = _load_pairs(args, split)
+    leader, label, source = None, args.method, None
+    if args.method not in BASELINES:
+        if not Path(args.method).exists():
+            raise FileNotFoundError(
+                f"{args.method}: neither a rule ({', '.join(BASELINES)}) nor a fusion run "
+                "folder or checkpoint"
+            )
+        leader, _, source = load_fusion_leader(args.method, device=args.device or "auto")
+        label = f"leader:{Path(args.method).name}"
+    result = evaluate_fusion(
+        pairs, label if leader is None else "leader", leader, conventions, args.images
+    )
+    out = {
+        "method": label, "leader": source, "kind": args.kind, "split": split,
+        "data": str(args.pairs), "pairs": result["pairs"], "metrics": result["metrics"],
+    }
+    if args.json is not None:
+        atomic_write_json(args.json, nan_to_none(out))
+    means = {conv: res["mean"] for conv, res in result["metrics"].items()}
+    header = f"{label} on {len(pairs)} {args.kind} {split} pairs of {args.pairs}; "
+    header += "convention: {conv}"
+    print("\n".join(table_lines(means, header)))
+    return 0
+
+
+def metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    from fuse4seg.metrics.fusion import METRICS
+
+    parser.add_argument("--fused", type=Path, required=True, help="fused image, or a folder")
+    parser.add_argument("--a", type=Path, required=True, help="source A (MRI), or a folder")
+    parser.add_argument(
+        "--b", type=Path, required=True, help="source B (CT/PET/SPECT), or a folder"
+    )
+    parser.add_argument(
+        "--convention", default="standard", choices=_conventions(),
+        help="which definitions to use (see the book's fusion-metrics appendix); default standard",
+    )
+    parser.add_argument(
+        "--metrics", help=f"comma-separated subset (default: {','.join(METRICS)},MSE)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--csv", type=Path, help="folder mode: write one row per pair here")
+
+
+def metrics_main(args: argparse.Namespace) -> int:
+    """Fusion quality metrics (EN, SD, MI, PSNR, SF, Qabf, SSIM, VIF, SCD) of fused images.
+
+    Give three files for one pair, or three folders (matched by file name) to score every pair;
+    --csv writes the per-pair values in folder mode. Every output names its convention.
+    """
+    from fuse4seg.metrics.files import (
+        check_pair_files,
+        conventions_of,
+        parse_metric_names,
+        score_folder,
+        score_pair,
+        table_lines,
+        write_csv,
+    )
+    from fuse4seg.metrics.fusion import nan_to_none
+    from fuse4seg.utils import check_output_file
+
+    conventions = conventions_of(args.convention)
+    metrics = parse_metric_names(args.metrics)
+    if args.csv is not None and args.fused.is_dir():
+        check_output_file(args.csv, "--csv", given(args, "--fused", "--a", "--b"))
+    if args.fused.is_dir():
+        results = score_folder(args.fused, args.a, args.b, conventions, metrics)
+        if args.csv is not None:
+            write_csv(args.csv, results)
+        if args.json:
+            print(json.dumps(nan_to_none(results), indent=2))
+        else:
+            n = len(next(iter(results.values()))["per_pair"])
+            means = {conv: res["mean"] for conv, res in results.items()}
+            print("\n".join(table_lines(means, f"convention: {{conv}}; mean over {n} pairs "
+                                                f"of {args.fused}")))
+            print(f"wrote {args.csv}" if args.csv is not None
+                  else "(the per-pair values: --csv FILE or --json)")
+        return 0
+    check_pair_files(args.fused, args.a, args.b)
+    if args.csv is not None:
+        raise ValueError("--csv is for folder mode (--fused FOLDER); use --json for one pair")
+    results = score_pair(args.fused, args.a, args.b, conventions, metrics)
+    if args.json:
+        out = {"fused": str(args.fused), "a": str(args.a), "b": str(args.b), "metrics": results}
+        print(json.dumps(nan_to_none(out), indent=2))
+    else:
+        header = f"convention: {{conv}}; fused {args.fused}; A {args.a}; B {args.b}"
+        print("\n".join(table_lines(results, header)))
+    return 0

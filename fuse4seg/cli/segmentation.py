@@ -1,0 +1,227 @@
+"""The verbs that train and use segmentation runs: ``train``, ``evaluate``, ``predict`` and
+``study``. Each imports torch when it runs, not when its options are added."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fuse4seg.cli.common import PROFILES, add_set, config_of, given, positive_int
+
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    from fuse4seg.train.methods import ABLATIONS, METHODS
+
+    parser.add_argument("--method", choices=METHODS,
+                        help="what to train (default: fuse4seg)")
+    parser.add_argument(
+        "--ablation", choices=sorted(ABLATIONS),
+        help="a Table 3 variant (sets the method and the loss switches): baseline, A, B, full",
+    )
+    parser.add_argument("--profile", default="default", help=PROFILES)
+    parser.add_argument(
+        "--data", type=Path, required=True,
+        help="raw BraTS/phantom folder, or a prepared cache (a folder with manifest.json)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
+    parser.add_argument("--cache", type=Path, help="where to prepare the cache of a raw folder")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(
+        "--restart-if-code-changed", action="store_true",
+        help="with --resume: start the run again when it was written by other fuse4seg code "
+        "(default: warn and continue)",
+    )
+    add_set(parser, "train.inner_steps=3")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default: the config's)")
+    parser.add_argument(
+        "--checkpoint-every-steps", type=positive_int, metavar="N",
+        help="also write checkpoints/last.pt every N outer steps",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """Train a method (Algorithm 1, a baseline or an ablation) into RUNS/<method>-<profile>-<hash>.
+
+    The run folder holds config.yaml, run.json (method, commit, data), metrics.jsonl and
+    checkpoints/{last,best,ema}.pt. With --resume an interrupted run continues from last.pt and
+    ends exactly as an uninterrupted one would (CPU). Under `torchrun --nproc_per_node N -m
+    fuse4seg train ...` it trains with DistributedDataParallel.
+    """
+    import torch.distributed as dist
+
+    from fuse4seg.config import parse_overrides
+    from fuse4seg.train.distributed import dist_info
+    from fuse4seg.train.methods import check_ablation
+    from fuse4seg.train.trainer import train
+    from fuse4seg.utils import check_output_folder
+
+    check_output_folder(args.out, "--out")  # before the data is prepared or a network built
+    check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
+    result = train(
+        config_of(args.profile, args.set),
+        method=args.method or "fuse4seg",
+        data=args.data,
+        out=args.out,
+        cache=args.cache,
+        resume=args.resume,
+        restart_if_code_changed=args.restart_if_code_changed,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        progress=not args.no_progress,
+        ablation=args.ablation,
+        device=args.device,
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if dist_info()[0] == 0:
+        best = result.best
+        summary = (
+            f"best validation mean Dice {best['mean_dice']:.4f} (epoch {best['epoch']})"
+            if best
+            else "no validation yet"
+        )
+        print(f"run folder: {result.run_dir}\n{summary}")
+    return 0
+
+
+def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="a run folder (or a checkpoint file)")
+    parser.add_argument(
+        "--data", type=Path, required=True,
+        help="the prepared cache or raw folder the run was trained on (its split says which "
+        "cases are test cases); other data: use --split all",
+    )
+    parser.add_argument(
+        "--cache", type=Path,
+        help="where the cache of a raw --data folder is (or is prepared); default: the one "
+        "`train` prepared for it in the run's runs folder (cache-<hash>)",
+    )
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                        help="cases to score (default: test)")
+    parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--which", choices=["best", "ema", "last"],
+                        help="checkpoint of a run folder (default: best, else ema)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
+
+
+def evaluate_main(args: argparse.Namespace) -> int:
+    """Dice/IoU per case and region of a run on a split (its best checkpoint by default).
+
+    Whole volumes at the input's resolution (3-D counts per case); the split's patients come from
+    the cache's manifest: with the raw folder the run was trained on, that is the run's own
+    cache, so ``test`` holds the patients it never trained on (a warning names the cases when
+    the run trained on some of them: other data wants ``--split all``). A class absent from a
+    case and not predicted there scores Dice = IoU = 1 in that case (the BraTS convention);
+    absent but predicted, or present but missed, scores 0.
+    """
+    from fuse4seg.inference import evaluate_run
+    from fuse4seg.utils import check_output_file
+    if args.json is not None:
+        check_output_file(args.json, "--json", given(args, "--data", "--cache"),
+                          given(args, "RUN"))  # before minutes of scoring, not after
+    result = evaluate_run(
+        args.run, args.data, split=args.split, json_out=args.json, which=args.which,
+        device=args.device, batch_size=args.batch_size, cache=args.cache, progress=True,
+    )
+    lines = [
+        f"{result['method']} ({result['profile']}), {result['split']} split, "
+        f"{len(result['cases'])} cases, checkpoint {result['checkpoint']}"
+    ]
+    for name, values in result["mean"].items():
+        lines.append(f"  {name:>10}: Dice {values['dice']:.4f}  IoU {values['iou']:.4f}")
+    lines.append(f"  mean Dice (NCR, ED, ET) {result['mean_dice']:.4f}")
+    print("\n".join(lines))
+    if args.json is None:
+        print(json.dumps({"mean_dice": result["mean_dice"], "mean_iou": result["mean_iou"]}))
+    return 0
+
+
+def predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="run folder or .pt file")
+    parser.add_argument("--t1ce", type=Path, required=True, help="T1ce NIfTI")
+    parser.add_argument("--flair", type=Path, required=True, help="FLAIR NIfTI (same grid)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--scheme",
+        help="label scheme of seg.nii.gz (brats2021, brats2023, brats2013, msd); "
+        "default: guessed from the file name, else the training data's",
+    )
+    parser.add_argument(
+        "--mask", type=Path,
+        help="brain mask NIfTI (default: a BRATS 2013/2015 case folder's brainmask, else "
+        "where T1ce or FLAIR is non-zero)",
+    )
+    parser.add_argument("--which", choices=["best", "ema", "last"],
+                        help="checkpoint of a run folder (default: best, else ema)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    """Fuse and segment one case: writes fused.nii.gz and seg.nii.gz with the input's affine.
+
+    Open them in ITK-SNAP or 3D Slicer. Labels are written in the input's scheme (BraTS 2021:
+    ET = 4).
+    """
+    from fuse4seg.inference import predict_files
+
+    written = predict_files(
+        args.checkpoint, args.t1ce, args.flair, args.out, scheme=args.scheme,
+        batch_size=args.batch_size, device=args.device, which=args.which,
+        mask=args.mask, progress=True,
+    )
+    print(f"checkpoint: {written['checkpoint']} (epoch {written['epoch']})")
+    if written["mask_found"]:
+        print(f"brain mask: {written['mask_found']} (the case folder's)")
+    for key in ("fused", "seg"):
+        if written[key]:
+            print(f"wrote {written[key]}")
+    if written["fused"] is None:
+        print("(a 2-channel method has no fused image)")
+    print(f"labels ({written['scheme']} scheme): {written['label_counts']}")
+    return 0
+
+
+def study_arguments(parser: argparse.ArgumentParser) -> None:
+    from fuse4seg.train.methods import METHODS
+
+    parser.add_argument(
+        "--methods", nargs="+", default=["fuse4seg", "average"], choices=METHODS,
+        help="methods to train (the first is compared with each of the others)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="the train.seed of each run (default: 0 1 2)")
+    parser.add_argument("--profile", default="default", help=PROFILES)
+    parser.add_argument("--data", type=Path, required=True, help="raw folder or prepared cache")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
+    add_set(parser, "train.rollout_epochs=20")
+    parser.add_argument("--device", help="auto, cpu, cuda (default: the config's)")
+    parser.add_argument("--json", type=Path, help="write per-seed, per-case scores here")
+
+
+def study_main(args: argparse.Namespace) -> int:
+    """Train methods over several seeds; per-case test Dice and paired 95 % intervals.
+
+    Every method is trained once per seed on the same split (finished runs are reused) and
+    scored on every test case; the first method is compared with each other one by the mean
+    paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
+    """
+    from fuse4seg.config import parse_overrides
+    from fuse4seg.study import run_study
+    from fuse4seg.utils import atomic_write_json, check_output_file
+
+    if "train.seed" in parse_overrides(args.set):  # each run's seed comes from --seeds
+        raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
+                         "with --seeds (e.g. --seeds 0 1 2)")
+    config = config_of(args.profile, args.set)
+    if args.json is not None:
+        check_output_file(args.json, "--json", given(args, "--data"))  # before any training
+    report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
+                       echo=print)
+    if args.json is not None:
+        atomic_write_json(args.json, report)
+    return 0
