@@ -166,7 +166,7 @@ def segment_slices(
     progress: bool = False,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Fuse and segment ``(N, S, S)`` slices in [0, 1], ``batch_size`` at a time (``None``:
-    :func:`default_batch_size` of the bundle's device); ``progress`` shows a bar over the
+    4 on a CPU, 16 on a GPU, by the bundle's device); ``progress`` shows a bar over the
     batches.
 
     Returns:
@@ -410,7 +410,7 @@ def predict_files(
     """
     from fuse4seg.data.labels import EXPORT, from_canonical, label_counts
     from fuse4seg.data.layouts import load_volume
-    from fuse4seg.data.slices import CROP_WARN_FRACTION, outside_crop
+    from fuse4seg.data.slices import CROP_WARN_FRACTION, crop_setting, outside_crop
 
     t1ce, flair, out_dir = Path(t1ce), Path(flair), Path(out_dir)
     for path, flag in ((t1ce, "--t1ce"), (flair, "--flair")):
@@ -464,10 +464,9 @@ def predict_files(
     if cut > CROP_WARN_FRACTION:  # as `data prepare` warns for the training cases
         import warnings
 
-        cfg = bundle.config.data
         warnings.warn(
-            f"{t1ce}: the run's data.crop_size={cfg.crop_size} after {cfg.downsample}x "
-            f"down-sampling cuts {cut:.1%} of the brain away (of {a.shape} voxels); it is labelled "
+            f"{t1ce}: the run's {crop_setting(bundle.config.data)} "
+            f"cuts {cut:.1%} of the brain away (of {a.shape} voxels); it is labelled "
             "background. Is the volume at the resolution of the run's training data?",
             stacklevel=2,
         )
@@ -515,6 +514,47 @@ def predict_files(
         "checkpoint": str(bundle.path),
         "epoch": bundle.epoch,
     }
+
+
+def _warn_unless_held_out(run, cache: Path, manifest: dict[str, Any], split: str,
+                          ids: list[str]) -> None:
+    """Warn when the ``test`` (or ``val``) cases of ``cache`` are not held out from ``run``:
+    some are cases the run trained (or, for ``test``, validated) on by its own cache's split,
+    or, with that cache gone, ``cache``'s manifest is not the one the run recorded (other data,
+    whose split says nothing about the run). Silent for a file outside a run folder, for
+    ``train`` and ``all``."""
+    import warnings
+
+    from fuse4seg.data.slices import load_manifest
+    from fuse4seg.train.runs import data_checksum, read_run_json
+
+    run = Path(run)
+    run_dir = run if run.is_dir() else run.parent.parent
+    info = read_run_json(run_dir)
+    if split not in ("test", "val") or not info.get("cache"):
+        return
+    seen = ("train", "val") if split == "test" else ("train",)
+    try:
+        own = load_manifest(info["cache"])
+    except (OSError, ValueError):  # the run's cache is gone: compare the manifests' checksums
+        if info.get("data_checksum") not in (None, data_checksum(cache)):
+            warnings.warn(
+                f"--data: its {split} split may not be held out from run {run_dir.name}: the "
+                f"run's cache {info['cache']} is gone, and this data's manifest is not the one "
+                "the run recorded. For other data, score every case with --split all.",
+                stacklevel=3)
+        return
+    trained = {c for name in seen for c in own["split"].get(name, [])}
+    overlap = [c for c in ids if c in trained]
+    if overlap:
+        shown = ", ".join(overlap[:3]) + (f" and {len(overlap) - 3} more" if len(overlap) > 3
+                                          else "")
+        warnings.warn(
+            f"--data: {len(overlap)} of its {len(ids)} {split} cases are cases run "
+            f"{run_dir.name} {'trained or validated' if split == 'test' else 'trained'} on "
+            f"({shown}), by the split of the run's cache {info['cache']}: their scores are "
+            "not held out. Give the data the run was trained on, or --split all for other data.",
+            stacklevel=3)
 
 
 def evaluate_run(
@@ -571,6 +611,7 @@ def evaluate_run(
         raise ValueError(f"--split {split}: no cases in this split of {cache} (its split: "
                          f"{ {k: len(v) for k, v in manifest['split'].items()} }); "
                          "--split all scores every case")
+    _warn_unless_held_out(run, cache, manifest, split, ids)
     info = {c["case_id"]: c for c in manifest["case_info"]}
     meter = SegmentationMeter()
     cases = ids

@@ -457,3 +457,38 @@ def test_predict_warns_when_the_runs_crop_cuts_the_brain_away(phantom_dir, tmp_p
                                          r"\d+\.\d% of the brain away"):
         assert _predict(run, *big, tmp_path / "out") == 0
     assert (tmp_path / "out" / "seg.nii.gz").is_file()
+
+
+def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir, tmp_path):
+    """`evaluate` on a split the run trained on (by its own cache's split) names the cases;
+    with the run's own data it says nothing; with the run's cache gone and other data, it
+    says it cannot vouch for the split."""
+    import warnings
+
+    from fuse4seg.data.slices import load_manifest
+    from fuse4seg.inference import evaluate_run
+    from fuse4seg.train.runs import data_checksum
+
+    run = _make_run(tmp_path / "runs")
+    first = evaluate_run(run, phantom_dir, device="cpu")  # prepares the cache beside the run
+    (cache,) = (tmp_path / "runs").glob("cache-*")
+    (case,) = first["cases"]
+
+    def warned(info: dict) -> list[str]:
+        (run / "run.json").write_text(json.dumps(info))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluate_run(run, phantom_dir, device="cpu")
+        return [str(w.message) for w in caught if "held out" in str(w.message)]
+
+    assert warned({"cache": str(cache), "data_checksum": data_checksum(cache)}) == []
+    own = load_manifest(cache)
+    own["split"] = {"train": [case], "val": [], "test": []}  # the run trained on that case
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "manifest.json").write_text(json.dumps(own))
+    (message,) = warned({"cache": str(tmp_path / "own"), "data_checksum": "other"})
+    assert f"1 of its 1 test cases are cases run {run.name} trained or validated on ({case})" \
+        in message and "--split all" in message
+    (message,) = warned({"cache": str(tmp_path / "gone"), "data_checksum": "other"})
+    assert "is gone" in message
+    assert warned({"cache": str(tmp_path / "gone"), "data_checksum": data_checksum(cache)}) == []
