@@ -756,10 +756,10 @@ def clear_stale_runs(runs_dir: Path) -> list[str]:
     The chapters would train such a run again anyway (``fuse4seg.train.runs.check_code``), and
     each would print the package's "trained by other fuse4seg code" notice into the page: build
     history, not something a reader of the book needs. A folder without a recorded digest is
-    left to the trainer. Each folder is renamed before it is deleted, so an interruption leaves
-    no half-deleted run under its name.
+    left to the trainer. Each folder goes through ``fuse4seg.train.runs.remove_run`` (renamed,
+    then deleted), so an interruption leaves no half-deleted run under its name.
     """
-    from fuse4seg.train.runs import read_run_json
+    from fuse4seg.train.runs import read_run_json, remove_run
     from fuse4seg.utils import code_digest
 
     if not runs_dir.is_dir():
@@ -768,9 +768,7 @@ def clear_stale_runs(runs_dir: Path) -> list[str]:
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         code = read_run_json(run_dir).get("code")
         if code and code != digest:
-            doomed = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
-            os.replace(run_dir, doomed)
-            shutil.rmtree(doomed)
+            remove_run(run_dir)
             removed.append(run_dir.name)
     return removed
 

@@ -273,7 +273,7 @@ def prepare_cache(
     Raises:
         DataError: no cases, a bad case (named), a case with no slice left, ``cache_dir``
             that is ``data_dir`` itself (its manifest would make the data look like a cache),
-            or an existing ``cache_dir`` that is not a cache (:func:`_check_cache_folder`).
+            or an existing ``cache_dir`` that is not a cache (``_check_cache_folder``).
 
     Explained in chapter 1.
     """
@@ -412,6 +412,12 @@ _CROP_WARNED: set[tuple] = set()
 times; once is enough)."""
 
 
+def crop_setting(data_cfg: DataConfig) -> str:
+    """``data.crop_size=C after Nx down-sampling``: how the crop warnings of ``data prepare``
+    and ``predict`` name the setting that cuts brain away."""
+    return f"data.crop_size={data_cfg.crop_size} after {data_cfg.downsample}x down-sampling"
+
+
 def _warn_if_cropped(info: list[dict[str, Any]], data_cfg: DataConfig) -> None:
     """Warn, naming the cases, when ``data.crop_size`` cuts brain or tumour away (once per
     process for the same cases and settings)."""
@@ -430,7 +436,7 @@ def _warn_if_cropped(info: list[dict[str, Any]], data_cfg: DataConfig) -> None:
     )
     more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
     warnings.warn(
-        f"data.crop_size={data_cfg.crop_size} after {data_cfg.downsample}x down-sampling cuts "
+        f"{crop_setting(data_cfg)} cuts "
         f"brain or tumour voxels away in {len(cut)} case(s): {shown}{more}. They are never "
         f"trained on and are predicted as background; raise data.crop_size (a multiple of 16).",
         stacklevel=3,
@@ -514,7 +520,7 @@ class SliceDataset:
 
     Item ``i`` is ``{"x1": (1, S, S) float32 T1ce, "x2": (1, S, S) float32 FLAIR, "seg": (S, S)
     int64 canonical labels, "case_id": str, "case_index": int, "slice_index": int}``.
-    ``case_index`` indexes :attr:`case_ids`; :attr:`slice_case` holds it for every item, which is
+    ``case_index`` indexes ``case_ids``; ``slice_case`` holds it for every item, which is
     what the patient-level batch split of Algorithm 1 needs.
 
     Args:

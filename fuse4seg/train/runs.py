@@ -46,6 +46,7 @@ __all__ = [
     "fusion_run_name",
     "read_metrics",
     "read_run_json",
+    "remove_run",
     "resolve_cache",
     "run_hash",
     "run_name",
@@ -213,7 +214,8 @@ def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what Python's ``platform``
+    module knows."""
     import platform
 
     try:
@@ -294,12 +296,19 @@ def check_code(run_dir: Path, restart: bool, quiet: bool = False) -> bool:
     )
     if restart:
         print(what, file=sys.stderr, flush=True)
-        stale = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
-        os.replace(run_dir, stale)
-        shutil.rmtree(stale)
+        remove_run(run_dir)
     elif not quiet:
         warnings.warn(what, stacklevel=3)
     return False
+
+
+def remove_run(run_dir: str | Path) -> None:
+    """Delete a run folder: renamed first, so an interruption never leaves a mix of old files
+    under the run's name (the next run would take them for its own)."""
+    run_dir = Path(run_dir)
+    stale = run_dir.with_name(f"{run_dir.name}.stale-{os.getpid()}")
+    os.replace(run_dir, stale)
+    shutil.rmtree(stale)
 
 
 def other_code_message(run_dir: Path, info: dict[str, Any], action: str) -> str:
