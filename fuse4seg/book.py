@@ -213,8 +213,9 @@ def check_parameters(namespace: Mapping[str, Any]) -> None:
     there; ``-p profil smoke`` would then run the whole chapter with the default profile. The
     kernel's input history (IPython's ``In``, which papermill's executions keep) holds the
     cells in the order they ran: when the cells just before this one are papermill's injected
-    cells (they start with :data:`PAPERMILL_MARKER`), the cell before those is the
-    ``parameters`` cell, and every name the injected cells assign must be assigned there too.
+    cells (they start with ``PAPERMILL_MARKER``, papermill's ``# Parameters`` line), the cell
+    before those is the ``parameters`` cell, and every name the injected cells assign must be
+    assigned there too.
 
     Nothing was injected when the chapter is run in JupyterLab, by nbval, by
     ``jupyter nbconvert --execute`` or as a plain script: then there is nothing to check.

@@ -91,8 +91,9 @@ def rollout_targets(curves: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, 
     ``loss_ratio`` (per seed) is the mean ``L_lower_first`` of the first rollout epoch (each
     step's loss on its fresh D_tr before the K updates on it) over ``L_lower_ref_next`` of the
     last warm-up epoch (the warmed-up follower's loss on those same D_tr slices, fed the
-    warm-up's prior, before any rollout update: :meth:`fuse4seg.train.bilevel.Engine.
-    stage_change_reference`). ``loss_ratio_logged`` is the ratio of the two epochs' logged
+    warm-up's prior, before any rollout update:
+    :meth:`~fuse4seg.train.bilevel.Engine.stage_change_reference`). ``loss_ratio_logged`` is
+    the ratio of the two epochs' logged
     ``L_lower``, which compares different batches: B random slices in the warm-up, B/2 slices
     from half the patients in D_tr, on which the batch soft Dice is higher for the same follower
     (``benchmarks/probe_loss_ratio.py``). Runs written before the reference was logged have
@@ -200,7 +201,8 @@ PER_RUN_SETTINGS = ("train.seed", "train.val_every", "train.device")
 def config_differences(report: Mapping[str, Any], config) -> list[str]:
     """The settings in which the configuration of ``report`` (``benchmarks/learning_curves.py``
     records it in ``config``) differs from ``config``, as ``"name: report value, here value"``
-    lines, :data:`PER_RUN_SETTINGS` left out; a setting the report predates counts at its
+    lines, ``PER_RUN_SETTINGS`` (the seed, the validation interval, the device) left out; a
+    setting the report predates counts at its
     default. A report without its configuration (written by an older script) gives one line
     that says so. Chapter 4 prints them under the plot, so curves
     measured with another geometry or schedule are never shown as this profile's."""

@@ -14,9 +14,9 @@ Chapter 6 (``book/06_results.md``) calls these functions; nothing in it is typed
 
 Choices: the spread over seeds is the sample standard deviation (``ddof=1``) and is not shown
 for one seed (one run has no spread); a method's Table 1 "mean" is the paper's Mean Dice / IoU,
-the mean over NCR, ED and ET of the per-case means (:func:`fuse4seg.metrics.segmentation
-.tumour_mean`); Table 3's ``full`` variant is the ``fuse4seg`` method itself (same config, same
-run folder), so it is reused, never trained twice.
+the mean over NCR, ED and ET of the per-case means
+(:func:`~fuse4seg.metrics.segmentation.tumour_mean`); Table 3's ``full`` variant is the
+``fuse4seg`` method itself (same config, same run folder), so it is reused, never trained twice.
 
 Explained in chapter 6 (``book/06_results.md``).
 """

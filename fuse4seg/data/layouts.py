@@ -24,15 +24,16 @@ or ``brainmask`` file, so a folder of ``T1c.nii.gz``, ``Flair.nii.gz`` and
 ``segmentation.nii.gz`` is read as ``named``. Where detection cannot work, give explicit glob
 patterns (``find_cases(root, patterns={"t1ce": "*post*", "flair": "*fl*", "seg": "*roi*"})``,
 CLI ``--t1ce-pattern`` / ``--flair-pattern`` / ``--seg-pattern``). A folder that holds NIfTI
-files but no recognisable case raises :class:`DataError` listing the files found and the
-patterns tried. The ``named`` layout's label scheme is read from the label values present (the
-paper's data, BraTS 2021, uses 4 for ET; a file without 4 is read as 0–3 with 3 = ET).
+files but no recognisable case raises :class:`~fuse4seg.data.find.DataError` listing the
+files found and the patterns tried. The ``named`` layout's label scheme is read from the
+label values present (the paper's data, BraTS 2021, uses 4 for ET; a file without 4 is read
+as 0–3 with 3 = ET).
 
 Every case is returned as a :class:`Case` whose ``seg`` holds canonical labels (0 background,
 1 NCR, 2 ED, 3 ET; see :mod:`fuse4seg.data.labels`). Every problem a user meets in practice — a
 missing modality, a shape or affine mismatch, NaN/inf, an all-zero volume, label values outside
-the scheme, an unreadable or truncated file — raises :class:`DataError` naming the case and the
-file. ``fuse4seg data check DIR`` runs all of these checks over a folder.
+the scheme, an unreadable or truncated file — raises :class:`~fuse4seg.data.find.DataError`
+naming the case and the file. ``fuse4seg data check DIR`` runs all of these checks over a folder.
 
 Intensities (:func:`normalize_intensity`): each volume is scaled per volume, inside the brain,
 by robust percentiles (0.5 and 99.5 by default) to [0, 1] and set to 0 outside the brain. Both
@@ -441,7 +442,8 @@ def load_case(
     """Read one case: T1ce, FLAIR, canonical segmentation, brain mask, affine.
 
     Args:
-        folder: a case folder, or a :class:`CaseFiles` from :func:`find_cases`.
+        folder: a case folder, or a :class:`~fuse4seg.data.find.CaseFiles` from
+            :func:`~fuse4seg.data.find.find_cases`.
         layout: force a layout (default: detect).
         require_seg: raise when the segmentation is missing (``False`` for inference).
         raw: the bytes of some of the files, by key (``t1ce``, ``flair``, ``seg``, ``mask``),

@@ -42,14 +42,14 @@ Speed (issue 9; the same values to ~1e-10 relative, checked against the code bef
 ``tests/test_fusion_metrics.py``): the per-pixel work of VIF, the standard SSIM and Q^AB/F is
 compiled with numba (``cache=True``: a fresh install compiles each kernel once, in about a
 second, and later processes load it from ``__pycache__``). VIF's and the standard SSIM's
-Gaussian windows are 'valid' separable filters by direct loops (:func:`_valid_filter`),
+Gaussian windows are 'valid' separable filters by direct loops (``_valid_filter``),
 float64 (float32 moves VIF by 2e-5); the moment stack ``[A, B, F, A², B², F², AF, BF]`` is
 built once per call and filtered by both; VIF's decimation computes only the outputs it keeps,
 and its terms and SSIM's index are each one pass over the filtered moments (VIF takes one
 logarithm per 32 terms, of their product); Q^AB/F is one pass over the zero-padded images
 (Sobel, magnitudes, angles, the two sigmoids, the weighted sums), skipping pixels where a
 source has no gradient; MI looks its ``c ln c`` up in a table; MSE and PSNR share one error;
-work arrays are kept per thread between calls (:func:`_scratch`); one :func:`fusion_metrics`
+work arrays are kept per thread between calls (``_scratch``); one :func:`fusion_metrics`
 call shares the grey levels, the moments and the cddfuse SSIM statistics between metrics.
 """
 
@@ -165,7 +165,7 @@ def _levels(x: np.ndarray) -> np.ndarray:
 
 
 def _cached_levels(f, a, b, cache, which=(0, 1, 2)) -> tuple[np.ndarray, ...]:
-    """:func:`_levels` of ``(f, a, b)[i]`` for ``i`` in ``which``, each computed once per
+    """``_levels`` of ``(f, a, b)[i]`` for ``i`` in ``which``, each computed once per
     :func:`fusion_metrics` call (``cache["uint8"]`` holds the inputs when all three were
     uint8: their levels are themselves)."""
     images = (f, a, b)
@@ -249,7 +249,7 @@ def _xlogx(n: int) -> np.ndarray:
 def _joint_mi(x: np.ndarray, y: np.ndarray, saturate: bool = False) -> float:
     """MI in nats of two level images from their 256×256 joint histogram (one bincount):
     with counts c and N pixels, ``Σ p_xy ln(p_xy / (p_x p_y)) = ln N + (Σ c_xy ln c_xy −
-    Σ c_x ln c_x − Σ c_y ln c_y) / N``, each ``c ln c`` looked up (:func:`_xlogx`). Equal to
+    Σ c_x ln c_x − Σ c_y ln c_y) / N``, each ``c ln c`` looked up (``_xlogx``). Equal to
     the sum over the table's cells to ~1e-15. ``saturate``: MATLAB's ``H(X) + H(Y) − H(X, Y)``
     whose joint histogram (only) puts levels 254 and 255 into one bin (``Hab.m``)."""
     n = x.size

@@ -1,11 +1,11 @@
 """The numerical kernels behind the fusion metrics (:mod:`fuse4seg.metrics.fusion`).
 
-- :func:`_valid_filter`: separable 'valid' filtering of a stack of images by direct loops
-  compiled with numba (the Gaussian windows of SSIM and VIF), with :func:`_moments_stack`
-  building the local-moment stacks both metrics filter and :func:`_source_moments` the one
+- ``_valid_filter``: separable 'valid' filtering of a stack of images by direct loops
+  compiled with numba (the Gaussian windows of SSIM and VIF), with ``_moments_stack``
+  building the local-moment stacks both metrics filter and ``_source_moments`` the one
   they share;
-- :func:`_sobel`: the 3×3 Sobel responses of Q^AB/F with a zero border;
-- :func:`_scratch` / :func:`_bool_scratch`: per-thread work arrays kept between calls, so a
+- ``_sobel``: the 3×3 Sobel responses of Q^AB/F with a zero border;
+- ``_scratch`` / ``_bool_scratch``: per-thread work arrays kept between calls, so a
   metric call does not allocate some tens of MB of fresh arrays (about 60 MB for 256² images).
 
 Private to the metrics package; the values they produce are checked against the reference file
@@ -83,7 +83,7 @@ def _compiled(fn):
 
 @_compiled
 def _filter_into(stack, w, step, across, out):  # pragma: no cover - compiled
-    """The loops of :func:`_valid_filter`: per image, the pass along W into ``across`` (H, m),
+    """The loops of ``_valid_filter``: per image, the pass along W into ``across`` (H, m),
     then the pass along H into ``out[s]``; symmetric taps, so each pair of mirrored taps costs
     one multiplication; every inner loop runs along a row (contiguous, vectorised)."""
     num, h = stack.shape[0], stack.shape[1]
@@ -125,11 +125,11 @@ def _valid_filter(stack: np.ndarray, w: np.ndarray, step: int = 1, name: str = "
     window is symmetric (every window here is), so correlation equals the evaluators'
     convolution.
 
-    Two 1-D passes of direct loops, compiled by numba (:func:`_filter_into`): a mirrored pair
+    Two 1-D passes of direct loops, compiled by numba (``_filter_into``): a mirrored pair
     of taps costs one multiplication and only the kept outputs are computed. float64
     throughout: the local variances are differences of such sums, and float32 filtering moves
     VIF by 2e-5 relative on the Harvard pairs (SSIM by 7e-7), past the 1e-6 the metrics keep
-    (issue 9). With a ``name`` the result is a reused scratch array (:func:`_scratch`): use it
+    (issue 9). With a ``name`` the result is a reused scratch array (``_scratch``): use it
     before the next call with the same name and shape.
 
     Raises:
@@ -181,7 +181,7 @@ def _sobel(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``x = [[-1,0,1],[-2,0,2],[-1,0,1]]`` and ``y = [[1,2,1],[0,0,0],[-1,-2,-1]]`` (true
     convolution, i.e. both kernels flipped: the responses are ``-correlate``; their ratio and
     magnitude, all Q^AB/F uses, do not change, but we keep the sign anyway). The results are
-    reused scratch arrays (:func:`_scratch`).
+    reused scratch arrays (``_scratch``).
     """
     n, h, w = images.shape
     p = _scratch("sobel_pad", (n, h + 2, w + 2))  # zero border, the images inside

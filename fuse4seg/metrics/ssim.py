@@ -1,7 +1,7 @@
 """The arithmetic of SSIM (local statistics and the per-source index) for
 :func:`fuse4seg.metrics.fusion.ssim`, in its two windowings: Gaussian 11×11 σ 1.5 in float64
-(the standard convention, :func:`_ssim_gaussian`) or uniform 7×7 in float32 (cddfuse,
-:func:`_ssim_stats` and :func:`_ssim_from_stats`)."""
+(the standard convention, ``_ssim_gaussian``) or uniform 7×7 in float32 (cddfuse,
+``_ssim_stats`` and ``_ssim_from_stats``)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def _ssim_gaussian(f, a, b, data_range: float, cache=None) -> list[float]:
     implements it with ``gaussian_weights=True`` (σ 1.5, truncate 3.5, so 11×11), population
     covariance, float64, 'reflect' borders and then a crop of 5 pixels per side. The crop
     removes exactly the pixels whose window reaches the border, so this is a 'valid' filtering
-    (:func:`_valid_filter`) of the moment stack VIF filters too (:func:`_source_moments`),
-    then the index per pixel and its mean (:func:`_ssim_means`)."""
+    (``_valid_filter``) of the moment stack VIF filters too (``_source_moments``),
+    then the index per pixel and its mean (``_ssim_means``)."""
     taps = _gaussian_taps(1.5, 3.5)
     filt = _valid_filter(_source_moments(f, a, b, cache), taps, name="ssim_m")
     out = np.empty(2)
@@ -90,7 +90,7 @@ def _ssim_stats(f, srcs):
 
 
 def _ssim_from_stats(stats, data_range) -> list[float]:
-    """The mean SSIM map of each source from :func:`_ssim_stats` (the cddfuse convention):
+    """The mean SSIM map of each source from ``_ssim_stats`` (the cddfuse convention):
     ``((2 μ_F μ_S + C1)(2 σ_FS + C2)) / ((μ_F² + μ_S² + C1)(σ_F² + σ_S² + C2))``, evaluated in
     the statistics' dtype in the reference's order, in reused scratch arrays."""
     uf, us, vf, vs, vfs = stats

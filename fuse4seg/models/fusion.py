@@ -320,6 +320,8 @@ class AffineCoupling(nn.Module):
         return haar_unsqueeze(z) if self.squeeze else z
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """The input of :meth:`forward` from its output: the two halves of Eq. 5 undone in
+        reverse order, then the 1×1 mix."""
         if self.squeeze:
             z = haar_squeeze(z)
         z1, z2 = z.chunk(2, dim=1)

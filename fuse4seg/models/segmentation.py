@@ -56,7 +56,7 @@ def _grn_norm_grad(d_s: torch.Tensor, gamma: torch.Tensor, g: torch.Tensor, m: t
     """GRN's ``s = 1 + γ N`` with ``N = G / m``, ``m = mean_c G + eps``, ``G = ‖x‖₂`` over
     H, W: the factor ``t`` with ``∂L/∂x = t · x`` along the path through ``G``, from
     ``∂L/∂s`` ``(B, 1, C)``. ``dG/dx = x / G``, 0 where a channel is all zero (as
-    ``vector_norm``'s backward). Shared by :class:`_GRNFunction` and :class:`_FoldedMLP`."""
+    ``vector_norm``'s backward). Shared by ``_GRNFunction`` and ``_FoldedMLP``."""
     d_n = d_s * gamma  # (B, 1, C)
     d_g = d_n / m - (d_n * g).sum(dim=-1, keepdim=True) / (m * m * channels)
     return torch.where(g > 0, d_g / g.clamp_min(1e-30), torch.zeros_like(g))
@@ -70,7 +70,7 @@ class _GRNFunction(torch.autograd.Function):
     backward that makes two passes over the map instead of autograd's chain of elementwise
     ops. On a CPU this made the ``default`` profile's warm-up step (one follower update) 1.19×
     faster (``benchmarks/RESULTS.md``); a CPU block now folds GRN into pw2 instead
-    (:class:`_FoldedMLP`), so this serves GPUs. ``G`` is computed in float32 under autocast.
+    (``_FoldedMLP``), so this serves GPUs. ``G`` is computed in float32 under autocast.
     Eager only: inductor cannot compile it (symbolic shapes in the reshapes), and needs not, so
     a compiled GRN runs :func:`grn_formula`.
     """
@@ -108,10 +108,10 @@ class GRN(nn.Module):
     """Global response normalisation of ConvNeXt V2, on channels-last ``(B, H, W, C)``.
 
     ``G = ‖x‖₂`` over H, W per channel; ``N = G / (mean_c G + eps)``; ``y = γ (x N) + β + x``
-    with γ = β = 0 at initialisation (identity). Eager calls use :class:`_GRNFunction` (the
+    with γ = β = 0 at initialisation (identity). Eager calls use ``_GRNFunction`` (the
     same values to float rounding, tested against :func:`grn_formula`, which compiled graphs
     use). On a CPU a :class:`ConvNeXtBlock` does not call it: it folds GRN into its pw2
-    (:class:`_FoldedMLP`).
+    (``_FoldedMLP``).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -233,8 +233,8 @@ def depthwise_weight_grad(x: torch.Tensor, gy: torch.Tensor, k: int) -> torch.Te
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
-    """Whether a ConvNeXt block on ``x`` runs :class:`_DepthwiseByForward` and
-    :class:`_FoldedMLP`: eager float on a CPU without autocast, unless ``FUSE4SEG_CONVNEXT=
+    """Whether a ConvNeXt block on ``x`` runs ``_DepthwiseByForward`` and
+    ``_FoldedMLP``: eager float on a CPU without autocast, unless ``FUSE4SEG_CONVNEXT=
     autograd``."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
@@ -246,7 +246,7 @@ class ConvNeXtBlock(nn.Module):
     GELU and GRN, residual. ``(B, C, H, W) -> (B, C, H, W)``.
 
     On a CPU (float, no autocast) the depthwise convolution runs as
-    :class:`_DepthwiseByForward` and ``pw1 → GELU → GRN → pw2`` as :class:`_FoldedMLP`: the
+    ``_DepthwiseByForward`` and ``pw1 → GELU → GRN → pw2`` as ``_FoldedMLP``: the
     same maths with fewer passes over memory and without oneDNN's slow depthwise weight
     gradient. On the ``default`` profile (AMD EPYC, 2 threads; ``benchmarks/probe_follower.py``)
     the warm-up step became 1.07-1.12× and the outer step 1.02-1.06× faster in five runs

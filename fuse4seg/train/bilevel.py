@@ -254,7 +254,8 @@ class Engine:
         return autocast(self.device, self.amp_dtype)
 
     def guard(self, terms: dict[str, Any], also: dict[str, Any] | None = None) -> dict[str, float]:
-        """Stop on a non-finite term (:func:`check_finite`); return all values as floats."""
+        """Stop on a non-finite term (:func:`~fuse4seg.train.engine.check_finite`); return all
+        values as floats."""
         return check_finite(terms, self.where, self.all_ranks, also)
 
     def lower_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

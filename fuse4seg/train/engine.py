@@ -424,9 +424,9 @@ class Learner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the optimiser, scaler and update count. AdamW's moments take the memory
         layout of their parameters: a checkpoint written with the leader in one layout may be
-        resumed with it in the other (:func:`fuse4seg.models.place_leader`), and torch's fused
-        AdamW reads a moment with other strides than its parameter as if they were the same,
-        which corrupts the update silently (tested)."""
+        resumed with it in the other (:func:`fuse4seg.models.registry.place_leader`), and
+        torch's fused AdamW reads a moment with other strides than its parameter as if they
+        were the same, which corrupts the update silently (tested)."""
         self.opt.load_state_dict(state["opt"])
         for param, moments in self.opt.state.items():
             for key, value in moments.items():

@@ -131,6 +131,7 @@ SPECS: dict[str, MethodSpec] = {
     )
 }
 METHODS = tuple(SPECS)
+"""The name of every method, in :data:`SPECS`'s order (``--method`` of ``fuse4seg train``)."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ rollout updates see 4 slices and the leader's step 4, while its warm-up updates 
 
 Single training patient: a patient-level split is impossible. We then split that patient's
 slices into two contiguous blocks of axial slices (the inferior half feeds D_tr, the superior
-half D_val) and say so once with a warning; :attr:`RolloutSampler.patient_level` is ``False``.
+half D_val) and say so once with a warning; the :class:`RolloutSampler`'s ``patient_level``
+is ``False``.
 
 Every draw is a pure function of ``(seed, rank, epoch, step)``: a fresh ``torch.Generator`` is
 seeded from those numbers, so a resumed run redraws exactly the batches of the uninterrupted one,

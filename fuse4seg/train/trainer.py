@@ -216,7 +216,7 @@ class Trainer:
         )
 
     def prior(self, x1, x2, stage: str, ema: bool) -> torch.Tensor:
-        """The follower's input in ``stage`` (:meth:`Engine.prior`)."""
+        """The follower's input in ``stage`` (:meth:`~fuse4seg.train.bilevel.Engine.prior`)."""
         return self.engine.prior(x1, x2, stage, ema)
 
     def validate(self, stage: str, batch_size: int | None = None, ema: bool = True) -> dict:

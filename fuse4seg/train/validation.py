@@ -29,6 +29,7 @@ from fuse4seg.utils import atomic_write_bytes
 __all__ = ["GLASSBOX_SLICES", "collate", "glassbox", "leader_drift", "validate"]
 
 GLASSBOX_SLICES = 4
+"""How many fixed validation slices the glass box saves x_f of (:func:`glassbox`)."""
 
 
 def collate(dataset, indices: np.ndarray, device: torch.device) -> dict[str, Any]:
