@@ -290,7 +290,7 @@ class AffineCoupling(nn.Module):
         squeeze: apply the Haar squeeze (§3.3.1) around the coupling; needs even H and W.
         clamp: c, the bound of the log-scale.
 
-    The output has the input's shape; :meth:`inverse` undoes :meth:`forward` exactly (up to
+    The output has the input's shape; :meth:`inverse` undoes ``forward`` exactly (up to
     floating-point rounding).
     """
 
@@ -320,7 +320,7 @@ class AffineCoupling(nn.Module):
         return haar_unsqueeze(z) if self.squeeze else z
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """The input of :meth:`forward` from its output: the two halves of Eq. 5 undone in
+        """The input of ``forward`` from its output: the two halves of Eq. 5 undone in
         reverse order, then the 1×1 mix."""
         if self.squeeze:
             z = haar_squeeze(z)
@@ -351,7 +351,7 @@ class INN(nn.Module):
         return z
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """Exact inverse of :meth:`forward` (tested to 1e-5 in float64)."""
+        """Exact inverse of ``forward`` (tested to 1e-5 in float64)."""
         for block in reversed(self.blocks):
             z = block.inverse(z)
         return z

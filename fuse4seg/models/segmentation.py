@@ -272,7 +272,7 @@ class ConvNeXtBlock(nn.Module):
     def forward_parts(self, x: torch.Tensor, folded_mlp: bool, depthwise_by_forward: bool
                       ) -> torch.Tensor:
         """The block with each CPU rewrite on or off (``benchmarks/probe_follower.py`` times
-        each alone); :meth:`forward` chooses both together."""
+        each alone); ``forward`` chooses both together."""
         conv = self.dwconv
         if depthwise_by_forward:
             y = _DepthwiseByForward.apply(x, conv.weight, conv.bias)

@@ -48,7 +48,7 @@ training) and ``checkpoints/leader.pt`` (EMA leader + config; the one checkpoint
 (config, schedule, seed, training pair names), so the same call finds the same folder and
 reuses a finished run.
 
-The ``fuse4seg fusion train`` and ``fusion evaluate`` verbs are in :mod:`fuse4seg.cli`.
+The ``fuse4seg fusion train`` and ``fusion evaluate`` verbs are in :mod:`fuse4seg.cli.fusion`.
 """
 
 from __future__ import annotations

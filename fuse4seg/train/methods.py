@@ -130,6 +130,7 @@ SPECS: dict[str, MethodSpec] = {
         ),
     )
 }
+"""Every method by name: what it trains and feeds the follower (:class:`MethodSpec`)."""
 METHODS = tuple(SPECS)
 """The name of every method, in :data:`SPECS`'s order (``--method`` of ``fuse4seg train``)."""
 
