@@ -39,6 +39,7 @@ __all__ = [
     "ModelConfig",
     "PROFILES",
     "TrainConfig",
+    "dotted_name",
     "get_config",
     "load_config",
     "parse_overrides",
@@ -350,6 +351,12 @@ def _all_names() -> dict[str, str]:
     names = dict(dotted)
     names.update({b: d[0] for b, d in bare.items() if len(d) == 1})
     return names
+
+
+def dotted_name(name: str) -> str | None:
+    """The dotted form of an override name (``"seed"`` -> ``"train.seed"``), ``None`` if it is
+    not one (or a bare name two sections share)."""
+    return _all_names().get(name.strip())
 
 
 def valid_names() -> list[str]:

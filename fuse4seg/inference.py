@@ -516,35 +516,45 @@ def predict_files(
     }
 
 
-def _warn_unless_held_out(run, cache: Path, manifest: dict[str, Any], split: str,
-                          ids: list[str]) -> None:
-    """Warn when the ``test`` (or ``val``) cases of ``cache`` are not held out from ``run``:
-    some are cases the run trained (or, for ``test``, validated) on by its own cache's split,
-    or, with that cache gone, ``cache``'s manifest is not the one the run recorded (other data,
-    whose split says nothing about the run). Silent for a file outside a run folder, for
-    ``train`` and ``all``."""
+def _warn_unless_held_out(run, cache: Path, split: str, ids: list[str]) -> None:
+    """Warn when the ``test`` (or ``val``) cases ``ids`` of ``cache`` may not be held out from
+    ``run`` (a run folder, or a checkpoint in one).
+
+    Silent when ``cache``'s manifest is the one the run recorded (``run.json``'s
+    ``data_checksum``: the data it was trained on, so its split is the run's). Otherwise the
+    run's own cache, if it still holds that manifest, says which cases the run trained (and,
+    for ``test``, validated) on, and the warning names those among ``ids``. Without it (moved,
+    deleted or prepared again since), the warning says the split cannot be checked: the
+    manifests differ by their cases, their settings, or only the data's path, which a manifest
+    records. Silent for a checkpoint outside a run folder, for ``train`` and ``all``.
+    """
     import warnings
 
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.train.runs import data_checksum, read_run_json
 
-    run = Path(run)
+    run = Path(run).resolve()
     run_dir = run if run.is_dir() else run.parent.parent
     info = read_run_json(run_dir)
-    if split not in ("test", "val") or not info.get("cache"):
+    recorded = info.get("data_checksum")
+    if split not in ("test", "val") or not recorded or data_checksum(cache) == recorded:
+        return
+    own = info.get("cache")
+    try:  # the split the run was trained with, if its cache still holds it
+        trained_split = (load_manifest(own)["split"]
+                         if own and data_checksum(own) == recorded else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        trained_split = None
+    if not isinstance(trained_split, dict):
+        warnings.warn(
+            f"--data: cannot tell whether its {len(ids)} {split} cases are held out from run "
+            f"{run_dir.name}: its manifest is not the one the run recorded (other cases or "
+            "settings, or the same data at another path), and the run's own cache "
+            f"({own or 'not recorded'}) is gone or was prepared again since. For other data, "
+            "score every case with --split all.", stacklevel=3)
         return
     seen = ("train", "val") if split == "test" else ("train",)
-    try:
-        own = load_manifest(info["cache"])
-    except (OSError, ValueError):  # the run's cache is gone: compare the manifests' checksums
-        if info.get("data_checksum") not in (None, data_checksum(cache)):
-            warnings.warn(
-                f"--data: its {split} split may not be held out from run {run_dir.name}: the "
-                f"run's cache {info['cache']} is gone, and this data's manifest is not the one "
-                "the run recorded. For other data, score every case with --split all.",
-                stacklevel=3)
-        return
-    trained = {c for name in seen for c in own["split"].get(name, [])}
+    trained = {c for name in seen for c in trained_split.get(name) or []}
     overlap = [c for c in ids if c in trained]
     if overlap:
         shown = ", ".join(overlap[:3]) + (f" and {len(overlap) - 3} more" if len(overlap) > 3
@@ -552,8 +562,8 @@ def _warn_unless_held_out(run, cache: Path, manifest: dict[str, Any], split: str
         warnings.warn(
             f"--data: {len(overlap)} of its {len(ids)} {split} cases are cases run "
             f"{run_dir.name} {'trained or validated' if split == 'test' else 'trained'} on "
-            f"({shown}), by the split of the run's cache {info['cache']}: their scores are "
-            "not held out. Give the data the run was trained on, or --split all for other data.",
+            f"({shown}), by the split of the run's cache {own}: their scores are not held "
+            "out. Give the data the run was trained on, or --split all for other data.",
             stacklevel=3)
 
 
@@ -577,7 +587,9 @@ def evaluate_run(
             ids come from the cache manifest (so they are the patients the run never trained
             on), the volumes from the raw files it lists. For other data, ``split="all"``.
         cache: where the cache of a raw ``data`` folder is or is prepared; default: the run's
-            runs folder, ``cache-<hash>``, where ``train`` prepared it.
+            runs folder, ``cache-<hash>``, where ``train`` prepared it (the run folder's
+            parent, also for a checkpoint in ``RUN/checkpoints/``; a checkpoint file elsewhere:
+            its folder).
         split: ``"test"``, ``"val"``, ``"train"`` or ``"all"``.
         which: the checkpoint of a run folder (:func:`load_bundle`; default ``best``).
         json_out: also write the result there (atomically).
@@ -597,7 +609,12 @@ def evaluate_run(
 
     bundle = load_bundle(run, which=which, device=device)
     run_dir = Path(run) if Path(run).is_dir() else None
-    runs_dir = run_dir.parent if run_dir is not None else Path(run).parent
+    if run_dir is not None:
+        runs_dir = run_dir.parent
+    elif Path(run).resolve().parent.name == "checkpoints":  # RUN/checkpoints/best.pt
+        runs_dir = Path(run).resolve().parent.parent.parent
+    else:
+        runs_dir = Path(run).parent
     cache = resolve_cache(data, bundle.config, cache=cache, runs_dir=runs_dir,
                           progress=progress)
     manifest = load_manifest(cache)
@@ -611,7 +628,7 @@ def evaluate_run(
         raise ValueError(f"--split {split}: no cases in this split of {cache} (its split: "
                          f"{ {k: len(v) for k, v in manifest['split'].items()} }); "
                          "--split all scores every case")
-    _warn_unless_held_out(run, cache, manifest, split, ids)
+    _warn_unless_held_out(run, cache, split, ids)
     info = {c["case_id"]: c for c in manifest["case_info"]}
     meter = SegmentationMeter()
     cases = ids

@@ -89,10 +89,11 @@ def test_light_verbs_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    version = subprocess.run(
-        [sys.executable, "-m", "fuse4seg", "--version"], capture_output=True, text=True, check=True
-    )
-    assert version.stdout.startswith("fuse4seg ")
+    for module in ("fuse4seg", "fuse4seg.cli"):  # both run the command
+        version = subprocess.run(
+            [sys.executable, "-m", module, "--version"], capture_output=True, text=True, check=True
+        )
+        assert version.stdout.startswith("fuse4seg ")
 
 
 def test_a_verb_gets_only_its_own_options():
@@ -178,9 +179,10 @@ def test_study_refuses_an_unwritable_json_and_a_split_without_test_cases(phantom
     err = capsys.readouterr().err
     assert "its split has no test case" in err and "'test': 0" in err
     # the seeds are --seeds: a train.seed set beside them would be ignored, so it is refused
-    assert main([*base, "--set", "train.seed=5"]) == 2
-    err = capsys.readouterr().err
-    assert "--set train.seed: a study trains one run per seed" in err and "--seeds" in err
+    for name in ("train.seed", "seed"):  # the bare name is the same setting
+        assert main([*base, "--set", f"{name}=5"]) == 2
+        err = capsys.readouterr().err
+        assert "--set train.seed: a study trains one run per seed" in err and "--seeds" in err
 
 
 def test_given_names_each_argument_once_for_its_label_and_its_value():

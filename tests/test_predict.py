@@ -459,10 +459,11 @@ def test_predict_warns_when_the_runs_crop_cuts_the_brain_away(phantom_dir, tmp_p
     assert (tmp_path / "out" / "seg.nii.gz").is_file()
 
 
-def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir, tmp_path):
-    """`evaluate` on a split the run trained on (by its own cache's split) names the cases;
-    with the run's own data it says nothing; with the run's cache gone and other data, it
-    says it cannot vouch for the split."""
+def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir, tmp_path,
+                                                                    monkeypatch):
+    """`evaluate` on a split the run trained on (by its own cache's split) names the cases,
+    also through a relative checkpoint path; with the run's own data it says nothing; with the
+    run's cache gone or prepared again, and a manifest not the run's, it says it cannot check."""
     import warnings
 
     from fuse4seg.data.slices import load_manifest
@@ -474,21 +475,31 @@ def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir,
     (cache,) = (tmp_path / "runs").glob("cache-*")
     (case,) = first["cases"]
 
-    def warned(info: dict) -> list[str]:
+    def warned(info: dict, target: Path | str = run) -> list[str]:
         (run / "run.json").write_text(json.dumps(info))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            evaluate_run(run, phantom_dir, device="cpu")
+            evaluate_run(target, phantom_dir, device="cpu")
         return [str(w.message) for w in caught if "held out" in str(w.message)]
 
+    # the data the run was trained on: silent, wherever the run's cache is
     assert warned({"cache": str(cache), "data_checksum": data_checksum(cache)}) == []
+    assert warned({"cache": str(tmp_path / "gone"), "data_checksum": data_checksum(cache)}) == []
+    # other data, the run's own cache intact: its split names the case the run trained on
     own = load_manifest(cache)
-    own["split"] = {"train": [case], "val": [], "test": []}  # the run trained on that case
+    own["split"] = {"train": [case], "val": [], "test": []}
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / "manifest.json").write_text(json.dumps(own))
-    (message,) = warned({"cache": str(tmp_path / "own"), "data_checksum": "other"})
+    info = {"cache": str(tmp_path / "own"), "data_checksum": data_checksum(tmp_path / "own")}
+    (message,) = warned(info)
     assert f"1 of its 1 test cases are cases run {run.name} trained or validated on ({case})" \
         in message and "--split all" in message
-    (message,) = warned({"cache": str(tmp_path / "gone"), "data_checksum": "other"})
-    assert "is gone" in message
-    assert warned({"cache": str(tmp_path / "gone"), "data_checksum": data_checksum(cache)}) == []
+    monkeypatch.chdir(run / "checkpoints")  # a relative checkpoint path finds its run too
+    (message,) = warned(info, "best.pt")
+    assert f"cases run {run.name} trained or validated on ({case})" in message
+    monkeypatch.chdir(tmp_path)
+    # the run's cache gone, or prepared again since (its manifest no longer the recorded one)
+    for gone in (tmp_path / "gone", cache):
+        (message,) = warned({"cache": str(gone), "data_checksum": "other"})
+        assert "cannot tell whether its 1 test cases are held out" in message
+    assert not list((run / "checkpoints").glob("cache-*"))  # a checkpoint's cache: beside RUN

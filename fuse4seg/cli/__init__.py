@@ -9,9 +9,10 @@ package's modules, registered in :data:`COMMANDS`:
 - :mod:`fuse4seg.cli.common`: what they share.
 
 The logic lives in the package (the mains only call it). Nothing heavy is imported at load
-time: a call imports the module of its own verb only, and torch only when a verb that trains or
-runs networks starts, so ``fuse4seg --help``, ``--version``, ``metrics`` and ``data check``
-answer without it.
+time: the verbs' modules import their dependencies inside each main, and a call adds the
+options of its own verb only, so torch is imported only when a verb that trains or runs
+networks starts, and ``fuse4seg --help``, ``--version``, ``metrics`` and ``data check`` answer
+without it. ``python -m fuse4seg`` (and ``python -m fuse4seg.cli``) runs :func:`main`.
 
 Expected failures (bad input, missing files, invalid settings) print one
 ``fuse4seg: error: ...`` line naming the file or parameter and exit with status 2; nothing is
@@ -141,6 +142,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.formatwarning = shown
 
-
-if __name__ == "__main__":
-    sys.exit(main())

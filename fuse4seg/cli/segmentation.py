@@ -210,11 +210,12 @@ def study_main(args: argparse.Namespace) -> int:
     scored on every test case; the first method is compared with each other one by the mean
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
-    from fuse4seg.config import parse_overrides
+    from fuse4seg.config import dotted_name, parse_overrides
     from fuse4seg.study import run_study
     from fuse4seg.utils import atomic_write_json, check_output_file
 
-    if "train.seed" in parse_overrides(args.set):  # each run's seed comes from --seeds
+    set_names = {dotted_name(name) for name in parse_overrides(args.set)}
+    if "train.seed" in set_names:  # each run's seed comes from --seeds
         raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
                          "with --seeds (e.g. --seeds 0 1 2)")
     config = config_of(args.profile, args.set)
