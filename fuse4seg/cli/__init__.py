@@ -114,6 +114,10 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``fuse4seg`` command on ``argv`` (default: the process's arguments) and return
+    its exit status: 0, 1 for ``data check``'s bad cases, 2 for an expected failure (printed
+    as one ``fuse4seg: error: ...`` line; ``--debug`` adds the traceback), 130 when
+    interrupted."""
     import warnings
 
     argv = sys.argv[1:] if argv is None else list(argv)
