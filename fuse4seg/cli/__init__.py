@@ -39,8 +39,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("fusion", "train"): "fusion:fusion_train",
     ("fusion", "evaluate"): "fusion:fusion_evaluate",
 }
-"""Verb path -> ``module:prefix``: the module of this package holding the verb's
-``<prefix>_arguments`` / ``<prefix>_main`` pair."""
+"""For each verb path, where its ``<prefix>_arguments`` / ``<prefix>_main`` pair lives, as
+``"module:prefix"`` (a module of this package)."""
 
 GROUP_HELP = {
     "data": "find, check, prepare BraTS data; make the built-in phantom",
@@ -68,8 +68,8 @@ def _verb_in(argv: list[str]) -> tuple[str, ...] | None:
 
 def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
     """The parser of every verb; with ``only``, the options of that verb alone are added (the
-    others are listed with their one-line help), so a call imports only what its verb needs.
-    No verb's options import torch."""
+    others are listed with their one-line help), so parsing stays quick. No verb's options
+    import torch."""
     from fuse4seg import __version__
 
     parser = argparse.ArgumentParser(
