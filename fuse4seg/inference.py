@@ -35,6 +35,7 @@ from fuse4seg.utils import (
     missing_folders,
     probe_writable,
     remove_empty_folders,
+    run_folder_of,
 )
 
 __all__ = [
@@ -533,8 +534,9 @@ def _warn_unless_held_out(run, cache: Path, split: str, ids: list[str]) -> None:
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.train.runs import data_checksum, read_run_json
 
-    run = Path(run).resolve()
-    run_dir = run if run.is_dir() else run.parent.parent
+    run_dir = run_folder_of(run)
+    if run_dir is None:
+        return
     info = read_run_json(run_dir)
     recorded = info.get("data_checksum")
     if split not in ("test", "val") or not recorded or data_checksum(cache) == recorded:
@@ -608,13 +610,8 @@ def evaluate_run(
     from fuse4seg.train.runs import resolve_cache
 
     bundle = load_bundle(run, which=which, device=device)
-    run_dir = Path(run) if Path(run).is_dir() else None
-    if run_dir is not None:
-        runs_dir = run_dir.parent
-    elif Path(run).resolve().parent.name == "checkpoints":  # RUN/checkpoints/best.pt
-        runs_dir = Path(run).resolve().parent.parent.parent
-    else:
-        runs_dir = Path(run).parent
+    folder = run_folder_of(run)  # also RUN for RUN/checkpoints/best.pt
+    runs_dir = folder.parent if folder is not None else Path(run).parent
     cache = resolve_cache(data, bundle.config, cache=cache, runs_dir=runs_dir,
                           progress=progress)
     manifest = load_manifest(cache)

@@ -24,6 +24,7 @@ __all__ = [
     "check_not_an_input",
     "check_output_file",
     "check_output_folder",
+    "run_folder_of",
     "missing_folders",
     "probe_writable",
     "remove_empty_folders",
@@ -167,6 +168,16 @@ DATA_FILES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff
 names an output inside an input folder may not end with."""
 
 
+def run_folder_of(path: str | Path) -> Path | None:
+    """The run folder ``path`` names: itself when it is a folder, ``RUN`` for a checkpoint
+    file in ``RUN/checkpoints/``, else ``None`` (a checkpoint file elsewhere). Resolved, so a
+    relative ``best.pt`` read inside ``RUN/checkpoints`` finds ``RUN``."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
 def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
                        folder: bool = False) -> None:
     """Refuse an output ``path`` that would overwrite what the command reads.
@@ -210,11 +221,10 @@ def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
         run = Path(run) if run is not None else None
         if run is not None and not run.is_dir():
             check_not_an_input(path, flag, [(name, run)], folder=folder)
-            if run.parent.name == "checkpoints":  # RUN/checkpoints/best.pt: RUN's records too
-                run = run.parent.parent
-        if run is None or not run.is_dir() or not entry.is_relative_to(run.resolve()):
+        run = run_folder_of(run) if run is not None else None  # RUN/checkpoints/best.pt: RUN
+        if run is None or not run.is_dir() or not entry.is_relative_to(run):
             continue
-        inner = entry.relative_to(run.resolve()).parts
+        inner = entry.relative_to(run).parts
         if not inner or len(inner) > 1 or inner[0] in RUN_RECORDS + RUN_FOLDERS:
             refuse("would overwrite the records of the run", name, run)
 

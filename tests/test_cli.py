@@ -435,3 +435,17 @@ def test_fusion_evaluate_checks_images_before_fusing(tmp_path, capsys):
                  "PET-MRI", "--images", str(afile)])
     assert code == 2
     assert f"--images {afile}: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_run_folder_of_finds_the_run_of_a_folder_or_of_its_checkpoint(tmp_path, monkeypatch):
+    from fuse4seg.utils import run_folder_of
+
+    run = tmp_path / "runs" / "fuse4seg-smoke-x"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"")
+    (tmp_path / "ema.pt").write_bytes(b"")
+    assert run_folder_of(run) == run.resolve()
+    assert run_folder_of(run / "checkpoints" / "best.pt") == run.resolve()
+    monkeypatch.chdir(run / "checkpoints")
+    assert run_folder_of("best.pt") == run.resolve()  # relative, from inside checkpoints/
+    assert run_folder_of(tmp_path / "ema.pt") is None  # a bundle outside a run folder

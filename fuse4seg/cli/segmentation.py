@@ -85,6 +85,16 @@ def train_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the verbs that run a trained bundle (``evaluate``, ``predict``): which
+    checkpoint, where, and how many slices per forward pass."""
+    parser.add_argument("--which", choices=["best", "ema", "last"],
+                        help="checkpoint of a run folder (default: best, else ema)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
+
+
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="a run folder (or a checkpoint file)")
     parser.add_argument(
@@ -100,11 +110,7 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                         help="cases to score (default: test)")
     parser.add_argument("--json", type=Path, help="write the result here")
-    parser.add_argument("--which", choices=["best", "ema", "last"],
-                        help="checkpoint of a run folder (default: best, else ema)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
+    _bundle_arguments(parser)
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
@@ -154,11 +160,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="brain mask NIfTI (default: a BRATS 2013/2015 case folder's brainmask, else "
         "where T1ce or FLAIR is non-zero)",
     )
-    parser.add_argument("--which", choices=["best", "ema", "last"],
-                        help="checkpoint of a run folder (default: best, else ema)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
+    _bundle_arguments(parser)
 
 
 def predict_main(args: argparse.Namespace) -> int:
