@@ -451,6 +451,9 @@ def validate(config: Config) -> None:
          "data.intensity_percentiles must be 0 <= low < high <= 100"),
         (abs(sum(d.split_fractions) - 1.0) < 1e-6 and min(d.split_fractions) >= 0,
          "data.split_fractions must be non-negative and sum to 1"),
+        # numpy's generators, which draw the split, the batches and the crops, refuse negatives
+        (d.split_seed >= 0, f"data.split_seed must be >= 0, got {d.split_seed}"),
+        (t.seed >= 0, f"train.seed must be >= 0, got {t.seed}"),
         (t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}"),
         (t.rollout_epochs >= 0, f"train.rollout_epochs must be >= 0, got {t.rollout_epochs}"),
         (t.warmup_epochs + t.rollout_epochs >= 1,

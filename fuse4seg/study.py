@@ -96,7 +96,7 @@ def train_seeds(
         One :class:`SeedResult` per seed, in ``seeds`` order.
 
     Raises:
-        ValueError: no seeds, or a repeated seed.
+        ValueError: no seeds, a repeated seed, or a negative one.
     """
     return [train_one(config, method, data, out, seed, ablation=ablation, device=device,
                       progress=progress, restart_if_code_changed=restart_if_code_changed)
@@ -181,11 +181,13 @@ def check_seeds(seeds: Sequence[int], what: str = "seeds") -> list[int]:
     """``seeds`` as a list of ints (``what`` names them in the error, e.g. ``--seeds``).
 
     Raises:
-        ValueError: no seeds, or a repeated seed.
+        ValueError: no seeds, a repeated seed, or a negative one.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"{what}: give distinct seeds, got {seeds}")
+    if min(seeds) < 0:
+        raise ValueError(f"{what}: seeds must be >= 0, got {seeds}")
     return seeds
 
 

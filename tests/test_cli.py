@@ -398,7 +398,30 @@ def test_a_study_refuses_repeated_methods_and_seeds_before_any_work(tmp_path):
         run_study(config, ["fuse4seg", "fuse4seg"], tmp_path / "d", out, [0])
     with pytest.raises(ValueError, match=r"--seeds: give distinct seeds, got \[0, 0\]"):
         run_study(config, ["fuse4seg", "average"], tmp_path / "d", out, [0, 0])
+    with pytest.raises(ValueError, match=r"--seeds: seeds must be >= 0, got \[0, -1\]"):
+        run_study(config, ["fuse4seg", "average"], tmp_path / "d", out, [0, -1])
     assert not out.exists()
+
+
+def test_a_negative_seed_is_refused_by_name_before_any_work(phantom_dir, tmp_path, capsys):
+    """numpy refuses negative seeds deep inside (``expected non-negative integer``, after the
+    cache was prepared): every way to give one is refused first, naming it."""
+    data, out = ["--data", str(phantom_dir)], ["--out", str(tmp_path / "runs")]
+    cases = [
+        (["study", "--seeds", "0", "-1", *data, *out], "--seeds: a seed must be >= 0, got -1"),
+        (["train", *data, *out, "--set", "data.split_seed=-1"],
+         "data.split_seed must be >= 0, got -1"),
+        (["train", *data, *out, "--set", "seed=-2"], "train.seed must be >= 0, got -2"),
+        (["fusion", "train", "--pairs", str(tmp_path), "--kind", "PET-MRI", "--seed", "-1",
+          *out], "--seed: a seed must be >= 0, got -1"),
+    ]
+    for argv, message in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse refuses an argument's value itself
+            code = exc.code
+        assert code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -407,6 +430,8 @@ def test_a_study_refuses_repeated_methods_and_seeds_before_any_work(tmp_path):
     ({"loss.dice_class_weights": [0.1, -1, 1, 1]}, "loss.dice_class_weights must be finite"),
     ({"train.lr_leader": 0}, "train.lr_leader must be a finite number > 0, got 0"),
     ({"train.rollout_epochs": -1}, "train.rollout_epochs must be >= 0, got -1"),
+    ({"train.seed": -3}, "train.seed must be >= 0, got -3"),
+    ({"data.split_seed": -1}, "data.split_seed must be >= 0, got -1"),
 ])
 def test_config_checks_name_the_setting(override, message):
     from fuse4seg.config import ConfigError, get_config

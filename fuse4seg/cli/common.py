@@ -10,15 +10,25 @@ PROFILES = "smoke, default or paper"
 PAIR_KINDS = ["CT-MRI", "PET-MRI", "SPECT-MRI", "GFP-PC"]
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count or a size), refused otherwise with its value."""
+def _integer(text: str, least: int, rule: str) -> int:
+    """``text`` as an integer >= ``least``; else an argparse error with ``rule`` and the value."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count or a size), refused otherwise with its value."""
+    return _integer(text, 1, "must be at least 1")
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer >= 0 (numpy's generators refuse negative seeds)."""
+    return _integer(text, 0, "a seed must be >= 0")
 
 
 def add_set(parser: argparse.ArgumentParser, example: str) -> None:

@@ -7,7 +7,15 @@ import argparse
 import json
 from pathlib import Path
 
-from fuse4seg.cli.common import PAIR_KINDS, PROFILES, add_set, config_of, given, positive_int
+from fuse4seg.cli.common import (
+    PAIR_KINDS,
+    PROFILES,
+    add_set,
+    config_of,
+    given,
+    positive_int,
+    seed_int,
+)
 
 
 def _names(text: str | None) -> list[str]:
@@ -48,7 +56,8 @@ def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int,
                         help="crops per step (default: fusion.batch)")
     parser.add_argument("--lr", type=float, help="base learning rate (default: fusion.lr)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=seed_int,
+                        help="seed of the crops and initial weights (default: train.seed)")
     add_set(parser, "loss.beta_grad=2")
     parser.add_argument("--force", action="store_true", help="retrain even if the run exists")
 

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fuse4seg.cli.common import PROFILES, add_set, config_of, given, positive_int
+from fuse4seg.cli.common import PROFILES, add_set, config_of, given, positive_int, seed_int
 
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +195,7 @@ def study_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", nargs="+", default=["fuse4seg", "average"], choices=METHODS,
         help="methods to train (the first is compared with each of the others)",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+    parser.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2],
                         help="the train.seed of each run (default: 0 1 2)")
     parser.add_argument("--profile", default="default", help=PROFILES)
     parser.add_argument("--data", type=Path, required=True, help="raw folder or prepared cache")

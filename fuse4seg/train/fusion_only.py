@@ -242,7 +242,7 @@ def train_fusion(
         A :class:`FusionRun` (``reused`` True when a finished run was loaded instead).
 
     Raises:
-        ValueError: no pairs; a bad schedule value.
+        ValueError: no pairs; a bad schedule value; a negative seed.
         NonFiniteLossError: a non-finite loss (the step is named).
 
     Explained in chapter 5 (``book/05_fusion_benchmarks.md``).
@@ -254,6 +254,8 @@ def train_fusion(
         raise ValueError("train_fusion: no training pairs")
     kind = kind or train_pairs[0].kind
     seed = config.train.seed if seed is None else int(seed)
+    if seed < 0:
+        raise ValueError(f"train_fusion: seed must be >= 0, got {seed}")
     sched = fusion_schedule(
         config, len(train_pairs), steps=steps, crop=crop, batch_size=batch_size, lr=lr
     )
