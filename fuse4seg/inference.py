@@ -523,11 +523,12 @@ def _warn_unless_held_out(run, cache: Path, split: str, ids: list[str]) -> None:
 
     Silent when ``cache``'s manifest is the one the run recorded (``run.json``'s
     ``data_checksum``: the data it was trained on, so its split is the run's). Otherwise the
-    run's own cache, if it still holds that manifest, says which cases the run trained (and,
-    for ``test``, validated) on, and the warning names those among ``ids``. Without it (moved,
-    deleted or prepared again since), the warning says the split cannot be checked: the
-    manifests differ by their cases, their settings, or only the data's path, which a manifest
-    records. Silent for a checkpoint outside a run folder, for ``train`` and ``all``.
+    split the run recorded (``run.json``'s ``split``; for runs written before it was recorded,
+    the split of the run's own cache if that still holds the recorded manifest) says which
+    cases the run trained (and, for ``test``, validated) on, and the warning names those among
+    ``ids``. Without either, the warning says the split cannot be checked: the manifests differ
+    by their cases, their settings, or only the data's path, which a manifest records. Silent
+    for a checkpoint outside a run folder, for ``train`` and ``all``.
     """
     import warnings
 
@@ -541,19 +542,22 @@ def _warn_unless_held_out(run, cache: Path, split: str, ids: list[str]) -> None:
     recorded = info.get("data_checksum")
     if split not in ("test", "val") or not recorded or data_checksum(cache) == recorded:
         return
+    trained_split, source = info.get("split"), "the split the run recorded"
     own = info.get("cache")
-    try:  # the split the run was trained with, if its cache still holds it
-        trained_split = (load_manifest(own)["split"]
-                         if own and data_checksum(own) == recorded else None)
-    except (OSError, ValueError, KeyError, TypeError):
-        trained_split = None
+    if not isinstance(trained_split, dict):
+        source = f"the split of the run's cache {own}"
+        try:  # the split the run was trained with, if its cache still holds it
+            trained_split = (load_manifest(own)["split"]
+                             if own and data_checksum(own) == recorded else None)
+        except (OSError, ValueError, KeyError, TypeError):
+            trained_split = None
     if not isinstance(trained_split, dict):
         warnings.warn(
             f"--data: cannot tell whether its {len(ids)} {split} cases are held out from run "
             f"{run_dir.name}: its manifest is not the one the run recorded (other cases or "
-            "settings, or the same data at another path), and the run's own cache "
-            f"({own or 'not recorded'}) is gone or was prepared again since. For other data, "
-            "score every case with --split all.", stacklevel=3)
+            "settings, or the same data at another path), the run's run.json records no split, "
+            f"and its cache ({own or 'not recorded'}) is gone or was prepared again since. For "
+            "other data, score every case with --split all.", stacklevel=3)
         return
     seen = ("train", "val") if split == "test" else ("train",)
     trained = {c for name in seen for c in trained_split.get(name) or []}
@@ -564,9 +568,8 @@ def _warn_unless_held_out(run, cache: Path, split: str, ids: list[str]) -> None:
         warnings.warn(
             f"--data: {len(overlap)} of its {len(ids)} {split} cases are cases run "
             f"{run_dir.name} {'trained or validated' if split == 'test' else 'trained'} on "
-            f"({shown}), by the split of the run's cache {own}: their scores are not held "
-            "out. Give the data the run was trained on, or --split all for other data.",
-            stacklevel=3)
+            f"({shown}), by {source}: their scores are not held out. Give the data the run "
+            "was trained on, or --split all for other data.", stacklevel=3)
 
 
 def evaluate_run(

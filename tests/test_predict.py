@@ -502,4 +502,11 @@ def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir,
     for gone in (tmp_path / "gone", cache):
         (message,) = warned({"cache": str(gone), "data_checksum": "other"})
         assert "cannot tell whether its 1 test cases are held out" in message
+    # ... unless run.json records the split: it names the case, and only one the run saw
+    recorded = {"cache": str(tmp_path / "gone"), "data_checksum": "other",
+                "split": {"train": [], "val": [case], "test": []}}
+    (message,) = warned(recorded)
+    assert f"trained or validated on ({case}), by the split the run recorded" in message
+    recorded["split"] = {"train": [], "val": [], "test": [case]}
+    assert warned(recorded) == []
     assert not list((run / "checkpoints").glob("cache-*"))  # a checkpoint's cache: beside RUN

@@ -17,6 +17,7 @@ from conftest import train_cli_args
 
 from fuse4seg import curves
 from fuse4seg.config import get_config, load_config
+from fuse4seg.data.slices import load_manifest
 from fuse4seg.train import METHODS, NonFiniteLossError, Trainer, train
 from fuse4seg.train.checkpoint import load_checkpoint
 from fuse4seg.train.methods import ABLATIONS, get_method
@@ -157,6 +158,8 @@ def _check_run(result, method, val_split):
         assert state["method"] == method
     info = json.loads((run / "run.json").read_text())
     assert info["method"] == method and info["commit"]
+    # the patient split it trained on, as its cache's manifest has it
+    assert info["split"] == load_manifest(info["cache"])["split"] and info["split"]["train"]
     assert load_config(run / "config.yaml").profile == "smoke"
     if method == "fuse4seg":
         assert rows[0]["stage"] == "warmup" and rows[1]["stage"] == "rollout"

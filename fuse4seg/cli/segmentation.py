@@ -44,10 +44,10 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 def train_main(args: argparse.Namespace) -> int:
     """Train a method (Algorithm 1, a baseline or an ablation) into RUNS/<method>-<profile>-<hash>.
 
-    The run folder holds config.yaml, run.json (method, commit, data), metrics.jsonl and
-    checkpoints/{last,best,ema}.pt. With --resume an interrupted run continues from last.pt and
-    ends exactly as an uninterrupted one would (CPU). Under `torchrun --nproc_per_node N -m
-    fuse4seg train ...` it trains with DistributedDataParallel.
+    The run folder holds config.yaml, run.json (method, commit, data, its patient split),
+    metrics.jsonl and checkpoints/{last,best,ema}.pt. With --resume an interrupted run continues
+    from last.pt and ends exactly as an uninterrupted one would (CPU). Under `torchrun
+    --nproc_per_node N -m fuse4seg train ...` it trains with DistributedDataParallel.
     """
     import torch.distributed as dist
 

@@ -3,8 +3,9 @@
 A run folder says what made it:
 
 - ``config.yaml``: the resolved :class:`fuse4seg.config.Config`;
-- ``run.json``: method, ablation, git commit, code digest, data path, manifest checksum, start
-  time, world size;
+- ``run.json``: method, ablation, git commit, code digest, data path, manifest checksum, the
+  patient split (``split``: the case ids of ``train``, ``val`` and ``test``, so the run still
+  says which patients it trained on when its cache is gone), start time, world size;
 - ``metrics.jsonl``: one JSON object per epoch (losses, learning rates, validation Dice/IoU);
 - ``checkpoints/{last,best,ema}.pt`` (:mod:`fuse4seg.train.checkpoint`);
 - ``glassbox/``: the fused prior of a few fixed validation slices at each validation.

@@ -509,6 +509,7 @@ def train(
             data=str(Path(data).resolve()),
             cache=str(Path(cache_dir).resolve()),
             data_checksum=checksum,
+            split=trainer.train_set.manifest["split"],
             world_size=world_size,
             warmup_key=key,
             warmup_from=donor.parent.parent.name if donor is not None else None,
