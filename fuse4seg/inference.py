@@ -517,9 +517,11 @@ def predict_files(
     }
 
 
-def _warn_unless_held_out(run, cache: Path, split: str, ids: list[str]) -> None:
+def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: list[str]
+                          ) -> None:
     """Warn when the ``test`` (or ``val``) cases ``ids`` of ``cache`` may not be held out from
-    ``run`` (a run folder, or a checkpoint in one).
+    the run in ``run_dir`` (:func:`~fuse4seg.utils.run_folder_of` of what ``evaluate`` was
+    given).
 
     Silent when ``cache``'s manifest is the one the run recorded (``run.json``'s
     ``data_checksum``: the data it was trained on, so its split is the run's). Otherwise the
@@ -535,7 +537,6 @@ def _warn_unless_held_out(run, cache: Path, split: str, ids: list[str]) -> None:
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.train.runs import data_checksum, read_run_json
 
-    run_dir = run_folder_of(run)
     if run_dir is None:
         return
     info = read_run_json(run_dir)
@@ -628,7 +629,7 @@ def evaluate_run(
         raise ValueError(f"--split {split}: no cases in this split of {cache} (its split: "
                          f"{ {k: len(v) for k, v in manifest['split'].items()} }); "
                          "--split all scores every case")
-    _warn_unless_held_out(run, cache, split, ids)
+    _warn_unless_held_out(folder, cache, split, ids)
     info = {c["case_id"]: c for c in manifest["case_info"]}
     meter = SegmentationMeter()
     cases = ids

@@ -24,7 +24,6 @@ __all__ = [
     "check_not_an_input",
     "check_output_file",
     "check_output_folder",
-    "run_folder_of",
     "missing_folders",
     "probe_writable",
     "remove_empty_folders",
@@ -37,6 +36,7 @@ __all__ = [
     "environment_summary",
     "git_commit",
     "resolve_device",
+    "run_folder_of",
     "set_seed",
 ]
 

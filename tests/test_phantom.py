@@ -212,17 +212,22 @@ def test_make_phantom_case_arrays_match_files(phantom_dir):
     [
         (["--cases", "0"], "argument --cases: must be at least 1, got 0"),  # argparse's
         (["--cases", "-3"], "argument --cases: must be at least 1, got -3"),
-        (["--seed", "-1"], "fuse4seg: error: phantom --seed must be a non-negative integer"),
+        (["--seed", "-1"], "argument --seed: a seed must be >= 0, got -1"),  # as every seed
     ],
 )
 def test_cli_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "bad"
     try:
         status = cli_main(["data", "phantom", "--out", str(out), *argv])
-    except SystemExit as exit_info:  # refused while parsing (cli.positive_int)
+    except SystemExit as exit_info:  # refused while parsing (cli.positive_int, cli.seed_int)
         status = exit_info.code
     assert status == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()
+    # called from Python, the writer refuses them itself, before writing anything
+    name, value = argv[0].removeprefix("--"), int(argv[1])
+    with pytest.raises(ValueError, match=f"phantom --{name} must be"):
+        phantom.write_phantom_dataset(out, **{name: value}, progress=False)
     assert not out.exists()
 
 

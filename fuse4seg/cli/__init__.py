@@ -42,6 +42,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
 """For each verb path, where its ``<prefix>_arguments`` / ``<prefix>_main`` pair lives, as
 ``"module:prefix"`` (a module of this package)."""
 
+DEBUG_HELP = "on an error, show Python's traceback, not only the one-line message"
+
 GROUP_HELP = {
     "data": "find, check, prepare BraTS data; make the built-in phantom",
     "fusion": "fusion-only training and evaluation on image pairs (Harvard, GFP-PC)",
@@ -103,9 +105,6 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
             add_arguments(sub)
         sub.set_defaults(_run=run)
     return parser
-
-
-DEBUG_HELP = "on an error, show Python's traceback, not only the one-line message"
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

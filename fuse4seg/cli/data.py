@@ -10,13 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-from fuse4seg.cli.common import PROFILES, add_set, config_of, positive_int
+from fuse4seg.cli.common import PROFILES, add_set, config_of, positive_int, seed_int
 
 
 def phantom_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--cases", type=positive_int, default=8, help="number of cases (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     parser.add_argument(
         "--workers", type=positive_int, default=1,
