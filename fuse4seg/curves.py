@@ -275,6 +275,8 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     test and the number of seeds whose validation Dice still rose over the last quarter (a
     plateau by the sd test can hide a rise in every seed); then, for the methods with a stage
     change, its two targets."""
+    from fuse4seg.results import format_mean_sd, mean_sd  # imports torch: only when called
+
     lines = ["| method | s per run | val. Dice at 1/4 | 1/2 | 3/4 | end | change over the last "
              "1/4 (sd at end) | plateau; seeds still rising |",
              "|---|---|---|---|---|---|---|---|"]
@@ -288,8 +290,7 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         for q in (n // 4, n // 2, 3 * n // 4, n):
             col = vals[:, q - 1]
             col = col[~np.isnan(col)]
-            sd = f" ± {col.std(ddof=1):.3f}" if len(col) > 1 else ""
-            cells.append(f"{col.mean():.3f}{sd}" if len(col) else "–")
+            cells.append(format_mean_sd(mean_sd(col)) if len(col) else "–")
         p = plateau(curves)
         verdict = {True: "yes", False: "no", None: "– (one seed)"}[p["plateau"]]
         rising = sum(change > 0 for change in p["change_per_seed"])

@@ -230,9 +230,13 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def format_mean_sd(value: tuple[float, float | None] | float, digits: int = 3) -> str:
-    """``"0.512 ± 0.034"``, or ``"0.512"`` without an sd."""
+    """``"0.512 ± 0.034"``, or ``"0.512"`` without an sd.
+
+    The space after ``±`` is a no-break space (U+00A0): a narrow table cell then wraps only
+    before the ``±`` ("0.512" over "± 0.034"), never between the sign and its number.
+    """
     mean, sd = value if isinstance(value, tuple) else (value, None)
-    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+    return f"{mean:.{digits}f}" + (f" ±\u00a0{sd:.{digits}f}" if sd is not None else "")
 
 
 def summary_rows(

@@ -63,7 +63,8 @@ EXPECTED: dict[str, dict[str, int]] = {
     "book/02_fusion_leader": {"tables": 2, "images": 5, "math": 1},
     "book/03_segmentation_follower": {"tables": 4, "images": 2, "math": 1},
     # methods, Algorithm 1, splits, x_f drift, the numbers, ...; curves and the glass box
-    "book/04_bilevel_training": {"tables": 6, "images": 2, "math": 0},
+    # (its learning-curve table has mean ± sd cells: the check of a split "± sd" runs on them)
+    "book/04_bilevel_training": {"tables": 6, "images": 2, "math": 0, "sd_cells": 4},
     # without pairs: the metrics of trivial fusions and the paper's Table 2; one figure
     "book/05_fusion_benchmarks": {"tables": 2, "images": 1, "math": 0},
     # Table 1, Table 3, per-case Dice, the paired differences; Figures 3 and 4
@@ -90,6 +91,26 @@ PAGE_STATE_JS = r"""(() => {
     .map(textOf)
     .filter((t) => rawRow.test(t) || dashRow.test(t))
     .map((t) => t.slice(0, 160));
+  // table cells where a "± sd" is broken over lines: the text from the ± on has line boxes
+  // at more than one height (fuse4seg.results.format_mean_sd binds the sd to its sign)
+  const splitSd = Array.from(article.querySelectorAll("td"))
+    .filter((td) => td.textContent.includes("\u00b1"))
+    .filter((td) => {
+      const walk = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+      for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+        const at = node.data.indexOf("\u00b1");
+        if (at < 0) continue;
+        const range = document.createRange();
+        range.setStart(node, at);
+        range.setEnd(node, node.data.length);
+        const tops = new Set(Array.from(range.getClientRects()).map((r) => Math.round(r.top)));
+        if (tops.size > 1) return true;
+      }
+      return false;
+    })
+    .map((td) => td.textContent.trim().slice(0, 40));
+  const sdCells = Array.from(article.querySelectorAll("td"))
+    .filter((td) => td.textContent.includes("\u00b1")).length;
   const images = Array.from(article.querySelectorAll("img"));
   const outputs = Array.from(article.querySelectorAll(".cell_output img, .output img"));
   return JSON.stringify({
@@ -124,6 +145,8 @@ PAGE_STATE_JS = r"""(() => {
     stderr: document.querySelectorAll(".output.stderr, .stderr").length,
     traceback: document.body.innerText.includes("Traceback"),
     rawTables: rawTables,
+    splitSd: splitSd,
+    sdCells: sdCells,
     height: Math.ceil(document.documentElement.scrollHeight),
   });
 })()"""
@@ -279,6 +302,11 @@ def _page_problems(name: str, state: dict, expect: dict) -> list[str]:
             out.append(f"{name}: {state[what]} {what}, expected at least {expect[what]}")
     for text in state["rawTables"]:
         out.append(f"{name}: a paragraph holds raw table markup: {text!r}")
+    if state.get("sdCells", 0) < expect.get("sd_cells", 0):
+        out.append(f"{name}: {state.get('sdCells', 0)} table cells with '± sd', expected at "
+                   f"least {expect['sd_cells']}")
+    for text in state.get("splitSd", []) if name.startswith("book/0") else []:  # not RESULTS
+        out.append(f"{name}: a table cell breaks a '± sd' over two lines: {text!r}")
     if name.startswith("book/0"):  # a chapter's tables fit its column (the API page may not)
         for table in state.get("wideTables", []):
             out.append(f"{name}: a table is wider than the page: {table}")

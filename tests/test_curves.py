@@ -117,6 +117,8 @@ def test_the_summary_table_has_a_row_per_method_with_its_verdict():
     # average rises 0.2 in the last 1/4 in every seed; fuse4seg by 0, 0.02, 0.04 (sd 0.02)
     assert "| 101 |" in rows[0] and rows[0].endswith("| no; 3 of 3 |")
     assert rows[1].endswith("| yes; 2 of 3 |")
+    # mean ± sd, the sd bound to its sign by a no-break space (results.format_mean_sd)
+    assert "±\u00a0" in rows[0] and " ± " not in text
     # the stage-change table has a row only for the method with a warm-up and a rollout
     stage = [line for line in second.splitlines() if line.startswith("| `")]
     assert len(stage) == 1 and stage[0].startswith("| `fuse4seg` | – (1.00), – (1.00), – (1.00) |")

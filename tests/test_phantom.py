@@ -226,7 +226,7 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     assert not out.exists()
     # called from Python, the writer refuses them itself, before writing anything
     name, value = argv[0].removeprefix("--"), int(argv[1])
-    with pytest.raises(ValueError, match=f"phantom --{name} must be"):
+    with pytest.raises(ValueError, match=f"write_phantom_dataset: {name} must be"):
         phantom.write_phantom_dataset(out, **{name: value}, progress=False)
     assert not out.exists()
 

@@ -52,7 +52,8 @@ def test_one_seed_has_no_sd_and_formats_without_one():
     (row,) = R.summary_rows({"max": [_seed("max", 0, {"c1": (0.1, 0.2, 0.3)})]})
     assert row["NCR_dice"] == (pytest.approx(0.1), None)
     assert R.format_mean_sd(row["NCR_dice"]) == "0.100"
-    assert R.format_mean_sd((0.51234, 0.0345)) == "0.512 ± 0.035"
+    # a no-break space binds the sd to its sign: a narrow cell wraps only before the ±
+    assert R.format_mean_sd((0.51234, 0.0345)) == "0.512 ±\u00a00.035"
     with pytest.raises(ValueError, match="no values"):
         R.mean_sd([])
 

@@ -496,9 +496,10 @@ def write_phantom_dataset(
             is not a folder.
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
-        raise ValueError(f"phantom --cases must be an integer >= 1, got {cases!r}")
+        raise ValueError(f"write_phantom_dataset: cases must be an integer >= 1, got {cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"phantom --seed must be a non-negative integer, got {seed!r}")
+        raise ValueError(
+            f"write_phantom_dataset: seed must be a non-negative integer, got {seed!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"phantom output {out_dir} exists and is not a folder")
