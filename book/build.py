@@ -471,10 +471,14 @@ def _npm_ci(repo: Path) -> None:
 
 BOOK_CSS = """\
 /* fuse4seg: results tables with a column per method (chapter 06's per-case table has seven)
-   fit the page: tighter cells and a slightly smaller font inside tables; a table still wider
-   than the article scrolls sideways instead of being cut off. */
-.bd-article table { font-size: 0.9rem; }
-.bd-article table th, .bd-article table td { padding: 0.3rem 0.5rem; }
+   or per score (Table 1: eight of "0.339" over "± 0.293") fit the article of a 1280-pixel
+   window: tighter cells and a smaller font inside tables, a step smaller again for the
+   ten-column Table 3 (measured in Chromium on the default book; tests/test_book_pages.py
+   checks the smoke book's tables against their box). A table still wider than its box (a
+   narrower window) scrolls sideways instead of being cut off. */
+.bd-article table { font-size: 0.85rem; }
+.bd-article table th, .bd-article table td { padding: 0.3rem 0.35rem; }
+.bd-article table:has(th:nth-child(10)) { font-size: 0.8rem; }
 .bd-article table code { overflow-wrap: anywhere; }  /* long run ids may break */
 .bd-article .pst-scrollable-table-container { overflow-x: auto; }
 /* Code at 12 px. In a 1280-pixel window a code cell then holds 86 characters (73 at the

@@ -119,9 +119,11 @@ PAGE_STATE_JS = r"""(() => {
     title: document.title,
     tables: article.querySelectorAll("table").length,
     wideTables: Array.from(article.querySelectorAll("table"))
-      .filter((t) => t.scrollWidth > article.clientWidth + 2)
-      .map((t) => `${(t.querySelector("th") || t).textContent.trim().slice(0, 60)} ` +
-                  `(${t.scrollWidth} px in ${article.clientWidth} px)`),
+      // wider than the box that shows it (the theme's scrolling container, else the article)
+      .map((t) => [t, t.closest(".pst-scrollable-table-container") || article])
+      .filter(([t, box]) => t.scrollWidth > box.clientWidth + 2)
+      .map(([t, box]) => `${(t.querySelector("th") || t).textContent.trim().slice(0, 60)} ` +
+                         `(${t.scrollWidth} px in ${box.clientWidth} px)`),
     // code cells and code blocks wider than their box (they scroll sideways); not outputs,
     // where chapter 4 shows the package's own source (100 columns) as it is
     wideCode: Array.from(article.querySelectorAll("pre"))
