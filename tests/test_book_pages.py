@@ -307,11 +307,13 @@ def _page_problems(name: str, state: dict, expect: dict) -> list[str]:
     if state.get("sdCells", 0) < expect.get("sd_cells", 0):
         out.append(f"{name}: {state.get('sdCells', 0)} table cells with '± sd', expected at "
                    f"least {expect['sd_cells']}")
-    for text in state.get("splitSd", []) if name.startswith("book/0") else []:  # not RESULTS
-        out.append(f"{name}: a table cell breaks a '± sd' over two lines: {text!r}")
     if name.startswith("book/0"):  # a chapter's tables fit its column (the API page may not)
         for table in state.get("wideTables", []):
             out.append(f"{name}: a table is wider than the page: {table}")
+        # and keep each sd with its ± (the records page shows RESULTS.md's own tables as they
+        # are, hand-written ones included)
+        for text in state.get("splitSd", []):
+            out.append(f"{name}: a table cell breaks a '± sd' over two lines: {text!r}")
         for line in state.get("wideCode", []):
             out.append(f"{name}: code scrolls sideways, its longest line: {line}")
     if state["imagesLoading"] or state["imagesBroken"]:
