@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from fuse4seg.results import format_mean_sd, mean_sd
+
 __all__ = ["config_differences", "curve", "load_report", "plateau", "plot_learning_curves",
            "rollout_targets", "summary_markdown", "warmup_noise"]
 
@@ -275,8 +277,6 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     test and the number of seeds whose validation Dice still rose over the last quarter (a
     plateau by the sd test can hide a rise in every seed); then, for the methods with a stage
     change, its two targets."""
-    from fuse4seg.results import format_mean_sd, mean_sd  # imports torch: only when called
-
     lines = ["| method | s per run | val. Dice at 1/4 | 1/2 | 3/4 | end | change over the last "
              "1/4 (sd at end) | plateau; seeds still rising |",
              "|---|---|---|---|---|---|---|---|"]
