@@ -87,7 +87,7 @@ def figure3(slices: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarr
     """
     import matplotlib.pyplot as plt
 
-    from fuse4seg.plotting import overlay_labels, show
+    from fuse4seg.plotting import label_legend, overlay_labels, show
 
     n, panels = len(slices["x2"]), 2 + len(predictions)
     per_slice = -(-panels // ncols)
@@ -104,13 +104,7 @@ def figure3(slices: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarr
             overlay_labels(x2, np.where(brain, labels[r], 0), ax=ax, title=name)
         for ax in axs[panels:]:
             ax.set_axis_off()
-    from matplotlib.patches import Patch
-
-    from fuse4seg.plotting import LABEL_COLOURS
-
-    names = {1: "NCR", 2: "ED", 3: "ET"}
-    fig.legend(handles=[Patch(color=LABEL_COLOURS[k], label=names[k]) for k in names],
-               loc="upper right", ncol=3, fontsize=9, frameon=False)
+    label_legend(fig, loc="upper right", ncol=3, fontsize=9, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11, x=0.02, ha="left")
     # the top strip holds the title and the legend; h_pad leaves room for two-line titles

@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LABEL_COLOURS", "orient", "overlay_labels", "plot_curves", "show", "show_slices"]
+__all__ = [
+    "LABEL_COLOURS",
+    "label_legend",
+    "orient",
+    "overlay_labels",
+    "plot_curves",
+    "show",
+    "show_slices",
+]
 
 LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
     1: (0.90, 0.10, 0.10),  # NCR, red
@@ -27,6 +35,24 @@ LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
     3: (1.00, 0.85, 0.00),  # ET, yellow
 }
 """RGB colour of each canonical tumour label."""
+
+
+def label_legend(target, **kwargs: Any):
+    """Add the legend of the tumour labels' colours (NCR red, ED green, ET yellow) to a
+    matplotlib axes or figure, so that a panel of labels can be read without chapter 1.
+
+    Args:
+        target: an axes or a figure (``target.legend`` is called).
+        kwargs: passed to ``legend`` (``loc``, ``fontsize``, ``ncol``, ...).
+
+    Returns:
+        The legend.
+    """
+    from matplotlib.patches import Patch
+
+    names = {1: "NCR", 2: "ED", 3: "ET"}
+    handles = [Patch(color=LABEL_COLOURS[k], label=names[k]) for k in names]
+    return target.legend(handles=handles, **kwargs)
 
 
 def _as_2d(image: Any) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fuse4seg.data.labels import CANONICAL_NAMES
-from fuse4seg.plotting import LABEL_COLOURS, orient
+from fuse4seg.plotting import LABEL_COLOURS, label_legend, orient
 
 
 def _view(slice2d: np.ndarray) -> np.ndarray:
@@ -43,7 +43,6 @@ def case_panel(t1ce, flair, seg, z: int | None = None, title: str = "", axes=Non
         The matplotlib figure.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     z = tumour_slice(seg) if (z is None and seg is not None) else (z or t1ce.shape[2] // 2)
     n = 4 if seg is not None else 2
@@ -62,8 +61,7 @@ def case_panel(t1ce, flair, seg, z: int | None = None, title: str = "", axes=Non
         axes[3].imshow(_view(flair[:, :, z]), cmap="gray")
         axes[3].imshow(_view(label_rgba(seg[:, :, z], 0.45)))
         axes[3].set_title("FLAIR + labels")
-        handles = [Patch(color=c, label=CANONICAL_NAMES[k]) for k, c in LABEL_COLOURS.items()]
-        axes[3].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
+        label_legend(axes[3], loc="lower right", fontsize=7, framealpha=0.6)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

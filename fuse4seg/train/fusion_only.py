@@ -34,7 +34,8 @@ Choices where the paper is silent (also stated in chapter 5):
 - **EMA warm-up.** Eq. 4's EMA with m = 0.99 from the first step would keep 80 % of the random
   initialisation after 20 steps, so the decay ramps up as ``min(m, (1 + t) / (10 + t))``
   (the usual EMA warm-up, :class:`fuse4seg.train.engine.ModelEMA` with ``warmup=True``).
-- **GFP-PC has six pairs.** Training and testing on them would measure memorisation, so
+- **GFP-PC has few pairs** (six in the development copy) and no train/test split. Training
+  and testing on the same pairs would measure memorisation, so
   :func:`cross_validate` evaluates every pair with a leader that never saw it (leave-one-out
   with ``folds = n``, or k folds to save time), and the strong augmentation (crops, flips,
   rotations) and the short schedule limit over-fitting further.
@@ -561,7 +562,7 @@ def cross_validate(
     """Train one leader per fold so that every pair has a leader that never saw it.
 
     Args:
-        pairs: all pairs (GFP-PC: six).
+        pairs: all pairs (GFP-PC: the whole set).
         folds: number of folds (``None`` or ``len(pairs)`` = leave-one-out). Pairs are assigned
             to folds in sorted-name order, round robin.
         train_kwargs: passed to :func:`train_fusion` (``steps``, ``crop``, ``device``, ...).
