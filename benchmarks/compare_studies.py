@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fuse4seg.study import case_scores, paired_difference
+from fuse4seg.study import case_scores, format_signed, paired_difference
 
 
 def scores(runs: Path, method: str) -> dict[int, dict[str, float]]:
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         def mean(x):
             return np.mean([np.mean(list(v.values())) for v in x.values()])
 
-        print(f"| `{method}` | {mean(a):.3f} | {mean(b):.3f} | {d['mean']:+.3f} | "
-              f"[{d['low']:+.3f}, {d['high']:+.3f}] | {d['n_cases']} × {d['n_seeds']} |")
+        print(f"| `{method}` | {mean(a):.3f} | {mean(b):.3f} | {format_signed(d['mean'])} | "
+              f"[{format_signed(d['low'])}, {format_signed(d['high'])}] | "
+              f"{d['n_cases']} × {d['n_seeds']} |")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def fold_cache(cache: Path, split: dict[str, list[str]], where: Path) -> Path:
 
 def table(results, methods, seeds, cases, data_name, profile) -> list[str]:
     from fuse4seg.metrics.segmentation import tumour_mean
-    from fuse4seg.study import paired_difference
+    from fuse4seg.study import format_signed, paired_difference
 
     out = [f"Test Dice per case (mean over NCR, ED, ET; mean over seeds {seeds}); {data_name}; "
            f"profile `{profile}`; each case scored by the models of the fold that held it out.",
@@ -127,8 +127,9 @@ def table(results, methods, seeds, cases, data_name, profile) -> list[str]:
                 {s: {c: tumour_mean(results[other][s][c]) for c in cases} for s in seeds},
                 names=("Fuse4Seg", other),
             )
-            out.append(f"| Fuse4Seg − {other} | {diff['mean']:+.3f} | [{diff['low']:+.3f}, "
-                       f"{diff['high']:+.3f}] | {diff['verdict']} |")
+            out.append(f"| Fuse4Seg − {other} | {format_signed(diff['mean'])} | "
+                       f"[{format_signed(diff['low'])}, {format_signed(diff['high'])}] | "
+                       f"{diff['verdict']} |")
     return out
 
 

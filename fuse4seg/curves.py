@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fuse4seg.results import format_mean_sd, mean_sd
+from fuse4seg.study import format_signed
 
 __all__ = ["config_differences", "curve", "load_report", "plateau", "plot_learning_curves",
            "rollout_targets", "summary_markdown", "warmup_noise"]
@@ -274,9 +275,12 @@ def plot_learning_curves(report: Mapping[str, Any], axes=None):
 def summary_markdown(report: Mapping[str, Any]) -> str:
     """Two Markdown tables (narrow enough for a book page): per method the seconds per run and
     the validation Dice at each quarter of training (mean ± sd over seeds) with the plateau
-    test and the number of seeds whose validation Dice still rose over the last quarter (a
-    plateau by the sd test can hide a rise in every seed); then, for the methods with a stage
-    change, its two targets."""
+    test and the number of seeds whose validation Dice still rose over the last quarter; then,
+    for the methods with a stage change, its two targets.
+
+    The plateau cell reads "yes" (a change within the seed sd), "no" (beyond it), or "not
+    yet" when the change is within the sd but every seed still rose: the seeds then differ
+    more than the last quarter moves them, yet training has not stopped gaining."""
     lines = ["| method | s per run | val. Dice at 1/4 | 1/2 | 3/4 | end | change over the last "
              "1/4 (sd at end) | plateau; seeds still rising |",
              "|---|---|---|---|---|---|---|---|"]
@@ -292,12 +296,14 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
             col = col[~np.isnan(col)]
             cells.append(format_mean_sd(mean_sd(col)) if len(col) else "–")
         p = plateau(curves)
-        verdict = {True: "yes", False: "no", None: "– (one seed)"}[p["plateau"]]
         rising = sum(change > 0 for change in p["change_per_seed"])
+        verdict = {True: "yes", False: "no", None: "– (one seed)"}[p["plateau"]]
+        if p["plateau"] and rising == len(curves):
+            verdict = "not yet"
         secs = np.mean([run["seconds"] for run in entry["runs"]])
         lines.append(
             f"| `{method}` | {secs:.0f} | " + " | ".join(cells)
-            + f" | {p['change_mean']:+.3f}, epochs {p['from_epoch']}→{p['to_epoch']} "
+            + f" | {format_signed(p['change_mean'])}, epochs {p['from_epoch']}→{p['to_epoch']} "
             f"({p['sd_end']:.3f}) | {verdict}; {rising} of {len(curves)} |"
         )
         t = rollout_targets(curves)
@@ -306,7 +312,7 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
                 f"{r:.2f} ({g:.2f})" if same else f"– ({g:.2f})"
                 for r, g, same in zip(t["loss_ratio"], t["loss_ratio_logged"],
                                       t["same_slices"], strict=True))
-            drop = ", ".join(f"{d:+.3f}" for d in t["drop"]) + f" ({t['sd_warm']:.3f})"
+            drop = ", ".join(format_signed(d) for d in t["drop"]) + f" ({t['sd_warm']:.3f})"
             stage.append(f"| `{method}` | {ratio} | {drop} |")
     if len(stage) > 2:
         lines += ["", *stage]

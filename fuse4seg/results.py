@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fuse4seg.paper import TABLE1, TABLE3
-from fuse4seg.study import SeedResult, case_scores, paired_difference
+from fuse4seg.study import SeedResult, case_scores, format_signed, paired_difference
 from fuse4seg.train.methods import ABLATIONS, METHODS, SPECS
 
 __all__ = [
@@ -512,8 +512,9 @@ def comparison_markdown(comparisons: Sequence[Mapping[str, Any]]) -> str:
     ]
     for c in comparisons:
         lines.append(
-            f"| `{c['a']}` − `{c['b']}` | {c['mean']:+.3f} | [{c['low']:+.3f}, "
-            f"{c['high']:+.3f}] | {c['n_cases']} × {c['n_seeds']} |"
+            f"| `{c['a']}` − `{c['b']}` | {format_signed(c['mean'])} | "
+            f"[{format_signed(c['low'])}, {format_signed(c['high'])}] | "
+            f"{c['n_cases']} × {c['n_seeds']} |"
         )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {c['verdict']}" for c in comparisons)
 

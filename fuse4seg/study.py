@@ -42,6 +42,7 @@ __all__ = [
     "check_seeds",
     "evaluate_cached",
     "evaluation_key",
+    "format_signed",
     "paired_difference",
     "run_study",
     "train_one",
@@ -401,6 +402,24 @@ MIN_CASES = 5
 only, whatever the interval."""
 
 
+def format_signed(value: float, digits: int = 3) -> str:
+    """``value`` with its sign and ``digits`` decimals (``"+0.012"``, ``"-0.045"``).
+
+    A value that rounds to zero keeps as many more decimals (up to three) as show its sign:
+    ``"-0.0004"``, not ``"-0.000"``, so a reader sees on which side of 0 an interval's bound
+    lies. Zero itself is ``"0.000"``; a value still zero at ``digits + 3`` decimals is written
+    in exponent form (``"-2.0e-08"``).
+    """
+    value = float(value)
+    if value == 0:
+        return f"{0.0:.{digits}f}"
+    for places in range(digits, digits + 4):
+        text = f"{value:+.{places}f}"
+        if text.strip("+-0."):  # a non-zero digit (or nan, inf) shows
+            return text
+    return f"{value:+.1e}"
+
+
 def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None) -> str:
     """One sentence saying what a paired interval supports (and nothing more)."""
     a, b = names
@@ -409,7 +428,8 @@ def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None
         if n_seeds is not None and n_cases is not None
         else ""
     )
-    span = f"{a} − {b} = {mean:+.3f} mean Dice, {level:.0%} interval [{low:+.3f}, {high:+.3f}]"
+    span = (f"{a} − {b} = {format_signed(mean)} mean Dice, {level:.0%} interval "
+            f"[{format_signed(low)}, {format_signed(high)}]")
     if n_cases is not None and n_cases < MIN_CASES:
         return (
             f"{span}{size}: with fewer than {MIN_CASES} test cases the interval does not measure "

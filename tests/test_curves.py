@@ -117,6 +117,12 @@ def test_the_summary_table_has_a_row_per_method_with_its_verdict():
     # average rises 0.2 in the last 1/4 in every seed; fuse4seg by 0, 0.02, 0.04 (sd 0.02)
     assert "| 101 |" in rows[0] and rows[0].endswith("| no; 3 of 3 |")
     assert rows[1].endswith("| yes; 2 of 3 |")
+    # within the sd (0.1) but every seed still rising (by 0.01): "not yet", not "yes"
+    report = {"methods": {"average": {"runs": [
+        {"seed": s, "seconds": 1.0, "curve": _curve([0.1 * s + 0.4] * 6 + [0.1 * s + 0.41] * 2)}
+        for s in range(3)]}}}
+    row = curves.summary_markdown(report).splitlines()[2]
+    assert "| +0.010, epochs 6→8 (0.100) | not yet; 3 of 3 |" in row
     # mean ± sd, the sd bound to its sign by a no-break space (results.format_mean_sd)
     assert "±\u00a0" in rows[0] and " ± " not in text
     # the stage-change table has a row only for the method with a warm-up and a rollout

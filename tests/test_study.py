@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fuse4seg.study import paired_difference, verdict
+from fuse4seg.study import format_signed, paired_difference, verdict
 
 
 def test_a_constant_difference_has_a_point_interval():
@@ -65,6 +65,15 @@ def test_mismatched_pairs_are_refused():
 
 def test_verdict_sign():
     assert "lower" in verdict(-0.1, -0.2, -0.05, 0.95, ("F", "A"))
+
+
+def test_a_bound_near_zero_shows_on_which_side_of_zero_it_lies():
+    assert format_signed(0.0123) == "+0.012" and format_signed(-0.045) == "-0.045"
+    # "-0.000" would hide whether 0 is inside an interval: more decimals show the sign
+    assert format_signed(-0.0004) == "-0.0004" and format_signed(0.00004) == "+0.00004"
+    assert format_signed(0.0) == "0.000" and format_signed(-2e-8) == "-2.0e-08"
+    text = verdict(0.001, -0.0003, 0.003, 0.95, ("F", "A"), n_seeds=3, n_cases=6)
+    assert "interval [-0.0003, +0.003]" in text and "-0.000," not in text
 
 
 @pytest.mark.slow
