@@ -419,9 +419,20 @@ def predict_files(
             raise ValueError(f"{flag} {path}: is a folder; give the NIfTI file")
         if not path.is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
+    if t1ce.resolve() == flair.resolve():
+        raise ValueError(f"--t1ce and --flair are the same file ({t1ce}): give the case's "
+                         "T1ce and FLAIR volumes")
     for name in ("fused.nii.gz", "seg.nii.gz"):  # an output never replaces an input
         check_not_an_input(out_dir / name, "--out", [("--t1ce", t1ce), ("--flair", flair),
                                                      ("--mask", mask)])
+        if (out_dir / name).is_dir():  # refused before the model runs, not after
+            raise ValueError(f"--out {out_dir}: {name} is a folder; remove it or choose "
+                             "another --out")
+    for path, flag in ((t1ce, "--t1ce"), (flair, "--flair")):
+        if out_dir.resolve() == path.parent.resolve():
+            raise ValueError(f"--out {out_dir}: the folder of {flag} {path.name}; a seg.nii.gz "
+                             "there would sit among the case's own files (beside its ground "
+                             "truth, in a BraTS case): choose another folder")
     _checkpoint_path(checkpoint, which)  # a wrong checkpoint or --which: before any read
     a, affine, header = load_volume(t1ce, "T1ce")
     b, affine_b, _ = load_volume(flair, "FLAIR")
@@ -430,6 +441,9 @@ def predict_files(
             raise ValueError(f"{path}: expected a 3-D volume, got shape {arr.shape}")
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {t1ce} is {a.shape}, {flair} is {b.shape}")
+    if np.array_equal(a, b):
+        raise ValueError(f"{t1ce} and {flair} hold the same voxels: give the case's T1ce and "
+                         "FLAIR volumes, not one volume twice")
     if not np.allclose(affine, affine_b, atol=1e-3):
         raise ValueError(f"affine mismatch between {t1ce} and {flair}: not on the same grid")
     found_mask, case_2013 = None, _brats2013_case(t1ce)
@@ -489,10 +503,6 @@ def predict_files(
     blobs = {"seg": _nifti_bytes(paths["seg"], from_canonical(seg, scheme), affine, header)}
     if fused is not None:
         blobs["fused"] = _nifti_bytes(paths["fused"], fused, affine, header)
-    for path in paths.values():  # a folder in a file's place: refused before any write
-        if path.is_dir():
-            raise ValueError(f"--out {out_dir}: {path.name} is a folder; remove it or choose "
-                             "another --out")
     written = []
     for key in ("fused", "seg"):
         try:
@@ -519,32 +529,38 @@ def predict_files(
 
 def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: list[str]
                           ) -> None:
-    """Warn when the ``test`` (or ``val``) cases ``ids`` of ``cache`` may not be held out from
-    the run in ``run_dir`` (:func:`~fuse4seg.utils.run_folder_of` of what ``evaluate`` was
-    given).
+    """Warn when the ``test``, ``val`` or ``all`` cases ``ids`` of ``cache`` may not be held
+    out from the run in ``run_dir`` (:func:`~fuse4seg.utils.run_folder_of` of what
+    ``evaluate`` was given).
 
-    Silent when ``cache``'s manifest is the one the run recorded (``run.json``'s
-    ``data_checksum``: the data it was trained on, so its split is the run's). Otherwise the
-    split the run recorded (``run.json``'s ``split``; for runs written before it was recorded,
-    the split of the run's own cache if that still holds the recorded manifest) says which
-    cases the run trained (and, for ``test``, validated) on, and the warning names those among
-    ``ids``. Without either, the warning says the split cannot be checked: the manifests differ
-    by their cases, their settings, or only the data's path, which a manifest records. Silent
-    for a checkpoint outside a run folder, for ``train`` and ``all``.
+    ``test`` and ``val`` are silent when ``cache``'s manifest is the one the run recorded
+    (``run.json``'s ``data_checksum``: the data it was trained on, so its split is the run's).
+    Otherwise the split the run recorded (``run.json``'s ``split``; for runs written before it
+    was recorded, the split of the run's own cache if that still holds the recorded manifest)
+    says which cases the run trained (and, for ``test``, validated) on, and the warning names
+    those among ``ids``. Without either, the warning says the split cannot be checked: the
+    manifests differ by their cases, their settings, or only the data's path, which a manifest
+    records. ``all`` names the cases the run trained or validated on among ``ids`` by the same
+    split (on the run's own data: every case outside its test split), and is silent where the
+    split cannot be found. Silent for a checkpoint outside a run folder and for ``train``,
+    which asks for the trained cases.
     """
     import warnings
 
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.train.runs import data_checksum, read_run_json
 
-    if run_dir is None:
+    if run_dir is None or split not in ("test", "val", "all"):
         return
     info = read_run_json(run_dir)
     recorded = info.get("data_checksum")
-    if split not in ("test", "val") or not recorded or data_checksum(cache) == recorded:
+    same = bool(recorded) and data_checksum(cache) == recorded
+    if not recorded or (same and split != "all"):
         return
     trained_split, source = info.get("split"), "the split the run recorded"
     own = info.get("cache")
+    if same:  # --split all on the run's own data: its split is this manifest's
+        trained_split, source = load_manifest(cache)["split"], "its own split"
     if not isinstance(trained_split, dict):
         source = f"the split of the run's cache {own}"
         try:  # the split the run was trained with, if its cache still holds it
@@ -553,6 +569,8 @@ def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: li
         except (OSError, ValueError, KeyError, TypeError):
             trained_split = None
     if not isinstance(trained_split, dict):
+        if split == "all":  # other data by choice: nothing to tell the user to do instead
+            return
         warnings.warn(
             f"--data: cannot tell whether its {len(ids)} {split} cases are held out from run "
             f"{run_dir.name}: its manifest is not the one the run recorded (other cases or "
@@ -560,17 +578,20 @@ def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: li
             f"and its cache ({own or 'not recorded'}) is gone or was prepared again since. For "
             "other data, score every case with --split all.", stacklevel=3)
         return
-    seen = ("train", "val") if split == "test" else ("train",)
+    seen = ("train",) if split == "val" else ("train", "val")
     trained = {c for name in seen for c in trained_split.get(name) or []}
     overlap = [c for c in ids if c in trained]
     if overlap:
         shown = ", ".join(overlap[:3]) + (f" and {len(overlap) - 3} more" if len(overlap) > 3
                                           else "")
+        advice = ("Score only its held-out cases with --split test, or leave the cases it saw "
+                  "out of the data." if split == "all" else
+                  "Give the data the run was trained on, or --split all for other data.")
         warnings.warn(
-            f"--data: {len(overlap)} of its {len(ids)} {split} cases are cases run "
-            f"{run_dir.name} {'trained or validated' if split == 'test' else 'trained'} on "
-            f"({shown}), by {source}: their scores are not held out. Give the data the run "
-            "was trained on, or --split all for other data.", stacklevel=3)
+            f"--data: {len(overlap)} of its {len(ids)} {'' if split == 'all' else split + ' '}"
+            f"cases are cases run "
+            f"{run_dir.name} {'trained' if split == 'val' else 'trained or validated'} on "
+            f"({shown}), by {source}: their scores are not held out. {advice}", stacklevel=3)
 
 
 def evaluate_run(
@@ -616,7 +637,7 @@ def evaluate_run(
     bundle = load_bundle(run, which=which, device=device)
     folder = run_folder_of(run)  # also RUN for RUN/checkpoints/best.pt
     runs_dir = folder.parent if folder is not None else Path(run).parent
-    cache = resolve_cache(data, bundle.config, cache=cache, runs_dir=runs_dir,
+    cache = resolve_cache(data, bundle.config, cache=cache, runs_dir=runs_dir, split_free=True,
                           progress=progress)
     manifest = load_manifest(cache)
     if split == "all":

@@ -57,6 +57,37 @@ def test_counts_and_sizes_below_one_are_refused_by_name(argv, capsys):
     assert f"argument {flag}: must be at least 1, got {value}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["train", "--data", "d", "--seed", "1"], "--seed: did you mean --set train.seed=VALUE?"),
+    (["evaluate", "r", "--data", "d", "--splt", "test"], "--splt: did you mean --split?"),
+    (["metrics", "--fused", "f", "--a", "a", "--b", "b", "--foo"], "(see --help)"),
+])
+def test_an_unknown_option_gets_the_verbs_usage_and_the_closest_option(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    verb = " ".join(argv[:1])
+    assert err.startswith(f"usage: fuse4seg {verb} ")  # the verb's usage, not the top level's
+    assert f"fuse4seg {verb}: error: unrecognized arguments: " in err and hint in err
+
+
+def test_a_message_with_line_breaks_is_printed_on_one_line(tmp_path, capsys, monkeypatch):
+    """nibabel's errors carry line breaks; the error stays one ``fuse4seg: error:`` line."""
+    import fuse4seg.inference
+
+    def damaged(*args, **kwargs):
+        raise ValueError("Expected 8927824 bytes, got 1024 bytes from u_flair.nii\n"
+                         " - could the file be damaged?")
+
+    monkeypatch.setattr(fuse4seg.inference, "predict_files", damaged)
+    code = main(["predict", "--checkpoint", "r", "--t1ce", "a.nii", "--flair", "u_flair.nii",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err == ("fuse4seg: error: Expected 8927824 bytes, got 1024 "
+                                       "bytes from u_flair.nii - could the file be damaged?\n")
+
+
 def test_os_errors_name_the_asked_for_file_and_a_bad_device_fails_first(tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")

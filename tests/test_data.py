@@ -119,7 +119,9 @@ def _rewrite(path: Path, fn) -> None:
 
 def test_missing_modality(case_copy):
     (case_copy / "BraTS2021_00006_flair.nii.gz").unlink()
-    with pytest.raises(DataError, match=r"BraTS2021_00006.*missing FLAIR"):
+    # the message names the file it looked for
+    with pytest.raises(DataError, match=r"BraTS2021_00006: missing FLAIR file: no "
+                                        r"\*_flair\.nii\.gz or \*_flair\.nii in its folder"):
         load_case(case_copy)
 
 

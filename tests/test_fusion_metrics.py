@@ -549,6 +549,17 @@ def test_metrics_cli_one_pair(png_triplet, images, capsys):
     assert main(["metrics", "--fused", str(f), "--a", str(a), "--b", str(b)]) == 0
     text = capsys.readouterr().out
     assert "convention: standard" in text and "SSIM" in text
+    # --json FILE, as evaluate's and study's: the table printed, the JSON written
+    target = png_triplet["F"].parent / "out" / "m.json"
+    argv = ["metrics", "--fused", str(f), "--a", str(a), "--b", str(b), "--json", str(target)]
+    assert main([*argv, "--convention", "cddfuse"]) == 0
+    text = capsys.readouterr().out
+    assert "convention: cddfuse" in text and f"wrote {target}" in text
+    written = json.loads(target.read_text())
+    assert written["metrics"]["cddfuse"]["MI"] == pytest.approx(expected["MI"])
+    # never onto an input, checked before any image is read
+    assert main([*argv[:-1], str(a)]) == 2
+    assert "--json" in capsys.readouterr().err
 
 
 def test_metrics_cli_folder_mode_writes_csv(png_triplet, images, tmp_path, capsys):
@@ -590,7 +601,7 @@ def test_metrics_cli_errors(png_triplet, tmp_path, capsys):
     f, a, b = (str(png_triplet[k]) for k in ("F", "A", "B"))
     # folder mode without --csv or --json: the means, and where the per-pair values are
     assert main(["metrics", "--fused", f, "--a", a, "--b", b]) == 0
-    assert "(the per-pair values: --csv FILE or --json)" in capsys.readouterr().out
+    assert "(the per-pair values: --csv FILE or --json [FILE])" in capsys.readouterr().out
     # an unwritable --csv is refused before any image is scored
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -4,6 +4,7 @@ explicit patterns, and an unrecognised folder that says what it found and what i
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -84,9 +85,11 @@ def test_explicit_patterns_override_detection(renamed, tmp_path):
     with pytest.raises(DataError, match=r"--seg-pattern 'label\*' matches no file in"):
         load_case(no_seg)
     assert load_case(no_seg, require_seg=False).seg is None
-    # neither image pattern matches anything: not a case, and the folder's files are named
-    with pytest.raises(DataError, match="no file matches the patterns .*files found: fl.nii.gz"):
-        find_cases(odd.parent, patterns={"t1ce": "T1*", "flair": "FLAIR*"})
+    # neither image pattern matches anything: a bad case, whose patterns and files are named
+    (none,) = find_cases(odd.parent, patterns={"t1ce": "T1*", "flair": "FLAIR*"})
+    with pytest.raises(DataError, match=r"case p1: --t1ce-pattern 'T1\*' matches no file in "
+                                        r".*files found: .*fl\.nii\.gz"):
+        load_case(none)
     # one image pattern matches: a case, whose other pattern is named when it is read
     (half,) = find_cases(odd.parent, patterns={"t1ce": "post*", "flair": "FLAIR*"})
     with pytest.raises(DataError, match=r"case p1: --flair-pattern 'FLAIR\*' matches no file"):
@@ -103,9 +106,13 @@ def test_cli_check_with_patterns(renamed, tmp_path, capsys):
     from fuse4seg.cli import main
 
     root, _ = renamed
-    assert main(["data", "check", str(root / "caseA"), "--t1ce-pattern", "T1c*",
-                 "--flair-pattern", "Flair*", "--seg-pattern", "seg*", "--json"]) == 0
+    argv = ["data", "check", str(root / "caseA"), "--t1ce-pattern", "T1c*", "--flair-pattern",
+            "Flair*", "--seg-pattern", "seg*", "--json"]
+    assert main(argv) == 0
     assert '"layout": "named"' in capsys.readouterr().out
+    assert main([*argv, str(tmp_path / "check.json")]) == 0  # --json FILE: table and file
+    assert "caseA" in capsys.readouterr().out
+    assert json.loads((tmp_path / "check.json").read_text())[0]["layout"] == "named"
 
 
 def test_cli_check_marks_a_case_with_an_ambiguous_pattern_bad_and_checks_the_others(
@@ -124,3 +131,25 @@ def test_cli_check_marks_a_case_with_an_ambiguous_pattern_bad_and_checks_the_oth
     assert "1 good, 1 bad" in captured.out
     assert ("bad case extra: --t1ce-pattern 'T1c*' matches 2 files" in captured.err
             and "T1c_old.nii.gz" in captured.err)
+
+
+def test_cli_a_folder_that_no_image_pattern_matches_is_a_bad_case_that_skip_bad_leaves_out(
+        renamed, tmp_path, capsys):
+    from fuse4seg.cli import main
+
+    root, _ = renamed
+    data = tmp_path / "two"
+    shutil.copytree(root / "caseA", data / "good")
+    (data / "labels_only").mkdir()
+    shutil.copy(root / "caseA" / "segmentation.nii.gz", data / "labels_only" / "seg.nii.gz")
+    patterns = ["--t1ce-pattern", "T1c*", "--flair-pattern", "Flair*", "--seg-pattern", "seg*"]
+    assert main(["data", "check", str(data), *patterns]) == 1
+    captured = capsys.readouterr()
+    assert "1 good, 1 bad" in captured.out
+    assert "bad case labels_only: --t1ce-pattern 'T1c*' matches no file" in captured.err
+    out = tmp_path / "cache"
+    with pytest.warns(UserWarning, match="--skip-bad: left out 1 bad case"):
+        assert main(["data", "prepare", str(data), "--out", str(out), "--profile", "smoke",
+                     "--skip-bad", *patterns]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cases"] == ["good"] and "labels_only" in json.dumps(manifest["skipped"])

@@ -59,12 +59,15 @@ def _predict(run, t1ce, flair, out, *extra: object) -> int:
     return main(["predict", *map(str, args)])
 
 
-def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
+def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path, capsys):
     run = _make_run(tmp_path, favour=3)  # every brain voxel ET
     case = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
     t1ce, flair = _case_files(case)
     out = tmp_path / "pred"
     assert _predict(run, t1ce, flair, out, "--device", "cpu") == 0
+    # the summary gives each class's value in the written file: ET is 4 in BraTS 2021
+    assert "labels in seg.nii.gz (brats2021 scheme), voxels: background = 0: " \
+        in capsys.readouterr().out
     src = nib.load(str(t1ce))
     fused, seg = nib.load(str(out / "fused.nii.gz")), nib.load(str(out / "seg.nii.gz"))
     for image in (fused, seg):
@@ -80,6 +83,7 @@ def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path):
 
     out3 = tmp_path / "pred2023"
     assert _predict(run, t1ce, flair, out3, "--scheme", "brats2023") == 0
+    assert ", ET = 3: " in capsys.readouterr().out
     s3 = np.asarray(nib.load(str(out3 / "seg.nii.gz")).dataobj)
     assert set(np.unique(s3)) <= {0, 3} and 3 in s3
 
@@ -180,7 +184,8 @@ def test_predict_refuses_a_constant_background_and_an_unwritable_out(phantom_dir
     zscored = tmp_path / "z_t1c.nii.gz"
     nib.save(nib.Nifti1Image(np.where(data == 0, -4.76, data), image.affine), str(zscored))
     flair_z = tmp_path / "z_flair.nii.gz"
-    nib.save(nib.Nifti1Image(np.where(data == 0, -4.76, data), image.affine), str(flair_z))
+    data_f = np.asarray(nib.load(str(flair)).dataobj, dtype=np.float32)
+    nib.save(nib.Nifti1Image(np.where(data_f == 0, -4.76, data_f), image.affine), str(flair_z))
     assert _predict(run, zscored, flair_z, tmp_path / "z") == 2
     err = capsys.readouterr().err
     assert "would be the whole volume" in err and "--mask" in err and "z_t1c.nii.gz" in err
@@ -219,6 +224,17 @@ def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
         code = _predict(run, t1ce, bad, tmp_path / "x")
         assert code == 2
         assert message in capsys.readouterr().err
+    # one volume given twice, by the same path or as a copy
+    assert _predict(run, t1ce, t1ce, tmp_path / "x") == 2
+    assert "--t1ce and --flair are the same file" in capsys.readouterr().err
+    copy = tmp_path / "copy.nii.gz"
+    copy.write_bytes(t1ce.read_bytes())
+    assert _predict(run, t1ce, copy, tmp_path / "x") == 2
+    assert "hold the same voxels" in capsys.readouterr().err
+    # the outputs never land among the case's own files (its ground truth, in BraTS)
+    assert _predict(run, t1ce, flair, t1ce.parent) == 2
+    assert f"--out {t1ce.parent}: the folder of --t1ce" in capsys.readouterr().err
+    assert not (t1ce.parent / "seg.nii.gz").exists()
     assert _predict(tmp_path / "norun", t1ce, flair, tmp_path / "x") == 2
     assert "no such run folder" in capsys.readouterr().err
     fusion_only = tmp_path / "leader.pt"  # what `fuse4seg fusion train` writes
@@ -395,13 +411,20 @@ def test_scoring_a_case_whose_file_is_gone_names_the_file(phantom_dir, tmp_path,
 
 
 def test_predict_refuses_a_folder_in_an_output_files_place_before_writing(phantom_dir, tmp_path,
-                                                                           capsys):
-    """A ``seg.nii.gz`` that is a folder is refused before ``fused.nii.gz`` is written: the
-    folder never holds a new fused image beside an old segmentation."""
+                                                                           capsys, monkeypatch):
+    """A ``seg.nii.gz`` that is a folder is refused before the model runs (minutes at the
+    paper's size), so ``fused.nii.gz`` is never written beside an old segmentation."""
+    from fuse4seg import inference
+
     run = _make_run(tmp_path / "run")
     t1ce, flair = _case_files(sorted(phantom_dir.iterdir())[0])
     out = tmp_path / "out"
     (out / "seg.nii.gz").mkdir(parents=True)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model ran before the outputs were checked")
+
+    monkeypatch.setattr(inference, "predict_volume", never)
     assert _predict(run, t1ce, flair, out) == 2
     err = capsys.readouterr().err
     assert f"--out {out}: seg.nii.gz is a folder" in err
@@ -510,3 +533,22 @@ def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir,
     recorded["split"] = {"train": [], "val": [], "test": [case]}
     assert warned(recorded) == []
     assert not list((run / "checkpoints").glob("cache-*"))  # a checkpoint's cache: beside RUN
+
+    def warned_all(info: dict) -> list[str]:
+        (run / "run.json").write_text(json.dumps(info))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluate_run(run, phantom_dir, split="all", device="cpu")
+        return [str(w.message) for w in caught if "held out" in str(w.message)]
+
+    # --split all on the run's own data: every case but its test cases was seen
+    ours = warned_all({"cache": str(cache), "data_checksum": data_checksum(cache)})
+    split = load_manifest(cache)["split"]
+    seen = len(split["train"]) + len(split["val"])
+    assert len(ours) == 1 and f"{seen} of its {seen + len(split['test'])} cases are cases " \
+        "run" in ours[0] and "--split test" in ours[0]
+    # other data: named by the recorded split; silent where no split can be found
+    recorded["split"] = {"train": [case], "val": [], "test": []}
+    (message,) = warned_all(recorded)
+    assert f"trained or validated on ({case}), by the split the run recorded" in message
+    assert warned_all({"cache": str(tmp_path / "gone"), "data_checksum": "other"}) == []

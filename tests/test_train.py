@@ -405,6 +405,10 @@ def test_disjoint_follower_reads_a_kept_x_f_of_its_frozen_leader(phantom_cache, 
 def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):
     config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
     first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
+    # again without --resume: a finished run is named as finished, not "to continue"
+    with pytest.raises(ValueError, match="already holds a finished run of this code; --resume "
+                                         "reuses it"):
+        train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
     info_path = first.run_dir / "run.json"
     info = json.loads(info_path.read_text())
     from fuse4seg.utils import code_digest
@@ -771,3 +775,27 @@ def test_leader_drift_rebuilds_the_initial_live_and_ema_leaders(phantom_cache, t
         script.main()
     (result.run_dir / "checkpoints" / "last.pt").unlink()  # pruned: nothing to rebuild from
     assert leader_drift(result.run_dir) is None
+
+
+def test_a_cache_with_other_settings_names_only_what_differs_and_where_it_comes_from(tmp_path):
+    """A cache prepared for the plain profile, given to a run with ``--set data.crop_size``:
+    the error names the one setting, blames the ``--set`` (not the profile) and gives a
+    command that keeps it, into a new folder; ``evaluate`` (``split_free``) accepts a cache
+    that differs only in its split."""
+    from fuse4seg.data.slices import SETTINGS_FIELDS
+
+    config = smoke()
+    settings = json.loads(json.dumps({n: getattr(config.data, n) for n in SETTINGS_FIELDS}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"settings": settings}))
+    wider = get_config("smoke", {"data.crop_size": 96})
+    with pytest.raises(ValueError) as err:
+        resolve_cache(tmp_path, wider)
+    message = str(err.value)
+    assert f"data.crop_size {config.data.crop_size} (needed: 96)" in message
+    assert "than profile 'smoke' with --set data.crop_size=96 needs" in message
+    assert "--out NEW_CACHE --profile smoke --set data.crop_size=96`" in message
+    assert "downsample" not in message  # only what differs
+    reseeded = get_config("smoke", {"data.split_seed": config.data.split_seed + 1})
+    with pytest.raises(ValueError, match=r"data.split_seed \d+ \(needed: \d+\)"):
+        resolve_cache(tmp_path, reseeded)
+    assert resolve_cache(tmp_path, reseeded, split_free=True) == tmp_path

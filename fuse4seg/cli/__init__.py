@@ -45,8 +45,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
 DEBUG_HELP = "on an error, show Python's traceback, not only the one-line message"
 
 GROUP_HELP = {
-    "data": "find, check, prepare BraTS data; make the built-in phantom",
-    "fusion": "fusion-only training and evaluation on image pairs (Harvard, GFP-PC)",
+    "data": "Check and prepare BraTS data; make the built-in phantom.",
+    "fusion": "Fusion-only training and evaluation on image pairs (Harvard, GFP-PC).",
 }
 
 
@@ -103,8 +103,33 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
                          help=DEBUG_HELP)
         if only is None or path == only:
             add_arguments(sub)
-        sub.set_defaults(_run=run)
+        sub.set_defaults(_run=run, _parser=sub)
     return parser
+
+
+def _unrecognised(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """argparse's "unrecognized arguments" message, with the closest option of the verb
+    for each unknown one (``train --seed 1``: ``--set``, where ``train.seed=1`` goes)."""
+    import difflib
+
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    settings: dict[str, str] = {}
+    if "--set" in known:  # `--seed` of a verb that takes `--set train.seed=N`
+        from fuse4seg.config import get_config
+
+        for section, values in get_config("default").to_dict().items():
+            for name in values if isinstance(values, dict) else ():
+                settings.setdefault(name, f"{section}.{name}")
+    hints = []
+    for word in (w.split("=")[0] for w in extra if w.startswith("--")):
+        setting = settings.get(word[2:].replace("-", "_"))
+        close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+        if setting:
+            hints.append(f"{word}: did you mean --set {setting}=VALUE?")
+        elif close:
+            hints.append(f"{word}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(extra)}" + (
+        f" ({'; '.join(hints)} See --help.)" if hints else " (see --help)")
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
@@ -121,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_verb_in(argv) or ())
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the verb's usage, not the top level's, and the options close to each word
+        verb = getattr(args, "_parser", parser)
+        verb.error(_unrecognised(verb, extra))
     shown = warnings.formatwarning
     warnings.formatwarning = _format_warning
     try:
@@ -140,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{exc.filename}: {exc.strerror}"  # not "[Errno 13] ...: 'path'"
         else:
             message = str(exc)
+        # one line, also for a library's message with line breaks in it (nibabel's)
+        message = " ".join(part.strip() for part in message.splitlines() if part.strip())
         print(f"fuse4seg: error: {message}", file=sys.stderr)
         return 2
     finally:

@@ -39,6 +39,29 @@ def add_set(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def add_json(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--json [FILE]``: ``what`` as JSON, written to FILE (atomically) or, with no FILE,
+    printed instead of the table; as ``--json FILE`` of ``evaluate`` and ``study``."""
+    parser.add_argument(
+        "--json", nargs="?", const="-", metavar="FILE",
+        help=f"{what} as JSON: written to FILE, or printed instead of the table without FILE",
+    )
+
+
+def write_json(value, target: str) -> None:
+    """Print ``value`` as JSON (``target`` ``"-"``, a bare ``--json``) or write it to the file
+    ``target`` atomically, and say so."""
+    import json
+
+    from fuse4seg.utils import atomic_write_json
+
+    if target == "-":
+        print(json.dumps(value, indent=2))
+    else:
+        atomic_write_json(Path(target), value)
+        print(f"wrote {target}")
+
+
 def config_of(profile: str, pairs: list[str]):
     """The profile's config with the ``--set`` overrides ``pairs`` applied (checked)."""
     from fuse4seg.config import get_config, parse_overrides

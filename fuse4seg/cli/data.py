@@ -6,11 +6,19 @@ None of them imports torch at load time, and ``check`` not at all (``tests/test_
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from fuse4seg.cli.common import PROFILES, add_set, config_of, positive_int, seed_int
+from fuse4seg.cli.common import (
+    PROFILES,
+    add_json,
+    add_set,
+    config_of,
+    given,
+    positive_int,
+    seed_int,
+    write_json,
+)
 
 
 def phantom_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +73,7 @@ def check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of BraTS cases (or one case)")
     parser.add_argument("--layout", choices=_layouts(), help="force a layout (default: detect)")
     _pattern_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    add_json(parser, "the per-case summaries")
     parser.add_argument(
         "--workers", type=positive_int, default=1,
         help="process this many cases at once in separate processes (same output as 1)",
@@ -80,13 +88,19 @@ def check_main(args: argparse.Namespace) -> int:
     labels outside the scheme, unreadable file).
     """
     from fuse4seg.data.layouts import check_dataset, check_table
+    from fuse4seg.utils import check_output_file
 
+    if args.json not in (None, "-"):  # before any case is read
+        check_output_file(args.json, "--json", given(args, "DATA_DIR"))
     summaries = check_dataset(
-        args.data_dir, args.layout, progress=not args.json, workers=args.workers,
+        args.data_dir, args.layout, progress=args.json != "-", workers=args.workers,
         patterns=_patterns(args),
     )
     bad = [s for s in summaries if s["errors"]]
-    print(json.dumps(summaries, indent=2) if args.json else "\n".join(check_table(summaries)))
+    if args.json != "-":
+        print("\n".join(check_table(summaries)))
+    if args.json is not None:
+        write_json(summaries, args.json)
     for s in bad:
         for error in s["errors"]:
             error = error.removeprefix(f"case {s['case_id']}: ")

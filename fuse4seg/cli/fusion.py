@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fuse4seg.cli.common import (
     PAIR_KINDS,
     PROFILES,
+    add_json,
     add_set,
     config_of,
     given,
     positive_int,
     seed_int,
+    write_json,
 )
 
 
@@ -27,7 +28,8 @@ def _pair_arguments(parser: argparse.ArgumentParser) -> None:
         "--pairs", type=Path, required=True,
         help="Harvard folder (holding PET-MRI/, ...) or the GFP folder (GFP/, PC/)",
     )
-    parser.add_argument("--kind", required=True, choices=PAIR_KINDS)
+    parser.add_argument("--kind", required=True, choices=PAIR_KINDS,
+                        help="which pairs: a Harvard kind (KIND/train/) or GFP-PC")
     parser.add_argument("--only", help="comma-separated pair names to use (default: all)")
     parser.add_argument("--exclude", help="comma-separated pair names to leave out")
     parser.add_argument("--max-pairs", type=positive_int,
@@ -105,13 +107,16 @@ def fusion_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _pair_arguments(parser)
     parser.add_argument("--split", choices=["train", "test"],
                         help="Harvard split to score (default: test; GFP-PC has one set)")
-    parser.add_argument("--convention", default="standard", choices=_conventions())
+    parser.add_argument(
+        "--convention", default="standard", choices=_conventions(),
+        help="which definitions to use (see the book's fusion-metrics appendix); default standard",
+    )
     parser.add_argument("--json", type=Path, help="write the metrics (per pair and mean) here")
     parser.add_argument("--images", type=Path, help="write fused grey and colour PNGs here")
 
 
 def fusion_evaluate_main(args: argparse.Namespace) -> int:
-    """Fuse the test pairs with a trained leader or a classical rule and score them.
+    """Fuse a split's pairs (default: test) with a trained leader or a rule, and score them.
 
     Prints the mean of every metric under the chosen convention(s); --json writes per-pair and
     mean values, --images the fused Y and colour PNGs.
@@ -172,12 +177,12 @@ def metrics_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics", help=f"comma-separated subset (default: {','.join(METRICS)},MSE)"
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json(parser, "the metrics (folder mode: per pair and mean)")
     parser.add_argument("--csv", type=Path, help="folder mode: write one row per pair here")
 
 
 def metrics_main(args: argparse.Namespace) -> int:
-    """Fusion quality metrics (EN, SD, MI, PSNR, SF, Qabf, SSIM, VIF, SCD) of fused images.
+    """Fusion quality metrics of fused images: EN, SD, MI, PSNR, SF, Qabf, SSIM, VIF, SCD, MSE.
 
     Give three files for one pair, or three folders (matched by file name) to score every pair;
     --csv writes the per-pair values in folder mode. Every output names its convention.
@@ -196,30 +201,35 @@ def metrics_main(args: argparse.Namespace) -> int:
 
     conventions = conventions_of(args.convention)
     metrics = parse_metric_names(args.metrics)
+    inputs = given(args, "--fused", "--a", "--b")
     if args.csv is not None and args.fused.is_dir():
-        check_output_file(args.csv, "--csv", given(args, "--fused", "--a", "--b"))
+        check_output_file(args.csv, "--csv", inputs)
+    if args.json not in (None, "-"):
+        check_output_file(args.json, "--json", inputs)
     if args.fused.is_dir():
         results = score_folder(args.fused, args.a, args.b, conventions, metrics)
         if args.csv is not None:
             write_csv(args.csv, results)
-        if args.json:
-            print(json.dumps(nan_to_none(results), indent=2))
-        else:
+        if args.json != "-":
             n = len(next(iter(results.values()))["per_pair"])
             means = {conv: res["mean"] for conv, res in results.items()}
             print("\n".join(table_lines(means, f"convention: {{conv}}; mean over {n} pairs "
                                                 f"of {args.fused}")))
-            print(f"wrote {args.csv}" if args.csv is not None
-                  else "(the per-pair values: --csv FILE or --json)")
+            if args.csv is not None:
+                print(f"wrote {args.csv}")
+            elif args.json is None:
+                print("(the per-pair values: --csv FILE or --json [FILE])")
+        if args.json is not None:
+            write_json(nan_to_none(results), args.json)
         return 0
     check_pair_files(args.fused, args.a, args.b)
     if args.csv is not None:
         raise ValueError("--csv is for folder mode (--fused FOLDER); use --json for one pair")
     results = score_pair(args.fused, args.a, args.b, conventions, metrics)
-    if args.json:
-        out = {"fused": str(args.fused), "a": str(args.a), "b": str(args.b), "metrics": results}
-        print(json.dumps(nan_to_none(out), indent=2))
-    else:
+    if args.json != "-":
         header = f"convention: {{conv}}; fused {args.fused}; A {args.a}; B {args.b}"
         print("\n".join(table_lines(results, header)))
+    if args.json is not None:
+        out = {"fused": str(args.fused), "a": str(args.a), "b": str(args.b), "metrics": results}
+        write_json(nan_to_none(out), args.json)
     return 0

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fuse4seg.cli.common import PROFILES, add_set, config_of, given, positive_int, seed_int
@@ -134,14 +133,15 @@ def evaluate_main(args: argparse.Namespace) -> int:
     )
     lines = [
         f"{result['method']} ({result['profile']}), {result['split']} split, "
-        f"{len(result['cases'])} cases, checkpoint {result['checkpoint']}"
+        f"{len(result['cases'])} case{'s' * (len(result['cases']) != 1)}, checkpoint "
+        f"{result['checkpoint']}"
     ]
-    for name, values in result["mean"].items():
-        lines.append(f"  {name:>10}: Dice {values['dice']:.4f}  IoU {values['iou']:.4f}")
-    lines.append(f"  mean Dice (NCR, ED, ET) {result['mean_dice']:.4f}")
+    for name, values in result["mean"].items():  # "mean": of NCR, ED and ET (the paper's)
+        label = "mean (NCR, ED, ET)" if name == "mean" else name
+        lines.append(f"  {label:>18}: Dice {values['dice']:.4f}  IoU {values['iou']:.4f}")
+    if args.json is not None:
+        lines.append(f"wrote {args.json}")
     print("\n".join(lines))
-    if args.json is None:
-        print(json.dumps({"mean_dice": result["mean_dice"], "mean_iou": result["mean_iou"]}))
     return 0
 
 
@@ -184,7 +184,12 @@ def predict_main(args: argparse.Namespace) -> int:
             print(f"wrote {written[key]}")
     if written["fused"] is None:
         print("(a 2-channel method has no fused image)")
-    print(f"labels ({written['scheme']} scheme): {written['label_counts']}")
+    from fuse4seg.data.labels import CANONICAL_NAMES, EXPORT
+
+    values = EXPORT[written["scheme"]]  # the value each class has in the written file
+    print(f"labels in seg.nii.gz ({written['scheme']} scheme), voxels: " + ", ".join(
+        f"{name} = {values[i]}: {written['label_counts'][name]}"
+        for i, name in enumerate(CANONICAL_NAMES)))
     return 0
 
 

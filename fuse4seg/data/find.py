@@ -17,6 +17,7 @@ __all__ = [
     "CaseFiles",
     "DataError",
     "detect_layout",
+    "expected_names",
     "find_cases",
 ]
 
@@ -100,19 +101,18 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
     its file is already another role's (e.g. ``--t1ce-pattern '*.nii.gz'`` also matching the
     FLAIR file).
 
-    Returns ``None`` when explicit patterns are given and neither the T1ce nor the FLAIR
-    pattern matches any file: the folder is not a case (without patterns, never ``None``).
+    Returns ``None`` when explicit patterns are given and the folder holds no NIfTI file: it
+    is not a case (without patterns, never ``None``). A folder with NIfTI files that neither
+    image pattern matches is a case with a problem for each, a bad case that ``data check``
+    lists and ``--skip-bad`` leaves out like any other.
     """
     files = _nifti_files(folder)
     paths: dict[str, Path | None] = {}
     problems: dict[str, str] = {}
-    matched: set[str] = set()  # the roles whose explicit pattern matched at least one file
     for key, regex in NAMED_PATTERNS.items():
         if patterns and patterns.get(key):
             flag = f"--{key.replace('_', '-')}-pattern {patterns[key]!r}"
             hits = sorted(p for p in folder.glob(patterns[key]) if p in files)
-            if hits:
-                matched.add(key)
             if len(hits) > 1:
                 problems[key] = (f"{flag} matches {len(hits)} files in {folder} "
                                  f"({', '.join(p.name for p in hits)}); give a pattern that "
@@ -124,7 +124,7 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
         else:
             hits = [p for p in files if re.search(regex, _stem(p))]
         paths[key] = hits[0] if hits else None
-    if patterns and not matched & {"t1ce", "flair"}:
+    if patterns and not files:
         return None
     roles: dict[Path, str] = {}
     for key, path in paths.items():
@@ -171,27 +171,33 @@ def _unrecognised(folder: Path, files: list[Path]) -> DataError:
     )
 
 
+_LAYOUT_FILES: dict[str, dict[str, list[str]]] = {
+    # layout -> role -> the file-name stems looked for (first match in name order)
+    "brats2021": {"t1ce": ["*_t1ce"], "flair": ["*_flair"], "seg": ["*_seg"]},
+    "brats2023": {"t1ce": ["*-t1c"], "flair": ["*-t2f"], "seg": ["*-seg"]},
+    "brats2013": {
+        "t1ce": ["T1c*"],
+        "flair": ["Flair*"],
+        "seg": ["OTMultiClass*", "OT*"],
+        "mask": ["brainmask*"],
+    },
+}
+
+
+def expected_names(layout: str, role: str) -> str:
+    """The file names a ``layout``'s case folder is searched for its ``role`` file, for an
+    error message (``"*_flair.nii.gz or *_flair.nii"``; ``""`` where the layout has none)."""
+    stems = _LAYOUT_FILES.get(layout, {}).get(role, [])
+    return " or ".join(f"{stem}{ext}" for stem in stems for ext in NIFTI)
+
+
 def _case_files(folder: Path, layout: str) -> CaseFiles:
-    if layout == "brats2021":
-        find = {
-            "t1ce": ["*_t1ce"],
-            "flair": ["*_flair"],
-            "seg": ["*_seg"],
-        }
-    elif layout == "brats2023":
-        find = {"t1ce": ["*-t1c"], "flair": ["*-t2f"], "seg": ["*-seg"]}
-    elif layout == "brats2013":
-        find = {
-            "t1ce": ["T1c*"],
-            "flair": ["Flair*"],
-            "seg": ["OTMultiClass*", "OT*"],
-            "mask": ["brainmask*"],
-        }
-    elif layout == "named":
+    if layout == "named":
         return _named_case(folder)
-    else:
+    if layout not in _LAYOUT_FILES:
         raise DataError(f"{folder}: unknown layout {layout!r}; choose one of {LAYOUTS}")
-    paths = {key: _first(folder, _nifti_patterns(stems)) for key, stems in find.items()}
+    paths = {key: _first(folder, _nifti_patterns(stems))
+             for key, stems in _LAYOUT_FILES[layout].items()}
     return CaseFiles(case_id=folder.name, layout=layout, paths=paths)
 
 
@@ -249,16 +255,10 @@ def find_cases(
         for folder in folders:
             if patterns:
                 case = _named_case(folder, patterns)
-                # a folder where neither image pattern matches anything is not a case; one
-                # whose pattern matches several files is, and is reported bad when read
-                if case is None:
-                    if _nifti_files(folder):
-                        raise DataError(
-                            f"case folder {folder}: no file matches the patterns {patterns}; "
-                            f"files found: {', '.join(p.name for p in _nifti_files(folder))}"
-                        )
-                    continue
-                cases.append(case)
+                # a folder without NIfTI files is not a case; one whose patterns match no
+                # file, or several, is, and is reported bad when read
+                if case is not None:
+                    cases.append(case)
                 continue
             found = detect_layout(folder)
             if found is None:

@@ -67,6 +67,7 @@ from fuse4seg.data.find import (  # noqa: F401  (part of this module's API)
     CaseFiles,
     DataError,
     detect_layout,
+    expected_names,
     find_cases,
 )
 from fuse4seg.data.labels import (
@@ -429,8 +430,16 @@ def _canonical_seg(raw: np.ndarray, scheme: str, where: str) -> np.ndarray:
 def _require(files: CaseFiles, key: str, what: str) -> Path:
     path = files.paths.get(key)
     if path is None:
-        raise DataError(f"case {files.case_id}: missing {what} file ({files.layout} layout)")
+        raise DataError(_missing(files, key, what))
     return path
+
+
+def _missing(files: CaseFiles, key: str, what: str) -> str:
+    """The error of a case without its ``key`` file: the file names looked for, if the
+    layout has them."""
+    names = expected_names(files.layout, key)
+    looked = f": no {names} in its folder" if names else ""
+    return f"case {files.case_id}: missing {what} file{looked} ({files.layout} layout)"
 
 
 def load_case(
@@ -517,7 +526,7 @@ def load_case(
     seg_path = files.paths.get("seg")
     if seg_path is None:
         if require_seg:
-            raise DataError(f"case {cid}: missing segmentation file ({files.layout} layout)")
+            raise DataError(_missing(files, "seg", "segmentation"))
     else:
         seg_raw, seg_affine, _ = read("seg", seg_path, "segmentation")
         _check_same_grid(cid, t1ce, t1ce_affine, t1ce_path, seg_raw, seg_affine, seg_path)

@@ -300,8 +300,8 @@ def prepare_cache(
             if not had_cases:  # the arrays this call began to write, in a folder it did not make
                 shutil.rmtree(cache_dir / "cases", ignore_errors=True)
         if isinstance(err, DataError) and not skip_bad:
-            raise DataError(f"{err}\n  `fuse4seg data check {data_dir}` lists every bad case; "
-                            "`fuse4seg data prepare --skip-bad` prepares the others") from err
+            raise DataError(f"{err} (`fuse4seg data check {data_dir}` lists every bad case; "
+                            "`fuse4seg data prepare --skip-bad` prepares the others)") from err
         raise
 
 

@@ -64,6 +64,7 @@ def resolve_cache(
     cache: str | Path | None = None,
     runs_dir: str | Path | None = None,
     progress: bool = True,
+    split_free: bool = False,
 ) -> Path:
     """The prepared slice cache to train on.
 
@@ -73,6 +74,9 @@ def resolve_cache(
         cache: where to prepare the cache of a raw folder (default
             ``runs_dir/cache-<hash of the data path and settings>``).
         runs_dir: the runs folder (needed when ``cache`` is not given for a raw folder).
+        split_free: a prepared cache may differ from ``config.data`` in its split settings
+            (``split_seed``, ``split_fractions``): ``evaluate``, which takes the split from
+            the cache's manifest and checks it against the run's (``--split``).
 
     Returns:
         The cache folder.
@@ -89,16 +93,13 @@ def resolve_cache(
         raise FileNotFoundError(f"--data {data}: no such folder")
     if (data / "manifest.json").exists():
         manifest = load_manifest(data)
-        wanted = json.loads(
-            json.dumps({name: getattr(config.data, name) for name in SETTINGS_FIELDS})
-        )
-        if manifest.get("settings") != wanted:
-            raise ValueError(
-                f"--data {data}: the cache was prepared with settings {manifest.get('settings')}"
-                f", but profile {config.profile!r} needs {wanted}; prepare it again with "
-                f"`fuse4seg data prepare RAW --out {data} --profile {config.profile}` or give the "
-                f"raw folder"
-            )
+        free = ("split_seed", "split_fractions") if split_free else ()
+        wanted = json.loads(json.dumps(
+            {name: getattr(config.data, name) for name in SETTINGS_FIELDS if name not in free}
+        ))
+        have = {k: v for k, v in (manifest.get("settings") or {}).items() if k not in free}
+        if have != wanted:
+            raise ValueError(_settings_mismatch(data, have, wanted, config))
         return data
     flag = "--cache"
     if cache is None:
@@ -111,6 +112,31 @@ def resolve_cache(
         flag = "the slice cache"
     prepare_cache(data, cache, config.data, progress=progress, flag=flag)
     return Path(cache)
+
+
+def _settings_mismatch(data: Path, have: dict[str, Any], wanted: dict[str, Any],
+                       config: Config) -> str:
+    """The error for a cache prepared with other data settings: only the settings that
+    differ, where the wanted ones come from (the profile, or ``--set`` on top of it), and the
+    command that prepares a matching cache in a new folder (other runs may use this one)."""
+    from fuse4seg.config import get_config
+
+    def setting(name: str, value: Any) -> str:
+        return f"data.{name}={json.dumps(value, separators=(',', ':'))}"
+
+    names = [n for n in wanted if have.get(n) != wanted[n]]
+    names += [n for n in have if n not in wanted]
+    differ = ", ".join(f"data.{n} {json.dumps(have.get(n))} (needed: {json.dumps(wanted.get(n))})"
+                       for n in names)
+    profile = json.loads(json.dumps(get_config(config.profile).to_dict()["data"]))
+    overridden = [n for n in wanted if profile.get(n) != wanted[n]]
+    source = f"profile {config.profile!r}" + (
+        " with --set " + ", ".join(setting(n, wanted[n]) for n in overridden)
+        if overridden else "")
+    sets = "".join(f" --set {setting(n, wanted[n])}" for n in overridden)
+    return (f"--data {data}: the cache was prepared with other data settings than {source} "
+            f"needs: {differ}. Prepare a matching cache in a new folder, `fuse4seg data prepare "
+            f"RAW --out NEW_CACHE --profile {config.profile}{sets}`, or give the raw folder")
 
 
 def data_checksum(cache_dir: str | Path) -> str:

@@ -484,7 +484,10 @@ def train(
         return TrainResult(run_dir, runs.read_metrics(run_dir), done["best"], True)
     if last.exists() and not resume:
         raise ValueError(
-            f"{run_dir} already holds a run; pass --resume to continue it (or delete the folder)"
+            f"{run_dir} already holds a finished run of this code; --resume reuses it, or "
+            "delete the folder to train it again" if runs.finished_run(run_dir) is not None
+            else f"{run_dir} already holds a run; pass --resume to continue it (or delete the "
+            "folder)"
         )
     trainer = Trainer(
         config, method, cache_dir, run_dir, checkpoint_every_steps, progress, ablation, device
