@@ -455,6 +455,13 @@ def predict_files(
         m, affine_m, _ = load_volume(mask, "brain mask")
         if m.shape != a.shape or not np.allclose(affine, affine_m, atol=1e-3):
             raise ValueError(f"--mask {mask}: not on the grid of {t1ce}")
+        levels = np.unique(m[m != 0])
+        if levels.size > 1:  # 0/1 or 0/255 is a mask; 0/1/2/4 is a label map
+            import warnings
+
+            warnings.warn(f"--mask {mask}: {levels.size} non-zero values ("
+                          f"{', '.join(f'{v:g}' for v in levels[:5])}), not a binary mask; is it "
+                          "a label map? Every voxel above 0.5 is taken as brain", stacklevel=2)
         brain = m > 0.5
     else:
         brain = (a != 0) | (b != 0)

@@ -94,8 +94,13 @@ def test_os_errors_name_the_asked_for_file_and_a_bad_device_fails_first(tmp_path
     assert main(["data", "phantom", "--out", str(blocker / "x"), "--cases", "1",
                  "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"{blocker / 'x'}" in err and "cannot write there (Not a directory)" in err
+    assert f"--out {blocker / 'x'}: {blocker} is a file, not a folder" in err
     assert ".tmp" not in err and "[Errno" not in err
+    # --restart-if-code-changed only means something with --resume
+    assert main(["train", "--method", "average", "--profile", "smoke", "--data", str(tmp_path),
+                 "--out", str(tmp_path / "runs"), "--restart-if-code-changed"]) == 2
+    assert "give it with --resume" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
     # train checks --device before it prepares anything
     assert main(["train", "--method", "average", "--profile", "smoke", "--data",
                  str(tmp_path), "--out", str(tmp_path / "runs"), "--device", "foo"]) == 2

@@ -427,8 +427,10 @@ def test_prepare_refuses_a_folder_of_other_files_and_cleans_an_empty_one(brats20
 
 def test_prepare_cli(shared_data, tmp_path, capsys):
     out = tmp_path / "cache"
-    assert cli_main(["data", "prepare", str(shared_data / "brats"), "--out", str(out),
-                     "--profile", "smoke"]) == 0
+    with pytest.warns(UserWarning, match=r"its test split is empty \(2 cases, "
+                                         r"data.split_fractions \[[0-9., ]+\]\): add cases"):
+        assert cli_main(["data", "prepare", str(shared_data / "brats"), "--out", str(out),
+                         "--profile", "smoke"]) == 0
     assert "2 cases" in capsys.readouterr().out
     ds = SliceDataset(out, "all")
     labels = set()

@@ -262,6 +262,14 @@ def test_predict_with_a_brain_mask(phantom_dir, tmp_path):
     seg = np.asarray(nib.load(str(out / "seg.nii.gz")).dataobj)
     assert set(np.unique(seg[mask == 0])) == {0}
     assert (seg[mask == 1] == 2).mean() > 0.9
+    # a label map given as --mask is said (its voxels above 0.5 are still the brain)
+    labels = tmp_path / "labels.nii.gz"
+    label_map = mask * np.uint8(4)
+    label_map[110:120, 100:140, 60:90] = 2  # ED inside ET: 0/2/4, as a BraTS seg
+    nib.save(nib.Nifti1Image(label_map, image.affine), str(labels))
+    with pytest.warns(UserWarning, match=r"--mask .*labels.nii.gz: 2 non-zero values .*not a "
+                                         r"binary mask; is it a label map\?"):
+        assert _predict(run, t1ce, flair, tmp_path / "o2", "--mask", labels) == 0
 
 
 def test_a_mask_that_never_passes_one_half_is_named(phantom_dir, tmp_path, capsys):

@@ -27,7 +27,7 @@ def phantom_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed_int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     parser.add_argument(
-        "--workers", type=positive_int, default=1,
+        "--workers", type=positive_int, default=1, metavar="N",
         help="write cases in N processes (same bytes as one; default 1)",
     )
 
@@ -39,7 +39,9 @@ def phantom_main(args: argparse.Namespace) -> int:
     the MNI152 maps inside nilearn; see ``fuse4seg.data.phantom`` and chapter 1.
     """
     from fuse4seg.data.phantom import write_phantom_dataset
+    from fuse4seg.utils import check_output_folder
 
+    check_output_folder(args.out, "--out")  # named as given, before any case is made
     folders = write_phantom_dataset(
         args.out, cases=args.cases, seed=args.seed, progress=not args.quiet,
         workers=args.workers,
@@ -75,8 +77,8 @@ def check_arguments(parser: argparse.ArgumentParser) -> None:
     _pattern_arguments(parser)
     add_json(parser, "the per-case summaries")
     parser.add_argument(
-        "--workers", type=positive_int, default=1,
-        help="process this many cases at once in separate processes (same output as 1)",
+        "--workers", type=positive_int, default=1, metavar="N",
+        help="process N cases at once in separate processes (same output as 1)",
     )
 
 
@@ -116,8 +118,8 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     _pattern_arguments(parser)
     add_set(parser, "data.crop_size=192")
     parser.add_argument(
-        "--workers", type=positive_int, default=1,
-        help="process this many cases at once in separate processes (same output as 1)",
+        "--workers", type=positive_int, default=1, metavar="N",
+        help="process N cases at once in separate processes (same output as 1)",
     )
     parser.add_argument(
         "--skip-bad", action="store_true",
@@ -153,6 +155,16 @@ def prepare_main(args: argparse.Namespace) -> int:
         f"{manifest['num_slices']} slices, split {split}"
         + (f"; {len(skipped)} bad case(s) left out" if skipped else "")
     )
+    empty = [name for name in ("val", "test") if not manifest["split"].get(name)]
+    if empty and changed:
+        import warnings
+
+        n = len(manifest["cases"])
+        warnings.warn(
+            f"--out {args.out}: its {' and '.join(empty)} "
+            f"{'split is' if len(empty) == 1 else 'splits are'} empty ({n} case{'s' * (n != 1)}, "
+            f"data.split_fractions {list(config.data.split_fractions)}): add cases, or score "
+            "other data with `fuse4seg evaluate --split all`", stacklevel=2)
     for entry in skipped:  # the loader's message often starts "case ID: " already
         print(f"  left out {entry['case_id']}: "
               + str(entry["error"]).removeprefix(f"case {entry['case_id']}: "))

@@ -34,7 +34,8 @@ def _pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", help="comma-separated pair names to leave out")
     parser.add_argument("--max-pairs", type=positive_int,
                         help="use at most N pairs (sorted by name)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: config)")
+    parser.add_argument("--device", default=None,
+                        help="auto, cpu, cuda or cuda:N (default: the config's)")
 
 
 def _load_pairs(args: argparse.Namespace, split: str):

@@ -32,7 +32,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: warn and continue)",
     )
     add_set(parser, "train.inner_steps=3")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default: the config's)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
     parser.add_argument(
         "--checkpoint-every-steps", type=positive_int, metavar="N",
         help="also write checkpoints/last.pt every N outer steps",
@@ -56,6 +56,9 @@ def train_main(args: argparse.Namespace) -> int:
     from fuse4seg.train.trainer import train
     from fuse4seg.utils import check_output_folder
 
+    if args.restart_if_code_changed and not args.resume:
+        raise ValueError("--restart-if-code-changed decides what --resume does with a run of "
+                         "other fuse4seg code: give it with --resume")
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
     check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
     result = train(
@@ -89,7 +92,8 @@ def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
     checkpoint, where, and how many slices per forward pass."""
     parser.add_argument("--which", choices=["best", "ema", "last"],
                         help="checkpoint of a run folder (default: best, else ema)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="slices per forward pass (default: 4 on a CPU, 16 on a GPU)")
 
@@ -132,8 +136,9 @@ def evaluate_main(args: argparse.Namespace) -> int:
         device=args.device, batch_size=args.batch_size, cache=args.cache, progress=True,
     )
     lines = [
-        f"{result['method']} ({result['profile']}), {result['split']} split, "
-        f"{len(result['cases'])} case{'s' * (len(result['cases']) != 1)}, checkpoint "
+        f"{result['method']} ({result['profile']}), "
+        + ("all " if result["split"] == "all" else f"{result['split']} split, ")
+        + f"{len(result['cases'])} case{'s' * (len(result['cases']) != 1)}, checkpoint "
         f"{result['checkpoint']}"
     ]
     for name, values in result["mean"].items():  # "mean": of NCR, ED and ET (the paper's)
@@ -206,7 +211,7 @@ def study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="raw folder or prepared cache")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
     add_set(parser, "train.rollout_epochs=20")
-    parser.add_argument("--device", help="auto, cpu, cuda (default: the config's)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
     parser.add_argument("--json", type=Path, help="write per-seed, per-case scores here")
 
 

@@ -329,7 +329,7 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
         array = np.asarray(array, dtype=np.float32)
         if not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).sum())
-            raise DataError(f"{path}: {bad} voxels are NaN or inf")
+            raise DataError(f"{path}: {bad} voxel{'s are' if bad != 1 else ' is'} NaN or inf")
     if above is not None:
         array = (array if array.dtype.kind in "iu" else _as_float32(array)) > above
     return array, np.asarray(image.affine, dtype=np.float64), image.header, digest

@@ -306,7 +306,7 @@ class Trainer:
         S = self.steps_per_epoch
         done = (self.epoch - 1) * S + self.step_in_epoch
         bar = tqdm(total=self.total_epochs * S, initial=done, disable=not self.progress,
-                   unit="step", dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True, desc=self.method)
         started = time.perf_counter() - self.elapsed
         try:
             while self.epoch <= self.total_epochs:
