@@ -799,3 +799,11 @@ def test_a_cache_with_other_settings_names_only_what_differs_and_where_it_comes_
     with pytest.raises(ValueError, match=r"data.split_seed \d+ \(needed: \d+\)"):
         resolve_cache(tmp_path, reseeded)
     assert resolve_cache(tmp_path, reseeded, split_free=True) == tmp_path
+    # a config file's own profile name: the command names a shipped profile and every setting
+    # that differs from it, so that it runs
+    import dataclasses
+
+    own = dataclasses.replace(wider, profile="mine")
+    with pytest.raises(ValueError) as err:
+        resolve_cache(tmp_path, own)
+    assert "--profile paper --set data.downsample=4 --set data.crop_size=96" in str(err.value)

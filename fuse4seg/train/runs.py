@@ -119,7 +119,7 @@ def _settings_mismatch(data: Path, have: dict[str, Any], wanted: dict[str, Any],
     """The error for a cache prepared with other data settings: only the settings that
     differ, where the wanted ones come from (the profile, or ``--set`` on top of it), and the
     command that prepares a matching cache in a new folder (other runs may use this one)."""
-    from fuse4seg.config import get_config
+    from fuse4seg.config import ConfigError, get_config
 
     def setting(name: str, value: Any) -> str:
         return f"data.{name}={json.dumps(value, separators=(',', ':'))}"
@@ -128,15 +128,20 @@ def _settings_mismatch(data: Path, have: dict[str, Any], wanted: dict[str, Any],
     names += [n for n in have if n not in wanted]
     differ = ", ".join(f"data.{n} {json.dumps(have.get(n))} (needed: {json.dumps(wanted.get(n))})"
                        for n in names)
-    profile = json.loads(json.dumps(get_config(config.profile).to_dict()["data"]))
+    name = config.profile
+    try:
+        base = get_config(name)
+    except ConfigError:  # a config file's own profile name: its settings sit on paper's
+        name, base = "paper", get_config("paper")
+    profile = json.loads(json.dumps(base.to_dict()["data"]))
     overridden = [n for n in wanted if profile.get(n) != wanted[n]]
-    source = f"profile {config.profile!r}" + (
+    source = f"profile {name!r}" + (
         " with --set " + ", ".join(setting(n, wanted[n]) for n in overridden)
         if overridden else "")
     sets = "".join(f" --set {setting(n, wanted[n])}" for n in overridden)
     return (f"--data {data}: the cache was prepared with other data settings than {source} "
             f"needs: {differ}. Prepare a matching cache in a new folder, `fuse4seg data prepare "
-            f"RAW --out NEW_CACHE --profile {config.profile}{sets}`, or give the raw folder")
+            f"RAW --out NEW_CACHE --profile {name}{sets}`, or give the raw folder")
 
 
 def data_checksum(cache_dir: str | Path) -> str:
