@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fuse4seg.study import case_scores, format_signed, paired_difference
+from fuse4seg.formatting import format_signed
+from fuse4seg.study import case_scores, paired_difference
 
 
 def scores(runs: Path, method: str) -> dict[int, dict[str, float]]:

@@ -98,8 +98,9 @@ def fold_cache(cache: Path, split: dict[str, list[str]], where: Path) -> Path:
 
 
 def table(results, methods, seeds, cases, data_name, profile) -> list[str]:
+    from fuse4seg.formatting import format_signed
     from fuse4seg.metrics.segmentation import tumour_mean
-    from fuse4seg.study import format_signed, paired_difference
+    from fuse4seg.study import paired_difference
 
     out = [f"Test Dice per case (mean over NCR, ED, ET; mean over seeds {seeds}); {data_name}; "
            f"profile `{profile}`; each case scored by the models of the fold that held it out.",

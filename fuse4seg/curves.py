@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from fuse4seg.results import format_mean_sd, mean_sd
-from fuse4seg.study import format_signed
+from fuse4seg.formatting import format_mean_sd, format_signed
+from fuse4seg.results import mean_sd
 
 __all__ = ["config_differences", "curve", "load_report", "plateau", "plot_learning_curves",
            "rollout_targets", "summary_markdown", "warmup_noise"]

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from fuse4seg.formatting import format_mean_sd, format_signed
 from fuse4seg.paper import TABLE1, TABLE3
-from fuse4seg.study import SeedResult, case_scores, format_signed, paired_difference
+from fuse4seg.study import SeedResult, case_scores, paired_difference
 from fuse4seg.train.methods import ABLATIONS, METHODS, SPECS
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "collect",
     "compare",
     "comparison_markdown",
-    "format_mean_sd",
     "mean_sd",
     "per_case_markdown",
     "per_case_table",
@@ -227,16 +227,6 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     if array.size == 0:
         raise ValueError("mean_sd: no values")
     return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
-
-
-def format_mean_sd(value: tuple[float, float | None] | float, digits: int = 3) -> str:
-    """``"0.512 ± 0.034"``, or ``"0.512"`` without an sd.
-
-    The space after ``±`` is a no-break space (U+00A0): a narrow table cell then wraps only
-    before the ``±`` ("0.512" over "± 0.034"), never between the sign and its number.
-    """
-    mean, sd = value if isinstance(value, tuple) else (value, None)
-    return f"{mean:.{digits}f}" + (f" ±\u00a0{sd:.{digits}f}" if sd is not None else "")
 
 
 def summary_rows(

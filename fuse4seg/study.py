@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from fuse4seg.formatting import format_signed
+
 __all__ = [
     "MIN_CASES",
     "SeedResult",
@@ -42,7 +44,6 @@ __all__ = [
     "check_seeds",
     "evaluate_cached",
     "evaluation_key",
-    "format_signed",
     "paired_difference",
     "run_study",
     "train_one",
@@ -400,24 +401,6 @@ MIN_CASES = 5
 """Fewer test cases than this and the bootstrap cannot stand for the spread of the population
 (with 2 cases it has 3 distinct means): the verdict then reports the difference as descriptive
 only, whatever the interval."""
-
-
-def format_signed(value: float, digits: int = 3) -> str:
-    """``value`` with its sign and ``digits`` decimals (``"+0.012"``, ``"-0.045"``).
-
-    A value that rounds to zero keeps as many more decimals (up to three) as show its sign:
-    ``"-0.0004"``, not ``"-0.000"``, so a reader sees on which side of 0 an interval's bound
-    lies. Zero itself is ``"0.000"``; a value still zero at ``digits + 3`` decimals is written
-    in exponent form (``"-2.0e-08"``).
-    """
-    value = float(value)
-    if value == 0:
-        return f"{0.0:.{digits}f}"
-    for places in range(digits, digits + 4):
-        text = f"{value:+.{places}f}"
-        if text.strip("+-0."):  # a non-zero digit (or nan, inf) shows
-            return text
-    return f"{value:+.1e}"
 
 
 def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None) -> str:

@@ -92,7 +92,7 @@ PAGE_STATE_JS = r"""(() => {
     .filter((t) => rawRow.test(t) || dashRow.test(t))
     .map((t) => t.slice(0, 160));
   // table cells where a "± sd" is broken over lines: the text from the ± on has line boxes
-  // at more than one height (fuse4seg.results.format_mean_sd binds the sd to its sign)
+  // at more than one height (fuse4seg.formatting.format_mean_sd binds the sd to its sign)
   const splitSd = Array.from(article.querySelectorAll("td"))
     .filter((td) => td.textContent.includes("\u00b1"))
     .filter((td) => {

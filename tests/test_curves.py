@@ -123,7 +123,7 @@ def test_the_summary_table_has_a_row_per_method_with_its_verdict():
         for s in range(3)]}}}
     row = curves.summary_markdown(report).splitlines()[2]
     assert "| +0.010, epochs 6→8 (0.100) | not yet; 3 of 3 |" in row
-    # mean ± sd, the sd bound to its sign by a no-break space (results.format_mean_sd)
+    # mean ± sd, the sd bound to its sign by a no-break space (formatting.format_mean_sd)
     assert "±\u00a0" in rows[0] and " ± " not in text
     # the stage-change table has a row only for the method with a warm-up and a rollout
     stage = [line for line in second.splitlines() if line.startswith("| `")]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fuse4seg import results as R
+from fuse4seg.formatting import format_mean_sd
 from fuse4seg.paper import TABLE1, TABLE3
 from fuse4seg.study import SeedResult
 
@@ -51,9 +52,9 @@ def test_mean_and_sample_sd_over_seeds_by_hand():
 def test_one_seed_has_no_sd_and_formats_without_one():
     (row,) = R.summary_rows({"max": [_seed("max", 0, {"c1": (0.1, 0.2, 0.3)})]})
     assert row["NCR_dice"] == (pytest.approx(0.1), None)
-    assert R.format_mean_sd(row["NCR_dice"]) == "0.100"
+    assert format_mean_sd(row["NCR_dice"]) == "0.100"
     # a no-break space binds the sd to its sign: a narrow cell wraps only before the ±
-    assert R.format_mean_sd((0.51234, 0.0345)) == "0.512 ±\u00a00.035"
+    assert format_mean_sd((0.51234, 0.0345)) == "0.512 ±\u00a00.035"
     with pytest.raises(ValueError, match="no values"):
         R.mean_sd([])
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fuse4seg.study import format_signed, paired_difference, verdict
+from fuse4seg.formatting import format_signed
+from fuse4seg.study import paired_difference, verdict
 
 
 def test_a_constant_difference_has_a_point_interval():
