@@ -50,8 +50,9 @@ def label_legend(target, **kwargs: Any):
     """
     from matplotlib.patches import Patch
 
-    names = {1: "NCR", 2: "ED", 3: "ET"}
-    handles = [Patch(color=LABEL_COLOURS[k], label=names[k]) for k in names]
+    from fuse4seg.data.labels import CANONICAL_NAMES  # here: fuse4seg.data imports nibabel
+
+    handles = [Patch(color=LABEL_COLOURS[k], label=CANONICAL_NAMES[k]) for k in LABEL_COLOURS]
     return target.legend(handles=handles, **kwargs)
 
 

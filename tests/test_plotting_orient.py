@@ -44,3 +44,24 @@ def test_the_slice_viewer_redraws_a_png_image_and_captures_no_output():
     slider.value = 1
     assert image.value != first and image.value[:4] == b"\x89PNG"
     assert not any(isinstance(w, widgets.Output) for w in (*box.children, *controls.children))
+
+
+def test_the_label_legend_names_each_colour_by_the_canonical_label():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from fuse4seg.data.labels import CANONICAL_NAMES
+    from fuse4seg.plotting import LABEL_COLOURS, label_legend
+
+    fig, ax = plt.subplots()
+    try:
+        legend = label_legend(ax, loc="lower right")
+        texts = [t.get_text() for t in legend.get_texts()]
+        colours = [to_rgb(h.get_facecolor()) for h in legend.legend_handles]
+    finally:
+        plt.close(fig)
+    assert texts == ["NCR", "ED", "ET"] == [CANONICAL_NAMES[k] for k in LABEL_COLOURS]
+    assert colours == [pytest.approx(LABEL_COLOURS[k]) for k in (1, 2, 3)]
