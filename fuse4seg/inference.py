@@ -534,8 +534,8 @@ def predict_files(
     }
 
 
-def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: list[str]
-                          ) -> None:
+def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: list[str],
+                          manifest: dict[str, Any]) -> None:
     """Warn when the ``test``, ``val`` or ``all`` cases ``ids`` of ``cache`` may not be held
     out from the run in ``run_dir`` (:func:`~fuse4seg.utils.run_folder_of` of what
     ``evaluate`` was given).
@@ -550,7 +550,7 @@ def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: li
     records. ``all`` names the cases the run trained or validated on among ``ids`` by the same
     split (on the run's own data: every case outside its test split), and is silent where the
     split cannot be found. Silent for a checkpoint outside a run folder and for ``train``,
-    which asks for the trained cases.
+    which asks for the trained cases. ``manifest`` is ``cache``'s, as the caller loaded it.
     """
     import warnings
 
@@ -567,7 +567,7 @@ def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: li
     trained_split, source = info.get("split"), "the split the run recorded"
     own = info.get("cache")
     if same:  # --split all on the run's own data: its split is this manifest's
-        trained_split, source = load_manifest(cache)["split"], "its own split"
+        trained_split, source = manifest["split"], "its own split"
     if not isinstance(trained_split, dict):
         source = f"the split of the run's cache {own}"
         try:  # the split the run was trained with, if its cache still holds it
@@ -657,7 +657,7 @@ def evaluate_run(
         raise ValueError(f"--split {split}: no cases in this split of {cache} (its split: "
                          f"{ {k: len(v) for k, v in manifest['split'].items()} }); "
                          "--split all scores every case")
-    _warn_unless_held_out(folder, cache, split, ids)
+    _warn_unless_held_out(folder, cache, split, ids, manifest)
     info = {c["case_id"]: c for c in manifest["case_info"]}
     meter = SegmentationMeter()
     cases = ids
