@@ -61,13 +61,17 @@ def test_counts_and_sizes_below_one_are_refused_by_name(argv, capsys):
     (["train", "--data", "d", "--seed", "1"], "--seed: did you mean --set train.seed=VALUE?"),
     (["evaluate", "r", "--data", "d", "--splt", "test"], "--splt: did you mean --split?"),
     (["metrics", "--fused", "f", "--a", "a", "--b", "b", "--foo"], "(see --help)"),
+    # options read from the verb's usage: hyphenated ones, a sub-verb's, and --help itself
+    (["train", "--data", "d", "--no-progess"], "--no-progess: did you mean --no-progress?"),
+    (["data", "check", "d", "--jsn"], "--jsn: did you mean --json?"),
+    (["metrics", "--fused", "f", "--a", "a", "--b", "b", "--hlep"], "did you mean --help?"),
 ])
 def test_an_unknown_option_gets_the_verbs_usage_and_the_closest_option(argv, hint, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    verb = " ".join(argv[:1])
+    verb = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
     assert err.startswith(f"usage: fuse4seg {verb} ")  # the verb's usage, not the top level's
     assert f"fuse4seg {verb}: error: unrecognized arguments: " in err and hint in err
 

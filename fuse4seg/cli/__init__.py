@@ -111,8 +111,12 @@ def _unrecognised(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """argparse's "unrecognized arguments" message, with the closest option of the verb
     for each unknown one (``train --seed 1``: ``--set``, where ``train.seed=1`` goes)."""
     import difflib
+    import re
 
-    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    # the verb's long options as its usage line lists them (argparse keeps no public list;
+    # the usage writes --help as -h)
+    usage = parser.format_usage()
+    known = sorted({"--help", *re.findall(r"(?<![\w-])--[a-z][\w-]*", usage)})
     settings: dict[str, str] = {}
     if "--set" in known:  # `--seed` of a verb that takes `--set train.seed=N`
         from fuse4seg.config import get_config
