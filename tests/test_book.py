@@ -321,11 +321,20 @@ def test_concurrent_builds_run_npm_ci_once(tmp_path, monkeypatch):
         running.pop()
 
     monkeypatch.setattr(build, "_npm_ci", fake_npm_ci)
-    threads = [threading.Thread(target=build.ensure_node_modules, args=(tmp_path,)) for _ in "ab"]
+    found, errors = [], []  # a thread's exception is otherwise only printed
+
+    def one_build():
+        try:
+            found.append(build.ensure_node_modules(tmp_path))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one_build) for _ in "ab"]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert errors == [] and found == [tmp_path / "node_modules"] * 2  # both builds get it
     assert calls == [tmp_path]
     assert overlaps == [False]
 

@@ -150,10 +150,18 @@ def test_a_verb_gets_only_its_own_options():
     assert stop.value.code == 2
 
 
-@pytest.mark.parametrize("name, value", [("FUSE4SEG_ADAMW", "lop"),
-                                         ("FUSE4SEG_LEADER_LAYOUT", "nhwc"),
-                                         ("FUSE4SEG_MALLOC", "jemalloc"),
-                                         ("FUSE4SEG_EAGER", "yes")])
+MISSPELT_SWITCHES = {"FUSE4SEG_ADAMW": "lop", "FUSE4SEG_LEADER_LAYOUT": "nhwc",
+                     "FUSE4SEG_MALLOC": "jemalloc", "FUSE4SEG_EAGER": "yes",
+                     "FUSE4SEG_CONVNEXT": "autgrad"}
+
+
+def test_every_environment_switch_has_a_misspelt_value_to_refuse():
+    from fuse4seg.utils import ENV_SWITCHES
+
+    assert sorted(MISSPELT_SWITCHES) == sorted(ENV_SWITCHES)
+
+
+@pytest.mark.parametrize("name, value", sorted(MISSPELT_SWITCHES.items()))
 def test_a_misspelt_environment_switch_stops_training_by_name(
         name, value, phantom_dir, tmp_path, monkeypatch, capsys):
     """A switch the package reads (fuse4seg.utils.env_setting) refuses a value it does not

@@ -111,7 +111,7 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     equiv = load("equiv_train")
     with pytest.raises(SystemExit):
         equiv.main(["--data", str(tmp_path / "nowhere")])
-    assert "--data" in capsys.readouterr().err
+    assert f"--data {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         equiv.main(["--data", str(tmp_path), "--seeds", "0"])
     assert "at least 2" in capsys.readouterr().err

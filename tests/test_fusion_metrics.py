@@ -283,6 +283,7 @@ def test_metric_ranges_and_orderings(images):
     assert qabf(a, a, b) > qabf(blurred, a, b)
     # Blurring lowers SF and SD
     assert spatial_frequency(blurred) < spatial_frequency(a)
+    assert standard_deviation(blurred) < standard_deviation(a)
     # A fused image nearer to both sources has the higher PSNR
     mean_ab = (a.astype(float) + b) / 2
     assert psnr(mean_ab, a, b) > psnr(a, a, b)
@@ -682,16 +683,21 @@ def test_scratch_reuse_keeps_results_exact(images, rng):
         for k in first[c]
     )
     results: dict[int, dict] = {}
+    errors: list[BaseException] = []  # a thread's exception is otherwise only printed
 
     def work(i: int) -> None:
         x = (f, a, b) if i % 2 == 0 else tuple(big)
-        results[i] = {c: fusion_metrics(*x, c) for c in CONVENTIONS for _ in range(3)}
+        try:
+            results[i] = {c: fusion_metrics(*x, c) for c in CONVENTIONS for _ in range(3)}
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == [] and sorted(results) == [0, 1, 2, 3]
     expected_big = {c: fusion_metrics(*big, c) for c in CONVENTIONS}
     for i, res in results.items():
         exp = first if i % 2 == 0 else expected_big

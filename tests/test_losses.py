@@ -232,7 +232,9 @@ def test_losses_run_in_float32_under_autocast():
     x1, x2, xf = torch.rand(3, 2, 1, 16, 16).unbind(0)
     logits = torch.randn(2, 4, 16, 16)
     target = torch.randint(0, 4, (2, 16, 16))
-    ref_grad, ref_lower = grad_loss(xf, x1, x2), lower_loss(logits, target)
+    # bf16 logits, as the follower gives them under autocast: L_lower still sums in float32
+    logits = logits.bfloat16()
+    ref_grad, ref_lower = grad_loss(xf, x1, x2), lower_loss(logits.float(), target)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got_grad, got_lower = grad_loss(xf, x1, x2), lower_loss(logits, target)
     assert got_grad.dtype == torch.float32 and got_lower.dtype == torch.float32

@@ -286,12 +286,21 @@ def test_grn_equals_the_formula_forward_and_backward():
 def test_grn_keeps_the_input_dtype_of_its_gradient_under_bf16():
     from fuse4seg.models.segmentation import GRN
 
+    gen = torch.Generator().manual_seed(0)
     grn = GRN(8)
-    x = torch.randn(2, 4, 4, 8).bfloat16().requires_grad_()
+    with torch.no_grad():  # non-zero parameters: with both at zero GRN is the identity
+        grn.gamma.copy_(torch.randn(8, generator=gen))
+        grn.beta.copy_(torch.randn(8, generator=gen))
+    x = torch.randn(2, 4, 4, 8, generator=gen).bfloat16().requires_grad_()
+    dy = torch.randn(2, 4, 4, 8, generator=gen).bfloat16()
     y = grn(x)
-    assert y.dtype == _grn_formula(x, grn.gamma, grn.beta, grn.eps).dtype
-    y.sum().backward()
-    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    ref = _grn_formula(x, grn.gamma, grn.beta, grn.eps)
+    assert y.dtype == ref.dtype
+    grads = torch.autograd.grad(y, (x, grn.gamma, grn.beta), dy)
+    ref_grads = torch.autograd.grad(ref, (x, grn.gamma, grn.beta), dy)
+    for a, b in zip(grads, ref_grads, strict=True):  # the values, to bf16's precision
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
 
 
 def test_grn_runs_the_formula_when_compiled(monkeypatch):

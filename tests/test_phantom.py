@@ -119,9 +119,17 @@ def test_contrast_model(phantom_dir):
 
 
 def test_contrast_table_matches_docstring():
+    """Each tissue's row of the docstring's table gives that tissue's two values."""
+    import re
+
     doc = phantom.__doc__
+    rows = {"CSF": "CSF", "GM": "grey matter", "WM": "white matter", "ED": r"edema \(ED, 2\)",
+            "NCR": r"necrosis \(NCR, 1\)", "ET": r"enhancing \(ET, 4\)"}
+    assert sorted(rows) == sorted(CONTRAST)
     for tissue, (t1ce, flair) in CONTRAST.items():
-        assert f"{t1ce:.2f}" in doc and f"{flair:.2f}" in doc, tissue
+        row = re.search(rf"^ *{rows[tissue]} +([\d.]+) +([\d.]+) ", doc, re.MULTILINE)
+        assert row is not None, f"no row for {tissue} in the docstring's table"
+        assert row.groups() == (f"{t1ce:.2f}", f"{flair:.2f}"), tissue
     assert CONTRAST["ET"][0] > CONTRAST["WM"][0] > CONTRAST["ED"][0] > CONTRAST["NCR"][0]
     assert CONTRAST["ED"][1] > CONTRAST["GM"][1] > CONTRAST["WM"][1] > CONTRAST["CSF"][1]
 

@@ -66,8 +66,9 @@ def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path, capsys):
     out = tmp_path / "pred"
     assert _predict(run, t1ce, flair, out, "--device", "cpu") == 0
     # the summary gives each class's value in the written file: ET is 4 in BraTS 2021
-    assert "labels in seg.nii.gz (brats2021 scheme), voxels: background = 0: " \
-        in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "labels in seg.nii.gz (brats2021 scheme), voxels: background = 0: " in printed
+    assert ", ET = 4: " in printed
     src = nib.load(str(t1ce))
     fused, seg = nib.load(str(out / "fused.nii.gz")), nib.load(str(out / "seg.nii.gz"))
     for image in (fused, seg):

@@ -93,6 +93,7 @@ def test_single_patient_falls_back_to_slice_blocks():
     assert not sampler.patient_level
     for step in range(20):
         split = sampler.draw(1, step)
+        assert len(split.train) == len(split.val) == 2  # B/2 each
         assert set(order[split.train]) <= {0, 1, 2, 3, 4}  # inferior half -> D_tr
         assert set(order[split.val]) <= {5, 6, 7, 8, 9}  # superior half -> D_val
 
