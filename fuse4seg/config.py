@@ -55,8 +55,10 @@ class DataConfig:
     """How NIfTI volumes become the training slices (``fuse4seg.data.slices``)."""
 
     downsample: int = 1
-    """Integer in-plane down-sampling factor (area average for images, mode-free nearest for
-    labels) applied before cropping; 1 in the paper profile, 4 for smoke."""
+    """Integer in-plane down-sampling factor applied before cropping: the area average of each
+    f × f block for images, the block's most frequent label for labels (ties to the higher
+    label; ``fuse4seg.data.slices.preprocess_labels``). 1 in the ``paper`` profile, 3 in
+    ``default``, 4 in ``smoke``."""
     crop_size: int = 240
     """Slices are centre-cropped or zero-padded to ``crop_size × crop_size`` after
     down-sampling. 240 in the ``paper`` profile: BraTS' native in-plane size, our reading (the

@@ -13,7 +13,9 @@ Data flow of ``leader(x1, x2)`` (x1 = T1ce, x2 = FLAIR, each ``(B, 1, H, W)`` in
    ``F_high^k``.
 3. Fusion units (Eq. 6): ``H_low(F_low^1 + F_low^2)`` and ``H_high(F_high^1 + F_high^2)``.
 4. A Restormer ("transformer") decoder on the concatenated fused features, a small conv head to
-   one channel, then per-image min-max normalisation to [0, 1] (§3.3.2).
+   one channel, plus the anchor x_avg = (x1 + x2)/2 (``model.source_skip``, on in every
+   profile), then per-image min-max normalisation to [0, 1] (§3.3.2); with
+   ``model.anchor_range`` (``default``), mapped onto x_avg's own range.
 
 Choices where the paper is silent or ambiguous (also stated in chapter 2):
 
@@ -39,8 +41,13 @@ Choices where the paper is silent or ambiguous (also stated in chapter 2):
   3×3 depthwise with reflection padding, ReLU6, 1×1), the "dense convolutional blocks" of
   CDDFuse.
 - **Output range.** CDDFuse ends with a sigmoid and adds the input image back; the paper's
-  decoder is "anchor-free" and ends with min-max normalisation, so we do exactly that, per
+  decoder is "anchor-free" and ends with min-max normalisation. We end with the min-max, per
   image, in float32: ``(y - min) / max(max - min, 1e-5)``, which is 0 on a constant image.
+- **The anchor added back.** Before that min-max we add x_avg to the decoder's output, as
+  CDDFuse adds a source image, though the paper calls its decoder "anchor-free": without it the
+  polarity of x_f is left to the random initialisation (:class:`FusionLeader`'s
+  ``source_skip``, measured by ``benchmarks/probe_polarity.py``). ``model.source_skip=false``
+  gives the literal reading.
 """
 
 from __future__ import annotations

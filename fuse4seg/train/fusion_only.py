@@ -10,7 +10,8 @@ Choices where the paper is silent (also stated in chapter 5):
 
 - **Schedule.** The paper gives no fusion-only schedule. We train for a fixed number of steps
   on random square crops with random flips and 90° rotations, AdamW + cosine decay, gradient
-  clipping, and evaluate the EMA weights. The ``fusion`` section of the config
+  clipping where the profile sets ``train.grad_clip`` (``smoke`` and ``default``; none under
+  ``paper``, as §4.1 names none), and evaluate the EMA weights. The ``fusion`` section of the config
   (:class:`fuse4seg.config.FusionConfig`) holds the values per profile (``paper``: 120 epochs
   over the training pairs at the §4.1 batch size and leader learning rate, on 128×128 crops as
   CDDFuse trains its fusion model; ``smoke`` and ``default``: a few dozen steps of a small
@@ -223,9 +224,10 @@ def train_fusion(
     Each step: a batch of random crops (:class:`PairSampler`), then the engine's
     :meth:`~fuse4seg.train.bilevel.Engine.fusion_step`: ``x_f, feats = leader(x1, x2)``,
     ``physical_loss`` (α L_decomp + β L_grad + γ L_recon, Eq. 3 without the segmentation term),
-    the shared optimiser step (AdamW, cosine learning rate, gradient clipping, non-finite
-    guard), then the EMA update (Eq. 4, with the warm-up of the module docstring). Afterwards
-    the output polarity is chosen on training crops (:func:`choose_polarity`).
+    the shared optimiser step (AdamW, cosine learning rate, gradient clipping by
+    ``train.grad_clip`` where it is above 0, non-finite guard), then the EMA update (Eq. 4, with
+    the warm-up of the module docstring). Afterwards the output polarity is chosen on training
+    crops (:func:`choose_polarity`).
 
     Args:
         train_pairs: loaded pairs (``load_pair``); never the test pairs.
