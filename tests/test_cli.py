@@ -58,7 +58,8 @@ def test_counts_and_sizes_below_one_are_refused_by_name(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, hint", [
-    (["train", "--data", "d", "--seed", "1"], "--seed: did you mean --set train.seed=VALUE?"),
+    (["train", "--data", "d", "--inner-steps", "5"],
+     "--inner-steps: did you mean --set train.inner_steps=VALUE?"),
     (["evaluate", "r", "--data", "d", "--splt", "test"], "--splt: did you mean --split?"),
     (["metrics", "--fused", "f", "--a", "a", "--b", "b", "--foo"], "(see --help)"),
     # options read from the verb's usage: hyphenated ones, a sub-verb's, and --help itself
@@ -74,6 +75,29 @@ def test_an_unknown_option_gets_the_verbs_usage_and_the_closest_option(argv, hin
     verb = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
     assert err.startswith(f"usage: fuse4seg {verb} ")  # the verb's usage, not the top level's
     assert f"fuse4seg {verb}: error: unrecognized arguments: " in err and hint in err
+
+
+def test_train_seed_is_train_dot_seed_and_a_second_value_is_refused(tmp_path, monkeypatch,
+                                                                    capsys):
+    import fuse4seg.train.trainer as trainer
+
+    seen = []
+
+    def fake_train(config, **kwargs):  # what train_main hands the trainer
+        seen.append(config.train.seed)
+        raise KeyboardInterrupt  # stop before any work; main answers 130
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "runs")]
+    assert main([*base, "--seed", "7"]) == 130
+    assert main([*base, "--set", "train.seed=7"]) == 130
+    assert main([*base, "--seed", "7", "--set", "train.seed=7"]) == 130  # the same seed twice
+    assert main(base) == 130
+    assert seen == [7, 7, 7, 0]
+    capsys.readouterr()
+    assert main([*base, "--seed", "1", "--set", "train.seed=2"]) == 2
+    assert "--seed 1 and --set train.seed=2 disagree: give one" in capsys.readouterr().err
+    assert len(seen) == 4  # refused before the trainer
 
 
 def test_a_message_with_line_breaks_is_printed_on_one_line(tmp_path, capsys, monkeypatch):

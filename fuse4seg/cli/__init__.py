@@ -109,7 +109,8 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
 
 def _unrecognised(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """argparse's "unrecognized arguments" message, with the closest option of the verb
-    for each unknown one (``train --seed 1``: ``--set``, where ``train.seed=1`` goes)."""
+    for each unknown one (``train --inner-steps 5``: ``--set``, where ``train.inner_steps=5``
+    goes)."""
     import difflib
     import re
 
@@ -118,7 +119,7 @@ def _unrecognised(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     usage = parser.format_usage()
     known = sorted({"--help", *re.findall(r"(?<![\w-])--[a-z][\w-]*", usage)})
     settings: dict[str, str] = {}
-    if "--set" in known:  # `--seed` of a verb that takes `--set train.seed=N`
+    if "--set" in known:  # `--inner-steps` of a verb that takes `--set train.inner_steps=N`
         from fuse4seg.config import get_config
 
         for section, values in get_config("default").to_dict().items():

@@ -32,12 +32,30 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: warn and continue)",
     )
     add_set(parser, "train.inner_steps=3")
+    parser.add_argument(
+        "--seed", type=seed_int, metavar="N",
+        help="train.seed: the initial weights, the batch order and the rollout splits "
+        "(default: the profile's, 0); the same as --set train.seed=N",
+    )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
     parser.add_argument(
         "--checkpoint-every-steps", type=positive_int, metavar="N",
         help="also write checkpoints/last.pt every N outer steps",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _with_seed(pairs: list[str], seed: int | None) -> list[str]:
+    """The ``--set`` items ``pairs`` with ``--seed``'s ``train.seed`` added; a ``--set
+    train.seed`` of another value is refused (one seed, said once)."""
+    from fuse4seg.config import parse_overrides
+
+    if seed is None:
+        return list(pairs)
+    other = parse_overrides(pairs).get("train.seed", seed)
+    if other != seed:
+        raise ValueError(f"--seed {seed} and --set train.seed={other} disagree: give one")
+    return [*pairs, f"train.seed={seed}"]
 
 
 def train_main(args: argparse.Namespace) -> int:
@@ -60,9 +78,10 @@ def train_main(args: argparse.Namespace) -> int:
         raise ValueError("--restart-if-code-changed decides what --resume does with a run of "
                          "other fuse4seg code: give it with --resume")
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
-    check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
+    overrides = _with_seed(args.set, args.seed)
+    check_ablation(args.ablation, args.method, parse_overrides(overrides))  # before any work
     result = train(
-        config_of(args.profile, args.set),
+        config_of(args.profile, overrides),
         method=args.method or "fuse4seg",
         data=args.data,
         out=args.out,
