@@ -20,18 +20,19 @@ Choices where the paper is silent (also stated in chapter 5):
   optimiser step, schedule, EMA and non-finite guard.
 - **Output polarity.** L_decomp acts on features and L_grad compares Sobel *magnitudes*, which
   are the same for x_f and 1 − x_f (both in [0, 1] after the min-max output), so only the light
-  γ L_recon (γ = 0.05) says which way up the output is. On Harvard MRI-PET the leader trained
-  on the plain objective settled, run after run, on a contrast-inverted image (sharp edges,
-  high Q^AB/F, correlation ≈ −0.95 with the MRI, PSNR ≈ 3 dB) — also with γ = 1, with a
-  reconstruction-only warm-up and with 128-pixel crops. After training we therefore evaluate
+  γ L_recon (γ = 0.05) says which way up the output is. Without the decoder's source skip
+  the sign is left to the initial weights: ``benchmarks/probe_polarity.py`` trained the
+  ``default`` leader on the physical losses alone on the phantom, and 4 of 5 seeds ended
+  contrast-inverted (correlation −0.92 to −0.96 with x_avg; ``benchmarks/RESULTS.md``, "The
+  polarity of x_f"). Inverted leaders were first seen on Harvard MRI-PET pairs, in runs that
+  were never recorded, so nothing here measures how often. After training we therefore evaluate
   the paper's objective for x_f and for 1 − x_f on a fixed set of training crops; the two
   differ in L_recon only, and the leader keeps the orientation with the lower loss
   (``polarity`` −1 = output inverted; stored in the checkpoint and applied by
   :class:`OrientedLeader`). This can only lower the training objective, and no test pair is
-  used. Those inverted runs predate the decoder's source skip (``model.source_skip``, on in
-  every profile), with which x_f stayed upright in 5 of 5 seeds on the phantom
-  (``benchmarks/probe_polarity.py``); the default book's three Harvard leaders keep polarity 1
-  (chapter 5 prints it). The check stays as a guard.
+  used. With the source skip (``model.source_skip``, on in every profile) x_f stayed upright
+  in 5 of 5 seeds of the same probe, and the default book's three Harvard leaders keep
+  polarity 1 (chapter 5 prints it). The check stays as a guard.
 - **EMA warm-up.** Eq. 4's EMA with m = 0.99 from the first step would keep 80 % of the random
   initialisation after 20 steps, so the decay ramps up as ``min(m, (1 + t) / (10 + t))``
   (the usual EMA warm-up, :class:`fuse4seg.train.engine.ModelEMA` with ``warmup=True``).
