@@ -375,7 +375,9 @@ def predict_files(
     mask: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """``fuse4seg predict``: write ``fused.nii.gz`` and ``seg.nii.gz`` for one case.
+    """``fuse4seg predict``: write ``fused.nii.gz`` and ``seg.nii.gz`` for one case
+    (``seg.nii.gz`` alone for a two-channel method, ``direct2ch`` or ``monai_unet``, which fuses
+    nothing; a ``fused.nii.gz`` already in ``out_dir`` is then removed).
 
     Args:
         checkpoint: a run folder or checkpoint file (:func:`load_bundle`).

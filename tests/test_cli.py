@@ -66,6 +66,15 @@ def test_counts_and_sizes_below_one_are_refused_by_name(argv, capsys):
     (["train", "--data", "d", "--no-progess"], "--no-progess: did you mean --no-progress?"),
     (["data", "check", "d", "--jsn"], "--jsn: did you mean --json?"),
     (["metrics", "--fused", "f", "--a", "a", "--b", "b", "--hlep"], "did you mean --help?"),
+    # a setting the name begins, from the sections the verb reads (not fusion.lr for train)
+    (["train", "--data", "d", "--lr", "0.1"], "--lr: did you mean --set train.lr_leader=VALUE "
+     "or --set train.lr_follower=VALUE or --set train.lr_follower_rollout=VALUE?"),
+    (["train", "--data", "d", "--steps", "3"],
+     "--steps: did you mean --set train.steps_per_epoch=VALUE?"),
+    # an unknown option is reported before a missing required one (--flair, --checkpoint)
+    (["predict", "--flare", "b.nii.gz"], "--flare: did you mean --flair?"),
+    # no near option: no hint (compared without the "--" every option shares)
+    (["train", "--data", "d", "--bogus", "1"], "--bogus (see --help)"),
 ])
 def test_an_unknown_option_gets_the_verbs_usage_and_the_closest_option(argv, hint, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -75,6 +84,43 @@ def test_an_unknown_option_gets_the_verbs_usage_and_the_closest_option(argv, hin
     verb = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
     assert err.startswith(f"usage: fuse4seg {verb} ")  # the verb's usage, not the top level's
     assert f"fuse4seg {verb}: error: unrecognized arguments: " in err and hint in err
+
+
+def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "d", "--res"])  # --resume or --restart-if-code-changed
+    assert "ambiguous option: --res could match --resume, --restart-if-code-changed" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--set", "fusion.lr=0.1"],
+     "--set fusion.lr: `fuse4seg train` does not read the fusion section (it reads data, "
+     "model, loss, train), so the setting would change nothing; `fuse4seg fusion train` reads "
+     "it"),
+    (["train", "--set", "steps=3"], "--set steps: `fuse4seg train` does not read the fusion"),
+    (["study", "--set", "fusion.crop=32"], "`fuse4seg study` does not read the fusion section"),
+    (["data", "prepare", "DATA", "--out", "OUT", "--set", "train.seed=2"],
+     "`fuse4seg data prepare` does not read the train section (it reads data)"),
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--set",
+      "data.crop_size=64"],
+     "`fuse4seg fusion train` does not read the data section (it reads model, loss, train, "
+     "fusion), so the setting would change nothing; `fuse4seg data prepare`, `fuse4seg train`, "
+     "`fuse4seg study` read it"),
+])
+def test_a_setting_of_a_section_the_verb_never_reads_is_refused(argv, message, tmp_path,
+                                                                capsys):
+    """It would be recorded in the run's config and change nothing (helper review: `train
+    --set fusion.lr=0.1` ran and gave the run of no override)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = [str(data) if a == "DATA" else str(tmp_path / "out") if a == "OUT" else a
+            for a in argv]
+    if argv[0] in ("train", "study"):
+        argv += ["--data", str(data), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_seed_is_train_dot_seed_and_a_second_value_is_refused(tmp_path, monkeypatch,

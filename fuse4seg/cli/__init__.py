@@ -68,10 +68,13 @@ def _verb_in(argv: list[str]) -> tuple[str, ...] | None:
     return None
 
 
-def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    only: tuple[str, ...] | None = None,
+    verbs: dict[tuple[str, ...], argparse.ArgumentParser] | None = None,
+) -> argparse.ArgumentParser:
     """The parser of every verb; with ``only``, the options of that verb alone are added (the
     others are listed with their one-line help), so parsing stays quick. No verb's options
-    import torch."""
+    import torch. ``verbs``, if given, receives each verb's own parser by its path."""
     from fuse4seg import __version__
 
     parser = argparse.ArgumentParser(
@@ -104,7 +107,35 @@ def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser
         if only is None or path == only:
             add_arguments(sub)
         sub.set_defaults(_run=run, _parser=sub)
+        if verbs is not None:
+            verbs[path] = sub
     return parser
+
+
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The verb's long options as its usage line lists them (argparse keeps no public list;
+    the usage writes --help as -h)."""
+    import re
+
+    usage = parser.format_usage()
+    return sorted({"--help", *re.findall(r"(?<![\w-])--[a-z][\w-]*", usage)})
+
+
+def _unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The words of ``argv`` that look like long options (``--name`` or ``--name=value``)
+    and begin none of the verb's (a prefix of one is argparse's abbreviation, of several its
+    "ambiguous option" error). Checked before parsing, since argparse reports a missing
+    required argument first and drops the unknown option and its hint (``predict ... --flare
+    b`` would only say that ``--flair`` is required)."""
+    known = [*_long_options(parser), "--version"]
+    unknown = []
+    for word in argv:
+        name = word.split("=")[0]
+        if not name.startswith("--") or name == "--" or name in known:
+            continue
+        if not any(option.startswith(name) for option in known):
+            unknown.append(word)
+    return unknown
 
 
 def _unrecognised(parser: argparse.ArgumentParser, extra: list[str]) -> str:
@@ -112,25 +143,30 @@ def _unrecognised(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     for each unknown one (``train --inner-steps 5``: ``--set``, where ``train.inner_steps=5``
     goes)."""
     import difflib
-    import re
 
-    # the verb's long options as its usage line lists them (argparse keeps no public list;
-    # the usage writes --help as -h)
-    usage = parser.format_usage()
-    known = sorted({"--help", *re.findall(r"(?<![\w-])--[a-z][\w-]*", usage)})
-    settings: dict[str, str] = {}
-    if "--set" in known:  # `--inner-steps` of a verb that takes `--set train.inner_steps=N`
+    known = _long_options(parser)
+    settings: dict[str, list[str]] = {}  # name -> dotted names in the sections the verb reads
+    verb = parser.get_default("_set_verb")
+    if verb is not None:  # `--inner-steps` of a verb that takes `--set train.inner_steps=N`
+        from fuse4seg.cli.common import SET_SECTIONS
         from fuse4seg.config import get_config
 
         for section, values in get_config("default").to_dict().items():
-            for name in values if isinstance(values, dict) else ():
-                settings.setdefault(name, f"{section}.{name}")
+            if section in SET_SECTIONS[verb] and isinstance(values, dict):
+                for name in values:
+                    settings.setdefault(name, []).append(f"{section}.{name}")
     hints = []
     for word in (w.split("=")[0] for w in extra if w.startswith("--")):
-        setting = settings.get(word[2:].replace("-", "_"))
-        close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+        name = word[2:].replace("-", "_")
+        # the setting itself, else the settings it begins (`--lr`: train.lr_leader, ...)
+        setting = settings.get(name) or [
+            d for key, dotted in settings.items() if key.startswith(f"{name}_") for d in dotted]
+        # compared without the leading "--", which every option shares (else --bogus: --out)
+        close = [f"--{c}" for c in difflib.get_close_matches(
+            word[2:], [k[2:] for k in known], n=1, cutoff=0.6)]
         if setting:
-            hints.append(f"{word}: did you mean --set {setting}=VALUE?")
+            options = " or ".join(f"--set {d}=VALUE" for d in setting[:3])
+            hints.append(f"{word}: did you mean {options}?")
         elif close:
             hints.append(f"{word}: did you mean {close[0]}?")
     return f"unrecognized arguments: {' '.join(extra)}" + (
@@ -150,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(only=_verb_in(argv) or ())
+    path = _verb_in(argv)
+    verbs: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    parser = build_parser(only=path or (), verbs=verbs)
+    if path is not None and (unknown := _unknown_options(verbs[path], argv)):
+        verbs[path].error(_unrecognised(verbs[path], unknown))  # before "... are required"
     args, extra = parser.parse_known_args(argv)
     if extra:  # the verb's usage, not the top level's, and the options close to each word
         verb = getattr(args, "_parser", parser)

@@ -31,12 +31,30 @@ def seed_int(text: str) -> int:
     return _integer(text, 0, "a seed must be >= 0")
 
 
-def add_set(parser: argparse.ArgumentParser, example: str) -> None:
-    """The repeatable ``--set NAME=VALUE`` override, with ``example`` in its help."""
+SET_SECTIONS = {
+    "data prepare": ("data",),
+    "train": ("data", "model", "loss", "train"),
+    "study": ("data", "model", "loss", "train"),
+    "fusion train": ("model", "loss", "train", "fusion"),
+}
+"""The config sections each verb with ``--set`` reads. A ``--set`` of another section is
+refused (:func:`config_of`): it would be recorded in the run's config and change nothing. The
+``fusion`` section is the fusion-only schedule of ``fusion train`` (chapter 5), which segmentation
+runs never read (their run hash leaves it out); ``fusion train`` reads no ``data`` section, since
+its pairs are 2-D images, not BraTS volumes."""
+
+
+def add_set(parser: argparse.ArgumentParser, example: str, verb: str) -> None:
+    """The repeatable ``--set NAME=VALUE`` override of ``verb`` (a key of
+    :data:`SET_SECTIONS`, which the parser keeps as ``_set_verb``), with ``example`` in its
+    help."""
+    sections = ", ".join(SET_SECTIONS[verb])
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE",
-        help=f"override a setting, e.g. --set {example} (repeatable)",
+        help=f"override a setting of the {sections} sections, e.g. --set {example} "
+        "(repeatable)",
     )
+    parser.set_defaults(_set_verb=verb)
 
 
 def add_json(parser: argparse.ArgumentParser, what: str) -> None:
@@ -62,11 +80,24 @@ def write_json(value, target: str) -> None:
         print(f"wrote {target}")
 
 
-def config_of(profile: str, pairs: list[str]):
-    """The profile's config with the ``--set`` overrides ``pairs`` applied (checked)."""
-    from fuse4seg.config import get_config, parse_overrides
+def config_of(profile: str, pairs: list[str], verb: str):
+    """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` applied: each
+    name and value checked (:func:`fuse4seg.config.get_config`), and each in a section the
+    verb reads (:data:`SET_SECTIONS`)."""
+    from fuse4seg.config import dotted_name, get_config, parse_overrides
 
-    return get_config(profile, parse_overrides(pairs))
+    overrides = parse_overrides(pairs)
+    config = get_config(profile, overrides)
+    reads = SET_SECTIONS[verb]
+    for name in overrides:
+        section = (dotted_name(name) or name).split(".")[0]
+        if section not in reads:
+            readers = [f"`fuse4seg {v}`" for v, s in SET_SECTIONS.items() if section in s]
+            raise ValueError(
+                f"--set {name}: `fuse4seg {verb}` does not read the {section} section (it "
+                f"reads {', '.join(reads)}), so the setting would change nothing; "
+                f"{', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it")
+    return config
 
 
 def given(args: argparse.Namespace, *names: str) -> list[tuple[str, Path | None]]:

@@ -116,7 +116,7 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="default", help=PROFILES)
     parser.add_argument("--layout", choices=_layouts(), help="force a layout (default: detect)")
     _pattern_arguments(parser)
-    add_set(parser, "data.crop_size=192")
+    add_set(parser, "data.crop_size=192", "data prepare")
     parser.add_argument(
         "--workers", type=positive_int, default=1, metavar="N",
         help="process N cases at once in separate processes (same output as 1)",
@@ -138,7 +138,7 @@ def prepare_main(args: argparse.Namespace) -> int:
     from fuse4seg.data.slices import load_manifest, prepare_cache
     from fuse4seg.utils import check_output_folder
 
-    config = config_of(args.profile, args.set)
+    config = config_of(args.profile, args.set, "data prepare")
     check_output_folder(args.out, "--out")  # before any case is read
     manifest_path = args.out / "manifest.json"
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None

@@ -61,7 +61,7 @@ def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="base learning rate (default: fusion.lr)")
     parser.add_argument("--seed", type=seed_int,
                         help="seed of the crops and initial weights (default: train.seed)")
-    add_set(parser, "loss.beta_grad=2")
+    add_set(parser, "loss.beta_grad=2", "fusion train")
     parser.add_argument("--force", action="store_true", help="retrain even if the run exists")
 
 
@@ -76,7 +76,7 @@ def fusion_train_main(args: argparse.Namespace) -> int:
 
     if args.kind == "GFP-PC" and args.split != "train":
         raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
-    config = config_of(args.profile, args.set)
+    config = config_of(args.profile, args.set, "fusion train")
     check_output_folder(args.out, "--out")
     pairs = _load_pairs(args, args.split)
     run = train_fusion(

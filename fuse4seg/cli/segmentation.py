@@ -31,7 +31,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --resume: start the run again when it was written by other fuse4seg code "
         "(default: warn and continue)",
     )
-    add_set(parser, "train.inner_steps=3")
+    add_set(parser, "train.inner_steps=3", "train")
     parser.add_argument(
         "--seed", type=seed_int, metavar="N",
         help="train.seed: the initial weights, the batch order and the rollout splits "
@@ -81,7 +81,7 @@ def train_main(args: argparse.Namespace) -> int:
     overrides = _with_seed(args.set, args.seed)
     check_ablation(args.ablation, args.method, parse_overrides(overrides))  # before any work
     result = train(
-        config_of(args.profile, overrides),
+        config_of(args.profile, overrides, "train"),
         method=args.method or "fuse4seg",
         data=args.data,
         out=args.out,
@@ -190,6 +190,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
 def predict_main(args: argparse.Namespace) -> int:
     """Fuse and segment one case: writes fused.nii.gz and seg.nii.gz with the input's affine.
 
+    A two-channel method (direct2ch, monai_unet) fuses nothing and writes seg.nii.gz alone.
     Open them in ITK-SNAP or 3D Slicer. Labels are written in the input's scheme (BraTS 2021:
     ET = 4).
     """
@@ -229,7 +230,7 @@ def study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="default", help=PROFILES)
     parser.add_argument("--data", type=Path, required=True, help="raw folder or prepared cache")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
-    add_set(parser, "train.rollout_epochs=20")
+    add_set(parser, "train.rollout_epochs=20", "study")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
     parser.add_argument("--json", type=Path, help="write per-seed, per-case scores here")
 
@@ -249,7 +250,7 @@ def study_main(args: argparse.Namespace) -> int:
     if "train.seed" in set_names:  # each run's seed comes from --seeds
         raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
                          "with --seeds (e.g. --seeds 0 1 2)")
-    config = config_of(args.profile, args.set)
+    config = config_of(args.profile, args.set, "study")
     if args.json is not None:
         check_output_file(args.json, "--json", given(args, "--data"))  # before any training
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
