@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fuse4seg.config import get_config
 from fuse4seg.data.layouts import DataError, find_cases, guess_scheme, load_case
+from fuse4seg.data.slices import prepare_cache
 
 
 def _copy(src: Path, dst: Path, gunzip: bool = False) -> None:
@@ -147,6 +149,12 @@ def test_cli_a_folder_that_no_image_pattern_matches_is_a_bad_case_that_skip_bad_
     captured = capsys.readouterr()
     assert "1 good, 1 bad" in captured.out
     assert "bad case labels_only: --t1ce-pattern 'T1c*' matches no file" in captured.err
+    # stopped at the bad case, it suggests the `data check` that finds the same cases
+    with pytest.raises(DataError) as info:
+        prepare_cache(data, tmp_path / "stopped", get_config("smoke").data, progress=False,
+                      patterns={"t1ce": "T1c*", "flair": "Flair*", "seg": "seg*"})
+    assert (f"`fuse4seg data check {data} --t1ce-pattern 'T1c*' --flair-pattern 'Flair*' "
+            "--seg-pattern 'seg*'` lists every bad case") in str(info.value)
     out = tmp_path / "cache"
     with pytest.warns(UserWarning, match="--skip-bad: left out 1 bad case"):
         assert main(["data", "prepare", str(data), "--out", str(out), "--profile", "smoke",

@@ -300,9 +300,25 @@ def prepare_cache(
             if not had_cases:  # the arrays this call began to write, in a folder it did not make
                 shutil.rmtree(cache_dir / "cases", ignore_errors=True)
         if isinstance(err, DataError) and not skip_bad:
-            raise DataError(f"{err} (`fuse4seg data check {data_dir}` lists every bad case; "
+            check = " ".join(["fuse4seg data check", *_case_options(data_dir, layout, patterns)])
+            raise DataError(f"{err} (`{check}` lists every bad case; "
                             "`fuse4seg data prepare --skip-bad` prepares the others)") from err
         raise
+
+
+def _case_options(data_dir: Path, layout: str | None, patterns: dict[str, str] | None
+                  ) -> list[str]:
+    """``data_dir`` and the ``--layout`` / ``--*-pattern`` options that found its cases, shell
+    quoted: the same cases for the ``data check`` a failed preparation suggests."""
+    import shlex
+
+    words = [shlex.quote(str(data_dir))]
+    if layout:
+        words += ["--layout", shlex.quote(layout)]
+    for key, glob in (patterns or {}).items():
+        if glob:
+            words += [f"--{key.replace('_', '-')}-pattern", shlex.quote(glob)]
+    return words
 
 
 def _check_cache_folder(cache_dir: Path, flag: str = "--out") -> None:
