@@ -172,6 +172,27 @@ def test_cli_determinism_byte_identical_overwrite(tmp_path, phantom_dir, capsys)
         assert cli_main(["data", "phantom", "--out", str(out), "--cases", "1"]) == 0
 
 
+@pytest.mark.parametrize("make, what", [
+    (lambda d: (d / "manifest.json").write_text("{}"), "a prepared slice cache (manifest.json)"),
+    (lambda d: (d / "fuse4seg-smoke-1234abcd").mkdir() or
+     (d / "fuse4seg-smoke-1234abcd" / "run.json").write_text("{}"),
+     "a run or a runs folder (run.json)"),
+    (lambda d: (d / "BraTS2021_00006").mkdir() or
+     (d / "BraTS2021_00006" / "BraTS2021_00006_t1ce.nii.gz").write_bytes(b""),
+     "other cases (BraTS2021_00006)"),
+])
+def test_the_phantom_is_not_written_into_a_cache_a_runs_folder_or_other_cases(
+        make, what, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    make(out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert cli_main(["data", "phantom", "--out", str(out), "--cases", "1", "--quiet"]) == 2
+    assert (f"fuse4seg: error: phantom output {out} holds {what}: write the phantom to a "
+            "folder of its own") in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
 def test_workers_write_the_same_bytes(tmp_path, phantom_dir):
     # two processes, two cases: the files of one worker (the session fixture), in case order.
     # In a child process, so that this pytest worker never forks a pool before it runs the

@@ -465,6 +465,30 @@ def _write_case(job: tuple[str, int, int]) -> tuple[Path, list[int], float]:
     return folder, [int(c) for c in counts], time.perf_counter() - start
 
 
+def _check_phantom_folder(out_dir: Path) -> None:
+    """Refuse an existing ``out_dir`` that is a slice cache, a run, a runs folder or a folder
+    of other cases (:func:`write_phantom_dataset`'s Raises), before any case is written."""
+    if not out_dir.is_dir():
+        return
+    what = None
+    if (out_dir / "manifest.json").is_file():
+        what = "a prepared slice cache (manifest.json)"
+    elif (out_dir / "run.json").is_file() or any(out_dir.glob("*/run.json")):
+        what = "a run or a runs folder (run.json)"
+    else:
+        others = sorted(
+            d.name for d in out_dir.iterdir()
+            if d.is_dir() and not d.name.startswith("Phantom_")
+            and any(f.name.endswith((".nii", ".nii.gz")) for f in d.iterdir())
+        )
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            what = f"other cases ({shown})"
+    if what:
+        raise ValueError(f"phantom output {out_dir} holds {what}: write the phantom to a "
+                         "folder of its own")
+
+
 def write_phantom_dataset(
     out_dir: str | Path, cases: int = 8, seed: int = 0, progress: bool = True, workers: int = 1
 ) -> list[Path]:
@@ -493,7 +517,9 @@ def write_phantom_dataset(
 
     Raises:
         ValueError: if ``cases`` < 1, ``seed`` < 0, ``workers`` < 1, or ``out_dir`` exists and
-            is not a folder.
+            is not a folder, or holds what the phantom must not be mixed into: a slice cache
+            (``manifest.json``), a run or a runs folder (``run.json``), or other cases (a
+            folder of NIfTI files not named ``Phantom_*``).
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
         raise ValueError(f"write_phantom_dataset: cases must be an integer >= 1, got {cases!r}")
@@ -503,6 +529,7 @@ def write_phantom_dataset(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"phantom output {out_dir} exists and is not a folder")
+    _check_phantom_folder(out_dir)
     folders = []
     jobs = [(str(out_dir), int(seed), i) for i in range(int(cases))]
     with case_map(_write_case, jobs, workers) as results:
