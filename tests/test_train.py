@@ -807,3 +807,34 @@ def test_a_cache_with_other_settings_names_only_what_differs_and_where_it_comes_
     with pytest.raises(ValueError) as err:
         resolve_cache(tmp_path, own)
     assert "--profile paper --set data.downsample=4 --set data.crop_size=96" in str(err.value)
+
+
+def test_an_unknown_model_name_is_refused_by_its_setting_before_the_data(tmp_path):
+    """Building the network would refuse it too, but only after the cache is prepared (minutes
+    on real data) and without naming the setting."""
+    data = tmp_path / "raw"  # never read: the name is checked first
+    with pytest.raises(ValueError, match=r"model\.fusion 'fuse4seg_tinny': unknown fusion "
+                                         r"model; registered: \['fuse4seg_paper'"):
+        train(smoke(**{"model.fusion": "fuse4seg_tinny"}), data=data, out=tmp_path / "runs")
+    with pytest.raises(ValueError, match=r"model\.segmentation 'unet': unknown segmentation"):
+        train(smoke(**{"model.segmentation": "unet"}), data=data, out=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_an_interrupted_run_says_where_it_stands_and_how_to_go_on(
+        checkpointed, phantom_cache, tmp_path, monkeypatch, capsys):
+    def interrupted(self, callback=None):  # Ctrl-C during training, after a checkpoint or not
+        if checkpointed:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.ckpt_dir / "last.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(smoke(), data=phantom_cache, out=tmp_path / "runs", progress=False)
+    (run_dir,) = (tmp_path / "runs").glob("fuse4seg-smoke-*")
+    how = (f"it continues from {run_dir / 'checkpoints' / 'last.pt'} with the same command "
+           "and --resume" if checkpointed
+           else "no checkpoint was written yet; the same command starts it again")
+    assert f"training interrupted: {run_dir}: {how}" in capsys.readouterr().err

@@ -7,6 +7,7 @@
 from fuse4seg.models.fusion import INN, FusionLeader, minmax_normalize
 from fuse4seg.models.registry import (
     build_leader,
+    check_model_names,
     count_parameters,
     create_fusion,
     create_segmentation,
@@ -21,6 +22,7 @@ __all__ = [
     "ConvNeXtUNet",
     "FusionLeader",
     "build_leader",
+    "check_model_names",
     "count_parameters",
     "create_fusion",
     "create_segmentation",

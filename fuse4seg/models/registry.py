@@ -23,6 +23,7 @@ __all__ = [
     "FUSION_VARIANTS",
     "SEGMENTATION_VARIANTS",
     "build_leader",
+    "check_model_names",
     "count_parameters",
     "create_fusion",
     "create_segmentation",
@@ -100,6 +101,18 @@ def list_fusion_models() -> list[str]:
 def list_segmentation_models() -> list[str]:
     """Registered segmentation followers, sorted."""
     return sorted(SEGMENTATION_VARIANTS)
+
+
+def check_model_names(config) -> None:
+    """Refuse a config whose ``model.fusion`` or ``model.segmentation`` names no registered
+    network, naming the setting: the trainers call it before any data is prepared (building
+    the network would refuse the name too, but only after that work, and without the setting's
+    name)."""
+    for key, names in (("fusion", FUSION_VARIANTS), ("segmentation", SEGMENTATION_VARIANTS)):
+        name = getattr(config.model, key)
+        if name not in names:
+            raise ValueError(
+                f"model.{key} {name!r}: unknown {key} model; registered: {sorted(names)}")
 
 
 def create_fusion(name: str, **kwargs: Any) -> FusionLeader:

@@ -251,11 +251,13 @@ def train_fusion(
 
     Explained in chapter 5 (``book/05_fusion_benchmarks.md``).
     """
+    from fuse4seg.models.registry import check_model_names
     from fuse4seg.train.bilevel import Engine
     from fuse4seg.utils import resolve_device
 
     if not train_pairs:
         raise ValueError("train_fusion: no training pairs")
+    check_model_names(config)
     kind = kind or train_pairs[0].kind
     seed = config.train.seed if seed is None else int(seed)
     if seed < 0:

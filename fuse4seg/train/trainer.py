@@ -16,6 +16,7 @@ Explained in chapter 4 (``book/04_bilevel_training.md``).
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -439,6 +440,7 @@ def train(
         method = variant.method
         config = get_config(config.profile, {**runs.flatten(config), **variant.overrides})
     get_method(method)
+    from fuse4seg.models.registry import check_model_names
     from fuse4seg.utils import (
         check_env_switches,
         missing_folders,
@@ -449,6 +451,7 @@ def train(
     # a bad --device or FUSE4SEG_* switch fails before the cache
     resolve_device(device or config.train.device)
     check_env_switches()
+    check_model_names(config)
     rank, _, world_size = dist_info()
     out = Path(out)
     if rank == 0:
@@ -526,5 +529,13 @@ def train(
             trainer.write_metrics()
             if progress:
                 print(f"warm-up shared with {donor.parent.parent.name}", flush=True)
-    return trainer.fit(callback)
+    try:
+        return trainer.fit(callback)
+    except KeyboardInterrupt:
+        if rank == 0:  # say where the run stands and how to go on (Ctrl-C, a stopped job)
+            how = (f"it continues from {last} with the same command and --resume"
+                   if last.exists() else "no checkpoint was written yet; the same command "
+                   "starts it again")
+            print(f"\ntraining interrupted: {run_dir}: {how}", file=sys.stderr, flush=True)
+        raise
 
