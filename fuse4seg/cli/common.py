@@ -46,8 +46,8 @@ its pairs are 2-D images, not BraTS volumes."""
 
 def add_set(parser: argparse.ArgumentParser, example: str, verb: str) -> None:
     """The repeatable ``--set NAME=VALUE`` override of ``verb`` (a key of
-    :data:`SET_SECTIONS`, which the parser keeps as ``_set_verb``), with ``example`` in its
-    help."""
+    :data:`SET_SECTIONS`, which the parser keeps as ``args._set_verb`` for :func:`config_of`
+    and the unknown-option hints), with ``example`` in its help."""
     sections = ", ".join(SET_SECTIONS[verb])
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE",

@@ -138,7 +138,7 @@ def prepare_main(args: argparse.Namespace) -> int:
     from fuse4seg.data.slices import load_manifest, prepare_cache
     from fuse4seg.utils import check_output_folder
 
-    config = config_of(args.profile, args.set, "data prepare")
+    config = config_of(args.profile, args.set, args._set_verb)
     check_output_folder(args.out, "--out")  # before any case is read
     manifest_path = args.out / "manifest.json"
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None

@@ -76,7 +76,7 @@ def fusion_train_main(args: argparse.Namespace) -> int:
 
     if args.kind == "GFP-PC" and args.split != "train":
         raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
-    config = config_of(args.profile, args.set, "fusion train")
+    config = config_of(args.profile, args.set, args._set_verb)
     check_output_folder(args.out, "--out")
     pairs = _load_pairs(args, args.split)
     run = train_fusion(

@@ -81,7 +81,7 @@ def train_main(args: argparse.Namespace) -> int:
     overrides = _with_seed(args.set, args.seed)
     check_ablation(args.ablation, args.method, parse_overrides(overrides))  # before any work
     result = train(
-        config_of(args.profile, overrides, "train"),
+        config_of(args.profile, overrides, args._set_verb),
         method=args.method or "fuse4seg",
         data=args.data,
         out=args.out,
@@ -250,7 +250,7 @@ def study_main(args: argparse.Namespace) -> int:
     if "train.seed" in set_names:  # each run's seed comes from --seeds
         raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
                          "with --seeds (e.g. --seeds 0 1 2)")
-    config = config_of(args.profile, args.set, "study")
+    config = config_of(args.profile, args.set, args._set_verb)
     if args.json is not None:
         check_output_file(args.json, "--json", given(args, "--data"))  # before any training
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,

@@ -468,6 +468,8 @@ def _write_case(job: tuple[str, int, int]) -> tuple[Path, list[int], float]:
 def _check_phantom_folder(out_dir: Path) -> None:
     """Refuse an existing ``out_dir`` that is a slice cache, a run, a runs folder or a folder
     of other cases (:func:`write_phantom_dataset`'s Raises), before any case is written."""
+    from fuse4seg.data.find import NIFTI
+
     if not out_dir.is_dir():
         return
     what = None
@@ -479,7 +481,7 @@ def _check_phantom_folder(out_dir: Path) -> None:
         others = sorted(
             d.name for d in out_dir.iterdir()
             if d.is_dir() and not d.name.startswith("Phantom_")
-            and any(f.name.endswith((".nii", ".nii.gz")) for f in d.iterdir())
+            and any(f.name.endswith(NIFTI) for f in d.iterdir())
         )
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
