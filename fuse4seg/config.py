@@ -34,6 +34,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "FUSION_ONLY_READS",
     "FusionConfig",
     "LossConfig",
     "ModelConfig",
@@ -227,6 +228,28 @@ class FusionConfig:
     """Base learning rate of the cosine schedule; ``None`` = ``train.lr_leader``."""
     log_every: int = 50
     """Write a row of ``metrics.jsonl`` every N steps (and after the last)."""
+
+
+FUSION_ONLY_READS = (
+    "model.fusion", "model.inn_squeeze", "model.source_skip", "model.anchor_range",
+    "loss.alpha_decomp", "loss.beta_grad", "loss.gamma_recon",
+    "loss.use_decomp", "loss.use_grad", "loss.use_recon",
+    "train.seed", "train.device", "train.amp", "train.compile",
+    "train.weight_decay", "train.grad_clip", "train.ema_decay",
+    "train.batch_size", "train.lr_leader", "train.rollout_epochs", "train.steps_per_epoch",
+)
+"""The settings outside the ``fusion`` section that fusion-only training
+(:func:`fuse4seg.train.fusion_only.train_fusion`) reads: the leader and its options, the weights
+and switches of the physical losses (Eq. 3 without L_seg), the seed, device and optimiser, and
+the four ``train`` values that a ``None`` of :class:`FusionConfig` falls back to. It reads no
+other setting of the ``model``, ``loss`` and ``train`` sections: no follower
+(``model.segmentation`` is only checked to name a registered network), no Dice loss, none of
+the bi-level schedule (warm-up, K, the follower's rates and average, ``train.augment``), and
+not ``train.ema_warmup``, since the leader's EMA always ramps in fusion-only training.
+``fuse4seg fusion train --set`` refuses those others, which would be recorded in the run's
+config and change nothing (:func:`fuse4seg.cli.common.config_of`);
+``tests/test_fusion_only.py`` trains with each setting changed to check this list both
+ways."""
 
 
 @dataclass(frozen=True)

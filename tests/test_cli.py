@@ -71,6 +71,10 @@ def test_counts_and_sizes_below_one_are_refused_by_name(argv, capsys):
      "or --set train.lr_follower=VALUE or --set train.lr_follower_rollout=VALUE?"),
     (["train", "--data", "d", "--steps", "3"],
      "--steps: did you mean --set train.steps_per_epoch=VALUE?"),
+    # fusion train: of the model, loss and train sections only the settings it reads
+    (["fusion", "train", "--pairs", "p", "--ema-decay", "0.9"],
+     "--ema-decay: did you mean --set train.ema_decay=VALUE?"),
+    (["fusion", "train", "--pairs", "p", "--dice-smooth", "1"], "--dice-smooth (see --help)"),
     # an unknown option is reported before a missing required one (--flair, --checkpoint)
     (["predict", "--flare", "b.nii.gz"], "--flare: did you mean --flair?"),
     # no near option: no hint (compared without the "--" every option shares)
@@ -81,7 +85,7 @@ def test_an_unknown_option_gets_the_verbs_usage_and_the_closest_option(argv, hin
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    verb = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
+    verb = " ".join(argv[:2] if argv[0] in ("data", "fusion") else argv[:1])
     assert err.startswith(f"usage: fuse4seg {verb} ")  # the verb's usage, not the top level's
     assert f"fuse4seg {verb}: error: unrecognized arguments: " in err and hint in err
 
@@ -107,6 +111,17 @@ def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
      "`fuse4seg fusion train` does not read the data section (it reads model, loss, train, "
      "fusion), so the setting would change nothing; `fuse4seg data prepare`, `fuse4seg train`, "
      "`fuse4seg study` read it"),
+    # fusion train reads only fuse4seg.config.FUSION_ONLY_READS of model, loss and train
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--set",
+      "train.inner_steps=4"],
+     "--set train.inner_steps: `fuse4seg fusion train` does not read train.inner_steps (of the "
+     "train section it reads only seed, device, amp, compile, weight_decay, grad_clip, "
+     "ema_decay, batch_size, lr_leader, rollout_epochs, steps_per_epoch), so the setting would "
+     "change nothing; `fuse4seg train`, `fuse4seg study` read it"),
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--set",
+      "model.segmentation=convnext_unet_tiny"],
+     "does not read model.segmentation (of the model section it reads only fusion, "
+     "inn_squeeze, source_skip, anchor_range)"),
 ])
 def test_a_setting_of_a_section_the_verb_never_reads_is_refused(argv, message, tmp_path,
                                                                 capsys):

@@ -183,6 +183,57 @@ def test_train_reuse_and_inference(train_pairs, test_pairs, smoke, tmp_path):
         load_fusion_leader(tmp_path / "nothing", "cpu")
 
 
+# A value other than `smoke`'s for every setting of the model, loss and train sections: those
+# in FUSION_ONLY_READS must change the trained leader, the others must leave it bit for bit.
+OTHER_VALUE = {
+    "model.fusion": "fuse4seg_small", "model.segmentation": "convnext_unet_small",
+    "model.inn_squeeze": True, "model.source_skip": False, "model.anchor_range": True,
+    "loss.alpha_decomp": 2.0, "loss.beta_grad": 1.0, "loss.gamma_recon": 1.0,
+    "loss.use_decomp": False, "loss.use_grad": False, "loss.use_recon": False,
+    "loss.dice_class_weights": (1.0, 1.0, 1.0, 1.0), "loss.dice_smooth": 1.0,
+    "train.warmup_epochs": 3, "train.rollout_epochs": 2, "train.inner_steps": 4,
+    "train.batch_size": 3, "train.lr_leader": 1e-2, "train.lr_follower": 1e-2,
+    "train.lr_follower_rollout": 1e-2, "train.warmup_anneal": True, "train.weight_decay": 0.5,
+    "train.ema_decay": 0.05, "train.ema_warmup": True, "train.follower_ema": 0.5,
+    "train.warmup_minmax": True, "train.augment": True, "train.grad_clip": 1e-4,
+    "train.steps_per_epoch": 2, "train.val_every": 3, "train.val_max_slices": 2, "train.seed": 5,
+}
+WHERE_NOT_WHAT = ("train.device", "train.amp", "train.compile")
+"""Read, but with no effect on a CPU's weights: where it trains, AMP (ignored on a CPU), and
+torch.compile (the same maths); so they are not trained with here."""
+
+
+def test_fusion_training_reads_the_settings_it_declares_and_no_other(train_pairs, tmp_path):
+    """`fusion train --set` refuses the settings outside FUSION_ONLY_READS because they change
+    nothing: checked here by training, each setting changed in turn (one step each, with the
+    fusion section's None values falling back to the train section's)."""
+    from dataclasses import fields
+
+    from fuse4seg.config import FUSION_ONLY_READS, Config
+
+    sections = ("model", "loss", "train")
+    names = {f"{s}.{f.name}" for s in sections for f in fields(getattr(Config(), s))}
+    assert names == set(OTHER_VALUE) | set(WHERE_NOT_WHAT)  # a new setting must be classified
+    assert set(FUSION_ONLY_READS) <= names
+    base = {"fusion.crop": 16, "fusion.steps": None, "fusion.batch": None, "fusion.lr": None,
+            "train.batch_size": 2, "train.steps_per_epoch": 1}
+
+    def leader(**changed):
+        config = get_config("smoke", {**base, **changed})
+        assert all(getattr(getattr(config, n.split(".")[0]), n.split(".")[1]) == v
+                   for n, v in changed.items())  # the other value really is another value
+        run = train_fusion(train_pairs, config, tmp_path, device="cpu")
+        return list(run.leader.state_dict().values())
+
+    reference = leader()
+    for name, value in OTHER_VALUE.items():
+        weights = leader(**{name: value})
+        same = len(weights) == len(reference) and all(
+            p.shape == q.shape and torch.equal(p, q)
+            for p, q in zip(weights, reference, strict=True))
+        assert same != (name in FUSION_ONLY_READS), (name, value)
+
+
 def test_a_crop_larger_than_the_images_is_said_and_recorded(train_pairs, smoke, tmp_path):
     """--crop 100 on 48×48 pairs trains on 48-pixel crops: a warning says so, and the run
     records (and is named by) the crop it used, so it is the run of --crop 48."""

@@ -145,15 +145,15 @@ def _unrecognised(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     import difflib
 
     known = _long_options(parser)
-    settings: dict[str, list[str]] = {}  # name -> dotted names in the sections the verb reads
+    settings: dict[str, list[str]] = {}  # name -> dotted names of the settings the verb reads
     verb = parser.get_default("_set_verb")
     if verb is not None:  # `--inner-steps` of a verb that takes `--set train.inner_steps=N`
-        from fuse4seg.cli.common import SET_SECTIONS
+        from fuse4seg.cli.common import verb_reads
         from fuse4seg.config import get_config
 
         for section, values in get_config("default").to_dict().items():
-            if section in SET_SECTIONS[verb] and isinstance(values, dict):
-                for name in values:
+            for name in values if isinstance(values, dict) else ():
+                if verb_reads(verb, f"{section}.{name}"):
                     settings.setdefault(name, []).append(f"{section}.{name}")
     hints = []
     for word in (w.split("=")[0] for w in extra if w.startswith("--")):

@@ -41,18 +41,35 @@ SET_SECTIONS = {
 refused (:func:`config_of`): it would be recorded in the run's config and change nothing. The
 ``fusion`` section is the fusion-only schedule of ``fusion train`` (chapter 5), which segmentation
 runs never read (their run hash leaves it out); ``fusion train`` reads no ``data`` section, since
-its pairs are 2-D images, not BraTS volumes."""
+its pairs are 2-D images, not BraTS volumes, and of the others only
+:data:`fuse4seg.config.FUSION_ONLY_READS` (:func:`verb_reads`)."""
+
+
+def verb_reads(verb: str, name: str) -> bool:
+    """Whether ``fuse4seg <verb>`` reads the setting ``name`` (dotted, ``train.seed``): one of
+    the verb's :data:`SET_SECTIONS`, and for ``fusion train`` outside its ``fusion`` section,
+    one of :data:`fuse4seg.config.FUSION_ONLY_READS`."""
+    section = name.split(".")[0]
+    if section not in SET_SECTIONS[verb]:
+        return False
+    if verb == "fusion train" and section != "fusion":
+        from fuse4seg.config import FUSION_ONLY_READS
+
+        return name in FUSION_ONLY_READS
+    return True
 
 
 def add_set(parser: argparse.ArgumentParser, example: str, verb: str) -> None:
     """The repeatable ``--set NAME=VALUE`` override of ``verb`` (a key of
     :data:`SET_SECTIONS`, which the parser keeps as ``args._set_verb`` for :func:`config_of`
     and the unknown-option hints), with ``example`` in its help."""
-    sections = ", ".join(SET_SECTIONS[verb])
+    what = f"the {', '.join(SET_SECTIONS[verb])} sections"
+    if verb == "fusion train":  # verb_reads: of model, loss and train only what it reads
+        what = ("the fusion section, or one of the model, loss and train settings that "
+                "fusion-only training reads (fuse4seg.config.FUSION_ONLY_READS)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE",
-        help=f"override a setting of the {sections} sections, e.g. --set {example} "
-        "(repeatable)",
+        help=f"override a setting of {what}, e.g. --set {example} (repeatable)",
     )
     parser.set_defaults(_set_verb=verb)
 
@@ -82,21 +99,28 @@ def write_json(value, target: str) -> None:
 
 def config_of(profile: str, pairs: list[str], verb: str):
     """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` applied: each
-    name and value checked (:func:`fuse4seg.config.get_config`), and each in a section the
-    verb reads (:data:`SET_SECTIONS`)."""
-    from fuse4seg.config import dotted_name, get_config, parse_overrides
+    name and value checked (:func:`fuse4seg.config.get_config`), and each a setting the verb
+    reads (:func:`verb_reads`)."""
+    from fuse4seg.config import FUSION_ONLY_READS, dotted_name, get_config, parse_overrides
 
     overrides = parse_overrides(pairs)
     config = get_config(profile, overrides)
-    reads = SET_SECTIONS[verb]
     for name in overrides:
-        section = (dotted_name(name) or name).split(".")[0]
-        if section not in reads:
-            readers = [f"`fuse4seg {v}`" for v, s in SET_SECTIONS.items() if section in s]
-            raise ValueError(
-                f"--set {name}: `fuse4seg {verb}` does not read the {section} section (it "
-                f"reads {', '.join(reads)}), so the setting would change nothing; "
-                f"{', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it")
+        dotted = dotted_name(name) or name
+        if verb_reads(verb, dotted):
+            continue
+        section = dotted.split(".")[0]
+        readers = [f"`fuse4seg {v}`" for v in SET_SECTIONS if verb_reads(v, dotted)]
+        if section in SET_SECTIONS[verb]:  # fusion train: a setting of a section it reads
+            only = [n.split(".")[1] for n in FUSION_ONLY_READS if n.startswith(f"{section}.")]
+            why = (f"does not read {dotted} (of the {section} section it reads only "
+                   f"{', '.join(only)})")
+        else:
+            why = (f"does not read the {section} section (it reads "
+                   f"{', '.join(SET_SECTIONS[verb])})")
+        raise ValueError(
+            f"--set {name}: `fuse4seg {verb}` {why}, so the setting would change nothing; "
+            f"{', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it")
     return config
 
 
