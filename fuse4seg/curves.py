@@ -276,7 +276,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     """Two Markdown tables (narrow enough for a book page): per method the seconds per run and
     the validation Dice at each quarter of training (mean ± sd over seeds) with the plateau
     test and the number of seeds whose validation Dice still rose over the last quarter; then,
-    for the methods with a stage change, its two targets.
+    for the methods with a stage change, its two targets (:func:`rollout_targets`) and whether
+    each is met: "not judged" where the ratios' basis is mixed or there is one seed, and the
+    ratio's verdict marked "(logged)" where no run logged the same-slice reference.
 
     The plateau cell reads "yes" (a change within the seed sd), "no" (beyond it), or "not
     yet" when the change is within the sd but every seed still rose: the seeds then differ
@@ -285,7 +287,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
              "1/4 (sd at end) | plateau; seeds still rising |",
              "|---|---|---|---|---|---|---|---|"]
     stage = ["| method | L_lower ratio at the stage change, same slices (logged), per seed "
-             "| largest val. drop in the rollout, per seed (seed sd) |", "|---|---|---|"]
+             "| largest val. drop in the rollout, per seed (seed sd) | targets: ratio ≤ 1.15; "
+             "every drop ≤ seed sd |", "|---|---|---|---|"]
+    met = {True: "met", False: "missed", None: "not judged"}
     for method, entry in report["methods"].items():
         curves = [run["curve"] for run in entry["runs"]]
         vals = _vals(curves)
@@ -313,7 +317,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
                 for r, g, same in zip(t["loss_ratio"], t["loss_ratio_logged"],
                                       t["same_slices"], strict=True))
             drop = ", ".join(format_signed(d) for d in t["drop"]) + f" ({t['sd_warm']:.3f})"
-            stage.append(f"| `{method}` | {ratio} | {drop} |")
+            basis = " (logged)" if t["loss_basis"] == "logged L_lower" else ""
+            stage.append(f"| `{method}` | {ratio} | {drop} | {met[t['loss_ok']]}{basis}; "
+                         f"{met[t['drop_ok']]} |")
     if len(stage) > 2:
         lines += ["", *stage]
     return "\n".join(lines)

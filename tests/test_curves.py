@@ -96,6 +96,7 @@ def test_the_loss_ratio_compares_the_same_slices_when_the_run_logged_them():
         for s, c in enumerate([run, _curve([0.4, 0.5, 0.6, 0.6, 0.6], warm=3)])]}}}
     # each run's cell says what it holds: the old run has only its logged ratio
     assert "| `fuse4seg` | 1.05 (1.50), – (1.00) |" in curves.summary_markdown(report)
+    assert curves.summary_markdown(report).endswith("| not judged; met |")  # mixed basis
 
 
 def _report():
@@ -128,6 +129,8 @@ def test_the_summary_table_has_a_row_per_method_with_its_verdict():
     # the stage-change table has a row only for the method with a warm-up and a rollout
     stage = [line for line in second.splitlines() if line.startswith("| `")]
     assert len(stage) == 1 and stage[0].startswith("| `fuse4seg` | – (1.00), – (1.00), – (1.00) |")
+    # the verdicts: logged ratios 1.00 <= 1.15; drops 0.05 each (0.5 -> 0.45) > the sd 0
+    assert stage[0].endswith("| met (logged); missed |")
 
 
 def test_the_plot_draws_each_seed_and_the_mean(tmp_path):
