@@ -155,6 +155,9 @@ def test_cli_a_folder_that_no_image_pattern_matches_is_a_bad_case_that_skip_bad_
                       patterns={"t1ce": "T1c*", "flair": "Flair*", "seg": "seg*"})
     assert (f"`fuse4seg data check {data} --t1ce-pattern 'T1c*' --flair-pattern 'Flair*' "
             "--seg-pattern 'seg*'` lists every bad case") in str(info.value)
+    assert (f"`fuse4seg data prepare {data} --t1ce-pattern 'T1c*' --flair-pattern 'Flair*' "
+            f"--seg-pattern 'seg*' --out {tmp_path / 'stopped'} --skip-bad`, with the same "
+            "--profile and --set, prepares the others") in str(info.value)
     out = tmp_path / "cache"
     with pytest.warns(UserWarning, match="--skip-bad: left out 1 bad case"):
         assert main(["data", "prepare", str(data), "--out", str(out), "--profile", "smoke",

@@ -300,16 +300,22 @@ def prepare_cache(
             if not had_cases:  # the arrays this call began to write, in a folder it did not make
                 shutil.rmtree(cache_dir / "cases", ignore_errors=True)
         if isinstance(err, DataError) and not skip_bad:
-            check = " ".join(["fuse4seg data check", *_case_options(data_dir, layout, patterns)])
-            raise DataError(f"{err} (`{check}` lists every bad case; "
-                            "`fuse4seg data prepare --skip-bad` prepares the others)") from err
+            import shlex
+
+            options = _case_options(data_dir, layout, patterns)
+            check = " ".join(["fuse4seg data check", *options])
+            skip = " ".join(["fuse4seg data prepare", *options, "--out",
+                             shlex.quote(str(cache_dir)), "--skip-bad"])
+            raise DataError(f"{err} (`{check}` lists every bad case; `{skip}`, with the same "
+                            "--profile and --set, prepares the others)") from err
         raise
 
 
 def _case_options(data_dir: Path, layout: str | None, patterns: dict[str, str] | None
                   ) -> list[str]:
     """``data_dir`` and the ``--layout`` / ``--*-pattern`` options that found its cases, shell
-    quoted: the same cases for the ``data check`` a failed preparation suggests."""
+    quoted: the same cases for the ``data check`` and ``data prepare --skip-bad`` that a
+    failed preparation suggests."""
     import shlex
 
     words = [shlex.quote(str(data_dir))]
