@@ -59,7 +59,8 @@ class _Evil:
 def test_load_rejects_unsafe_and_foreign_files(tmp_path):
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"format": CHECKPOINT_FORMAT, "x": _Evil()}, protocol=2))
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="not a readable fuse4seg checkpoint: it holds Python "
+                       "objects other than tensors"):
         load_checkpoint(evil)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
@@ -136,12 +137,21 @@ def test_ema_update_is_the_per_tensor_formula_bit_for_bit():
 
 def test_fetch_reads_every_value_in_one_transfer(monkeypatch):
     values = {"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([[3.25]]), "d": float("nan")}
+    reads = []  # every way a tensor's value reaches Python (a host sync on a GPU)
 
-    def no_item(self):
-        raise AssertionError("fetch read a value with .item()")
+    def counted(name):
+        original = getattr(torch.Tensor, name)
 
-    monkeypatch.setattr(torch.Tensor, "item", no_item)
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
     out = fetch(values)
+    assert len(reads) == 1, reads  # one transfer for the two tensors, not one read each
     assert list(out) == ["a", "b", "c", "d"]
     assert out["a"] == 1.5 and out["b"] == 2.0 and out["c"] == 3.25 and np.isnan(out["d"])
     assert fetch({}) == {}
