@@ -39,14 +39,17 @@ def test_labels_keep_their_values_and_roughly_their_area():
 
 
 def test_brightness_spans_the_minmax_range():
-    # a flat image: the centre pixel's ratio is brightness x gamma alone
+    # a flat image of 0.6: the centre pixel becomes brightness b x 0.6**gamma, so its ratio to
+    # 0.6 is b x 0.6**(gamma - 1), with b in [0.75, 1/0.75] and gamma in [0.8, 1.25]
     x = torch.full((8, 1, 32, 32), 0.6)
     seg = torch.zeros(8, 32, 32, dtype=torch.int64)
     ratios = []
     for s in range(20):
         out, _ = augment(x, seg, step_generator(s))
         ratios += (out[:, 0, 16, 16] / 0.6).tolist()
-    assert min(ratios) < 0.85 and max(ratios) > 1.25
+    assert min(ratios) < 0.85 and max(ratios) > 1.25  # the draws spread over the range
+    low, high = 0.75 * 0.6 ** 0.25, 0.6 ** -0.2 / 0.75  # ... and stay inside it
+    assert low - 1e-6 <= min(ratios) and max(ratios) <= high + 1e-6, (low, high)
 
 
 def test_bad_shapes_name_the_shapes():

@@ -71,8 +71,10 @@ def test_colour_split_and_colorize_round_trip(tmp_path):
 
 
 def test_read_grey_is_float32_luma_rounded_half_even(tmp_path):
-    # 0.299*1 + 0.587*1 + 0.114*0 = 0.886 -> 1; R=G=B=v stays v; (3, 0, 0) -> 0.897 -> 1
-    rgb = np.array([[[1, 1, 0], [200, 200, 200], [3, 0, 0], [0, 0, 255]]], np.uint8)
+    # 0.299*1 + 0.587*1 + 0.114*0 = 0.886 -> 1; R=G=B=v stays v; (3, 0, 0) -> 0.897 -> 1;
+    # (0, 0, 250) -> exactly 28.5 in float32 -> 28, to even (half up would give 29)
+    rgb = np.array([[[1, 1, 0], [200, 200, 200], [3, 0, 0], [0, 0, 255], [0, 0, 250]]],
+                   np.uint8)
     y = read_grey(_write(tmp_path / "x.png", rgb))
     lum = (
         rgb[..., 2].astype(np.float32) * np.float32(0.114)
@@ -81,6 +83,7 @@ def test_read_grey_is_float32_luma_rounded_half_even(tmp_path):
     )
     assert y.dtype == np.uint8 and y.tolist() == np.round(lum).astype(np.uint8).tolist()
     assert y[0, 1] == 200 and y[0, 3] == 29  # 0.114 * 255 = 29.07
+    assert lum[0, 4] == 28.5 and y[0, 4] == 28
     grey = np.arange(16, dtype=np.uint8).reshape(4, 4)
     assert read_grey(_write(tmp_path / "g.png", grey)).tolist() == grey.tolist()
     # an RGB file with three equal channels is grey: no chroma

@@ -156,9 +156,12 @@ def test_smooth_field_unit_variance_and_deterministic():
 
 
 def test_cli_determinism_byte_identical_overwrite(tmp_path, phantom_dir, capsys):
-    # a copy of case 0 is overwritten by the CLI with the same seed: same bytes, no temp files
+    # case 0's files, stale, are overwritten by the CLI with the same seed: the session
+    # fixture's bytes, no temp files
     out = tmp_path / "again"
     shutil.copytree(phantom_dir / IDS[0], out / IDS[0])
+    for stale in (out / IDS[0]).iterdir():
+        stale.write_bytes(b"stale")
     assert cli_main(["data", "phantom", "--out", str(out), "--cases", "1", "--seed", "0"]) == 0
     assert "wrote 1 phantom cases" in capsys.readouterr().out
     names = sorted(f"{IDS[0]}_{m}.nii.gz" for m in ("t1ce", "flair", "seg"))
