@@ -228,23 +228,6 @@ def test_ablations_set_the_loss_switches(phantom_cache, tmp_path):
         train(smoke(), ablation="C", data=phantom_cache, out=tmp_path)
 
 
-def test_run_folder_is_found_again_and_not_overwritten(phantom_cache, tmp_path):
-    config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
-    first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="--resume"):
-        train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
-    again = train(config, "average", data=phantom_cache, out=tmp_path, resume=True, progress=False)
-    assert again.run_dir == first.run_dir and again.metrics == first.metrics
-    other = train(
-        smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0, "seed": 1}),
-        "average",
-        data=phantom_cache,
-        out=tmp_path,
-        progress=False,
-    )
-    assert other.run_dir != first.run_dir
-
-
 def test_a_finished_run_is_reused_from_its_files_without_building_a_model(
     phantom_cache, tmp_path, monkeypatch
 ):
@@ -254,6 +237,11 @@ def test_a_finished_run_is_reused_from_its_files_without_building_a_model(
     first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
     done = json.loads((first.run_dir / "run.json").read_text())["finished"]
     assert done["epochs"] == 1 and done["best"] == first.best
+    # another seed is another run, in a folder of its own (the refusal to train over a run:
+    # test_a_run_made_by_other_code_warns_or_restarts)
+    other = train(smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0, "seed": 1}),
+                  "average", data=phantom_cache, out=tmp_path, progress=False)
+    assert other.run_dir != first.run_dir and other.run_dir.is_dir()
 
     def no_trainer(*args, **kwargs):
         raise AssertionError("a finished run built a Trainer")
@@ -286,9 +274,27 @@ def test_the_stage_change_is_compared_on_the_same_slices(phantom_cache, tmp_path
     trainer = Trainer(two, "fuse4seg", phantom_cache, tmp_path / "two", progress=False)
     seen = []
     trainer.batches.on_split = lambda tr, val: seen.append(tr)
+    engine, scored = trainer.engine, []  # the reference's losses: draw and value
+    reference, follower_loss = engine.stage_change_reference, engine.follower_loss
+
+    def scored_loss(x_in, target, draw):
+        scored.append((draw, follower_loss(x_in, target, draw)))
+        return scored[-1][1]
+
+    def spied_reference(batches, epoch):
+        engine.follower_loss = scored_loss
+        try:
+            return reference(batches, epoch)
+        finally:
+            engine.follower_loss = follower_loss
+
+    engine.stage_change_reference = spied_reference
     result = trainer.fit()
     assert len(seen) == 2  # the reference's draws are not reported as rollout splits
     ref, first = result.metrics[0]["L_lower_ref_next"], result.metrics[1]["L_lower_first"]
+    # one loss per step of the rollout epoch (epoch 2: its first inner draws), and their mean
+    assert [draw for draw, _ in scored] == [(2, 0, 0), (2, 1, 0)]
+    assert ref == pytest.approx(np.mean([value for _, value in scored]), rel=1e-12)
     # fuse4seg's untrained leader anchored on x_avg's range: close to x_avg, not equal
     assert np.isfinite(ref) and np.isfinite(first) and ref > 0
     t = curves.rollout_targets([curves.curve(result.run_dir)])
@@ -650,13 +656,26 @@ def test_cli_train_reports_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("decay", [None, 0.9])
 def test_the_followers_weight_average_is_what_is_validated_and_saved(phantom_cache, tmp_path,
-                                                                     decay):
-    """train.follower_ema: validation scores, and best.pt / ema.pt / last.pt serve, the average
-    of the follower's weights; off (None), the follower itself."""
+                                                                     decay, monkeypatch):
+    """train.follower_ema: best.pt / ema.pt / last.pt serve the average of the follower's
+    weights; off (None), the follower itself (validation: the next test)."""
+    import fuse4seg.train.trainer as trainer_module
     from fuse4seg.inference import load_bundle
 
     config = smoke(**{"train.follower_ema": decay})
-    result = train(config, "fuse4seg", data=phantom_cache, out=tmp_path, progress=False)
+    trainer = Trainer(config, "fuse4seg", phantom_cache, tmp_path / "run", progress=False)
+    best_saves, save = [], trainer_module.save_checkpoint
+
+    def spied_save(path, payload):  # best.pt, at each new best: the follower of that moment
+        if Path(path).name == "best.pt":
+            eng = trainer.engine
+            now = (eng.follower_module if decay is None else eng.follower_ema.module).state_dict()
+            best_saves.append(all(torch.equal(payload["follower"][k], v) for k, v in now.items()))
+        return save(path, payload)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", spied_save)
+    result = trainer.fit()
+    assert best_saves and all(best_saves)
     ckpt = result.run_dir / "checkpoints"
     engine = load_checkpoint(ckpt / "last.pt")["engine"]
     saved = load_checkpoint(ckpt / "ema.pt")["follower"]
