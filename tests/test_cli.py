@@ -326,7 +326,7 @@ def test_given_names_each_argument_once_for_its_label_and_its_value():
     args = argparse.Namespace(data=Path("d"), t1ce=Path("t"), run=Path("r"), max_pairs=None)
     assert given(args, "--data", "--t1ce", "RUN", "--max-pairs") == [
         ("--data", Path("d")), ("--t1ce", Path("t")), ("RUN", Path("r")), ("--max-pairs", None)]
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="cache"):
         given(args, "--cache")
 
 

@@ -340,11 +340,13 @@ def test_fusion_cli_train_and_evaluate(pair_root, tmp_path, capsys):
     assert "convention: standard" in capsys.readouterr().out
     # clear errors, exit status 2
     assert fusion("evaluate", "dwt", *spect, "--only", "zz") == 2
+    assert "--only: no SPECT-MRI test pair(s) named ['zz']" in capsys.readouterr().err
     assert fusion("evaluate", tmp_path / "missing", *spect) == 2
     err = capsys.readouterr().err  # a mistyped rule (or a missing run) lists the rules
     assert "missing: neither a rule (" in err and "dwt" in err and "fusion run folder" in err
     pet = ("--pairs", pair_root, "--kind", "PET-MRI")
     assert fusion("train", *pet, "--profile", "smoke", "--out", runs) == 2
+    assert "PET-MRI folder not found" in capsys.readouterr().err
 
 
 def test_real_harvard_smoke_training(harvard_dir, smoke, tmp_path):
