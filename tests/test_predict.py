@@ -59,6 +59,7 @@ def _predict(run, t1ce, flair, out, *extra: object) -> int:
     return main(["predict", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path, capsys):
     run = _make_run(tmp_path, favour=3)  # every brain voxel ET
     case = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
@@ -159,6 +160,7 @@ def test_a_stopped_predict_removes_the_folders_it_made(phantom_dir, tmp_path, ca
     assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
+@pytest.mark.slow
 def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):
     run = _make_run(tmp_path, method="direct2ch")
     t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
@@ -250,6 +252,7 @@ def test_predict_rejects_bad_inputs(phantom_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_predict_with_a_brain_mask(phantom_dir, tmp_path):
     run = _make_run(tmp_path, favour=2)  # every brain voxel ED
     t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
@@ -320,6 +323,7 @@ def test_predict_on_the_real_brats2021_case(brats2021_case, tmp_path):
     assert set(np.unique(np.asarray(seg.dataobj))) == {0, 4}  # scheme guessed from "_t1ce"
 
 
+@pytest.mark.slow
 def test_evaluate_writes_per_case_and_mean_scores(phantom_dir, tmp_path):
     run = _make_run(tmp_path)
     out = tmp_path / "eval.json"
@@ -370,6 +374,7 @@ def test_an_unwritable_json_is_refused_before_any_scoring(phantom_dir, tmp_path,
     assert f"--json {blocker / 'eval.json'}: {blocker} is a file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scoring_keeps_the_test_volumes_and_scores_as_a_fresh_read(phantom_dir, tmp_path,
                                                                     monkeypatch):
     from fuse4seg import inference
@@ -402,6 +407,7 @@ def test_scoring_keeps_the_test_volumes_and_scores_as_a_fresh_read(phantom_dir, 
     np.testing.assert_array_equal(seg_a, seg_b)
 
 
+@pytest.mark.slow
 def test_scoring_a_case_whose_file_is_gone_names_the_file(phantom_dir, tmp_path, monkeypatch):
     import shutil
 
@@ -472,6 +478,7 @@ def test_predict_never_overwrites_its_inputs_and_refuses_a_sagittal_volume(phant
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_predict_warns_when_the_runs_crop_cuts_the_brain_away(phantom_dir, tmp_path):
     """A volume at twice the training resolution: the run's 64-pixel crop after 4x
     down-sampling holds only its centre, and predict says so (as `data prepare` does)."""
@@ -491,6 +498,7 @@ def test_predict_warns_when_the_runs_crop_cuts_the_brain_away(phantom_dir, tmp_p
     assert (tmp_path / "out" / "seg.nii.gz").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir, tmp_path,
                                                                     monkeypatch):
     """`evaluate` on a split the run trained on (by its own cache's split) names the cases,
