@@ -34,6 +34,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "FUSION_FALLBACKS",
     "FUSION_ONLY_READS",
     "FusionConfig",
     "LossConfig",
@@ -247,9 +248,22 @@ other setting of the ``model``, ``loss`` and ``train`` sections: no follower
 the bi-level schedule (warm-up, K, the follower's rates and average, ``train.augment``), and
 not ``train.ema_warmup``, since the leader's EMA always ramps in fusion-only training.
 ``fuse4seg fusion train --set`` refuses those others, which would be recorded in the run's
-config and change nothing (:func:`fuse4seg.cli.common.config_of`);
-``tests/test_fusion_only.py`` trains with each setting changed to check this list both
-ways."""
+config and change nothing (:func:`fuse4seg.cli.common.config_of`), and the four of
+:data:`FUSION_FALLBACKS` where the ``fusion`` setting they stand in for is set.
+``tests/test_fusion_only.py`` trains with each setting changed to check this list both ways
+(``train.device``, ``train.amp`` and ``train.compile`` aside: where it trains, AMP, which a
+CPU ignores, and the same maths compiled)."""
+
+FUSION_FALLBACKS = {
+    "train.batch_size": "fusion.batch",
+    "train.lr_leader": "fusion.lr",
+    "train.rollout_epochs": "fusion.steps",
+    "train.steps_per_epoch": "fusion.steps",
+}
+"""The settings of :data:`FUSION_ONLY_READS` that fusion-only training reads only where the
+``fusion`` setting beside each is ``None`` (:func:`fuse4seg.train.fusion_only.fusion_schedule`).
+``smoke`` and ``default`` set all three ``fusion`` values, so there these four change nothing;
+``paper`` sets none, so there they make the schedule."""
 
 
 @dataclass(frozen=True)

@@ -277,8 +277,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     the validation Dice at each quarter of training (mean ± sd over seeds) with the plateau
     test and the number of seeds whose validation Dice still rose over the last quarter; then,
     for the methods with a stage change, its two targets (:func:`rollout_targets`) and whether
-    each is met: "not judged" where the ratios' basis is mixed or there is one seed, and the
-    ratio's verdict marked "(logged)" where no run logged the same-slice reference.
+    each is met: the ratio's verdict "not judged" where the ratios' basis is mixed, and marked
+    "(logged)" where no run logged the same-slice reference; the drop's "not judged" with one
+    seed (no seed sd).
 
     The plateau cell reads "yes" (a change within the seed sd), "no" (beyond it), or "not
     yet" when the change is within the sd but every seed still rose: the seeds then differ

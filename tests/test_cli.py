@@ -99,17 +99,17 @@ def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--set", "fusion.lr=0.1"],
-     "--set fusion.lr: `fuse4seg train` does not read the fusion section (it reads data, "
-     "model, loss, train), so the setting would change nothing; `fuse4seg fusion train` reads "
-     "it"),
-    (["train", "--set", "steps=3"], "--set steps: `fuse4seg train` does not read the fusion"),
+     "--set fusion.lr: `fuse4seg train` does not read the fusion section (it reads the data, "
+     "model, loss, train sections), so the setting would change nothing; `fuse4seg fusion "
+     "train` reads it"),
     (["study", "--set", "fusion.crop=32"], "`fuse4seg study` does not read the fusion section"),
     (["data", "prepare", "DATA", "--out", "OUT", "--set", "train.seed=2"],
-     "`fuse4seg data prepare` does not read the train section (it reads data)"),
+     "`fuse4seg data prepare` does not read the train section (it reads the data sections)"),
     (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--set",
       "data.crop_size=64"],
-     "`fuse4seg fusion train` does not read the data section (it reads model, loss, train, "
-     "fusion), so the setting would change nothing; `fuse4seg data prepare`, `fuse4seg train`, "
+     "`fuse4seg fusion train` does not read the data section (it reads the fusion section, and "
+     "of the model, loss and train sections the settings fuse4seg.config.FUSION_ONLY_READS "
+     "lists), so the setting would change nothing; `fuse4seg data prepare`, `fuse4seg train`, "
      "`fuse4seg study` read it"),
     # fusion train reads only fuse4seg.config.FUSION_ONLY_READS of model, loss and train
     (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--set",
@@ -122,11 +122,29 @@ def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
       "model.segmentation=convnext_unet_tiny"],
      "does not read model.segmentation (of the model section it reads only fusion, "
      "inn_squeeze, source_skip, anchor_range)"),
+    # ... and a fallback of a fusion setting the profile sets (all three, in default)
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--set",
+      "train.batch_size=2"],
+     "--set train.batch_size: `fuse4seg fusion train` reads train.batch_size only where "
+     "fusion.batch is null, and profile default sets fusion.batch to 4, so the setting would "
+     "change nothing; set fusion.batch instead; `fuse4seg train`, `fuse4seg study` read it"),
+    # a short name is shown with the setting it stands for; the profile has its own option
+    (["train", "--set", "steps=3"], "--set steps (fusion.steps): `fuse4seg train` does not "
+     "read the fusion section"),
+    (["data", "prepare", "DATA", "--out", "OUT", "--set", "profile=paper"],
+     "--set profile: give the profile with --profile"),
+    # fusion train's options against the settings they override
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--steps", "3",
+      "--set", "fusion.steps=5"], "--steps 3 and --set fusion.steps=5 disagree: give one"),
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--profile",
+      "paper", "--batch-size", "4", "--set", "train.batch_size=2"],
+     "--set train.batch_size: --batch-size gives fusion.batch, which train.batch_size only "
+     "stands in for when null, so the setting would change nothing"),
 ])
-def test_a_setting_of_a_section_the_verb_never_reads_is_refused(argv, message, tmp_path,
-                                                                capsys):
+def test_a_setting_the_verb_never_reads_is_refused(argv, message, tmp_path, capsys):
     """It would be recorded in the run's config and change nothing (helper review: `train
-    --set fusion.lr=0.1` ran and gave the run of no override)."""
+    --set fusion.lr=0.1` ran and gave the run of no override); so would a `fusion train`
+    option's setting given twice, or a fallback the option overrides."""
     data = tmp_path / "data"
     data.mkdir()
     argv = [str(data) if a == "DATA" else str(tmp_path / "out") if a == "OUT" else a
@@ -136,6 +154,15 @@ def test_a_setting_of_a_section_the_verb_never_reads_is_refused(argv, message, t
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_fusion_train_takes_a_fallback_where_the_profile_leaves_the_fusion_setting_null():
+    from fuse4seg.cli.common import config_of
+
+    # paper sets no fusion.batch: train.batch_size makes the fusion-only batch there
+    assert config_of("paper", ["train.batch_size=2"], "fusion train").train.batch_size == 2
+    with pytest.raises(ValueError, match="profile default sets fusion.batch to 4"):
+        config_of("default", ["train.batch_size=2"], "fusion train")
 
 
 def test_train_seed_is_train_dot_seed_and_a_second_value_is_refused(tmp_path, monkeypatch,

@@ -209,29 +209,37 @@ def test_fusion_training_reads_the_settings_it_declares_and_no_other(train_pairs
     fusion section's None values falling back to the train section's)."""
     from dataclasses import fields
 
-    from fuse4seg.config import FUSION_ONLY_READS, Config
+    from fuse4seg.config import FUSION_FALLBACKS, FUSION_ONLY_READS, Config
 
     sections = ("model", "loss", "train")
     names = {f"{s}.{f.name}" for s in sections for f in fields(getattr(Config(), s))}
     assert names == set(OTHER_VALUE) | set(WHERE_NOT_WHAT)  # a new setting must be classified
-    assert set(FUSION_ONLY_READS) <= names
+    assert set(FUSION_ONLY_READS) <= names and set(WHERE_NOT_WHAT) <= set(FUSION_ONLY_READS)
     base = {"fusion.crop": 16, "fusion.steps": None, "fusion.batch": None, "fusion.lr": None,
             "train.batch_size": 2, "train.steps_per_epoch": 1}
 
     def leader(**changed):
         config = get_config("smoke", {**base, **changed})
         assert all(getattr(getattr(config, n.split(".")[0]), n.split(".")[1]) == v
-                   for n, v in changed.items())  # the other value really is another value
+                   for n, v in changed.items())  # the override was applied
         run = train_fusion(train_pairs, config, tmp_path, device="cpu")
         return list(run.leader.state_dict().values())
 
-    reference = leader()
+    def same(a, b):
+        return len(a) == len(b) and all(
+            p.shape == q.shape and torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+    reference, start = leader(), get_config("smoke", base)
     for name, value in OTHER_VALUE.items():
-        weights = leader(**{name: value})
-        same = len(weights) == len(reference) and all(
-            p.shape == q.shape and torch.equal(p, q)
-            for p, q in zip(weights, reference, strict=True))
-        assert same != (name in FUSION_ONLY_READS), (name, value)
+        section, key = name.split(".")
+        assert getattr(getattr(start, section), key) != value, name  # another value
+        assert same(leader(**{name: value}), reference) != (name in FUSION_ONLY_READS), name
+    # the fallbacks are read only where their fusion setting is null: with smoke's own
+    # fusion.steps, .batch and .lr they change nothing
+    base.update({"fusion.steps": 2, "fusion.batch": 2, "fusion.lr": 1e-3})
+    reference = leader()
+    for name in FUSION_FALLBACKS:
+        assert same(leader(**{name: OTHER_VALUE[name]}), reference), name
 
 
 def test_a_crop_larger_than_the_images_is_said_and_recorded(train_pairs, smoke, tmp_path):

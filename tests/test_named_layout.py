@@ -157,7 +157,15 @@ def test_cli_a_folder_that_no_image_pattern_matches_is_a_bad_case_that_skip_bad_
             "--seg-pattern 'seg*'` lists every bad case") in str(info.value)
     assert (f"`fuse4seg data prepare {data} --t1ce-pattern 'T1c*' --flair-pattern 'Flair*' "
             f"--seg-pattern 'seg*' --out {tmp_path / 'stopped'} --skip-bad`, with the same "
-            "--profile and --set, prepares the others") in str(info.value)
+            "--profile and --set, prepares the others)") in str(info.value)
+    # from train or study (their --cache): the raw --data would stop again, so they are told
+    # to train on the cache that command writes
+    with pytest.raises(DataError) as info:
+        prepare_cache(data, tmp_path / "c", get_config("smoke").data, progress=False,
+                      patterns={"t1ce": "T1c*", "flair": "Flair*", "seg": "seg*"}, flag="--cache")
+    assert str(info.value).endswith(f"--out {tmp_path / 'c'} --skip-bad`, with the same "
+                                    "--profile and --set, prepares the others, and `--data "
+                                    f"{tmp_path / 'c'}` then trains on them)")
     out = tmp_path / "cache"
     with pytest.warns(UserWarning, match="--skip-bad: left out 1 bad case"):
         assert main(["data", "prepare", str(data), "--out", str(out), "--profile", "smoke",

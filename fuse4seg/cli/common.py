@@ -45,31 +45,46 @@ its pairs are 2-D images, not BraTS volumes, and of the others only
 :data:`fuse4seg.config.FUSION_ONLY_READS` (:func:`verb_reads`)."""
 
 
-def verb_reads(verb: str, name: str) -> bool:
+def verb_reads(verb: str, name: str, config=None) -> bool:
     """Whether ``fuse4seg <verb>`` reads the setting ``name`` (dotted, ``train.seed``): one of
     the verb's :data:`SET_SECTIONS`, and for ``fusion train`` outside its ``fusion`` section,
-    one of :data:`fuse4seg.config.FUSION_ONLY_READS`."""
+    one of :data:`fuse4seg.config.FUSION_ONLY_READS`, where one of
+    :data:`~fuse4seg.config.FUSION_FALLBACKS` only when ``config``'s ``fusion`` setting it
+    stands in for is ``None`` (without a ``config``, as for the unknown-option hints: not)."""
     section = name.split(".")[0]
     if section not in SET_SECTIONS[verb]:
         return False
-    if verb == "fusion train" and section != "fusion":
-        from fuse4seg.config import FUSION_ONLY_READS
+    if verb != "fusion train" or section == "fusion":
+        return True
+    from fuse4seg.config import FUSION_FALLBACKS, FUSION_ONLY_READS
 
-        return name in FUSION_ONLY_READS
-    return True
+    if name not in FUSION_ONLY_READS:
+        return False
+    stands_for = FUSION_FALLBACKS.get(name)
+    return stands_for is None or (config is not None and _value(config, stands_for) is None)
+
+
+def _value(config, name: str):
+    """The value of the dotted setting ``name`` in ``config``."""
+    section, key = name.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _what_it_reads(verb: str) -> str:
+    """The sections ``verb`` reads, in words, for its ``--set`` help and refusals."""
+    if verb == "fusion train":  # verb_reads: of model, loss and train only some settings
+        return ("the fusion section, and of the model, loss and train sections the settings "
+                "fuse4seg.config.FUSION_ONLY_READS lists")
+    return f"the {', '.join(SET_SECTIONS[verb])} sections"
 
 
 def add_set(parser: argparse.ArgumentParser, example: str, verb: str) -> None:
     """The repeatable ``--set NAME=VALUE`` override of ``verb`` (a key of
     :data:`SET_SECTIONS`, which the parser keeps as ``args._set_verb`` for :func:`config_of`
     and the unknown-option hints), with ``example`` in its help."""
-    what = f"the {', '.join(SET_SECTIONS[verb])} sections"
-    if verb == "fusion train":  # verb_reads: of model, loss and train only what it reads
-        what = ("the fusion section, or one of the model, loss and train settings that "
-                "fusion-only training reads (fuse4seg.config.FUSION_ONLY_READS)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE",
-        help=f"override a setting of {what}, e.g. --set {example} (repeatable)",
+        help=f"override a setting of {_what_it_reads(verb)}, e.g. --set {example} (repeatable)",
     )
     parser.set_defaults(_set_verb=verb)
 
@@ -100,27 +115,43 @@ def write_json(value, target: str) -> None:
 def config_of(profile: str, pairs: list[str], verb: str):
     """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` applied: each
     name and value checked (:func:`fuse4seg.config.get_config`), and each a setting the verb
-    reads (:func:`verb_reads`)."""
-    from fuse4seg.config import FUSION_ONLY_READS, dotted_name, get_config, parse_overrides
+    reads (:func:`verb_reads`) with this config. A refusal names the setting (a short name with
+    the dotted one it stands for), why it would change nothing, and which verbs read it."""
+    from fuse4seg.config import (
+        FUSION_FALLBACKS,
+        FUSION_ONLY_READS,
+        dotted_name,
+        get_config,
+        parse_overrides,
+    )
 
     overrides = parse_overrides(pairs)
     config = get_config(profile, overrides)
     for name in overrides:
+        if name == "profile":
+            raise ValueError("--set profile: give the profile with --profile")
         dotted = dotted_name(name) or name
-        if verb_reads(verb, dotted):
+        if verb_reads(verb, dotted, config):
             continue
         section = dotted.split(".")[0]
+        shown = name if name == dotted else f"{name} ({dotted})"
         readers = [f"`fuse4seg {v}`" for v in SET_SECTIONS if verb_reads(v, dotted)]
-        if section in SET_SECTIONS[verb]:  # fusion train: a setting of a section it reads
+        advice = ""
+        if section not in SET_SECTIONS[verb]:
+            why = f"does not read the {section} section (it reads {_what_it_reads(verb)})"
+        elif dotted in FUSION_FALLBACKS:  # fusion train, where the fusion setting is given
+            stands_for = FUSION_FALLBACKS[dotted]
+            why = (f"reads {dotted} only where {stands_for} is null, and profile "
+                   f"{config.profile} sets {stands_for} to {_value(config, stands_for)}")
+            advice = f"; set {stands_for} instead"
+        else:  # fusion train: a setting of model, loss or train it does not read
             only = [n.split(".")[1] for n in FUSION_ONLY_READS if n.startswith(f"{section}.")]
             why = (f"does not read {dotted} (of the {section} section it reads only "
                    f"{', '.join(only)})")
-        else:
-            why = (f"does not read the {section} section (it reads "
-                   f"{', '.join(SET_SECTIONS[verb])})")
-        raise ValueError(
-            f"--set {name}: `fuse4seg {verb}` {why}, so the setting would change nothing; "
-            f"{', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it")
+        who = f"; {', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it" * bool(
+            readers)
+        raise ValueError(f"--set {shown}: `fuse4seg {verb}` {why}, so the setting would change "
+                         f"nothing{advice}{who}")
     return config
 
 

@@ -77,6 +77,7 @@ def fusion_train_main(args: argparse.Namespace) -> int:
     if args.kind == "GFP-PC" and args.split != "train":
         raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
     config = config_of(args.profile, args.set, args._set_verb)
+    _check_flags_against_settings(args, config)
     check_output_folder(args.out, "--out")
     pairs = _load_pairs(args, args.split)
     run = train_fusion(
@@ -91,6 +92,36 @@ def fusion_train_main(args: argparse.Namespace) -> int:
         f"{last.get('total', float('nan')):.4g}"
     )
     return 0
+
+
+FLAG_SETTINGS = {
+    "--steps": "fusion.steps", "--crop": "fusion.crop", "--batch-size": "fusion.batch",
+    "--lr": "fusion.lr", "--seed": "train.seed", "--device": "train.device",
+}
+"""The setting each option of ``fusion train`` overrides."""
+
+
+def _check_flags_against_settings(args: argparse.Namespace, config) -> None:
+    """Refuse an option given with a ``--set`` it overrides: of the same setting with another
+    value (``--steps 3 --set fusion.steps=5``: which one?), or of a
+    :data:`~fuse4seg.config.FUSION_FALLBACKS` setting that stands in for the option's
+    (``--batch-size 4 --set train.batch_size=2``: the option wins, the setting changes
+    nothing). ``config`` holds the ``--set`` values, checked and converted."""
+    from fuse4seg.config import FUSION_FALLBACKS, dotted_name, parse_overrides
+
+    overrides = {dotted_name(k) or k: v for k, v in parse_overrides(args.set).items()}
+    for flag, setting in FLAG_SETTINGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        section, key = setting.split(".")
+        if setting in overrides and getattr(getattr(config, section), key) != value:
+            raise ValueError(f"{flag} {value} and --set {setting}={overrides[setting]} disagree: "
+                             "give one")
+        for name, stands_for in FUSION_FALLBACKS.items():
+            if stands_for == setting and name in overrides:
+                raise ValueError(f"--set {name}: {flag} gives {setting}, which {name} only "
+                                 "stands in for when null, so the setting would change nothing")
 
 
 def _conventions() -> list[str]:

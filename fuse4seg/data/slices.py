@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -300,14 +301,15 @@ def prepare_cache(
             if not had_cases:  # the arrays this call began to write, in a folder it did not make
                 shutil.rmtree(cache_dir / "cases", ignore_errors=True)
         if isinstance(err, DataError) and not skip_bad:
-            import shlex
-
             options = _case_options(data_dir, layout, patterns)
             check = " ".join(["fuse4seg data check", *options])
-            skip = " ".join(["fuse4seg data prepare", *options, "--out",
-                             shlex.quote(str(cache_dir)), "--skip-bad"])
+            out = shlex.quote(str(cache_dir))
+            skip = " ".join(["fuse4seg data prepare", *options, "--out", out, "--skip-bad"])
+            # from train or study (--cache, or the runs folder's own cache): the raw --data
+            # would be prepared again, and stop again, so they must train on the cache
+            then = "" if flag == "--out" else f", and `--data {out}` then trains on them"
             raise DataError(f"{err} (`{check}` lists every bad case; `{skip}`, with the same "
-                            "--profile and --set, prepares the others)") from err
+                            f"--profile and --set, prepares the others{then})") from err
         raise
 
 
@@ -316,8 +318,6 @@ def _case_options(data_dir: Path, layout: str | None, patterns: dict[str, str] |
     """``data_dir`` and the ``--layout`` / ``--*-pattern`` options that found its cases, shell
     quoted: the same cases for the ``data check`` and ``data prepare --skip-bad`` that a
     failed preparation suggests."""
-    import shlex
-
     words = [shlex.quote(str(data_dir))]
     if layout:
         words += ["--layout", shlex.quote(layout)]
