@@ -651,3 +651,37 @@ def test_parameter_cells_are_collapsed_and_the_injected_one_labelled(tmp_path):
     assert "hide-input" in out.cells[2].metadata["tags"]
     assert "injected by papermill" in out.cells[1].source
     assert "hide-input" not in out.cells[3].metadata.get("tags", [])
+
+
+def test_an_attribute_docstring_of_prose_keeps_its_first_line():
+    """book/_ext/prose_attributes.py: napoleon would read "fractions (ours: the paper ...)" as
+    the type "fractions (ours"; such a docstring comes out as written, while a Google-style
+    inline type (``numpy.ndarray: ...``) is left to napoleon. Checked with napoleon itself."""
+    import importlib.util
+
+    from sphinx.ext.napoleon import Config as NapoleonConfig
+    from sphinx.ext.napoleon.docstring import GoogleDocstring
+
+    path = Path(__file__).resolve().parents[1] / "book" / "_ext" / "prose_attributes.py"
+    spec = importlib.util.spec_from_file_location("prose_attributes", path)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    config = yaml.safe_load((path.parents[2] / "_config.yml").read_text())
+    assert config["sphinx"]["local_extensions"] == {"prose_attributes": "book/_ext"}
+
+    def rendered(doc: list[str], name: str) -> list[str]:
+        lines = list(doc)
+        ext.note_prose(None, "attribute", name, None, {}, lines)
+        lines[:] = GoogleDocstring(lines, NapoleonConfig(), what="attribute", name=name).lines()
+        ext.restore_prose(None, "attribute", name, None, {}, lines)
+        return lines
+
+    prose = ["Patient-level train / validation / test fractions (ours: the paper gives no "
+             "split)."]
+    assert rendered(prose, "a.b") == prose
+    assert not any(":type:" in line for line in rendered(prose, "a.c"))
+    typed = rendered(["numpy.ndarray: the image, (H, W)."], "a.d")
+    assert ":type: numpy.ndarray" in typed and "the image, (H, W)." in typed[0]
+    # a colon inside code is not the prose's: ``None``'s first line reads as a type
+    assert ext._type_like("``None``") and not ext._type_like("fractions (ours")
+    assert ext._type_like("str | None") and ext._type_like("(extra, span)")
