@@ -562,7 +562,8 @@ def stage_source(
     pages: list[Chapter],
     notebooks: Mapping[str, Path],
 ) -> None:
-    """Lay out the tree ``jupyter-book build`` reads, replacing ``staging``.
+    """Lay out the tree ``jupyter-book build`` reads, replacing ``staging``: ``_config.yml``
+    and the local Sphinx extensions it names, the toc, the pages and the executed notebooks.
 
     Args:
         root: the book's root (``_config.yml`` lives there).
@@ -576,6 +577,15 @@ def stage_source(
     staging.mkdir(parents=True)
     shutil.copy2(root / "_config.yml", staging / "_config.yml")
     (staging / "_toc.yml").write_text(yaml.safe_dump(dict(toc), sort_keys=False), "utf-8")
+    # the Sphinx extensions of the book's own (sphinx.local_extensions: name -> folder)
+    config = yaml.safe_load((root / "_config.yml").read_text("utf-8")) or {}
+    for name, folder in ((config.get("sphinx") or {}).get("local_extensions") or {}).items():
+        source = root / folder / f"{name}.py"
+        if not source.is_file():
+            raise BuildError(f"{root / '_config.yml'}: local extension {name!r} is not in "
+                             f"{root / folder} ({name}.py missing)")
+        (staging / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, staging / folder / f"{name}.py")
     # Everything beside the pages (figures, bibliography, _static) of each toc folder, minus
     # the Markdown notebooks (their executed .ipynb replaces them) and build artefacts.
     folders = sorted(

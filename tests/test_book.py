@@ -76,9 +76,12 @@ widgets.IntSlider(value=3, min=0, max=10, description="K")
 
 
 def _write_book(root: Path, chapters: dict[str, str]) -> None:
-    """A book root with the repository's _config.yml, a toc and the given chapters."""
+    """A book root with the repository's _config.yml and the extension it names, a toc and
+    the given chapters."""
     (root / "book").mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "_config.yml", root / "_config.yml")
+    shutil.copytree(REPO / "book" / "_ext", root / "book" / "_ext", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (root / "book" / "intro.md").write_text("# Tiny book\n\nInline $a^2 + b^2 = c^2$.\n")
     toc = {
         "format": "jb-book",
@@ -388,9 +391,14 @@ def test_stage_source_replaces_notebooks_by_their_executed_copy(tmp_path):
         "_config.yml",
         "_toc.yml",
         "book/01_tiny.ipynb",
+        "book/_ext/prose_attributes.py",
         "book/figure.png",
         "book/intro.md",
     ]
+    # a local extension that _config.yml names must be there
+    shutil.rmtree(root / "book" / "_ext")
+    with pytest.raises(build.BuildError, match="local extension 'prose_attributes' is not in"):
+        build.stage_source(root, staging, toc, [], {})
 
 
 def test_stage_source_copies_what_a_page_includes(tmp_path):
