@@ -44,6 +44,7 @@ __all__ = [
     "dotted_name",
     "get_config",
     "load_config",
+    "override_value",
     "parse_overrides",
 ]
 
@@ -396,6 +397,22 @@ def dotted_name(name: str) -> str | None:
     """The dotted form of an override name (``"seed"`` -> ``"train.seed"``), ``None`` if it is
     not one (or a bare name two sections share)."""
     return _all_names().get(name.strip())
+
+
+def override_value(name: str, value: Any) -> Any:
+    """``value`` checked and converted as an override of the setting ``name`` (dotted or bare)
+    is (``"3e-3"``, which YAML 1.1 reads as a string, becomes ``0.003`` for a number), so that
+    two overrides of one setting compare by value; a name that is no setting: ``value`` as it
+    is (:func:`get_config` refuses the name, listing the valid ones).
+
+    Raises:
+        ConfigError: a value the setting cannot take (of the wrong type), naming the setting.
+    """
+    dotted = dotted_name(name)
+    if dotted is None:
+        return value
+    section, key = dotted.split(".", 1)
+    return _coerce(value, typing.get_type_hints(_SECTIONS[section])[key], dotted)
 
 
 def valid_names() -> list[str]:

@@ -138,8 +138,23 @@ def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
       "--set", "fusion.steps=5"], "--steps 3 and --set fusion.steps=5 disagree: give one"),
     (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--profile",
       "paper", "--batch-size", "4", "--set", "train.batch_size=2"],
-     "--set train.batch_size: --batch-size gives fusion.batch, which train.batch_size only "
-     "stands in for when null, so the setting would change nothing"),
+     "--set train.batch_size: `fuse4seg fusion train` reads train.batch_size only where "
+     "fusion.batch is null, and --batch-size 4 gives it, so the setting would change nothing; "
+     "`fuse4seg train`, `fuse4seg study` read it"),
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--profile",
+      "paper", "--set", "fusion.batch=4", "--set", "train.batch_size=2"],
+     "reads train.batch_size only where fusion.batch is null, and --set fusion.batch=4 gives "
+     "it, so"),
+    # one setting given twice: by two names, by one name twice, or by an option and a name
+    (["train", "--set", "seed=5", "--set", "train.seed=6"],
+     "--set seed=5 and --set train.seed=6 give train.seed two values: give one"),
+    (["data", "prepare", "DATA", "--out", "OUT", "--set", "crop_size=64", "--set",
+      "crop_size=96"], "--set crop_size=64 and --set crop_size=96 give data.crop_size two "
+     "values: give one"),
+    (["train", "--seed", "3", "--set", "seed=5"], "--seed 3 and --set seed=5 disagree: give one"),
+    (["train", "--set", "seed=x"], "--set seed=x: train.seed: expected an integer, got 'x'"),
+    (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--lr", "0.01",
+      "--set", "lr=2e-3"], "--lr 0.01 and --set lr=2e-3 disagree: give one"),
 ])
 def test_a_setting_the_verb_never_reads_is_refused(argv, message, tmp_path, capsys):
     """It would be recorded in the run's config and change nothing (helper review: `train
@@ -163,6 +178,45 @@ def test_fusion_train_takes_a_fallback_where_the_profile_leaves_the_fusion_setti
     assert config_of("paper", ["train.batch_size=2"], "fusion train").train.batch_size == 2
     with pytest.raises(ValueError, match="profile default sets fusion.batch to 4"):
         config_of("default", ["train.batch_size=2"], "fusion train")
+
+
+def test_fusion_train_options_are_its_settings(tmp_path, monkeypatch):
+    """An option and the ``--set`` of its setting make the same config (and so the same run
+    folder); the two agree where only YAML's spelling differs (``2e-3``, read as a string)."""
+    import fuse4seg.cli.fusion as cli_fusion
+    import fuse4seg.train.fusion_only as fusion_only
+
+    seen = []
+
+    def fake_train_fusion(pairs, config, runs_dir, kind, **kwargs):
+        seen.append(config)
+        raise KeyboardInterrupt  # stop before any work; main answers 130
+
+    monkeypatch.setattr(cli_fusion, "_load_pairs", lambda args, split: [])
+    monkeypatch.setattr(fusion_only, "train_fusion", fake_train_fusion)
+    base = ["fusion", "train", "--pairs", str(tmp_path), "--kind", "CT-MRI", "--out",
+            str(tmp_path / "runs"), "--profile", "paper"]
+    options = ["--steps", "3", "--crop", "48", "--batch-size", "2", "--lr", "0.002", "--seed",
+               "4", "--device", "cpu"]
+    settings = ["fusion.steps=3", "crop=48", "fusion.batch=2", "fusion.lr=2e-3", "seed=4",
+                "train.device=cpu"]
+    assert main([*base, *options]) == 130
+    assert main([*base, *(a for s in settings for a in ("--set", s))]) == 130
+    assert main([*base, *options, "--set", "fusion.lr=2e-3", "--set", "seed=4"]) == 130
+    assert seen[0] == seen[1] == seen[2]
+    fusion = seen[0].fusion
+    assert (fusion.steps, fusion.crop, fusion.batch, fusion.lr) == (3, 48, 2, 0.002)
+    assert (seen[0].train.seed, seen[0].train.device) == (4, "cpu")
+
+
+def test_a_learning_rate_must_be_a_finite_positive_number(tmp_path, capsys):
+    base = ["fusion", "train", "--pairs", str(tmp_path), "--kind", "CT-MRI", "--lr"]
+    for value in ("0", "-0.001", "inf", "nan", "fast"):
+        with pytest.raises(SystemExit):
+            main([*base, value])
+        err = capsys.readouterr().err
+        assert f"argument --lr: {value!r} is not a number" in err if value == "fast" else (
+            f"argument --lr: must be a finite number > 0, got {value}" in err)
 
 
 def test_train_seed_is_train_dot_seed_and_a_second_value_is_refused(tmp_path, monkeypatch,

@@ -4,7 +4,9 @@ inputs an output is checked against."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Any
 
 PROFILES = "smoke, default or paper"
 PAIR_KINDS = ["CT-MRI", "PET-MRI", "SPECT-MRI", "GFP-PC"]
@@ -24,6 +26,17 @@ def _integer(text: str, least: int, rule: str) -> int:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a count or a size), refused otherwise with its value."""
     return _integer(text, 1, "must be at least 1")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate), refused otherwise with its value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def seed_int(text: str) -> int:
@@ -112,28 +125,66 @@ def write_json(value, target: str) -> None:
         print(f"wrote {target}")
 
 
-def config_of(profile: str, pairs: list[str], verb: str):
-    """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` applied: each
-    name and value checked (:func:`fuse4seg.config.get_config`), and each a setting the verb
-    reads (:func:`verb_reads`) with this config. A refusal names the setting (a short name with
-    the dotted one it stands for), why it would change nothing, and which verbs read it."""
-    from fuse4seg.config import (
-        FUSION_FALLBACKS,
-        FUSION_ONLY_READS,
-        dotted_name,
-        get_config,
-        parse_overrides,
-    )
+def _set_items(pairs: list[str]) -> dict[str, tuple[str, Any]]:
+    """The ``--set`` items ``pairs`` by the setting each gives: ``{dotted name: (item as
+    written, value)}``, the value checked and converted (``seed=3`` gives ``{"train.seed":
+    ("seed=3", 3)}``); a name that is no setting is kept as written, for
+    :func:`fuse4seg.config.get_config` to refuse. Two items that give one setting different
+    values (``--set seed=1 --set train.seed=2``) are refused: which one? So is a value the
+    setting cannot take, naming the item."""
+    from fuse4seg.config import ConfigError, dotted_name, override_value, parse_overrides
 
-    overrides = parse_overrides(pairs)
-    config = get_config(profile, overrides)
-    for name in overrides:
-        if name == "profile":
-            raise ValueError("--set profile: give the profile with --profile")
+    items: dict[str, tuple[str, Any]] = {}
+    for pair in pairs:
+        ((name, value),) = parse_overrides([pair]).items()
         dotted = dotted_name(name) or name
+        try:
+            value = override_value(dotted, value)
+        except ConfigError as exc:  # the item as the user wrote it, then the setting
+            raise ConfigError(f"--set {pair}: {exc}") from None
+        if dotted in items and items[dotted][1] != value:
+            raise ValueError(f"--set {items[dotted][0]} and --set {pair} give {dotted} two "
+                             "values: give one")
+        items[dotted] = (pair, value)
+    return items
+
+
+def config_of(profile: str, pairs: list[str], verb: str,
+              options: dict[str, tuple[str, Any]] | None = None):
+    """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` and the verb's
+    ``options`` applied. ``options`` maps each option that gives a setting to the dotted
+    setting and the value given, ``None`` where the option was not given (``{"--seed":
+    ("train.seed", 7)}``).
+
+    Refused, before any work, each with the option or setting it names and why:
+
+    - a name or value :func:`fuse4seg.config.get_config` refuses;
+    - two ``--set`` items, or an option and a ``--set`` item, that give one setting different
+      values (which one?);
+    - a ``--set`` of a setting the verb does not read with this config (:func:`verb_reads`):
+      it would be recorded in the run's config and change nothing. The refusal names the
+      setting (a short name with the dotted one it stands for) and the verbs that read it; for
+      a :data:`~fuse4seg.config.FUSION_FALLBACKS` setting, the option, ``--set`` item or
+      profile that gives the ``fusion`` setting it stands in for.
+    """
+    from fuse4seg.config import FUSION_FALLBACKS, FUSION_ONLY_READS, get_config
+
+    items = _set_items(pairs)
+    if "profile" in items:
+        raise ValueError("--set profile: give the profile with --profile")
+    given_options = {setting: (f"{flag} {value}", value)
+                     for flag, (setting, value) in (options or {}).items() if value is not None}
+    for setting, (option, value) in given_options.items():
+        if setting in items and items[setting][1] != value:
+            raise ValueError(f"{option} and --set {items[setting][0]} disagree: give one")
+    overrides = {name: value for name, (_, value) in items.items()}
+    overrides.update({name: value for name, (_, value) in given_options.items()})
+    config = get_config(profile, overrides)
+    for dotted, (pair, _) in items.items():
         if verb_reads(verb, dotted, config):
             continue
         section = dotted.split(".")[0]
+        name = pair.split("=", 1)[0].strip()
         shown = name if name == dotted else f"{name} ({dotted})"
         readers = [f"`fuse4seg {v}`" for v in SET_SECTIONS if verb_reads(v, dotted)]
         advice = ""
@@ -141,9 +192,15 @@ def config_of(profile: str, pairs: list[str], verb: str):
             why = f"does not read the {section} section (it reads {_what_it_reads(verb)})"
         elif dotted in FUSION_FALLBACKS:  # fusion train, where the fusion setting is given
             stands_for = FUSION_FALLBACKS[dotted]
-            why = (f"reads {dotted} only where {stands_for} is null, and profile "
-                   f"{config.profile} sets {stands_for} to {_value(config, stands_for)}")
-            advice = f"; set {stands_for} instead"
+            why = f"reads {dotted} only where {stands_for} is null, and "
+            if stands_for in given_options:
+                why += f"{given_options[stands_for][0]} gives it"
+            elif stands_for in items:
+                why += f"--set {items[stands_for][0]} gives it"
+            else:
+                why += (f"profile {config.profile} sets {stands_for} to "
+                        f"{_value(config, stands_for)}")
+                advice = f"; set {stands_for} instead"
         else:  # fusion train: a setting of model, loss or train it does not read
             only = [n.split(".")[1] for n in FUSION_ONLY_READS if n.startswith(f"{section}.")]
             why = (f"does not read {dotted} (of the {section} section it reads only "

@@ -13,6 +13,7 @@ from fuse4seg.cli.common import (
     add_set,
     config_of,
     given,
+    positive_float,
     positive_int,
     seed_int,
     write_json,
@@ -58,7 +59,8 @@ def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=positive_int, help="crop side (default: fusion.crop)")
     parser.add_argument("--batch-size", type=positive_int,
                         help="crops per step (default: fusion.batch)")
-    parser.add_argument("--lr", type=float, help="base learning rate (default: fusion.lr)")
+    parser.add_argument("--lr", type=positive_float,
+                        help="base learning rate (default: fusion.lr)")
     parser.add_argument("--seed", type=seed_int,
                         help="seed of the crops and initial weights (default: train.seed)")
     add_set(parser, "loss.beta_grad=2", "fusion train")
@@ -76,15 +78,12 @@ def fusion_train_main(args: argparse.Namespace) -> int:
 
     if args.kind == "GFP-PC" and args.split != "train":
         raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
-    config = config_of(args.profile, args.set, args._set_verb)
-    _check_flags_against_settings(args, config)
+    options = {flag: (setting, getattr(args, flag[2:].replace("-", "_")))
+               for flag, setting in FLAG_SETTINGS.items()}
+    config = config_of(args.profile, args.set, args._set_verb, options)
     check_output_folder(args.out, "--out")
     pairs = _load_pairs(args, args.split)
-    run = train_fusion(
-        pairs, config, args.out, args.kind, steps=args.steps, crop=args.crop,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        force=args.force, progress=True,
-    )
+    run = train_fusion(pairs, config, args.out, args.kind, force=args.force, progress=True)
     last = run.history[-1] if run.history else {}
     state = "reused" if run.reused else "trained"
     print(
@@ -98,30 +97,10 @@ FLAG_SETTINGS = {
     "--steps": "fusion.steps", "--crop": "fusion.crop", "--batch-size": "fusion.batch",
     "--lr": "fusion.lr", "--seed": "train.seed", "--device": "train.device",
 }
-"""The setting each option of ``fusion train`` overrides."""
-
-
-def _check_flags_against_settings(args: argparse.Namespace, config) -> None:
-    """Refuse an option given with a ``--set`` it overrides: of the same setting with another
-    value (``--steps 3 --set fusion.steps=5``: which one?), or of a
-    :data:`~fuse4seg.config.FUSION_FALLBACKS` setting that stands in for the option's
-    (``--batch-size 4 --set train.batch_size=2``: the option wins, the setting changes
-    nothing). ``config`` holds the ``--set`` values, checked and converted."""
-    from fuse4seg.config import FUSION_FALLBACKS, dotted_name, parse_overrides
-
-    overrides = {dotted_name(k) or k: v for k, v in parse_overrides(args.set).items()}
-    for flag, setting in FLAG_SETTINGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        section, key = setting.split(".")
-        if setting in overrides and getattr(getattr(config, section), key) != value:
-            raise ValueError(f"{flag} {value} and --set {setting}={overrides[setting]} disagree: "
-                             "give one")
-        for name, stands_for in FUSION_FALLBACKS.items():
-            if stands_for == setting and name in overrides:
-                raise ValueError(f"--set {name}: {flag} gives {setting}, which {name} only "
-                                 "stands in for when null, so the setting would change nothing")
+"""The setting each option of ``fusion train`` gives: :func:`fuse4seg.cli.common.config_of`
+applies the options given to the config, so the run's ``config.yaml`` (and its folder's hash)
+is the same whether a value came as ``--steps 3`` or ``--set fusion.steps=3``, and refuses the
+two together where they disagree."""
 
 
 def _conventions() -> list[str]:

@@ -45,19 +45,6 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _with_seed(pairs: list[str], seed: int | None) -> list[str]:
-    """The ``--set`` items ``pairs`` with ``--seed``'s ``train.seed`` added; a ``--set
-    train.seed`` of another value is refused (one seed, said once)."""
-    from fuse4seg.config import parse_overrides
-
-    if seed is None:
-        return list(pairs)
-    other = parse_overrides(pairs).get("train.seed", seed)
-    if other != seed:
-        raise ValueError(f"--seed {seed} and --set train.seed={other} disagree: give one")
-    return [*pairs, f"train.seed={seed}"]
-
-
 def train_main(args: argparse.Namespace) -> int:
     """Train a method (Algorithm 1, a baseline or an ablation) into RUNS/<method>-<profile>-<hash>.
 
@@ -78,10 +65,9 @@ def train_main(args: argparse.Namespace) -> int:
         raise ValueError("--restart-if-code-changed decides what --resume does with a run of "
                          "other fuse4seg code: give it with --resume")
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
-    overrides = _with_seed(args.set, args.seed)
-    check_ablation(args.ablation, args.method, parse_overrides(overrides))  # before any work
+    check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
     result = train(
-        config_of(args.profile, overrides, args._set_verb),
+        config_of(args.profile, args.set, args._set_verb, {"--seed": ("train.seed", args.seed)}),
         method=args.method or "fuse4seg",
         data=args.data,
         out=args.out,
