@@ -153,6 +153,10 @@ def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
      "values: give one"),
     (["train", "--seed", "3", "--set", "seed=5"], "--seed 3 and --set seed=5 disagree: give one"),
     (["train", "--set", "seed=x"], "--set seed=x: train.seed: expected an integer, got 'x'"),
+    (["train", "--device", "cpu", "--set", "train.device=cuda"],
+     "--device cpu and --set train.device=cuda disagree: give one"),
+    (["study", "--device", "cpu", "--set", "device=cuda"],
+     "--device cpu and --set device=cuda disagree: give one"),
     (["fusion", "train", "--pairs", "DATA", "--kind", "CT-MRI", "--out", "OUT", "--lr", "0.01",
       "--set", "lr=2e-3"], "--lr 0.01 and --set lr=2e-3 disagree: give one"),
 ])

@@ -67,7 +67,8 @@ def train_main(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
     check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
     result = train(
-        config_of(args.profile, args.set, args._set_verb, {"--seed": ("train.seed", args.seed)}),
+        config_of(args.profile, args.set, args._set_verb, {
+            "--seed": ("train.seed", args.seed), "--device": ("train.device", args.device)}),
         method=args.method or "fuse4seg",
         data=args.data,
         out=args.out,
@@ -236,7 +237,8 @@ def study_main(args: argparse.Namespace) -> int:
     if "train.seed" in set_names:  # each run's seed comes from --seeds
         raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
                          "with --seeds (e.g. --seeds 0 1 2)")
-    config = config_of(args.profile, args.set, args._set_verb)
+    config = config_of(args.profile, args.set, args._set_verb,
+                       {"--device": ("train.device", args.device)})
     if args.json is not None:
         check_output_file(args.json, "--json", given(args, "--data"))  # before any training
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
