@@ -463,11 +463,7 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 def _apply(config: Config, overrides: Mapping[str, Any]) -> Config:
     names = _all_names()
     per_section: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key == "profile":
-            top["profile"] = value
-            continue
         if key not in names:
             import difflib
 
@@ -479,9 +475,14 @@ def _apply(config: Config, overrides: Mapping[str, Any]) -> Config:
         section, fname = names[key].split(".", 1)
         cls = _SECTIONS[section]
         hints = typing.get_type_hints(cls)
-        per_section.setdefault(section, {})[fname] = _coerce(value, hints[fname], names[key])
+        value = _coerce(value, hints[fname], names[key])
+        given = per_section.setdefault(section, {})
+        if fname in given and given[fname] != value:  # "seed" and "train.seed", say
+            raise ConfigError(f"{names[key]} is given two values, {given[fname]!r} and "
+                              f"{value!r} (by two of its names): give one")
+        given[fname] = value
     changes = {s: replace(getattr(config, s), **kv) for s, kv in per_section.items()}
-    out = replace(config, **changes, **top)
+    out = replace(config, **changes)
     validate(out)
     return out
 
@@ -523,17 +524,22 @@ def validate(config: Config) -> None:
         (_positive(t.lr_leader), f"train.lr_leader must be a finite number > 0, got {t.lr_leader}"),
         (_positive(t.lr_follower),
          f"train.lr_follower must be a finite number > 0, got {t.lr_follower}"),
-        (t.lr_follower_rollout is None or t.lr_follower_rollout > 0,
-         "train.lr_follower_rollout must be > 0 or null"),
+        (t.lr_follower_rollout is None or _positive(t.lr_follower_rollout),
+         f"train.lr_follower_rollout must be a finite number > 0 or null, got "
+         f"{t.lr_follower_rollout}"),
+        (_positive(t.grad_clip, 0),
+         f"train.grad_clip must be a finite number >= 0 (0: no clipping), got {t.grad_clip}"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
         (t.follower_ema is None or 0.0 < t.follower_ema < 1.0,
          "train.follower_ema must be in (0, 1) or null"),
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch >= 1"),
         (t.val_every >= 1, "train.val_every must be >= 1"),
         (config.fusion.steps is None or config.fusion.steps >= 1, "fusion.steps must be >= 1"),
-        (config.fusion.crop >= 1, "fusion.crop must be >= 1"),
+        (config.fusion.crop >= 2, f"fusion.crop must be >= 2 (the gradient loss pads a crop "
+         f"by one pixel each side), got {config.fusion.crop}"),
         (config.fusion.batch is None or config.fusion.batch >= 1, "fusion.batch must be >= 1"),
-        (config.fusion.lr is None or config.fusion.lr > 0, "fusion.lr must be > 0"),
+        (config.fusion.lr is None or _positive(config.fusion.lr),
+         f"fusion.lr must be a finite number > 0 or null, got {config.fusion.lr}"),
         (config.fusion.log_every >= 1, "fusion.log_every must be >= 1"),
         (len(loss.dice_class_weights) == 4, "loss.dice_class_weights needs 4 values"),
         (all(_positive(w, 0) for w in loss.dice_class_weights),
@@ -564,6 +570,9 @@ def get_config(profile: str = "default", overrides: Mapping[str, Any] | None = N
     """
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    if overrides and "profile" in overrides:  # it would relabel the config, not change it
+        raise ConfigError("profile is not a setting to override: give the profile itself "
+                          "(--profile, a chapter's `profile` parameter)")
     config = _apply(Config(profile=profile), PROFILES[profile])
     return _apply(config, dict(overrides or {}))
 
@@ -590,18 +599,31 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Command-line ``--set NAME=VALUE`` items → an overrides dict (values parsed as YAML).
 
     ``["train.inner_steps=3", "data.split_fractions=[0.8, 0.2, 0.0]"]`` →
-    ``{"train.inner_steps": 3, "data.split_fractions": [0.8, 0.2, 0.0]}``; names are checked
-    later by :func:`get_config`.
+    ``{"train.inner_steps": 3, "data.split_fractions": [0.8, 0.2, 0.0]}``; unknown names are
+    refused later by :func:`get_config`. A value the setting cannot take is refused here,
+    naming the item, and so are two items that give one setting different values (``seed=1``
+    and ``train.seed=2``; the same value twice is one value).
     """
     out: dict[str, Any] = {}
+    seen: dict[str, tuple[str, Any]] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set expects NAME=VALUE, got {pair!r}")
         name, value = pair.split("=", 1)
+        name = name.strip()
         try:
-            out[name.strip()] = yaml.safe_load(value)
+            out[name] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {pair!r}: cannot parse the value ({exc})") from exc
+        try:
+            checked = override_value(name, out[name])
+        except ConfigError as exc:  # the item as it was written, then the setting
+            raise ConfigError(f"--set {pair}: {exc}") from None
+        dotted = dotted_name(name) or name
+        if dotted in seen and seen[dotted][1] != checked:
+            raise ConfigError(f"--set {seen[dotted][0]} and --set {pair} give {dotted} two "
+                              "values: give one")
+        seen[dotted] = (pair, checked)
     return out
 
 

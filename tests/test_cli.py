@@ -153,6 +153,12 @@ def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
      "values: give one"),
     (["train", "--seed", "3", "--set", "seed=5"], "--seed 3 and --set seed=5 disagree: give one"),
     (["train", "--set", "seed=x"], "--set seed=x: train.seed: expected an integer, got 'x'"),
+    # a Table 3 variant fixes all three loss switches, the ones it leaves on too
+    (["train", "--ablation", "full", "--set", "use_recon=false"],
+     "--set loss.use_recon and --ablation full: a Table 3 variant fixes every loss switch "
+     "itself (loss.use_decomp=true, loss.use_grad=true, loss.use_recon=true); drop them"),
+    (["fusion", "evaluate", "average", "--pairs", "DATA", "--kind", "GFP-PC", "--device",
+      "banana"], "device 'banana': not a device"),
     (["train", "--device", "cpu", "--set", "train.device=cuda"],
      "--device cpu and --set train.device=cuda disagree: give one"),
     (["study", "--device", "cpu", "--set", "device=cuda"],
@@ -213,8 +219,24 @@ def test_fusion_train_options_are_its_settings(tmp_path, monkeypatch):
     assert (seen[0].train.seed, seen[0].train.device) == (4, "cpu")
 
 
+def test_cache_beside_a_prepared_cache_is_refused_not_ignored(tmp_path, capsys):
+    """``--data`` that is a prepared cache is used as it is, so a ``--cache`` beside it was
+    ignored without a word (helper review)."""
+    data = tmp_path / "cache"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    assert main(["train", "--data", str(data), "--cache", str(tmp_path / "other"), "--out",
+                 str(tmp_path / "runs"), "--profile", "smoke"]) == 2
+    assert (f"--cache {tmp_path / 'other'}: --data {data} is a prepared cache already"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "runs").exists()
+
+
 def test_a_learning_rate_must_be_a_finite_positive_number(tmp_path, capsys):
     base = ["fusion", "train", "--pairs", str(tmp_path), "--kind", "CT-MRI", "--lr"]
+    with pytest.raises(SystemExit):
+        main([*base[:-1], "--crop", "1"])
+    assert "argument --crop: a crop must be at least 2 pixels, got 1" in capsys.readouterr().err
     for value in ("0", "-0.001", "inf", "nan", "fast"):
         with pytest.raises(SystemExit):
             main([*base, value])

@@ -468,9 +468,37 @@ def test_config_bad_values():
         ({"train.val_max_slices": 0}, "train.val_max_slices must be >= 1 or null, got 0"),
         ({"train.weight_decay": -1.0}, "train.weight_decay must be a finite number >= 0"),
         ({"train.warmup_epochs": 0, "train.rollout_epochs": 0}, "both 0: nothing to train"),
+        # accepted before, each failing late (a non-finite loss after the warm-up) or silently
+        # (a NaN clip turned clipping off), or inside torch's padding (a crop of 1)
+        ({"train.lr_follower_rollout": float("inf")},
+         "train.lr_follower_rollout must be a finite number > 0 or null, got inf"),
+        ({"train.grad_clip": float("nan")}, "train.grad_clip must be a finite number >= 0"),
+        ({"fusion.lr": float("inf")}, "fusion.lr must be a finite number > 0 or null, got inf"),
+        ({"fusion.crop": 1}, r"fusion.crop must be >= 2 \(the gradient loss pads"),
     ):
         with pytest.raises(ConfigError, match=message):
             get_config("smoke", overrides)
+
+
+def test_one_setting_gets_one_value_and_the_profile_is_no_override():
+    """Two names of one setting (``seed``, ``train.seed``) with different values used to give
+    whichever came last; ``profile`` as an override relabelled the config without changing a
+    setting (runs named ``*-paper-*`` with smoke's settings)."""
+    from fuse4seg.config import parse_overrides
+
+    with pytest.raises(ConfigError, match="train.seed is given two values, 1 and 2"):
+        get_config("smoke", {"seed": 1, "train.seed": 2})
+    assert get_config("smoke", {"seed": 3, "train.seed": 3}).train.seed == 3
+    with pytest.raises(ConfigError, match="--set seed=1 and --set train.seed=2 give train.seed "
+                                          "two values: give one"):
+        parse_overrides(["seed=1", "train.seed=2"])
+    # compared as the setting takes them: YAML 1.1 reads 2e-3 as a string
+    assert parse_overrides(["lr_follower=2e-3", "train.lr_follower=0.002"]) == {
+        "lr_follower": "2e-3", "train.lr_follower": 0.002}
+    with pytest.raises(ConfigError, match="--set seed=x: train.seed: expected an integer"):
+        parse_overrides(["seed=x"])
+    with pytest.raises(ConfigError, match="profile is not a setting to override"):
+        get_config("smoke", {"profile": "paper"})
 
 
 def test_config_yaml_round_trip(tmp_path):

@@ -28,6 +28,11 @@ def positive_int(text: str) -> int:
     return _integer(text, 1, "must be at least 1")
 
 
+def crop_int(text: str) -> int:
+    """argparse type: a crop side, an integer >= 2 (the gradient loss pads it by one pixel)."""
+    return _integer(text, 2, "a crop must be at least 2 pixels")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a learning rate), refused otherwise with its value."""
     try:
@@ -132,20 +137,14 @@ def _set_items(pairs: list[str]) -> dict[str, tuple[str, Any]]:
     :func:`fuse4seg.config.get_config` to refuse. Two items that give one setting different
     values (``--set seed=1 --set train.seed=2``) are refused: which one? So is a value the
     setting cannot take, naming the item."""
-    from fuse4seg.config import ConfigError, dotted_name, override_value, parse_overrides
+    from fuse4seg.config import dotted_name, override_value, parse_overrides
 
+    parse_overrides(pairs)  # refuses a bad value, and one setting given two, naming the items
     items: dict[str, tuple[str, Any]] = {}
     for pair in pairs:
         ((name, value),) = parse_overrides([pair]).items()
         dotted = dotted_name(name) or name
-        try:
-            value = override_value(dotted, value)
-        except ConfigError as exc:  # the item as the user wrote it, then the setting
-            raise ConfigError(f"--set {pair}: {exc}") from None
-        if dotted in items and items[dotted][1] != value:
-            raise ValueError(f"--set {items[dotted][0]} and --set {pair} give {dotted} two "
-                             "values: give one")
-        items[dotted] = (pair, value)
+        items[dotted] = (pair, override_value(dotted, value))
     return items
 
 

@@ -12,6 +12,7 @@ from fuse4seg.cli.common import (
     add_json,
     add_set,
     config_of,
+    crop_int,
     given,
     positive_float,
     positive_int,
@@ -56,7 +57,7 @@ def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="default", help=PROFILES)
     parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
     parser.add_argument("--steps", type=positive_int, help="leader updates (default: fusion.steps)")
-    parser.add_argument("--crop", type=positive_int, help="crop side (default: fusion.crop)")
+    parser.add_argument("--crop", type=crop_int, help="crop side (default: fusion.crop)")
     parser.add_argument("--batch-size", type=positive_int,
                         help="crops per step (default: fusion.batch)")
     parser.add_argument("--lr", type=positive_float,
@@ -146,6 +147,10 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     if args.kind == "GFP-PC" and args.split is not None:
         raise ValueError(f"--split {args.split}: GFP-PC has a single set, scored whole; choose "
                          "pairs with --only/--exclude")
+    if args.device is not None:  # checked even where a rule fuses on the CPU and ignores it
+        from fuse4seg.utils import resolve_device
+
+        resolve_device(args.device)
     split = "all" if args.kind == "GFP-PC" else (args.split or "test")
     pairs = _load_pairs(args, split)
     leader, label, source = None, args.method, None

@@ -133,11 +133,12 @@ def fusion_schedule(config: Config, n_pairs: int, **overrides: Any) -> dict[str,
             per_epoch = min(per_epoch, t.steps_per_epoch)
         base["steps"] = t.rollout_epochs * per_epoch
     for key in ("steps", "crop", "batch_size", "log_every"):
-        if int(base[key]) < 1:
-            raise ValueError(f"fusion schedule: {key} must be >= 1, got {base[key]}")
+        least = 2 if key == "crop" else 1  # the gradient loss pads a crop by one pixel
+        if int(base[key]) < least:
+            raise ValueError(f"fusion schedule: {key} must be >= {least}, got {base[key]}")
         base[key] = int(base[key])
-    if not base["lr"] > 0:
-        raise ValueError(f"fusion schedule: lr must be > 0, got {base['lr']}")
+    if not (math.isfinite(base["lr"]) and base["lr"] > 0):
+        raise ValueError(f"fusion schedule: lr must be a finite number > 0, got {base['lr']}")
     base["lr"] = float(base["lr"])
     return base
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ABLATIONS",
+    "ABLATION_SWITCHES",
     "METHODS",
     "SPECS",
     "AblationSpec",
@@ -162,6 +163,15 @@ ABLATIONS: dict[str, AblationSpec] = {
 }
 """Table 3's variants by name."""
 
+ABLATION_SWITCHES = ("loss.use_decomp", "loss.use_grad", "loss.use_recon")
+"""The loss switches that define a Table 3 variant: each variant turns some off and leaves the
+others on (L_recon stays on in every one), so none of them may be overridden beside it."""
+
+
+def _switches(variant: AblationSpec) -> dict[str, bool]:
+    """The three loss switches of ``variant``: its overrides, the others on."""
+    return {key: bool(variant.overrides.get(key, True)) for key in ABLATION_SWITCHES}
+
 
 def _lookup(table: dict, name: str, flag: str):
     if name not in table:
@@ -189,8 +199,10 @@ def get_ablation(name: str) -> AblationSpec:
 
 def check_ablation(ablation: str | None, method: str | None, overrides: dict[str, Any]) -> None:
     """Refuse an ``--ablation`` that other options contradict, before any work: a ``method``
-    other than the variant's, or an override of a setting the variant fixes (it would be
-    replaced without a word). ``None``: the option was not given (no ablation: nothing to check).
+    other than the variant's, or an override of a loss switch. A variant is defined by all
+    three switches (:data:`ABLATION_SWITCHES`), the ones it turns off and the ones it leaves
+    on: a ``--set loss.use_grad=false`` with ``--ablation full`` would train variant A under
+    the label "full". ``None``: the option was not given (no ablation: nothing to check).
 
     Raises:
         ValueError: the conflict, naming both options.
@@ -201,12 +213,14 @@ def check_ablation(ablation: str | None, method: str | None, overrides: dict[str
     if method is not None and method != variant.method:
         raise ValueError(f"--method {method} and --ablation {ablation}: the ablation trains "
                          f"{variant.method}; give one of the two")
-    fixed = {key.rsplit(".", 1)[-1]: key for key in variant.overrides}
+    fixed = {key.rsplit(".", 1)[-1]: key for key in ABLATION_SWITCHES}
     clash = sorted(fixed[name.rsplit(".", 1)[-1]] for name in overrides
                    if name.rsplit(".", 1)[-1] in fixed)
     if clash:
-        raise ValueError(f"--set {', '.join(clash)} and --ablation {ablation}: the ablation "
-                         "sets these itself; drop them or train without --ablation")
+        raise ValueError(f"--set {', '.join(clash)} and --ablation {ablation}: a Table 3 "
+                         "variant fixes every loss switch itself (" + ", ".join(
+                             f"{k}={str(v).lower()}" for k, v in _switches(variant).items())
+                         + "); drop them or train without --ablation")
 
 
 # channel widths of MONAI's UNet matched to the size of our follower variant

@@ -84,7 +84,8 @@ def resolve_cache(
     Raises:
         FileNotFoundError: ``data`` does not exist.
         ValueError: ``data`` is neither a cache nor a BraTS folder; a cache prepared with
-            other data settings than ``config.data``.
+            other data settings than ``config.data``; a ``cache`` other than ``data`` where
+            ``data`` is a prepared cache (it would be ignored).
     """
     from fuse4seg.data.slices import SETTINGS_FIELDS, load_manifest, prepare_cache
 
@@ -92,6 +93,11 @@ def resolve_cache(
     if not data.exists():
         raise FileNotFoundError(f"--data {data}: no such folder")
     if (data / "manifest.json").exists():
+        if cache is not None and Path(cache).resolve() != data.resolve():
+            raise ValueError(f"--cache {cache}: --data {data} is a prepared cache already (it "
+                             "holds manifest.json) and is used as it is; --cache is where the "
+                             "cache of a raw --data folder goes: drop --cache, or give the raw "
+                             "folder as --data")
         manifest = load_manifest(data)
         free = ("split_seed", "split_fractions") if split_free else ()
         wanted = json.loads(json.dumps(
