@@ -535,8 +535,8 @@ def validate(config: Config) -> None:
         (t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch >= 1"),
         (t.val_every >= 1, "train.val_every must be >= 1"),
         (config.fusion.steps is None or config.fusion.steps >= 1, "fusion.steps must be >= 1"),
-        (config.fusion.crop >= 2, f"fusion.crop must be >= 2 (the gradient loss pads a crop "
-         f"by one pixel each side), got {config.fusion.crop}"),
+        (config.fusion.crop >= 2, f"fusion.crop must be >= 2 (the leader's 3x3 depthwise "
+         f"convolutions reflect-pad by one pixel), got {config.fusion.crop}"),
         (config.fusion.batch is None or config.fusion.batch >= 1, "fusion.batch must be >= 1"),
         (config.fusion.lr is None or _positive(config.fusion.lr),
          f"fusion.lr must be a finite number > 0 or null, got {config.fusion.lr}"),

@@ -241,8 +241,10 @@ def test_a_learning_rate_must_be_a_finite_positive_number(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*base, value])
         err = capsys.readouterr().err
-        assert f"argument --lr: {value!r} is not a number" in err if value == "fast" else (
-            f"argument --lr: must be a finite number > 0, got {value}" in err)
+        if value == "fast":
+            assert f"argument --lr: {value!r} is not a number" in err
+        else:
+            assert f"argument --lr: must be a finite number > 0, got {value}" in err
 
 
 def test_train_seed_is_train_dot_seed_and_a_second_value_is_refused(tmp_path, monkeypatch,

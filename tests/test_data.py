@@ -469,12 +469,13 @@ def test_config_bad_values():
         ({"train.weight_decay": -1.0}, "train.weight_decay must be a finite number >= 0"),
         ({"train.warmup_epochs": 0, "train.rollout_epochs": 0}, "both 0: nothing to train"),
         # accepted before, each failing late (a non-finite loss after the warm-up) or silently
-        # (a NaN clip turned clipping off), or inside torch's padding (a crop of 1)
+        # (a NaN clip turned clipping off), or inside torch's padding (a crop of 1: the INN's
+        # bottleneck reflect-pads its 3x3 depthwise convolution, models/fusion.py)
         ({"train.lr_follower_rollout": float("inf")},
          "train.lr_follower_rollout must be a finite number > 0 or null, got inf"),
         ({"train.grad_clip": float("nan")}, "train.grad_clip must be a finite number >= 0"),
         ({"fusion.lr": float("inf")}, "fusion.lr must be a finite number > 0 or null, got inf"),
-        ({"fusion.crop": 1}, r"fusion.crop must be >= 2 \(the gradient loss pads"),
+        ({"fusion.crop": 1}, r"fusion.crop must be >= 2 \(the leader's 3x3 depthwise "),
     ):
         with pytest.raises(ConfigError, match=message):
             get_config("smoke", overrides)

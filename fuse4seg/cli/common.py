@@ -29,7 +29,7 @@ def positive_int(text: str) -> int:
 
 
 def crop_int(text: str) -> int:
-    """argparse type: a crop side, an integer >= 2 (the gradient loss pads it by one pixel)."""
+    """argparse type: a crop side, an integer >= 2 (the leader reflect-pads by one pixel)."""
     return _integer(text, 2, "a crop must be at least 2 pixels")
 
 

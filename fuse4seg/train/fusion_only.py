@@ -133,7 +133,7 @@ def fusion_schedule(config: Config, n_pairs: int, **overrides: Any) -> dict[str,
             per_epoch = min(per_epoch, t.steps_per_epoch)
         base["steps"] = t.rollout_epochs * per_epoch
     for key in ("steps", "crop", "batch_size", "log_every"):
-        least = 2 if key == "crop" else 1  # the gradient loss pads a crop by one pixel
+        least = 2 if key == "crop" else 1  # the leader reflect-pads by one pixel
         if int(base[key]) < least:
             raise ValueError(f"fusion schedule: {key} must be >= {least}, got {base[key]}")
         base[key] = int(base[key])
