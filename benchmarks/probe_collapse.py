@@ -257,7 +257,7 @@ def main() -> None:
 
             def cache_of(config, folder=folder):
                 return resolve_cache(folder, config, cache=tmp / f"cache-{abs(hash(folder))}",
-                                     progress=False)
+                                     progress=False, replace_other=True)  # data.* candidates
 
             results = probe(name, cache_of, args.profile, base, args.seeds, candidates,
                             args.epochs)

@@ -114,7 +114,8 @@ def main() -> None:
             overrides = parse_overrides([v for v in variant.split(",") if v.strip()])
             method = overrides.pop("method", "fuse4seg")
             config = get_config(args.profile, {**overrides, "train.val_every": 1})
-            cache = resolve_cache(data, config, cache=tmp / "cache", progress=False)
+            cache = resolve_cache(data, config, cache=tmp / "cache", progress=False,
+                                  replace_other=True)  # a variant may change data.*
             results.append(run(cache, config, method, tmp / f"run-{i}"))
             print(f"variant {variant!r} done", flush=True)
     t = config.train

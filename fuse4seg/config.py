@@ -46,6 +46,7 @@ __all__ = [
     "load_config",
     "override_value",
     "parse_overrides",
+    "set_items",
 ]
 
 
@@ -136,16 +137,16 @@ class TrainConfig:
     paper's 3e-4: at 3e-3 the K inner steps on half a batch undo the warm-up in the first
     rollout epoch (``benchmarks/probe_collapse.py``, ``benchmarks/RESULTS.md``)."""
     warmup_anneal: bool = False
-    """Anneal the follower's warm-up into the rollout's rate (with ``lr_follower_rollout``
-    set; otherwise nothing changes): the warm-up's rate starts at ``lr_follower`` and decays on
-    a cosine of its own to the rate the rollout starts at, so the follower reaches the stage
-    change settled instead of at half its high warm-up rate, and the rate does not jump down
-    10× there (``Engine._set_follower_rate``). The paper names one cosine annealing and no
-    per-stage schedule. Off in every profile: on the six real cases (3 folds × 3 seeds,
-    ``default``) the validation Dice at the end falls from 0.218 to 0.181 for ``average`` and
-    from 0.160 to 0.097 for ``fuse4seg``, which still misses issue 10's drop target in two
-    folds (``benchmarks/RESULTS.md``, "The drop on the real folds against the noise of one
-    validation")."""
+    """Anneal the follower's warm-up into the rollout's rate (``lr_follower_rollout``, which
+    must then be set, and differ from ``lr_follower``): the warm-up's rate starts at
+    ``lr_follower`` and decays on a cosine of its own to the rate the rollout starts at, so the
+    follower reaches the stage change settled instead of at half its high warm-up rate, and the
+    rate does not jump down 10× there (``Engine._set_follower_rate``). The paper names one
+    cosine annealing and no per-stage schedule. Off in every profile: on the six real cases (3
+    folds × 3 seeds, ``default``) the validation Dice at the end falls from 0.218 to 0.181 for
+    ``average`` and from 0.160 to 0.097 for ``fuse4seg``, which still misses issue 10's drop
+    target in two folds (``benchmarks/RESULTS.md``, "The drop on the real folds against the
+    noise of one validation")."""
     weight_decay: float = 1e-5  # AdamW, §4.1
     ema_decay: float = 0.99  # m in Eq. 4
     ema_warmup: bool = False
@@ -527,6 +528,11 @@ def validate(config: Config) -> None:
         (t.lr_follower_rollout is None or _positive(t.lr_follower_rollout),
          f"train.lr_follower_rollout must be a finite number > 0 or null, got "
          f"{t.lr_follower_rollout}"),
+        # on one rate there is nothing to anneal into: the switch would change nothing
+        (not t.warmup_anneal or t.lr_follower_rollout not in (None, t.lr_follower),
+         "train.warmup_anneal anneals the warm-up into train.lr_follower_rollout, which is "
+         f"{'null' if t.lr_follower_rollout is None else 'train.lr_follower'}: set another "
+         "rollout rate, or leave warmup_anneal off"),
         (_positive(t.grad_clip, 0),
          f"train.grad_clip must be a finite number >= 0 (0: no clipping), got {t.grad_clip}"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
@@ -604,19 +610,33 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     naming the item, and so are two items that give one setting different values (``seed=1``
     and ``train.seed=2``; the same value twice is one value).
     """
-    out: dict[str, Any] = {}
+    return {name: value for _, name, value, _ in _parse_items(pairs)}
+
+
+def set_items(pairs: list[str]) -> dict[str, tuple[str, Any]]:
+    """The ``--set`` items ``pairs`` by the setting each gives: ``{dotted name: (item as
+    written, value)}``, the value checked and converted as :func:`override_value` does
+    (``seed=3`` gives ``{"train.seed": ("seed=3", 3)}``); a name that is no setting is kept as
+    written, for :func:`get_config` to refuse. Refused as by :func:`parse_overrides`."""
+    return {dotted: (pair, checked) for pair, _, _, (dotted, checked) in _parse_items(pairs)}
+
+
+def _parse_items(pairs: list[str]) -> list[tuple[str, str, Any, tuple[str, Any]]]:
+    """Each ``--set`` item as ``(item, name, YAML value, (dotted name, checked value))``:
+    the work of :func:`parse_overrides` and :func:`set_items`, and their refusals."""
+    out = []
     seen: dict[str, tuple[str, Any]] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set expects NAME=VALUE, got {pair!r}")
-        name, value = pair.split("=", 1)
+        name, text = pair.split("=", 1)
         name = name.strip()
         try:
-            out[name] = yaml.safe_load(value)
+            value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {pair!r}: cannot parse the value ({exc})") from exc
         try:
-            checked = override_value(name, out[name])
+            checked = override_value(name, value)
         except ConfigError as exc:  # the item as it was written, then the setting
             raise ConfigError(f"--set {pair}: {exc}") from None
         dotted = dotted_name(name) or name
@@ -624,6 +644,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {seen[dotted][0]} and --set {pair} give {dotted} two "
                               "values: give one")
         seen[dotted] = (pair, checked)
+        out.append((pair, name, value, (dotted, checked)))
     return out
 
 

@@ -216,7 +216,8 @@ def train_one(
     )
     test = None
     try:
-        test = evaluate_cached(run.run_dir, data, split="test", device=device or "auto")
+        # scored where it trained: --device, else train.device (a --set of it included)
+        test = evaluate_cached(run.run_dir, data, split="test", device=device or cfg.train.device)
     except ValueError as exc:  # no test case in this split
         if "no cases" not in str(exc):
             raise

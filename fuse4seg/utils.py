@@ -97,12 +97,34 @@ def env_setting(name: str) -> str:
     return value
 
 
+OTHER_VARIABLES = ("FUSE4SEG_COMMIT", "FUSE4SEG_SHARED_DATA", "FUSE4SEG_SMOKE_BOOK")
+"""``FUSE4SEG_*`` variables that are no switch of the package: the tests' and the GPU check's
+(``tests/conftest.py``, ``benchmarks/gpu_check.sh``)."""
+
+_WARNED_VARIABLES: set[str] = set()
+
+
 def check_env_switches() -> None:
     """:func:`env_setting` of every switch: the training engine calls this before it builds
     anything, so a bad value fails at once, even for a switch read only later or only once per
-    process."""
+    process. A ``FUSE4SEG_*`` variable that is neither a switch nor one of
+    :data:`OTHER_VARIABLES` (``FUSE4SEG_ADAM=loop``, a misspelt switch, which would leave the
+    default in force) is warned about, once per process, with the closest switch."""
+    import difflib
+    import warnings
+
     for name in ENV_SWITCHES:
         env_setting(name)
+    for name in sorted(os.environ):
+        if (not name.startswith("FUSE4SEG_") or name in ENV_SWITCHES
+                or name in OTHER_VARIABLES or name in _WARNED_VARIABLES):
+            continue
+        _WARNED_VARIABLES.add(name)
+        close = difflib.get_close_matches(name, list(ENV_SWITCHES), n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]}? " if close else ""
+        warnings.warn(f"environment variable {name}: no fuse4seg switch has this name, so it "
+                      f"changes nothing ({hint}the switches: {', '.join(ENV_SWITCHES)})",
+                      stacklevel=2)
 
 
 def file_mode() -> int:

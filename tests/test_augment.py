@@ -109,7 +109,8 @@ def test_the_rollout_has_its_own_follower_learning_rate():
 def test_the_annealed_warmup_ends_at_the_rollouts_first_rate():
     """train.warmup_anneal: the warm-up starts at lr_follower and decays without a jump into
     the rate the rollout starts with; off, the rate drops by lr_follower / lr_follower_rollout
-    at the stage change; without a rollout rate the switch changes nothing."""
+    at the stage change; without a rollout rate of its own the switch would change nothing,
+    and is refused."""
     from fuse4seg.config import get_config
     from fuse4seg.train.bilevel import Engine
     from fuse4seg.train.engine import cosine_lr
@@ -138,5 +139,9 @@ def test_the_annealed_warmup_ends_at_the_rollouts_first_rate():
     plain_warm, plain_roll = rates(False)
     assert plain_roll == roll  # the rollout is unchanged
     assert plain_warm[-1] / plain_roll[0] > 9  # without it, a 10x drop
-    same_warm, _ = rates(True, rollout_lr=None)
-    assert same_warm == rates(False, rollout_lr=None)[0]
+    from fuse4seg.config import ConfigError
+
+    for rollout_lr, what in ((None, "null"), (3e-3, "train.lr_follower")):
+        with pytest.raises(ConfigError, match="train.warmup_anneal anneals the warm-up into "
+                           f"train.lr_follower_rollout, which is {what}: set another"):
+            rates(True, rollout_lr=rollout_lr)

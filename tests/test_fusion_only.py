@@ -198,6 +198,8 @@ OTHER_VALUE = {
     "train.warmup_minmax": True, "train.augment": True, "train.grad_clip": 1e-4,
     "train.steps_per_epoch": 2, "train.val_every": 3, "train.val_max_slices": 2, "train.seed": 5,
 }
+WITH = {"train.warmup_anneal": {"train.lr_follower_rollout": 1e-2}}
+"""A setting that is valid only beside another one, which is changed with it."""
 WHERE_NOT_WHAT = ("train.device", "train.amp", "train.compile")
 """Read, but with no effect on a CPU's weights: where it trains, AMP (ignored on a CPU), and
 torch.compile (the same maths); so they are not trained with here."""
@@ -233,7 +235,11 @@ def test_fusion_training_reads_the_settings_it_declares_and_no_other(train_pairs
     for name, value in OTHER_VALUE.items():
         section, key = name.split(".")
         assert getattr(getattr(start, section), key) != value, name  # another value
-        assert same(leader(**{name: value}), reference) != (name in FUSION_ONLY_READS), name
+        # the annealed warm-up needs a rollout rate of its own (validate), itself not read here
+        companion = WITH.get(name, {})
+        assert not set(companion) & set(FUSION_ONLY_READS)
+        assert same(leader(**{name: value}, **companion), reference) != (
+            name in FUSION_ONLY_READS), name
     # the fallbacks are read only where their fusion setting is null: with smoke's own
     # fusion.steps, .batch and .lr they change nothing
     base.update({"fusion.steps": 2, "fusion.batch": 2, "fusion.lr": 1e-3})
@@ -340,12 +346,21 @@ def test_fusion_cli_train_and_evaluate(pair_root, tmp_path, capsys):
                 "--device", "cpu", "--images", tmp_path / "img")
     assert rc == 0
     data = json.loads(out_json.read_text())
-    assert data["pairs"] == ["s1", "s2"]
+    assert data["pairs"] == ["s1", "s2"] and data["trained_on"] == []
     assert set(data["metrics"]) == {"standard", "cddfuse", "matlab_tang"}
     assert data["metrics"]["matlab_tang"]["mean"]["SSIM"] is None  # NaN -> null
     assert (tmp_path / "img" / "leader" / "color" / "s2.png").is_file()
     assert fusion("evaluate", "dwt", *spect, "--only", "s2") == 0
     assert "convention: standard" in capsys.readouterr().out
+    # the leader's own training pairs (GFP-PC is scored whole, so the same there): a warning,
+    # and their names in the JSON
+    with pytest.warns(UserWarning) as seen:
+        assert fusion("evaluate", run_dir, *spect, "--split", "train", "--exclude", "t3",
+                      "--json", out_json, "--device", "cpu") == 0
+    assert [str(w.message).split(": leave")[0] for w in seen] == [
+        f"2 of the 2 pairs scored are pairs {run_dir} trained on (t1, t2; its run.json's "
+        "train_pairs), so their scores are not held-out scores"]
+    assert json.loads(out_json.read_text())["trained_on"] == ["t1", "t2"]
     # clear errors, exit status 2
     assert fusion("evaluate", "dwt", *spect, "--only", "zz") == 2
     assert "--only: no SPECT-MRI test pair(s) named ['zz']" in capsys.readouterr().err

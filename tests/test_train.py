@@ -857,3 +857,57 @@ def test_an_interrupted_run_says_where_it_stands_and_how_to_go_on(
            "and --resume" if checkpointed
            else "no checkpoint was written yet; the same command starts it again")
     assert f"training interrupted: {run_dir}: {how}" in capsys.readouterr().err
+
+
+def test_a_cache_option_holding_another_cache_is_refused_not_replaced(phantom_dir, tmp_path):
+    """``--cache OLD`` beside a raw ``--data``: a cache of the same folder and settings is
+    used (and brought up to date); one of other data settings or another folder used to be
+    prepared again in place, under the runs trained on it (helper review). Now it is refused
+    with nothing written, unless ``replace_other`` (the chapters' shared cache)."""
+    import shutil
+
+    cache = tmp_path / "old"
+    assert resolve_cache(phantom_dir, smoke(), cache=cache, progress=False) == cache
+    before = (cache / "manifest.json").read_bytes()
+    assert resolve_cache(phantom_dir, smoke(), cache=cache, progress=False) == cache
+    stride = smoke().data.slice_stride + 1
+    with pytest.raises(ValueError) as err:
+        resolve_cache(phantom_dir, smoke(**{"data.slice_stride": stride}), cache=cache)
+    assert str(err.value).startswith(
+        f"--cache {cache}: holds a slice cache of --data {phantom_dir} prepared with other "
+        f"data settings: data.slice_stride {stride - 1} (needed: {stride}); it is not "
+        "prepared again in place")
+    other = tmp_path / "other"
+    shutil.copytree(sorted(phantom_dir.iterdir())[0], other / sorted(phantom_dir.iterdir())[0].name)
+    with pytest.raises(ValueError, match="holds the slice cache of another data folder, "
+                       f"{phantom_dir.resolve()}, not --data {other}"):
+        resolve_cache(other, smoke(), cache=cache)
+    assert (cache / "manifest.json").read_bytes() == before  # nothing written
+    resolve_cache(phantom_dir, smoke(**{"data.slice_stride": stride}), cache=cache,
+                  progress=False, replace_other=True)
+    assert load_manifest(cache)["settings"]["slice_stride"] == stride
+
+
+def test_resume_with_no_run_to_continue_says_so(phantom_cache, tmp_path, capsys):
+    """``train --resume`` where no run of these settings was started trained a new run
+    without a word (helper review): a changed setting names another folder, so the user
+    thought they were continuing. The command line says so on stderr before it trains; a
+    resume that finds the run says nothing."""
+    from fuse4seg.cli import main
+
+    args = ["train", "--method", "average", "--profile", "smoke", "--data", str(phantom_cache),
+            "--out", str(tmp_path), "--no-progress", "--resume",
+            *("--set", "train.warmup_epochs=1", "--set", "train.rollout_epochs=0"),
+            *("--set", f"data.split_fractions={SPLIT['data.split_fractions']}")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    run_dir = next(tmp_path.glob("average-smoke-*"))
+    assert (f"fuse4seg: --resume: {run_dir} does not exist: no run of these settings, method "
+            f"and data was started in {tmp_path}; training a new run from the start") in err
+    assert main(args) == 0  # found and finished: nothing to say
+    assert "--resume" not in capsys.readouterr().err
+    (run_dir / "checkpoints" / "last.pt").unlink()  # started, no checkpoint written yet
+    seen = []
+    train(smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0}), "average",
+          data=phantom_cache, out=tmp_path, resume=True, progress=False, on_new_run=seen.append)
+    assert seen == [run_dir]

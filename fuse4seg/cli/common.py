@@ -130,24 +130,6 @@ def write_json(value, target: str) -> None:
         print(f"wrote {target}")
 
 
-def _set_items(pairs: list[str]) -> dict[str, tuple[str, Any]]:
-    """The ``--set`` items ``pairs`` by the setting each gives: ``{dotted name: (item as
-    written, value)}``, the value checked and converted (``seed=3`` gives ``{"train.seed":
-    ("seed=3", 3)}``); a name that is no setting is kept as written, for
-    :func:`fuse4seg.config.get_config` to refuse. Two items that give one setting different
-    values (``--set seed=1 --set train.seed=2``) are refused: which one? So is a value the
-    setting cannot take, naming the item."""
-    from fuse4seg.config import dotted_name, override_value, parse_overrides
-
-    parse_overrides(pairs)  # refuses a bad value, and one setting given two, naming the items
-    items: dict[str, tuple[str, Any]] = {}
-    for pair in pairs:
-        ((name, value),) = parse_overrides([pair]).items()
-        dotted = dotted_name(name) or name
-        items[dotted] = (pair, override_value(dotted, value))
-    return items
-
-
 def config_of(profile: str, pairs: list[str], verb: str,
               options: dict[str, tuple[str, Any]] | None = None):
     """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` and the verb's
@@ -157,7 +139,8 @@ def config_of(profile: str, pairs: list[str], verb: str,
 
     Refused, before any work, each with the option or setting it names and why:
 
-    - a name or value :func:`fuse4seg.config.get_config` refuses;
+    - a name or value :func:`fuse4seg.config.get_config` refuses (a value its ``validate``
+      refuses is named by the ``--set`` item or option that gave it);
     - two ``--set`` items, or an option and a ``--set`` item, that give one setting different
       values (which one?);
     - a ``--set`` of a setting the verb does not read with this config (:func:`verb_reads`):
@@ -166,9 +149,15 @@ def config_of(profile: str, pairs: list[str], verb: str,
       a :data:`~fuse4seg.config.FUSION_FALLBACKS` setting, the option, ``--set`` item or
       profile that gives the ``fusion`` setting it stands in for.
     """
-    from fuse4seg.config import FUSION_FALLBACKS, FUSION_ONLY_READS, get_config
+    from fuse4seg.config import (
+        FUSION_FALLBACKS,
+        FUSION_ONLY_READS,
+        ConfigError,
+        get_config,
+        set_items,
+    )
 
-    items = _set_items(pairs)
+    items = set_items(pairs)
     if "profile" in items:
         raise ValueError("--set profile: give the profile with --profile")
     given_options = {setting: (f"{flag} {value}", value)
@@ -178,7 +167,14 @@ def config_of(profile: str, pairs: list[str], verb: str,
             raise ValueError(f"{option} and --set {items[setting][0]} disagree: give one")
     overrides = {name: value for name, (_, value) in items.items()}
     overrides.update({name: value for name, (_, value) in given_options.items()})
-    config = get_config(profile, overrides)
+    try:
+        config = get_config(profile, overrides)
+    except ConfigError as exc:  # a value validate refuses: name the item that gave it
+        sources = {name: f"--set {pair}" for name, (pair, _) in items.items()}
+        sources.update({name: option for name, (option, _) in given_options.items()})
+        raise ConfigError("; ".join(
+            f"{sources[part.split()[0]]}: {part}" if part.split()[0] in sources else part
+            for part in str(exc).split("; "))) from None
     for dotted, (pair, _) in items.items():
         if verb_reads(verb, dotted, config):
             continue

@@ -79,8 +79,7 @@ def fusion_train_main(args: argparse.Namespace) -> int:
 
     if args.kind == "GFP-PC" and args.split != "train":
         raise ValueError("--split: GFP-PC has a single set; choose pairs with --only/--exclude")
-    options = {flag: (setting, getattr(args, flag[2:].replace("-", "_")))
-               for flag, setting in FLAG_SETTINGS.items()}
+    options = {flag: (FLAG_SETTINGS[flag], value) for flag, value in given(args, *FLAG_SETTINGS)}
     config = config_of(args.profile, args.set, args._set_verb, options)
     check_output_folder(args.out, "--out")
     pairs = _load_pairs(args, args.split)
@@ -136,8 +135,13 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     from fuse4seg.fusion_baselines import BASELINES
     from fuse4seg.metrics.files import conventions_of, table_lines
     from fuse4seg.metrics.fusion import nan_to_none
-    from fuse4seg.train.fusion_only import evaluate_fusion, load_fusion_leader
+    from fuse4seg.train.fusion_only import (
+        evaluate_fusion,
+        load_fusion_leader,
+        pairs_trained_on,
+    )
     from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
+
     conventions = conventions_of(args.convention)
     run = None if args.method in BASELINES else args.method
     if args.json is not None:
@@ -162,12 +166,23 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
             )
         leader, _, source = load_fusion_leader(args.method, device=args.device or "auto")
         label = f"leader:{Path(args.method).name}"
+    seen = pairs_trained_on(source, pairs) if source is not None else []
+    if seen:  # GFP-PC is scored whole; Harvard's --split train is the leader's own
+        import warnings
+
+        shown = ", ".join(seen[:5]) + (f" and {len(seen) - 5} more" if len(seen) > 5 else "")
+        warnings.warn(
+            f"{len(seen)} of the {len(pairs)} pairs scored are pairs {args.method} trained on "
+            f"({shown}; its run.json's train_pairs), so their scores are not held-out "
+            "scores: leave them out with --exclude, or score held-out pairs with --only",
+            stacklevel=2)
     result = evaluate_fusion(
         pairs, label if leader is None else "leader", leader, conventions, args.images
     )
     out = {
         "method": label, "leader": source, "kind": args.kind, "split": split,
-        "data": str(args.pairs), "pairs": result["pairs"], "metrics": result["metrics"],
+        "data": str(args.pairs), "trained_on": seen, "pairs": result["pairs"],
+        "metrics": result["metrics"],
     }
     if args.json is not None:
         atomic_write_json(args.json, nan_to_none(out))
@@ -216,7 +231,7 @@ def metrics_main(args: argparse.Namespace) -> int:
     from fuse4seg.utils import check_output_file
 
     conventions = conventions_of(args.convention)
-    metrics = parse_metric_names(args.metrics)
+    metrics = parse_metric_names(args.metrics, conventions)
     inputs = given(args, "--fused", "--a", "--b")
     if args.csv is not None and args.fused.is_dir():
         check_output_file(args.csv, "--csv", inputs)

@@ -55,9 +55,9 @@ def train_main(args: argparse.Namespace) -> int:
     """
     import torch.distributed as dist
 
-    from fuse4seg.config import parse_overrides
+    from fuse4seg.config import parse_overrides, set_items
     from fuse4seg.train.distributed import dist_info
-    from fuse4seg.train.methods import check_ablation
+    from fuse4seg.train.methods import check_ablation, check_method_settings, get_ablation
     from fuse4seg.train.trainer import train
     from fuse4seg.utils import check_output_folder
 
@@ -66,10 +66,13 @@ def train_main(args: argparse.Namespace) -> int:
                          "other fuse4seg code: give it with --resume")
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
     check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
+    method = get_ablation(args.ablation).method if args.ablation else args.method or "fuse4seg"
+    check_method_settings([method], {name: item for name, (item, _) in set_items(
+        args.set).items()})
     result = train(
         config_of(args.profile, args.set, args._set_verb, {
             "--seed": ("train.seed", args.seed), "--device": ("train.device", args.device)}),
-        method=args.method or "fuse4seg",
+        method=method,
         data=args.data,
         out=args.out,
         cache=args.cache,
@@ -79,6 +82,7 @@ def train_main(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         ablation=args.ablation,
         device=args.device,
+        on_new_run=_no_run_to_resume,
     )
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -91,6 +95,18 @@ def train_main(args: argparse.Namespace) -> int:
         )
         print(f"run folder: {result.run_dir}\n{summary}")
     return 0
+
+
+def _no_run_to_resume(run_dir: Path) -> None:
+    """``train --resume`` that finds nothing to continue says so before it trains: a run
+    folder's name hashes the settings, method and data, so a changed one names a new folder."""
+    import sys
+
+    why = ("holds no checkpoint yet" if run_dir.exists() else
+           "does not exist: no run of these settings, method and data was started in "
+           f"{run_dir.parent}")
+    print(f"fuse4seg: --resume: {run_dir} {why}; training a new run from the start",
+          file=sys.stderr, flush=True)
 
 
 def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
@@ -229,11 +245,14 @@ def study_main(args: argparse.Namespace) -> int:
     scored on every test case; the first method is compared with each other one by the mean
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
-    from fuse4seg.config import dotted_name, parse_overrides
+    from fuse4seg.config import dotted_name, parse_overrides, set_items
     from fuse4seg.study import run_study
+    from fuse4seg.train.methods import check_method_settings
     from fuse4seg.utils import atomic_write_json, check_output_file
 
     set_names = {dotted_name(name) for name in parse_overrides(args.set)}
+    check_method_settings(args.methods, {name: item for name, (item, _) in set_items(
+        args.set).items()})
     if "train.seed" in set_names:  # each run's seed comes from --seeds
         raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
                          "with --seeds (e.g. --seeds 0 1 2)")

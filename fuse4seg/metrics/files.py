@@ -21,7 +21,7 @@ import io
 import math
 from pathlib import Path
 
-from fuse4seg.metrics.fusion import CONVENTIONS, METRICS, FusionMeter
+from fuse4seg.metrics.fusion import CONVENTIONS, EXTRA_METRICS, METRICS, FusionMeter
 
 __all__ = [
     "check_pair_files",
@@ -37,14 +37,27 @@ __all__ = [
 _IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
-def parse_metric_names(text: str | None) -> list[str] | None:
+def parse_metric_names(text: str | None, conventions: list[str] | None = None
+                       ) -> list[str] | None:
+    """The metric names of ``--metrics`` (``None``: the default set), checked.
+
+    Raises:
+        ValueError: an unknown name, none at all, or ``SSIM_data_range_255`` where none of
+            ``conventions`` is ``cddfuse``, the only one that defines it (it would print NaN).
+    """
     if text is None:
         return None
     names = [t.strip() for t in text.split(",") if t.strip()]
-    valid = list(METRICS) + ["MSE", "SSIM_data_range_255"]
+    valid = list(METRICS) + list(EXTRA_METRICS)
     bad = [n for n in names if n not in valid]
     if bad or not names:
         raise ValueError(f"--metrics: unknown name(s) {bad or text!r}; valid: {','.join(valid)}")
+    if ("SSIM_data_range_255" in names and conventions is not None
+            and "cddfuse" not in conventions):
+        raise ValueError(
+            f"--metrics SSIM_data_range_255: only the cddfuse convention defines it (CDDFuse's "
+            f"evaluator's SSIM with data range 255), not {', '.join(conventions)}: give "
+            "--convention cddfuse (or all)")
     return names
 
 

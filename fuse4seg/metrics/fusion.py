@@ -76,6 +76,7 @@ from fuse4seg.metrics.vif import _vif, _vif_window  # noqa: F401
 
 __all__ = [
     "CONVENTIONS",
+    "EXTRA_METRICS",
     "METRICS",
     "PAPER_METRICS",
     "FusionMeter",
@@ -102,7 +103,9 @@ PAPER_METRICS: tuple[str, ...] = ("EN", "SD", "MI", "PSNR", "SF", "Qabf", "SSIM"
 METRICS: tuple[str, ...] = PAPER_METRICS + ("VIF", "SCD")
 """The nine metrics :func:`fusion_metrics` computes by default."""
 
-_EXTRA = ("MSE", "SSIM_data_range_255")
+EXTRA_METRICS = ("MSE", "SSIM_data_range_255")
+"""The names :func:`fusion_metrics` takes beside :data:`METRICS`: ``MSE``, and
+``SSIM_data_range_255``, which only the ``cddfuse`` convention defines (NaN in the others)."""
 
 
 def _check_convention(convention: str) -> str:
@@ -577,7 +580,7 @@ def fusion_metrics(
             names.append("SSIM_data_range_255")
     else:
         names = list(metrics)
-        valid = list(METRICS) + list(_EXTRA)
+        valid = list(METRICS) + list(EXTRA_METRICS)
         bad = [n for n in names if n not in valid]
         if bad:
             raise ValueError(f"unknown metric(s) {bad}; valid: {valid}")

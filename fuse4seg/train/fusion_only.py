@@ -91,6 +91,7 @@ __all__ = [
     "fusion_schedule",
     "load_fusion_leader",
     "load_pairs",
+    "pairs_trained_on",
     "smallest_side",
     "train_fusion",
 ]
@@ -453,6 +454,22 @@ def load_fusion_leader(path: str | Path, device: str = "auto") -> tuple[nn.Modul
         "profile": bundle.config.profile,
     }
     return bundle.leader.eval(), bundle.config, info
+
+
+def pairs_trained_on(info: dict[str, Any], pairs: list[ImagePair]) -> list[str]:
+    """The names of ``pairs`` that a fusion-only leader trained on: a pair of one of its
+    ``train_pairs`` names in one of its ``data`` folders (the ``info`` of
+    :func:`load_fusion_leader`, its ``run.json``). A BraTS run's leader trained on no pair:
+    ``[]``.
+
+    GFP-PC comes as one set, so ``fusion evaluate`` scores it whole and a leader trained on
+    some of it scores its own training pairs; Harvard's ``--split train`` does the same. The
+    command warns, and records the names in its ``--json`` (``trained_on``).
+    """
+    names = set(info.get("train_pairs") or ())
+    folders = {Path(folder).resolve() for folder in info.get("data") or ()}
+    return [p.name for p in pairs
+            if p.name in names and p.paths.a.parent.parent.resolve() in folders]
 
 
 # --------------------------------------------------------------------------- inference

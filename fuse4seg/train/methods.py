@@ -48,12 +48,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ABLATIONS",
     "ABLATION_SWITCHES",
+    "LEADER_SETTINGS",
     "METHODS",
     "SPECS",
     "AblationSpec",
     "MethodSpec",
     "build_follower",
     "check_ablation",
+    "check_method_settings",
     "get_ablation",
     "get_method",
 ]
@@ -166,6 +168,41 @@ ABLATIONS: dict[str, AblationSpec] = {
 ABLATION_SWITCHES = ("loss.use_decomp", "loss.use_grad", "loss.use_recon")
 """The loss switches that define a Table 3 variant: each variant turns some off and leaves the
 others on (L_recon stays on in every one), so none of them may be overridden beside it."""
+
+
+LEADER_SETTINGS = (
+    "model.fusion", "model.anchor_range", "model.inn_squeeze", "model.source_skip",
+    "train.lr_leader", "train.ema_decay", "train.ema_warmup", "train.warmup_minmax",
+    "loss.alpha_decomp", "loss.beta_grad", "loss.gamma_recon", *ABLATION_SWITCHES,
+)
+"""Settings that only a method with a leader reads: the leader's network, its optimiser and
+EMA (Eq. 4), the warm-up input put in x_f's range, and the upper-level loss (Eq. 3). A method
+with a fixed rule (``average``, ``max``, ``direct2ch``, ``monai_unet``) builds no leader."""
+
+
+def check_method_settings(methods: list[str], settings: dict[str, str]) -> None:
+    """Refuse a ``--set`` of a setting that none of ``methods`` reads (:data:`LEADER_SETTINGS`
+    where no method has a leader): it would be recorded in the run's config, and hashed into
+    its folder's name, and change nothing.
+
+    Args:
+        methods: the methods the command trains.
+        settings: ``{dotted name: the --set item as written}``.
+
+    Raises:
+        ValueError: the item, and the methods that would read it.
+    """
+    if any(get_method(m).leader is not None for m in methods):
+        return
+    for dotted, item in settings.items():
+        if dotted in LEADER_SETTINGS:
+            which = " and ".join([", ".join(methods[:-1]), methods[-1]] if len(methods) > 1
+                                 else methods)
+            readers = " and ".join(name for name, spec in SPECS.items() if spec.leader)
+            raise ValueError(
+                f"--set {item}: {dotted} is a setting of the fusion leader, which {which} "
+                f"{'has' if len(methods) == 1 else 'have'} none, so it would change nothing; "
+                f"{readers} read it")
 
 
 def _switches(variant: AblationSpec) -> dict[str, bool]:

@@ -65,6 +65,7 @@ def resolve_cache(
     runs_dir: str | Path | None = None,
     progress: bool = True,
     split_free: bool = False,
+    replace_other: bool = False,
 ) -> Path:
     """The prepared slice cache to train on.
 
@@ -77,6 +78,12 @@ def resolve_cache(
         split_free: a prepared cache may differ from ``config.data`` in its split settings
             (``split_seed``, ``split_fractions``): ``evaluate``, which takes the split from
             the cache's manifest and checks it against the run's (``--split``).
+        replace_other: a ``cache`` that already holds the cache of another data folder, or
+            one prepared with other data settings, is prepared again in place for ``data``.
+            By default it is refused instead: other runs may have trained on it, and a
+            mistyped ``--cache`` would silently replace it. (The chapters' shared cache,
+            :func:`fuse4seg.results.shared_cache`, follows the chapter's parameters.) A cache
+            of the same folder and settings is brought up to date either way.
 
     Returns:
         The cache folder.
@@ -85,7 +92,8 @@ def resolve_cache(
         FileNotFoundError: ``data`` does not exist.
         ValueError: ``data`` is neither a cache nor a BraTS folder; a cache prepared with
             other data settings than ``config.data``; a ``cache`` other than ``data`` where
-            ``data`` is a prepared cache (it would be ignored).
+            ``data`` is a prepared cache (it would be ignored); a ``cache`` that holds the
+            cache of another folder or other settings, unless ``replace_other``.
     """
     from fuse4seg.data.slices import SETTINGS_FIELDS, load_manifest, prepare_cache
 
@@ -116,8 +124,41 @@ def resolve_cache(
         key = json.dumps([str(data.resolve()), config.to_dict()["data"]], sort_keys=True)
         cache = Path(runs_dir) / f"cache-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         flag = "the slice cache"
+    elif not replace_other:
+        _check_not_another_cache(Path(cache), data, config)
     prepare_cache(data, cache, config.data, progress=progress, flag=flag)
     return Path(cache)
+
+
+def _check_not_another_cache(cache: Path, data: Path, config: Config) -> None:
+    """Refuse a ``--cache`` folder that holds the cache of another data folder, or one
+    prepared with other data settings than ``config.data`` (:func:`resolve_cache`).
+
+    A folder that is not a cache at all is left for :func:`~fuse4seg.data.slices.prepare_cache`
+    to judge (it refuses one with other files in it).
+    """
+    from fuse4seg.data.slices import SETTINGS_FIELDS
+
+    try:
+        manifest = json.loads((cache / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    if not isinstance(manifest, dict) or "settings" not in manifest:
+        return
+    source = manifest.get("data_dir")
+    keep = ("it is not prepared again in place, since runs trained on it read it: give a new "
+            "--cache folder, or leave --cache out (the runs folder's own cache of --data)")
+    if source is not None and Path(source) != data.resolve():
+        raise ValueError(f"--cache {cache}: holds the slice cache of another data folder, "
+                         f"{source}, not --data {data}; {keep}")
+    wanted = json.loads(json.dumps({n: getattr(config.data, n) for n in SETTINGS_FIELDS}))
+    have = manifest["settings"]
+    if have != wanted:
+        differ = ", ".join(
+            f"data.{n} {json.dumps(have.get(n))} (needed: {json.dumps(wanted.get(n))})"
+            for n in sorted(set(have) | set(wanted)) if have.get(n) != wanted.get(n))
+        raise ValueError(f"--cache {cache}: holds a slice cache of --data {data} prepared "
+                         f"with other data settings: {differ}; {keep}")
 
 
 def _settings_mismatch(data: Path, have: dict[str, Any], wanted: dict[str, Any],

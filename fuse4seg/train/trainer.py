@@ -396,6 +396,7 @@ def train(
     device: str | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     restart_if_code_changed: bool = False,
+    on_new_run: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``data`` into ``out/<method>-<profile>-<hash>/`` (Algorithm 1).
 
@@ -417,6 +418,9 @@ def train(
             (``run.json``'s ``code``, :func:`fuse4seg.utils.code_digest`) is emptied and the run
             starts again, instead of continuing (or returning) it with a warning. The book's
             chapter 4 uses it, so its numbers always come from the code beside them.
+        on_new_run: with ``resume``, called (rank 0) with the run folder when there is no
+            checkpoint there to continue from and a new run starts, before the folder is made
+            (``fuse4seg train --resume`` says so: a changed setting names another folder).
 
     Returns:
         :class:`TrainResult` (run folder, metrics rows, best validation).
@@ -474,6 +478,7 @@ def train(
     run_dir = out / runs.run_name(config, method, checksum, world_size)
     last = run_dir / "checkpoints" / "last.pt"
     failure = None
+    had_checkpoint = last.exists()
     if resume and last.exists() and rank == 0:
         try:
             runs.check_code(run_dir, restart_if_code_changed)
@@ -500,6 +505,8 @@ def train(
         if rank == 0:
             trainer.write_metrics()  # drop rows written after the checkpoint
     elif rank == 0:
+        if resume and on_new_run is not None and not had_checkpoint:  # not a restart of
+            on_new_run(run_dir)  # other code's run: check_code says that one
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
         key = runs.warmup_key(config, method, checksum, world_size)
