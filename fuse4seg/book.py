@@ -9,6 +9,8 @@
   given one);
 - :func:`book_seeds`: the seeds chapters 4 and 6 train each method over, per profile
   (:data:`BOOK_SEEDS`), unless the reader passes others;
+- :func:`chapter_device`: the device a chapter runs on, from its ``device`` parameter and a
+  ``train.device`` in its ``overrides``;
 - :func:`check_parameters`: a chapter's check, right after its parameters cell, that papermill
   injected no name the chapter does not declare (a misspelt ``-p profil smoke`` is an error,
   not a warning and a whole run with the default profile).
@@ -36,6 +38,8 @@ __all__ = [
     "PHANTOM_SEED",
     "UnknownParameterError",
     "book_seeds",
+    "book_seeds_of",
+    "chapter_device",
     "check_parameters",
     "data_label",
     "ensure_data",
@@ -81,6 +85,43 @@ def book_seeds(profile: str, seeds: Sequence[int] | None = None) -> list[int]:
             raise ValueError(f"profile {profile!r}: choose one of {sorted(BOOK_SEEDS)}")
         seeds = BOOK_SEEDS[profile]
     return check_seeds(seeds)
+
+
+def book_seeds_of(config, seeds: Sequence[int] | None, overrides: Mapping[str, Any]
+                  ) -> list[int]:
+    """Chapter 6's seeds: :func:`book_seeds`, where a ``train.seed`` in ``overrides`` (which
+    every run's own seed would replace) stands for ``seeds = [that seed]``.
+
+    Raises:
+        ValueError: ``seeds`` and a ``train.seed`` override that disagree; as
+            :func:`book_seeds`.
+    """
+    from fuse4seg.config import dotted_name
+
+    if not any(dotted_name(str(name)) == "train.seed" for name in overrides):
+        return book_seeds(config.profile, seeds)
+    seed = config.train.seed
+    if seeds is not None and list(seeds) != [seed]:
+        raise ValueError(f"seeds={list(seeds)} and overrides train.seed={seed} disagree: this "
+                         "chapter trains one run per seed of `seeds`; give the seeds there")
+    return book_seeds(config.profile, [seed])
+
+
+def chapter_device(device: str, config) -> str:
+    """The device a chapter runs on: its ``device`` parameter, or, where that is ``"auto"``,
+    the config's ``train.device`` (a ``train.device`` in the chapter's ``overrides``, as
+    ``book/build.py --set train.device=cpu`` passes it). Before, chapters 2, 3, 5 and 7 ran
+    on ``device`` alone and recorded the override; chapter 4 trained on the override only
+    when ``device`` was ``"auto"``.
+
+    Raises:
+        ValueError: ``device`` and the override name two devices.
+    """
+    setting = config.train.device
+    if device not in ("auto", setting) and setting != "auto":
+        raise ValueError(f"device={device!r} and overrides train.device={setting!r} disagree: "
+                         "give one (the chapter's `device` parameter)")
+    return setting if device == "auto" else device
 
 
 def phantom_case_count(data_dir: Path) -> int | None:

@@ -269,6 +269,39 @@ def test_book_seeds_per_profile_and_as_given():
         book_seeds("default", [])
 
 
+def test_chapter_6_reads_a_seed_override_as_its_one_seed():
+    """Chapter 6 trains one run per seed of ``seeds``, each run with its own ``train.seed``,
+    so an ``overrides`` seed was replaced without a word (helper review)."""
+    from fuse4seg.book import book_seeds_of
+    from fuse4seg.config import get_config
+
+    plain = get_config("default")
+    assert book_seeds_of(plain, None, {}) == [0, 1, 2]
+    assert book_seeds_of(plain, [3, 4], {}) == [3, 4]
+    for name in ("seed", "train.seed"):
+        config = get_config("default", {name: 5})
+        assert book_seeds_of(config, None, {name: 5}) == [5]
+        assert book_seeds_of(config, [5], {name: 5}) == [5]
+        with pytest.raises(ValueError, match=r"seeds=\[0, 1\] and overrides train.seed=5 "
+                           "disagree: this chapter trains one run per seed of `seeds`"):
+            book_seeds_of(config, [0, 1], {name: 5})
+
+
+def test_a_chapter_runs_on_its_device_parameter_or_the_device_override():
+    """Chapters 2, 3, 5 and 7 ran on their ``device`` parameter and recorded a
+    ``train.device`` override they ignored; chapter 4 honoured it only with ``device="auto"``
+    (helper review). Now every chapter runs where both agree, and refuses them disagreeing."""
+    from fuse4seg.book import chapter_device
+    from fuse4seg.config import get_config
+
+    plain, cpu = get_config("smoke"), get_config("smoke", {"train.device": "cpu"})
+    assert chapter_device("auto", plain) == "auto" and chapter_device("cuda", plain) == "cuda"
+    assert chapter_device("auto", cpu) == "cpu" and chapter_device("cpu", cpu) == "cpu"
+    with pytest.raises(ValueError, match="device='cuda' and overrides train.device='cpu' "
+                       "disagree: give one"):
+        chapter_device("cuda", cpu)
+
+
 def test_prepare_phantom_writes_keeps_and_rewrites(tmp_path, monkeypatch):
     from fuse4seg.data import phantom
 
