@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fuse4seg.config import get_config, parse_overrides
     from fuse4seg.curves import curve
+    from fuse4seg.train.runs import resolve_cache
     from fuse4seg.train.trainer import train
     from fuse4seg.utils import git_commit
 
@@ -166,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[list[dict]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
+        # one cache for every run; a kept --workdir's follows --profile, --set and --data
+        cache = data if (data / "manifest.json").exists() else resolve_cache(
+            data, get_config(args.profile, overrides), cache=work / "cache", progress=False,
+            replace_other=True)
         for seed in args.seeds:
             cfg = get_config(args.profile, {**overrides, "train.seed": seed})
             for variant in variants:
                 with switch(variant):
-                    result = train(cfg, args.method, data=data, out=work / args.change / variant,
-                                   cache=work / "cache", progress=False, device="cpu",
-                                   resume=True, restart_if_code_changed=True)
+                    result = train(cfg, args.method, data=cache, out=work / args.change / variant,
+                                   progress=False, device="cpu", resume=True,
+                                   restart_if_code_changed=True)
                 c = curve(result.run_dir)
                 curves[variant].append(c)
                 last_val = next(r["val"] for r in reversed(c) if r["val"] is not None)

@@ -89,8 +89,9 @@ def book_seeds(profile: str, seeds: Sequence[int] | None = None) -> list[int]:
 
 def book_seeds_of(config, seeds: Sequence[int] | None, overrides: Mapping[str, Any]
                   ) -> list[int]:
-    """Chapter 6's seeds: :func:`book_seeds`, where a ``train.seed`` in ``overrides`` (which
-    every run's own seed would replace) stands for ``seeds = [that seed]``.
+    """The seeds of chapters 4 and 6: :func:`book_seeds`, where a ``train.seed`` in
+    ``overrides`` (which each run's own seed would replace) stands for ``seeds = [that
+    seed]``, so that both chapters train the same runs and chapter 6 reuses chapter 4's.
 
     Raises:
         ValueError: ``seeds`` and a ``train.seed`` override that disagree; as

@@ -598,6 +598,11 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         for k, v in values.items():
             if f"{section}.{k}" not in _REMOVED:
                 flat[f"{section}.{k}"] = v
+    if flat.get("train.warmup_anneal") and "train.lr_follower" in flat and flat.get(
+            "train.lr_follower_rollout") in (None, flat["train.lr_follower"]):
+        # older code took the switch where it changed nothing; validate refuses it now, so a
+        # run recorded with it still loads, with the switch as it acted: off
+        flat["train.warmup_anneal"] = False
     return _apply(Config(profile=profile), flat)
 
 

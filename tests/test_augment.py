@@ -145,3 +145,11 @@ def test_the_annealed_warmup_ends_at_the_rollouts_first_rate():
         with pytest.raises(ConfigError, match="train.warmup_anneal anneals the warm-up into "
                            f"train.lr_follower_rollout, which is {what}: set another"):
             rates(True, rollout_lr=rollout_lr)
+    # a run recorded by older code with the switch where it acted as off still loads, off
+    from fuse4seg.config import config_from_dict
+
+    recorded = get_config("smoke").to_dict()
+    recorded["train"]["warmup_anneal"] = True
+    assert config_from_dict(recorded) == get_config("smoke")
+    recorded["train"]["lr_follower_rollout"] = 1e-4  # where it acted, it stays
+    assert config_from_dict(recorded).train.warmup_anneal

@@ -531,12 +531,27 @@ def test_a_study_scores_each_run_on_the_device_it_trained_on(tmp_path, monkeypat
 def test_a_value_the_config_refuses_is_named_by_the_item_that_gave_it(tmp_path, capsys):
     """``--set fusion.crop=1`` was refused as ``fusion.crop must be >= 2``, without the item
     (helper review): each refused value is named by its ``--set`` item or option."""
-    assert main(["fusion", "train", "--pairs", str(tmp_path), "--kind", "CT-MRI", "--set",
-                 "fusion.crop=1", "--set", "lr_follower=0", "--out", str(tmp_path / "r")]) == 2
+    fusion = ["fusion", "train", "--pairs", str(tmp_path), "--kind", "CT-MRI", "--out",
+              str(tmp_path / "r"), "--profile", "smoke"]
+    assert main([*fusion, "--set", "fusion.crop=1", "--set", "loss.beta_grad=-1"]) == 2
     assert capsys.readouterr().err == (
-        "fuse4seg: error: --set lr_follower=0: train.lr_follower must be a finite number > 0, "
-        "got 0.0; --set fusion.crop=1: fusion.crop must be >= 2 (the leader's 3x3 depthwise "
-        "convolutions reflect-pad by one pixel), got 1\n")
+        "fuse4seg: error: --set fusion.crop=1: fusion.crop must be >= 2 (the leader's 3x3 "
+        "depthwise convolutions reflect-pad by one pixel), got 1; --set loss.beta_grad=-1: "
+        "loss.beta_grad must be a finite number >= 0, got -1.0\n")
+    # every item a refusal names; a setting the verb does not read is said first, so that
+    # mending the value does not meet that refusal next (helper review)
+    assert main(["train", "--data", str(tmp_path), "--set", "warmup_epochs=0", "--set",
+                 "rollout_epochs=0", "--set", "seed=1", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (
+        "fuse4seg: error: --set warmup_epochs=0, --set rollout_epochs=0: train.warmup_epochs "
+        "and train.rollout_epochs are both 0: nothing to train\n")
+    assert main([*fusion, "--set", "warmup_anneal=true"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "fuse4seg: error: --set warmup_anneal (train.warmup_anneal): `fuse4seg fusion train` "
+        "does not read train.warmup_anneal")
+    assert main(["train", "--data", str(tmp_path), "--set", "seed=1", "--set", "sed=2"]) == 2
+    assert capsys.readouterr().err.startswith(  # not every item its list of names names
+        "fuse4seg: error: --set sed=2: unknown setting 'sed'; did you mean 'train.seed'?")
     assert main(["train", "--data", str(tmp_path), "--seed", "3", "--set",
                  "data.crop_size=17", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith(

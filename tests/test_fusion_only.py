@@ -372,6 +372,25 @@ def test_fusion_cli_train_and_evaluate(pair_root, tmp_path, capsys):
     assert "PET-MRI folder not found" in capsys.readouterr().err
 
 
+def test_the_pairs_a_leader_trained_on_are_found_wherever_it_is_scored_from(
+        train_pairs, test_pairs, pair_root, monkeypatch):
+    """A run records its pairs' folder resolved; older run.json files wrote it as given
+    (``SPECT-MRI/train`` when trained from the Harvard folder), which resolved against the
+    folder of the scoring command missed every pair (helper review): those match by their
+    last parts."""
+    from fuse4seg.train.fusion_only import pairs_trained_on
+
+    folder = str((pair_root / "SPECT-MRI" / "train").resolve())
+    info = {"train_pairs": ["t1", "t2"], "data": [folder]}
+    assert pairs_trained_on(info, train_pairs) == ["t1", "t2"]
+    assert pairs_trained_on(info, test_pairs) == []
+    monkeypatch.chdir(pair_root.parent)  # a relative path from elsewhere
+    old = {"train_pairs": ["t1", "t2"], "data": ["SPECT-MRI/train"]}
+    assert pairs_trained_on(old, train_pairs) == ["t1", "t2"]
+    assert pairs_trained_on({**old, "data": ["SPECT-MRI/test"]}, train_pairs) == []
+    assert pairs_trained_on({"kind": "BraTS"}, train_pairs) == []  # a BraTS run's leader
+
+
 def test_real_harvard_smoke_training(harvard_dir, smoke, tmp_path):
     """A few steps on four real MRI-PET training pairs; scored on one test pair."""
     pairs = [load_pair(p) for p in find_harvard_pairs(harvard_dir, "PET-MRI", "train")[:4]]

@@ -883,6 +883,12 @@ def test_a_cache_option_holding_another_cache_is_refused_not_replaced(phantom_di
                        f"{phantom_dir.resolve()}, not --data {other}"):
         resolve_cache(other, smoke(), cache=cache)
     assert (cache / "manifest.json").read_bytes() == before  # nothing written
+    # evaluate (split_free) takes a cache whose split alone differs as --data, not as --cache
+    reseeded = smoke(**{"data.split_seed": smoke().data.split_seed + 1})
+    with pytest.raises(ValueError, match=f"or `--data {cache}` evaluates on it as it is, "
+                       "with its own split"):
+        resolve_cache(phantom_dir, reseeded, cache=cache, split_free=True)
+    assert resolve_cache(cache, reseeded, split_free=True) == cache
     resolve_cache(phantom_dir, smoke(**{"data.slice_stride": stride}), cache=cache,
                   progress=False, replace_other=True)
     assert load_manifest(cache)["settings"]["slice_stride"] == stride
@@ -903,7 +909,7 @@ def test_resume_with_no_run_to_continue_says_so(phantom_cache, tmp_path, capsys)
     err = capsys.readouterr().err
     run_dir = next(tmp_path.glob("average-smoke-*"))
     assert (f"fuse4seg: --resume: {run_dir} does not exist: no run of these settings, method "
-            f"and data was started in {tmp_path}; training a new run from the start") in err
+            f"and data was started in {tmp_path}; training a new run\n") in err
     assert main(args) == 0  # found and finished: nothing to say
     assert "--resume" not in capsys.readouterr().err
     (run_dir / "checkpoints" / "last.pt").unlink()  # started, no checkpoint written yet

@@ -139,23 +139,18 @@ def config_of(profile: str, pairs: list[str], verb: str,
 
     Refused, before any work, each with the option or setting it names and why:
 
-    - a name or value :func:`fuse4seg.config.get_config` refuses (a value its ``validate``
-      refuses is named by the ``--set`` item or option that gave it);
     - two ``--set`` items, or an option and a ``--set`` item, that give one setting different
       values (which one?);
-    - a ``--set`` of a setting the verb does not read with this config (:func:`verb_reads`):
+    - a ``--set`` of a setting the verb does not read with this config (:func:`verb_reads`),
+      checked before the values are (so that mending a refused value does not meet this next):
       it would be recorded in the run's config and change nothing. The refusal names the
       setting (a short name with the dotted one it stands for) and the verbs that read it; for
       a :data:`~fuse4seg.config.FUSION_FALLBACKS` setting, the option, ``--set`` item or
-      profile that gives the ``fusion`` setting it stands in for.
+      profile that gives the ``fusion`` setting it stands in for;
+    - a name or value :func:`fuse4seg.config.get_config` refuses, led by the ``--set`` items
+      and options that gave the settings it names (:func:`_named`).
     """
-    from fuse4seg.config import (
-        FUSION_FALLBACKS,
-        FUSION_ONLY_READS,
-        ConfigError,
-        get_config,
-        set_items,
-    )
+    from fuse4seg.config import ConfigError, get_config, set_items
 
     items = set_items(pairs)
     if "profile" in items:
@@ -168,15 +163,53 @@ def config_of(profile: str, pairs: list[str], verb: str,
     overrides = {name: value for name, (_, value) in items.items()}
     overrides.update({name: value for name, (_, value) in given_options.items()})
     try:
-        config = get_config(profile, overrides)
-    except ConfigError as exc:  # a value validate refuses: name the item that gave it
-        sources = {name: f"--set {pair}" for name, (pair, _) in items.items()}
-        sources.update({name: option for name, (option, _) in given_options.items()})
-        raise ConfigError("; ".join(
-            f"{sources[part.split()[0]]}: {part}" if part.split()[0] in sources else part
-            for part in str(exc).split("; "))) from None
+        config, refused = get_config(profile, overrides), None
+    except ConfigError as exc:
+        refused = exc
+        # what the verb reads comes first (a fix of a refused value would meet it next);
+        # FUSION_FALLBACKS depend only on the fusion section's values
+        fusion = {name: value for name, value in overrides.items() if name.startswith("fusion.")}
+        try:
+            config = get_config(profile, fusion)
+        except ConfigError:  # a fusion value refused too: the profile's stand in
+            config = get_config(profile)
+    _check_verb_reads(verb, items, given_options, config)
+    if refused is not None:  # a value validate refuses: name the items that gave it
+        raise ConfigError(_named(str(refused), items, given_options)) from None
+    return config
+
+
+def _named(message: str, items: dict[str, tuple[str, Any]],
+           given_options: dict[str, tuple[str, Any]]) -> str:
+    """``message`` of :func:`fuse4seg.config.validate` (parts joined by ``"; "``), each part
+    led by the ``--set`` items and options that gave a setting it names (``--set
+    fusion.crop=1: fusion.crop must be >= 2 ...``)."""
+    import re
+
+    sources = {name: f"--set {pair}" for name, (pair, _) in items.items()}
+    sources.update({name: option for name, (option, _) in given_options.items()})
+    unknown = re.match(r"unknown setting '([^']*)'", message)
+    if unknown:  # its list of the valid names names every item: only the one it refuses
+        source = sources.get(unknown.group(1))
+        return f"{source}: {message}" if source else message
+    parts = []
+    for part in message.split("; "):
+        named = [source for name, source in sources.items()
+                 if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", part)]
+        parts.append(f"{', '.join(named)}: {part}" if named else part)
+    return "; ".join(parts)
+
+
+def _check_verb_reads(verb: str, items: dict[str, tuple[str, Any]],
+                      given_options: dict[str, tuple[str, Any]], config) -> None:
+    """Refuse a ``--set`` item of a setting ``verb`` does not read with ``config``
+    (:func:`config_of`); a name that is no setting is left to
+    :func:`fuse4seg.config.get_config`, which lists the valid ones."""
+    from fuse4seg.config import FUSION_FALLBACKS, FUSION_ONLY_READS, valid_names
+
+    valid = set(valid_names())
     for dotted, (pair, _) in items.items():
-        if verb_reads(verb, dotted, config):
+        if dotted not in valid or verb_reads(verb, dotted, config):
             continue
         section = dotted.split(".")[0]
         name = pair.split("=", 1)[0].strip()
@@ -204,7 +237,6 @@ def config_of(profile: str, pairs: list[str], verb: str,
             readers)
         raise ValueError(f"--set {shown}: `fuse4seg {verb}` {why}, so the setting would change "
                          f"nothing{advice}{who}")
-    return config
 
 
 def given(args: argparse.Namespace, *names: str) -> list[tuple[str, Path | None]]:

@@ -105,7 +105,7 @@ def _no_run_to_resume(run_dir: Path) -> None:
     why = ("holds no checkpoint yet" if run_dir.exists() else
            "does not exist: no run of these settings, method and data was started in "
            f"{run_dir.parent}")
-    print(f"fuse4seg: --resume: {run_dir} {why}; training a new run from the start",
+    print(f"fuse4seg: --resume: {run_dir} {why}; training a new run",
           file=sys.stderr, flush=True)
 
 

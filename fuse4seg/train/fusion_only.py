@@ -312,7 +312,7 @@ def train_fusion(
         schedule=sched,
         seed=seed,
         train_pairs=names,
-        data=sorted({str(p.paths.a.parent.parent) for p in train_pairs}),
+        data=sorted({str(p.paths.a.parent.parent.resolve()) for p in train_pairs}),
         device=str(dev),
         finished=False,
         objective="alpha*L_decomp + beta*L_grad + gamma*L_recon (Eq. 3 without L_seg)",
@@ -467,9 +467,18 @@ def pairs_trained_on(info: dict[str, Any], pairs: list[ImagePair]) -> list[str]:
     command warns, and records the names in its ``--json`` (``trained_on``).
     """
     names = set(info.get("train_pairs") or ())
-    folders = {Path(folder).resolve() for folder in info.get("data") or ()}
+    folders = [Path(folder) for folder in info.get("data") or ()]
+
+    def trained_in(folder: Path) -> bool:
+        if any(f.is_absolute() and f == folder for f in folders):
+            return True
+        # a run.json of older code, which wrote the folder as given (relative to where it
+        # trained): the same last parts (``PET-MRI/train``)
+        return any(not f.is_absolute() and folder.parts[-len(f.parts):] == f.parts
+                   for f in folders if f.parts)
+
     return [p.name for p in pairs
-            if p.name in names and p.paths.a.parent.parent.resolve() in folders]
+            if p.name in names and trained_in(p.paths.a.parent.parent.resolve())]
 
 
 # --------------------------------------------------------------------------- inference

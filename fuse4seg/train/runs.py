@@ -125,14 +125,18 @@ def resolve_cache(
         cache = Path(runs_dir) / f"cache-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         flag = "the slice cache"
     elif not replace_other:
-        _check_not_another_cache(Path(cache), data, config)
+        _check_not_another_cache(Path(cache), data, config, split_free)
     prepare_cache(data, cache, config.data, progress=progress, flag=flag)
     return Path(cache)
 
 
-def _check_not_another_cache(cache: Path, data: Path, config: Config) -> None:
+def _check_not_another_cache(cache: Path, data: Path, config: Config,
+                             split_free: bool = False) -> None:
     """Refuse a ``--cache`` folder that holds the cache of another data folder, or one
-    prepared with other data settings than ``config.data`` (:func:`resolve_cache`).
+    prepared with other data settings than ``config.data`` (:func:`resolve_cache`). With
+    ``split_free`` (``evaluate``), a cache that differs in its split alone is still refused
+    here (preparing it would rewrite its split), and the message says that ``--data CACHE``
+    evaluates on it as it is.
 
     A folder that is not a cache at all is left for :func:`~fuse4seg.data.slices.prepare_cache`
     to judge (it refuses one with other files in it).
@@ -154,9 +158,12 @@ def _check_not_another_cache(cache: Path, data: Path, config: Config) -> None:
     wanted = json.loads(json.dumps({n: getattr(config.data, n) for n in SETTINGS_FIELDS}))
     have = manifest["settings"]
     if have != wanted:
+        names = [n for n in sorted(set(have) | set(wanted)) if have.get(n) != wanted.get(n)]
         differ = ", ".join(
             f"data.{n} {json.dumps(have.get(n))} (needed: {json.dumps(wanted.get(n))})"
-            for n in sorted(set(have) | set(wanted)) if have.get(n) != wanted.get(n))
+            for n in names)
+        if split_free and set(names) <= {"split_seed", "split_fractions"}:
+            keep += f"; or `--data {cache}` evaluates on it as it is, with its own split"
         raise ValueError(f"--cache {cache}: holds a slice cache of --data {data} prepared "
                          f"with other data settings: {differ}; {keep}")
 
