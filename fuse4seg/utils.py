@@ -108,7 +108,7 @@ def check_env_switches() -> None:
     """:func:`env_setting` of every switch: the training engine calls this before it builds
     anything, so a bad value fails at once, even for a switch read only later or only once per
     process. A ``FUSE4SEG_*`` variable that is neither a switch nor one of
-    :data:`OTHER_VARIABLES` (``FUSE4SEG_ADAM=loop``, a misspelt switch, which would leave the
+    ``OTHER_VARIABLES`` (``FUSE4SEG_ADAM=loop``, a misspelt switch, which would leave the
     default in force) is warned about, once per process, with the closest switch."""
     import difflib
     import warnings

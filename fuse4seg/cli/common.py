@@ -148,7 +148,7 @@ def config_of(profile: str, pairs: list[str], verb: str,
       a :data:`~fuse4seg.config.FUSION_FALLBACKS` setting, the option, ``--set`` item or
       profile that gives the ``fusion`` setting it stands in for;
     - a name or value :func:`fuse4seg.config.get_config` refuses, led by the ``--set`` items
-      and options that gave the settings it names (:func:`_named`).
+      and options that gave the settings it names (``_named``).
     """
     from fuse4seg.config import ConfigError, get_config, set_items
 
