@@ -93,6 +93,11 @@ def book_seeds_of(config, seeds: Sequence[int] | None, overrides: Mapping[str, A
     ``overrides`` (which each run's own seed would replace) stands for ``seeds = [that
     seed]``, so that both chapters train the same runs and chapter 6 reuses chapter 4's.
 
+    Args:
+        config: the chapter's :class:`~fuse4seg.config.Config` (its profile and overrides).
+        seeds: the chapter's ``seeds`` parameter (``None``: the profile's).
+        overrides: the chapter's ``overrides`` parameter.
+
     Raises:
         ValueError: ``seeds`` and a ``train.seed`` override that disagree; as
             :func:`book_seeds`.
@@ -114,6 +119,10 @@ def chapter_device(device: str, config) -> str:
     ``book/build.py --set train.device=cpu`` passes it). Before, chapters 2, 3, 5 and 7 ran
     on ``device`` alone and recorded the override; chapter 4 trained on the override only
     when ``device`` was ``"auto"``.
+
+    Args:
+        device: the chapter's ``device`` parameter (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+        config: the chapter's :class:`~fuse4seg.config.Config` (its profile and overrides).
 
     Raises:
         ValueError: ``device`` and the override name two devices.
