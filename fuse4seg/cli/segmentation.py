@@ -55,9 +55,9 @@ def train_main(args: argparse.Namespace) -> int:
     """
     import torch.distributed as dist
 
-    from fuse4seg.config import parse_overrides, set_items
+    from fuse4seg.config import parse_overrides
     from fuse4seg.train.distributed import dist_info
-    from fuse4seg.train.methods import check_ablation, check_method_settings, get_ablation
+    from fuse4seg.train.methods import check_ablation, get_ablation
     from fuse4seg.train.trainer import train
     from fuse4seg.utils import check_output_folder
 
@@ -67,11 +67,10 @@ def train_main(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
     check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
     method = get_ablation(args.ablation).method if args.ablation else args.method or "fuse4seg"
-    check_method_settings([method], {name: item for name, (item, _) in set_items(
-        args.set).items()})
     result = train(
         config_of(args.profile, args.set, args._set_verb, {
-            "--seed": ("train.seed", args.seed), "--device": ("train.device", args.device)}),
+            "--seed": ("train.seed", args.seed), "--device": ("train.device", args.device)},
+            methods=[method]),
         method=method,
         data=args.data,
         out=args.out,
@@ -245,19 +244,16 @@ def study_main(args: argparse.Namespace) -> int:
     scored on every test case; the first method is compared with each other one by the mean
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
-    from fuse4seg.config import dotted_name, parse_overrides, set_items
+    from fuse4seg.config import dotted_name, parse_overrides
     from fuse4seg.study import run_study
-    from fuse4seg.train.methods import check_method_settings
     from fuse4seg.utils import atomic_write_json, check_output_file
 
     set_names = {dotted_name(name) for name in parse_overrides(args.set)}
-    check_method_settings(args.methods, {name: item for name, (item, _) in set_items(
-        args.set).items()})
     if "train.seed" in set_names:  # each run's seed comes from --seeds
         raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
                          "with --seeds (e.g. --seeds 0 1 2)")
     config = config_of(args.profile, args.set, args._set_verb,
-                       {"--device": ("train.device", args.device)})
+                       {"--device": ("train.device", args.device)}, methods=args.methods)
     if args.json is not None:
         check_output_file(args.json, "--json", given(args, "--data"))  # before any training
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,

@@ -43,6 +43,7 @@ from fuse4seg.utils import atomic_write_json, case_map, file_mode
 __all__ = [
     "CACHE_VERSION",
     "SliceDataset",
+    "cache_settings",
     "load_manifest",
     "make_split",
     "prepare_cache",
@@ -206,7 +207,9 @@ def make_split(case_ids: list[str], fractions, seed: int) -> dict[str, list[str]
     }
 
 
-def _settings(data_cfg: DataConfig) -> dict[str, Any]:
+def cache_settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """The data settings a cache's manifest records (``settings``), as JSON reads them back:
+    what :func:`prepare_cache` and :func:`fuse4seg.train.runs.resolve_cache` compare."""
     values = {name: getattr(data_cfg, name) for name in SETTINGS_FIELDS}
     return json.loads(json.dumps(values))
 
@@ -368,7 +371,7 @@ def _prepare(data_dir: Path, cache_dir: Path, cases: list, data_cfg: DataConfig,
              progress: bool, workers: int, skip_bad: bool) -> Path:
     """:func:`prepare_cache`'s work once the cases are found."""
     (cache_dir / "cases").mkdir(parents=True, exist_ok=True)
-    settings = _settings(data_cfg)
+    settings = cache_settings(data_cfg)
     old: dict[str, Any] = {}
     if (cache_dir / "manifest.json").exists():
         try:

@@ -95,7 +95,7 @@ def resolve_cache(
             ``data`` is a prepared cache (it would be ignored); a ``cache`` that holds the
             cache of another folder or other settings, unless ``replace_other``.
     """
-    from fuse4seg.data.slices import SETTINGS_FIELDS, load_manifest, prepare_cache
+    from fuse4seg.data.slices import cache_settings, load_manifest, prepare_cache
 
     data = Path(data)
     if not data.exists():
@@ -108,9 +108,7 @@ def resolve_cache(
                              "folder as --data")
         manifest = load_manifest(data)
         free = ("split_seed", "split_fractions") if split_free else ()
-        wanted = json.loads(json.dumps(
-            {name: getattr(config.data, name) for name in SETTINGS_FIELDS if name not in free}
-        ))
+        wanted = {k: v for k, v in cache_settings(config.data).items() if k not in free}
         have = {k: v for k, v in (manifest.get("settings") or {}).items() if k not in free}
         if have != wanted:
             raise ValueError(_settings_mismatch(data, have, wanted, config))
@@ -141,7 +139,7 @@ def _check_not_another_cache(cache: Path, data: Path, config: Config,
     A folder that is not a cache at all is left for :func:`~fuse4seg.data.slices.prepare_cache`
     to judge (it refuses one with other files in it).
     """
-    from fuse4seg.data.slices import SETTINGS_FIELDS
+    from fuse4seg.data.slices import cache_settings
 
     try:
         manifest = json.loads((cache / "manifest.json").read_text())
@@ -155,17 +153,23 @@ def _check_not_another_cache(cache: Path, data: Path, config: Config,
     if source is not None and Path(source) != data.resolve():
         raise ValueError(f"--cache {cache}: holds the slice cache of another data folder, "
                          f"{source}, not --data {data}; {keep}")
-    wanted = json.loads(json.dumps({n: getattr(config.data, n) for n in SETTINGS_FIELDS}))
-    have = manifest["settings"]
+    wanted, have = cache_settings(config.data), manifest["settings"]
     if have != wanted:
-        names = [n for n in sorted(set(have) | set(wanted)) if have.get(n) != wanted.get(n)]
-        differ = ", ".join(
-            f"data.{n} {json.dumps(have.get(n))} (needed: {json.dumps(wanted.get(n))})"
-            for n in names)
+        names, differ = _differences(have, wanted)
         if split_free and set(names) <= {"split_seed", "split_fractions"}:
             keep += f"; or `--data {cache}` evaluates on it as it is, with its own split"
         raise ValueError(f"--cache {cache}: holds a slice cache of --data {data} prepared "
                          f"with other data settings: {differ}; {keep}")
+
+
+def _differences(have: dict[str, Any], wanted: dict[str, Any]) -> tuple[list[str], str]:
+    """The data settings in which a cache's manifest (``have``) and a config (``wanted``)
+    differ, and the words that list them (``data.crop_size 64 (needed: 80)``)."""
+    names = [n for n in wanted if have.get(n) != wanted[n]]
+    names += [n for n in have if n not in wanted]
+    return names, ", ".join(
+        f"data.{n} {json.dumps(have.get(n))} (needed: {json.dumps(wanted.get(n))})"
+        for n in names)
 
 
 def _settings_mismatch(data: Path, have: dict[str, Any], wanted: dict[str, Any],
@@ -178,10 +182,7 @@ def _settings_mismatch(data: Path, have: dict[str, Any], wanted: dict[str, Any],
     def setting(name: str, value: Any) -> str:
         return f"data.{name}={json.dumps(value, separators=(',', ':'))}"
 
-    names = [n for n in wanted if have.get(n) != wanted[n]]
-    names += [n for n in have if n not in wanted]
-    differ = ", ".join(f"data.{n} {json.dumps(have.get(n))} (needed: {json.dumps(wanted.get(n))})"
-                       for n in names)
+    names, differ = _differences(have, wanted)
     name = config.profile
     try:
         base = get_config(name)
