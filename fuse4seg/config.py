@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,23 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A configuration value or name is invalid; the message says which and what is valid."""
+    """A configuration value or name is invalid; the message says which and what is valid.
+
+    Besides the message, the settings it concerns, for a caller that names where they came
+    from (``fuse4seg train --set ...``: :func:`fuse4seg.cli.common.config_of`):
+
+    - ``problems``: each value :func:`validate` refuses, as ``(settings, message)``, the
+      dotted settings the check reads (``(("train.warmup_epochs", "train.rollout_epochs"),
+      "... both 0: nothing to train")``); the error's message is their messages joined by
+      ``"; "``. Empty for other errors.
+    - ``unknown``: the name of an unknown setting, as given (``"sed"``); else ``None``.
+    """
+
+    def __init__(self, message: str, problems: Sequence[tuple[tuple[str, ...], str]] = (),
+                 unknown: str | None = None):
+        super().__init__(message)
+        self.problems = list(problems)
+        self.unknown = unknown
 
 
 @dataclass(frozen=True)
@@ -471,7 +487,8 @@ def _apply(config: Config, overrides: Mapping[str, Any]) -> Config:
             close = dict.fromkeys(names[c] for c in difflib.get_close_matches(key, list(names)))
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
             raise ConfigError(
-                f"unknown setting {key!r}{hint} Valid settings: {', '.join(valid_names())}"
+                f"unknown setting {key!r}{hint} Valid settings: {', '.join(valid_names())}",
+                unknown=key,
             )
         section, fname = names[key].split(".", 1)
         cls = _SECTIONS[section]
@@ -496,9 +513,14 @@ def _positive(value: float, floor_allowed: float | None = None) -> bool:
 
 
 def validate(config: Config) -> None:
-    """Raise :class:`ConfigError` on values that cannot work (checked once, at build time)."""
+    """Raise :class:`ConfigError` on values that cannot work (checked once, at build time).
+
+    Every refused value is said, in one message; the error's ``problems`` pair each part with
+    the settings its check reads: the setting that leads its message, or those a check names
+    after its message where it reads more than one.
+    """
     d, t, loss = config.data, config.train, config.loss
-    checks = [
+    checks: list[tuple] = [
         (d.downsample >= 1, "data.downsample must be >= 1"),
         (d.crop_size >= 16 and d.crop_size % 16 == 0,
          f"data.crop_size must be a positive multiple of 16, got {d.crop_size}"),
@@ -515,7 +537,8 @@ def validate(config: Config) -> None:
         (t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}"),
         (t.rollout_epochs >= 0, f"train.rollout_epochs must be >= 0, got {t.rollout_epochs}"),
         (t.warmup_epochs + t.rollout_epochs >= 1,
-         "train.warmup_epochs and train.rollout_epochs are both 0: nothing to train"),
+         "train.warmup_epochs and train.rollout_epochs are both 0: nothing to train",
+         ("train.warmup_epochs", "train.rollout_epochs")),
         (_positive(t.weight_decay, 0),
          f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}"),
         (t.val_max_slices is None or t.val_max_slices >= 1,
@@ -532,7 +555,8 @@ def validate(config: Config) -> None:
         (not t.warmup_anneal or t.lr_follower_rollout not in (None, t.lr_follower),
          "train.warmup_anneal anneals the warm-up into train.lr_follower_rollout, which is "
          f"{'null' if t.lr_follower_rollout is None else 'train.lr_follower'}: set another "
-         "rollout rate, or leave warmup_anneal off"),
+         "rollout rate, or leave warmup_anneal off",
+         ("train.warmup_anneal", "train.lr_follower_rollout", "train.lr_follower")),
         (_positive(t.grad_clip, 0),
          f"train.grad_clip must be a finite number >= 0 (0: no clipping), got {t.grad_clip}"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),
@@ -556,9 +580,10 @@ def validate(config: Config) -> None:
            f"loss.{name} must be a finite number >= 0, got {getattr(loss, name)}")
           for name in ("alpha_decomp", "beta_grad", "gamma_recon")),
     ]
-    bad = [msg for ok, msg in checks if not ok]
+    bad = [(names[0] if names else (msg.split()[0],), msg)  # the setting its message leads with
+           for ok, msg, *names in checks if not ok]
     if bad:
-        raise ConfigError("; ".join(bad))
+        raise ConfigError("; ".join(msg for _, msg in bad), problems=bad)
 
 
 def get_config(profile: str = "default", overrides: Mapping[str, Any] | None = None) -> Config:

@@ -468,7 +468,7 @@ def test_study_refuses_an_unwritable_json_and_a_split_without_test_cases(phantom
     for name in ("train.seed", "seed"):  # the bare name is the same setting
         assert main([*base, "--set", f"{name}=5"]) == 2
         err = capsys.readouterr().err
-        assert "--set train.seed: a study trains one run per seed" in err and "--seeds" in err
+        assert f"--set {name}=5: a study trains one run per seed" in err and "--seeds" in err
 
 
 def test_given_names_each_argument_once_for_its_label_and_its_value():

@@ -481,6 +481,47 @@ def test_config_bad_values():
             get_config("smoke", overrides)
 
 
+def test_every_refused_value_names_the_settings_its_check_reads():
+    """``ConfigError.problems`` pairs each part of validate's message with the settings its
+    check reads, which ``config_of`` leads with the ``--set`` items that gave them (it read
+    the names out of the message's text before). Every check made to fail at once: each part
+    names real settings, and the parts are the message."""
+    from dataclasses import replace
+
+    from fuse4seg.config import valid_names, validate
+
+    c = get_config("smoke")
+    broken = replace(
+        c,
+        data=replace(c.data, downsample=0, crop_size=17, min_brain_fraction=1.0,
+                     slice_stride=0, max_cases=0, intensity_percentiles=(50.0, 40.0),
+                     split_fractions=(0.5, 0.1, 0.1), split_seed=-1),
+        train=replace(c.train, seed=-1, warmup_epochs=-1, rollout_epochs=-1,
+                      weight_decay=-1.0, val_max_slices=0, inner_steps=0, batch_size=1,
+                      lr_leader=0.0, lr_follower=0.0, lr_follower_rollout=0.0,
+                      warmup_anneal=True, grad_clip=-1.0, ema_decay=1.0, follower_ema=1.0,
+                      steps_per_epoch=0, val_every=0),
+        fusion=replace(c.fusion, steps=0, crop=1, batch=0, lr=0.0, log_every=0),
+        loss=replace(c.loss, dice_class_weights=(1.0, -1.0), dice_smooth=0.0,
+                     alpha_decomp=-1.0, beta_grad=-1.0, gamma_recon=-1.0),
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(broken)
+    problems = info.value.problems
+    assert len(problems) == 36  # every check of validate (a new one: break it above too)
+    assert str(info.value) == "; ".join(message for _, message in problems)
+    valid = set(valid_names())
+    for names, message in problems:
+        assert names and set(names) <= valid, (names, message)
+        assert all(name in message for name in names), (names, message)
+    assert dict((m, n) for n, m in problems)[
+        "train.warmup_epochs and train.rollout_epochs are both 0: nothing to train"] == (
+        "train.warmup_epochs", "train.rollout_epochs")
+    with pytest.raises(ConfigError) as info:
+        get_config("smoke", {"inner_stepz": 3})
+    assert info.value.unknown == "inner_stepz" and info.value.problems == []
+
+
 def test_one_setting_gets_one_value_and_the_profile_is_no_override():
     """Two names of one setting (``seed``, ``train.seed``) with different values used to give
     whichever came last; ``profile`` as an override relabelled the config without changing a

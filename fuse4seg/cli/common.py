@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,16 +133,20 @@ def write_json(value, target: str) -> None:
 
 def config_of(profile: str, pairs: list[str], verb: str,
               options: dict[str, tuple[str, Any]] | None = None,
-              methods: list[str] | None = None):
+              methods: list[str] | None = None,
+              refuse: Callable[[dict[str, tuple[str, Any]]], None] | None = None):
     """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` and the verb's
     ``options`` applied. ``options`` maps each option that gives a setting to the dotted
     setting and the value given, ``None`` where the option was not given (``{"--seed":
-    ("train.seed", 7)}``).
+    ("train.seed", 7)}``). ``refuse``, the verb's own rule for its ``--set`` items, is called
+    with them once they are parsed (``{dotted name: (item as written, value)}``, as
+    :func:`fuse4seg.config.set_items` gives them) and raises to refuse one.
 
     Refused, before any work, each with the option or setting it names and why:
 
     - two ``--set`` items, or an option and a ``--set`` item, that give one setting different
       values (which one?);
+    - a ``--set`` item the verb's ``refuse`` refuses;
     - a ``--set`` of a setting the verb does not read with this config (:func:`verb_reads`),
       checked before the values are (so that mending a refused value does not meet this next):
       it would be recorded in the run's config and change nothing. The refusal names the
@@ -158,6 +163,8 @@ def config_of(profile: str, pairs: list[str], verb: str,
     items = set_items(pairs)
     if "profile" in items:
         raise ValueError("--set profile: give the profile with --profile")
+    if refuse is not None:
+        refuse(items)
     given_options = {setting: (f"{flag} {value}", value)
                      for flag, (setting, value) in (options or {}).items() if value is not None}
     for setting, (option, value) in given_options.items():
@@ -182,27 +189,26 @@ def config_of(profile: str, pairs: list[str], verb: str,
 
         check_method_settings(methods, {name: pair for name, (pair, _) in items.items()})
     if refused is not None:  # a value validate refuses: name the items that gave it
-        raise ConfigError(_named(str(refused), items, given_options)) from None
+        raise ConfigError(_named(refused, items, given_options)) from None
     return config
 
 
-def _named(message: str, items: dict[str, tuple[str, Any]],
+def _named(refused, items: dict[str, tuple[str, Any]],
            given_options: dict[str, tuple[str, Any]]) -> str:
-    """``message`` of :func:`fuse4seg.config.validate` (parts joined by ``"; "``), each part
-    led by the ``--set`` items and options that gave a setting it names (``--set
-    fusion.crop=1: fusion.crop must be >= 2 ...``)."""
-    import re
-
+    """The message of ``refused``, a :class:`fuse4seg.config.ConfigError`, with each value it
+    refuses led by the ``--set`` items and options that gave a setting its check reads (its
+    ``problems``: ``--set fusion.crop=1: fusion.crop must be >= 2 ...``), and an unknown
+    setting by the item that gave it."""
     sources = {name: f"--set {pair}" for name, (pair, _) in items.items()}
     sources.update({name: option for name, (option, _) in given_options.items()})
-    unknown = re.match(r"unknown setting '([^']*)'", message)
-    if unknown:  # its list of the valid names names every item: only the one it refuses
-        source = sources.get(unknown.group(1))
-        return f"{source}: {message}" if source else message
+    if refused.unknown is not None:  # its list of the valid names names every item
+        source = sources.get(refused.unknown)
+        return f"{source}: {refused}" if source else str(refused)
+    if not refused.problems:
+        return str(refused)
     parts = []
-    for part in message.split("; "):
-        named = [source for name, source in sources.items()
-                 if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", part)]
+    for names, part in refused.problems:
+        named = [sources[name] for name in sources if name in names]
         parts.append(f"{', '.join(named)}: {part}" if named else part)
     return "; ".join(parts)
 

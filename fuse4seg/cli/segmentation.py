@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from fuse4seg.cli.common import PROFILES, add_set, config_of, given, positive_int, seed_int
 
@@ -55,7 +56,6 @@ def train_main(args: argparse.Namespace) -> int:
     """
     import torch.distributed as dist
 
-    from fuse4seg.config import parse_overrides
     from fuse4seg.train.distributed import dist_info
     from fuse4seg.train.methods import check_ablation, get_ablation
     from fuse4seg.train.trainer import train
@@ -65,12 +65,15 @@ def train_main(args: argparse.Namespace) -> int:
         raise ValueError("--restart-if-code-changed decides what --resume does with a run of "
                          "other fuse4seg code: give it with --resume")
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
-    check_ablation(args.ablation, args.method, parse_overrides(args.set))  # before any work
     method = get_ablation(args.ablation).method if args.ablation else args.method or "fuse4seg"
+    config = config_of(
+        args.profile, args.set, args._set_verb,
+        {"--seed": ("train.seed", args.seed), "--device": ("train.device", args.device)},
+        methods=[method],
+        refuse=lambda items: check_ablation(args.ablation, args.method, items),
+    )
     result = train(
-        config_of(args.profile, args.set, args._set_verb, {
-            "--seed": ("train.seed", args.seed), "--device": ("train.device", args.device)},
-            methods=[method]),
+        config,
         method=method,
         data=args.data,
         out=args.out,
@@ -237,6 +240,14 @@ def study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write per-seed, per-case scores here")
 
 
+def _seeds_by_seeds(items: dict[str, tuple[str, Any]]) -> None:
+    """``study`` refuses a ``--set`` of ``train.seed``: each run's seed comes from ``--seeds``,
+    so the setting would change nothing."""
+    if "train.seed" in items:
+        raise ValueError(f"--set {items['train.seed'][0]}: a study trains one run per seed; "
+                         "give the seeds with --seeds (e.g. --seeds 0 1 2)")
+
+
 def study_main(args: argparse.Namespace) -> int:
     """Train methods over several seeds; per-case test Dice and paired 95 % intervals.
 
@@ -244,16 +255,12 @@ def study_main(args: argparse.Namespace) -> int:
     scored on every test case; the first method is compared with each other one by the mean
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
-    from fuse4seg.config import dotted_name, parse_overrides
     from fuse4seg.study import run_study
     from fuse4seg.utils import atomic_write_json, check_output_file
 
-    set_names = {dotted_name(name) for name in parse_overrides(args.set)}
-    if "train.seed" in set_names:  # each run's seed comes from --seeds
-        raise ValueError("--set train.seed: a study trains one run per seed; give the seeds "
-                         "with --seeds (e.g. --seeds 0 1 2)")
     config = config_of(args.profile, args.set, args._set_verb,
-                       {"--device": ("train.device", args.device)}, methods=args.methods)
+                       {"--device": ("train.device", args.device)}, methods=args.methods,
+                       refuse=_seeds_by_seeds)
     if args.json is not None:
         check_output_file(args.json, "--json", given(args, "--data"))  # before any training
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
