@@ -638,7 +638,10 @@ def test_metrics_cli_errors(png_triplet, tmp_path, capsys):
         )
         == 2
     )
-    assert "--metrics: unknown name(s) ['XX']" in capsys.readouterr().err
+    assert "--metrics: unknown metric(s) ['XX']; valid: EN, SD, MI" in capsys.readouterr().err
+    one = ["metrics", "--fused", f + "/p1.png", "--a", a + "/p1.png", "--b", b + "/p1.png"]
+    assert main([*one, "--metrics", " , "]) == 2
+    assert "--metrics ' , ': no metric named; give some of EN, SD" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- the fast paths

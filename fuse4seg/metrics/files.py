@@ -21,7 +21,13 @@ import io
 import math
 from pathlib import Path
 
-from fuse4seg.metrics.fusion import CONVENTIONS, EXTRA_METRICS, METRICS, FusionMeter
+from fuse4seg.metrics.fusion import (
+    CONVENTIONS,
+    EXTRA_METRICS,
+    METRICS,
+    FusionMeter,
+    check_metric_names,
+)
 
 __all__ = [
     "check_pair_files",
@@ -48,10 +54,13 @@ def parse_metric_names(text: str | None, conventions: list[str] | None = None
     if text is None:
         return None
     names = [t.strip() for t in text.split(",") if t.strip()]
-    valid = list(METRICS) + list(EXTRA_METRICS)
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise ValueError(f"--metrics: unknown name(s) {bad or text!r}; valid: {','.join(valid)}")
+    if not names:
+        raise ValueError(f"--metrics {text!r}: no metric named; give some of "
+                         f"{', '.join(METRICS + EXTRA_METRICS)}, separated by commas")
+    try:
+        check_metric_names(names)
+    except ValueError as exc:
+        raise ValueError(f"--metrics: {exc}") from None
     if ("SSIM_data_range_255" in names and conventions is not None
             and "cddfuse" not in conventions):
         raise ValueError(

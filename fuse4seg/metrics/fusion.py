@@ -80,6 +80,7 @@ __all__ = [
     "METRICS",
     "PAPER_METRICS",
     "FusionMeter",
+    "check_metric_names",
     "entropy",
     "fusion_metrics",
     "mutual_information",
@@ -106,6 +107,20 @@ METRICS: tuple[str, ...] = PAPER_METRICS + ("VIF", "SCD")
 EXTRA_METRICS = ("MSE", "SSIM_data_range_255")
 """The names :func:`fusion_metrics` takes beside :data:`METRICS`: ``MSE``, and
 ``SSIM_data_range_255``, which only the ``cddfuse`` convention defines (NaN in the others)."""
+
+
+def check_metric_names(names: Iterable[str]) -> list[str]:
+    """``names`` as a list, each one of :data:`METRICS` or :data:`EXTRA_METRICS`.
+
+    Raises:
+        ValueError: the unknown names, with the valid ones.
+    """
+    names = list(names)
+    valid = list(METRICS) + list(EXTRA_METRICS)
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; valid: {', '.join(valid)}")
+    return names
 
 
 def _check_convention(convention: str) -> str:
@@ -579,11 +594,7 @@ def fusion_metrics(
         if convention == "cddfuse":
             names.append("SSIM_data_range_255")
     else:
-        names = list(metrics)
-        valid = list(METRICS) + list(EXTRA_METRICS)
-        bad = [n for n in names if n not in valid]
-        if bad:
-            raise ValueError(f"unknown metric(s) {bad}; valid: {valid}")
+        names = check_metric_names(metrics)
     originals = [np.asarray(x) for x in (fused, a, b)]
     f, a, b = _check_triplet(*originals)
     cache: dict[str, Any] = {}  # what several metrics share: grey levels, SSIM statistics
