@@ -30,7 +30,10 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fuse4seg.config import Config
 
 __all__ = [
     "BOOK_SEEDS",
@@ -87,7 +90,7 @@ def book_seeds(profile: str, seeds: Sequence[int] | None = None) -> list[int]:
     return check_seeds(seeds)
 
 
-def book_seeds_of(config, seeds: Sequence[int] | None, overrides: Mapping[str, Any]
+def book_seeds_of(config: Config, seeds: Sequence[int] | None, overrides: Mapping[str, Any]
                   ) -> list[int]:
     """The seeds of chapters 4 and 6: :func:`book_seeds`, where a ``train.seed`` in
     ``overrides`` (which each run's own seed would replace) stands for ``seeds = [that
@@ -113,7 +116,7 @@ def book_seeds_of(config, seeds: Sequence[int] | None, overrides: Mapping[str, A
     return book_seeds(config.profile, [seed])
 
 
-def chapter_device(device: str, config) -> str:
+def chapter_device(device: str, config: Config) -> str:
     """The device a chapter runs on: its ``device`` parameter, or, where that is ``"auto"``,
     the config's ``train.device`` (a ``train.device`` in the chapter's ``overrides``, as
     ``book/build.py --set train.device=cpu`` passes it). Before, chapters 2, 3, 5 and 7 ran
