@@ -556,7 +556,8 @@ def validate(config: Config) -> None:
          "train.warmup_anneal anneals the warm-up into train.lr_follower_rollout, which is "
          f"{'null' if t.lr_follower_rollout is None else 'train.lr_follower'}: set another "
          "rollout rate, or leave warmup_anneal off",
-         ("train.warmup_anneal", "train.lr_follower_rollout", "train.lr_follower")),
+         ("train.warmup_anneal", "train.lr_follower_rollout")
+         + ("train.lr_follower",) * (t.lr_follower_rollout is not None)),  # when they're equal
         (_positive(t.grad_clip, 0),
          f"train.grad_clip must be a finite number >= 0 (0: no clipping), got {t.grad_clip}"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay (m) must be in [0, 1)"),

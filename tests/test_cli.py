@@ -155,7 +155,7 @@ def test_an_abbreviation_is_argparses_and_an_ambiguous_one_its_error(capsys):
     (["train", "--set", "seed=x"], "--set seed=x: train.seed: expected an integer, got 'x'"),
     # a Table 3 variant fixes all three loss switches, the ones it leaves on too
     (["train", "--ablation", "full", "--set", "use_recon=false"],
-     "--set loss.use_recon and --ablation full: a Table 3 variant fixes every loss switch "
+     "--set use_recon=false and --ablation full: a Table 3 variant fixes every loss switch "
      "itself (loss.use_decomp=true, loss.use_grad=true, loss.use_recon=true); drop them"),
     (["fusion", "evaluate", "average", "--pairs", "DATA", "--kind", "GFP-PC", "--device",
       "banana"], "device 'banana': not a device"),
@@ -545,6 +545,22 @@ def test_a_value_the_config_refuses_is_named_by_the_item_that_gave_it(tmp_path, 
     assert capsys.readouterr().err == (
         "fuse4seg: error: --set warmup_epochs=0, --set rollout_epochs=0: train.warmup_epochs "
         "and train.rollout_epochs are both 0: nothing to train\n")
+    # a check that reads three settings leads with every item that gave one of them, and
+    # with no item that gave a setting it did not read (lr_follower, where the rollout rate is
+    # null, as in smoke)
+    assert main(["train", "--data", str(tmp_path), "--profile", "smoke", "--set",
+                 "lr_follower=0.002", "--set", "warmup_anneal=true", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith(
+        "fuse4seg: error: --set warmup_anneal=true: train.warmup_anneal anneals the warm-up "
+        "into train.lr_follower_rollout, which is null")
+    assert main(["train", "--data", str(tmp_path), "--set", "lr_follower_rollout=0.002",
+                 "--set", "warmup_anneal=true", "--set", "seed=2", "--set",
+                 "lr_follower=0.002", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith(
+        "fuse4seg: error: --set lr_follower_rollout=0.002, --set warmup_anneal=true, --set "
+        "lr_follower=0.002: train.warmup_anneal anneals the warm-up into "
+        "train.lr_follower_rollout, which is train.lr_follower")
     assert main([*fusion, "--set", "warmup_anneal=true"]) == 2
     assert capsys.readouterr().err.startswith(
         "fuse4seg: error: --set warmup_anneal (train.warmup_anneal): `fuse4seg fusion train` "
@@ -557,6 +573,24 @@ def test_a_value_the_config_refuses_is_named_by_the_item_that_gave_it(tmp_path, 
     assert capsys.readouterr().err.startswith(
         "fuse4seg: error: --set data.crop_size=17: data.crop_size must be a positive multiple")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_config_error_without_problems_is_passed_on_as_it_is():
+    """``config_of``'s naming of items reads ``ConfigError.problems`` and ``.unknown``; an
+    error with neither keeps its message, and the error ``config_of`` raises keeps both."""
+    from fuse4seg.cli.common import _named, config_of
+    from fuse4seg.config import ConfigError
+
+    items = {"train.seed": ("seed=1", 1)}
+    assert _named(ConfigError("unknown profile 'fast'"), items, {}) == "unknown profile 'fast'"
+    with pytest.raises(ConfigError) as info:
+        config_of("smoke", ["crop_size=17", "seed=1"], "train")
+    assert str(info.value).startswith("--set crop_size=17: data.crop_size must be a positive")
+    assert info.value.problems == [(("data.crop_size",), "data.crop_size must be a positive "
+                                    "multiple of 16, got 17")]
+    with pytest.raises(ConfigError) as info:
+        config_of("smoke", ["sed=1"], "train")
+    assert info.value.unknown == "sed" and str(info.value).startswith("--set sed=1: unknown")
 
 
 def test_a_leader_setting_is_refused_where_no_method_has_a_leader(tmp_path, capsys):
@@ -750,7 +784,10 @@ def test_an_ablation_refuses_a_method_or_a_setting_it_would_override(tmp_path, c
     assert "--method average and --ablation A: the ablation trains fuse4seg" in (
         capsys.readouterr().err)
     assert main([*base, "--set", "loss.use_grad=true"]) == 2
-    assert "--set loss.use_grad and --ablation A" in capsys.readouterr().err
+    assert "--set loss.use_grad=true and --ablation A" in capsys.readouterr().err
+    assert main([*base, "--set", "use_recon=true", "--set", "use_decomp=false"]) == 2
+    assert ("--set use_decomp=false, --set use_recon=true and --ablation A: a Table 3 variant"
+            in capsys.readouterr().err)  # each item as written
     assert not (tmp_path / "o").exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -513,10 +514,18 @@ def test_every_refused_value_names_the_settings_its_check_reads():
     valid = set(valid_names())
     for names, message in problems:
         assert names and set(names) <= valid, (names, message)
-        assert all(name in message for name in names), (names, message)
+        for name in names:  # the whole name: train.lr_follower is not train.lr_follower_rollout
+            assert re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message), (name, message)
     assert dict((m, n) for n, m in problems)[
         "train.warmup_epochs and train.rollout_epochs are both 0: nothing to train"] == (
         "train.warmup_epochs", "train.rollout_epochs")
+    # where the rollout rate is null the anneal check reads train.lr_follower only to compare
+    # it with that rate, and the message does not name it
+    anneal = replace(c, train=replace(c.train, warmup_anneal=True, lr_follower_rollout=None))
+    with pytest.raises(ConfigError) as info:
+        validate(anneal)
+    assert [names for names, _ in info.value.problems] == [
+        ("train.warmup_anneal", "train.lr_follower_rollout")]
     with pytest.raises(ConfigError) as info:
         get_config("smoke", {"inner_stepz": 3})
     assert info.value.unknown == "inner_stepz" and info.value.problems == []

@@ -435,6 +435,19 @@ def test_vif_matches_2d_convolution(images):
 # ----------------------------------------------------------------- errors, meter, helpers
 
 
+def test_metric_names_are_checked_in_one_place():
+    """``fusion_metrics`` and ``--metrics`` share one check of names: the unknown ones are
+    named, with every valid one."""
+    from fuse4seg.metrics.fusion import EXTRA_METRICS, check_metric_names
+
+    assert check_metric_names(iter(["VIF", "MSE"])) == ["VIF", "MSE"]
+    assert check_metric_names([]) == []
+    with pytest.raises(ValueError) as info:
+        check_metric_names(["EN", "FOO", "ssim"])
+    assert str(info.value) == ("unknown metric(s) ['FOO', 'ssim']; valid: "
+                               + ", ".join(METRICS + EXTRA_METRICS))
+
+
 def test_bad_inputs_raise_clear_errors(images):
     f, a, b = images
     with pytest.raises(ValueError, match="convention"):

@@ -144,9 +144,9 @@ def config_of(profile: str, pairs: list[str], verb: str,
 
     Refused, before any work, each with the option or setting it names and why:
 
+    - a ``--set`` item the verb's ``refuse`` refuses;
     - two ``--set`` items, or an option and a ``--set`` item, that give one setting different
       values (which one?);
-    - a ``--set`` item the verb's ``refuse`` refuses;
     - a ``--set`` of a setting the verb does not read with this config (:func:`verb_reads`),
       checked before the values are (so that mending a refused value does not meet this next):
       it would be recorded in the run's config and change nothing. The refusal names the
@@ -155,8 +155,9 @@ def config_of(profile: str, pairs: list[str], verb: str,
       profile that gives the ``fusion`` setting it stands in for; and, where the verb
       trains ``methods``, a setting none of them reads
       (:func:`fuse4seg.train.methods.check_method_settings`: a leader's, where none has one);
-    - a name or value :func:`fuse4seg.config.get_config` refuses, led by the ``--set`` items
-      and options that gave the settings it names (``_named``).
+    - a name or value :func:`fuse4seg.config.get_config` refuses, each refused value led by
+      the ``--set`` items and options that gave the settings its check reads (``_named``);
+      the error keeps :class:`~fuse4seg.config.ConfigError`'s ``problems`` and ``unknown``.
     """
     from fuse4seg.config import ConfigError, get_config, set_items
 
@@ -189,7 +190,8 @@ def config_of(profile: str, pairs: list[str], verb: str,
 
         check_method_settings(methods, {name: pair for name, (pair, _) in items.items()})
     if refused is not None:  # a value validate refuses: name the items that gave it
-        raise ConfigError(_named(refused, items, given_options)) from None
+        raise ConfigError(_named(refused, items, given_options), refused.problems,
+                          refused.unknown) from None
     return config
 
 

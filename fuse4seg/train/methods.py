@@ -37,6 +37,7 @@ Explained in chapter 4 (``book/04_bilevel_training.md``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -234,15 +235,18 @@ def get_ablation(name: str) -> AblationSpec:
     return _lookup(ABLATIONS, name, "--ablation")
 
 
-def check_ablation(ablation: str | None, method: str | None, overrides: dict[str, Any]) -> None:
+def check_ablation(ablation: str | None, method: str | None,
+                   items: Mapping[str, tuple[str, Any]]) -> None:
     """Refuse an ``--ablation`` that other options contradict, before any work: a ``method``
-    other than the variant's, or an override of a loss switch. A variant is defined by all
-    three switches (:data:`ABLATION_SWITCHES`), the ones it turns off and the ones it leaves
-    on: a ``--set loss.use_grad=false`` with ``--ablation full`` would train variant A under
-    the label "full". ``None``: the option was not given (no ablation: nothing to check).
+    other than the variant's, or a ``--set`` of a loss switch (``items``: the ``--set`` items
+    by the dotted setting each gives, ``{"loss.use_grad": ("use_grad=false", False)}``, as
+    :func:`fuse4seg.config.set_items` gives them). A variant is defined by all three switches
+    (:data:`ABLATION_SWITCHES`), the ones it turns off and the ones it leaves on: a ``--set
+    loss.use_grad=false`` with ``--ablation full`` would train variant A under the label
+    "full". ``None``: the option was not given (no ablation: nothing to check).
 
     Raises:
-        ValueError: the conflict, naming both options.
+        ValueError: the conflict, naming both options (each ``--set`` item as written).
     """
     if ablation is None:
         return
@@ -250,11 +254,9 @@ def check_ablation(ablation: str | None, method: str | None, overrides: dict[str
     if method is not None and method != variant.method:
         raise ValueError(f"--method {method} and --ablation {ablation}: the ablation trains "
                          f"{variant.method}; give one of the two")
-    fixed = {key.rsplit(".", 1)[-1]: key for key in ABLATION_SWITCHES}
-    clash = sorted(fixed[name.rsplit(".", 1)[-1]] for name in overrides
-                   if name.rsplit(".", 1)[-1] in fixed)
+    clash = [f"--set {items[name][0]}" for name in sorted(items) if name in ABLATION_SWITCHES]
     if clash:
-        raise ValueError(f"--set {', '.join(clash)} and --ablation {ablation}: a Table 3 "
+        raise ValueError(f"{', '.join(clash)} and --ablation {ablation}: a Table 3 "
                          "variant fixes every loss switch itself (" + ", ".join(
                              f"{k}={str(v).lower()}" for k, v in _switches(variant).items())
                          + "); drop them or train without --ablation")
