@@ -56,7 +56,7 @@ class ConfigError(ValueError):
     Besides the message, the settings it concerns, for a caller that names where they came
     from (``fuse4seg train --set ...``: :func:`fuse4seg.cli.common.config_of`):
 
-    - ``problems``: each value :func:`validate` refuses, as ``(settings, message)``, the
+    - ``problems``: each value the checks of ``validate`` refuse, as ``(settings, message)``, the
       dotted settings the check reads (``(("train.warmup_epochs", "train.rollout_epochs"),
       "... both 0: nothing to train")``); the error's message is their messages joined by
       ``"; "``. Empty for other errors.
