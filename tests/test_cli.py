@@ -614,10 +614,10 @@ def test_a_leader_setting_is_refused_where_no_method_has_a_leader(tmp_path, caps
     assert leaderless == ["average", "max", "direct2ch", "monai_unet"]
     for setting in LEADER_SETTINGS:
         with pytest.raises(ValueError, match="is a setting of the fusion leader"):
-            check_method_settings(leaderless, {setting: f"{setting}=x"})
-        check_method_settings(["average", "fuse4seg"], {setting: f"{setting}=x"})
-        check_method_settings(["disjoint_ae"], {setting: f"{setting}=x"})
-    check_method_settings(leaderless, {"train.lr_follower": "lr_follower=1e-3"})
+            check_method_settings(leaderless, {setting: (f"{setting}=x", "x")})
+        check_method_settings(["average", "fuse4seg"], {setting: (f"{setting}=x", "x")})
+        check_method_settings(["disjoint_ae"], {setting: (f"{setting}=x", "x")})
+    check_method_settings(leaderless, {"train.lr_follower": ("lr_follower=1e-3", 1e-3)})
 
 
 def test_debug_shows_the_traceback_before_the_one_line_error(tmp_path, capsys):

@@ -133,14 +133,16 @@ def write_json(value, target: str) -> None:
 
 def config_of(profile: str, pairs: list[str], verb: str,
               options: dict[str, tuple[str, Any]] | None = None,
-              methods: list[str] | None = None,
               refuse: Callable[[dict[str, tuple[str, Any]]], None] | None = None):
     """The profile's config with the ``--set`` overrides ``pairs`` of ``verb`` and the verb's
     ``options`` applied. ``options`` maps each option that gives a setting to the dotted
     setting and the value given, ``None`` where the option was not given (``{"--seed":
-    ("train.seed", 7)}``). ``refuse``, the verb's own rule for its ``--set`` items, is called
+    ("train.seed", 7)}``). ``refuse``, the verb's own rules for its ``--set`` items, is called
     with them once they are parsed (``{dotted name: (item as written, value)}``, as
-    :func:`fuse4seg.config.set_items` gives them) and raises to refuse one.
+    :func:`fuse4seg.config.set_items` gives them) and raises to refuse one: ``train``'s and
+    ``study``'s refuse a setting none of their methods reads
+    (:func:`fuse4seg.train.methods.check_method_settings`), and their own option's setting
+    (``--ablation``'s loss switches, ``--seeds``' seed).
 
     Refused, before any work, each with the option or setting it names and why:
 
@@ -152,9 +154,7 @@ def config_of(profile: str, pairs: list[str], verb: str,
       it would be recorded in the run's config and change nothing. The refusal names the
       setting (a short name with the dotted one it stands for) and the verbs that read it; for
       a :data:`~fuse4seg.config.FUSION_FALLBACKS` setting, the option, ``--set`` item or
-      profile that gives the ``fusion`` setting it stands in for; and, where the verb
-      trains ``methods``, a setting none of them reads
-      (:func:`fuse4seg.train.methods.check_method_settings`: a leader's, where none has one);
+      profile that gives the ``fusion`` setting it stands in for;
     - a name or value :func:`fuse4seg.config.get_config` refuses, each refused value led by
       the ``--set`` items and options that gave the settings its check reads (``_named``);
       the error keeps :class:`~fuse4seg.config.ConfigError`'s ``problems`` and ``unknown``.
@@ -185,10 +185,6 @@ def config_of(profile: str, pairs: list[str], verb: str,
         except ConfigError:  # a fusion value refused too: the profile's stand in
             config = get_config(profile)
     _check_verb_reads(verb, items, given_options, config)
-    if methods is not None:
-        from fuse4seg.train.methods import check_method_settings
-
-        check_method_settings(methods, {name: pair for name, (pair, _) in items.items()})
     if refused is not None:  # a value validate refuses: name the items that gave it
         raise ConfigError(_named(refused, items, given_options), refused.problems,
                           refused.unknown) from None

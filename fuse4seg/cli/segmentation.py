@@ -57,7 +57,7 @@ def train_main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from fuse4seg.train.distributed import dist_info
-    from fuse4seg.train.methods import check_ablation, get_ablation
+    from fuse4seg.train.methods import check_ablation, check_method_settings, get_ablation
     from fuse4seg.train.trainer import train
     from fuse4seg.utils import check_output_folder
 
@@ -66,11 +66,15 @@ def train_main(args: argparse.Namespace) -> int:
                          "other fuse4seg code: give it with --resume")
     check_output_folder(args.out, "--out")  # before the data is prepared or a network built
     method = get_ablation(args.ablation).method if args.ablation else args.method or "fuse4seg"
+
+    def refuse(items: dict[str, tuple[str, Any]]) -> None:
+        check_ablation(args.ablation, args.method, items)
+        check_method_settings([method], items)
+
     config = config_of(
         args.profile, args.set, args._set_verb,
         {"--seed": ("train.seed", args.seed), "--device": ("train.device", args.device)},
-        methods=[method],
-        refuse=lambda items: check_ablation(args.ablation, args.method, items),
+        refuse=refuse,
     )
     result = train(
         config,
@@ -256,11 +260,15 @@ def study_main(args: argparse.Namespace) -> int:
     paired difference of per-case mean Dice, with a bootstrap interval over test cases and seeds.
     """
     from fuse4seg.study import run_study
+    from fuse4seg.train.methods import check_method_settings
     from fuse4seg.utils import atomic_write_json, check_output_file
 
+    def refuse(items: dict[str, tuple[str, Any]]) -> None:
+        _seeds_by_seeds(items)
+        check_method_settings(args.methods, items)
+
     config = config_of(args.profile, args.set, args._set_verb,
-                       {"--device": ("train.device", args.device)}, methods=args.methods,
-                       refuse=_seeds_by_seeds)
+                       {"--device": ("train.device", args.device)}, refuse=refuse)
     if args.json is not None:
         check_output_file(args.json, "--json", given(args, "--data"))  # before any training
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,

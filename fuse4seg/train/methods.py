@@ -181,21 +181,22 @@ EMA (Eq. 4), the warm-up input put in x_f's range, and the upper-level loss (Eq.
 with a fixed rule (``average``, ``max``, ``direct2ch``, ``monai_unet``) builds no leader."""
 
 
-def check_method_settings(methods: list[str], settings: dict[str, str]) -> None:
+def check_method_settings(methods: list[str], items: Mapping[str, tuple[str, Any]]) -> None:
     """Refuse a ``--set`` of a setting that none of ``methods`` reads (:data:`LEADER_SETTINGS`
     where no method has a leader): it would be recorded in the run's config, and hashed into
     its folder's name, and change nothing.
 
     Args:
         methods: the methods the command trains.
-        settings: ``{dotted name: the --set item as written}``.
+        items: the ``--set`` items by the dotted setting each gives, ``{dotted name: (item
+            as written, value)}``, as :func:`fuse4seg.config.set_items` gives them.
 
     Raises:
         ValueError: the item, and the methods that would read it.
     """
     if any(get_method(m).leader is not None for m in methods):
         return
-    for dotted, item in settings.items():
+    for dotted, (item, _) in items.items():
         if dotted in LEADER_SETTINGS:
             which = " and ".join([", ".join(methods[:-1]), methods[-1]] if len(methods) > 1
                                  else methods)

@@ -139,11 +139,12 @@ def _check_not_another_cache(cache: Path, data: Path, config: Config,
     A folder that is not a cache at all is left for :func:`~fuse4seg.data.slices.prepare_cache`
     to judge (it refuses one with other files in it).
     """
-    from fuse4seg.data.slices import cache_settings
+    from fuse4seg.data.layouts import DataError
+    from fuse4seg.data.slices import cache_settings, load_manifest
 
     try:
-        manifest = json.loads((cache / "manifest.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        manifest = load_manifest(cache)
+    except (DataError, OSError, UnicodeDecodeError):
         return
     if not isinstance(manifest, dict) or "settings" not in manifest:
         return

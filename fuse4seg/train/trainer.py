@@ -479,7 +479,7 @@ def train(
     last = run_dir / "checkpoints" / "last.pt"
     failure = None
     had_checkpoint = last.exists()
-    if resume and last.exists() and rank == 0:
+    if resume and had_checkpoint and rank == 0:
         try:
             runs.check_code(run_dir, restart_if_code_changed)
         except OSError as exc:  # raised after the barrier, so no rank waits for rank 0 forever
