@@ -513,3 +513,46 @@ def test_probe_follower_prints_its_tables(capsys):
     assert list(rows) == list(probe.VARIANTS)
     gaps = {v: float(r[-1]) for v, r in rows.items()}
     assert gaps["autograd"] == 0 and max(gaps.values()) < 1e-4
+
+
+def test_probe_cpu_levers_prints_its_tables(capsys):
+    """``probe_cpu_levers.py`` at a tiny size: one row per gated feed-forward, ConvNeXt block
+    and LayerNorm shape of the two networks (counts adding up to the modules of each kind),
+    positive times, an x_f that the dense gate changes only by rounding, and every patch
+    undone."""
+    from bench_scripts import load
+
+    from fuse4seg.models import fusion as fusion_mod
+    from fuse4seg.models.layers import LayerNorm2d
+    from fuse4seg.models.segmentation import ConvNeXtBlock
+
+    probe = load("probe_cpu_levers")
+    shipped = fusion_mod.GatedFeedForward.forward, torch.linalg.vector_norm
+    assert probe.main(["--size", "16", "--batch", "2", "--inner-steps", "1", "--rounds", "1",
+                       "--repeats", "1", "--threads", "1"]) == 0
+    assert (fusion_mod.GatedFeedForward.forward, torch.linalg.vector_norm) == shipped
+    out = capsys.readouterr().out
+    sections = out.split("\n## ")
+    assert len(sections) == 4, out
+
+    def rows(text: str) -> list[list[str]]:
+        return [r.strip(" |").split(" | ") for r in text.splitlines()
+                if r.startswith("| ") and r[2].isdigit()]
+
+    engine = probe.build_engine("default", 16, 2, 1)  # the networks it measured
+    leader, follower = engine.leader.net, engine.follower.net
+
+    def count(net, kind):
+        return sum(isinstance(m, kind) for m in net.modules())
+
+    gate, outer = rows(sections[1]), [r for r in rows(sections[1]) if "B 2" in r[0]]
+    gate = [r for r in gate if r not in outer]
+    assert sum(int(r[1]) for r in gate) == count(leader, fusion_mod.GatedFeedForward)
+    assert len(outer) == 1 and float(outer[0][-1]) < 1e-5  # x_f: rounding only
+    norms = rows(sections[2])
+    blocks = count(follower, ConvNeXtBlock)
+    assert sum(int(r[1]) for r in norms) == blocks * 2  # the norm table, then the block table
+    norm_rows = rows(sections[3])
+    assert sum(int(r[1]) for r in norm_rows) == (count(follower, torch.nn.LayerNorm)
+                                                 + count(leader, LayerNorm2d))
+    assert all(float(c) > 0 for r in gate + norms + norm_rows for c in r[2:4])
