@@ -1,11 +1,11 @@
 """Does a speed change alter training? Whole runs with and without it, over seeds (issue 9, part 1).
 
-    python benchmarks/equiv_train.py --data _data/phantom [--change grn|adamw|layout|convnext]
-        [--profile default] [--method fuse4seg] [--seeds 0 1 2] [--workdir DIR] [--threads N]
-        [--set NAME=VALUE ...]
+    python benchmarks/equiv_train.py --data _data/phantom
+        [--change grn|adamw|layout|convnext|gate|norm] [--profile default] [--method fuse4seg]
+        [--seeds 0 1 2] [--workdir DIR] [--threads N] [--set NAME=VALUE ...]
 
 Issue 9 asks that a change made for speed keep training "numerically equivalent: the same loss
-curve within noise over 3 seeds". Four adopted changes compute differently from the code before
+curve within noise over 3 seeds". Six adopted changes compute differently from the code before
 them: GRN's hand-written backward (``--change grn``; ``fuse4seg.models.segmentation.
 _GRNFunction``, commit 25bd028: the same values as the formula to float rounding, but summed in
 another order), the fused AdamW on a CPU (``--change adamw``;
@@ -14,7 +14,10 @@ some weights), the leader's channels-last weights on a CPU (``--change layout``;
 :func:`fuse4seg.models.place_leader`: the same convolutions through oneDNN's channels-last
 kernels, which sum in another order), and the follower's ConvNeXt blocks on a CPU
 (``--change convnext``; ``ConvNeXtBlock``: GRN folded into pw2 and the depthwise gradients as
-forward convolutions, the same maths in another order). (The allocator setting,
+forward convolutions, the same maths in another order), the leader's gate copied dense before
+GELU on a CPU (``--change gate``; ``GatedFeedForward``: GELU's vectorised kernel rounds
+differently) and GRN's norm in the folded MLP as a sum of squares (``--change norm``;
+``segmentation._pixel_norm`` in place of ``torch.linalg.vector_norm``). (The allocator setting,
 :func:`fuse4seg.train.engine.tune_malloc`, computes nothing: ``bench_malloc.py --train``
 shows the same logged losses with and without it.)
 
@@ -23,7 +26,8 @@ process, on the same data: ``shipped`` (what the package runs) and the code befo
 ``formula`` (GRN as :func:`~fuse4seg.models.segmentation.grn_formula`, differentiated by
 autograd), ``loop`` (torch's default AdamW, ``FUSE4SEG_ADAMW=loop``), ``nchw`` (the leader's
 weights in NCHW, ``FUSE4SEG_LEADER_LAYOUT=nchw``) or ``autograd`` (the blocks as written,
-``FUSE4SEG_CONVNEXT=autograd``). CPU runs are bit-for-bit repeatable for a seed, so the only
+``FUSE4SEG_CONVNEXT=autograd``), ``strided`` (``FUSE4SEG_GATE=strided``) or ``vector_norm``
+(``FUSE4SEG_GRN_NORM=vector_norm``). CPU runs are bit-for-bit repeatable for a seed, so the only
 difference between the two runs of a seed is the change's rounding, which training then
 amplifies.
 Printed, per seed: the gap between its two runs, as the root mean square over the epochs of
@@ -83,6 +87,18 @@ def convnext(variant: str):
     return _env_switch("FUSE4SEG_CONVNEXT", "autograd", variant)
 
 
+def gate(variant: str):
+    """The leader's gate copied dense before GELU on a CPU as shipped, or GELU on the strided
+    half (``FUSE4SEG_GATE=strided``, which ``GatedFeedForward`` reads at each call)."""
+    return _env_switch("FUSE4SEG_GATE", "strided", variant)
+
+
+def norm(variant: str):
+    """GRN's ‖a‖ in the folded MLP as a sum of squares as shipped, or as
+    ``torch.linalg.vector_norm`` (``FUSE4SEG_GRN_NORM=vector_norm``, read at each call)."""
+    return _env_switch("FUSE4SEG_GRN_NORM", "vector_norm", variant)
+
+
 @contextlib.contextmanager
 def grn(variant: str):
     """GRN as shipped, or as the formula differentiated by autograd (``formula``). Both with
@@ -111,6 +127,8 @@ CHANGES = {
     "adamw": (adamw, ("shipped", "loop")),
     "layout": (layout, ("shipped", "nchw")),
     "convnext": (convnext, ("shipped", "autograd")),
+    "gate": (gate, ("shipped", "strided")),
+    "norm": (norm, ("shipped", "vector_norm")),
 }
 """Per change: the switch, and its two variants (what ships, then the code before it)."""
 
@@ -134,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--method", default="fuse4seg")
     parser.add_argument("--change", choices=sorted(CHANGES), default="grn",
-                        help="grn: GRN's backward against the formula; adamw: the fused AdamW "
-                             "against torch's default loop")
+                        help="the change to compare with the code before it (grn, adamw, "
+                             "layout, convnext, gate, norm: see above)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE overrides")
     parser.add_argument("--workdir", type=Path, default=None,

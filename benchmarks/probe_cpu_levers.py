@@ -1,37 +1,46 @@
-"""Three CPU levers for the outer step that were tried and not adopted (issue 9, part 1), measured.
+"""Three CPU levers for the outer step (issue 9, part 1): two adopted, one not, each measured.
 
     python benchmarks/probe_cpu_levers.py [--profile default] [--size 80] [--batch 8]
         [--inner-steps 3] [--rounds 6] [--repeats 5] [--threads 2]
 
 The outer step's trace (``bench_train_step.py --trace``) shows GELU, ``linalg_vector_norm`` and
-layer norm among its larger items. Each lever is timed against the shipped code in one process,
+layer norm among its larger items. Each lever is timed against the other form in one process,
 the two forms in turns (``bench_layout.timed_in_turns``: the order reversed every round,
-medians), because the machine's speed drifts between processes by more than these effects:
+medians), because the machine's speed drifts between processes by more than these effects.
+Ratios are before / shipped for the adopted levers and shipped / lever for the third; above 1,
+the second form is faster:
 
-1. **The leader's gated feed-forward on a dense gate.** On a CPU the leader's maps are
-   channels-last (``models.place_leader``), so ``GatedFeedForward``'s ``chunk(2, dim=1)``
-   gives two strided halves. Per shape met in the leader (recorded by hooks): GELU(gate) ·
-   value, forward and backward, on the strided halves as shipped against the gate copied dense
-   first; then the whole outer step with ``GatedFeedForward.forward`` patched to copy, against
-   the shipped one, and the largest difference of the leader's x_f between the two forms.
-2. **‖a‖ in ``_FoldedMLP`` as the root of a sum of squares.** Per ConvNeXt block shape of the
+1. **The leader's gated feed-forward on a dense gate** (adopted 2026-12-06;
+   ``FUSE4SEG_GATE=strided`` is the code before). On a CPU the leader's maps are channels-last
+   (``models.place_leader``), so ``GatedFeedForward``'s ``chunk(2, dim=1)`` gives two strided
+   halves. Per shape met in the leader (recorded by hooks): GELU(gate) · value, forward and
+   backward, on the strided halves against the gate copied dense first; then the whole outer
+   step with the switch set and unset, and the largest difference of the leader's x_f between
+   the two.
+2. **GRN's ‖a‖ in ``_FoldedMLP`` as the root of a sum of squares** (adopted 2026-12-06;
+   ``FUSE4SEG_GRN_NORM=vector_norm`` is the code before). Per ConvNeXt block shape of the
    follower, ``a (B, H·W, 4C)``: ``torch.linalg.vector_norm(a, dim=1)`` against
-   ``a.square().sum(1).sqrt()``; then the block's forward and backward with the folded MLP's
-   norm so replaced (``torch.linalg.vector_norm`` patched for the call; the block's backward
-   is hand-written and does not call it).
-3. **A LayerNorm over the channels as matrix products** (mean and variance as products with a
-   ``(C, 1)`` vector of ``1/C``), forward only and without grad, against ``F.layer_norm``, per
-   LayerNorm input shape of both networks.
+   ``segmentation._pixel_norm``; then the block's forward and backward with the switch set and
+   unset.
+3. **A LayerNorm over the channels as matrix products** (not adopted; mean and variance as
+   products with a ``(C, 1)`` vector of ``1/C``), forward only and without grad, against
+   ``F.layer_norm``, per LayerNorm input shape of both networks.
 
-A measurement only: every patch is undone when its call returns.
+Last, the two adopted levers together: the warm-up step and the outer step with both switches
+set (the code before) against neither (shipped).
+
+A measurement only: every switch is restored when its call returns.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_layout import timed_in_turns  # noqa: E402
-from bench_train_step import outer_step  # noqa: E402
+from bench_train_step import outer_step, warmup_step  # noqa: E402
 from step_anatomy import build_engine, random_batch  # noqa: E402
 
 from fuse4seg.models import fusion as fusion_mod  # noqa: E402
@@ -48,32 +57,23 @@ from fuse4seg.models import segmentation as seg_mod  # noqa: E402
 from fuse4seg.models.layers import LayerNorm2d  # noqa: E402
 
 CL = torch.channels_last
+BEFORE = {"gate": {"FUSE4SEG_GATE": "strided"}, "norm": {"FUSE4SEG_GRN_NORM": "vector_norm"}}
+"""Each adopted lever's switch back to the code before it."""
 
 
-def _dense_gate_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``GatedFeedForward.forward`` with the gate copied dense (in x's layout) before GELU."""
-    gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-    layout = CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else None
-    gate = gate.contiguous(memory_format=layout) if layout else gate.contiguous()
-    return self.project_out(F.gelu(gate) * value)
+@contextlib.contextmanager
+def before(*levers: str):
+    """The code before the named levers (their switches set) inside the ``with`` block."""
+    switches = {k: v for lever in levers for k, v in BEFORE[lever].items()}
+    with mock.patch.dict(os.environ, switches):
+        yield
 
 
-class _Patched:
-    """``owner.name = value`` inside the ``with`` block."""
-
-    def __init__(self, owner, name: str, value):
-        self.owner, self.name, self.value = owner, name, value
-
-    def __enter__(self):
-        self.saved = getattr(self.owner, self.name)
-        setattr(self.owner, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.owner, self.name, self.saved)
-
-
-def _sum_of_squares_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None):
-    return x.square().sum(dim, keepdim=keepdim).sqrt()
+def in_code_before(fn: Callable[[], object], *levers: str) -> Callable[[], None]:
+    def call():
+        with before(*levers):
+            fn()
+    return call
 
 
 def _shapes(net: nn.Module, kind: type, run: Callable[[], object], output: bool = False
@@ -118,13 +118,13 @@ def gate_calls(shape, cl: bool, gen) -> dict[str, Callable[[], None]]:
         gate = gate.contiguous(memory_format=CL) if cl else gate.contiguous()
         (F.gelu(gate) * value).backward(g_out)
 
-    return {"strided (shipped)": strided, "dense gate": dense}
+    return {"strided (before)": strided, "dense gate (shipped)": dense}
 
 
 def norm_calls(shape, gen) -> dict[str, Callable[[], None]]:
     a = torch.randn(shape, generator=gen).abs()
-    return {"vector_norm (shipped)": lambda: torch.linalg.vector_norm(a, dim=1, keepdim=True),
-            "sum of squares": lambda: a.square().sum(1, keepdim=True).sqrt()}
+    return {"vector_norm (before)": lambda: torch.linalg.vector_norm(a, dim=1, keepdim=True),
+            "sum of squares (shipped)": lambda: seg_mod._pixel_norm(a)}
 
 
 def block_calls(block: nn.Module, shape, cl: bool, gen) -> dict[str, Callable[[], None]]:
@@ -134,11 +134,7 @@ def block_calls(block: nn.Module, shape, cl: bool, gen) -> dict[str, Callable[[]
     def shipped():
         block(x).backward(g)
 
-    def squares():
-        with _Patched(torch.linalg, "vector_norm", _sum_of_squares_norm):
-            block(x).backward(g)
-
-    return {"vector_norm (shipped)": shipped, "sum of squares": squares}
+    return {"vector_norm (before)": in_code_before(shipped, "norm"), "shipped": shipped}
 
 
 def layer_norm_calls(shape, gen) -> dict[str, Callable[[], None]]:
@@ -181,15 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     leader, follower = engine.leader.net, engine.follower.net
     print(f"# probe_cpu_levers: {args.profile}, {args.size}x{args.size}, batch {args.batch}, "
           f"K {args.inner_steps}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{args.rounds} rounds x {args.repeats} calls, medians; ratio: shipped / lever "
-          "(> 1: the lever is faster)\n")
+          f"{args.rounds} rounds x {args.repeats} calls, medians; ratio: first form / second "
+          "(> 1: the second is faster)\n")
     half = args.batch // 2
     x1, x2, seg = random_batch(args.batch, args.size, 0)
     gen = torch.Generator().manual_seed(0)
 
     print("## 1. The leader's gated feed-forward: GELU(gate) · value, forward + backward\n")
-    print("| dwconv output | n | strided, shipped (ms) | dense gate (ms) | ratio |")
+    print("| dwconv output | n | strided, before (ms) | dense gate, shipped (ms) | ratio |")
     print("|---|---:|---:|---:|---:|")
+
     def leader_prior():
         engine.prior(x1[:half], x2[:half], "rollout", ema=False)
 
@@ -206,24 +203,24 @@ def main(argv: list[str] | None = None) -> int:
     engine._set_follower_rate("rollout")
     with torch.no_grad():
         shipped_xf = engine.prior(*tr[:2], "rollout", ema=False)
-        with _Patched(fusion_mod.GatedFeedForward, "forward", _dense_gate_forward):
-            dense_xf = engine.prior(*tr[:2], "rollout", ema=False)
-    diff = float((shipped_xf - dense_xf).abs().max())
+        with before("gate"):
+            strided_xf = engine.prior(*tr[:2], "rollout", ema=False)
+    diff = float((shipped_xf - strided_xf).abs().max())
 
-    def dense_outer():
-        with _Patched(fusion_mod.GatedFeedForward, "forward", _dense_gate_forward):
-            outer_step(engine, tr, val, args.inner_steps)
+    def outer():
+        outer_step(engine, tr, val, args.inner_steps)
 
-    t = timed_in_turns({"shipped": lambda: outer_step(engine, tr, val, args.inner_steps),
-                        "dense gate": dense_outer}, args.rounds, args.repeats)
-    print("\n| outer step | shipped (ms) | dense gate (ms) | ratio | largest x_f difference |")
+    t = timed_in_turns({"before": in_code_before(outer, "gate"), "shipped": outer},
+                       args.rounds, args.repeats)
+    print("\n| outer step | strided, before (ms) | dense gate, shipped (ms) | ratio | largest x_f "
+          "difference |")
     print("|---|---:|---:|---:|---:|")
     print(f"| {args.size}×{args.size}, B {args.batch}, K {args.inner_steps} | "
-          f"{1e3 * t['shipped']:.1f} | {1e3 * t['dense gate']:.1f} | "
-          f"{t['shipped'] / t['dense gate']:.3f} | {diff:.1e} |", flush=True)
+          f"{1e3 * t['before']:.1f} | {1e3 * t['shipped']:.1f} | "
+          f"{t['before'] / t['shipped']:.3f} | {diff:.1e} |", flush=True)
 
     print("\n## 2. ‖a‖ in the follower's folded MLP\n")
-    print("| a | n | vector_norm, shipped (ms) | sum of squares (ms) | ratio |")
+    print("| a | n | vector_norm, before (ms) | sum of squares, shipped (ms) | ratio |")
     print("|---|---:|---:|---:|---:|")
     blocks = {tuple(shape): (cl, n) for shape, cl, n in
               _shapes(follower, seg_mod.ConvNeXtBlock, lambda: follower(x1))}
@@ -236,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = (b, h * w, expansion * c)
         t = timed_in_turns(norm_calls(shape, gen), args.rounds, args.repeats)
         print(_row("×".join(map(str, shape)), n, t), flush=True)
-    print("\n| ConvNeXt block input | n | block fwd + bwd, shipped (ms) | with sum of squares "
+    print("\n| ConvNeXt block input | n | block fwd + bwd, vector_norm, before (ms) | shipped "
           "(ms) | ratio |")
     print("|---|---:|---:|---:|---:|")
     for shape, (cl, n) in blocks.items():
@@ -255,6 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     for shape, _cl, n in norms:
         t = timed_in_turns(layer_norm_calls(shape, gen), args.rounds, args.repeats)
         print(_row("×".join(map(str, shape)), n, t), flush=True)
+
+    print("\n## 4. The two adopted levers together: whole steps\n")
+    print("| step | both switched off, before (ms) | shipped (ms) | ratio |")
+    print("|---|---:|---:|---:|")
+    rows = (("warm-up", "warmup", lambda: warmup_step(engine, (x1, x2, seg)), ""),
+            ("outer", "rollout", outer, f", K {args.inner_steps}"))
+    for name, stage, fn, k in rows:
+        engine._set_follower_rate(stage)  # the step's own follower rate (as in training)
+        t = timed_in_turns({"before": in_code_before(fn, "gate", "norm"), "shipped": fn},
+                           args.rounds, args.repeats)
+        print(f"| {name}, {args.size}×{args.size}, B {args.batch}{k} | "
+              f"{1e3 * t['before']:.1f} | {1e3 * t['shipped']:.1f} | "
+              f"{t['before'] / t['shipped']:.3f} |", flush=True)
     return 0
 
 

@@ -368,7 +368,8 @@ def test_a_verb_gets_only_its_own_options():
 
 MISSPELT_SWITCHES = {"FUSE4SEG_ADAMW": "lop", "FUSE4SEG_LEADER_LAYOUT": "nhwc",
                      "FUSE4SEG_MALLOC": "jemalloc", "FUSE4SEG_EAGER": "yes",
-                     "FUSE4SEG_CONVNEXT": "autgrad"}
+                     "FUSE4SEG_CONVNEXT": "autgrad", "FUSE4SEG_GATE": "dense",
+                     "FUSE4SEG_GRN_NORM": "vectornorm"}
 
 
 def test_every_environment_switch_has_a_misspelt_value_to_refuse():
@@ -406,7 +407,8 @@ def test_env_setting_reads_a_switch_case_blind_and_refuses_an_unknown_one(monkey
     with pytest.raises(ValueError, match="FUSE4SEG_ADAMW='fused': expected one of loop"):
         env_setting("FUSE4SEG_ADAMW")
     assert set(ENV_SWITCHES) == {"FUSE4SEG_EAGER", "FUSE4SEG_MALLOC", "FUSE4SEG_ADAMW",
-                                 "FUSE4SEG_LEADER_LAYOUT", "FUSE4SEG_CONVNEXT"}
+                                 "FUSE4SEG_LEADER_LAYOUT", "FUSE4SEG_CONVNEXT", "FUSE4SEG_GATE",
+                                 "FUSE4SEG_GRN_NORM"}
 
 
 def test_a_misspelt_switch_name_is_warned_about_once(monkeypatch):
@@ -425,7 +427,8 @@ def test_a_misspelt_switch_name_is_warned_about_once(monkeypatch):
     assert [str(w.message) for w in seen] == [
         "environment variable FUSE4SEG_ADAM: no fuse4seg switch has this name, so it changes "
         "nothing (did you mean FUSE4SEG_ADAMW? the switches: FUSE4SEG_EAGER, FUSE4SEG_MALLOC, "
-        "FUSE4SEG_ADAMW, FUSE4SEG_LEADER_LAYOUT, FUSE4SEG_CONVNEXT)"]
+        "FUSE4SEG_ADAMW, FUSE4SEG_LEADER_LAYOUT, FUSE4SEG_CONVNEXT, FUSE4SEG_GATE, "
+        "FUSE4SEG_GRN_NORM)"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         utils.check_env_switches()  # said once

@@ -72,7 +72,7 @@ def test_the_nchw_variant_keeps_the_leader_in_nchw_and_is_undone(monkeypatch):
     assert channels_last() and "FUSE4SEG_LEADER_LAYOUT" not in os.environ
     with equiv.layout("shipped"):
         assert channels_last()
-    assert set(equiv.CHANGES) == {"grn", "adamw", "layout", "convnext"}
+    assert set(equiv.CHANGES) == {"grn", "adamw", "layout", "convnext", "gate", "norm"}
 
 
 def test_the_autograd_variant_runs_the_blocks_as_written_and_is_undone(monkeypatch):
@@ -105,6 +105,38 @@ def test_the_autograd_variant_runs_the_blocks_as_written_and_is_undone(monkeypat
             assert "FoldedMLP" not in graph()
     with equiv.convnext("shipped"):
         assert "FoldedMLP" in graph()
+
+
+def test_the_strided_and_vector_norm_variants_restore_the_code_before(monkeypatch):
+    """``--change gate``: ``strided`` stops the leader's gate copy; ``--change norm``:
+    ``vector_norm`` makes the folded MLP call ``torch.linalg.vector_norm``; each switch is
+    removed on exit, and ``shipped`` runs the package as it is."""
+    from fuse4seg.models import fusion
+    from fuse4seg.models.segmentation import ConvNeXtBlock
+
+    equiv = load("equiv_train")
+    for name in ("FUSE4SEG_GATE", "FUSE4SEG_GRN_NORM"):
+        monkeypatch.delenv(name, raising=False)
+    half = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)[:, :4]
+    with equiv.gate("strided"):
+        assert not fusion._copy_gate(half)
+    assert fusion._copy_gate(half) and "FUSE4SEG_GATE" not in os.environ
+    with equiv.gate("shipped"):
+        assert fusion._copy_gate(half)
+
+    calls = []
+    real = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    block = ConvNeXtBlock(8)
+    x = torch.randn(1, 8, 4, 4)
+    with equiv.norm("vector_norm"):
+        block(x)
+    assert calls == [1] and "FUSE4SEG_GRN_NORM" not in os.environ
+    with equiv.norm("shipped"):
+        block(x)
+    block(x)
+    assert calls == [1]
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

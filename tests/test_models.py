@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -454,6 +455,74 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
         block(y)
 
 
+def test_the_dense_gate_gives_the_strided_gate_s_values(monkeypatch):
+    """``GatedFeedForward`` copies its gate dense on a CPU when the map is channels-last (the
+    leader's layout there), and nowhere else: not on an NCHW map (its halves are dense), not
+    under ``FUSE4SEG_GATE=strided``. Both forms give the same output and gradients (float64,
+    1e-12), and a misspelt switch stops the call."""
+    from fuse4seg.models import fusion
+
+    torch.manual_seed(0)
+    ffn = fusion.GatedFeedForward(6).double().to(memory_format=torch.channels_last)
+    x = torch.randn(3, 6, 10, 12, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    copied = []
+    real = fusion._copy_gate
+    monkeypatch.setattr(fusion, "_copy_gate", lambda g: copied.append(real(g)) or copied[-1])
+
+    def run():
+        out = ffn(x)
+        return out, torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
+
+    dense_out, dense_grads = run()
+    monkeypatch.setenv("FUSE4SEG_GATE", "strided")
+    strided_out, strided_grads = run()
+    assert copied == [True, False]
+    torch.testing.assert_close(dense_out, strided_out, rtol=1e-12, atol=1e-12)
+    for d, s in zip(dense_grads, strided_grads, strict=True):
+        torch.testing.assert_close(d, s, rtol=1e-12, atol=1e-12)
+    monkeypatch.delenv("FUSE4SEG_GATE")
+    ffn.to(memory_format=torch.contiguous_format)(x.detach().contiguous())
+    # NCHW (weights and input): chunk's halves are dense already
+    assert copied == [True, False, False]
+    monkeypatch.setenv("FUSE4SEG_GATE", "dense")
+    with pytest.raises(ValueError, match="FUSE4SEG_GATE='dense'"):
+        ffn(x)
+
+
+def test_the_folded_mlp_norm_gives_vector_norm_s_values(monkeypatch):
+    """GRN's ‖a‖ as the root of a sum of squares (``_pixel_norm``, shipped) and as
+    ``torch.linalg.vector_norm`` (``FUSE4SEG_GRN_NORM=vector_norm``, the folded MLP's code
+    before 2026-12-06) give a ConvNeXt block the same output and gradients (float64, 1e-10),
+    an all-zero channel included (its gradient 0, as ``vector_norm``'s); the helper works in
+    float32 at least."""
+    from fuse4seg.models import segmentation as seg
+
+    torch.manual_seed(1)
+    block = seg.ConvNeXtBlock(8).double()
+    with torch.no_grad():
+        block.grn.gamma.normal_()
+        block.grn.beta.normal_()
+        block.pw1.weight[3] = 0  # pre-activation 0 → GELU 0: one all-zero channel of a
+        block.pw1.bias[3] = 0
+    x = torch.randn(4, 8, 9, 9, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        out = block(x)
+        return out, torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+
+    out, grads = run()
+    monkeypatch.setenv("FUSE4SEG_GRN_NORM", "vector_norm")
+    ref_out, ref_grads = run()
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    a = torch.randn(2, 50, 7, dtype=torch.bfloat16)
+    g = seg._pixel_norm(a)
+    assert g.dtype == torch.float32 and g.shape == (2, 1, 7)
+    torch.testing.assert_close(g, torch.linalg.vector_norm(a.float(), dim=1, keepdim=True))
+
+
 def test_depthwise_weight_grad_equals_autograd_in_both_layouts():
     """``depthwise_weight_grad`` (one folded forward convolution) gives the weight gradient
     autograd computes for a depthwise convolution with padding k // 2: float64, k 7 and 3,
@@ -518,8 +587,8 @@ def test_probe_follower_prints_its_tables(capsys):
 def test_probe_cpu_levers_prints_its_tables(capsys):
     """``probe_cpu_levers.py`` at a tiny size: one row per gated feed-forward, ConvNeXt block
     and LayerNorm shape of the two networks (counts adding up to the modules of each kind),
-    positive times, an x_f that the dense gate changes only by rounding, and every patch
-    undone."""
+    positive times, an x_f that the dense gate changes only by rounding, a row for each whole
+    step with both levers, and every switch restored."""
     from bench_scripts import load
 
     from fuse4seg.models import fusion as fusion_mod
@@ -527,13 +596,15 @@ def test_probe_cpu_levers_prints_its_tables(capsys):
     from fuse4seg.models.segmentation import ConvNeXtBlock
 
     probe = load("probe_cpu_levers")
-    shipped = fusion_mod.GatedFeedForward.forward, torch.linalg.vector_norm
+    switches = {k for lever in probe.BEFORE.values() for k in lever}
+    assert switches == {"FUSE4SEG_GATE", "FUSE4SEG_GRN_NORM"}
+    assert not switches & set(os.environ)
     assert probe.main(["--size", "16", "--batch", "2", "--inner-steps", "1", "--rounds", "1",
                        "--repeats", "1", "--threads", "1"]) == 0
-    assert (fusion_mod.GatedFeedForward.forward, torch.linalg.vector_norm) == shipped
+    assert not switches & set(os.environ)
     out = capsys.readouterr().out
     sections = out.split("\n## ")
-    assert len(sections) == 4, out
+    assert len(sections) == 5, out
 
     def rows(text: str) -> list[list[str]]:
         return [r.strip(" |").split(" | ") for r in text.splitlines()
@@ -556,3 +627,6 @@ def test_probe_cpu_levers_prints_its_tables(capsys):
     assert sum(int(r[1]) for r in norm_rows) == (count(follower, torch.nn.LayerNorm)
                                                  + count(leader, LayerNorm2d))
     assert all(float(c) > 0 for r in gate + norms + norm_rows for c in r[2:4])
+    steps = [r for r in sections[4].splitlines() if r.startswith(("| warm-up", "| outer"))]
+    assert [r.split(",")[0] for r in steps] == ["| warm-up", "| outer"]
+    assert all(float(c) > 0 for r in steps for c in r.strip(" |").split(" | ")[1:])

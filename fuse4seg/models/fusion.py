@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuse4seg.models.layers import LayerNorm2d, check_divisible
+from fuse4seg.utils import env_setting
 
 __all__ = [
     "AffineCoupling",
@@ -134,7 +135,17 @@ class TransposedAttention(nn.Module):
 
 
 class GatedFeedForward(nn.Module):
-    """Restormer's gated-Dconv feed-forward: ``W_out(GELU(DW(W_1 x)) ⊙ DW(W_2 x))``."""
+    """Restormer's gated-Dconv feed-forward: ``W_out(GELU(DW(W_1 x)) ⊙ DW(W_2 x))``.
+
+    On a CPU the leader's maps are channels-last (:func:`fuse4seg.models.place_leader`), so
+    ``chunk(2, dim=1)`` gives two strided halves, and GELU's CPU kernel leaves its vectorised
+    path on a strided input. Eager CPU calls therefore copy the gate dense (channels-last)
+    before GELU: GELU(gate) · value, forward and backward, became 3.6-4.6× faster and the
+    ``default`` profile's outer step 1.04-1.05× (``benchmarks/probe_cpu_levers.py``, Intel
+    Xeon; ``benchmarks/RESULTS.md``, "Three more levers"). The same values to float rounding
+    (GELU's vectorised erf rounds differently). ``FUSE4SEG_GATE=strided`` keeps the strided
+    gate; GPUs and compiled graphs never copy.
+    """
 
     def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False):
         super().__init__()
@@ -145,7 +156,17 @@ class GatedFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)  # 2 × (B, hid, H, W)
+        if _copy_gate(gate):
+            gate = gate.contiguous(memory_format=torch.channels_last)
         return self.project_out(F.gelu(gate) * value)  # (B, hid, H, W) -> (B, C, H, W)
+
+
+def _copy_gate(gate: torch.Tensor) -> bool:
+    """Whether :class:`GatedFeedForward` copies its gate dense: a channels-last half (channel
+    stride 1, not dense) on a CPU, eager, unless ``FUSE4SEG_GATE=strided``."""
+    return (gate.device.type == "cpu" and gate.stride(1) == 1
+            and not gate.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling() and env_setting("FUSE4SEG_GATE") != "strided")
 
 
 class RestormerBlock(nn.Module):

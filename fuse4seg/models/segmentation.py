@@ -51,6 +51,21 @@ def grn_formula(
     return gamma * (x * n) + beta + x
 
 
+def _pixel_norm(x: torch.Tensor) -> torch.Tensor:
+    """GRN's ``G``: ``‖x‖₂`` over the pixels of ``x (B, P, C)``, ``(B, 1, C)``, in float32 at
+    least (autocast), as the root of a sum of squares.
+
+    ``torch.linalg.vector_norm(x, dim=1)`` gives the same values to float rounding, but its CPU
+    kernel reduces over a middle dimension slowly: at the follower's shapes it took 2.8-15× as
+    long, and a whole ConvNeXt block's forward and backward 1.03-1.22× as long
+    (``benchmarks/probe_cpu_levers.py``, Intel Xeon; ``benchmarks/RESULTS.md``, "Three more
+    levers"). No scaling against overflow: GRN's inputs are activations, far below float32's
+    √max ≈ 1.8e19. ``_GRNFunction`` and ``_FoldedMLP`` share it (the latter called
+    ``vector_norm`` until 2026-12-06; ``FUSE4SEG_GRN_NORM=vector_norm`` restores that)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.to(acc).square().sum(dim=1, keepdim=True).sqrt()
+
+
 def _grn_norm_grad(d_s: torch.Tensor, gamma: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
                    channels: int) -> torch.Tensor:
     """GRN's ``s = 1 + γ N`` with ``N = G / m``, ``m = mean_c G + eps``, ``G = ‖x‖₂`` over
@@ -79,8 +94,7 @@ class _GRNFunction(torch.autograd.Function):
     def forward(ctx, x, gamma, beta, eps: float):
         b, h, w, c = x.shape
         xf = x.reshape(b, h * w, c)  # (B, P, C), P = H·W
-        acc = torch.promote_types(x.dtype, torch.float32)  # float32 at least (autocast)
-        g = xf.to(acc).square().sum(dim=1, keepdim=True).sqrt()  # (B, 1, C)
+        g = _pixel_norm(xf)  # (B, 1, C), float32 at least (autocast)
         m = g.mean(dim=-1, keepdim=True) + eps  # (B, 1, 1)
         n = g / m  # (B, 1, C)
         s = (1 + gamma * n).to(torch.result_type(x, gamma))  # (B, 1, C)
@@ -146,7 +160,10 @@ class _FoldedMLP(torch.autograd.Function):
         b, h, w, c = x.shape
         pre = torch.addmm(b1, x.reshape(b * h * w, c), w1.t())  # (BP, 4C), P = H·W
         a = F.gelu(pre).reshape(b, h * w, -1)  # (B, P, 4C)
-        g = torch.linalg.vector_norm(a, dim=1, keepdim=True)  # ‖a‖ over H, W: (B, 1, 4C)
+        if env_setting("FUSE4SEG_GRN_NORM") == "vector_norm":  # the code before 2026-12-06
+            g = torch.linalg.vector_norm(a, dim=1, keepdim=True)  # ‖a‖ over H, W: (B, 1, 4C)
+        else:
+            g = _pixel_norm(a)
         m = g.mean(dim=-1, keepdim=True) + eps  # (B, 1, 1)
         n = g / m
         s = 1 + gamma * n  # (B, 1, 4C)
