@@ -140,11 +140,13 @@ class GatedFeedForward(nn.Module):
     On a CPU the leader's maps are channels-last (:func:`fuse4seg.models.place_leader`), so
     ``chunk(2, dim=1)`` gives two strided halves, and GELU's CPU kernel leaves its vectorised
     path on a strided input. Eager CPU calls therefore copy the gate dense (channels-last)
-    before GELU: GELU(gate) · value, forward and backward, became 3.6-4.6× faster and the
-    ``default`` profile's outer step 1.04-1.05× (``benchmarks/probe_cpu_levers.py``, Intel
-    Xeon; ``benchmarks/RESULTS.md``, "Three more levers"). The same values to float rounding
-    (GELU's vectorised erf rounds differently). ``FUSE4SEG_GATE=strided`` keeps the strided
-    gate; GPUs and compiled graphs never copy.
+    before GELU: GELU(gate) · value, forward and backward, became 3.6-4.6× faster in five
+    runs of ``benchmarks/probe_cpu_levers.py`` on an Intel Xeon. The ``default`` profile's
+    whole outer step gained 1.01-1.09× in the same runs, which is within its spread there
+    (``benchmarks/RESULTS.md``, "Three more levers"). The same values to float rounding
+    (GELU's vectorised erf rounds differently; whole runs over 3 seeds stay within the noise
+    of a change of seed). ``FUSE4SEG_GATE=strided`` keeps the strided gate; GPUs and compiled
+    graphs never copy.
     """
 
     def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False):

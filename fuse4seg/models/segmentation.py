@@ -56,11 +56,12 @@ def _pixel_norm(x: torch.Tensor) -> torch.Tensor:
     least (autocast), as the root of a sum of squares.
 
     ``torch.linalg.vector_norm(x, dim=1)`` gives the same values to float rounding, but its CPU
-    kernel reduces over a middle dimension slowly: at the follower's shapes it took 2.8-15× as
-    long, and a whole ConvNeXt block's forward and backward 1.03-1.22× as long
-    (``benchmarks/probe_cpu_levers.py``, Intel Xeon; ``benchmarks/RESULTS.md``, "Three more
-    levers"). No scaling against overflow: GRN's inputs are activations, far below float32's
-    √max ≈ 1.8e19. ``_GRNFunction`` and ``_FoldedMLP`` share it (the latter called
+    kernel reduces over a middle dimension slowly: at the follower's shapes it took 2.1-15× as
+    long and a whole ConvNeXt block's forward and backward 1.03-1.22× as long in five runs of
+    ``benchmarks/probe_cpu_levers.py`` on an Intel Xeon, and the ``default`` profile's
+    warm-up step 1.03× as long in the two that timed it (``benchmarks/RESULTS.md``, "Three
+    more levers"). No scaling against overflow: GRN's inputs are activations, far below
+    float32's √max ≈ 1.8e19. ``_GRNFunction`` and ``_FoldedMLP`` share it (the latter called
     ``vector_norm`` until 2026-12-06; ``FUSE4SEG_GRN_NORM=vector_norm`` restores that)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     return x.to(acc).square().sum(dim=1, keepdim=True).sqrt()
