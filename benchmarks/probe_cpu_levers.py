@@ -70,6 +70,7 @@ def before(*levers: str):
 
 
 def in_code_before(fn: Callable[[], object], *levers: str) -> Callable[[], None]:
+    """``fn`` as a call that runs it in the code before the named levers."""
     def call():
         with before(*levers):
             fn()

@@ -458,8 +458,8 @@ def test_the_convnext_block_cpu_rewrites_give_autograd_s_values(monkeypatch):
 def test_the_dense_gate_gives_the_strided_gate_s_values(monkeypatch):
     """``GatedFeedForward`` copies its gate dense on a CPU when the map is channels-last (the
     leader's layout there), and nowhere else: not on an NCHW map (its halves are dense), not
-    under ``FUSE4SEG_GATE=strided``. Both forms give the same output and gradients (float64,
-    1e-12), and a misspelt switch stops the call."""
+    in a compiled graph, not under ``FUSE4SEG_GATE=strided``. Both forms give the same output
+    and gradients (float64, 1e-12), and a misspelt switch stops the call."""
     from fuse4seg.models import fusion
 
     torch.manual_seed(0)
@@ -485,19 +485,30 @@ def test_the_dense_gate_gives_the_strided_gate_s_values(monkeypatch):
     ffn.to(memory_format=torch.contiguous_format)(x.detach().contiguous())
     # NCHW (weights and input): chunk's halves are dense already
     assert copied == [True, False, False]
+    half = x.detach()[:, :3]  # a channels-last half
+    assert real(half)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not real(half)  # a compiled graph: inductor fuses the copy away
+    monkeypatch.undo()
+    # the switch is read only for a CPU channels-last half (check_env_switches reads them all)
     monkeypatch.setenv("FUSE4SEG_GATE", "dense")
     with pytest.raises(ValueError, match="FUSE4SEG_GATE='dense'"):
-        ffn(x)
+        fusion.GatedFeedForward(6).to(memory_format=torch.channels_last)(x.detach().float())
 
 
 def test_the_folded_mlp_norm_gives_vector_norm_s_values(monkeypatch):
     """GRN's ‖a‖ as the root of a sum of squares (``_pixel_norm``, shipped) and as
     ``torch.linalg.vector_norm`` (``FUSE4SEG_GRN_NORM=vector_norm``, the folded MLP's code
-    before 2026-12-06) give a ConvNeXt block the same output and gradients (float64, 1e-10),
-    an all-zero channel included (its gradient 0, as ``vector_norm``'s); the helper works in
-    float32 at least."""
+    before 2026-12-06, which the switch does reach) give a ConvNeXt block the same output and
+    gradients (float64, 1e-10), with one all-zero channel; the helper works in float32 at
+    least."""
     from fuse4seg.models import segmentation as seg
 
+    monkeypatch.delenv("FUSE4SEG_CONVNEXT", raising=False)  # the folded MLP, not GRN's own
+    norms = []
+    real_norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm",
+                        lambda *a, **k: norms.append(1) or real_norm(*a, **k))
     torch.manual_seed(1)
     block = seg.ConvNeXtBlock(8).double()
     with torch.no_grad():
@@ -512,15 +523,17 @@ def test_the_folded_mlp_norm_gives_vector_norm_s_values(monkeypatch):
         return out, torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
 
     out, grads = run()
+    assert norms == []
     monkeypatch.setenv("FUSE4SEG_GRN_NORM", "vector_norm")
     ref_out, ref_grads = run()
+    assert norms == [1]
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
     a = torch.randn(2, 50, 7, dtype=torch.bfloat16)
     g = seg._pixel_norm(a)
     assert g.dtype == torch.float32 and g.shape == (2, 1, 7)
-    torch.testing.assert_close(g, torch.linalg.vector_norm(a.float(), dim=1, keepdim=True))
+    torch.testing.assert_close(g, real_norm(a.float(), dim=1, keepdim=True))
 
 
 def test_depthwise_weight_grad_equals_autograd_in_both_layouts():

@@ -145,8 +145,10 @@ class GatedFeedForward(nn.Module):
     whole outer step gained 1.01-1.09× in the same runs, which is within its spread there
     (``benchmarks/RESULTS.md``, "Three more levers"). The same values to float rounding
     (GELU's vectorised erf rounds differently; whole runs over 3 seeds stay within the noise
-    of a change of seed). ``FUSE4SEG_GATE=strided`` keeps the strided gate; GPUs and compiled
-    graphs never copy.
+    of a change of seed). Its cost: GELU saves the dense copy for the backward, where it saved
+    a view of the convolution's output that ``value`` keeps anyway, so each block holds one
+    more ``(B, hid, H, W)`` map until the backward. ``FUSE4SEG_GATE=strided`` keeps the
+    strided gate; GPUs and compiled graphs never copy.
     """
 
     def __init__(self, dim: int, expansion: float = 2.0, bias: bool = False):
