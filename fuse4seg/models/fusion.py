@@ -137,12 +137,13 @@ class TransposedAttention(nn.Module):
 class GatedFeedForward(nn.Module):
     """Restormer's gated-Dconv feed-forward: ``W_out(GELU(DW(W_1 x)) ⊙ DW(W_2 x))``.
 
-    On a CPU the leader's maps are channels-last (:func:`fuse4seg.models.place_leader`), so
-    ``chunk(2, dim=1)`` gives two strided halves, and GELU's CPU kernel leaves its vectorised
-    path on a strided input. Eager CPU calls therefore copy the gate dense (channels-last)
-    before GELU: GELU(gate) · value, forward and backward, became 3.6-4.6× faster in five
-    runs of ``benchmarks/probe_cpu_levers.py`` on an Intel Xeon. The ``default`` profile's
-    whole outer step gained 1.01-1.09× in the same runs, which is within its spread there
+    On a CPU the leader's maps are channels-last
+    (:func:`~fuse4seg.models.registry.place_leader`), so ``chunk(2, dim=1)`` gives two strided
+    halves, and GELU's CPU kernel leaves its vectorised path on a strided input. Eager CPU
+    calls therefore copy the gate dense (channels-last) before GELU: GELU(gate) · value,
+    forward and backward, became 3.6-4.6× faster in five runs of
+    ``benchmarks/probe_cpu_levers.py`` on an Intel Xeon. The ``default`` profile's whole outer
+    step gained 1.01-1.09× in the same runs, which is within its spread there
     (``benchmarks/RESULTS.md``, "Three more levers"). The same values to float rounding
     (GELU's vectorised erf rounds differently; whole runs over 3 seeds stay within the noise
     of a change of seed). Its cost: GELU saves the dense copy for the backward, where it saved
