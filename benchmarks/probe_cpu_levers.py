@@ -114,12 +114,13 @@ def gate_calls(shape, cl: bool, gen) -> dict[str, Callable[[], None]]:
         gate, value = t.chunk(2, dim=1)
         (F.gelu(gate) * value).backward(g_out)
 
-    def dense():
+    def shipped():  # the package's own rule for when to copy (GatedFeedForward)
         gate, value = t.chunk(2, dim=1)
-        gate = gate.contiguous(memory_format=CL) if cl else gate.contiguous()
+        if fusion_mod._copy_gate(gate):
+            gate = gate.contiguous(memory_format=CL)
         (F.gelu(gate) * value).backward(g_out)
 
-    return {"strided (before)": strided, "dense gate (shipped)": dense}
+    return {"strided (before)": strided, "dense gate (shipped)": shipped}
 
 
 def norm_calls(shape, gen) -> dict[str, Callable[[], None]]:
