@@ -1,11 +1,11 @@
 """Does a speed change alter training? Whole runs with and without it, over seeds (issue 9, part 1).
 
     python benchmarks/equiv_train.py --data _data/phantom
-        [--change grn|adamw|layout|convnext|gate|norm] [--profile default] [--method fuse4seg]
-        [--seeds 0 1 2] [--workdir DIR] [--threads N] [--set NAME=VALUE ...]
+        [--change grn|adamw|layout|convnext|gate|norm|attention] [--profile default]
+        [--method fuse4seg] [--seeds 0 1 2] [--workdir DIR] [--threads N] [--set NAME=VALUE ...]
 
 Issue 9 asks that a change made for speed keep training "numerically equivalent: the same loss
-curve within noise over 3 seeds". Six adopted changes compute differently from the code before
+curve within noise over 3 seeds". Seven adopted changes compute differently from the code before
 them: GRN's hand-written backward (``--change grn``; ``fuse4seg.models.segmentation.
 _GRNFunction``, commit 25bd028: the same values as the formula to float rounding, but summed in
 another order), the fused AdamW on a CPU (``--change adamw``;
@@ -16,8 +16,11 @@ kernels, which sum in another order), and the follower's ConvNeXt blocks on a CP
 (``--change convnext``; ``ConvNeXtBlock``: GRN folded into pw2 and the depthwise gradients as
 forward convolutions, the same maths in another order), the leader's gate copied dense before
 GELU on a CPU (``--change gate``; ``GatedFeedForward``: GELU's vectorised kernel rounds
-differently) and GRN's norm in the folded MLP as a sum of squares (``--change norm``;
-``segmentation._pixel_norm`` in place of ``torch.linalg.vector_norm``). (The allocator setting,
+differently), GRN's norm in the folded MLP as a sum of squares (``--change norm``;
+``segmentation._pixel_norm`` in place of ``torch.linalg.vector_norm``) and the leader's
+attention with a hand-written backward on a CPU (``--change attention``;
+``fusion._ChannelAttention``: the normalisation moved onto the Gram matrix, the same maths
+in another order). (The allocator setting,
 :func:`fuse4seg.train.engine.tune_malloc`, computes nothing: ``bench_malloc.py --train``
 shows the same logged losses with and without it.)
 
@@ -26,8 +29,10 @@ process, on the same data: ``shipped`` (what the package runs) and the code befo
 ``formula`` (GRN as :func:`~fuse4seg.models.segmentation.grn_formula`, differentiated by
 autograd), ``loop`` (torch's default AdamW, ``FUSE4SEG_ADAMW=loop``), ``nchw`` (the leader's
 weights in NCHW, ``FUSE4SEG_LEADER_LAYOUT=nchw``) or ``autograd`` (the blocks as written,
-``FUSE4SEG_CONVNEXT=autograd``), ``strided`` (``FUSE4SEG_GATE=strided``) or ``vector_norm``
-(``FUSE4SEG_GRN_NORM=vector_norm``). CPU runs are bit-for-bit repeatable for a seed, so the only
+``FUSE4SEG_CONVNEXT=autograd``), ``strided`` (``FUSE4SEG_GATE=strided``), ``vector_norm``
+(``FUSE4SEG_GRN_NORM=vector_norm``), and for ``--change attention`` ``autograd`` again (the
+attention per head, differentiated by autograd: ``FUSE4SEG_ATTENTION=autograd``).
+CPU runs are bit-for-bit repeatable for a seed, so the only
 difference between the two runs of a seed is the change's rounding, which training then
 amplifies.
 Printed, per seed: the gap between its two runs, as the root mean square over the epochs of
@@ -99,6 +104,13 @@ def norm(variant: str):
     return _env_switch("FUSE4SEG_GRN_NORM", "vector_norm", variant)
 
 
+def attention(variant: str):
+    """The leader's attention as shipped (on a CPU, ``fusion._ChannelAttention``), or per
+    head as autograd differentiates it (``FUSE4SEG_ATTENTION=autograd``, which
+    ``TransposedAttention`` reads at each call)."""
+    return _env_switch("FUSE4SEG_ATTENTION", "autograd", variant)
+
+
 @contextlib.contextmanager
 def grn(variant: str):
     """GRN as shipped, or as the formula differentiated by autograd (``formula``). Both with
@@ -129,6 +141,7 @@ CHANGES = {
     "convnext": (convnext, ("shipped", "autograd")),
     "gate": (gate, ("shipped", "strided")),
     "norm": (norm, ("shipped", "vector_norm")),
+    "attention": (attention, ("shipped", "autograd")),
 }
 """Per change: the switch, and its two variants (what ships, then the code before it)."""
 

@@ -1,4 +1,4 @@
-"""Three CPU levers for the outer step (issue 9, part 1): two adopted, one not, each measured.
+"""Four CPU levers for the outer step (issue 9, part 1): three adopted, one not, each measured.
 
     python benchmarks/probe_cpu_levers.py [--profile default] [--size 80] [--batch 8]
         [--inner-steps 3] [--rounds 6] [--repeats 5] [--threads 2]
@@ -26,8 +26,14 @@ the second form is faster:
    products with a ``(C, 1)`` vector of ``1/C``), forward only and without grad, against
    ``F.layer_norm``, per LayerNorm input shape of both networks.
 
-Last, the two adopted levers together: the warm-up step and the outer step with both switches
-set (the code before) against neither (shipped).
+4. **The leader's attention with a hand-written backward** (adopted 2026-12-06, later;
+   ``FUSE4SEG_ATTENTION=autograd`` is the code before). Per ``TransposedAttention`` input shape
+   met in the leader: the module's forward and backward as autograd runs the per-head form
+   against ``fusion._ChannelAttention``; then the whole outer step with the switch set and
+   unset, and the largest difference of the leader's x_f between the two.
+
+Last, the three adopted levers together: the warm-up step and the outer step with every switch
+set (the code before) against none (shipped).
 
 A measurement only: every switch is restored when its call returns.
 """
@@ -57,7 +63,8 @@ from fuse4seg.models import segmentation as seg_mod  # noqa: E402
 from fuse4seg.models.layers import LayerNorm2d  # noqa: E402
 
 CL = torch.channels_last
-BEFORE = {"gate": {"FUSE4SEG_GATE": "strided"}, "norm": {"FUSE4SEG_GRN_NORM": "vector_norm"}}
+BEFORE = {"gate": {"FUSE4SEG_GATE": "strided"}, "norm": {"FUSE4SEG_GRN_NORM": "vector_norm"},
+          "attention": {"FUSE4SEG_ATTENTION": "autograd"}}
 """Each adopted lever's switch back to the code before it."""
 
 
@@ -139,6 +146,19 @@ def block_calls(block: nn.Module, shape, cl: bool, gen) -> dict[str, Callable[[]
     return {"vector_norm (before)": in_code_before(shipped, "norm"), "shipped": shipped}
 
 
+def module_calls(module: nn.Module, shape, cl: bool, gen, lever: str
+                 ) -> dict[str, Callable[[], None]]:
+    """``module``'s forward and backward on a ``shape`` input, in the code before ``lever`` and
+    as shipped."""
+    x = _make(shape, cl, gen, grad=True)
+    g = _make(shape, cl, gen)
+
+    def shipped():
+        module(x).backward(g)
+
+    return {"before": in_code_before(shipped, lever), "shipped": shipped}
+
+
 def layer_norm_calls(shape, gen) -> dict[str, Callable[[], None]]:
     c = shape[-1]
     x = torch.randn(shape, generator=gen)
@@ -202,24 +222,29 @@ def main(argv: list[str] | None = None) -> int:
 
     tr = (x1[:half], x2[:half], seg[:half])
     val = (x1[half:], x2[half:], seg[half:])
-    engine._set_follower_rate("rollout")
-    with torch.no_grad():
-        shipped_xf = engine.prior(*tr[:2], "rollout", ema=False)
-        with before("gate"):
-            strided_xf = engine.prior(*tr[:2], "rollout", ema=False)
-    diff = float((shipped_xf - strided_xf).abs().max())
 
     def outer():
         outer_step(engine, tr, val, args.inner_steps)
 
-    t = timed_in_turns({"before": in_code_before(outer, "gate"), "shipped": outer},
-                       args.rounds, args.repeats)
-    print("\n| outer step | strided, before (ms) | dense gate, shipped (ms) | ratio | largest x_f "
-          "difference |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| {args.size}×{args.size}, B {args.batch}, K {args.inner_steps} | "
-          f"{1e3 * t['before']:.1f} | {1e3 * t['shipped']:.1f} | "
-          f"{t['before'] / t['shipped']:.3f} | {diff:.1e} |", flush=True)
+    def outer_row(before_label: str, shipped_label: str, lever: str) -> None:
+        """The outer step in the code before ``lever`` and as shipped, and the largest
+        difference of x_f between the two."""
+        engine._set_follower_rate("rollout")
+        with torch.no_grad():
+            shipped_xf = engine.prior(*tr[:2], "rollout", ema=False)
+            with before(lever):
+                before_xf = engine.prior(*tr[:2], "rollout", ema=False)
+        diff = float((shipped_xf - before_xf).abs().max())
+        t = timed_in_turns({"before": in_code_before(outer, lever), "shipped": outer},
+                           args.rounds, args.repeats)
+        print(f"\n| outer step | {before_label} (ms) | {shipped_label} (ms) | ratio | largest "
+              "x_f difference |")
+        print("|---|---:|---:|---:|---:|")
+        print(f"| {args.size}×{args.size}, B {args.batch}, K {args.inner_steps} | "
+              f"{1e3 * t['before']:.1f} | {1e3 * t['shipped']:.1f} | "
+              f"{t['before'] / t['shipped']:.3f} | {diff:.1e} |", flush=True)
+
+    outer_row("strided, before", "dense gate, shipped", "gate")
 
     print("\n## 2. ‖a‖ in the follower's folded MLP\n")
     print("| a | n | vector_norm, before (ms) | sum of squares, shipped (ms) | ratio |")
@@ -255,14 +280,28 @@ def main(argv: list[str] | None = None) -> int:
         t = timed_in_turns(layer_norm_calls(shape, gen), args.rounds, args.repeats)
         print(_row("×".join(map(str, shape)), n, t), flush=True)
 
-    print("\n## 4. The two adopted levers together: whole steps\n")
-    print("| step | both switched off, before (ms) | shipped (ms) | ratio |")
+    print("\n## 4. The leader's attention, forward + backward\n")
+    print("| attention input | n | autograd, before (ms) | _ChannelAttention, shipped (ms) "
+          "| ratio |")
+    print("|---|---:|---:|---:|---:|")
+    attentions = {}  # one module per channel count
+    for m in leader.modules():
+        if isinstance(m, fusion_mod.TransposedAttention):
+            attentions.setdefault(m.qkv.in_channels, m)
+    for shape, cl, n in _shapes(leader, fusion_mod.TransposedAttention, leader_prior):
+        t = timed_in_turns(module_calls(attentions[shape[1]], shape, cl, gen, "attention"),
+                           args.rounds, args.repeats)
+        print(_row("×".join(map(str, shape)) + (" CL" if cl else ""), n, t), flush=True)
+    outer_row("autograd, before", "shipped", "attention")
+
+    print("\n## 5. The three adopted levers together: whole steps\n")
+    print("| step | all switched off, before (ms) | shipped (ms) | ratio |")
     print("|---|---:|---:|---:|")
     rows = (("warm-up", "warmup", lambda: warmup_step(engine, (x1, x2, seg)), ""),
             ("outer", "rollout", outer, f", K {args.inner_steps}"))
     for name, stage, fn, k in rows:
         engine._set_follower_rate(stage)  # the step's own follower rate (as in training)
-        t = timed_in_turns({"before": in_code_before(fn, "gate", "norm"), "shipped": fn},
+        t = timed_in_turns({"before": in_code_before(fn, *BEFORE), "shipped": fn},
                            args.rounds, args.repeats)
         print(f"| {name}, {args.size}×{args.size}, B {args.batch}{k} | "
               f"{1e3 * t['before']:.1f} | {1e3 * t['shipped']:.1f} | "

@@ -76,6 +76,7 @@ ENV_SWITCHES: dict[str, tuple[str, ...]] = {
     "FUSE4SEG_CONVNEXT": ("autograd",),  # the follower's blocks as autograd runs them (CPU)
     "FUSE4SEG_GATE": ("strided",),  # GELU on the leader's strided gate (GatedFeedForward, CPU)
     "FUSE4SEG_GRN_NORM": ("vector_norm",),  # torch.linalg.vector_norm in _FoldedMLP (CPU)
+    "FUSE4SEG_ATTENTION": ("autograd",),  # the leader's attention as autograd runs it (CPU)
 }
 """The environment variables that switch the package's speed measures off, and the values each
 takes (unset or empty: the default)."""

@@ -369,7 +369,7 @@ def test_a_verb_gets_only_its_own_options():
 MISSPELT_SWITCHES = {"FUSE4SEG_ADAMW": "lop", "FUSE4SEG_LEADER_LAYOUT": "nhwc",
                      "FUSE4SEG_MALLOC": "jemalloc", "FUSE4SEG_EAGER": "yes",
                      "FUSE4SEG_CONVNEXT": "autgrad", "FUSE4SEG_GATE": "dense",
-                     "FUSE4SEG_GRN_NORM": "vectornorm"}
+                     "FUSE4SEG_GRN_NORM": "vectornorm", "FUSE4SEG_ATTENTION": "heads"}
 
 
 def test_every_environment_switch_has_a_misspelt_value_to_refuse():
@@ -408,7 +408,7 @@ def test_env_setting_reads_a_switch_case_blind_and_refuses_an_unknown_one(monkey
         env_setting("FUSE4SEG_ADAMW")
     assert set(ENV_SWITCHES) == {"FUSE4SEG_EAGER", "FUSE4SEG_MALLOC", "FUSE4SEG_ADAMW",
                                  "FUSE4SEG_LEADER_LAYOUT", "FUSE4SEG_CONVNEXT", "FUSE4SEG_GATE",
-                                 "FUSE4SEG_GRN_NORM"}
+                                 "FUSE4SEG_GRN_NORM", "FUSE4SEG_ATTENTION"}
 
 
 def test_a_misspelt_switch_name_is_warned_about_once(monkeypatch):
@@ -428,7 +428,7 @@ def test_a_misspelt_switch_name_is_warned_about_once(monkeypatch):
         "environment variable FUSE4SEG_ADAM: no fuse4seg switch has this name, so it changes "
         "nothing (did you mean FUSE4SEG_ADAMW? the switches: FUSE4SEG_EAGER, FUSE4SEG_MALLOC, "
         "FUSE4SEG_ADAMW, FUSE4SEG_LEADER_LAYOUT, FUSE4SEG_CONVNEXT, FUSE4SEG_GATE, "
-        "FUSE4SEG_GRN_NORM)"]
+        "FUSE4SEG_GRN_NORM, FUSE4SEG_ATTENTION)"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         utils.check_env_switches()  # said once

@@ -107,15 +107,16 @@ def test_the_autograd_variant_runs_the_blocks_as_written_and_is_undone(monkeypat
         assert "FoldedMLP" in graph()
 
 
-def test_the_strided_and_vector_norm_variants_restore_the_code_before(monkeypatch):
+def test_the_strided_vector_norm_and_attention_variants_restore_the_code_before(monkeypatch):
     """``--change gate``: ``strided`` stops the leader's gate copy; ``--change norm``:
-    ``vector_norm`` makes the folded MLP call ``torch.linalg.vector_norm``; each switch is
-    removed on exit, and ``shipped`` runs the package as it is."""
+    ``vector_norm`` makes the folded MLP call ``torch.linalg.vector_norm``; ``--change
+    attention``: ``autograd`` runs the leader's attention per head; each switch is removed on
+    exit, and ``shipped`` runs the package as it is."""
     from fuse4seg.models import fusion
     from fuse4seg.models.segmentation import ConvNeXtBlock
 
     equiv = load("equiv_train")
-    for name in ("FUSE4SEG_GATE", "FUSE4SEG_GRN_NORM"):
+    for name in ("FUSE4SEG_GATE", "FUSE4SEG_GRN_NORM", "FUSE4SEG_ATTENTION"):
         monkeypatch.delenv(name, raising=False)
     half = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)[:, :4]
     with equiv.gate("strided"):
@@ -137,6 +138,13 @@ def test_the_strided_and_vector_norm_variants_restore_the_code_before(monkeypatc
         block(x)
     block(x)
     assert calls == [1]
+
+    qkv = torch.zeros(1, 6, 2, 2)
+    with equiv.attention("autograd"):
+        assert not fusion._cpu_attention(qkv)
+    assert fusion._cpu_attention(qkv) and "FUSE4SEG_ATTENTION" not in os.environ
+    with equiv.attention("shipped"):
+        assert fusion._cpu_attention(qkv)
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

@@ -496,6 +496,56 @@ def test_the_dense_gate_gives_the_strided_gate_s_values(monkeypatch):
         fusion.GatedFeedForward(6).to(memory_format=torch.channels_last)(x.detach().float())
 
 
+def test_the_channel_attention_gives_the_autograd_form_s_values(monkeypatch):
+    """``TransposedAttention`` runs ``_ChannelAttention`` on a CPU (eager, float, no
+    autocast) and the per-head autograd form elsewhere: under ``FUSE4SEG_ATTENTION=autograd``
+    and in a compiled graph. The two give the same output and gradients in float64 (every
+    parameter, the temperature included), with a query channel that is all zero (its norm
+    clamped, as ``F.normalize`` does) and on an NCHW map as well; a misspelt switch stops
+    the call."""
+    from fuse4seg.models import fusion
+
+    torch.manual_seed(0)
+    attn = fusion.TransposedAttention(12, 3).double().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        attn.temperature.uniform_(0.5, 2.0)
+        attn.qkv.weight[1].zero_()  # query channel 1 is zero: its norm is clamped
+    x = torch.randn(2, 12, 9, 11, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    weights = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+    used = []
+    real = fusion._cpu_attention
+    monkeypatch.setattr(fusion, "_cpu_attention", lambda t: used.append(real(t)) or used[-1])
+
+    def run(inp):
+        out = attn(inp)
+        grads = torch.autograd.grad((out * weights).sum(), [inp, *attn.parameters()])
+        return [out.detach(), *grads]
+
+    shipped = run(x)
+    monkeypatch.setenv("FUSE4SEG_ATTENTION", "autograd")
+    before = run(x)
+    assert used == [True, False]
+    for a, b in zip(shipped, before, strict=True):
+        scale = float(b.abs().max())  # the zero channel's weight gradient is ~1e11
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(scale, 1.0))
+    assert float(shipped[3].abs().max()) > 1e6  # the clamp was met (∂/∂ qkv.weight)
+    monkeypatch.delenv("FUSE4SEG_ATTENTION")
+    nchw = run(x.detach().contiguous().requires_grad_(True))[0]  # t is then a copy, not a view
+    torch.testing.assert_close(nchw, before[0], rtol=1e-12, atol=1e-12)
+    assert used[-1] is True
+    qkv = torch.zeros(1, 6, 2, 2)
+    assert real(qkv) and not real(qkv.half())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not real(qkv)  # a compiled graph differentiates the autograd form
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not real(qkv)
+    monkeypatch.setenv("FUSE4SEG_ATTENTION", "heads")
+    with pytest.raises(ValueError, match="FUSE4SEG_ATTENTION='heads'"):
+        attn(x.detach())
+
+
 def test_the_folded_mlp_norm_gives_vector_norm_s_values(monkeypatch):
     """GRN's ‖a‖ as the root of a sum of squares (``_pixel_norm``, shipped) and as
     ``torch.linalg.vector_norm`` (``FUSE4SEG_GRN_NORM=vector_norm``, the folded MLP's code
@@ -599,9 +649,10 @@ def test_probe_follower_prints_its_tables(capsys):
 
 def test_probe_cpu_levers_prints_its_tables(capsys):
     """``probe_cpu_levers.py`` at a tiny size: one row per gated feed-forward, ConvNeXt block
-    and LayerNorm shape of the two networks (counts adding up to the modules of each kind),
-    positive times, an x_f that the dense gate changes only by rounding, a row for each whole
-    step with both levers, and every switch restored."""
+    and LayerNorm shape of the two networks and per attention shape of the leader (counts
+    adding up to the modules of each kind), positive times, an x_f that the dense gate and the
+    hand-written attention change only by rounding, a row for each whole step with the three
+    levers, and every switch restored."""
     from bench_scripts import load
 
     from fuse4seg.models import fusion as fusion_mod
@@ -610,14 +661,14 @@ def test_probe_cpu_levers_prints_its_tables(capsys):
 
     probe = load("probe_cpu_levers")
     switches = {k for lever in probe.BEFORE.values() for k in lever}
-    assert switches == {"FUSE4SEG_GATE", "FUSE4SEG_GRN_NORM"}
+    assert switches == {"FUSE4SEG_GATE", "FUSE4SEG_GRN_NORM", "FUSE4SEG_ATTENTION"}
     assert not switches & set(os.environ)
     assert probe.main(["--size", "16", "--batch", "2", "--inner-steps", "1", "--rounds", "1",
                        "--repeats", "1", "--threads", "1"]) == 0
     assert not switches & set(os.environ)
     out = capsys.readouterr().out
     sections = out.split("\n## ")
-    assert len(sections) == 5, out
+    assert len(sections) == 6, out
 
     def rows(text: str) -> list[list[str]]:
         return [r.strip(" |").split(" | ") for r in text.splitlines()
@@ -640,6 +691,12 @@ def test_probe_cpu_levers_prints_its_tables(capsys):
     assert sum(int(r[1]) for r in norm_rows) == (count(follower, torch.nn.LayerNorm)
                                                  + count(leader, LayerNorm2d))
     assert all(float(c) > 0 for r in gate + norms + norm_rows for c in r[2:4])
-    steps = [r for r in sections[4].splitlines() if r.startswith(("| warm-up", "| outer"))]
+    attention = rows(sections[4])
+    attention_outer = [r for r in attention if "B 2" in r[0]]
+    attention = [r for r in attention if r not in attention_outer]
+    assert sum(int(r[1]) for r in attention) == count(leader, fusion_mod.TransposedAttention)
+    assert all(float(c) > 0 for r in attention for c in r[2:4])
+    assert len(attention_outer) == 1 and float(attention_outer[0][-1]) < 1e-5  # rounding only
+    steps = [r for r in sections[5].splitlines() if r.startswith(("| warm-up", "| outer"))]
     assert [r.split(",")[0] for r in steps] == ["| warm-up", "| outer"]
     assert all(float(c) > 0 for r in steps for c in r.strip(" |").split(" | ")[1:])

@@ -107,6 +107,12 @@ class TransposedAttention(nn.Module):
     a ``(C/h) × (C/h)`` attention map from L2-normalised queries and keys over all pixels, scaled
     by a learnt temperature, so the cost is linear in H·W.
 
+    On a CPU (eager, float, no autocast) the attention itself runs as
+    :class:`_ChannelAttention`, the same maths on the channels-last map with a hand-written
+    backward: 2.3× faster forward and backward at the ``default`` size (``fuse4seg_small``, B 8,
+    80×80, Intel Xeon, two threads; ``benchmarks/RESULTS.md``, "The leader's attention").
+    ``FUSE4SEG_ATTENTION=autograd`` runs the form below instead, as GPUs and compiled graphs do.
+
     Args:
         dim: channels C (divisible by ``heads``).
         heads: number of heads h.
@@ -124,7 +130,15 @@ class TransposedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv_dw(self.qkv(x)).chunk(3, dim=1)  # 3 × (B, C, H, W)
+        qkv = self.qkv_dw(self.qkv(x))  # (B, 3C, H, W)
+        if _cpu_attention(qkv):
+            t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3 * c)  # a view when channels-last
+            d = c // self.heads
+            temperature = self.temperature.reshape(self.heads, 1).repeat_interleave(d, 0)
+            head = torch.arange(c, device=x.device) // d
+            out = _ChannelAttention.apply(t, temperature, head[:, None] != head[None, :])
+            return self.proj(out.reshape(b, h, w, c).permute(0, 3, 1, 2))  # (B, C, H, W)
+        q, k, v = qkv.chunk(3, dim=1)  # 3 × (B, C, H, W)
         # (B, C, H, W) -> (B, heads, C/heads, H*W)
         q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v))
         q = F.normalize(q, dim=-1)
@@ -132,6 +146,78 @@ class TransposedAttention(nn.Module):
         attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, heads, C/h, C/h)
         out = attn.softmax(dim=-1) @ v  # (B, heads, C/h, H*W)
         return self.proj(out.reshape(b, c, h, w))
+
+
+def _cpu_attention(qkv: torch.Tensor) -> bool:
+    """Whether :class:`TransposedAttention` runs :class:`_ChannelAttention`: eager float on a
+    CPU without autocast, unless ``FUSE4SEG_ATTENTION=autograd``."""
+    return (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and env_setting("FUSE4SEG_ATTENTION") != "autograd")
+
+
+class _ChannelAttention(torch.autograd.Function):
+    """The core of :class:`TransposedAttention` on a CPU, with a hand-written backward:
+    ``t (B, HW, 3C) = [q, k, v]`` per pixel, the channels-last map as a matrix, to
+    ``out (B, HW, C)``.
+
+    Per head, ``softmax(τ · q̂ᵀ k̂) v`` with q̂, k̂ the queries and keys L2-normalised over the
+    pixels (``F.normalize``: the norm clamped below at 1e-12). Two things make it cheaper than
+    the autograd form, which reshapes q, k and v to ``(B, heads, C/h, HW)`` copies,
+    normalises the two full maps and concatenates the three gradients in its backward:
+
+    - the normalisation is moved onto the small Gram matrix,
+      ``q̂ᵀ k̂ = diag(1/‖q‖) (qᵀ k) diag(1/‖k‖)``, so no normalised map is made or saved;
+    - every head is one ``(C × C)`` matrix per image, the entries between two heads masked to
+      −∞ before the softmax (their weights are then exactly 0): the products run on the
+      channels-last matrix ``t`` as it is, and the backward writes ``∂L/∂t`` whole, with one
+      matrix product for ``∂L/∂q`` and ``∂L/∂k`` together.
+
+    The forward computes ``C/h`` times the Gram entries the heads need (C = 16, 2 heads in
+    ``fuse4seg_small``: twice), a small cost next to the maps. The same values to float
+    rounding (tested against the autograd form in float64, a zero query channel included).
+    """
+
+    EPS = 1e-12
+    """``F.normalize``'s default: a norm below it is taken as it (the autograd form's)."""
+
+    @staticmethod
+    def forward(ctx, t, temperature, off_head):
+        eps = _ChannelAttention.EPS
+        c = t.shape[2] // 3
+        q, k, v = t.split(c, dim=2)  # 3 × (B, HW, C), views
+        nq = torch.linalg.vector_norm(q, dim=1)  # (B, C)
+        nk = torch.linalg.vector_norm(k, dim=1)
+        nq_c, nk_c = nq.clamp_min(eps), nk.clamp_min(eps)
+        r = torch.bmm(q.transpose(1, 2), k).div_(nq_c[:, :, None]).div_(nk_c[:, None, :])
+        a = (r * temperature).masked_fill_(off_head, float("-inf")).softmax(-1)  # (B, C, C)
+        ctx.save_for_backward(t, temperature, r, a, nq_c, nk_c, nq > eps, nk > eps)
+        return torch.bmm(v, a.transpose(1, 2))  # (B, HW, C)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        t, temperature, r, a, nq_c, nk_c, q_on, k_on = ctx.saved_tensors
+        b, _, c3 = t.shape
+        c = c3 // 3
+        d_a = torch.bmm(d_out.transpose(1, 2), t[:, :, 2 * c:])  # (B, C, C)
+        d_s = a * (d_a - (d_a * a).sum(-1, keepdim=True))  # softmax's backward
+        d_temperature = (d_s * r).sum(dim=(0, 2)).unsqueeze(1)  # (C, 1)
+        d_r = d_s * temperature
+        d_rr = d_r * r
+        # the norms: ∂‖q_i‖/∂q_i = q_i / ‖q_i‖, nothing where the clamp holds
+        s_q = -(d_rr.sum(-1) / nq_c.square()) * q_on  # (B, C)
+        s_k = -(d_rr.sum(-2) / nk_c.square()) * k_on
+        d_g = d_r.div(nq_c[:, :, None]).div_(nk_c[:, None, :])  # ∂L/∂(qᵀ k)
+        # [∂q, ∂k] = [q, k] · [[diag(s_q), d_g], [d_gᵀ, diag(s_k)]]; ∂v = ∂out · a
+        m = t.new_zeros(b, 2 * c, 2 * c)
+        m[:, :c, :c].diagonal(dim1=1, dim2=2).copy_(s_q)
+        m[:, c:, c:].diagonal(dim1=1, dim2=2).copy_(s_k)
+        m[:, :c, c:] = d_g
+        m[:, c:, :c] = d_g.transpose(1, 2)
+        d_t = torch.empty_like(t, memory_format=torch.contiguous_format)
+        torch.bmm(t[:, :, :2 * c], m, out=d_t[:, :, :2 * c])  # into d_t's columns: no copy
+        torch.bmm(d_out, a, out=d_t[:, :, 2 * c:])
+        return d_t, d_temperature, None
 
 
 class GatedFeedForward(nn.Module):
