@@ -109,9 +109,10 @@ class TransposedAttention(nn.Module):
 
     On a CPU (eager, float, no autocast) the attention itself runs as
     :class:`_ChannelAttention`, the same maths on the channels-last map with a hand-written
-    backward: 2.3× faster forward and backward at the ``default`` size (``fuse4seg_small``, B 8,
-    80×80, Intel Xeon, two threads; ``benchmarks/RESULTS.md``, "The leader's attention").
-    ``FUSE4SEG_ATTENTION=autograd`` runs the form below instead, as GPUs and compiled graphs do.
+    backward: the module's forward and backward became 2.1-2.3× faster on the ``default``
+    profile's leader at 80×80 (2-vCPU Intel Xeon, two threads; ``benchmarks/RESULTS.md``,
+    "The leader's attention with a hand-written backward"). ``FUSE4SEG_ATTENTION=autograd``
+    runs the form below instead, as GPUs and compiled graphs always do (not measured there).
 
     Args:
         dim: channels C (divisible by ``heads``).
