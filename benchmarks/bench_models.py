@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -72,10 +73,14 @@ def _scalar(out) -> torch.Tensor:
 
 
 def _gflops(model: torch.nn.Module, kind: str, size: int, device, amp: bool) -> float:
+    """GFLOPs of one forward, counted on the leader's per-head attention on every device (on
+    a CPU the package's own form multiplies h× the Gram entries, masked: the same model, more
+    counted FLOPs)."""
     inputs = _inputs(kind, 1, size, device)
     model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), _autocast(device, amp), counter:
+    with (torch.no_grad(), _autocast(device, amp), counter,
+          mock.patch.dict(os.environ, {"FUSE4SEG_ATTENTION": "autograd"})):
         model(*inputs)
     return counter.get_total_flops() / 1e9
 

@@ -517,23 +517,29 @@ def test_the_channel_attention_gives_the_autograd_form_s_values(monkeypatch):
     real = fusion._cpu_attention
     monkeypatch.setattr(fusion, "_cpu_attention", lambda t: used.append(real(t)) or used[-1])
 
-    def run(inp):
-        out = attn(inp)
-        grads = torch.autograd.grad((out * weights).sum(), [inp, *attn.parameters()])
+    def run(module, inp):
+        out = module(inp)
+        grads = torch.autograd.grad((out * weights).sum(), [inp, *module.parameters()])
         return [out.detach(), *grads]
 
-    shipped = run(x)
+    def same(a_list, b_list):
+        for a, b in zip(a_list, b_list, strict=True):
+            scale = float(b.abs().max())  # the zero channel's weight gradient is ~1e11
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(scale, 1.0))
+
+    shipped = run(attn, x)
     monkeypatch.setenv("FUSE4SEG_ATTENTION", "autograd")
-    before = run(x)
+    before = run(attn, x)
     assert used == [True, False]
-    for a, b in zip(shipped, before, strict=True):
-        scale = float(b.abs().max())  # the zero channel's weight gradient is ~1e11
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(scale, 1.0))
+    same(shipped, before)
     assert float(shipped[3].abs().max()) > 1e6  # the clamp was met (∂/∂ qkv.weight)
     monkeypatch.delenv("FUSE4SEG_ATTENTION")
-    nchw = run(x.detach().contiguous().requires_grad_(True))[0]  # t is then a copy, not a view
-    torch.testing.assert_close(nchw, before[0], rtol=1e-12, atol=1e-12)
+    # NCHW weights and input: t is then the column-major view of an NCHW map
+    attn_nchw = copy.deepcopy(attn).to(memory_format=torch.contiguous_format)
+    x_nchw = x.detach().contiguous().requires_grad_(True)
+    nchw = run(attn_nchw, x_nchw)
     assert used[-1] is True
+    same(nchw, before)
     qkv = torch.zeros(1, 6, 2, 2)
     assert real(qkv) and not real(qkv.half())
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -544,6 +550,26 @@ def test_the_channel_attention_gives_the_autograd_form_s_values(monkeypatch):
     monkeypatch.setenv("FUSE4SEG_ATTENTION", "heads")
     with pytest.raises(ValueError, match="FUSE4SEG_ATTENTION='heads'"):
         attn(x.detach())
+
+
+def test_the_channel_attention_passes_gradcheck():
+    """``_ChannelAttention``'s hand-written backward against finite differences (float64), on
+    a dense ``t`` and on the strided views the leader hands it (a channels-last map's, and an
+    NCHW map's column-major one), with 2 heads of 2 channels."""
+    from fuse4seg.models.fusion import _ChannelAttention
+
+    torch.manual_seed(0)
+    head = torch.arange(4) // 2
+    off_head = head[:, None] != head[None, :]
+    temperature = torch.tensor([[0.7], [0.7], [1.3], [1.3]], dtype=torch.float64,
+                               requires_grad=True)
+    dense = torch.randn(2, 5, 12, dtype=torch.float64)
+    column_major = torch.randn(2, 12, 5, dtype=torch.float64).transpose(1, 2)
+    wide = torch.randn(2, 5, 20, dtype=torch.float64)[:, :, 3:15]  # a strided column slice
+    for t in (dense, column_major, wide):
+        t = t.detach().requires_grad_(True)
+        assert torch.autograd.gradcheck(
+            lambda t_, temp: _ChannelAttention.apply(t_, temp, off_head), (t, temperature))
 
 
 def test_the_folded_mlp_norm_gives_vector_norm_s_values(monkeypatch):

@@ -109,7 +109,7 @@ class TransposedAttention(nn.Module):
 
     On a CPU (eager, float, no autocast) the attention itself runs as
     :class:`_ChannelAttention`, the same maths on the channels-last map with a hand-written
-    backward: the module's forward and backward became 2.1-2.3× faster on the ``default``
+    backward: the module's forward and backward became 2.0-2.3× faster on the ``default``
     profile's leader at 80×80 (2-vCPU Intel Xeon, two threads; ``benchmarks/RESULTS.md``,
     "The leader's attention with a hand-written backward"). ``FUSE4SEG_ATTENTION=autograd``
     runs the form below instead, as GPUs and compiled graphs always do (not measured there).
@@ -133,7 +133,7 @@ class TransposedAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv_dw(self.qkv(x))  # (B, 3C, H, W)
         if _cpu_attention(qkv):
-            t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3 * c)  # a view when channels-last
+            t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3 * c)  # a view, dense if CL
             d = c // self.heads
             temperature = self.temperature.reshape(self.heads, 1).repeat_interleave(d, 0)
             head = torch.arange(c, device=x.device) // d
@@ -174,9 +174,12 @@ class _ChannelAttention(torch.autograd.Function):
       channels-last matrix ``t`` as it is, and the backward writes ``∂L/∂t`` whole, with one
       matrix product for ``∂L/∂q`` and ``∂L/∂k`` together.
 
-    The forward computes ``C/h`` times the Gram entries the heads need (C = 16, 2 heads in
-    ``fuse4seg_small``: twice), a small cost next to the maps. The same values to float
-    rounding (tested against the autograd form in float64, a zero query channel included).
+    The Gram matrix has h times the entries the heads need (twice for the two heads of
+    ``fuse4seg_tiny`` and ``fuse4seg_small``, 8 times for ``paper``'s), and the backward's
+    ``(2C × 2C)`` product about 2h times the per-head work: small next to the passes over the
+    maps it saves at these sizes. The same values to float rounding (tested against the
+    autograd form in float64, a zero query channel included, and by ``gradcheck``). No double
+    backward (nothing in the package differentiates a gradient).
     """
 
     EPS = 1e-12
@@ -192,10 +195,11 @@ class _ChannelAttention(torch.autograd.Function):
         nq_c, nk_c = nq.clamp_min(eps), nk.clamp_min(eps)
         r = torch.bmm(q.transpose(1, 2), k).div_(nq_c[:, :, None]).div_(nk_c[:, None, :])
         a = (r * temperature).masked_fill_(off_head, float("-inf")).softmax(-1)  # (B, C, C)
-        ctx.save_for_backward(t, temperature, r, a, nq_c, nk_c, nq > eps, nk > eps)
+        ctx.save_for_backward(t, temperature, r, a, nq_c, nk_c, nq >= eps, nk >= eps)
         return torch.bmm(v, a.transpose(1, 2))  # (B, HW, C)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         t, temperature, r, a, nq_c, nk_c, q_on, k_on = ctx.saved_tensors
         b, _, c3 = t.shape
@@ -215,8 +219,9 @@ class _ChannelAttention(torch.autograd.Function):
         m[:, c:, c:].diagonal(dim1=1, dim2=2).copy_(s_k)
         m[:, :c, c:] = d_g
         m[:, c:, :c] = d_g.transpose(1, 2)
-        d_t = torch.empty_like(t, memory_format=torch.contiguous_format)
-        torch.bmm(t[:, :, :2 * c], m, out=d_t[:, :, :2 * c])  # into d_t's columns: no copy
+        d_t = torch.empty_like(t)  # t's strides: channels-last, or NCHW's column-major view
+        # each product straight into its columns of d_t (no copy on torch 2.13's CPU)
+        torch.bmm(t[:, :, :2 * c], m, out=d_t[:, :, :2 * c])
         torch.bmm(d_out, a, out=d_t[:, :, 2 * c:])
         return d_t, d_temperature, None
 
