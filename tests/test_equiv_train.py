@@ -72,7 +72,8 @@ def test_the_nchw_variant_keeps_the_leader_in_nchw_and_is_undone(monkeypatch):
     assert channels_last() and "FUSE4SEG_LEADER_LAYOUT" not in os.environ
     with equiv.layout("shipped"):
         assert channels_last()
-    assert set(equiv.CHANGES) == {"grn", "adamw", "layout", "convnext", "gate", "norm"}
+    assert set(equiv.CHANGES) == {"grn", "adamw", "layout", "convnext", "gate", "norm",
+                                  "attention"}
 
 
 def test_the_autograd_variant_runs_the_blocks_as_written_and_is_undone(monkeypatch):
