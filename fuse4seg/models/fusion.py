@@ -108,7 +108,7 @@ class TransposedAttention(nn.Module):
     by a learnt temperature, so the cost is linear in H·W.
 
     On a CPU (eager, float, no autocast) the attention itself runs as
-    :class:`_ChannelAttention`, the same maths on the channels-last map with a hand-written
+    ``_ChannelAttention``, the same maths on the channels-last map with a hand-written
     backward: the module's forward and backward became 2.0-2.3× faster on the ``default``
     profile's leader at 80×80 (2-vCPU Intel Xeon, two threads; ``benchmarks/RESULTS.md``,
     "The leader's attention with a hand-written backward"). ``FUSE4SEG_ATTENTION=autograd``
