@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import time
-from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,6 +35,10 @@ from fuse4seg.models import (
     list_fusion_models,
     list_segmentation_models,
 )
+from fuse4seg.utils import env_switches
+
+PER_HEAD = {"FUSE4SEG_ATTENTION": "autograd"}
+"""The switch under which :func:`_gflops` counts: the leader's attention per head."""
 
 
 def _machine(device: torch.device) -> str:
@@ -80,7 +83,7 @@ def _gflops(model: torch.nn.Module, kind: str, size: int, device, amp: bool) -> 
     model.eval()
     counter = FlopCounterMode(display=False)
     with (torch.no_grad(), _autocast(device, amp), counter,
-          mock.patch.dict(os.environ, {"FUSE4SEG_ATTENTION": "autograd"})):
+          env_switches(PER_HEAD)):
         model(*inputs)
     return counter.get_total_flops() / 1e9
 

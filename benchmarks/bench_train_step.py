@@ -55,18 +55,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import statistics
 import sys
 import time
-from unittest import mock
 
 import torch
 
 from fuse4seg.config import get_config
 from fuse4seg.train.bilevel import Engine
 from fuse4seg.train.engine import compile_net
+from fuse4seg.utils import env_switches
 
 VARIANTS = ("eager", "cl", "amp", "amp_cl", "compile", "compile_static", "compile_leader",
             "compile_graphs",
@@ -127,7 +126,7 @@ def build(args, variant: str, device: torch.device) -> Engine:
     # (models.place_leader reads FUSE4SEG_LEADER_LAYOUT)
     before = {"loop_adamw": {"FUSE4SEG_ADAMW": "loop"},
               "nchw_leader": {"FUSE4SEG_LEADER_LAYOUT": "nchw"}}.get(variant, {})
-    with mock.patch.dict(os.environ, before):
+    with env_switches(before):
         engine = Engine(config, "fuse4seg", device, steps_per_epoch=10**6)
     if variant in ("amp", "amp_cl") and device.type == "cpu":  # --cpu-bf16: measured only
         engine.amp_dtype = torch.bfloat16

@@ -58,17 +58,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from unittest import mock
+
+from fuse4seg.utils import env_switches
 
 
 @contextlib.contextmanager
 def _env_switch(name: str, before: str, variant: str):
     """The code as shipped (``name`` unset), or as before the change (``name=before``, when
     ``variant == before``), for the runs built inside; the environment as it was, on exit."""
-    with mock.patch.dict(os.environ):
-        os.environ.pop(name, None)
-        if variant == before:
-            os.environ[name] = before
+    with env_switches({name: before if variant == before else ""}):
         yield
 
 
@@ -118,7 +116,7 @@ def grn(variant: str):
     GRN into pw2 and calls neither."""
     from fuse4seg.models import segmentation
 
-    with mock.patch.dict(os.environ, {"FUSE4SEG_CONVNEXT": "autograd"}):
+    with env_switches({"FUSE4SEG_CONVNEXT": "autograd"}):
         if variant == "shipped":
             yield
             return

@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +59,7 @@ from step_anatomy import build_engine, random_batch  # noqa: E402
 from fuse4seg.models import fusion as fusion_mod  # noqa: E402
 from fuse4seg.models import segmentation as seg_mod  # noqa: E402
 from fuse4seg.models.layers import LayerNorm2d  # noqa: E402
+from fuse4seg.utils import env_switches  # noqa: E402
 
 CL = torch.channels_last
 BEFORE = {"gate": {"FUSE4SEG_GATE": "strided"}, "norm": {"FUSE4SEG_GRN_NORM": "vector_norm"},
@@ -72,7 +71,7 @@ BEFORE = {"gate": {"FUSE4SEG_GATE": "strided"}, "norm": {"FUSE4SEG_GRN_NORM": "v
 def before(*levers: str):
     """The code before the named levers (their switches set) inside the ``with`` block."""
     switches = {k: v for lever in levers for k, v in BEFORE[lever].items()}
-    with mock.patch.dict(os.environ, switches):
+    with env_switches(switches):
         yield
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "code_digest",
     "code_text",
     "env_setting",
+    "env_switches",
     "environment_summary",
     "git_commit",
     "resolve_device",
@@ -98,6 +99,40 @@ def env_setting(name: str) -> str:
             f"{', '.join(allowed)}, or leave it unset"
         )
     return value
+
+
+@contextlib.contextmanager
+def env_switches(settings: dict[str, str]):
+    """Set switches of :data:`ENV_SWITCHES` inside a ``with`` block, and put the environment
+    back as it was on leaving it, even on an error.
+
+    ``settings`` maps a switch to one of the values it takes, or to ``""`` to unset it (the
+    default). An unknown name or value raises ``ValueError`` before anything is set. The
+    benchmarks run the code before a CPU change this way (``FUSE4SEG_ATTENTION=autograd``);
+    a switch read when a network or an optimiser is built must be set while it is built, one
+    read at each call while the call runs.
+    """
+    for name, value in settings.items():
+        if name not in ENV_SWITCHES:
+            raise ValueError(f"{name}: not a fuse4seg switch (the switches: "
+                             f"{', '.join(ENV_SWITCHES)})")
+        if value and value not in ENV_SWITCHES[name]:
+            raise ValueError(f"{name}={value!r}: expected one of "
+                             f"{', '.join(ENV_SWITCHES[name])}, or \"\" for the default")
+    saved = {name: os.environ.get(name) for name in settings}
+    try:
+        for name, value in settings.items():
+            if value:
+                os.environ[name] = value
+            else:
+                os.environ.pop(name, None)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 OTHER_VARIABLES = ("FUSE4SEG_COMMIT", "FUSE4SEG_SHARED_DATA", "FUSE4SEG_SMOKE_BOOK")

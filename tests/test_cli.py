@@ -411,6 +411,32 @@ def test_env_setting_reads_a_switch_case_blind_and_refuses_an_unknown_one(monkey
                                  "FUSE4SEG_GRN_NORM", "FUSE4SEG_ATTENTION"}
 
 
+def test_env_switches_sets_switches_for_a_block_and_puts_the_environment_back(monkeypatch):
+    """``env_switches`` sets and unsets switches inside its block and restores each one as it
+    was (set or not) on leaving it, after an error too; an unknown name or value is refused
+    before anything is set."""
+    import os
+
+    from fuse4seg.utils import env_switches
+
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")
+    monkeypatch.delenv("FUSE4SEG_GATE", raising=False)
+    with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATE": "strided"}):
+        assert "FUSE4SEG_ADAMW" not in os.environ
+        assert os.environ["FUSE4SEG_GATE"] == "strided"
+    assert os.environ["FUSE4SEG_ADAMW"] == "loop" and "FUSE4SEG_GATE" not in os.environ
+    with pytest.raises(KeyError), env_switches({"FUSE4SEG_GATE": "strided"}):
+        raise KeyError("inside")
+    assert "FUSE4SEG_GATE" not in os.environ
+    with pytest.raises(ValueError, match="FUSE4SEG_GATES: not a fuse4seg switch"):
+        with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATES": "strided"}):
+            pass
+    with pytest.raises(ValueError, match="FUSE4SEG_GATE='dense': expected one of strided"):
+        with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATE": "dense"}):
+            pass
+    assert os.environ["FUSE4SEG_ADAMW"] == "loop"  # nothing was set before the refusal
+
+
 def test_a_misspelt_switch_name_is_warned_about_once(monkeypatch):
     """``FUSE4SEG_ADAM=loop`` (for FUSE4SEG_ADAMW) was ignored without a word, leaving the
     default in force (helper review): a ``FUSE4SEG_*`` variable that is no switch is warned

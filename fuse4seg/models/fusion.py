@@ -56,8 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuse4seg.models.layers import LayerNorm2d, check_divisible
-from fuse4seg.utils import env_setting
+from fuse4seg.models.layers import LayerNorm2d, check_divisible, cpu_eager, cpu_float_eager
 
 __all__ = [
     "AffineCoupling",
@@ -152,9 +151,7 @@ class TransposedAttention(nn.Module):
 def _cpu_attention(qkv: torch.Tensor) -> bool:
     """Whether :class:`TransposedAttention` runs :class:`_ChannelAttention`: eager float on a
     CPU without autocast, unless ``FUSE4SEG_ATTENTION=autograd``."""
-    return (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and env_setting("FUSE4SEG_ATTENTION") != "autograd")
+    return cpu_float_eager(qkv, "FUSE4SEG_ATTENTION", "autograd")
 
 
 class _ChannelAttention(torch.autograd.Function):
@@ -261,9 +258,8 @@ class GatedFeedForward(nn.Module):
 def _copy_gate(gate: torch.Tensor) -> bool:
     """Whether :class:`GatedFeedForward` copies its gate dense: a channels-last half (channel
     stride 1, not dense) on a CPU, eager, unless ``FUSE4SEG_GATE=strided``."""
-    return (gate.device.type == "cpu" and gate.stride(1) == 1
-            and not gate.is_contiguous(memory_format=torch.channels_last)
-            and not torch.compiler.is_compiling() and env_setting("FUSE4SEG_GATE") != "strided")
+    return (gate.stride(1) == 1 and not gate.is_contiguous(memory_format=torch.channels_last)
+            and cpu_eager(gate, "FUSE4SEG_GATE", "strided"))
 
 
 class RestormerBlock(nn.Module):

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm2d", "check_divisible"]
+from fuse4seg.utils import env_setting
+
+__all__ = ["LayerNorm2d", "check_divisible", "cpu_eager", "cpu_float_eager"]
 
 
 class LayerNorm2d(nn.Module):
@@ -33,3 +35,20 @@ def check_divisible(x: torch.Tensor, stride: int, who: str) -> None:
             f"{who}: input size {h}x{w} is not divisible by its stride {stride}; pad or crop "
             f"the slices to a multiple of {stride}"
         )
+
+
+def cpu_eager(x: torch.Tensor, switch: str, off: str) -> bool:
+    """Whether one of the package's CPU rewrites may run on ``x``: on a CPU, eager (not inside
+    a graph ``torch.compile`` traces, whose compiler fuses such chains itself), and the
+    environment switch ``switch`` not set to ``off`` (read last, so only where the rewrite
+    would otherwise run; :func:`fuse4seg.utils.check_env_switches` reads them all)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and env_setting(switch) != off)
+
+
+def cpu_float_eager(x: torch.Tensor, switch: str, off: str) -> bool:
+    """:func:`cpu_eager`, for a rewrite with a hand-written backward: ``x`` also float32 or
+    float64, outside CPU autocast (the rewrites compute in ``x``'s dtype; a bfloat16 map goes
+    the way autograd does)."""
+    return (x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+            and cpu_eager(x, switch, off))

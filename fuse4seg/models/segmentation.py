@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuse4seg.models.layers import LayerNorm2d, check_divisible
+from fuse4seg.models.layers import LayerNorm2d, check_divisible, cpu_float_eager
 from fuse4seg.utils import env_setting
 
 __all__ = ["ConvNeXtBlock", "ConvNeXtUNet", "GRN", "TransformerBottleneckBlock",
@@ -254,9 +254,7 @@ def _cpu_kernels(x: torch.Tensor) -> bool:
     """Whether a ConvNeXt block on ``x`` runs ``_DepthwiseByForward`` and
     ``_FoldedMLP``: eager float on a CPU without autocast, unless ``FUSE4SEG_CONVNEXT=
     autograd``."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and env_setting("FUSE4SEG_CONVNEXT") != "autograd")
+    return cpu_float_eager(x, "FUSE4SEG_CONVNEXT", "autograd")
 
 
 class ConvNeXtBlock(nn.Module):
