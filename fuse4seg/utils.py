@@ -103,11 +103,14 @@ def env_setting(name: str) -> str:
 
 @contextlib.contextmanager
 def env_switches(settings: dict[str, str]):
-    """Set switches of :data:`ENV_SWITCHES` inside a ``with`` block, and put the environment
-    back as it was on leaving it, even on an error.
+    """Set switches of :data:`ENV_SWITCHES` inside a ``with`` block, and put each of them
+    back as it was (set to its old value, or unset) on leaving it, even on an error. Other
+    variables are left as the block leaves them: a folder a call inside sets for itself
+    (``TORCHINDUCTOR_CACHE_DIR``, :func:`fuse4seg.train.engine.compile_net`) stays set.
 
-    ``settings`` maps a switch to one of the values it takes, or to ``""`` to unset it (the
-    default). An unknown name or value raises ``ValueError`` before anything is set. The
+    ``settings`` maps a switch to one of the values it takes, written as
+    :data:`ENV_SWITCHES` lists it, or to ``""`` to unset it (the default). An unknown name or
+    value raises ``ValueError`` before anything is set. The
     benchmarks run the code before a CPU change this way (``FUSE4SEG_ATTENTION=autograd``);
     a switch read when a network or an optimiser is built must be set while it is built, one
     read at each call while the call runs.

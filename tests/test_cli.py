@@ -428,13 +428,29 @@ def test_env_switches_sets_switches_for_a_block_and_puts_the_environment_back(mo
     with pytest.raises(KeyError), env_switches({"FUSE4SEG_GATE": "strided"}):
         raise KeyError("inside")
     assert "FUSE4SEG_GATE" not in os.environ
+    with pytest.raises(KeyError), env_switches({"FUSE4SEG_ADAMW": ""}):
+        raise KeyError("inside, with a switch that was set before")
+    assert os.environ["FUSE4SEG_ADAMW"] == "loop"
+
+    class Watched(dict):  # os.environ as a mapping that records every write
+        writes: list = []
+
+        def __setitem__(self, key, value):
+            self.writes.append(key)
+            super().__setitem__(key, value)
+
+        def pop(self, key, *default):
+            self.writes.append(key)
+            return super().pop(key, *default)
+
+    monkeypatch.setattr(os, "environ", Watched(os.environ))
     with pytest.raises(ValueError, match="FUSE4SEG_GATES: not a fuse4seg switch"):
         with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATES": "strided"}):
             pass
     with pytest.raises(ValueError, match="FUSE4SEG_GATE='dense': expected one of strided"):
         with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATE": "dense"}):
             pass
-    assert os.environ["FUSE4SEG_ADAMW"] == "loop"  # nothing was set before the refusal
+    assert Watched.writes == []  # refused before anything was set (or put back)
 
 
 def test_a_misspelt_switch_name_is_warned_about_once(monkeypatch):
