@@ -108,23 +108,26 @@ def env_switches(settings: dict[str, str]):
     variables are left as the block leaves them: a folder a call inside sets for itself
     (``TORCHINDUCTOR_CACHE_DIR``, :func:`fuse4seg.train.engine.compile_net`) stays set.
 
-    ``settings`` maps a switch to one of the values it takes, written as
-    :data:`ENV_SWITCHES` lists it, or to ``""`` to unset it (the default). An unknown name or
+    ``settings`` maps a switch to one of the values it takes (read as :func:`env_setting`
+    reads it: case and surrounding spaces do not count), or to ``""`` to unset it (the
+    default). An unknown name or
     value raises ``ValueError`` before anything is set. The
     benchmarks run the code before a CPU change this way (``FUSE4SEG_ATTENTION=autograd``);
     a switch read when a network or an optimiser is built must be set while it is built, one
     read at each call while the call runs.
     """
+    wanted = {}
     for name, value in settings.items():
         if name not in ENV_SWITCHES:
             raise ValueError(f"{name}: not a fuse4seg switch (the switches: "
                              f"{', '.join(ENV_SWITCHES)})")
-        if value and value not in ENV_SWITCHES[name]:
+        wanted[name] = value.strip().lower()  # as env_setting reads it
+        if wanted[name] and wanted[name] not in ENV_SWITCHES[name]:
             raise ValueError(f"{name}={value!r}: expected one of "
                              f"{', '.join(ENV_SWITCHES[name])}, or \"\" for the default")
-    saved = {name: os.environ.get(name) for name in settings}
+    saved = {name: os.environ.get(name) for name in wanted}
     try:
-        for name, value in settings.items():
+        for name, value in wanted.items():
             if value:
                 os.environ[name] = value
             else:

@@ -421,7 +421,7 @@ def test_env_switches_sets_switches_for_a_block_and_puts_the_environment_back(mo
 
     monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")
     monkeypatch.delenv("FUSE4SEG_GATE", raising=False)
-    with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATE": "strided"}):
+    with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATE": " Strided"}):
         assert "FUSE4SEG_ADAMW" not in os.environ
         assert os.environ["FUSE4SEG_GATE"] == "strided"
     assert os.environ["FUSE4SEG_ADAMW"] == "loop" and "FUSE4SEG_GATE" not in os.environ

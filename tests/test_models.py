@@ -487,6 +487,10 @@ def test_the_dense_gate_gives_the_strided_gate_s_values(monkeypatch):
     assert copied == [True, False, False]
     half = x.detach()[:, :3]  # a channels-last half
     assert real(half)
+    # on another device never, whatever the map: the device is read first
+    assert not real(torch.empty(3, 6, 10, 12, device="meta").contiguous(
+        memory_format=torch.channels_last)[:, :3])
+    assert not real(torch.empty(5, device="meta"))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not real(half)  # a compiled graph: inductor fuses the copy away
     monkeypatch.undo()

@@ -258,7 +258,8 @@ class GatedFeedForward(nn.Module):
 def _copy_gate(gate: torch.Tensor) -> bool:
     """Whether :class:`GatedFeedForward` copies its gate dense: a channels-last half (channel
     stride 1, not dense) on a CPU, eager, unless ``FUSE4SEG_GATE=strided``."""
-    return (gate.stride(1) == 1 and not gate.is_contiguous(memory_format=torch.channels_last)
+    return (gate.device.type == "cpu" and gate.stride(1) == 1
+            and not gate.is_contiguous(memory_format=torch.channels_last)
             and cpu_eager(gate, "FUSE4SEG_GATE", "strided"))
 
 
