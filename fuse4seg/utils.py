@@ -91,13 +91,17 @@ def env_setting(name: str) -> str:
     it takes, so a misspelt switch (``FUSE4SEG_ADAMW=lop``) stops the run instead of leaving
     the default silently in force.
     """
+    return _switch_value(name, os.environ.get(name, ""), "environment variable ")
+
+
+def _switch_value(name: str, raw: str, where: str = "") -> str:
+    """``raw`` as the switch ``name`` reads it (stripped, lower-cased), or a ``ValueError``
+    that names ``where`` + the switch, the value and the values it takes."""
     allowed = ENV_SWITCHES[name]
-    value = os.environ.get(name, "").strip().lower()
+    value = raw.strip().lower()
     if value and value not in allowed:
-        raise ValueError(
-            f"environment variable {name}={os.environ[name]!r}: expected one of "
-            f"{', '.join(allowed)}, or leave it unset"
-        )
+        raise ValueError(f"{where}{name}={raw!r}: expected one of {', '.join(allowed)}, "
+                         f"or leave it unset")
     return value
 
 
@@ -110,8 +114,7 @@ def env_switches(settings: dict[str, str]):
 
     ``settings`` maps a switch to one of the values it takes (read as :func:`env_setting`
     reads it: case and surrounding spaces do not count), or to ``""`` to unset it (the
-    default). An unknown name or
-    value raises ``ValueError`` before anything is set. The
+    default). An unknown name or value raises ``ValueError`` before anything is set. The
     benchmarks run the code before a CPU change this way (``FUSE4SEG_ATTENTION=autograd``);
     a switch read when a network or an optimiser is built must be set while it is built, one
     read at each call while the call runs.
@@ -121,10 +124,7 @@ def env_switches(settings: dict[str, str]):
         if name not in ENV_SWITCHES:
             raise ValueError(f"{name}: not a fuse4seg switch (the switches: "
                              f"{', '.join(ENV_SWITCHES)})")
-        wanted[name] = value.strip().lower()  # as env_setting reads it
-        if wanted[name] and wanted[name] not in ENV_SWITCHES[name]:
-            raise ValueError(f"{name}={value!r}: expected one of "
-                             f"{', '.join(ENV_SWITCHES[name])}, or \"\" for the default")
+        wanted[name] = _switch_value(name, value)  # as env_setting reads it
     saved = {name: os.environ.get(name) for name in wanted}
     try:
         for name, value in wanted.items():

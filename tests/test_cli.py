@@ -432,15 +432,15 @@ def test_env_switches_sets_switches_for_a_block_and_puts_the_environment_back(mo
         raise KeyError("inside, with a switch that was set before")
     assert os.environ["FUSE4SEG_ADAMW"] == "loop"
 
-    class Watched(dict):  # os.environ as a mapping that records every write
-        writes: list = []
+    writes = []
 
+    class Watched(dict):  # os.environ as a mapping that records every write
         def __setitem__(self, key, value):
-            self.writes.append(key)
+            writes.append(key)
             super().__setitem__(key, value)
 
         def pop(self, key, *default):
-            self.writes.append(key)
+            writes.append(key)
             return super().pop(key, *default)
 
     monkeypatch.setattr(os, "environ", Watched(os.environ))
@@ -450,7 +450,7 @@ def test_env_switches_sets_switches_for_a_block_and_puts_the_environment_back(mo
     with pytest.raises(ValueError, match="FUSE4SEG_GATE='dense': expected one of strided"):
         with env_switches({"FUSE4SEG_ADAMW": "", "FUSE4SEG_GATE": "dense"}):
             pass
-    assert Watched.writes == []  # refused before anything was set (or put back)
+    assert writes == []  # refused before anything was set (or put back)
 
 
 def test_a_misspelt_switch_name_is_warned_about_once(monkeypatch):
