@@ -497,34 +497,35 @@ def predict_files(
     scheme = scheme or _scheme_of(t1ce, bundle.scheme, brats2013=case_2013 is not None)
     if scheme not in EXPORT:
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
-    # the folders this call makes (deepest first): a failed or stopped prediction removes
-    # those it left empty, so no empty folder chain is left behind
+    # the folders this call makes (deepest first): a failed or stopped (Ctrl-C) prediction
+    # removes the files it wrote and the folders it left empty, at any point up to the end
     made = missing_folders(out_dir)
+    paths = {"fused": out_dir / "fused.nii.gz", "seg": out_dir / "seg.nii.gz"}
+    written: list[Path] = []
     try:
         _writable_folder(out_dir)  # before the model runs: minutes at the paper's size
         fused, seg = predict_volume(bundle, a, b, brain, batch_size, progress=progress)
+        # both files are encoded before either is written; a fused.nii.gz left by another
+        # model (a 2-channel method has none) is removed, so the folder never mixes two
+        # models' outputs
+        blobs = {"seg": _nifti_bytes(paths["seg"], from_canonical(seg, scheme), affine, header)}
+        if fused is not None:
+            blobs["fused"] = _nifti_bytes(paths["fused"], fused, affine, header)
+        for key in ("fused", "seg"):
+            try:
+                if key in blobs:
+                    atomic_write_bytes(paths[key], blobs[key])
+                    written.append(paths[key])
+                else:
+                    paths[key].unlink(missing_ok=True)
+            except OSError as err:
+                raise ValueError(f"--out {out_dir}: cannot write {paths[key].name} "
+                                 f"({err.strerror})") from err
     except BaseException:
+        for path in written:  # never one new file beside an old one: remove this call's
+            path.unlink(missing_ok=True)
         remove_empty_folders(made)
         raise
-    paths = {"fused": out_dir / "fused.nii.gz", "seg": out_dir / "seg.nii.gz"}
-    # both files are encoded before either is written; a fused.nii.gz left by another model
-    # (a 2-channel method has none) is removed, so the folder never mixes two models' outputs
-    blobs = {"seg": _nifti_bytes(paths["seg"], from_canonical(seg, scheme), affine, header)}
-    if fused is not None:
-        blobs["fused"] = _nifti_bytes(paths["fused"], fused, affine, header)
-    written = []
-    for key in ("fused", "seg"):
-        try:
-            if key in blobs:
-                atomic_write_bytes(paths[key], blobs[key])
-                written.append(paths[key])
-            else:
-                paths[key].unlink(missing_ok=True)
-        except OSError as err:
-            for path in written:  # never one new file beside an old one: remove this call's
-                path.unlink(missing_ok=True)
-            raise ValueError(f"--out {out_dir}: cannot write {paths[key].name} "
-                             f"({err.strerror})") from err
     return {
         "fused": str(paths["fused"]) if "fused" in blobs else None,
         "mask_found": str(found_mask) if found_mask is not None else None,

@@ -160,6 +160,47 @@ def test_a_stopped_predict_removes_the_folders_it_made(phantom_dir, tmp_path, ca
     assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
+def test_a_predict_stopped_while_writing_leaves_no_new_file_and_no_folder(
+        phantom_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C between the two files: the fused volume this call wrote is removed (never a new
+    fused.nii.gz beside an old seg.nii.gz), and so are the folders it made; a stop while the
+    volumes are encoded also removes the folders."""
+    import fuse4seg.inference as inference
+
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    real_write = inference.atomic_write_bytes
+    calls = []
+
+    def write_then_stop(path, data):
+        calls.append(Path(path).name)
+        if len(calls) == 2:  # the second file (seg.nii.gz): stopped before it is written
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(inference, "atomic_write_bytes", write_then_stop)
+    (tmp_path / "kept").mkdir()
+    assert _predict(run, t1ce, flair, tmp_path / "kept" / "a" / "out") == 130
+    assert calls == ["fused.nii.gz", "seg.nii.gz"]
+    assert "interrupted" in capsys.readouterr().err
+    assert not any((tmp_path / "kept").iterdir())
+    # into a folder that holds an earlier prediction: the old segmentation stays alone
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "seg.nii.gz").write_bytes(b"an earlier segmentation")
+    calls.clear()
+    assert _predict(run, t1ce, flair, old) == 130
+    assert sorted(p.name for p in old.iterdir()) == ["seg.nii.gz"]
+    assert (old / "seg.nii.gz").read_bytes() == b"an earlier segmentation"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "_nifti_bytes", stop)
+    assert _predict(run, t1ce, flair, tmp_path / "kept" / "b" / "out") == 130
+    assert not any((tmp_path / "kept").iterdir())
+
+
 @pytest.mark.slow
 def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):
     run = _make_run(tmp_path, method="direct2ch")
