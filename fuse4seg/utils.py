@@ -270,8 +270,9 @@ def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
     path = Path(path)
     entry = path.parent.resolve() / path.name  # what the rename replaces
 
-    def refuse(what: str, name: str, source: Path) -> None:
-        raise ValueError(f"{flag} {path}: {what} {name} {source}; write the output elsewhere")
+    def refuse(what: str, name: str, source: Path, advice: str = "write the output elsewhere"
+               ) -> None:
+        raise ValueError(f"{flag} {path}: {what} {name} {source}; {advice}")
 
     for name, source in inputs:
         if source is None:
@@ -279,10 +280,15 @@ def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
         source = Path(source)
         if entry in (source.parent.resolve() / source.name, source.resolve()):
             refuse("is the input", name, source)
-        src = source.resolve()
-        data = path.name.lower().endswith(DATA_FILES)
-        if source.is_dir() and entry.is_relative_to(src) and (folder or data):
+        if not (source.is_dir() and entry.is_relative_to(source.resolve())):
+            continue
+        if folder:
             refuse("lies inside the input", name, source)
+        data = [end for end in DATA_FILES if path.name.lower().endswith(end)]
+        if data:  # an input's reader would take it for one of its files (or it is one)
+            refuse(f"is named like data ({data[0]}) inside the input", name, source,
+                   "the input's readers would take it for one of its files: give it another "
+                   "name or write it elsewhere")
     for name, run in runs:
         run = Path(run) if run is not None else None
         if run is not None and not run.is_dir():

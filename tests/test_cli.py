@@ -711,8 +711,8 @@ def test_outputs_never_overwrite_what_the_command_reads(tmp_path):
     (run / "scores.json").write_text("{}")  # an earlier `evaluate --json RUN/scores.json`
     inputs, runs = [("--data", data), ("--a", image), ("--cache", None)], [("RUN", run)]
     refused = {
-        data / "manifest.json": "lies inside the input --data",
-        data / "case" / "new.nii.gz": "lies inside the input --data",
+        data / "manifest.json": r"is named like data \(manifest.json\) inside the input --data",
+        data / "case" / "new.nii.gz": r"is named like data \(.nii.gz\) inside the input --data",
         image: "is the input --a",
         run / "run.json": "would overwrite the records of the run RUN",
         run / "val.json": "would overwrite the records of the run RUN",
@@ -749,7 +749,8 @@ def test_evaluate_and_metrics_refuse_to_overwrite_their_inputs(phantom_dir, tmp_
     manifest.write_text('{"kept": true}')
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(manifest.parent), "--json",
                  str(manifest)]) == 2
-    assert f"--json {manifest}: lies inside the input --data" in capsys.readouterr().err
+    assert (f"--json {manifest}: is named like data (manifest.json) inside the input --data"
+            in capsys.readouterr().err)
     assert manifest.read_text() == '{"kept": true}'
     folders = {name: tmp_path / name for name in ("F", "A", "B")}
     for folder in folders.values():
@@ -758,7 +759,9 @@ def test_evaluate_and_metrics_refuse_to_overwrite_their_inputs(phantom_dir, tmp_
     target = folders["A"] / "p.png"
     assert main(["metrics", "--fused", str(folders["F"]), "--a", str(folders["A"]), "--b",
                  str(folders["B"]), "--csv", str(target)]) == 2
-    assert f"--csv {target}: lies inside the input --a" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--csv {target}: is named like data (.png) inside the input --a" in err
+    assert "would take it for one of its files" in err
     assert target.read_bytes() == b"not scored: refused first"
 
 
