@@ -172,3 +172,26 @@ def test_cli_a_folder_that_no_image_pattern_matches_is_a_bad_case_that_skip_bad_
                      "--skip-bad", *patterns]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cases"] == ["good"] and "labels_only" in json.dumps(manifest["skipped"])
+
+
+def test_a_named_case_without_a_recognised_segmentation_says_which_words_it_looked_for(
+        renamed, tmp_path, capsys):
+    """A segmentation called ``roi`` is no ``seg`` word: the error lists the words and the
+    pattern flag that names the file instead, in ``load_case`` and in ``data check``."""
+    from fuse4seg.cli import main
+
+    root, _ = renamed
+    case = tmp_path / "p7"
+    _copy(root / "caseA" / "T1c.nii.gz", case / "p7_T1c.nii.gz")
+    _copy(root / "caseA" / "Flair.nii.gz", case / "p7_Flair.nii.gz")
+    _copy(root / "caseA" / "segmentation.nii.gz", case / "p7_roi.nii.gz")
+    (found,) = find_cases(case)
+    assert found.layout == "named"
+    with pytest.raises(DataError, match=r"case p7: missing segmentation file: no NIfTI file in "
+                       r"its folder has one of the words seg, segmentation, label, .*"
+                       r"ground_truth in its name \(named layout\); rename the file, or give "
+                       r"--seg-pattern"):
+        load_case(found)
+    assert main(["data", "check", str(case), "--t1ce-pattern", "*T1c*"]) == 1
+    assert "or give --seg-pattern" in capsys.readouterr().out
+    assert main(["data", "check", str(case), "--seg-pattern", "*roi*"]) == 0

@@ -71,12 +71,16 @@ _SIGNATURES = {
 }
 
 _TOKEN = r"(?:^|[_\-. ]){}(?:$|[_\-. ])"
+NAMED_WORDS: dict[str, tuple[str, ...]] = {
+    "t1ce": ("t1ce", "t1c", "t1gd", "t1_ce", "t1-ce", "t1_gd", "t1post", "t1_post"),
+    "flair": ("flair", "t2f", "t2_flair", "t2flair"),
+    "seg": ("seg", "segmentation", "label", "labels", "gt", "groundtruth", "ground_truth"),
+    "mask": ("brainmask", "brain_mask", "brain-mask"),
+}
+"""The ``named`` layout's words for each file (also named in its errors)."""
 NAMED_PATTERNS: dict[str, str] = {
     # key -> regular expression on the lower-case file name without its NIfTI extension
-    "t1ce": _TOKEN.format(r"(?:t1ce|t1c|t1gd|t1_ce|t1-ce|t1_gd|t1post|t1_post)"),
-    "flair": _TOKEN.format(r"(?:flair|t2f|t2_flair|t2flair)"),
-    "seg": _TOKEN.format(r"(?:seg|segmentation|label|labels|gt|groundtruth|ground_truth)"),
-    "mask": _TOKEN.format(r"(?:brainmask|brain_mask|brain-mask)"),
+    key: _TOKEN.format("(?:" + "|".join(words) + ")") for key, words in NAMED_WORDS.items()
 }
 """The ``named`` layout: how each file is recognised (token-delimited, any case)."""
 
