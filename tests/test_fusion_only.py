@@ -345,6 +345,8 @@ def test_fusion_cli_train_and_evaluate(pair_root, tmp_path, capsys):
     rc = fusion("evaluate", run_dir, *spect, "--convention", "all", "--json", out_json,
                 "--device", "cpu", "--images", tmp_path / "img")
     assert rc == 0
+    said = capsys.readouterr().out  # what was written, as the other verbs say it
+    assert f"wrote {out_json}" in said and f"wrote the fused images to {tmp_path / 'img'}" in said
     data = json.loads(out_json.read_text())
     assert data["pairs"] == ["s1", "s2"] and data["trained_on"] == []
     assert set(data["metrics"]) == {"standard", "cddfuse", "matlab_tang"}

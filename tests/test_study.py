@@ -78,7 +78,7 @@ def test_a_bound_near_zero_shows_on_which_side_of_zero_it_lies():
 
 
 @pytest.mark.slow
-def test_train_seeds_scores_every_test_case_of_every_seed(phantom_dir, tmp_path):
+def test_train_seeds_scores_every_test_case_of_every_seed(phantom_dir, tmp_path, capsys):
     from fuse4seg.cli import main
     from fuse4seg.config import get_config
     from fuse4seg.study import train_seeds
@@ -98,6 +98,7 @@ def test_train_seeds_scores_every_test_case_of_every_seed(phantom_dir, tmp_path)
                  "--set", "train.warmup_epochs=1", "--set", "train.rollout_epochs=0",
                  "--set", "data.split_fractions=[0.34, 0.33, 0.33]"])
     assert code == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote {out}")
     report = json.loads(out.read_text())
     assert [m["seed"] for m in report["methods"]["average"]] == [0, 1]
     (comparison,) = report["comparisons"]

@@ -190,6 +190,9 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
     header = f"{label} on {len(pairs)} {args.kind} {split} pairs of {args.pairs}; "
     header += "convention: {conv}"
     print("\n".join(table_lines(means, header)))
+    for what, path in (("", args.json), (" the fused images to", args.images)):
+        if path is not None:
+            print(f"wrote{what} {path}")
     return 0
 
 

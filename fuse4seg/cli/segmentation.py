@@ -275,4 +275,5 @@ def study_main(args: argparse.Namespace) -> int:
                        echo=print)
     if args.json is not None:
         atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
     return 0
