@@ -122,7 +122,9 @@ def test_missing_modality(case_copy):
     (case_copy / "BraTS2021_00006_flair.nii.gz").unlink()
     # the message names the file it looked for
     with pytest.raises(DataError, match=r"BraTS2021_00006: missing FLAIR file: no "
-                                        r"\*_flair\.nii\.gz or \*_flair\.nii in its folder"):
+                                        r"\*_flair\.nii\.gz or \*_flair\.nii in its folder "
+                                        r"\(brats2021 layout\); rename the file, or give "
+                                        r"--flair-pattern"):
         load_case(case_copy)
 
 

@@ -187,9 +187,9 @@ def test_a_named_case_without_a_recognised_segmentation_says_which_words_it_look
     _copy(root / "caseA" / "segmentation.nii.gz", case / "p7_roi.nii.gz")
     (found,) = find_cases(case)
     assert found.layout == "named"
-    with pytest.raises(DataError, match=r"case p7: missing segmentation file: no NIfTI file in "
-                       r"its folder has one of the words seg, segmentation, label, .*"
-                       r"ground_truth in its name \(named layout\); rename the file, or give "
+    with pytest.raises(DataError, match=r"case p7: missing segmentation file: no NIfTI file "
+                       r"with one of the words seg, segmentation, label, .*ground_truth in its "
+                       r"name in its folder \(named layout\); rename the file, or give "
                        r"--seg-pattern"):
         load_case(found)
     assert main(["data", "check", str(case), "--t1ce-pattern", "*T1c*"]) == 1

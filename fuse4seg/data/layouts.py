@@ -62,7 +62,6 @@ from fuse4seg.data.find import (  # noqa: F401  (part of this module's API)
     LAYOUTS,
     MSD_CHANNELS,
     NAMED_PATTERNS,
-    NAMED_WORDS,
     NIFTI,
     SCHEME_OF_LAYOUT,
     CaseFiles,
@@ -437,14 +436,12 @@ def _require(files: CaseFiles, key: str, what: str) -> Path:
 
 def _missing(files: CaseFiles, key: str, what: str) -> str:
     """The error of a case without its ``key`` file: the file names looked for, if the
-    layout has them."""
-    if files.layout == "named" and key in NAMED_WORDS:  # found by a word in the name
-        return (f"case {files.case_id}: missing {what} file: no NIfTI file in its folder has "
-                f"one of the words {', '.join(NAMED_WORDS[key])} in its name (named layout); "
-                f"rename the file, or give --{key}-pattern")
+    layout has them, and the pattern flag that names a file called otherwise."""
     names = expected_names(files.layout, key)
-    looked = f": no {names} in its folder" if names else ""
-    return f"case {files.case_id}: missing {what} file{looked} ({files.layout} layout)"
+    if not names:
+        return f"case {files.case_id}: missing {what} file ({files.layout} layout)"
+    return (f"case {files.case_id}: missing {what} file: no {names} in its folder "
+            f"({files.layout} layout); rename the file, or give --{key}-pattern")
 
 
 def load_case(
