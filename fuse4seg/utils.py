@@ -284,9 +284,9 @@ def check_not_an_input(path: str | Path, flag: str, inputs=(), runs=(),
             continue
         if folder:
             refuse("lies inside the input", name, source)
-        data = [end for end in DATA_FILES if path.name.lower().endswith(end)]
+        data = next((end for end in DATA_FILES if path.name.lower().endswith(end)), None)
         if data:  # an input's reader would take it for one of its files (or it is one)
-            refuse(f"is named like data ({data[0]}) inside the input", name, source,
+            refuse(f"is named like data ({data}) inside the input", name, source,
                    "the input's readers would take it for one of its files: give it another "
                    "name or write it elsewhere")
     for name, run in runs:

@@ -140,7 +140,7 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
         load_fusion_leader,
         pairs_trained_on,
     )
-    from fuse4seg.utils import atomic_write_json, check_output_file, check_output_folder
+    from fuse4seg.utils import check_output_file, check_output_folder
 
     conventions = conventions_of(args.convention)
     run = None if args.method in BASELINES else args.method
@@ -184,15 +184,14 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
         "data": str(args.pairs), "trained_on": seen, "pairs": result["pairs"],
         "metrics": result["metrics"],
     }
-    if args.json is not None:
-        atomic_write_json(args.json, nan_to_none(out))
     means = {conv: res["mean"] for conv, res in result["metrics"].items()}
     header = f"{label} on {len(pairs)} {args.kind} {split} pairs of {args.pairs}; "
     header += "convention: {conv}"
     print("\n".join(table_lines(means, header)))
-    for what, path in (("", args.json), (" the fused images to", args.images)):
-        if path is not None:
-            print(f"wrote{what} {path}")
+    if args.json is not None:
+        write_json(nan_to_none(out), args.json)
+    if args.images is not None:
+        print(f"wrote the fused images to {args.images}")
     return 0
 
 

@@ -7,7 +7,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fuse4seg.cli.common import PROFILES, add_set, config_of, given, positive_int, seed_int
+from fuse4seg.cli.common import (
+    PROFILES,
+    add_set,
+    config_of,
+    given,
+    positive_int,
+    seed_int,
+    write_json,
+)
 
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -261,7 +269,7 @@ def study_main(args: argparse.Namespace) -> int:
     """
     from fuse4seg.study import run_study
     from fuse4seg.train.methods import check_method_settings
-    from fuse4seg.utils import atomic_write_json, check_output_file
+    from fuse4seg.utils import check_output_file
 
     def refuse(items: dict[str, tuple[str, Any]]) -> None:
         _seeds_by_seeds(items)
@@ -274,6 +282,5 @@ def study_main(args: argparse.Namespace) -> int:
     report = run_study(config, args.methods, args.data, args.out, args.seeds, args.device,
                        echo=print)
     if args.json is not None:
-        atomic_write_json(args.json, report)
-        print(f"wrote {args.json}")
+        write_json(report, args.json)
     return 0
