@@ -191,7 +191,7 @@ _LAYOUT_FILES: dict[str, dict[str, list[str]]] = {
 def expected_names(layout: str, role: str) -> str:
     """The file names a ``layout``'s case folder is searched for its ``role`` file, for an
     error message (``"*_flair.nii.gz or *_flair.nii"``; for ``named``, the words of
-    :data:`NAMED_WORDS`; ``""`` where the layout has none)."""
+    ``NAMED_WORDS``; ``""`` where the layout has none)."""
     if layout == "named" and role in NAMED_WORDS:
         return f"NIfTI file with one of the words {', '.join(NAMED_WORDS[role])} in its name"
     stems = _LAYOUT_FILES.get(layout, {}).get(role, [])
