@@ -377,7 +377,8 @@ def predict_files(
 ) -> dict[str, Any]:
     """``fuse4seg predict``: write ``fused.nii.gz`` and ``seg.nii.gz`` for one case
     (``seg.nii.gz`` alone for a two-channel method, ``direct2ch`` or ``monai_unet``, which fuses
-    nothing; a ``fused.nii.gz`` already in ``out_dir`` is then removed).
+    nothing; a ``fused.nii.gz`` already in ``out_dir``, another model's, is then removed once
+    ``seg.nii.gz`` is written, and the result names it).
 
     Args:
         checkpoint: a run folder or checkpoint file (:func:`load_bundle`).
@@ -400,6 +401,7 @@ def predict_files(
 
     Returns:
         ``{"fused": path or None, "seg": path, "scheme": str, "label_counts": {...},``
+        ``"removed": the earlier fused.nii.gz a 2-channel method removed, or None,``
         ``"mask_found": the brain mask taken from a BRATS 2013/2015 case folder, or None,``
         ``"checkpoint": the checkpoint file used, "epoch": its epoch}``.
 
@@ -512,15 +514,24 @@ def predict_files(
         if fused is not None:
             blobs["fused"] = _nifti_bytes(paths["fused"], fused, affine, header)
         for key in ("fused", "seg"):
+            if key not in blobs:
+                continue
             try:
-                if key in blobs:
-                    atomic_write_bytes(paths[key], blobs[key])
-                    written.append(paths[key])
-                else:
-                    paths[key].unlink(missing_ok=True)
+                atomic_write_bytes(paths[key], blobs[key])
             except OSError as err:
                 raise ValueError(f"--out {out_dir}: cannot write {paths[key].name} "
                                  f"({err.strerror})") from err
+            written.append(paths[key])
+        # last, once seg.nii.gz is written: a failed write leaves the earlier pair as it was
+        removed = None
+        if "fused" not in blobs and paths["fused"].is_file():
+            try:
+                paths["fused"].unlink()
+            except OSError as err:
+                raise ValueError(f"--out {out_dir}: cannot remove the earlier fused.nii.gz, "
+                                 f"which this 2-channel method does not replace "
+                                 f"({err.strerror})") from err
+            removed = str(paths["fused"])
     except BaseException:
         for path in written:  # never one new file beside an old one: remove this call's
             path.unlink(missing_ok=True)
@@ -528,6 +539,7 @@ def predict_files(
         raise
     return {
         "fused": str(paths["fused"]) if "fused" in blobs else None,
+        "removed": removed,
         "mask_found": str(found_mask) if found_mask is not None else None,
         "scheme": scheme,
         "seg": str(paths["seg"]),

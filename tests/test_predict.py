@@ -202,7 +202,10 @@ def test_a_predict_stopped_while_writing_leaves_no_new_file_and_no_folder(
 
 
 @pytest.mark.slow
-def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path):
+def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    import fuse4seg.inference as inference
+
     run = _make_run(tmp_path, method="direct2ch")
     t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
     assert _predict(run, t1ce, flair, tmp_path / "o") == 0
@@ -212,8 +215,25 @@ def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tm
     # this model's segmentation
     assert _predict(_make_run(tmp_path / "f"), t1ce, flair, tmp_path / "both") == 0
     assert (tmp_path / "both" / "fused.nii.gz").exists()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "both").iterdir()}
+    capsys.readouterr()
+    # seg.nii.gz cannot be written: the earlier pair stays as it was, fused.nii.gz included
+    real_write = inference.atomic_write_bytes
+
+    def refuse_seg(path, data):
+        if Path(path).name == "seg.nii.gz":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(inference, "atomic_write_bytes", refuse_seg)
+    assert _predict(run, t1ce, flair, tmp_path / "both") == 2
+    assert "cannot write seg.nii.gz (No space left on device)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "both").iterdir()} == before
+    monkeypatch.setattr(inference, "atomic_write_bytes", real_write)
     assert _predict(run, t1ce, flair, tmp_path / "both") == 0
     assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["seg.nii.gz"]
+    out = capsys.readouterr().out
+    assert f"removed {tmp_path / 'both' / 'fused.nii.gz'} (an earlier model's" in out
 
 
 def test_predict_refuses_a_constant_background_and_an_unwritable_out(phantom_dir, tmp_path,

@@ -207,7 +207,8 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
 def predict_main(args: argparse.Namespace) -> int:
     """Fuse and segment one case: writes fused.nii.gz and seg.nii.gz with the input's affine.
 
-    A two-channel method (direct2ch, monai_unet) fuses nothing and writes seg.nii.gz alone.
+    A two-channel method (direct2ch, monai_unet) fuses nothing and writes seg.nii.gz alone;
+    it removes, and names, a fused.nii.gz another model left in --out.
     Open them in ITK-SNAP or 3D Slicer. Labels are written in the input's scheme (BraTS 2021:
     ET = 4).
     """
@@ -226,6 +227,9 @@ def predict_main(args: argparse.Namespace) -> int:
             print(f"wrote {written[key]}")
     if written["fused"] is None:
         print("(a 2-channel method has no fused image)")
+    if written.get("removed"):
+        print(f"removed {written['removed']} (an earlier model's fused image, which this "
+              "2-channel method does not replace)")
     from fuse4seg.data.labels import CANONICAL_NAMES, EXPORT
 
     values = EXPORT[written["scheme"]]  # the value each class has in the written file
