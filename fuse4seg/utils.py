@@ -503,14 +503,33 @@ def _str_col(line: str, byte_col: int) -> int:
         "utf-8", errors="surrogateescape"))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what Python's ``platform``
+    module knows (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_summary(device: str = "auto") -> dict[str, str]:
-    """Versions, commit and device: what every chapter prints in its setup cell."""
+    """Versions, commit and device: what every chapter prints in its setup cell.
+
+    ``device`` names the GPU, or the CPU's model, its cores and torch's thread count: a
+    CPU run's numbers depend on both (chapter 6, "Training every method and variant")."""
     import torch
 
     import fuse4seg
 
     dev = resolve_device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = (f"{cpu_name()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch threads")
     return {
         "fuse4seg": fuse4seg.__version__,
         "python": platform.python_version(),

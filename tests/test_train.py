@@ -917,3 +917,16 @@ def test_resume_with_no_run_to_continue_says_so(phantom_cache, tmp_path, capsys)
     train(smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0}), "average",
           data=phantom_cache, out=tmp_path, resume=True, progress=False, on_new_run=seen.append)
     assert seen == [run_dir]
+
+
+def test_environment_summary_names_the_cpu_and_its_threads(monkeypatch):
+    """A chapter's setup cell names the CPU model (``platform.processor()`` is empty on Linux)
+    and torch's thread count, on which a CPU run's numbers depend."""
+    import platform
+
+    from fuse4seg import utils
+
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    device = utils.environment_summary("cpu")["device"]
+    assert device.startswith(f"cpu ({utils.cpu_name()}, ")
+    assert utils.cpu_name() and f"{torch.get_num_threads()} torch threads)" in device

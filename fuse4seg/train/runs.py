@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from fuse4seg.config import Config
-from fuse4seg.utils import atomic_write_json, atomic_write_text, code_digest, git_commit
+from fuse4seg.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    code_digest,
+    cpu_name,
+    git_commit,
+)
 
 __all__ = [
     "check_code",
@@ -299,20 +305,6 @@ def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write ``metrics.jsonl`` (one JSON object per row) atomically."""
     text = "".join(json.dumps(row) + "\n" for row in rows)
     atomic_write_text(Path(run_dir) / "metrics.jsonl", text)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what Python's ``platform``
-    module knows."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_run_json(run_dir: str | Path, **info: Any) -> dict[str, Any]:
