@@ -398,14 +398,36 @@ def paired_difference(
     }
 
 
+def _smallest_table1_gap() -> float:
+    """The smallest gap between two distinct mean Dice of the paper's Table 1 (0.004)."""
+    from fuse4seg.paper import TABLE1
+
+    means = sorted({row["mean"][0] for row in TABLE1.values()})
+    return round(min(b - a for a, b in zip(means, means[1:], strict=False)), 6)
+
+
+NEGLIGIBLE_DICE = _smallest_table1_gap()
+"""A paired difference of mean Dice whose whole interval is smaller than this is negligible
+(:func:`verdict`): 0.004, the smallest gap the paper's Table 1 reports between two methods
+(nnU-Net 0.872 against transU-Net 0.868), so smaller than any difference the paper ranks
+methods by. The paper gives no such margin; we take the resolution of its own table."""
+
 MIN_CASES = 5
 """Fewer test cases than this and the bootstrap cannot stand for the spread of the population
 (with 2 cases it has 3 distinct means): the verdict then reports the difference as descriptive
 only, whatever the interval."""
 
 
-def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None) -> str:
-    """One sentence saying what a paired interval supports (and nothing more)."""
+def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None,
+            negligible: float | None = None) -> str:
+    """One sentence saying what a paired interval supports (and nothing more).
+
+    An interval that lies wholly within ±``negligible`` (default :data:`NEGLIGIBLE_DICE`, the
+    smallest gap between two methods' mean Dice in the paper's Table 1) is called negligible
+    whichever side of 0 it lies on: a difference that excludes 0 is then "a difference, but a
+    negligible one", and one that holds 0 is "equal in practice". ``negligible=0`` turns this
+    off.
+    """
     a, b = names
     size = (
         f" ({n_cases} test case{'s' * (n_cases != 1)} × {n_seeds} seed{'s' * (n_seeds != 1)})"
@@ -425,9 +447,19 @@ def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None
         if n_seeds == 1
         else ""
     )
-    if low > 0:
-        return f"{span}{size}: {a} scores higher than {b} on this data.{one_run}"
-    if high < 0:
-        return f"{span}{size}: {a} scores lower than {b} on this data.{one_run}"
+    margin = NEGLIGIBLE_DICE if negligible is None else negligible
+    table1 = "the smallest gap between two methods' mean Dice in the paper's Table 1"
+    if low > 0 or high < 0:
+        side = "higher" if low > 0 else "lower"
+        if max(abs(low), abs(high)) < margin:
+            return (f"{span}{size}: {a} scores {side} than {b} on this data, but by less than "
+                    f"{margin:.3f} ({table1}): a difference, but a negligible one.{one_run}")
+        return f"{span}{size}: {a} scores {side} than {b} on this data.{one_run}"
+    if max(abs(low), abs(high)) < margin:
+        caveat = (" With one seed the interval covers the test cases, not the training runs, so"
+                  " this does not show that the two train equally well." if n_seeds == 1 else "")
+        return (f"{span}{size}: the interval contains 0 and every value in it is under "
+                f"{margin:.3f} in size ({table1}), so {a} and {b} are equal in practice at this "
+                f"scale.{caveat}")
     return f"{span}{size}: the interval contains 0, so {a} and {b} are not distinguishable at " \
         "this scale."

@@ -68,6 +68,35 @@ def test_verdict_sign():
     assert "lower" in verdict(-0.1, -0.2, -0.05, 0.95, ("F", "A"))
 
 
+def test_a_negligible_interval_is_called_so_whichever_side_of_zero_it_lies():
+    """An interval within ±NEGLIGIBLE_DICE (the smallest gap between two mean Dice of the
+    paper's Table 1) is "negligible" when it excludes 0 and "equal in practice" when it holds
+    0; a wider one keeps the plain verdicts, and ``negligible=0`` turns the margin off."""
+    from fuse4seg.paper import TABLE1
+    from fuse4seg.study import NEGLIGIBLE_DICE
+
+    assert NEGLIGIBLE_DICE == pytest.approx(0.004)
+    assert round(TABLE1["nnU-Net"]["mean"][0] - TABLE1["transU-Net"]["mean"][0], 6) == 0.004
+    lower = verdict(-0.001, -0.001, -0.0001, 0.95, ("full", "B"), 3, 6)
+    assert "full scores lower than B on this data, but by less than 0.004" in lower
+    assert "a difference, but a negligible one." in lower
+    equal = verdict(-0.001, -0.003, 0.0004, 0.95, ("F", "A"), 3, 6)
+    assert "F and A are equal in practice at this scale." in equal
+    assert "not distinguishable" not in equal and "train equally" not in equal
+    assert "does not show that the two train equally well" in verdict(
+        -0.001, -0.003, 0.0004, 0.95, ("F", "A"), 1, 6)
+    # an end at the margin is not within it
+    assert "not distinguishable" in verdict(0.0, -0.004, 0.001, 0.95, ("F", "A"), 3, 6)
+    assert verdict(-0.1, -0.2, -0.05, 0.95, ("F", "A"), 3, 6).endswith(
+        "F scores lower than A on this data.")
+    assert "not distinguishable" in verdict(-0.001, -0.003, 0.0004, 0.95, ("F", "A"), 3, 6,
+                                            negligible=0)
+    assert "negligible" not in verdict(-0.001, -0.001, -0.0001, 0.95, ("F", "A"), 3, 6,
+                                       negligible=0)
+    # too few cases: descriptive only, however small the interval
+    assert "descriptive only" in verdict(-0.001, -0.002, 0.0, 0.95, ("F", "A"), 3, 2)
+
+
 def test_a_bound_near_zero_shows_on_which_side_of_zero_it_lies():
     assert format_signed(0.0123) == "+0.012" and format_signed(-0.045) == "-0.045"
     # "-0.000" would hide whether 0 is inside an interval: more decimals show the sign
