@@ -35,7 +35,7 @@ from fuse4seg.formatting import format_mean_sd, format_signed
 from fuse4seg.results import mean_sd
 
 __all__ = ["config_differences", "curve", "load_report", "plateau", "plot_learning_curves",
-           "rollout_targets", "summary_markdown", "warmup_noise"]
+           "rollout_targets", "same_seed_markdown", "summary_markdown", "warmup_noise"]
 
 
 def curve(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -324,3 +324,47 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     if len(stage) > 2:
         lines += ["", *stage]
     return "\n".join(lines)
+
+
+def same_seed_markdown(report: Mapping[str, Any], method: str,
+                       run_dirs: Mapping[int, str | Path]) -> str | None:
+    """Runs of ``method`` trained elsewhere (a chapter's, ``{seed: run folder}``) beside the
+    same seeds' curves in ``report``: the validation mean Dice at the last warm-up validation
+    and at the last validation of each run, at the same epochs of the curve, with each side's
+    torch thread count (``run.json``), and the seed sd of the curves there.
+
+    The two sides share config, data and seed but may differ in thread count or machine, so
+    the gap shows how far those alone move a run. ``None`` when no seed or epoch is shared.
+    """
+    from fuse4seg.train.runs import read_metrics, read_run_json
+
+    entry = report.get("methods", {}).get(method)
+    if not entry:
+        return None
+    by_seed = {r["seed"]: r for r in entry["runs"]}
+    vals = _vals([r["curve"] for r in entry["runs"]])
+    rows = []
+    for seed, run_dir in sorted(run_dirs.items()):
+        if seed not in by_seed:
+            continue
+        logged = [r for r in read_metrics(Path(run_dir)) if "val" in r]
+        warm = [r for r in logged if r.get("stage") == "warmup"]
+        picks = ([("end of warm-up", warm[-1])] if warm else []) + (
+            [("end", logged[-1])] if logged else [])
+        theirs = {r["epoch"]: r["val"] for r in by_seed[seed]["curve"]}
+        threads = read_run_json(Path(run_dir)).get("threads", "?")
+        for label, row in picks:
+            epoch = row["epoch"]
+            if theirs.get(epoch) is None:
+                continue
+            ours = row["val"]["mean_dice"]
+            column = vals[:, epoch - 1]
+            sd = float(np.std(column, ddof=1)) if len(column) > 1 else float("nan")
+            rows.append(f"| {seed} | {label} (epoch {epoch}) | {ours:.3f} ({threads}) | "
+                        f"{theirs[epoch]:.3f} ({by_seed[seed].get('threads', '?')}) | "
+                        f"{format_signed(ours - theirs[epoch])} | {sd:.3f} |")
+    if not rows:
+        return None
+    return ("| seed | validation | this run (torch threads) | the curve (torch threads) | "
+            "difference | seed sd of the curves |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows))

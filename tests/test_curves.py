@@ -181,3 +181,34 @@ def test_config_differences_name_the_settings_a_report_was_measured_with():
     annealed = get_config("default", {"train.warmup_anneal": True})
     assert curves.config_differences(predates, annealed) == [
         "train.warmup_anneal: False in the report, True here"]
+
+
+def test_same_seed_markdown_sets_a_run_beside_its_seeds_curve(tmp_path):
+    """A run trained elsewhere sits beside the same seed's curve at its last warm-up validation
+    and its last validation (the curve's values at those epochs), with both thread counts, the
+    signed difference and the curves' seed sd there; a seed or epoch the report lacks is left
+    out, and nothing shared gives None."""
+    report = {"methods": {"fuse4seg": {"runs": [
+        {"seed": s, "threads": 1, "curve": _curve([0.1, 0.2 + d, 0.3, 0.4 + d], warm=2)}
+        for s, d in ((0, 0.0), (1, 0.1), (2, -0.1))]}}}
+
+    def run(name, vals, threads=2):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"epoch": e, "stage": "warmup" if e <= 2 else "rollout",
+                 **({"val": {"mean_dice": v}} if v is not None else {})}
+                for e, v in enumerate(vals, start=1)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "run.json").write_text(json.dumps({"threads": threads}))
+        return folder
+
+    table = curves.same_seed_markdown(
+        report, "fuse4seg", {0: run("a", [None, 0.25, None, 0.35]), 7: run("b", [0.1] * 4)})
+    lines = table.splitlines()
+    assert lines[0].startswith("| seed | validation | this run (torch threads) |")
+    assert lines[2:] == [
+        "| 0 | end of warm-up (epoch 2) | 0.250 (2) | 0.200 (1) | +0.050 | 0.100 |",
+        "| 0 | end (epoch 4) | 0.350 (2) | 0.400 (1) | -0.050 | 0.100 |",
+    ]
+    assert curves.same_seed_markdown(report, "fuse4seg", {7: tmp_path / "b"}) is None
+    assert curves.same_seed_markdown(report, "average", {0: tmp_path / "a"}) is None
