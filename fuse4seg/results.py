@@ -109,8 +109,9 @@ def scale_note(data_label: str, n_cases: int, profile: str) -> str:
     if "phantom" in data_label:
         return (
             f"These numbers come from the synthetic {data_label} with the `{profile}` profile: "
-            "they show that every method, table and figure runs end to end, and rank nothing; "
-            "this does not reproduce the paper's BraTS 2021 result."
+            "they show that every method, table and figure runs end to end, and they rank the "
+            "methods on this phantom at this profile only; they do not reproduce the paper's "
+            "BraTS 2021 result."
         )
     if profile != "paper" or n_cases < PAPER_SCALE_CASES:
         return (
