@@ -730,3 +730,32 @@ def test_probe_cpu_levers_prints_its_tables(capsys):
     steps = [r for r in sections[5].splitlines() if r.startswith(("| warm-up", "| outer"))]
     assert [r.split(",")[0] for r in steps] == ["| warm-up", "| outer"]
     assert all(float(c) > 0 for r in steps for c in r.strip(" |").split(" | ")[1:])
+
+
+def test_probe_threads_prints_its_tables(capsys):
+    """``probe_threads.py`` at a tiny size: the two forwards' row (positive times, an x_f that
+    one thread changes only by rounding), one row per single operation with its call count,
+    and the caller's thread count restored."""
+    from bench_scripts import load
+
+    probe = load("probe_threads")
+    threads = torch.get_num_threads()
+    assert probe.main(["--size", "16", "--batch", "2", "--rounds", "1", "--repeats", "1",
+                       "--threads", "2", "--op-calls", "2", "--fusion", "fuse4seg_tiny"]) == 0
+    assert torch.get_num_threads() == threads
+    out = capsys.readouterr().out
+    sections = out.split("\n## ")
+    assert len(sections) == 3, out
+
+    def rows(text: str) -> list[list[str]]:
+        return [r.strip(" |").split(" | ") for r in text.splitlines()
+                if r.startswith("| ") and not r.startswith("| one after") and "---" not in r
+                and not r.startswith("| operation")]
+
+    (forwards,) = rows(sections[1])
+    assert all(float(c) > 0 for c in forwards[:4])
+    assert float(forwards[4]) < 1e-5
+    ops = rows(sections[2])
+    assert [r[0] for r in ops] == list(probe.op_calls(16, 2))
+    assert [int(r[1]) for r in ops] == [2, 2, 2, 100]
+    assert all(float(c) > 0 for r in ops for c in r[2:])
