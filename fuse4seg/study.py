@@ -39,6 +39,7 @@ from fuse4seg.formatting import format_signed
 
 __all__ = [
     "MIN_CASES",
+    "NEGLIGIBLE_DICE",
     "SeedResult",
     "case_scores",
     "check_seeds",
