@@ -420,15 +420,19 @@ only, whatever the interval."""
 
 
 def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None,
-            negligible: float | None = None) -> str:
+            negligible: float = NEGLIGIBLE_DICE) -> str:
     """One sentence saying what a paired interval supports (and nothing more).
 
     An interval that lies wholly within ±``negligible`` (default :data:`NEGLIGIBLE_DICE`, the
     smallest gap between two methods' mean Dice in the paper's Table 1) is called negligible
     whichever side of 0 it lies on: a difference that excludes 0 is then "a difference, but a
-    negligible one", and one that holds 0 is "equal in practice". ``negligible=0`` turns this
-    off.
+    negligible one", and one that holds 0 is "equal in practice". The sentence names where the
+    margin comes from: the paper's Table 1 for the default, "the caller's margin" for any other
+    value. ``negligible=0`` turns this off; a negative margin is an error.
     """
+    if not negligible >= 0:  # also refuses NaN
+        raise ValueError(f"verdict: negligible must be a margin >= 0 in mean Dice, "
+                         f"got {negligible!r}")
     a, b = names
     size = (
         f" ({n_cases} test case{'s' * (n_cases != 1)} × {n_seeds} seed{'s' * (n_seeds != 1)})"
@@ -448,19 +452,20 @@ def verdict(mean, low, high, level, names=("A", "B"), n_seeds=None, n_cases=None
         if n_seeds == 1
         else ""
     )
-    margin = NEGLIGIBLE_DICE if negligible is None else negligible
-    table1 = "the smallest gap between two methods' mean Dice in the paper's Table 1"
+    within = max(abs(low), abs(high)) < negligible
+    source = ("the smallest gap between two methods' mean Dice in the paper's Table 1"
+              if negligible == NEGLIGIBLE_DICE else "the caller's margin")
     if low > 0 or high < 0:
         side = "higher" if low > 0 else "lower"
-        if max(abs(low), abs(high)) < margin:
+        if within:
             return (f"{span}{size}: {a} scores {side} than {b} on this data, but by less than "
-                    f"{margin:.3f} ({table1}): a difference, but a negligible one.{one_run}")
+                    f"{negligible:g} ({source}): a difference, but a negligible one.{one_run}")
         return f"{span}{size}: {a} scores {side} than {b} on this data.{one_run}"
-    if max(abs(low), abs(high)) < margin:
+    if within:
         caveat = (" With one seed the interval covers the test cases, not the training runs, so"
                   " this does not show that the two train equally well." if n_seeds == 1 else "")
         return (f"{span}{size}: the interval contains 0 and every value in it is under "
-                f"{margin:.3f} in size ({table1}), so {a} and {b} are equal in practice at this "
-                f"scale.{caveat}")
+                f"{negligible:g} in size ({source}), so {a} and {b} are equal in practice at "
+                f"this scale.{caveat}")
     return f"{span}{size}: the interval contains 0, so {a} and {b} are not distinguishable at " \
         "this scale."

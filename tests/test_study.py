@@ -97,6 +97,21 @@ def test_a_negligible_interval_is_called_so_whichever_side_of_zero_it_lies():
     assert "descriptive only" in verdict(-0.001, -0.002, 0.0, 0.95, ("F", "A"), 3, 2)
 
 
+def test_a_margin_of_the_callers_own_is_not_credited_to_the_paper():
+    """Only the default margin is the paper's Table 1 gap; another one is named as the caller's,
+    and a negative or NaN margin is refused with the parameter's name."""
+    own = verdict(-0.005, -0.008, -0.002, 0.95, ("F", "A"), 3, 6, negligible=0.01)
+    assert "but by less than 0.01 (the caller's margin): a difference, but a negligible one." \
+        in own
+    assert "Table 1" not in own
+    equal = verdict(0.0, -0.008, 0.006, 0.95, ("F", "A"), 3, 6, negligible=0.01)
+    assert "under 0.01 in size (the caller's margin), so F and A are equal in practice" in equal
+    assert "paper's Table 1" in verdict(-0.001, -0.001, -0.0001, 0.95, ("F", "A"), 3, 6)
+    for bad in (-0.001, float("nan")):
+        with pytest.raises(ValueError, match="negligible must be a margin >= 0"):
+            verdict(-0.001, -0.001, -0.0001, 0.95, ("F", "A"), 3, 6, negligible=bad)
+
+
 def test_a_bound_near_zero_shows_on_which_side_of_zero_it_lies():
     assert format_signed(0.0123) == "+0.012" and format_signed(-0.045) == "-0.045"
     # "-0.000" would hide whether 0 is inside an interval: more decimals show the sign
