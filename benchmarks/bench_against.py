@@ -154,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         middle = [parse_arm(text) for text in args.arm]
     except ValueError as err:
         parser.error(str(err))
+    names = [name for name, _ in middle]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in ("before", "after")})
+    if clash:
+        parser.error(f"--arm names must differ from each other and from before/after: {clash}")
     with tempfile.TemporaryDirectory(prefix="bench_against_") as tmp:
-        before = Path(args.before)
+        # absolute: each process runs in its tree, with the tree as its PYTHONPATH (a relative
+        # path would make the child import this checkout's installed package instead)
+        before = Path(args.before).resolve()
         if not before.is_dir():
             before = export(args.before, Path(tmp))
         if not (before / SCRIPT).is_file():

@@ -61,3 +61,32 @@ def test_bench_against_refuses_an_unknown_commit_and_a_bad_arm(capsys):
     with pytest.raises(SystemExit):
         against.main(["--arm", "off", "--", *TINY])
     assert "--arm 'off': expected NAME:VAR=VALUE" in capsys.readouterr().err
+
+
+def test_a_relative_before_folder_reaches_its_process_as_an_absolute_tree(monkeypatch):
+    """Each process runs in its tree with the tree as ``PYTHONPATH``; a relative ``--before``
+    would be read from the wrong folder there and the child would import the installed
+    package (this checkout) instead of the old code. Checked without running the benchmark."""
+    import subprocess
+    from pathlib import Path
+
+    against = load("bench_against")
+    seen = []
+
+    def fake_run(cmd, cwd, env, **kwargs):
+        seen.append((Path(cwd), env["PYTHONPATH"]))
+        row = "| eager | 10.0 | 1.00 | 1 | 5.0 | 1.00 | 0.1 | n/a | - | 1 |"
+        return subprocess.CompletedProcess(cmd, 0, stdout=row.replace("eager", cmd[-1]))
+
+    monkeypatch.setattr(against.subprocess, "run", fake_run)
+    monkeypatch.chdir(against.ROOT.parent)
+    assert against.main(["--before", against.ROOT.name, "--triples", "1", "--", *TINY]) == 0
+    assert seen and all(cwd.is_absolute() and Path(path) == cwd for cwd, path in seen)
+
+
+def test_arm_names_must_differ(capsys):
+    against = load("bench_against")
+    for arms in (["--arm", "x:A=1", "--arm", "x:B=2"], ["--arm", "after:A=1"]):
+        with pytest.raises(SystemExit):
+            against.main([*arms, "--", *TINY])
+        assert "--arm names must differ" in capsys.readouterr().err
