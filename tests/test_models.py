@@ -758,4 +758,7 @@ def test_probe_threads_prints_its_tables(capsys):
     ops = rows(sections[2])
     assert [r[0] for r in ops] == list(probe.op_calls(16, 2))
     assert [int(r[1]) for r in ops] == [2, 2, 2, 100]
-    assert all(float(c) > 0 for r in ops for c in r[2:])
+    # at 16×16 two calls may take under 0.05 ms, which prints as 0.0: the times are only
+    # checked to be numbers >= 0; the ratio comes from the unrounded times, so it is > 0
+    assert all(float(c) >= 0 for r in ops for c in r[2:4])
+    assert all(float(r[4]) > 0 for r in ops)
