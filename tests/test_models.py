@@ -762,3 +762,51 @@ def test_probe_threads_prints_its_tables(capsys):
     # checked to be numbers >= 0; the ratio comes from the unrounded times, so it is > 0
     assert all(float(c) >= 0 for r in ops for c in r[2:4])
     assert all(float(r[4]) > 0 for r in ops)
+
+
+def test_probe_compile_follower_opaque_block_has_the_blocks_gradients():
+    """``probe_compile_follower.py``'s opaque depthwise operator gives a ConvNeXt block the
+    gradients of its plain ops (float64), so its compiled arm times the same maths."""
+    from bench_scripts import load
+
+    from fuse4seg.models import segmentation as seg
+
+    probe = load("probe_compile_follower")
+    torch.manual_seed(0)
+    block = seg.ConvNeXtBlock(8).double()
+    with torch.no_grad():  # GRN starts as the identity: make its γ, β matter
+        block.grn.gamma.normal_()
+        block.grn.beta.normal_()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    gy = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    probe.opaque_depthwise()
+    grads = []
+    for forward in (lambda t: block.forward_parts(t, folded_mlp=False,
+                                                  depthwise_by_forward=False),
+                    lambda t: probe.opaque_block_forward(block, t)):
+        xi = x.clone().requires_grad_(True)
+        block.zero_grad()
+        y = forward(xi)
+        y.backward(gy)
+        grads.append([y.detach(), xi.grad, *(p.grad.clone() for p in block.parameters())])
+    for plain, opaque in zip(*grads, strict=True):
+        torch.testing.assert_close(opaque, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_probe_compile_follower_prints_its_table(capsys):
+    """``probe_compile_follower.py``'s eager arms at a tiny size, each in its own process: one
+    row per arm with a positive median; an unknown arm is refused by name."""
+    from bench_scripts import load
+
+    probe = load("probe_compile_follower")
+    assert probe.main(["--arms", "eager,eager_plain", "--size", "16", "--batch", "2",
+                       "--rounds", "1", "--repeats", "2", "--warmup", "1",
+                       "--threads", "1"]) == 0
+    rows = [r.strip(" |").split(" | ") for r in capsys.readouterr().out.splitlines()
+            if r.startswith("| eager")]
+    assert [r[0] for r in rows] == ["eager", "eager_plain"]
+    assert all(float(r[1]) > 0 for r in rows) and rows[0][3] == "1.00"
+    with pytest.raises(SystemExit):
+        probe.main(["--arms", "eager,jit"])
+    assert "unknown ['jit']" in capsys.readouterr().err
