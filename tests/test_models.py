@@ -810,3 +810,29 @@ def test_probe_compile_follower_prints_its_table(capsys):
     with pytest.raises(SystemExit):
         probe.main(["--arms", "eager,jit"])
     assert "unknown ['jit']" in capsys.readouterr().err
+
+
+def test_probe_onednn_calls_prints_its_tables(capsys):
+    """``probe_onednn_calls.py`` at a tiny size: oneDNN's own executions read from its verbose
+    lines (convolutions among them, with positive times), the ATen convolutions' self time,
+    and a 1×1 convolution as ``F.linear`` with the convolution's values; a malformed shape is
+    refused by name, and the caller's thread count is restored."""
+    from bench_scripts import load
+
+    probe = load("probe_onednn_calls")
+    threads = torch.get_num_threads()
+    assert probe.main(["--sizes", "16", "--batch", "2", "--inner-steps", "1", "--steps", "1",
+                       "--repeats", "1", "--warmup", "1", "--threads", "1",
+                       "--fusion", "fuse4seg_tiny", "--pointwise", "2,8,16,5",
+                       "--calls", "2"]) == 0
+    assert torch.get_num_threads() == threads
+    lines = capsys.readouterr().out.splitlines()
+    (row,) = [r.strip(" |").split(" | ") for r in lines if r.startswith("| 16×16")]
+    assert float(row[1]) > 0 and int(row[2]) > 0 and float(row[3]) > 0
+    kinds = dict(k.split(": ") for k in row[4].split(", "))
+    assert "convolution" in " ".join(kinds) and float(row[5]) > 0
+    (pw,) = [r.strip(" |").split(" | ") for r in lines if r.startswith("| 2×8×5×5 → 16")]
+    assert float(pw[1]) > 0 and float(pw[2]) > 0 and float(pw[4]) < 1e-4
+    with pytest.raises(SystemExit):
+        probe.main(["--pointwise", "4,16,48"])
+    assert "--pointwise: each item is B,C,O,H" in capsys.readouterr().err

@@ -1,0 +1,206 @@
+"""How much of the CPU outer step's convolution time is oneDNN's own work (issue 9, part 1)?
+
+About a third of the outer step does not shrink with the image (``step_anatomy.py``). Much of
+that third is convolutions: at 16×16 each oneDNN convolution still takes 100-250 µs of ATen
+self time. This probe splits that time in two, per size:
+
+1. **oneDNN's execution**: one outer step run with oneDNN's verbose mode on (its own
+   ``exec`` lines, which time each primitive's execution), summed per primitive kind
+   (convolution, deconvolution, reorder, eltwise, ...), with the calls per step. The verbose
+   lines are read from the process's standard output, redirected to a file for the step.
+2. **ATen's convolution ops**: the same step under ``torch.profiler``, the self CPU time of
+   every ATen op with ``convolution`` in its name (``mkldnn_convolution``,
+   ``convolution_backward``, ``_convolution``, ``convolution``, and the transposed ones):
+   oneDNN's execution plus what PyTorch and ideep do around each call (building the
+   primitive's descriptors and finding it in oneDNN's cache, allocating the outputs,
+   reordering weights, copies).
+
+The difference (ATen's convolution time less oneDNN's convolution, deconvolution and reorder
+executions) is the per-call work outside oneDNN's kernels. oneDNN's ``eltwise`` executions
+are listed but not subtracted: they are GELU and its backward, which ATen also sends to
+oneDNN. The outer step itself (median of ``--repeats`` untraced calls) is printed beside
+them.
+
+3. **A 1×1 convolution as a matrix product** (``--pointwise``): on a channels-last map a 1×1
+   convolution is ``F.linear`` over the channels of each pixel, the same values with no copy
+   (``x.permute(0, 2, 3, 1)`` is a contiguous view). Its forward and backward (input, weight
+   and bias gradients) as ``F.conv2d`` and as ``F.linear``, medians of ``--calls`` calls
+   each, the two in turns.
+
+A measurement only: nothing here changes training. Uses ``bench_train_step.py``'s engine and
+inputs (the issue's models by default).
+
+Usage::
+
+    python benchmarks/probe_onednn_calls.py --sizes 16 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train_step  # noqa: E402
+
+CONVOLUTION_KINDS = ("convolution", "deconvolution", "reorder")
+
+
+def onednn_exec(fn, calls: int) -> dict[str, tuple[int, float]]:
+    """``{primitive kind: (executions, ms)}`` per call of ``fn``, from oneDNN's verbose
+    ``exec`` lines over ``calls`` calls (standard output redirected to a file meanwhile)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                for _ in range(calls):
+                    fn()
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        lines = log.read().splitlines()
+    count: collections.Counter = collections.Counter()
+    ms: collections.defaultdict = collections.defaultdict(float)
+    for line in lines:
+        parts = line.split(",")
+        if len(parts) > 6 and parts[0] == "onednn_verbose" and parts[3] == "exec":
+            count[parts[5]] += 1
+            ms[parts[5]] += float(parts[-1])
+    return {k: (count[k] // calls, ms[k] / calls) for k in count}
+
+
+def aten_convolution_ms(fn, calls: int) -> tuple[float, int]:
+    """Self CPU ms and calls, per call of ``fn``, of the ATen ops with ``convolution`` in their
+    name (autograd's wrappers left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    events = [e for e in prof.key_averages()
+              if e.key.startswith("aten::") and "convolution" in e.key]
+    return (sum(e.self_cpu_time_total for e in events) / 1000 / calls,
+            sum(e.count for e in events if e.key == "aten::convolution") // calls)
+
+
+def pointwise(shape: tuple[int, int, int, int], calls: int) -> tuple[float, float, float]:
+    """µs of one forward and backward of a 1×1 convolution ``(B, C, H, H) -> (B, O, H, H)``
+    on channels-last maps (``shape = (B, C, O, H)``) as ``F.conv2d`` and as ``F.linear``
+    (medians, the two in turns), and the largest difference of their outputs."""
+    import torch.nn.functional as F
+
+    b, c, o, h = shape
+    gen = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(b, c, h, h, generator=gen).contiguous(memory_format=cl).requires_grad_()
+    w = torch.randn(o, c, 1, 1, generator=gen).contiguous(memory_format=cl).requires_grad_()
+    bias = torch.randn(o, generator=gen, requires_grad=True)
+    gy = torch.randn(b, o, h, h, generator=gen).contiguous(memory_format=cl)
+
+    def conv():
+        return F.conv2d(x, w, bias)
+
+    def linear():
+        return F.linear(x.permute(0, 2, 3, 1), w.view(o, c), bias).permute(0, 3, 1, 2)
+
+    times: dict = {conv: [], linear: []}
+    for _ in range(max(2, calls // 10)):  # untimed first calls
+        for fn in times:
+            torch.autograd.grad(fn(), (x, w, bias), gy)
+    for i in range(calls):
+        for fn in (conv, linear) if i % 2 == 0 else (linear, conv):
+            start = time.perf_counter()
+            torch.autograd.grad(fn(), (x, w, bias), gy)
+            times[fn].append(1e6 * (time.perf_counter() - start))
+    with torch.no_grad():
+        diff = (conv() - linear()).abs().max().item()
+    return statistics.median(times[conv]), statistics.median(times[linear]), diff
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 80])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--inner-steps", type=int, default=3)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--fusion", default="fuse4seg_small")
+    parser.add_argument("--segmentation", default="convnext_unet_small")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="outer steps traced per part")
+    parser.add_argument("--repeats", type=int, default=5, help="untraced outer steps timed")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pointwise", nargs="*", default=["4,16,48,20", "4,16,16,80",
+                                                            "8,16,48,80", "4,64,64,5"],
+                        metavar="B,C,O,H", help="1×1 convolutions to time as F.linear too")
+    parser.add_argument("--calls", type=int, default=100, help="calls per --pointwise shape")
+    args = parser.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in item.split(",")) for item in args.pointwise]
+    except ValueError:
+        shapes = []
+    if len(shapes) != len(args.pointwise) or any(len(t) != 4 or min(t) < 1 for t in shapes):
+        parser.error(f"--pointwise: each item is B,C,O,H of positive integers, got "
+                     f"{args.pointwise}")
+    if min(args.sizes) < 16 or any(s % 16 for s in args.sizes):
+        parser.error(f"--sizes: multiples of 16 (the follower's stride), got {args.sizes}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        rows = []
+        for size in args.sizes:
+            ns = argparse.Namespace(**vars(args), size=size)
+            case = bench_train_step.Case(ns, "no_follower_ema", torch.device("cpu"))
+            for _ in range(args.warmup):
+                case.outer()
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                case.outer()
+                times.append(1000 * (time.perf_counter() - start))
+            kinds = onednn_exec(case.outer, args.steps)
+            aten_ms, convs = aten_convolution_ms(case.outer, args.steps)
+            rows.append((size, statistics.median(times), kinds, aten_ms, convs))
+        pointwise_rows = [(shape, *pointwise(shape, args.calls)) for shape in shapes]
+    finally:
+        torch.set_num_threads(threads)
+    print(f"# probe_onednn_calls: torch {torch.__version__}, {args.threads} threads, batch "
+          f"{args.batch} (D_tr and D_val {args.batch // 2}), K {args.inner_steps}, "
+          f"`{args.fusion}`, `{args.segmentation}`; per outer step, means of {args.steps}\n")
+    print("| size | outer step (ms) | ATen convolutions | their self time (ms) | oneDNN "
+          "executions: ms | oneDNN's convolutions and reorders (ms) | outside oneDNN's "
+          "kernels (ms) |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for size, step, kinds, aten_ms, convs in rows:
+        each = ", ".join(f"{k} {n}: {ms:.1f}" for k, (n, ms) in
+                         sorted(kinds.items(), key=lambda kv: -kv[1][1]))
+        total = sum(ms for k, (_, ms) in kinds.items() if k in CONVOLUTION_KINDS)
+        print(f"| {size}×{size} | {step:.1f} | {convs} | {aten_ms:.1f} | {each} | {total:.1f} "
+              f"| {aten_ms - total:.1f} |")
+    if pointwise_rows:
+        print(f"\n# a 1×1 convolution on channels-last maps, forward and backward, medians of "
+              f"{args.calls} calls\n")
+        print("| input → output | F.conv2d (µs) | F.linear (µs) | conv / linear | largest "
+              "difference |")
+        print("|---|---:|---:|---:|---:|")
+        for (b, c, o, h), conv_us, linear_us, diff in pointwise_rows:
+            print(f"| {b}×{c}×{h}×{h} → {o} | {conv_us:.0f} | {linear_us:.0f} | "
+                  f"{conv_us / linear_us:.2f} | {diff:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
