@@ -26,6 +26,10 @@ them.
    (``x.permute(0, 2, 3, 1)`` is a contiguous view). Its forward and backward (input, weight
    and bias gradients) as ``F.conv2d`` and as ``F.linear``, medians of ``--calls`` calls
    each, the two in turns.
+4. **The same on the whole step** (``--step-rounds``): the outer step at the largest size with
+   every 1×1 convolution whose input is channels-last (stride 1, no padding, one group) run
+   as ``F.linear`` when its map has at most ``--pointwise-pixels`` B·H·W pixels (default:
+   all), against the step as shipped, in one process, in turns.
 
 A measurement only: nothing here changes training. Uses ``bench_train_step.py``'s engine and
 inputs (the issue's models by default).
@@ -131,6 +135,54 @@ def pointwise(shape: tuple[int, int, int, int], calls: int) -> tuple[float, floa
     return statistics.median(times[conv]), statistics.median(times[linear]), diff
 
 
+def as_linear(limit: int):
+    """A replacement for ``nn.Conv2d._conv_forward`` that runs the 1×1 convolutions of
+    channels-last maps of at most ``limit`` B·H·W pixels as ``F.linear``, and counts
+    ``{"linear": n, "conv": n}`` calls."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    shipped = nn.Conv2d._conv_forward
+    counts = {"linear": 0, "conv": 0}
+
+    def forward(self, x, weight, bias):
+        b, c, h, w = x.shape
+        if (weight.shape[-2:] == (1, 1) and self.groups == 1 and self.stride == (1, 1)
+                and self.padding in ((0, 0), "valid") and c > 1 and b * h * w <= limit
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            counts["linear"] += 1
+            out = F.linear(x.permute(0, 2, 3, 1), weight.view(weight.shape[:2]), bias)
+            return out.permute(0, 3, 1, 2)  # (B, H, W, O) -> (B, O, H, W), channels-last
+        counts["conv"] += 1
+        return shipped(self, x, weight, bias)
+
+    return shipped, forward, counts
+
+
+def pointwise_step(case, limit: int, rounds: int, calls: int = 3) -> tuple[float, float, dict]:
+    """Median outer step (ms) as shipped and with :func:`as_linear`, in turns (one untimed
+    step after each switch), and the calls per step that went each way."""
+    from torch import nn
+
+    shipped, forward, counts = as_linear(limit)
+    times: dict = {"shipped": [], "linear": []}
+    try:
+        for r in range(rounds):
+            for arm in ("shipped", "linear") if r % 2 == 0 else ("linear", "shipped"):
+                nn.Conv2d._conv_forward = forward if arm == "linear" else shipped
+                case.outer()
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    case.outer()
+                    times[arm].append(1000 * (time.perf_counter() - start))
+        nn.Conv2d._conv_forward = forward
+        counts.update(linear=0, conv=0)
+        case.outer()
+    finally:
+        nn.Conv2d._conv_forward = shipped
+    return statistics.median(times["shipped"]), statistics.median(times["linear"]), dict(counts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 80])
@@ -147,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                                                             "8,16,48,80", "4,64,64,5"],
                         metavar="B,C,O,H", help="1×1 convolutions to time as F.linear too")
     parser.add_argument("--calls", type=int, default=100, help="calls per --pointwise shape")
+    parser.add_argument("--step-rounds", type=int, default=0,
+                        help="part 4: rounds of the whole step with 1×1 convolutions as F.linear")
+    parser.add_argument("--pointwise-pixels", type=int, default=2**62,
+                        help="part 4: only maps of at most this many B·H·W pixels")
     args = parser.parse_args(argv)
     try:
         shapes = [tuple(int(v) for v in item.split(",")) for item in args.pointwise]
@@ -175,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             aten_ms, convs = aten_convolution_ms(case.outer, args.steps)
             rows.append((size, statistics.median(times), kinds, aten_ms, convs))
         pointwise_rows = [(shape, *pointwise(shape, args.calls)) for shape in shapes]
+        step_row = (pointwise_step(case, args.pointwise_pixels, args.step_rounds)
+                    if args.step_rounds else None)
     finally:
         torch.set_num_threads(threads)
     print(f"# probe_onednn_calls: torch {torch.__version__}, {args.threads} threads, batch "
@@ -199,6 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         for (b, c, o, h), conv_us, linear_us, diff in pointwise_rows:
             print(f"| {b}×{c}×{h}×{h} → {o} | {conv_us:.0f} | {linear_us:.0f} | "
                   f"{conv_us / linear_us:.2f} | {diff:.1e} |")
+    if step_row:
+        shipped_ms, linear_ms, counts = step_row
+        pixels = ("any size" if args.pointwise_pixels >= 2**62
+                  else f"at most {args.pointwise_pixels} pixels")
+        print(f"\n# the outer step at {args.sizes[-1]}×{args.sizes[-1]} with the 1×1 convolutions "
+              f"of channels-last maps of {pixels} as F.linear "
+              f"({counts['linear']} calls a step; {counts['conv']} other convolutions), "
+              f"{args.step_rounds} rounds in turns\n")
+        print("| as shipped (ms) | with F.linear (ms) | shipped / linear |")
+        print("|---:|---:|---:|")
+        print(f"| {shipped_ms:.1f} | {linear_ms:.1f} | {shipped_ms / linear_ms:.3f} |")
     return 0
 
 

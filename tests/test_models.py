@@ -833,6 +833,18 @@ def test_probe_onednn_calls_prints_its_tables(capsys):
     assert "convolution" in " ".join(kinds) and float(row[5]) > 0
     (pw,) = [r.strip(" |").split(" | ") for r in lines if r.startswith("| 2×8×5×5 → 16")]
     assert float(pw[1]) > 0 and float(pw[2]) > 0 and float(pw[4]) < 1e-4
+    # part 4: the step with 1×1 convolutions as F.linear, and nn.Conv2d put back
+    shipped = torch.nn.Conv2d._conv_forward
+    assert probe.main(["--sizes", "16", "--batch", "2", "--inner-steps", "1", "--steps", "1",
+                       "--repeats", "1", "--warmup", "1", "--threads", "1",
+                       "--fusion", "fuse4seg_tiny", "--pointwise", "--step-rounds", "1"]) == 0
+    assert torch.nn.Conv2d._conv_forward is shipped
+    out = capsys.readouterr().out
+    linear = int(out.split("F.linear (")[1].split(" calls")[0])
+    assert linear > 0
+    (step,) = [r.strip(" |").split(" | ") for r in out.splitlines()
+               if r.startswith("| ") and r[2].isdigit()][-1:]
+    assert all(float(v) > 0 for v in step)
     with pytest.raises(SystemExit):
         probe.main(["--pointwise", "4,16,48"])
     assert "--pointwise: each item is B,C,O,H" in capsys.readouterr().err
