@@ -11,12 +11,14 @@ self time. This probe splits that time in two, per size:
 2. **ATen's convolution ops**: the same step under ``torch.profiler``, the self CPU time of
    every ATen op with ``convolution`` in its name (``mkldnn_convolution``,
    ``convolution_backward``, ``_convolution``, ``convolution``, and the transposed ones):
-   oneDNN's execution plus what PyTorch and ideep do around each call (building the
-   primitive's descriptors and finding it in oneDNN's cache, allocating the outputs,
-   reordering weights, copies).
+   oneDNN's execution plus what PyTorch and ideep do around each call inside those ops
+   (building the primitive's descriptors and finding it in oneDNN's cache, dispatch), plus
+   the profiler's own cost per op. Self time leaves out the ATen ops they call (``empty``,
+   ``copy_``, ...), which the profiler counts as their own.
 
-The difference (ATen's convolution time less oneDNN's convolution, deconvolution and reorder
-executions) is the per-call work outside oneDNN's kernels. oneDNN's ``eltwise`` executions
+The difference (ATen's convolution time less all of oneDNN's convolution, deconvolution and
+reorder executions; the reorders are taken to come from the convolutions) is the per-call
+work outside oneDNN's kernels, as profiled. oneDNN's ``eltwise`` executions
 are listed but not subtracted: they are GELU and its backward, which ATen also sends to
 oneDNN. The outer step itself (median of ``--repeats`` untraced calls) is printed beside
 them.
@@ -26,7 +28,8 @@ them.
    (``x.permute(0, 2, 3, 1)`` is a contiguous view). Its forward and backward (input, weight
    and bias gradients) as ``F.conv2d`` and as ``F.linear``, medians of ``--calls`` calls
    each, the two in turns.
-4. **The same on the whole step** (``--step-rounds``): the outer step at the largest size with
+4. **The same on the whole step** (``--step-rounds``): the outer step at the last of
+   ``--sizes`` with
    every 1×1 convolution whose input is channels-last (stride 1, no padding, one group) run
    as ``F.linear`` when its map has at most ``--pointwise-pixels`` B·H·W pixels (default:
    all), against the step as shipped, in one process, in turns.
@@ -84,6 +87,11 @@ def onednn_exec(fn, calls: int) -> dict[str, tuple[int, float]]:
         if len(parts) > 6 and parts[0] == "onednn_verbose" and parts[3] == "exec":
             count[parts[5]] += 1
             ms[parts[5]] += float(parts[-1])
+    if not count:
+        raise RuntimeError(
+            "probe_onednn_calls: oneDNN printed no 'onednn_verbose,...,exec' lines in verbose "
+            f"mode ({len(lines)} lines read; first: {lines[:1]}); its verbose format may have "
+            "changed, or this torch was built without oneDNN")
     return {k: (count[k] // calls, ms[k] / calls) for k in count}
 
 
@@ -235,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                     if args.step_rounds else None)
     finally:
         torch.set_num_threads(threads)
+    half = (args.batch + 1) // 2
     print(f"# probe_onednn_calls: torch {torch.__version__}, {args.threads} threads, batch "
-          f"{args.batch} (D_tr and D_val {args.batch // 2}), K {args.inner_steps}, "
-          f"`{args.fusion}`, `{args.segmentation}`; per outer step, means of {args.steps}\n")
+          f"{args.batch} (D_tr {half}, D_val {args.batch - half}), K {args.inner_steps}, "
+          f"`{args.fusion}`, `{args.segmentation}`; per outer step: the step's median of "
+          f"{args.repeats} untraced calls, the rest means of {args.steps} traced ones\n")
     print("| size | outer step (ms) | ATen convolutions | their self time (ms) | oneDNN "
           "executions: ms | oneDNN's convolutions and reorders (ms) | outside oneDNN's "
           "kernels (ms) |")
