@@ -41,9 +41,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 ARMS = ("eager", "eager_plain", "compile", "compile_opaque")
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +53,17 @@ _OPS: dict = {}
 
 def opaque_depthwise():
     """The custom op ``fuse4seg_probe::depthwise`` (registered on first call): a k×k depthwise
-    convolution (padding k // 2, bias) whose backward is another opaque op computing
-    ``_DepthwiseByForward``'s gradients (∂L/∂x as a forward convolution with the flipped kernel,
-    ∂L/∂W by :func:`fuse4seg.models.segmentation.depthwise_weight_grad`)."""
+    convolution (padding k // 2, bias) whose backward is another opaque op that calls
+    ``_DepthwiseByForward.backward``, the package's own gradients (∂L/∂x as a forward
+    convolution with the flipped kernel, ∂L/∂W by ``depthwise_weight_grad``)."""
     if "depthwise" in _OPS:
         return _OPS["depthwise"]
-    from fuse4seg.models.segmentation import depthwise_weight_grad
+    from fuse4seg.models.segmentation import _DepthwiseByForward
 
     @torch.library.custom_op("fuse4seg_probe::depthwise", mutates_args=())
     def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+        return _DepthwiseByForward.forward(SimpleNamespace(save_for_backward=lambda *t: None),
+                                           x, weight, bias)
 
     @depthwise.register_fake
     def _(x, weight, bias):
@@ -70,9 +72,8 @@ def opaque_depthwise():
     @torch.library.custom_op("fuse4seg_probe::depthwise_backward", mutates_args=())
     def depthwise_backward(x: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor
                            ) -> list[torch.Tensor]:
-        k = weight.shape[-1]
-        d_x = F.conv2d(gy, weight.flip(-1, -2), padding=k // 2, groups=x.shape[1])
-        return [d_x, depthwise_weight_grad(x, gy, k), gy.sum(dim=(0, 2, 3))]
+        ctx = SimpleNamespace(saved_tensors=(x, weight), needs_input_grad=(True, True, True))
+        return list(_DepthwiseByForward.backward(ctx, gy))
 
     @depthwise_backward.register_fake
     def _(x, weight, gy):
@@ -92,39 +93,44 @@ def opaque_depthwise():
     return depthwise
 
 
-def opaque_block_forward(block, x: torch.Tensor) -> torch.Tensor:
-    """:class:`fuse4seg.models.segmentation.ConvNeXtBlock`'s plain forward with its depthwise
-    convolution as :func:`opaque_depthwise` (registered before; the rest as written, for the
-    compiler). Called as ``torch.ops``: registering inside a traced frame broke the graph at
-    every block."""
-    conv = block.dwconv
-    y = torch.ops.fuse4seg_probe.depthwise(x, conv.weight, conv.bias)
-    y = block.norm(y.permute(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
-    y = block.pw2(block.grn(F.gelu(block.pw1(y))))
-    return x + y.permute(0, 3, 1, 2)
+class OpaqueDepthwise(nn.Module):
+    """A ConvNeXt block's ``dwconv`` (its weight and bias) run as :func:`opaque_depthwise`.
+
+    A compiled block runs its plain forward (``ConvNeXtBlock.forward_parts`` without the CPU
+    rewrites, which stay out of traced graphs), which calls ``dwconv(x)``: swapping this module
+    in is all the ``compile_opaque`` arm changes. The op is called through ``torch.ops``,
+    registered before tracing: registering inside a traced frame broke the graph at every
+    block."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fuse4seg_probe.depthwise(x, self.weight, self.bias)
+
+
+def use_opaque_depthwise(net: nn.Module) -> nn.Module:
+    """``net`` with every ConvNeXt block's ``dwconv`` replaced by :class:`OpaqueDepthwise`."""
+    from fuse4seg.models.segmentation import ConvNeXtBlock
+
+    opaque_depthwise()
+    for module in net.modules():
+        if isinstance(module, ConvNeXtBlock):
+            module.dwconv = OpaqueDepthwise(module.dwconv)
+    return net
 
 
 def run_arm(arm: str, args) -> dict:
     """Build the follower, make the first calls, time ``--repeats`` forward and backward calls
     (this process only)."""
     from fuse4seg.models.registry import create_segmentation
-    from fuse4seg.models.segmentation import ConvNeXtBlock
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = create_segmentation(args.segmentation, in_channels=1)
-    shipped = ConvNeXtBlock.forward
-    try:
-        return _timed(arm, args, net, ConvNeXtBlock)
-    finally:
-        ConvNeXtBlock.forward = shipped
-
-
-def _timed(arm: str, args, net, block_class) -> dict:
-    """:func:`run_arm`'s body, with ``block_class.forward`` restored by the caller."""
     if arm == "compile_opaque":
-        opaque_depthwise()
-        block_class.forward = opaque_block_forward
+        use_opaque_depthwise(net)
     if arm.startswith("compile"):
         if args.kernels:
             import torch._inductor.config as inductor_config

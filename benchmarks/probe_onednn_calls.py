@@ -4,9 +4,11 @@ About a third of the outer step does not shrink with the image (``step_anatomy.p
 that third is convolutions: at 16×16 each oneDNN convolution still takes 100-250 µs of ATen
 self time. This probe splits that time in two, per size:
 
-1. **oneDNN's execution**: one outer step run with oneDNN's verbose mode on (its own
-   ``exec`` lines, which time each primitive's execution), summed per primitive kind
-   (convolution, deconvolution, reorder, eltwise, ...), with the calls per step. The verbose
+1. **oneDNN's execution**: outer steps run with oneDNN's verbose mode on (its own ``exec``
+   lines, which time each primitive's execution), summed per primitive kind (convolution,
+   deconvolution, reorder, eltwise, ...), with the calls per step; also its primitive
+   creations by how its cache answered (``cache_hit``, ``cache_miss``) and how many of the
+   convolution executions have a 1×1 kernel. The verbose
    lines are read from the process's standard output, redirected to a file for the step.
 2. **ATen's convolution ops**: the same step under ``torch.profiler``, the self CPU time of
    every ATen op with ``convolution`` in its name (``mkldnn_convolution``,
@@ -48,10 +50,12 @@ import argparse
 import collections
 import ctypes
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,16 +66,30 @@ import bench_train_step  # noqa: E402
 CONVOLUTION_KINDS = ("convolution", "deconvolution", "reorder")
 
 
-def onednn_exec(fn, calls: int) -> dict[str, tuple[int, float]]:
-    """``{primitive kind: (executions, ms)}`` per call of ``fn``, from oneDNN's verbose
-    ``exec`` lines over ``calls`` calls (standard output redirected to a file meanwhile)."""
+KERNEL = re.compile(r"kh(\d+)s.*kw(\d+)s")
+
+
+@dataclass
+class OneDNNCalls:
+    """What oneDNN's verbose lines say about one call of a step: executions and their ms by
+    primitive kind, primitive creations by how oneDNN's cache answered, and the executions of
+    1×1 convolutions (forward and backward)."""
+
+    kinds: dict[str, tuple[int, float]]
+    created: dict[str, int]
+    pointwise: int
+
+
+def onednn_calls(fn, calls: int) -> OneDNNCalls:
+    """:class:`OneDNNCalls` per call of ``fn``, from oneDNN's verbose lines (creation and
+    ``exec``) over ``calls`` calls, standard output redirected to a file meanwhile."""
     libc = ctypes.CDLL(None)
     sys.stdout.flush()
     saved = os.dup(1)
     with tempfile.TemporaryFile(mode="w+") as log:
         os.dup2(log.fileno(), 1)
         try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
                 for _ in range(calls):
                     fn()
         finally:
@@ -81,28 +99,34 @@ def onednn_exec(fn, calls: int) -> dict[str, tuple[int, float]]:
         log.seek(0)
         lines = log.read().splitlines()
     count: collections.Counter = collections.Counter()
+    created: collections.Counter = collections.Counter()
     ms: collections.defaultdict = collections.defaultdict(float)
+    pointwise = 0
     for line in lines:
         parts = line.split(",")
-        if len(parts) > 6 and parts[0] == "onednn_verbose" and parts[3] == "exec":
+        if len(parts) < 7 or parts[0] != "onednn_verbose" or parts[2] != "primitive":
+            continue
+        if parts[3].startswith("create:"):
+            created[parts[3].removeprefix("create:")] += 1
+        elif parts[3] == "exec":
             count[parts[5]] += 1
             ms[parts[5]] += float(parts[-1])
+            kernel = KERNEL.search(parts[-2])
+            pointwise += parts[5] == "convolution" and kernel is not None and \
+                kernel.groups() == ("1", "1")
     if not count:
         raise RuntimeError(
             "probe_onednn_calls: oneDNN printed no 'onednn_verbose,...,exec' lines in verbose "
             f"mode ({len(lines)} lines read; first: {lines[:1]}); its verbose format may have "
             "changed, or this torch was built without oneDNN")
-    return {k: (count[k] // calls, ms[k] / calls) for k in count}
+    return OneDNNCalls({k: (count[k] // calls, ms[k] / calls) for k in count},
+                       {k: n // calls for k, n in created.items()}, pointwise // calls)
 
 
 def aten_convolution_ms(fn, calls: int) -> tuple[float, int]:
     """Self CPU ms and calls, per call of ``fn``, of the ATen ops with ``convolution`` in their
-    name (autograd's wrappers left out)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
+    name (autograd's wrappers left out), under ``bench_train_step.profiled``."""
+    prof, _, _ = bench_train_step.profiled(fn, torch.device("cpu"), calls)
     events = [e for e in prof.key_averages()
               if e.key.startswith("aten::") and "convolution" in e.key]
     return (sum(e.self_cpu_time_total for e in events) / 1000 / calls,
@@ -179,10 +203,8 @@ def pointwise_step(case, limit: int, rounds: int, calls: int = 3) -> tuple[float
             for arm in ("shipped", "linear") if r % 2 == 0 else ("linear", "shipped"):
                 nn.Conv2d._conv_forward = forward if arm == "linear" else shipped
                 case.outer()
-                for _ in range(calls):
-                    start = time.perf_counter()
-                    case.outer()
-                    times[arm].append(1000 * (time.perf_counter() - start))
+                times[arm] += [1000 * t for t in
+                               bench_train_step.timed(case.outer, torch.device("cpu"), calls)]
         nn.Conv2d._conv_forward = forward
         counts.update(linear=0, conv=0)
         case.outer()
@@ -230,14 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             case = bench_train_step.Case(ns, "no_follower_ema", torch.device("cpu"))
             for _ in range(args.warmup):
                 case.outer()
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                case.outer()
-                times.append(1000 * (time.perf_counter() - start))
-            kinds = onednn_exec(case.outer, args.steps)
+            step_ms = 1000 * statistics.median(
+                bench_train_step.timed(case.outer, torch.device("cpu"), args.repeats))
+            onednn = onednn_calls(case.outer, args.steps)
             aten_ms, convs = aten_convolution_ms(case.outer, args.steps)
-            rows.append((size, statistics.median(times), kinds, aten_ms, convs))
+            rows.append((size, step_ms, onednn, aten_ms, convs))
         pointwise_rows = [(shape, *pointwise(shape, args.calls)) for shape in shapes]
         step_row = (pointwise_step(case, args.pointwise_pixels, args.step_rounds)
                     if args.step_rounds else None)
@@ -250,14 +269,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} untraced calls, the rest means of {args.steps} traced ones\n")
     print("| size | outer step (ms) | ATen convolutions | their self time (ms) | oneDNN "
           "executions: ms | oneDNN's convolutions and reorders (ms) | outside oneDNN's "
-          "kernels (ms) |")
-    print("|---|---:|---:|---:|---|---:|---:|")
-    for size, step, kinds, aten_ms, convs in rows:
+          "kernels (ms) | oneDNN's primitive creations | 1×1 convolution executions |")
+    print("|---|---:|---:|---:|---|---:|---:|---|---:|")
+    for size, step, onednn, aten_ms, convs in rows:
+        kinds = onednn.kinds
         each = ", ".join(f"{k} {n}: {ms:.1f}" for k, (n, ms) in
                          sorted(kinds.items(), key=lambda kv: -kv[1][1]))
         total = sum(ms for k, (_, ms) in kinds.items() if k in CONVOLUTION_KINDS)
+        created = ", ".join(f"{k} {n}" for k, n in sorted(onednn.created.items())) or "none"
         print(f"| {size}×{size} | {step:.1f} | {convs} | {aten_ms:.1f} | {each} | {total:.1f} "
-              f"| {aten_ms - total:.1f} |")
+              f"| {aten_ms - total:.1f} | {created} | {onednn.pointwise} |")
     if pointwise_rows:
         print(f"\n# a 1×1 convolution on channels-last maps, forward and backward, medians of "
               f"{args.calls} calls\n")
