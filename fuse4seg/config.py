@@ -215,10 +215,12 @@ class TrainConfig:
     ``benchmarks/RESULTS.md``) were all made with it. A non-finite loss or gradient stops a run
     either way (``fuse4seg.train.engine``)."""
     steps_per_epoch: int | None = None
-    """Cap on outer steps per epoch (``None``: ``ceil(N / B)`` steps, as many as one pass of
-    batches over the N training slices takes). In the rollout each step draws its own patients
-    and slices (``fuse4seg.train.sampling``), so an epoch is a number of steps, not a pass:
-    within one, some slices come twice and others not at all."""
+    """Steps per epoch (``None``: ``ceil(N / B)`` steps, as many as one pass of batches over the
+    N training slices takes). In bi-level training it sets the number, more or fewer than one
+    pass (the warm-up draws further shuffles when it is more); in fusion-only training
+    (:mod:`fuse4seg.train.fusion_only`) it is a cap on one pass. In the rollout each step draws
+    its own patients and slices (``fuse4seg.train.sampling``), so an epoch is a number of steps,
+    not a pass: within one, some slices come twice and others not at all."""
     val_every: int = 5
     """Validate every N epochs (and after the last)."""
     val_max_slices: int | None = None

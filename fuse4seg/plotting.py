@@ -8,8 +8,9 @@ Photographs and PNG pairs (chapter 5) are already in image order: ``orientation=
 
 Kept general on purpose (any chapter may use them); matplotlib is imported lazily so the
 package imports without a display. Label colours follow the BraTS convention used in the
-paper's figures: NCR red, ED green, ET yellow. Explained where first used, chapter 4
-(``book/04_bilevel_training.md``).
+paper's figures: NCR red, ED green, ET yellow. First used in chapter 1
+(``book/01_data.md``: ``show``, ``overlay_labels``, ``label_legend``); the training curves in
+chapter 4 (``plot_curves``).
 """
 
 from __future__ import annotations

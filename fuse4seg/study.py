@@ -3,7 +3,7 @@ methods with a paired bootstrap interval.
 
 One run is an anecdote: on two CPU cores the same configuration can land far apart, and a
 phantom or a handful of real cases gives a few test patients. So every comparison in the book
-goes through two functions:
+goes through three functions:
 
 - :func:`train_seeds` trains one method once per seed (``train.seed``: initial weights, batch
   order, rollout splits) on the same data split and scores every test case of every seed
@@ -16,12 +16,14 @@ goes through two functions:
   one sentence saying what the interval supports.
 
 Choices: the percentile bootstrap with 10,000 resamples and a fixed generator seed (the interval
-is reproducible); seeds are paired across methods (seed s of method A against seed s of method B:
-both see the same data split; their weights and batches differ anyway, so pairing by seed only
-removes nothing that matters and costs nothing); an interval that contains 0 is reported as "not
-distinguishable at this scale", never as a tie or a win; with fewer than :data:`MIN_CASES` test
-cases the difference is reported as descriptive only (a bootstrap over 2 cases has 3 possible
-means and would look falsely precise).
+is reproducible); seeds are paired across methods (seed s of method A against seed s of method
+B: both see the same data split and draw the same batches, and each network's initial weights
+come from its own seed (:func:`fuse4seg.train.bilevel.init_seed`), so methods that share a
+network start it from the same weights; ``fuse4seg``'s warm-up is ``average``'s bit for bit, and
+the pairing removes the luck of two initialisations from their difference); an interval that
+contains 0 is reported as "not distinguishable at this scale", never as a tie or a win; with
+fewer than :data:`MIN_CASES` test cases the difference is reported as descriptive only (a
+bootstrap over 2 cases has 3 possible means and would look falsely precise).
 
 Explained in chapter 4 (``book/04_bilevel_training.md``).
 """

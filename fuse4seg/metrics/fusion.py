@@ -39,18 +39,20 @@ Every value is checked against the reference file of the project's tests (comput
 original evaluators) to a relative 1e-4.
 
 Speed (issue 9; the same values to ~1e-10 relative, checked against the code before it by
-``tests/test_fusion_metrics.py``): the per-pixel work of VIF, the standard SSIM and Q^AB/F is
-compiled with numba (``cache=True``: a fresh install compiles each kernel once, in about a
-second, and later processes load it from ``__pycache__``). VIF's and the standard SSIM's
-Gaussian windows are 'valid' separable filters by direct loops (``_valid_filter``),
-float64 (float32 moves VIF by 2e-5); the moment stack ``[A, B, F, A², B², F², AF, BF]`` is
-built once per call and filtered by both; VIF's decimation computes only the outputs it keeps,
-and its terms and SSIM's index are each one pass over the filtered moments (VIF takes one
-logarithm per 32 terms, of their product); Q^AB/F is one pass over the zero-padded images
-(Sobel, magnitudes, angles, the two sigmoids, the weighted sums), skipping pixels where a
-source has no gradient; MI looks its ``c ln c`` up in a table; MSE and PSNR share one error;
-work arrays are kept per thread between calls (``_scratch``); one :func:`fusion_metrics`
-call shares the grey levels, the moments and the cddfuse SSIM statistics between metrics.
+``tests/test_fusion_metrics.py``): the per-pixel work of VIF, the standard SSIM and their
+Gaussian filter is compiled with numba (``cache=True``: a fresh install compiles each kernel
+once, in about a second, and later processes load it from ``__pycache__``). VIF's and the
+standard SSIM's Gaussian windows are 'valid' separable filters by direct loops
+(``_valid_filter``), float64 (float32 moves VIF by 2e-5); the moment stack ``[A, B, F, A², B²,
+F², AF, BF]`` is built once per call and filtered by both; VIF's decimation computes only the
+outputs it keeps, and its terms and SSIM's index are each one pass over the filtered moments
+(VIF takes one logarithm per 32 terms, of their product); Q^AB/F stays NumPy (a compiled pass
+was tried and dropped, ``benchmarks/RESULTS.md``): the Sobel responses of the three images at
+once (int16 for uint8 inputs), then magnitudes, angles, the two sigmoids and the weighted sums
+only at the pixels where a source has a gradient, in reused work arrays; MI looks its ``c ln c``
+up in a table; MSE and PSNR share one error; work arrays are kept per thread between calls
+(``_scratch``); one :func:`fusion_metrics` call shares the grey levels, the moments and the
+cddfuse SSIM statistics between metrics.
 """
 
 from __future__ import annotations

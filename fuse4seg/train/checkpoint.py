@@ -1,12 +1,15 @@
 """Checkpoints that survive a crash and load safely: atomic writes, ``weights_only`` loads, RNGs.
 
-A run folder keeps three files under ``checkpoints/``:
+A run folder keeps three files under ``checkpoints/``, and a fourth in some runs:
 
 - ``last.pt``: the full training state (networks, EMA leader, both optimisers, gradient
   scalers, counters, the metrics history and every RNG state) — what ``--resume`` reads;
 - ``best.pt``: an *inference bundle* (EMA leader, follower, config) at the best validation mean
   Dice;
-- ``ema.pt``: the inference bundle of the latest state.
+- ``ema.pt``: the inference bundle of the latest state;
+- ``warmup.pt`` (bi-level runs whose warm-up another method or ablation can share): the full
+  training state at the end of the warm-up, which a run with the same warm-up continues from
+  instead of training it again (:func:`fuse4seg.train.runs.shared_warmup`).
 
 Each file is written to a temporary file beside its target and renamed (``os.replace``), so a
 SIGKILL mid-write leaves the previous file intact. Files hold only tensors, plain dicts, lists,

@@ -7,7 +7,8 @@ A run folder says what made it:
   patient split (``split``: the case ids of ``train``, ``val`` and ``test``, so the run still
   says which patients it trained on when its cache is gone), start time, world size;
 - ``metrics.jsonl``: one JSON object per epoch (losses, learning rates, validation Dice/IoU);
-- ``checkpoints/{last,best,ema}.pt`` (:mod:`fuse4seg.train.checkpoint`);
+- ``checkpoints/{last,best,ema}.pt``, and ``warmup.pt`` where the warm-up can be shared
+  (:mod:`fuse4seg.train.checkpoint`);
 - ``glassbox/``: the fused prior of a few fixed validation slices at each validation.
 
 The hash covers the resolved config (less ``train.device``, which does not define the
