@@ -29,6 +29,7 @@ from fuse4seg.models import build_leader, place_leader
 from fuse4seg.train.checkpoint import load_checkpoint
 from fuse4seg.train.methods import build_follower, get_method
 from fuse4seg.utils import (
+    atomic_replace_files,
     atomic_write_bytes,
     atomic_write_json,
     check_not_an_input,
@@ -137,24 +138,33 @@ def load_bundle(checkpoint: str | Path, which: str | None = None,
     if "method" not in state or "config" not in state:
         raise ValueError(f"{path}: not a fuse4seg training checkpoint (no method or config)")
     method = state["method"]
-    spec = get_method(method)
-    config = config_from_dict(state["config"])
-    if state.get("kind") == "training":  # last.pt: the engine's state
-        if "engine" not in state:
-            raise ValueError(f"{path}: a training state of an older fuse4seg; use best.pt")
-        engine = state["engine"]
-        # the EMA leader, and the follower's weight average where train.follower_ema kept one
-        leader_weights = engine["ema"]
-        follower_weights = engine.get("follower_ema") or engine["follower"]
-    else:
-        leader_weights, follower_weights = state["leader"], state["follower"]
-    leader = None
-    if spec.leader:
-        leader = build_leader(config)
-        leader.load_state_dict(leader_weights)
+    # a checkpoint that does not fit this fuse4seg (another version's, an edited or foreign
+    # one) is refused with its path, whatever part of it does not fit
+    try:
+        spec = get_method(method)
+        config = config_from_dict(state["config"])
+        if state.get("kind") == "training":  # last.pt: the engine's state
+            if "engine" not in state:
+                raise ValueError("a training state of an older fuse4seg; use best.pt")
+            engine = state["engine"]
+            # the EMA leader, and the follower's weight average where train.follower_ema
+            # kept one
+            leader_weights = engine["ema"]
+            follower_weights = engine.get("follower_ema") or engine["follower"]
+        else:
+            leader_weights, follower_weights = state["leader"], state["follower"]
+        leader = None
+        if spec.leader:
+            leader = build_leader(config)
+            leader.load_state_dict(leader_weights)
+        follower = build_follower(config, method)
+        follower.load_state_dict(follower_weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        what = what.replace("--method ", "method ")  # a stored method, not a flag
+        raise ValueError(f"{path}: a checkpoint this fuse4seg cannot load ({what})") from exc
+    if leader is not None:
         leader = place_leader(leader, dev).eval()  # channels-last on a CPU, as in training
-    follower = build_follower(config, method)
-    follower.load_state_dict(follower_weights)
     follower = follower.to(dev).eval()
     scheme = state.get("scheme", "brats2021")
     epoch = int(state.get("epoch", 0))
@@ -320,7 +330,8 @@ def _brats2013_case(t1ce: Path):
         (case,) = find_cases(folder)
     except (DataError, OSError, ValueError):
         return None
-    return case if Path(case.paths["t1ce"]).resolve() == t1ce.resolve() else None
+    found = case.paths["t1ce"]  # None where several files fit
+    return case if found is not None and Path(found).resolve() == t1ce.resolve() else None
 
 
 def _nifti_bytes(path: Path, data: np.ndarray, affine, header) -> bytes:
@@ -388,7 +399,8 @@ def predict_files(
         scheme: label scheme of ``seg.nii.gz`` (``brats2021``: ET = 4, ``brats2023``: ET = 3,
             ...); default: guessed from the T1ce file name (``_t1ce`` → brats2021, ``-t1c`` →
             brats2023) or folder (a BRATS 2013/2015 case → brats2013), else the training
-            data's scheme.
+            data's scheme (the most common among the run's training cases, which the
+            checkpoint records: :func:`fuse4seg.data.slices.training_scheme`).
         mask: a brain-mask NIfTI on the same grid; default: the ``brainmask`` file of a BRATS
             2013/2015 case folder (z-scored volumes, whose background is a constant, not zero),
             else the voxels where T1ce or FLAIR is non-zero (skull-stripped BraTS volumes). A
@@ -496,45 +508,42 @@ def predict_files(
             "background. Is the volume at the resolution of the run's training data?",
             stacklevel=2,
         )
-    scheme = scheme or _scheme_of(t1ce, bundle.scheme, brats2013=case_2013 is not None)
-    if scheme not in EXPORT:
+    if scheme is None:
+        scheme = _scheme_of(t1ce, bundle.scheme, brats2013=case_2013 is not None)
+        if scheme not in EXPORT:  # an earlier fuse4seg stored the first case's layout
+            raise ValueError(
+                f"{bundle.path}: the checkpoint gives {scheme!r} as its training data's label "
+                f"scheme, which is none, and the file names do not say; give --scheme (one of "
+                f"{', '.join(sorted(EXPORT))})")
+    elif scheme not in EXPORT:
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
     # the folders this call makes (deepest first): a failed or stopped (Ctrl-C) prediction
     # removes the files it wrote and the folders it left empty, at any point up to the end
     made = missing_folders(out_dir)
     paths = {"fused": out_dir / "fused.nii.gz", "seg": out_dir / "seg.nii.gz"}
-    written: list[Path] = []
     try:
         _writable_folder(out_dir)  # before the model runs: minutes at the paper's size
         fused, seg = predict_volume(bundle, a, b, brain, batch_size, progress=progress)
-        # both files are encoded before either is written; a fused.nii.gz left by another
-        # model (a 2-channel method has none) is removed, so the folder never mixes two
+        # both files are encoded, then replaced together (utils.atomic_replace_files): a
+        # failure leaves the earlier pair as it was. A fused.nii.gz left by another model (a
+        # 2-channel method has none) is removed with them, so the folder never mixes two
         # models' outputs
         blobs = {"seg": _nifti_bytes(paths["seg"], from_canonical(seg, scheme), affine, header)}
         if fused is not None:
             blobs["fused"] = _nifti_bytes(paths["fused"], fused, affine, header)
-        for key in ("fused", "seg"):
-            if key not in blobs:
-                continue
-            try:
-                atomic_write_bytes(paths[key], blobs[key])
-            except OSError as err:
-                raise ValueError(f"--out {out_dir}: cannot write {paths[key].name} "
-                                 f"({err.strerror})") from err
-            written.append(paths[key])
-        # last, once seg.nii.gz is written: a failed write leaves the earlier pair as it was
-        removed = None
-        if "fused" not in blobs and paths["fused"].is_file():
-            try:
-                paths["fused"].unlink()
-            except OSError as err:
-                raise ValueError(f"--out {out_dir}: cannot remove the earlier fused.nii.gz, "
-                                 f"which this 2-channel method does not replace "
-                                 f"({err.strerror})") from err
-            removed = str(paths["fused"])
+        removed = str(paths["fused"]) if fused is None and paths["fused"].is_file() else None
+        replace = {paths[k]: blobs[k] for k in ("fused", "seg") if k in blobs}
+        if removed:
+            replace[paths["fused"]] = None
+        try:
+            atomic_replace_files(replace)
+        except OSError as err:
+            name = Path(err.filename).name if err.filename else "its files"
+            what = ("remove the earlier fused.nii.gz, which this 2-channel method does not "
+                    "replace" if name == "fused.nii.gz" and fused is None else f"write {name}")
+            raise ValueError(f"--out {out_dir}: cannot {what} ({err.strerror}); the earlier "
+                             "files there are unchanged") from err
     except BaseException:
-        for path in written:  # never one new file beside an old one: remove this call's
-            path.unlink(missing_ok=True)
         remove_empty_folders(made)
         raise
     return {

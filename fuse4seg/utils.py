@@ -179,8 +179,9 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
+def _write_temp(path: Path, write) -> str:
+    """A temporary file beside ``path`` holding what ``write(fh)`` writes, flushed to disk and
+    with the usual mode; removed again if writing fails."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -192,11 +193,77 @@ def _atomic_write(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, file_mode())  # mkstemp makes 0600 files; give the usual mode
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_replace_files(files: dict[Path, bytes | None]) -> None:
+    """Replace several files together: afterwards every file holds its new bytes (a ``None``
+    file is gone), or, after any failure or interruption, every file is as it was.
+
+    Each file is first written to a temporary file beside it; then the existing files are
+    moved aside, the new ones renamed into place, and the old ones deleted. A failure puts
+    back what was there. (A pair such as ``predict``'s ``fused.nii.gz`` and ``seg.nii.gz``
+    then never mixes two models' outputs, and a failed write of the second file does not
+    lose the first one's earlier version.)
+
+    Raises:
+        OSError: its ``filename`` is the file (not a temporary one) that could not be
+            written, moved aside or removed.
+    """
+    files = {Path(p): data for p, data in files.items()}
+    temps: dict[Path, str] = {}
+    aside: dict[Path, str] = {}
+    placed: list[Path] = []
+    current = None
+    try:
+        for current, data in files.items():
+            if data is not None:
+                temps[current] = _write_temp(current, lambda fh, data=data: fh.write(data))
+        for current in files:
+            if os.path.lexists(current):
+                fd, old = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".old",
+                                           dir=current.parent)
+                os.close(fd)
+                try:
+                    os.replace(current, old)
+                except BaseException:
+                    os.unlink(old)
+                    raise
+                aside[current] = old
+        for current, tmp in temps.items():
+            os.replace(tmp, current)
+            placed.append(current)
+    except BaseException as exc:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path, old in aside.items():
+            os.replace(old, path)
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and current is not None:
+            raise OSError(exc.errno, exc.strerror, str(current)) from exc
+        raise
+    for old in aside.values():
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
 
 
 def check_output_file(path: str | Path, flag: str, inputs=(), runs=()) -> None:

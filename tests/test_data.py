@@ -213,6 +213,89 @@ def test_check_cli_lists_a_folder_in_a_files_place_as_a_bad_case(case_copy, caps
     assert f"{flair}: the FLAIR file is a folder" in capsys.readouterr().err
 
 
+def test_two_files_for_one_role_make_a_bad_case_that_names_both(case_copy, capsys):
+    """A second label map beside the first (a model's output, an older version) or the same
+    volume compressed and not: the case is bad and the message names both files, instead of
+    training on whichever sorts first."""
+    seg = case_copy / "BraTS2021_00006_seg.nii.gz"
+    other = case_copy / "BraTS2021_00006_model_seg.nii.gz"
+    shutil.copy(seg, other)
+    _rewrite(other, lambda d, a: (np.where(d == 2, 0, d).astype(d.dtype), a))  # no edema
+    with pytest.raises(DataError, match=r"2 files in .* fit the seg file .*: "
+                                        r"BraTS2021_00006_model_seg\.nii\.gz, "
+                                        r"BraTS2021_00006_seg\.nii\.gz; remove the extra one, "
+                                        r"or give --seg-pattern"):
+        load_case(case_copy)
+    assert cli_main(["data", "check", str(case_copy.parent)]) == 1
+    assert "BraTS2021_00006_model_seg.nii.gz" in capsys.readouterr().err
+    # the explicit pattern that says which one reads the right labels
+    case = load_case(find_cases(case_copy.parent,
+                                patterns={"seg": "*00006_seg.nii.gz"})[0])
+    assert case.seg is not None and np.count_nonzero(case.seg == 2) > 0
+    other.unlink()
+    flair = case_copy / "BraTS2021_00006_flair.nii.gz"
+    (case_copy / "BraTS2021_00006_flair.nii").write_bytes(
+        nib.load(str(flair)).to_bytes())  # the same volume, uncompressed
+    with pytest.raises(DataError, match=r"fit the flair file .*BraTS2021_00006_flair\.nii, "
+                                        r"BraTS2021_00006_flair\.nii\.gz"):
+        load_case(case_copy)
+
+
+def test_a_named_case_with_two_label_files_is_bad_and_a_mask_gives_way(case_copy, tmp_path):
+    """Without patterns the ``named`` words decide: two files with a label word make the case
+    bad; a file that also carries another role's word (``t1post_brainmask``) is that role's,
+    not a second T1ce."""
+    named = tmp_path / "named" / "s1"
+    named.mkdir(parents=True)
+    shutil.copy(case_copy / "BraTS2021_00006_t1ce.nii.gz", named / "s1_T1post.nii.gz")
+    shutil.copy(case_copy / "BraTS2021_00006_flair.nii.gz", named / "s1_FLAIR.nii.gz")
+    shutil.copy(case_copy / "BraTS2021_00006_seg.nii.gz", named / "s1_label.nii.gz")
+    img = nib.load(str(named / "s1_T1post.nii.gz"))
+    brain = (np.asarray(img.dataobj) > 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(brain, img.affine), str(named / "s1_T1post_brainmask.nii.gz"))
+    (case,) = find_cases(named.parent)
+    assert case.layout == "named" and not case.problems
+    assert case.paths["t1ce"].name == "s1_T1post.nii.gz"
+    assert case.paths["mask"].name == "s1_T1post_brainmask.nii.gz"
+    shutil.copy(named / "s1_label.nii.gz", named / "s1_label_old.nii.gz")
+    (case,) = find_cases(named.parent)
+    with pytest.raises(DataError, match=r"2 files in .* fit the seg file \(the words seg, "
+                                        r".*\): s1_label\.nii\.gz, s1_label_old\.nii\.gz"):
+        load_case(case)
+
+
+def test_rgb_and_complex_volumes_are_refused_with_their_dtype(case_copy, capsys):
+    flair = case_copy / "BraTS2021_00006_flair.nii.gz"
+    img = nib.load(str(flair))
+    grey = np.clip(np.asarray(img.dataobj), 0, 255).astype(np.uint8)
+    rgb = np.zeros(grey.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = rgb["G"] = rgb["B"] = grey
+    nib.save(nib.Nifti1Image(rgb, img.affine), str(flair))
+    with pytest.raises(DataError, match=r"_flair\.nii\.gz: the FLAIR file stores multi-field "
+                                        r"\(RGB or RGBA\) voxels"):
+        load_case(case_copy)
+    assert cli_main(["data", "check", str(case_copy.parent)]) == 1  # a bad case, no traceback
+    assert "multi-field (RGB or RGBA) voxels" in capsys.readouterr().err
+    nib.save(nib.Nifti1Image(grey.astype(np.complex64), img.affine), str(flair))
+    with pytest.raises(DataError, match=r"stores complex voxels \(complex64\)"):
+        load_case(case_copy)
+
+
+def test_a_given_layout_reads_every_case_with_its_names(brats2021_case, brats2023_case,
+                                                        tmp_path, capsys):
+    """``--layout`` forces: the BraTS 2021 case read as ``named`` (its words fit), and a BraTS
+    2023 case forced to ``brats2021`` is a bad case that names the file it looked for."""
+    (case,) = find_cases(brats2021_case, layout="named")
+    assert case.layout == "named"
+    assert np.array_equal(load_case(case).seg, load_case(brats2021_case).seg)
+    root = tmp_path / "mixed"
+    for src in (brats2021_case, brats2023_case):
+        shutil.copytree(src, root / src.name)
+    assert cli_main(["data", "check", str(root), "--layout", "brats2021"]) == 1
+    err = capsys.readouterr().err
+    assert f"bad case {brats2023_case.name}: missing T1ce file: no *_t1ce.nii.gz" in err
+
+
 def test_empty_folder_error(tmp_path, capsys):
     assert cli_main(["data", "check", str(tmp_path)]) == 2
     assert "no BraTS cases found" in capsys.readouterr().err

@@ -625,6 +625,13 @@ def test_metrics_cli_errors(png_triplet, tmp_path, capsys):
     assert f"--csv {blocker / 'x.csv'}: {blocker} is a file" in capsys.readouterr().err
     assert main(["metrics", "--fused", f, "--a", a, "--b", b, "--csv", str(tmp_path)]) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
+    # --csv and --json naming one file: refused, nothing written (the JSON would overwrite
+    # the CSV)
+    same = tmp_path / "m.out"
+    assert main(["metrics", "--fused", f, "--a", a, "--b", b, "--csv", str(same),
+                 "--json", str(tmp_path / "." / "m.out")]) == 2
+    assert f"--csv and --json both name {same}" in capsys.readouterr().err
+    assert not same.exists()
     assert (
         main(["metrics", "--fused", f + "/p1.png", "--a", a + "/nope.png", "--b", b + "/p1.png"])
         == 2

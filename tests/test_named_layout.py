@@ -104,6 +104,35 @@ def test_scheme_guess_from_values():
     assert guess_scheme(np.array([0, 1, 3, 4])) == "brats2013"
 
 
+def test_the_cache_records_each_cases_scheme_and_a_run_takes_the_most_common(
+        brats2023_case, tmp_path):
+    """A ``named`` case's scheme, read from its labels, is kept in the manifest, so a run
+    trained on it writes ``predict``'s labels in that scheme (an earlier cache recorded only
+    the layout, and a run trained on ``named`` data could not predict without --scheme)."""
+    from fuse4seg.data.slices import load_manifest, training_scheme
+
+    src = {k: next(brats2023_case.glob(f"*-{k}.nii.gz")) for k in ("t1c", "t2f", "seg")}
+    data = tmp_path / "data" / "sub01"
+    _copy(src["t1c"], data / "sub01_t1gd.nii.gz")
+    _copy(src["t2f"], data / "sub01_flair.nii.gz")
+    _copy(src["seg"], data / "sub01_label.nii.gz")  # 0-3, ET = 3: BraTS 2023+
+    prepare_cache(data.parent, tmp_path / "cache", get_config("smoke").data, progress=False)
+    manifest = load_manifest(tmp_path / "cache")
+    (entry,) = manifest["case_info"]
+    assert (entry["layout"], entry["scheme"]) == ("named", "brats2023")
+    assert training_scheme(manifest, ["sub01"]) == "brats2023"
+    # the most common scheme; a tie goes to the first case by name; an entry without a scheme
+    # counts by its layout's, a named one by none
+    info = [{"case_id": "a", "layout": "brats2021"}, {"case_id": "b", "layout": "named"},
+            {"case_id": "c", "layout": "named", "scheme": "brats2023"},
+            {"case_id": "d", "layout": "brats2023"}]
+    old = {"case_info": info}
+    assert training_scheme(old, ["a", "b", "c", "d"]) == "brats2023"
+    assert training_scheme(old, ["a", "c"]) == "brats2021"
+    assert training_scheme(old, ["c", "a"]) == "brats2021"
+    assert training_scheme(old, ["b"]) == "brats2021"  # nothing known: the default
+
+
 def test_cli_check_with_patterns(renamed, tmp_path, capsys):
     from fuse4seg.cli import main
 

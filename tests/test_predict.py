@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ import torch
 
 from fuse4seg.cli import main
 from fuse4seg.config import get_config
+from fuse4seg.inference import load_bundle
 from fuse4seg.models import build_leader
 from fuse4seg.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from fuse4seg.train.methods import build_follower
@@ -130,7 +132,7 @@ def test_predict_clears_the_inputs_display_window_and_names_its_checkpoint(phant
 
 def test_which_with_a_checkpoint_file_is_refused_by_evaluate_too(phantom_dir, tmp_path, capsys):
     """The check lives where the checkpoint is chosen, so every caller gets it."""
-    from fuse4seg.inference import _checkpoint_path, load_bundle
+    from fuse4seg.inference import _checkpoint_path
 
     run = _make_run(tmp_path)
     best = run / "checkpoints" / "best.pt"
@@ -166,19 +168,20 @@ def test_a_predict_stopped_while_writing_leaves_no_new_file_and_no_folder(
     fused.nii.gz beside an old seg.nii.gz), and so are the folders it made; a stop while the
     volumes are encoded also removes the folders."""
     import fuse4seg.inference as inference
+    import fuse4seg.utils as utils
 
     run = _make_run(tmp_path)
     t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
-    real_write = inference.atomic_write_bytes
+    real_write = utils._write_temp
     calls = []
 
-    def write_then_stop(path, data):
+    def write_then_stop(path, write):
         calls.append(Path(path).name)
         if len(calls) == 2:  # the second file (seg.nii.gz): stopped before it is written
             raise KeyboardInterrupt
-        real_write(path, data)
+        return real_write(path, write)
 
-    monkeypatch.setattr(inference, "atomic_write_bytes", write_then_stop)
+    monkeypatch.setattr(utils, "_write_temp", write_then_stop)
     (tmp_path / "kept").mkdir()
     assert _predict(run, t1ce, flair, tmp_path / "kept" / "a" / "out") == 130
     assert calls == ["fused.nii.gz", "seg.nii.gz"]
@@ -204,7 +207,7 @@ def test_a_predict_stopped_while_writing_leaves_no_new_file_and_no_folder(
 @pytest.mark.slow
 def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tmp_path, capsys,
                                                                  monkeypatch):
-    import fuse4seg.inference as inference
+    import fuse4seg.utils as utils
 
     run = _make_run(tmp_path, method="direct2ch")
     t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
@@ -218,18 +221,18 @@ def test_predict_two_channel_method_writes_only_the_segmentation(phantom_dir, tm
     before = {p.name: p.read_bytes() for p in (tmp_path / "both").iterdir()}
     capsys.readouterr()
     # seg.nii.gz cannot be written: the earlier pair stays as it was, fused.nii.gz included
-    real_write = inference.atomic_write_bytes
+    real_write = utils._write_temp
 
-    def refuse_seg(path, data):
+    def refuse_seg(path, write):
         if Path(path).name == "seg.nii.gz":
             raise OSError(28, "No space left on device")
-        real_write(path, data)
+        return real_write(path, write)
 
-    monkeypatch.setattr(inference, "atomic_write_bytes", refuse_seg)
+    monkeypatch.setattr(utils, "_write_temp", refuse_seg)
     assert _predict(run, t1ce, flair, tmp_path / "both") == 2
     assert "cannot write seg.nii.gz (No space left on device)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "both").iterdir()} == before
-    monkeypatch.setattr(inference, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(utils, "_write_temp", real_write)
     assert _predict(run, t1ce, flair, tmp_path / "both") == 0
     assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["seg.nii.gz"]
     out = capsys.readouterr().out
@@ -630,3 +633,116 @@ def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir,
     (message,) = warned_all(recorded)
     assert f"trained or validated on ({case}), by the split the run recorded" in message
     assert warned_all({"cache": str(tmp_path / "gone"), "data_checksum": "other"}) == []
+
+
+def test_replacing_a_pair_of_files_is_all_or_nothing(tmp_path, monkeypatch):
+    """``utils.atomic_replace_files``, which ``predict`` writes its two volumes with: a file
+    that cannot be moved aside (an immutable one) or a stop between the two renames leaves
+    both earlier files as they were and no temporary file; ``None`` removes a file."""
+    import os
+
+    from fuse4seg import utils
+
+    a, b = tmp_path / "fused.nii.gz", tmp_path / "seg.nii.gz"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+    real = os.replace
+
+    def refuse_moving_b(src, dst):
+        if Path(src) == b:
+            raise PermissionError(1, "Operation not permitted")
+        return real(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", refuse_moving_b)
+    with pytest.raises(OSError) as info:
+        utils.atomic_replace_files({a: b"new a", b: b"new b"})
+    monkeypatch.setattr(utils.os, "replace", real)
+    assert info.value.filename == str(b) and info.value.strerror == "Operation not permitted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.nii.gz", "seg.nii.gz"]
+    assert (a.read_bytes(), b.read_bytes()) == (b"old a", b"old b")
+
+    def stop_at_second_new_file(src, dst):
+        if Path(dst) == b and str(src).endswith(".tmp"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", stop_at_second_new_file)
+    with pytest.raises(KeyboardInterrupt):
+        utils.atomic_replace_files({a: b"new a", b: b"new b"})
+    monkeypatch.setattr(utils.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.nii.gz", "seg.nii.gz"]
+    assert (a.read_bytes(), b.read_bytes()) == (b"old a", b"old b")
+    utils.atomic_replace_files({a: None, b: b"new b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]
+    assert b.read_bytes() == b"new b"
+
+
+def test_a_checkpoint_without_a_label_scheme_asks_for_one(phantom_dir, tmp_path, capsys):
+    """An earlier fuse4seg stored the first case's layout as the scheme (``named`` for data
+    with other file names); where the input's names do not say either, ``predict`` asks for
+    --scheme, naming the checkpoint, instead of blaming a --scheme nobody gave."""
+    from fuse4seg.train.checkpoint import load_checkpoint
+
+    run = _make_run(tmp_path)
+    best = run / "checkpoints" / "best.pt"
+    save_checkpoint(best, {**load_checkpoint(best), "scheme": "named"})
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    plain = tmp_path / "in"
+    plain.mkdir()
+    (plain / "post.nii.gz").write_bytes(t1ce.read_bytes())  # no _t1ce / -t1c in the name
+    (plain / "fl.nii.gz").write_bytes(flair.read_bytes())
+    out = tmp_path / "out"
+    assert _predict(run, plain / "post.nii.gz", plain / "fl.nii.gz", out) == 2
+    err = capsys.readouterr().err
+    assert f"{best}: the checkpoint gives 'named' as its training data's label scheme" in err
+    assert "give --scheme (one of brats2013, brats2021, brats2023, msd)" in err
+    assert not out.exists()
+    assert _predict(run, plain / "post.nii.gz", plain / "fl.nii.gz", out,
+                    "--scheme", "brats2023") == 0
+    assert "(brats2023 scheme)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_other_networks_is_refused_with_its_path(tmp_path, capsys):
+    from fuse4seg.train.checkpoint import load_checkpoint
+
+    run = _make_run(tmp_path)
+    best = run / "checkpoints" / "best.pt"
+    state = load_checkpoint(best)
+    follower = dict(state["follower"])
+    follower.pop(next(iter(follower)))
+    save_checkpoint(best, {**state, "follower": follower})
+    with pytest.raises(ValueError, match=rf"{re.escape(str(best))}: a checkpoint this fuse4seg "
+                                         r"cannot load \(Error\(s\) in loading state_dict"):
+        load_bundle(run, device="cpu")
+    save_checkpoint(best, {**state, "method": "nosuch"})
+    with pytest.raises(ValueError, match=r"cannot load \(method 'nosuch': unknown"):
+        load_bundle(run, device="cpu")
+
+
+def test_sigterm_stops_predict_like_ctrl_c(phantom_dir, tmp_path):
+    """A scheduler's SIGTERM while the model runs: exit 143, one line, and the folders the call
+    made are gone (Python's default would end the process and leave them)."""
+    import subprocess
+    import sys
+
+    run = _make_run(tmp_path)
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    out = tmp_path / "made" / "out"
+    script = (
+        "import os, signal, sys\n"
+        "import fuse4seg.inference as inference\n"
+        "from fuse4seg.cli import main\n"
+        "def killed(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    raise AssertionError('SIGTERM did not stop the command')\n"
+        "inference.predict_volume = killed\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "predict", "--checkpoint", str(run), "--t1ce", str(t1ce),
+         "--flair", str(flair), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "fuse4seg: terminated (SIGTERM)"
+    assert not (tmp_path / "made").exists()

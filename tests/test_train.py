@@ -575,6 +575,7 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(
     (run,) = [p for p in tmp_path.iterdir() if p.name.startswith("average-")]
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["step_in_epoch"] == 1
+    assert state["scheme"] == "brats2021"  # as in the bundles: predict --which last agrees
     assert all(torch.isfinite(v).all() for v in state["engine"]["follower"].values())
 
 

@@ -178,11 +178,24 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"fuse4seg: warning: {message}\n"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, ``kill``), raised where the command is, so that
+    it stops the way Ctrl-C does: a ``predict`` removes what it wrote and the folders it made,
+    a ``train`` keeps its last checkpoint and says how to resume."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``fuse4seg`` command on ``argv`` (default: the process's arguments) and return
     its exit status: 0, 1 for ``data check``'s bad cases, 2 for an expected failure (printed
     as one ``fuse4seg: error: ...`` line; ``--debug`` adds the traceback), 130 when
-    interrupted."""
+    interrupted (Ctrl-C), 143 when terminated (SIGTERM, handled like Ctrl-C while the command
+    runs, in the main thread)."""
+    import signal
+    import threading
     import warnings
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -197,8 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         verb.error(_unrecognised(verb, extra))
     shown = warnings.formatwarning
     warnings.formatwarning = _format_warning
+    sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args._run(args) or 0)
+    except Terminated:
+        print("fuse4seg: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("fuse4seg: interrupted", file=sys.stderr)
         return 130
@@ -219,4 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = shown
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 

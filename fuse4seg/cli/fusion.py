@@ -235,6 +235,9 @@ def metrics_main(args: argparse.Namespace) -> int:
     conventions = conventions_of(args.convention)
     metrics = parse_metric_names(args.metrics, conventions)
     inputs = given(args, "--fused", "--a", "--b")
+    if (args.csv is not None and args.json not in (None, "-")
+            and Path(args.csv).resolve() == Path(args.json).resolve()):
+        raise ValueError(f"--csv and --json both name {args.csv}: give two files (or drop one)")
     if args.csv is not None and args.fused.is_dir():
         check_output_file(args.csv, "--csv", inputs)
     if args.json not in (None, "-"):

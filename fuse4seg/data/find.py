@@ -42,9 +42,10 @@ class CaseFiles:
     layout: str
     paths: dict[str, Path | None] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
-    """Why a role of a ``named`` case has no file (an explicit pattern that matches no file or
-    several, one file in two roles); :func:`~fuse4seg.data.layouts.load_case` raises it for a
-    role it needs, so ``data check`` marks that one case bad instead of stopping."""
+    """Why a role of a case has no file: several files fit it (any layout), or, in a ``named``
+    case, an explicit pattern matches no file or one file would be two roles';
+    :func:`~fuse4seg.data.layouts.load_case` raises it for a role it needs, so ``data check``
+    marks that one case bad instead of stopping."""
 
     @property
     def scheme(self) -> str:
@@ -57,6 +58,26 @@ def _first(folder: Path, patterns: list[str]) -> Path | None:
         if hits:
             return hits[0]
     return None
+
+
+def _stem_matches(folder: Path, stems: list[str]) -> list[Path]:
+    """The NIfTI files of the first of ``stems`` (globs without the extension, in order of
+    preference) that matches any: ``.nii.gz`` and ``.nii`` together, sorted by name."""
+    for stem in stems:
+        hits = sorted({p for pattern in _nifti_patterns([stem]) for p in folder.glob(pattern)
+                       if not p.name.startswith(".")})  # a folder too: reading names it
+        if hits:
+            return hits
+    return []
+
+
+def _ambiguous(folder: Path, role: str, hits: list[Path], how: str) -> str:
+    """The problem of a ``role`` that several files fit: it names them, so the user can
+    remove one or give a pattern (a case whose labels came from the wrong file would train
+    on them without a word)."""
+    pattern = f", or give --{role}-pattern to say which" if role != "mask" else ""
+    return (f"{len(hits)} files in {folder} fit the {role} file ({how}): "
+            f"{', '.join(p.name for p in hits)}; remove the extra one{pattern}")
 
 
 def _nifti_patterns(stem_patterns: list[str]) -> list[str]:
@@ -98,12 +119,14 @@ def _stem(path: Path) -> str:
 
 def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFiles | None:
     """The ``named`` case of ``folder``: explicit glob ``patterns`` (case-sensitive, as given)
-    or :data:`NAMED_PATTERNS`; the first match in name order.
+    or :data:`NAMED_PATTERNS`.
 
     A role gets no file, and a :attr:`CaseFiles.problems` entry that says why, when its
-    explicit pattern matches no file or more than one (instead of taking the first), or when
-    its file is already another role's (e.g. ``--t1ce-pattern '*.nii.gz'`` also matching the
-    FLAIR file).
+    explicit pattern matches no file or more than one (instead of taking the first), when
+    without patterns its words fit several files that fit no other role's words (a file that
+    also fits another role's words, ``sub01_t1post_brainmask``, gives way to one that does not),
+    or when its file is already another role's (e.g. ``--t1ce-pattern '*.nii.gz'`` also matching
+    the FLAIR file).
 
     Returns ``None`` when explicit patterns are given and the folder holds no NIfTI file: it
     is not a case (without patterns, never ``None``). A folder with NIfTI files that neither
@@ -127,6 +150,15 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
                                  f"{', '.join(p.name for p in files) or 'none'})")
         else:
             hits = [p for p in files if re.search(regex, _stem(p))]
+            if len(hits) > 1:  # a file that fits no other role's words is this role's
+                own = [p for p in hits if not any(
+                    re.search(other, _stem(p)) for k, other in NAMED_PATTERNS.items() if k != key)]
+                if len(own) > 1:
+                    problems[key] = _ambiguous(folder, key, own, "the words "
+                                               + ", ".join(NAMED_WORDS[key]))
+                    hits = []
+                elif own:
+                    hits = own
         paths[key] = hits[0] if hits else None
     if patterns and not files:
         return None
@@ -157,8 +189,9 @@ def detect_layout(folder: str | Path) -> str | None:
     if hits[best] >= 2 or (best == "brats2013" and hits[best] >= 1):
         return best
     if folder.is_dir():
-        named = _named_case(folder).paths
-        if named["t1ce"] is not None and named["flair"] is not None:
+        named = _named_case(folder)
+        # a role that several files fit still marks the layout (the case is then a bad one)
+        if all(named.paths[k] is not None or k in named.problems for k in ("t1ce", "flair")):
             return "named"
     return best if hits[best] else None
 
@@ -203,9 +236,16 @@ def _case_files(folder: Path, layout: str) -> CaseFiles:
         return _named_case(folder)
     if layout not in _LAYOUT_FILES:
         raise DataError(f"{folder}: unknown layout {layout!r}; choose one of {LAYOUTS}")
-    paths = {key: _first(folder, _nifti_patterns(stems))
-             for key, stems in _LAYOUT_FILES[layout].items()}
-    return CaseFiles(case_id=folder.name, layout=layout, paths=paths)
+    paths: dict[str, Path | None] = {}
+    problems: dict[str, str] = {}
+    for key, stems in _LAYOUT_FILES[layout].items():
+        hits = _stem_matches(folder, stems)
+        if len(hits) > 1:
+            problems[key] = _ambiguous(folder, key, hits, f"layout {layout}: "
+                                       + expected_names(layout, key))
+            hits = []
+        paths[key] = hits[0] if hits else None
+    return CaseFiles(case_id=folder.name, layout=layout, paths=paths, problems=problems)
 
 
 def _msd_cases(root: Path) -> list[CaseFiles]:
@@ -227,7 +267,9 @@ def find_cases(
     """All cases under ``root``, sorted by id.
 
     ``root`` may be a dataset folder (one sub-folder per case), a single case folder, or an MSD
-    Task01 folder (with ``imagesTr/``). ``layout=None`` detects the layout of each case.
+    Task01 folder (with ``imagesTr/``). ``layout=None`` detects the layout of each case; a
+    ``layout`` reads every folder that holds NIfTI files as a case of that layout (a file its
+    names do not find is then missing from that case, which ``data check`` reports).
     ``patterns`` (``{"t1ce": glob, "flair": glob, "seg": glob, "mask": glob}``, any subset)
     overrides detection: every case folder is read as ``named`` with those globs.
 
@@ -256,7 +298,7 @@ def find_cases(
         cases = _msd_cases(root)
     else:
         own = detect_layout(root) if not patterns else None
-        single = own is not None or (patterns and _nifti_files(root))
+        single = own is not None or ((patterns or layout) and _nifti_files(root))
         folders = [root] if single else sorted(p for p in root.iterdir() if p.is_dir())
         cases = []
         for folder in folders:
@@ -267,6 +309,10 @@ def find_cases(
                 if case is not None:
                     cases.append(case)
                 continue
+            if layout is not None:  # forced: a folder with NIfTI files is a case of that layout
+                if _nifti_files(folder):
+                    cases.append(_case_files(folder, layout))
+                continue
             found = detect_layout(folder)
             if found is None:
                 files = _nifti_files(folder)
@@ -275,11 +321,6 @@ def find_cases(
                 continue
             if found == "msd":
                 continue
-            if layout is not None and found != layout:
-                raise DataError(
-                    f"case {folder.name}: files look like layout {found!r}, not {layout!r} "
-                    f"({folder})"
-                )
             cases.append(_case_files(folder, found))
     if not cases:
         raise DataError(

@@ -1,6 +1,7 @@
 """Find BraTS cases on disk in any of the common layouts and read them in one canonical form.
 
-Layouts (detected per case folder, or named with ``layout=`` / ``--layout``):
+Layouts (detected per case folder, or given with ``layout=`` / ``--layout``, which reads every
+case folder with that layout's file names):
 
 ==========  ============================================  ==========================  ======
 layout      files in ``<case>/``                          labels                      scheme
@@ -25,15 +26,20 @@ or ``brainmask`` file, so a folder of ``T1c.nii.gz``, ``Flair.nii.gz`` and
 patterns (``find_cases(root, patterns={"t1ce": "*post*", "flair": "*fl*", "seg": "*roi*"})``,
 CLI ``--t1ce-pattern`` / ``--flair-pattern`` / ``--seg-pattern``). A folder that holds NIfTI
 files but no recognisable case raises :class:`~fuse4seg.data.find.DataError` listing the
-files found and the patterns tried. The ``named`` layout's label scheme is read from the
+files found and the patterns tried. A file role that two files fit (``X_seg.nii.gz`` beside
+``X_model_seg.nii.gz``, or ``X_flair.nii`` beside ``X_flair.nii.gz``) makes the case a bad one
+whose error names both, rather than taking one of them unsaid. A volume whose voxels are not
+one real number each (RGB, complex) is refused with its dtype. The ``named`` layout's label
+scheme is read from the
 label values present (the paper's data, BraTS 2021, uses 4 for ET; a file without 4 is read
 as 0–3 with 3 = ET).
 
-Every case is returned as a :class:`Case` whose ``seg`` holds canonical labels (0 background,
-1 NCR, 2 ED, 3 ET; see :mod:`fuse4seg.data.labels`). Every problem a user meets in practice — a
+Every case is returned as a :class:`Case` whose ``seg`` holds canonical labels (0 background, 1
+NCR, 2 ED, 3 ET; see :mod:`fuse4seg.data.labels`). Every problem a user meets in practice — a
 missing modality, a shape or affine mismatch, NaN/inf, an all-zero volume, label values outside
-the scheme, an unreadable or truncated file — raises :class:`~fuse4seg.data.find.DataError`
-naming the case and the file. ``fuse4seg data check DIR`` runs all of these checks over a folder.
+the scheme, an unreadable or truncated file, two files for one role — raises
+:class:`~fuse4seg.data.find.DataError` naming the case and the file. ``fuse4seg data check DIR``
+runs all of these checks over a folder.
 
 Intensities (:func:`normalize_intensity`): each volume is scaled per volume, inside the brain,
 by robust percentiles (0.5 and 99.5 by default) to [0, 1] and set to 0 outside the brain. Both
@@ -300,6 +306,7 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
             image, data = _decode(raw, path)
             if image is None:
                 raise ValueError("not NIfTI-1/2")
+            _check_dtype(path, image, what)
             _check_axial(path, image.affine, what)
             array = None if above is None else _scaled_above(image, data, above)
             if array is not None:
@@ -314,6 +321,7 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
             damaged = exc
         except (*_READ_ERRORS, nib.filebasedimages.ImageFileError):
             image = nib.load(str(path))  # anything else nibabel reads, or its own error
+            _check_dtype(path, image, what)
             _check_axial(path, image.affine, what)
             array = np.asarray(image.dataobj, dtype=np.float32)
     except DataError:
@@ -333,6 +341,25 @@ def _read(path: Path, what: str, raw: bytes | None = None, above: float | None =
     if above is not None:
         array = (array if array.dtype.kind in "iu" else _as_float32(array)) > above
     return array, np.asarray(image.affine, dtype=np.float64), image.header, digest
+
+
+def _check_dtype(path: Path, image, what: str) -> None:
+    """Refuse a volume whose voxels are not one real number each: RGB or RGBA (a structured
+    dtype, which no float conversion reads) and complex data (whose imaginary part a
+    conversion would drop with only numpy's warning, naming no file).
+
+    Raises:
+        DataError: names the file, its stored dtype and what fuse4seg reads.
+    """
+    dtype = np.dtype(image.get_data_dtype())
+    if dtype.kind not in "biuf":
+        kind = {"c": "complex", "V": "multi-field (RGB or RGBA)"}.get(
+            dtype.kind, dtype.kind)
+        raise DataError(
+            f"{path}: the {what} file stores {kind} voxels ({dtype}); fuse4seg reads one "
+            "integer or floating-point value per voxel: convert it to a grey-level (or label) "
+            "volume first"
+        )
 
 
 def _check_axial(path: Path, affine: np.ndarray, what: str) -> None:
@@ -455,7 +482,7 @@ def load_case(
     Args:
         folder: a case folder, or a :class:`~fuse4seg.data.find.CaseFiles` from
             :func:`~fuse4seg.data.find.find_cases`.
-        layout: force a layout (default: detect).
+        layout: read the case with this layout's file names (default: detect).
         require_seg: raise when the segmentation is missing (``False`` for inference).
         raw: the bytes of some of the files, by key (``t1ce``, ``flair``, ``seg``, ``mask``),
             when the caller has read them already (each file is read once).
@@ -479,7 +506,7 @@ def load_case(
     raw = {} if raw is None else raw
     roles = ("t1ce", "flair", "mask", "seg") if require_seg else ("t1ce", "flair", "mask")
     for key in roles:
-        if key in files.problems:  # an explicit pattern's problem, before any file is read
+        if key in files.problems:  # several files fit, or a pattern fits none: before any read
             raise DataError(f"case {cid}: {files.problems[key]}")
     t1ce_path = _require(files, "t1ce", "T1ce")
     flair_path = _require(files, "flair", "FLAIR")

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from fuse4seg.config import DataConfig
-from fuse4seg.data.labels import NUM_CLASSES
+from fuse4seg.data.find import SCHEME_OF_LAYOUT
+from fuse4seg.data.labels import EXPORT, NUM_CLASSES
 from fuse4seg.data.layouts import DataError, find_cases, load_case
 from fuse4seg.utils import atomic_write_json, case_map, file_mode
 
@@ -52,6 +53,7 @@ __all__ = [
     "preprocess_labels",
     "preprocess_volume",
     "restore_volume",
+    "training_scheme",
 ]
 
 CACHE_VERSION = 1
@@ -530,12 +532,30 @@ def _prepare_case(files, data_cfg: DataConfig, stem: Path, raw=None) -> dict[str
     return {
         "case_id": case.case_id,
         "layout": case.layout,
+        "scheme": case.scheme,  # the label scheme read (a named case's, from its values)
         "shape": list(case.shape),
         "slices": [int(k) for k in keep],
         "num_slices": int(keep.size),
         "brain_outside_crop": outside_crop(case.brain_mask, data_cfg),
         "tumour_outside_crop": outside_crop(case.seg > 0, data_cfg),
     }
+
+
+def training_scheme(manifest: dict[str, Any], case_ids) -> str:
+    """The label scheme of the cases ``case_ids`` of a cache's ``manifest``: the most common
+    among them, ties going to the scheme of the first case by name. Each case counts by the
+    ``scheme`` its entry records (what :func:`~fuse4seg.data.layouts.load_case` read: a
+    ``named`` case's from its label values); an entry written before the cache recorded it
+    counts by its layout's scheme, and a ``named`` one by none. ``brats2021`` where no case
+    says."""
+    info = {c["case_id"]: c for c in manifest.get("case_info", [])}
+    counts: dict[str, int] = {}
+    for cid in sorted(case_ids):
+        entry = info.get(cid, {})
+        scheme = entry.get("scheme") or SCHEME_OF_LAYOUT.get(entry.get("layout", ""))
+        if scheme in EXPORT:
+            counts[scheme] = counts.get(scheme, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else "brats2021"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,8 +233,14 @@ class Trainer:
     # ----------------------------------------------------------------------------- state
     @property
     def scheme(self) -> str:
-        info = self.train_set.manifest.get("case_info", [])
-        return info[0].get("layout", "brats2021") if info else "brats2021"
+        """The label scheme of the training cases, which ``predict`` writes its labels in
+        when the input's file names do not say (:func:`fuse4seg.inference.predict`): the
+        most common among them (ties: the first by name). A case prepared before the cache
+        recorded it (no ``scheme`` in its entry) counts by its layout's scheme; a ``named``
+        one of those by none."""
+        from fuse4seg.data.slices import training_scheme
+
+        return training_scheme(self.train_set.manifest, self.train_set.case_ids)
 
     def bundle(self, epoch: int) -> dict[str, Any]:
         """The inference bundle after ``epoch``: EMA leader, follower (its weight average with
@@ -266,6 +272,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "engine": self.engine.state_dict(),
             "rng": capture_rng(),
+            "scheme": self.scheme,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
