@@ -57,7 +57,7 @@ class Bundle:
     config: Config
     leader: nn.Module | None  # EMA weights, eval mode
     follower: nn.Module  # eval mode
-    scheme: str  # label scheme of the training data
+    scheme: str | None  # label scheme of the training data (None: not recorded)
     epoch: int
     path: Path
     device: torch.device
@@ -510,11 +510,12 @@ def predict_files(
         )
     if scheme is None:
         scheme = _scheme_of(t1ce, bundle.scheme, brats2013=case_2013 is not None)
-        if scheme not in EXPORT:  # an earlier fuse4seg stored the first case's layout
+        if scheme not in EXPORT:  # None, or the first case's layout (an earlier fuse4seg)
+            said = ("does not say its training data's label scheme" if scheme is None else
+                    f"gives {scheme!r} as its training data's label scheme, which is none")
             raise ValueError(
-                f"{bundle.path}: the checkpoint gives {scheme!r} as its training data's label "
-                f"scheme, which is none, and the file names do not say; give --scheme (one of "
-                f"{', '.join(sorted(EXPORT))})")
+                f"{bundle.path}: the checkpoint {said}, and the file names do not say; give "
+                f"--scheme (one of {', '.join(sorted(EXPORT))})")
     elif scheme not in EXPORT:
         raise ValueError(f"--scheme {scheme!r}: choose one of {sorted(EXPORT)}")
     # the folders this call makes (deepest first): a failed or stopped (Ctrl-C) prediction

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -211,23 +212,45 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _keep_copy(path: Path) -> str:
+    """A hidden copy of ``path`` beside it: a hard link (no bytes copied), or a copy where the
+    file system has no links."""
+    fd, old = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(old)
+        try:
+            os.link(path, old)
+        except OSError:
+            shutil.copy2(path, old)
+    except BaseException:
+        if os.path.lexists(old):
+            os.unlink(old)
+        raise
+    return old
+
+
 def atomic_replace_files(files: dict[Path, bytes | None]) -> None:
     """Replace several files together: afterwards every file holds its new bytes (a ``None``
-    file is gone), or, after any failure or interruption, every file is as it was.
+    file is gone); after a failure or an interruption (an exception: Ctrl-C, SIGTERM through
+    the command line) every file is as it was. (A pair such as ``predict``'s
+    ``fused.nii.gz`` and ``seg.nii.gz`` then never mixes two models' outputs, and a failed
+    write of the second file does not lose the first one's earlier version.)
 
-    Each file is first written to a temporary file beside it; then the existing files are
-    moved aside, the new ones renamed into place, and the old ones deleted. A failure puts
-    back what was there. (A pair such as ``predict``'s ``fused.nii.gz`` and ``seg.nii.gz``
-    then never mixes two models' outputs, and a failed write of the second file does not
-    lose the first one's earlier version.)
+    Each new file is first written to a temporary file beside its target. Then each existing
+    target gets a hidden copy (a hard link), and the new files are renamed over the targets
+    (a ``None`` target is removed last), so no target is ever missing while this runs; a
+    failure renames the copies back. A process killed outright (SIGKILL, power loss) between
+    two renames can still leave one new file beside one old one, and the old one's hidden
+    ``.NAME.*.old`` copy.
 
     Raises:
         OSError: its ``filename`` is the file (not a temporary one) that could not be
-            written, moved aside or removed.
+            written or replaced, its ``strerror`` the system's.
     """
     files = {Path(p): data for p, data in files.items()}
     temps: dict[Path, str] = {}
-    aside: dict[Path, str] = {}
+    kept: dict[Path, str] = {}
     placed: list[Path] = []
     current = None
     try:
@@ -236,30 +259,34 @@ def atomic_replace_files(files: dict[Path, bytes | None]) -> None:
                 temps[current] = _write_temp(current, lambda fh, data=data: fh.write(data))
         for current in files:
             if os.path.lexists(current):
-                fd, old = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".old",
-                                           dir=current.parent)
-                os.close(fd)
-                try:
-                    os.replace(current, old)
-                except BaseException:
-                    os.unlink(old)
-                    raise
-                aside[current] = old
+                kept[current] = _keep_copy(current)
         for current, tmp in temps.items():
+            placed.append(current)  # first: undone even if the rename is all that ran
             os.replace(tmp, current)
-            placed.append(current)
+        for current, data in files.items():
+            if data is None and os.path.lexists(current):
+                placed.append(current)
+                os.unlink(current)
     except BaseException as exc:
-        for path in placed:
-            path.unlink(missing_ok=True)
-        for path, old in aside.items():
-            os.replace(old, path)
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        for path in placed:  # each step of the way back goes on when one fails
+            try:
+                if path in kept:  # (a no-op where the rename never ran: rename(2) leaves
+                    os.replace(kept[path], path)  # two links of one file as they are)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for leftover in (*temps.values(), *kept.values()):  # copies put back are gone
+            try:
+                if os.path.lexists(leftover):
+                    os.unlink(leftover)
+            except OSError:
+                pass
         if isinstance(exc, OSError) and current is not None:
-            raise OSError(exc.errno, exc.strerror, str(current)) from exc
+            reason = os.strerror(exc.errno) if exc.errno else exc.strerror
+            raise OSError(exc.errno, reason, str(current)) from exc
         raise
-    for old in aside.values():
+    for old in kept.values():
         try:
             os.unlink(old)
         except OSError:
@@ -607,6 +634,12 @@ def environment_summary(device: str = "auto") -> dict[str, str]:
     }
 
 
+def _default_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def case_map(fn, items: list, workers: int = 1, progress: bool = False, desc: str = ""):
     """``fn`` over ``items`` in order, in ``workers`` processes when > 1, with a progress bar.
@@ -624,7 +657,9 @@ def case_map(fn, items: list, workers: int = 1, progress: bool = False, desc: st
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(max_workers=workers)
+        # workers forked from a command line that turns SIGTERM into an exception take the
+        # default back: the parent stops and cleans up, the workers just end
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_default_sigterm)
         results = pool.map(fn, items)
     else:
         results = map(fn, items)

@@ -223,8 +223,8 @@ def test_two_files_for_one_role_make_a_bad_case_that_names_both(case_copy, capsy
     _rewrite(other, lambda d, a: (np.where(d == 2, 0, d).astype(d.dtype), a))  # no edema
     with pytest.raises(DataError, match=r"2 files in .* fit the seg file .*: "
                                         r"BraTS2021_00006_model_seg\.nii\.gz, "
-                                        r"BraTS2021_00006_seg\.nii\.gz; remove the extra one, "
-                                        r"or give --seg-pattern"):
+                                        r"BraTS2021_00006_seg\.nii\.gz; move the extra one "
+                                        r"out of the case folder"):
         load_case(case_copy)
     assert cli_main(["data", "check", str(case_copy.parent)]) == 1
     assert "BraTS2021_00006_model_seg.nii.gz" in capsys.readouterr().err
@@ -262,6 +262,17 @@ def test_a_named_case_with_two_label_files_is_bad_and_a_mask_gives_way(case_copy
     with pytest.raises(DataError, match=r"2 files in .* fit the seg file \(the words seg, "
                                         r".*\): s1_label\.nii\.gz, s1_label_old\.nii\.gz"):
         load_case(case)
+    # two files with both a label word and another role's: neither is taken unsaid
+    (named / "s1_label_old.nii.gz").unlink()
+    (named / "s1_label.nii.gz").rename(named / "s1.t1gd.label.nii.gz")
+    shutil.copy(named / "s1.t1gd.label.nii.gz", named / "s1.FLAIR.label.nii.gz")
+    (case,) = find_cases(named.parent)
+    assert case.paths["seg"] is None and "s1.FLAIR.label.nii.gz, s1.t1gd.label" in (
+        case.problems["seg"])
+    # two FLAIR files: still a named case (a bad one), not an unrecognised folder
+    shutil.copy(named / "s1_FLAIR.nii.gz", named / "s1_FLAIR_2.nii.gz")
+    (case,) = find_cases(named.parent)
+    assert case.layout == "named" and "fit the flair file" in case.problems["flair"]
 
 
 def test_rgb_and_complex_volumes_are_refused_with_their_dtype(case_copy, capsys):
@@ -294,6 +305,35 @@ def test_a_given_layout_reads_every_case_with_its_names(brats2021_case, brats202
     assert cli_main(["data", "check", str(root), "--layout", "brats2021"]) == 1
     err = capsys.readouterr().err
     assert f"bad case {brats2023_case.name}: missing T1ce file: no *_t1ce.nii.gz" in err
+    # a stray NIfTI file beside the case folders (an atlas) does not make the dataset folder
+    # one case
+    shutil.copy(next(brats2021_case.glob("*_flair.nii.gz")), root / "atlas.nii.gz")
+    assert sorted(c.case_id for c in find_cases(root, layout="brats2021")) == sorted(
+        [brats2021_case.name, brats2023_case.name])
+    # a case folder given alone with a forced layout is that one case
+    (case,) = find_cases(root / brats2021_case.name, layout="brats2021")
+    assert case.case_id == brats2021_case.name and not case.problems
+
+
+def test_an_msd_image_twice_is_one_bad_case(brats2021_case, tmp_path):
+    """MSD Task01 keys a case by its file name: ``X.nii`` beside ``X.nii.gz`` is one case
+    with a problem, not two cases of one id whose cache files would collide."""
+    img = nib.load(str(next(brats2021_case.glob("*_t1ce.nii.gz"))))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    stack = nib.Nifti1Image(np.stack([data] * 4, axis=-1), img.affine)
+    labels = nib.Nifti1Image(np.zeros(data.shape, np.uint8), img.affine)
+    root = tmp_path / "Task01"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for name in ("BRATS_001.nii.gz", "BRATS_002.nii.gz", "BRATS_002.nii"):
+        nib.save(stack, str(root / "imagesTr" / name))
+        nib.save(labels, str(root / "labelsTr" / name))
+    cases = find_cases(root)
+    assert [c.case_id for c in cases] == ["BRATS_001", "BRATS_002"]
+    assert not cases[0].problems
+    assert set(cases[1].problems) == {"t1ce", "flair", "seg"}
+    with pytest.raises(DataError, match=r"BRATS_002\.nii, BRATS_002\.nii\.gz; move the extra"):
+        load_case(cases[1])
 
 
 def test_empty_folder_error(tmp_path, capsys):

@@ -130,7 +130,7 @@ def test_the_cache_records_each_cases_scheme_and_a_run_takes_the_most_common(
     assert training_scheme(old, ["a", "b", "c", "d"]) == "brats2023"
     assert training_scheme(old, ["a", "c"]) == "brats2021"
     assert training_scheme(old, ["c", "a"]) == "brats2021"
-    assert training_scheme(old, ["b"]) == "brats2021"  # nothing known: the default
+    assert training_scheme(old, ["b"]) is None  # nothing known: predict asks for --scheme
 
 
 def test_cli_check_with_patterns(renamed, tmp_path, capsys):

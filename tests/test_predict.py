@@ -164,9 +164,9 @@ def test_a_stopped_predict_removes_the_folders_it_made(phantom_dir, tmp_path, ca
 
 def test_a_predict_stopped_while_writing_leaves_no_new_file_and_no_folder(
         phantom_dir, tmp_path, capsys, monkeypatch):
-    """Ctrl-C between the two files: the fused volume this call wrote is removed (never a new
-    fused.nii.gz beside an old seg.nii.gz), and so are the folders it made; a stop while the
-    volumes are encoded also removes the folders."""
+    """Ctrl-C between the two files: no new file is left (never a new fused.nii.gz beside an
+    old seg.nii.gz), nor the folders the call made; a stop while the volumes are encoded also
+    removes the folders."""
     import fuse4seg.inference as inference
     import fuse4seg.utils as utils
 
@@ -636,9 +636,10 @@ def test_evaluate_warns_when_the_split_is_not_held_out_from_the_run(phantom_dir,
 
 
 def test_replacing_a_pair_of_files_is_all_or_nothing(tmp_path, monkeypatch):
-    """``utils.atomic_replace_files``, which ``predict`` writes its two volumes with: a file
-    that cannot be moved aside (an immutable one) or a stop between the two renames leaves
-    both earlier files as they were and no temporary file; ``None`` removes a file."""
+    """``utils.atomic_replace_files``, which ``predict`` writes its two volumes with: a target
+    that cannot be replaced (an immutable file) or a stop between the two renames leaves both
+    earlier files as they were and no temporary file; no target is ever missing on the way;
+    ``None`` removes a file."""
     import os
 
     from fuse4seg import utils
@@ -647,21 +648,25 @@ def test_replacing_a_pair_of_files_is_all_or_nothing(tmp_path, monkeypatch):
     a.write_bytes(b"old a")
     b.write_bytes(b"old b")
     real = os.replace
+    seen = []
 
-    def refuse_moving_b(src, dst):
-        if Path(src) == b:
+    def refuse_b(src, dst):
+        seen.append(a.exists() and b.exists())
+        if Path(dst) == b:
             raise PermissionError(1, "Operation not permitted")
         return real(src, dst)
 
-    monkeypatch.setattr(utils.os, "replace", refuse_moving_b)
+    monkeypatch.setattr(utils.os, "replace", refuse_b)
     with pytest.raises(OSError) as info:
         utils.atomic_replace_files({a: b"new a", b: b"new b"})
     monkeypatch.setattr(utils.os, "replace", real)
     assert info.value.filename == str(b) and info.value.strerror == "Operation not permitted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.nii.gz", "seg.nii.gz"]
     assert (a.read_bytes(), b.read_bytes()) == (b"old a", b"old b")
+    assert seen and all(seen)
 
     def stop_at_second_new_file(src, dst):
+        seen.append(a.exists() and b.exists())
         if Path(dst) == b and str(src).endswith(".tmp"):
             raise KeyboardInterrupt
         return real(src, dst)
@@ -672,6 +677,7 @@ def test_replacing_a_pair_of_files_is_all_or_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(utils.os, "replace", real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.nii.gz", "seg.nii.gz"]
     assert (a.read_bytes(), b.read_bytes()) == (b"old a", b"old b")
+    assert all(seen)
     utils.atomic_replace_files({a: None, b: b"new b"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]
     assert b.read_bytes() == b"new b"
@@ -700,6 +706,11 @@ def test_a_checkpoint_without_a_label_scheme_asks_for_one(phantom_dir, tmp_path,
     assert _predict(run, plain / "post.nii.gz", plain / "fl.nii.gz", out,
                     "--scheme", "brats2023") == 0
     assert "(brats2023 scheme)" in capsys.readouterr().out
+    # a run whose training cases' scheme is not known (named cases of an earlier cache)
+    save_checkpoint(best, {**load_checkpoint(best), "scheme": None})
+    assert _predict(run, plain / "post.nii.gz", plain / "fl.nii.gz", out) == 2
+    assert "the checkpoint does not say its training data's label scheme, and the file " in (
+        capsys.readouterr().err)
 
 
 def test_a_checkpoint_of_other_networks_is_refused_with_its_path(tmp_path, capsys):
@@ -746,3 +757,21 @@ def test_sigterm_stops_predict_like_ctrl_c(phantom_dir, tmp_path):
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "fuse4seg: terminated (SIGTERM)"
     assert not (tmp_path / "made").exists()
+
+
+def test_the_command_line_puts_the_sigterm_handler_back(tmp_path, capsys):
+    """``main`` turns SIGTERM into an exception only while its command runs, and only in the
+    main thread (``signal.signal`` works nowhere else)."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["data", "check", str(tmp_path)]) == 2  # no cases: an expected error
+    assert signal.getsignal(signal.SIGTERM) is before
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(["data", "check",
+                                                                str(tmp_path)])))
+    thread.start()
+    thread.join()
+    assert codes == [2] and signal.getsignal(signal.SIGTERM) is before
+    assert "no BraTS cases found" in capsys.readouterr().err

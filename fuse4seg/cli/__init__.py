@@ -210,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         verb.error(_unrecognised(verb, extra))
     shown = warnings.formatwarning
     warnings.formatwarning = _format_warning
-    sigterm = None
+    sigterm = None  # the handler to put back; left alone where Python did not set it (None)
     if threading.current_thread() is threading.main_thread():
-        sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        sigterm = signal.getsignal(signal.SIGTERM)
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args._run(args) or 0)
     except Terminated:

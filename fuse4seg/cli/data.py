@@ -20,6 +20,8 @@ from fuse4seg.cli.common import (
     write_json,
 )
 
+LAYOUT_HELP = "read every case with this layout's file names (default: detect each case's)"
+
 
 def phantom_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -73,9 +75,7 @@ def _patterns(args: argparse.Namespace) -> dict[str, str] | None:
 
 def check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of BraTS cases (or one case)")
-    parser.add_argument("--layout", choices=_layouts(),
-                        help="read every case with this layout's file names "
-                        "(default: detect each case's)")
+    parser.add_argument("--layout", choices=_layouts(), help=LAYOUT_HELP)
     _pattern_arguments(parser)
     add_json(parser, "the per-case summaries")
     parser.add_argument(
@@ -116,9 +116,7 @@ def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of BraTS cases")
     parser.add_argument("--out", type=Path, required=True, help="cache folder to write")
     parser.add_argument("--profile", default="default", help=PROFILES)
-    parser.add_argument("--layout", choices=_layouts(),
-                        help="read every case with this layout's file names "
-                        "(default: detect each case's)")
+    parser.add_argument("--layout", choices=_layouts(), help=LAYOUT_HELP)
     _pattern_arguments(parser)
     add_set(parser, "data.crop_size=192", "data prepare")
     parser.add_argument(

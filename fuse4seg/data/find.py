@@ -52,14 +52,6 @@ class CaseFiles:
         return SCHEME_OF_LAYOUT[self.layout]
 
 
-def _first(folder: Path, patterns: list[str]) -> Path | None:
-    for pattern in patterns:
-        hits = sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
-        if hits:
-            return hits[0]
-    return None
-
-
 def _stem_matches(folder: Path, stems: list[str]) -> list[Path]:
     """The NIfTI files of the first of ``stems`` (globs without the extension, in order of
     preference) that matches any: ``.nii.gz`` and ``.nii`` together, sorted by name."""
@@ -75,9 +67,8 @@ def _ambiguous(folder: Path, role: str, hits: list[Path], how: str) -> str:
     """The problem of a ``role`` that several files fit: it names them, so the user can
     remove one or give a pattern (a case whose labels came from the wrong file would train
     on them without a word)."""
-    pattern = f", or give --{role}-pattern to say which" if role != "mask" else ""
     return (f"{len(hits)} files in {folder} fit the {role} file ({how}): "
-            f"{', '.join(p.name for p in hits)}; remove the extra one{pattern}")
+            f"{', '.join(p.name for p in hits)}; move the extra one out of the case folder")
 
 
 def _nifti_patterns(stem_patterns: list[str]) -> list[str]:
@@ -123,8 +114,9 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
 
     A role gets no file, and a :attr:`CaseFiles.problems` entry that says why, when its
     explicit pattern matches no file or more than one (instead of taking the first), when
-    without patterns its words fit several files that fit no other role's words (a file that
-    also fits another role's words, ``sub01_t1post_brainmask``, gives way to one that does not),
+    without patterns its words fit several files and not exactly one of them fits no other
+    role's words (a file that also fits another role's words, ``sub01_t1post_brainmask``, gives
+    way to the one that does not),
     or when its file is already another role's (e.g. ``--t1ce-pattern '*.nii.gz'`` also matching
     the FLAIR file).
 
@@ -150,15 +142,15 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
                                  f"{', '.join(p.name for p in files) or 'none'})")
         else:
             hits = [p for p in files if re.search(regex, _stem(p))]
-            if len(hits) > 1:  # a file that fits no other role's words is this role's
+            if len(hits) > 1:  # the one file that fits no other role's words is this role's
                 own = [p for p in hits if not any(
                     re.search(other, _stem(p)) for k, other in NAMED_PATTERNS.items() if k != key)]
-                if len(own) > 1:
-                    problems[key] = _ambiguous(folder, key, own, "the words "
+                if len(own) == 1:
+                    hits = own
+                else:
+                    problems[key] = _ambiguous(folder, key, own or hits, "the words "
                                                + ", ".join(NAMED_WORDS[key]))
                     hits = []
-                elif own:
-                    hits = own
         paths[key] = hits[0] if hits else None
     if patterns and not files:
         return None
@@ -182,7 +174,7 @@ def detect_layout(folder: str | Path) -> str | None:
     # beside ``sub01_t1gd``) gives way to the named layout, and is kept only when nothing else
     # fits (so a case missing a modality still reports the missing file)
     hits = {
-        layout: sum(_first(folder, _nifti_patterns([stem])) is not None for stem in stems)
+        layout: sum(bool(_stem_matches(folder, [stem])) for stem in stems)
         for layout, stems in _SIGNATURES.items()
     }
     best = max(hits, key=lambda k: hits[k])
@@ -209,7 +201,8 @@ def _unrecognised(folder: Path, files: list[Path]) -> DataError:
 
 
 _LAYOUT_FILES: dict[str, dict[str, list[str]]] = {
-    # layout -> role -> the file-name stems looked for (first match in name order)
+    # layout -> role -> the file-name stems looked for, in order of preference (several files
+    # for the first stem that matches: a bad case that names them)
     "brats2021": {"t1ce": ["*_t1ce"], "flair": ["*_flair"], "seg": ["*_seg"]},
     "brats2023": {"t1ce": ["*-t1c"], "flair": ["*-t2f"], "seg": ["*-seg"]},
     "brats2013": {
@@ -249,15 +242,25 @@ def _case_files(folder: Path, layout: str) -> CaseFiles:
 
 
 def _msd_cases(root: Path) -> list[CaseFiles]:
-    images = sorted(
-        p for p in (root / "imagesTr").iterdir() if p.name.endswith(NIFTI) and p.name[0] != "."
-    )
+    def by_id(folder: Path) -> dict[str, list[Path]]:
+        found: dict[str, list[Path]] = {}
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.name.endswith(NIFTI) and p.name[0] != ".":
+                    found.setdefault(re.sub(r"\.nii(\.gz)?$", "", p.name), []).append(p)
+        return found
+
+    labels = by_id(root / "labelsTr")
     cases = []
-    for image in images:
-        case_id = re.sub(r"\.nii(\.gz)?$", "", image.name)
-        label = root / "labelsTr" / image.name
-        paths = {"t1ce": image, "flair": image, "seg": label if label.exists() else None}
-        cases.append(CaseFiles(case_id=case_id, layout="msd", paths=paths))
+    for case_id, images in by_id(root / "imagesTr").items():
+        paths: dict[str, Path | None] = {}
+        problems: dict[str, str] = {}
+        for key, found in (("t1ce", images), ("flair", images),
+                           ("seg", labels.get(case_id, []))):
+            if len(found) > 1:  # X.nii beside X.nii.gz
+                problems[key] = _ambiguous(found[0].parent, key, found, "layout msd")
+            paths[key] = found[0] if len(found) == 1 else None
+        cases.append(CaseFiles(case_id=case_id, layout="msd", paths=paths, problems=problems))
     return cases
 
 
@@ -298,7 +301,11 @@ def find_cases(
         cases = _msd_cases(root)
     else:
         own = detect_layout(root) if not patterns else None
-        single = own is not None or ((patterns or layout) and _nifti_files(root))
+        # a forced layout reads ``root`` as one case when it holds NIfTI files and no
+        # sub-folder does (a stray file beside the case folders does not make it a case)
+        single = own is not None or (patterns and _nifti_files(root)) or (
+            layout is not None and _nifti_files(root)
+            and not any(_nifti_files(p) for p in root.iterdir() if p.is_dir()))
         folders = [root] if single else sorted(p for p in root.iterdir() if p.is_dir())
         cases = []
         for folder in folders:

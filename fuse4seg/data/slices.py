@@ -541,13 +541,13 @@ def _prepare_case(files, data_cfg: DataConfig, stem: Path, raw=None) -> dict[str
     }
 
 
-def training_scheme(manifest: dict[str, Any], case_ids) -> str:
+def training_scheme(manifest: dict[str, Any], case_ids) -> str | None:
     """The label scheme of the cases ``case_ids`` of a cache's ``manifest``: the most common
     among them, ties going to the scheme of the first case by name. Each case counts by the
     ``scheme`` its entry records (what :func:`~fuse4seg.data.layouts.load_case` read: a
     ``named`` case's from its label values); an entry written before the cache recorded it
-    counts by its layout's scheme, and a ``named`` one by none. ``brats2021`` where no case
-    says."""
+    counts by its layout's scheme, and a ``named`` one by none. ``None`` where no case says
+    (``predict`` then asks for ``--scheme`` rather than guess)."""
     info = {c["case_id"]: c for c in manifest.get("case_info", [])}
     counts: dict[str, int] = {}
     for cid in sorted(case_ids):
@@ -555,7 +555,7 @@ def training_scheme(manifest: dict[str, Any], case_ids) -> str:
         scheme = entry.get("scheme") or SCHEME_OF_LAYOUT.get(entry.get("layout", ""))
         if scheme in EXPORT:
             counts[scheme] = counts.get(scheme, 0) + 1
-    return max(counts, key=counts.__getitem__) if counts else "brats2021"
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 # ---------------------------------------------------------------------------------------------

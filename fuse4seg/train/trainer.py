@@ -232,12 +232,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- state
     @property
-    def scheme(self) -> str:
+    def scheme(self) -> str | None:
         """The label scheme of the training cases, which ``predict`` writes its labels in
-        when the input's file names do not say (:func:`fuse4seg.inference.predict`): the
-        most common among them (ties: the first by name). A case prepared before the cache
-        recorded it (no ``scheme`` in its entry) counts by its layout's scheme; a ``named``
-        one of those by none."""
+        when the input's file names do not say (:func:`fuse4seg.inference.predict`):
+        :func:`fuse4seg.data.slices.training_scheme` (``None`` for ``named`` cases of a
+        cache prepared before it recorded their scheme)."""
         from fuse4seg.data.slices import training_scheme
 
         return training_scheme(self.train_set.manifest, self.train_set.case_ids)
