@@ -212,3 +212,32 @@ def test_same_seed_markdown_sets_a_run_beside_its_seeds_curve(tmp_path):
     ]
     assert curves.same_seed_markdown(report, "fuse4seg", {7: tmp_path / "b"}) is None
     assert curves.same_seed_markdown(report, "average", {0: tmp_path / "a"}) is None
+
+
+def test_compare_curves_counts_the_fields_that_differ_without_the_clocks(tmp_path, capsys):
+    """``benchmarks/compare_curves.py``, which RESULTS' regenerations of the curves quote."""
+    from bench_scripts import load
+
+    compare_curves = load("compare_curves")
+
+    def report(vals, clock=10.0):
+        runs = [{"seed": s, "curve": [{**row, "elapsed_s": clock * row["epoch"]}
+                                      for row in _curve(vals, warm=2)]} for s in (0, 1)]
+        return {"commit": "x", "code": "y", "cpu": "z", "methods": {"average": {"runs": runs}}}
+
+    old = report([0.1, 0.2, 0.3, 0.4])
+    same = report([0.1, 0.2, 0.3, 0.4], clock=99.0)  # only the clocks differ
+    result = compare_curves.compare(old, same)
+    assert (result["compared"], result["differ"]) == (2 * 4 * 4, 0)
+    moved = report([0.1, 0.2, 0.3, 0.45])
+    result = compare_curves.compare(old, moved)
+    assert result["differ"] == 2 and result["largest"] == pytest.approx(0.05)
+    assert result["last_val"][("average", 1)] == (0.4, 0.45)
+    with pytest.raises(ValueError, match="different runs or epochs"):
+        compare_curves.compare(old, report([0.1, 0.2, 0.3]))
+    paths = []
+    for name, rep in (("a.json", old), ("b.json", moved)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(rep))
+    assert compare_curves.main([str(p) for p in paths]) == 0
+    assert "2 of 32 fields differ (elapsed_s left out)" in capsys.readouterr().out
