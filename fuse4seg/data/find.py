@@ -64,9 +64,9 @@ def _stem_matches(folder: Path, stems: list[str]) -> list[Path]:
 
 
 def _ambiguous(folder: Path, role: str, hits: list[Path], how: str) -> str:
-    """The problem of a ``role`` that several files fit: it names them, so the user can
-    remove one or give a pattern (a case whose labels came from the wrong file would train
-    on them without a word)."""
+    """The problem of a ``role`` that several files fit: it names them, so the user can move
+    the extra one away (a case whose labels came from the wrong file would train on them
+    without a word)."""
     return (f"{len(hits)} files in {folder} fit the {role} file ({how}): "
             f"{', '.join(p.name for p in hits)}; move the extra one out of the case folder")
 
@@ -115,10 +115,9 @@ def _named_case(folder: Path, patterns: dict[str, str] | None = None) -> CaseFil
     A role gets no file, and a :attr:`CaseFiles.problems` entry that says why, when its
     explicit pattern matches no file or more than one (instead of taking the first), when
     without patterns its words fit several files and not exactly one of them fits no other
-    role's words (a file that also fits another role's words, ``sub01_t1post_brainmask``, gives
-    way to the one that does not),
-    or when its file is already another role's (e.g. ``--t1ce-pattern '*.nii.gz'`` also matching
-    the FLAIR file).
+    role's words (a file that also fits another role's words, ``sub01_t1post_brainmask``,
+    gives way to the one that does not), or when its file is already another role's (e.g.
+    ``--t1ce-pattern '*.nii.gz'`` also matching the FLAIR file).
 
     Returns ``None`` when explicit patterns are given and the folder holds no NIfTI file: it
     is not a case (without patterns, never ``None``). A folder with NIfTI files that neither
