@@ -727,12 +727,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 CELL_TIMEOUT = {"smoke": 900, "default": 3600, "paper": None}
 """Default per-cell limit (s) by profile. The longest cell of a smoke book takes about a minute
 and of a default book about thirteen (chapter 06's training of 21 runs over three seeds: 12.7
-min of wall time at 871c02d, ``benchmarks/RESULTS.md``, "Over three seeds"); a cell that runs past the limit
-fails the build with the chapter's name instead of holding CI until its own limit. The paper
-profile trains for hours in one cell: no limit. It does not bound every stall: when chapter
-01's slice viewer still printed into an ipywidgets Output widget, the cell sometimes waited
-forever with the kernel idle, and nbclient's wait did not end at this limit either (seen once,
-past 900 s); that stall was removed at its cause (:func:`fuse4seg.widgets.slice_viewer`)."""
+min of wall time at 871c02d, ``benchmarks/RESULTS.md``, "Over three seeds"); a cell that runs
+past the limit fails the build with the chapter's name instead of holding CI until its own
+limit. The paper profile trains for hours in one cell: no limit. It does not bound every stall:
+when chapter 01's slice viewer still printed into an ipywidgets Output widget, the cell
+sometimes waited forever with the kernel idle, and nbclient's wait did not end at this limit
+either (seen once, past 900 s); that stall was removed at its cause
+(:func:`fuse4seg.widgets.slice_viewer`)."""
 
 
 def cell_timeout(profile: str, given: int | None) -> int | None:
