@@ -14,10 +14,11 @@ should give 0 differing fields on the same CPU model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from fuse4seg.curves import load_report
 
 CLOCKS = ("elapsed_s",)
 
@@ -69,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
     args = parser.parse_args(argv)
-    reports = [json.loads(p.read_text(encoding="utf-8")) for p in (args.old, args.new)]
     try:
+        reports = [load_report(p) for p in (args.old, args.new)]
         result = compare(*reports)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         print(f"compare_curves: {exc}", file=sys.stderr)
         return 2
     for path, report in zip((args.old, args.new), reports, strict=True):

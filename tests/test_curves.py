@@ -241,3 +241,5 @@ def test_compare_curves_counts_the_fields_that_differ_without_the_clocks(tmp_pat
         paths[-1].write_text(json.dumps(rep))
     assert compare_curves.main([str(p) for p in paths]) == 0
     assert "2 of 32 fields differ (elapsed_s left out)" in capsys.readouterr().out
+    assert compare_curves.main([str(tmp_path / "missing.json"), str(paths[1])]) == 2
+    assert "missing.json: no learning-curve report" in capsys.readouterr().err
