@@ -789,6 +789,18 @@ def clear_stale_runs(runs_dir: Path) -> list[str]:
     return removed
 
 
+def checkout_note(before: str, after: str) -> str | None:
+    """A warning when the checkout's commit (:func:`fuse4seg.utils.git_commit`) was not the
+    same at the end of the chapters as at the start: each chapter prints the commit it ran
+    at, so the pages would show two (a review found chapters 01–02 at one commit and 03–07 at
+    the next, from a commit made during a build). ``None`` when it did not change."""
+    if before == after:
+        return None
+    return (f"WARNING: the checkout changed while the chapters ran (commit {before} at the "
+            f"start, {after} at the end), so the pages show more than one commit; build "
+            "again from a checkout that stays unchanged")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -879,6 +891,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{out / 'runs'}: {', '.join(stale)}")
 
         # Chapters.
+        from fuse4seg.utils import git_commit
+
+        commit = git_commit(root)
+        log(f"checkout at commit {commit}")
         executed: dict[str, Path] = {}
         folder = "prepared" if args.prepare_only else "executed"
         for index, chapter in enumerate(notebooks, 1):
@@ -902,6 +918,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(passed) or 'none'})"
             )
             executed[chapter.docname] = target
+        note = checkout_note(commit, git_commit(root))
+        if note:
+            log(note)
 
         if args.prepare_only:
             log(f"chapters prepared in {out / folder} (not run); --prepare-only: no HTML built")

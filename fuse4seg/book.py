@@ -43,6 +43,7 @@ __all__ = [
     "book_seeds",
     "book_seeds_of",
     "chapter_device",
+    "chapter_workers",
     "check_parameters",
     "data_label",
     "ensure_data",
@@ -135,6 +136,32 @@ def chapter_device(device: str, config: Config) -> str:
         raise ValueError(f"device={device!r} and overrides train.device={setting!r} disagree: "
                          "give one (the chapter's `device` parameter)")
     return setting if device == "auto" else device
+
+
+def chapter_workers(workers: int, device: str) -> int:
+    """How many runs a chapter trains at once (:func:`fuse4seg.study.train_parallel`).
+
+    On a CPU, ``workers`` (0: one per core), each run in its own process on
+    ``cores // workers`` torch threads; on a GPU (``device`` ``cuda``, ``cuda:N``, or
+    ``auto`` where CUDA is available) one, in the chapter's process. Chapters 4 and 6 train
+    through this, so every run the two chapters show, chapter 6's reuse of chapter 4's runs
+    included, trains on the same number of threads: a run's numbers depend on its thread
+    count, and a comparison of two runs trained on different counts would include that
+    difference (:func:`fuse4seg.results.thread_note` says which count a table's runs had).
+
+    Raises:
+        ValueError: ``workers`` is negative or not an integer.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers={workers!r}: give a whole number >= 0 (0: one run per core)")
+    if device.startswith("cuda"):
+        return 1
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    return workers or os.cpu_count() or 1
 
 
 def phantom_case_count(data_dir: Path) -> int | None:

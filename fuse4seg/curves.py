@@ -288,7 +288,8 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
              "1/4 (sd at end) | plateau; seeds still rising |",
              "|---|---|---|---|---|---|---|---|"]
     stage = ["| method | L_lower ratio at the stage change, same slices (logged), per seed "
-             "| largest val. drop in the rollout, per seed (seed sd) | targets: ratio ≤ 1.15; "
+             "| largest val. drop in the rollout (last warm-up val. − lowest rollout val.; "
+             "below 0: never below the warm-up), per seed (seed sd) | targets: ratio ≤ 1.15; "
              "every drop ≤ seed sd |", "|---|---|---|---|"]
     met = {True: "met", False: "missed", None: "not judged"}
     for method, entry in report["methods"].items():

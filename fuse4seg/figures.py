@@ -99,9 +99,9 @@ def figure3(slices: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarr
         axs = axes[r * per_slice : (r + 1) * per_slice].ravel()
         case = f"{slices['case_id'][r]}, slice {slices['slice_index'][r]}"
         show(axs[0], x2, f"FLAIR\n{case}", vmin=0, vmax=1)
-        overlay_labels(x2, seg, ax=axs[1], title=f"ground truth\n{case}")
+        overlay_labels(x2, seg, ax=axs[1], title=f"ground truth\n{case}", vmin=0, vmax=1)
         for ax, (name, labels) in zip(axs[2:], predictions.items(), strict=False):
-            overlay_labels(x2, np.where(brain, labels[r], 0), ax=ax, title=name)
+            overlay_labels(x2, np.where(brain, labels[r], 0), ax=ax, title=name, vmin=0, vmax=1)
         for ax in axs[panels:]:
             ax.set_axis_off()
     label_legend(fig, loc="upper right", ncol=3, fontsize=9, frameon=False)

@@ -132,15 +132,21 @@ def overlay_labels(
     colours: Mapping[int, tuple[float, float, float]] = LABEL_COLOURS,
     title: str | None = None,
     orientation: str = "nifti",
+    vmin: float | None = None,
+    vmax: float | None = None,
 ):
     """Show a grey image with label colours blended on top (oriented by :func:`orient`).
 
     Args:
-        image: ``(H, W)`` array or tensor (any range; shown with its own min-max).
+        image: ``(H, W)`` array or tensor (any range).
         labels: ``(H, W)`` integer labels (canonical: 1 NCR, 2 ED, 3 ET; 0 is transparent).
         ax: a matplotlib axes (default: a new figure).
         alpha: opacity of the label colours.
         colours: label → RGB.
+        vmin, vmax: the grey range (values outside are clipped); ``None`` (each) = the
+            image's own minimum or maximum. Give ``0, 1`` for intensities normalised to
+            [0, 1], so that panels of several slices share one scale: with its own range a
+            dim slice is stretched and looks brighter than its neighbours.
 
     Returns:
         The axes.
@@ -154,8 +160,9 @@ def overlay_labels(
     lab = orient(_as_2d(labels), orientation).astype(np.int64)
     if img.shape != lab.shape:
         raise ValueError(f"overlay_labels: image {img.shape} and labels {lab.shape} differ")
-    lo, hi = float(img.min()), float(img.max())
-    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    lo = float(img.min()) if vmin is None else float(vmin)
+    hi = float(img.max()) if vmax is None else float(vmax)
+    grey = np.clip((img - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(img)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     for value, colour in colours.items():
         mask = lab == value
@@ -209,7 +216,8 @@ def show_slices(
         title = titles[i] if titles is not None else None
         lab = labels[i] if labels is not None else None
         if lab is not None:
-            overlay_labels(images[i], lab, ax=ax, title=title, orientation=orientation)
+            overlay_labels(images[i], lab, ax=ax, title=title, orientation=orientation,
+                           vmin=vmin, vmax=vmax)
             continue
         show(ax, images[i], title, orientation=orientation, cmap=cmap, vmin=vmin, vmax=vmax,
              interpolation="nearest")

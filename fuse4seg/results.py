@@ -45,6 +45,7 @@ __all__ = [
     "collect",
     "compare",
     "comparison_markdown",
+    "drift_note",
     "mean_sd",
     "per_case_markdown",
     "per_case_table",
@@ -56,6 +57,7 @@ __all__ = [
     "summary_rows",
     "table1_markdown",
     "table3_markdown",
+    "thread_note",
     "warmup_end_dice",
 ]
 
@@ -272,6 +274,87 @@ def run_ids(results: Mapping[str, Sequence[SeedResult]]) -> str:
         f"{name}: {', '.join(f'`{r.run_dir.name}`' for r in seeds)}"
         for name, seeds in results.items()
     )
+
+
+def thread_note(groups: Sequence[Mapping[str, Sequence[SeedResult]]]) -> str:
+    """One sentence on what the runs of ``groups`` trained on, from each ``run.json``: the
+    number of torch threads of a CPU run, or its GPU.
+
+    A run's numbers depend on its thread count (the float sums split differently, and every
+    later update builds on the difference), so two rows whose runs trained on different counts
+    differ by that too, which the seeds' spread covers only as far as it acts like another
+    seed. The sentence says whether that applies to the rows it stands under; chapters 4 and 6
+    train every run through :func:`fuse4seg.book.chapter_workers`, so it should not.
+    """
+    from fuse4seg.train.runs import read_run_json
+
+    kinds: dict[str, list[str]] = {}
+    seen: set[Path] = set()
+    for group in groups:
+        for name, results in group.items():
+            for r in results:
+                if r.run_dir in seen:  # Table 3's full is the fuse4seg run
+                    continue
+                seen.add(r.run_dir)
+                info = read_run_json(r.run_dir)
+                threads = info.get("threads")
+                # "gpu" names the machine's GPU even for a CPU run; "device" is the run's own
+                # (run.json before it was recorded: a GPU where the machine had one)
+                device = info.get("device") or ("cuda" if info.get("gpu") else "cpu")
+                if device.startswith("cuda"):
+                    kind = f"a GPU ({info.get('gpu') or device})"
+                elif threads:
+                    kind = f"{threads} torch thread{'s' if threads != 1 else ''}"
+                else:
+                    kind = "an unrecorded thread count"
+                kinds.setdefault(kind, []).append(f"`{name}` {r.seed}")
+    if not kinds:
+        return ""
+    if len(kinds) == 1:
+        return (f"Every run here trained on {next(iter(kinds))}, so no difference between "
+                "rows comes from a different thread count.")
+    listed = "; ".join(f"on {kind}: {', '.join(runs)}" for kind, runs in kinds.items())
+    return ("**The runs here did not all train alike** (method and seed): " + listed
+            + ". A difference between rows of two groups includes that of the thread count, "
+            "which the seeds' spread, and so the intervals, cover only as far as it acts like "
+            "another seed; retrain them alike (`workers`) to remove it.")
+
+
+def drift_note(drifts: Sequence[Mapping[str, Any] | None]) -> str:
+    """What a comparison of a bi-level run with ``average`` can show, given how far its
+    leaders moved x_f from x_avg (:func:`fuse4seg.train.validation.leader_drift` of each
+    seed's run; ``None`` entries, runs without a leader, are left out).
+
+    It states the EMA leader's and the live leader's mean |x_f − x_avg| (means over seeds)
+    beside the ``max`` rule's, another fixed fusion, for scale. When the EMA leader, which
+    the test scores use, moved x_f less than a tenth of the way the ``max`` rule lies from
+    x_avg, the followers compared read nearly the same image, and the sentence says that
+    the comparison cannot show what a leader that reshapes x_f does (§4.3): at that scale an
+    equal score is the expected outcome, not evidence about the bi-level idea.
+    """
+    drifts = [d for d in drifts if d]
+    if not drifts:
+        return ""
+
+    def mean(leader: str) -> float:
+        return float(np.mean([next(r["from_x_avg"] for r in d["rows"] if r["leader"] == leader)
+                              for d in drifts]))
+
+    ema, live = mean("EMA"), mean("live")
+    scale = float(np.mean([d["max_from_x_avg"] for d in drifts]))
+    share = ema / scale if scale > 0 else float("inf")
+    runs = f"over {len(drifts)} runs" if len(drifts) > 1 else "in this run"
+    text = (f"Mean |x_f − x_avg| {runs}: {ema:.4f} for the EMA leader (which validation and "
+            f"the test scores use), {live:.4f} for the live leader; the `max` rule's image "
+            f"lies {scale:.4f} from x_avg, so the EMA leader moved x_f {share:.0%} of that "
+            "distance.")
+    if share < 0.1:
+        text += (" **At this scale the leader has barely moved x_f**: a comparison of this "
+                 "method with `average` compares followers that read nearly the same image, "
+                 "so it cannot show what a leader that reshapes x_f does (the paper's §4.3), "
+                 "and equal scores are the expected outcome, not evidence about the bi-level "
+                 "idea.")
+    return text
 
 
 def checkpoint_stamps(runs_dir: str | Path) -> dict[str, int]:

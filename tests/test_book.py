@@ -302,6 +302,32 @@ def test_a_chapter_runs_on_its_device_parameter_or_the_device_override():
         chapter_device("cuda", cpu)
 
 
+def test_chapters_4_and_6_train_their_runs_alike(monkeypatch):
+    """chapter_workers: on a CPU ``workers`` runs at once (0: one per core), so chapter 4's runs,
+    which chapter 6 reuses, train on the thread count of chapter 6's own (a review found them
+    on two threads beside one-thread rivals); on a GPU one; a bad count is refused."""
+    import torch
+
+    from fuse4seg.book import chapter_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert chapter_workers(0, "cpu") == 6 and chapter_workers(0, "auto") == 6
+    assert chapter_workers(2, "cpu") == 2 and chapter_workers(1, "auto") == 1
+    assert chapter_workers(0, "cuda") == 1 and chapter_workers(3, "cuda:1") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert chapter_workers(0, "auto") == 1 and chapter_workers(4, "cpu") == 4
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"workers=.*: give a whole number >= 0"):
+            chapter_workers(bad, "cpu")
+    # both chapters declare the parameter and train through it
+    for chapter in ("04_bilevel_training.md", "06_results.md"):
+        text = (REPO / "book" / chapter).read_text()
+        assert "\nworkers = 0  # runs trained at once on a CPU" in text, chapter
+        assert "chapter_workers(workers, device)" in text, chapter
+        assert "train_seeds(" not in text, chapter
+
+
 def test_prepare_phantom_writes_keeps_and_rewrites(tmp_path, monkeypatch):
     from fuse4seg.data import phantom
 
@@ -380,11 +406,14 @@ def test_kernel_tests_share_one_worker(request):
 
     pytest 9.2 with pytest-xdist 3.8 silently dropped the group (xdist renames the node id, which
     pytest 9.2 no longer reads), so two workers ran `npm ci` in one folder at once and CI failed.
+    Under xdist without ``--dist loadgroup`` (a review found ``make test-fast`` so) it fails,
+    where it used to skip; in one process (plain ``pytest``) nothing runs at once, so it skips.
     """
-    if request.config.getoption("dist", "no") != "loadgroup" and not getattr(
-        request.config.option, "loadgroup", False
-    ):
-        pytest.skip("not run with --dist loadgroup")
+    if not hasattr(request.config, "workerinput"):
+        pytest.skip("one process (no xdist worker): nothing runs at once")
+    loadgroup = request.config.getoption("dist", "no") == "loadgroup" or getattr(
+        request.config.option, "loadgroup", False)
+    assert loadgroup, "xdist without --dist loadgroup: the kernel tests' group is not kept"
     assert request.node.nodeid.endswith("@kernels"), request.node.nodeid
 
 
@@ -471,6 +500,28 @@ def test_prepare_only_injects_the_parameters_and_runs_nothing(tmp_path):
     ]
     assert not any(cell["outputs"] for cell in code)
     assert sorted(p.name for p in out.iterdir()) == ["prepared"]
+
+
+def test_a_commit_made_while_the_chapters_run_is_reported(tmp_path, monkeypatch, capsys):
+    """The chapters print the commit they ran at; a review found one build's pages at two
+    commits (a commit made mid-build). build.py logs the commit at the start and warns when
+    it is not the same at the end."""
+    import fuse4seg.utils
+
+    _write_book(tmp_path, {"01_tiny": TINY_CHAPTER})
+    argv = ["--root", str(tmp_path), "--profile", "smoke", "--device", "cpu", "--out",
+            str(tmp_path / "out"), "--prepare-only"]
+    commits = iter(["aaa", "bbb-dirty"])
+    monkeypatch.setattr(fuse4seg.utils, "git_commit", lambda cwd=None: next(commits))
+    assert build.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "checkout at commit aaa" in out
+    assert ("WARNING: the checkout changed while the chapters ran (commit aaa at the start, "
+            "bbb-dirty at the end)") in out
+    monkeypatch.setattr(fuse4seg.utils, "git_commit", lambda cwd=None: "ccc")
+    assert build.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "checkout at commit ccc" in out and "WARNING" not in out
 
 
 def test_set_passes_overrides_to_the_chapters_that_declare_them(tmp_path):

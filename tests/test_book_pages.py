@@ -258,6 +258,7 @@ def test_smoke_book_pages_render_in_chromium(request, tmp_path):
     problems: list[str] = []
     try:
         session = browser.page_session()
+        browser.send("Runtime.enable", session=session)  # a script's uncaught error: an event
         browser.send(
             "Emulation.setDeviceMetricsOverride",
             {
@@ -284,6 +285,7 @@ def test_smoke_book_pages_render_in_chromium(request, tmp_path):
                 assert_offline(url, events)
             except AssertionError as err:
                 problems.append(f"{name}: {err}")
+            problems += [f"{name}: {error}" for error in page_errors(events)]
             problems += _page_problems(name, state, expect)
     finally:
         browser.close()
@@ -294,6 +296,30 @@ def test_smoke_book_pages_render_in_chromium(request, tmp_path):
         f"{len(problems)} problem(s) in the smoke book ({site}; screenshots and page counts in "
         f"{tmp_path}):\n" + "\n".join(problems)
     )
+
+
+def page_errors(events: list) -> list[str]:
+    """The page's uncaught JavaScript errors (DevTools ``Runtime.exceptionThrown``), one line
+    each. A review found every page logging ``SyntaxError: Identifier 'THEBE_JS_URL' has
+    already been declared``, a script Jupyter Book's setup put in twice (now dropped by
+    ``book/_ext/unique_scripts.py``); nothing checked the console."""
+    out = []
+    for event in events:
+        if event.get("method") == "Runtime.exceptionThrown":
+            details = event["params"]["exceptionDetails"]
+            text = (details.get("exception") or {}).get("description") or details.get("text")
+            out.append(f"JavaScript error: {str(text).splitlines()[0]}")
+    return out
+
+
+def test_page_errors_reads_the_uncaught_exceptions():
+    thrown = {"method": "Runtime.exceptionThrown", "params": {"exceptionDetails": {
+        "text": "Uncaught", "exception": {"description": "SyntaxError: Identifier "
+                                          "'THEBE_JS_URL' has already been declared\n  at x"}}}}
+    other = {"method": "Network.requestWillBeSent", "params": {}}
+    assert page_errors([other, thrown]) == [
+        "JavaScript error: SyntaxError: Identifier 'THEBE_JS_URL' has already been declared"]
+    assert page_errors([other]) == []
 
 
 def _page_problems(name: str, state: dict, expect: dict) -> list[str]:

@@ -65,3 +65,31 @@ def test_the_label_legend_names_each_colour_by_the_canonical_label():
         plt.close(fig)
     assert texts == ["NCR", "ED", "ET"] == [CANONICAL_NAMES[k] for k in LABEL_COLOURS]
     assert colours == [pytest.approx(LABEL_COLOURS[k]) for k in (1, 2, 3)]
+
+
+def test_overlay_labels_can_share_one_grey_scale_across_panels():
+    """A review found chapter 1's tumour-free slices brighter than the FLAIR row above them:
+    each overlay was stretched to its own min-max. ``vmin``/``vmax`` fix the scale (values
+    outside are clipped); without them the image's own range is still used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fuse4seg.plotting import overlay_labels
+
+    dim = np.full((4, 4), 0.2, np.float32)
+    dim[0, 0] = 0.4  # the brightest pixel of a dim slice
+    labels = np.zeros((4, 4), np.int64)
+
+    def grey(**scale):
+        fig, ax = plt.subplots()
+        overlay_labels(dim, labels, ax=ax, orientation="image", **scale)
+        shown = ax.get_images()[0].get_array()[..., 0]
+        plt.close(fig)
+        return np.asarray(shown)
+
+    assert grey()[0, 0] == pytest.approx(1.0)  # own range: 0.4 shown as white
+    fixed = grey(vmin=0, vmax=1)
+    assert fixed[0, 0] == pytest.approx(0.4) and fixed[1, 1] == pytest.approx(0.2)
+    assert grey(vmin=0, vmax=0.3)[0, 0] == pytest.approx(1.0)  # clipped, not above white

@@ -273,3 +273,56 @@ def test_the_run_table_counts_a_shared_warmup_once(tmp_path):
     assert text.rstrip().endswith("| trained |")
     assert totals["trained"] == 1 and totals["trained_seconds"] == pytest.approx(140.0)
     assert totals["seconds"] == pytest.approx(390.0)
+
+
+def _run_with(tmp_path: Path, name: str, seed: int, **info) -> SeedResult:
+    run_dir = tmp_path / f"{name}-{seed}"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps(info))
+    return SeedResult(name, seed, run_dir, None, None)
+
+
+def test_thread_note_tells_runs_trained_alike_from_runs_that_were_not(tmp_path):
+    """results.thread_note, under chapter 6's run table and chapter 4's comparison: a review
+    found chapter 4's runs on two threads compared with one-thread rivals without a word."""
+    a = [_run_with(tmp_path, "average", s, threads=1, gpu=None) for s in (0, 1)]
+    f = [_run_with(tmp_path, "fuse4seg", s, threads=1, gpu=None) for s in (0, 1)]
+    alike = R.thread_note([{"average": a, "fuse4seg": f}, {"full": f}])
+    assert alike == ("Every run here trained on 1 torch thread, so no difference between rows "
+                     "comes from a different thread count.")
+    f2 = [_run_with(tmp_path, "fuse4seg2", s, threads=2, gpu=None) for s in (0, 1)]
+    mixed = R.thread_note([{"average": a, "fuse4seg": f2}])
+    assert mixed.startswith("**The runs here did not all train alike**")
+    assert "on 1 torch thread: `average` 0, `average` 1; on 2 torch threads: `fuse4seg` 0, " \
+           "`fuse4seg` 1." in mixed
+    g = [_run_with(tmp_path, "gpu", 0, threads=8, gpu="NVIDIA H100", device="cuda")]
+    assert R.thread_note([{"g": g}]).startswith("Every run here trained on a GPU (NVIDIA H100)")
+    # a CPU run on a machine with a GPU is a CPU run
+    c = [_run_with(tmp_path, "cpu_on_gpu_machine", 0, threads=8, gpu="NVIDIA H100", device="cpu")]
+    assert R.thread_note([{"c": c}]).startswith("Every run here trained on 8 torch threads")
+    (tmp_path / "none").mkdir()
+    lost = SeedResult("x", 0, tmp_path / "none", None, None)  # no run.json
+    assert "an unrecorded thread count" in R.thread_note([{"x": [lost], "average": a}])
+    assert R.thread_note([{}]) == ""
+
+
+def _drift(ema: float, live: float, scale: float) -> dict:
+    return {"updates": 80, "initial_share": 0.45, "max_from_x_avg": scale,
+            "rows": [{"leader": "initial", "from_x_avg": 0.0, "from_live": live},
+                     {"leader": "live", "from_x_avg": live, "from_live": 0.0},
+                     {"leader": "EMA", "from_x_avg": ema, "from_live": live - ema}]}
+
+
+def test_drift_note_says_when_the_leader_barely_moved_x_f():
+    """results.drift_note: the reviewer's reading of chapter 4 (x_f 0.0015 from x_avg) put in
+    a sentence under the comparison with ``average``: the means over seeds against the max
+    rule's distance, and the caveat only below a tenth of it."""
+    small = R.drift_note([_drift(0.001, 0.004, 0.05), _drift(0.002, 0.006, 0.05), None])
+    assert small.startswith("Mean |x_f − x_avg| over 2 runs: 0.0015 for the EMA leader")
+    assert "0.0050 for the live leader" in small and "lies 0.0500 from x_avg" in small
+    assert "moved x_f 3% of that distance" in small
+    assert "**At this scale the leader has barely moved x_f**" in small
+    moved = R.drift_note([_drift(0.02, 0.03, 0.05)])
+    assert moved.startswith("Mean |x_f − x_avg| in this run: 0.0200")
+    assert "40% of that distance" in moved and "barely" not in moved
+    assert R.drift_note([None, None]) == "" and R.drift_note([]) == ""

@@ -530,6 +530,7 @@ def train(
             data_checksum=checksum,
             split=trainer.train_set.manifest["split"],
             world_size=world_size,
+            device=str(trainer.device),
             warmup_key=key,
             warmup_from=donor.parent.parent.name if donor is not None else None,
         )

@@ -152,7 +152,9 @@ def leader_drift(run_dir: str | Path) -> dict[str, Any] | None:
     leader, :meth:`~fuse4seg.train.engine.ModelEMA.initial_share` with the run's
     ``train.ema_decay`` and ``train.ema_warmup``) and ``rows``: per leader (``"initial"``,
     ``"live"``, ``"EMA"``) the mean absolute difference of its x_f from x_avg = ½(x1 + x2)
-    (``from_x_avg``) and from the live leader's x_f (``from_live``).
+    (``from_x_avg``) and from the live leader's x_f (``from_live``); and, for scale,
+    ``max_from_x_avg``: the same difference for the ``max`` rule's image max(x1, x2), another
+    fixed fusion (it is ½ mean |x1 − x2|).
     """
     from fuse4seg.config import config_from_dict
     from fuse4seg.models import build_leader
@@ -186,6 +188,7 @@ def leader_drift(run_dir: str | Path) -> dict[str, Any] | None:
     return {
         "updates": updates,
         "initial_share": ModelEMA.initial_share(updates, t.ema_decay, t.ema_warmup),
+        "max_from_x_avg": float((torch.maximum(x1, x2) - x_avg).abs().mean()),
         "rows": [{"leader": name,
                   "from_x_avg": float((x_f - x_avg).abs().mean()),
                   "from_live": float((x_f - fused["live"]).abs().mean())}
