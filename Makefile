@@ -88,7 +88,7 @@ test: notebooks
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup tests $(NBVAL_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(JOBS) -m "not slow"
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup -m "not slow"
 
 # Re-resolve pyproject.toml's ranges in a scratch venv (the newest releases in range) and rewrite
 # requirements.lock (its comment header kept). Then copy the list into environment.yml

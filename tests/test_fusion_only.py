@@ -394,7 +394,9 @@ def test_the_pairs_a_leader_trained_on_are_found_wherever_it_is_scored_from(
 
 
 def test_real_harvard_smoke_training(harvard_dir, smoke, tmp_path):
-    """A few steps on four real MRI-PET training pairs; scored on one test pair."""
+    """A smoke test on real data: a few steps on four real MRI-PET training pairs run, and the
+    scores of one test pair are finite (the metrics' values are checked against the reference
+    file in test_fusion_metrics.py, not here)."""
     pairs = [load_pair(p) for p in find_harvard_pairs(harvard_dir, "PET-MRI", "train")[:4]]
     run = train_fusion(pairs, smoke, tmp_path, steps=4, crop=32, batch_size=2, device="cpu")
     test = [load_pair(find_harvard_pairs(harvard_dir, "PET-MRI", "test")[0])]

@@ -41,6 +41,10 @@ def test_soft_dice_hand_value():
     # w = (0.4, 1.6): 1 - (0.4 * 0.4 + 1.6 * 8/11) / 2
     got_w = soft_dice_loss(logits, target, class_weights=(0.4, 1.6), smooth=0.0)
     assert float(got_w) == pytest.approx(1 - (0.16 + 1.6 * 8 / 11) / 2, abs=1e-6)
+    # weights that do not sum to C: Eq. 2 divides by C, not by the weights' sum (a review
+    # found the two indistinguishable with the weights above)
+    got_3 = soft_dice_loss(logits, target, class_weights=(1.0, 2.0), smooth=0.0)
+    assert float(got_3) == pytest.approx(1 - (0.4 + 2 * 8 / 11) / 2, abs=1e-6)
 
 
 def test_lower_loss_is_dice_plus_ce_hand_value():

@@ -92,6 +92,52 @@ def test_predict_round_trips_affine_and_scheme(phantom_dir, tmp_path, capsys):
     assert set(np.unique(s3)) <= {0, 3} and 3 in s3
 
 
+class _BrightFollower(torch.nn.Module):
+    """Labels that follow the input's anatomy: ET where x_avg > 0.6 (the phantom's lesions and
+    the brightest tissue), background elsewhere."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        logits[:, 3] = 10.0 * (x[:, 0] > 0.6)
+        return logits
+
+
+def test_predict_puts_each_label_where_its_voxels_are(phantom_dir, tmp_path, monkeypatch):
+    """A review found that a transposed and flipped label map passed every predict test: their
+    followers predict one class everywhere. Here the follower labels a rule of x_avg, so
+    seg.nii.gz must match that rule applied to the input volumes on their own grid (Dice above
+    0.7 after the profile's 4x down-sampling and back), and not its transpose."""
+    import dataclasses
+
+    import fuse4seg.inference as inference
+    from fuse4seg.data.layouts import normalize_intensity
+
+    real_load = inference.load_bundle
+
+    def with_rule(*args, **kwargs):
+        return dataclasses.replace(real_load(*args, **kwargs), follower=_BrightFollower())
+
+    monkeypatch.setattr(inference, "load_bundle", with_rule)
+    run = _make_run(tmp_path, method="average")
+    t1ce, flair = _case_files(sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0])
+    out = tmp_path / "pred"
+    assert _predict(run, t1ce, flair, out, "--device", "cpu") == 0
+    seg = np.asarray(nib.load(str(out / "seg.nii.gz")).dataobj)
+    a, b = (np.asarray(nib.load(str(f)).dataobj, np.float32) for f in (t1ce, flair))
+    brain = (a != 0) | (b != 0)
+    pct = get_config("smoke").data.intensity_percentiles
+    x_avg = 0.5 * (normalize_intensity(a, brain, pct) + normalize_intensity(b, brain, pct))
+    want = (x_avg > 0.6) & brain
+
+    def dice(p, t):
+        return 2 * (p & t).sum() / (p.sum() + t.sum())
+
+    got = seg == 4  # ET in the BraTS 2021 scheme
+    assert set(np.unique(seg)) == {0, 4} and want.sum() > 1000
+    right, turned = dice(got, want), dice(got, want.transpose(1, 0, 2)[:, ::-1])
+    assert right > 0.7 and turned < 0.5 * right, (right, turned)
+
+
 def test_predict_clears_the_inputs_display_window_and_names_its_checkpoint(phantom_dir, tmp_path,
                                                                            capsys, monkeypatch):
     """A T1ce header with a display window (cal_max 2000) and an intent: the outputs keep the

@@ -90,6 +90,113 @@ def test_rollout_step_reuses_xf_and_freezes_the_follower(phantom_cache, tmp_path
     assert engine.leader.updates == 2
 
 
+def test_the_leader_learns_from_the_followers_loss(phantom_cache, tmp_path):
+    """The paper's mechanism (Algorithm 1, lines 12-16): ∂L_lower/∂x_f flows through the frozen
+    follower into the leader. A review found that detaching x_f before the follower, or the
+    segmentation term in L_upper, was caught only by an unrelated bound. Here, from one saved
+    state, the leader's update must (a) repeat exactly for the same D_val batch, (b) differ
+    when only the segmentation target differs, and (c) happen with every physical term off."""
+    import copy
+
+    def leader_after(trainer, saved, seg):
+        trainer.engine.load_state_dict(copy.deepcopy(saved))
+        trainer.engine.leader_step(val["x1"], val["x2"], seg)
+        return _params(trainer.engine.leader_module)
+
+    trainer = _trainer(phantom_cache, tmp_path)
+    saved = copy.deepcopy(trainer.engine.state_dict())
+    _, val = trainer.batches.split(1, 0, need_val=True)
+    other = torch.where(val["seg"] > 0, torch.zeros_like(val["seg"]), val["seg"])  # no tumour
+    assert not torch.equal(other, val["seg"])
+    before = _params(trainer.engine.leader_module)
+    a = leader_after(trainer, saved, val["seg"])
+    assert all(torch.equal(v, leader_after(trainer, saved, val["seg"])[k]) for k, v in a.items())
+    b = leader_after(trainer, saved, other)
+    moved, n = [k for k in a if not torch.equal(a[k], b[k])], len(a)
+    assert len(moved) > n // 2, f"{len(moved)} of {n} differ: the target barely reaches the leader"
+
+    # the segmentation term alone still moves the leader
+    quiet = _trainer(phantom_cache, tmp_path / "quiet", **{
+        "loss.use_decomp": False, "loss.use_grad": False, "loss.use_recon": False})
+    quiet.engine.load_state_dict(copy.deepcopy(saved))
+    grads = {}
+    for name, p in quiet.engine.leader_module.named_parameters():
+        p.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach().clone()))
+    quiet.engine.leader_step(val["x1"], val["x2"], val["seg"])
+    nonzero = [k for k, g in grads.items() if float(g.abs().max()) > 0]
+    assert len(nonzero) > len(grads) // 2, f"{len(nonzero)} of {len(grads)} gradients non-zero"
+    after = _params(quiet.engine.leader_module)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+class _ThresholdFollower(torch.nn.Module):
+    """A follower whose labels are a known rule of its input: ET above 0.85, ED in
+    (0.6, 0.85], background elsewhere (validation's argmax of these logits)."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        logits[:, 2] = 10.0 * ((x[:, 0] > 0.6) & (x[:, 0] <= 0.85))
+        logits[:, 3] = 10.0 * (x[:, 0] > 0.85)
+        return logits
+
+
+def test_validation_dice_is_the_3d_dice_per_patient_computed_by_hand(phantom_cache, tmp_path,
+                                                                     monkeypatch):
+    """validate(): a review found that argmin for argmax passed every test. With a follower
+    whose labels are a known rule of x_avg, the validation Dice must equal NumPy's 3-D Dice
+    per validation patient (a class absent from both counts 1), averaged over patients and
+    then over NCR, ED and ET."""
+    from fuse4seg.train.bilevel import Engine
+
+    trainer = _trainer(phantom_cache, tmp_path, "average")
+    assert not trainer.config.train.warmup_minmax  # the warm-up prior is x_avg as it is
+    monkeypatch.setattr(Engine, "eval_follower", property(lambda self: _ThresholdFollower()))
+    got = trainer.validate("warmup", batch_size=3)
+    pred, truth = {}, {}
+    for i in trainer.val_items:
+        item = trainer.val_set[int(i)]
+        x_avg = 0.5 * (item["x1"][0] + item["x2"][0]).numpy()
+        labels = np.where(x_avg > 0.85, 3, np.where(x_avg > 0.6, 2, 0))
+        pred.setdefault(item["case_id"], []).append(labels)
+        truth.setdefault(item["case_id"], []).append(item["seg"].numpy())
+    per_class = {}
+    for name, c in (("NCR", 1), ("ED", 2), ("ET", 3)):
+        scores = []
+        for case in pred:
+            p, t = np.stack(pred[case]) == c, np.stack(truth[case]) == c
+            tp, fp, fn = (p & t).sum(), (p & ~t).sum(), (~p & t).sum()
+            scores.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+        per_class[name] = float(np.mean(scores))
+    assert 0.0 < per_class["ED"] < 1.0 and 0.0 < per_class["ET"] < 1.0  # a real test of each
+    for name, want in per_class.items():
+        assert got["per_class"][name]["dice"] == pytest.approx(want, abs=1e-9), name
+    assert got["mean_dice"] == pytest.approx(np.mean(list(per_class.values())), abs=1e-9)
+    assert got["slices"] == len(trainer.val_items)
+
+
+def test_best_pt_holds_the_epoch_with_the_highest_validation_dice(phantom_cache, tmp_path,
+                                                                  monkeypatch):
+    """best.pt is what predict and evaluate load by default; a review found that keeping the
+    worst epoch passed every test. With scripted validations 0.3, 0.5, 0.4 the best is epoch
+    2, in the trainer, in best.pt and in run.json."""
+    scores = iter([0.3, 0.5, 0.4])
+
+    def scripted(self, stage, batch_size=None, ema=True):
+        d = next(scores)
+        return {"split": "val", "prior": "x_avg", "slices": 1, "mean_dice": d, "mean_iou": d / 2,
+                "per_class": {c: {"dice": d, "iou": d / 2} for c in ("NCR", "ED", "ET")}}
+
+    monkeypatch.setattr(Trainer, "validate", scripted)
+    config = smoke(**{"train.warmup_epochs": 3, "train.rollout_epochs": 0})
+    result = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
+    assert [r["val"]["mean_dice"] for r in result.metrics] == [0.3, 0.5, 0.4]
+    assert result.best["epoch"] == 2 and result.best["mean_dice"] == 0.5
+    assert load_checkpoint(result.run_dir / "checkpoints" / "best.pt")["epoch"] == 2
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["finished"]["best"]["epoch"] == 2
+    assert record["device"] == "cpu"  # the run's device (results.thread_note reads it)
+
+
 def test_every_rollout_step_splits_by_patient(phantom_cache, tmp_path):
     splits = []
     trainer = Trainer(
@@ -612,6 +719,9 @@ def _strip(rows):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_cache, tmp_path):
+    """Killed in the rollout, after the leader's first update (a review found the kill always
+    came in the warm-up, so a resume that lost the leader's weights or optimiser passed), then
+    resumed: every logged value and every weight as in a run never stopped."""
     whole = _cli_train(tmp_path / "a", phantom_cache)
     killed = _cli_train(tmp_path / "b", phantom_cache)
     deadline = time.time() + 300
@@ -619,16 +729,22 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_cache, tmp_pa
     while time.time() < deadline and killed.poll() is None:
         found = list((tmp_path / "b").glob("fuse4seg-*/checkpoints/last.pt"))
         if found:
-            last = found[0]
-            break
+            try:
+                seen = load_checkpoint(found[0])["engine"]["leader_learner"]["updates"]
+            except (OSError, RuntimeError, ValueError, KeyError):  # being replaced: look again
+                seen = 0
+            if seen >= 1:
+                os.kill(killed.pid, signal.SIGKILL)
+                last = found[0]
+                break
         time.sleep(0.02)
     assert last is not None, killed.communicate()[1].decode()[-2000:]
-    os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     state = load_checkpoint(last)
     total = 3 * state["config"]["train"]["steps_per_epoch"]
     assert (state["epoch"] - 1) * 2 + state["step_in_epoch"] < total  # killed mid-run
+    assert state["engine"]["leader_learner"]["updates"] >= 1  # ... in the rollout
     resumed = _cli_train(tmp_path / "b", phantom_cache, "--resume")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
@@ -777,6 +893,9 @@ def test_leader_drift_rebuilds_the_initial_live_and_ema_leaders(phantom_cache, t
     # the EMA lies between the initial and the live leader, near the initial one unramped
     ema_gap, init_gap = rows["EMA"]["from_live"], rows["initial"]["from_live"]
     assert (ema_gap < 0.5 * init_gap) if ramp else (0.9 * init_gap < ema_gap < init_gap)
+    with np.load(glass / "inputs.npz") as z:  # the max rule's distance, for scale
+        scale = float(np.abs(np.maximum(z["x1"], z["x2"]) - x_avg).mean())
+    assert drift["max_from_x_avg"] == pytest.approx(scale, rel=1e-5) and scale > 0
     average = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
     assert leader_drift(average.run_dir) is None
     # benchmarks/leader_drift.py: a row per run with a leader, the EMA's gap last
