@@ -325,7 +325,7 @@ def drift_note(drifts: Sequence[Mapping[str, Any] | None]) -> str:
     leaders moved x_f from x_avg (:func:`fuse4seg.train.validation.leader_drift` of each
     seed's run; ``None`` entries, runs without a leader, are left out).
 
-    It states the EMA leader's and the live leader's mean |x_f − x_avg| (means over seeds)
+    It states the EMA leader's and the live leader's mean ``|x_f − x_avg|`` (means over seeds)
     beside the ``max`` rule's, another fixed fusion, for scale. When the EMA leader, which
     the test scores use, moved x_f less than a tenth of the way the ``max`` rule lies from
     x_avg, the followers compared read nearly the same image, and the sentence says that

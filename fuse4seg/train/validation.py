@@ -154,7 +154,7 @@ def leader_drift(run_dir: str | Path) -> dict[str, Any] | None:
     ``"live"``, ``"EMA"``) the mean absolute difference of its x_f from x_avg = ½(x1 + x2)
     (``from_x_avg``) and from the live leader's x_f (``from_live``); and, for scale,
     ``max_from_x_avg``: the same difference for the ``max`` rule's image max(x1, x2), another
-    fixed fusion (it is ½ mean |x1 − x2|).
+    fixed fusion (it is half the mean of ``|x1 − x2|``).
     """
     from fuse4seg.config import config_from_dict
     from fuse4seg.models import build_leader
