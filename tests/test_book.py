@@ -454,6 +454,7 @@ def test_stage_source_replaces_notebooks_by_their_executed_copy(tmp_path):
         "_toc.yml",
         "book/01_tiny.ipynb",
         "book/_ext/prose_attributes.py",
+        "book/_ext/unique_scripts.py",
         "book/figure.png",
         "book/intro.md",
     ]
@@ -745,6 +746,35 @@ def test_parameter_cells_are_collapsed_and_the_injected_one_labelled(tmp_path):
     assert "hide-input" not in out.cells[3].metadata.get("tags", [])
 
 
+def test_each_page_gets_each_script_once():
+    """book/_ext/unique_scripts.py: Jupyter Book's setup adds two inline scripts twice, once
+    with the file name None and once with "" (a review found ``const THEBE_JS_URL`` declared
+    twice on every page: a SyntaxError). The first of each is kept, in order; scripts that
+    differ in file or attributes all stay."""
+    import importlib.util
+
+    from sphinx.builders.html._assets import _JavaScript
+
+    path = REPO / "book" / "_ext" / "unique_scripts.py"
+    spec = importlib.util.spec_from_file_location("unique_scripts", path)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    config = yaml.safe_load((REPO / "_config.yml").read_text())
+    assert config["sphinx"]["local_extensions"]["unique_scripts"] == "book/_ext"
+    thebe = "const THEBE_JS_URL = 'x'"
+    scripts = [_JavaScript("_static/a.js"), _JavaScript(None, body=thebe),
+               _JavaScript("_static/b.js", **{"async": "async"}), _JavaScript("", body=thebe),
+               _JavaScript(None, body="var other = 1"), _JavaScript("_static/a.js", priority=900)]
+    context = {"script_files": scripts}
+    ext.drop_repeated_scripts(None, "page", "page.html", context, None)
+    assert [(s.filename, s.attributes) for s in context["script_files"]] == [
+        ("_static/a.js", {}), (None, {"body": thebe}), ("_static/b.js", {"async": "async"}),
+        (None, {"body": "var other = 1"})]
+    empty: dict = {}
+    ext.drop_repeated_scripts(None, "page", "page.html", empty, None)
+    assert empty == {}
+
+
 def test_an_attribute_docstring_of_prose_keeps_its_first_line():
     """book/_ext/prose_attributes.py: napoleon would read "fractions (ours: the paper ...)" as
     the type "fractions (ours"; such a docstring comes out as written, while a Google-style
@@ -759,7 +789,7 @@ def test_an_attribute_docstring_of_prose_keeps_its_first_line():
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
     config = yaml.safe_load((path.parents[2] / "_config.yml").read_text())
-    assert config["sphinx"]["local_extensions"] == {"prose_attributes": "book/_ext"}
+    assert config["sphinx"]["local_extensions"]["prose_attributes"] == "book/_ext"
 
     def rendered(doc: list[str], name: str) -> list[str]:
         lines = list(doc)
