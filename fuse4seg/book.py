@@ -9,6 +9,7 @@
   given one);
 - :func:`book_seeds`: the seeds chapters 4 and 6 train each method over, per profile
   (:data:`BOOK_SEEDS`), unless the reader passes others;
+- :func:`run_hours`: the projected hours of each run chapters 4 and 6 train (chapter 7);
 - :func:`chapter_device`: the device a chapter runs on, from its ``device`` parameter and a
   ``train.device`` in its ``overrides``;
 - :func:`check_parameters`: a chapter's check, right after its parameters cell, that papermill
@@ -50,6 +51,7 @@ __all__ = [
     "phantom_case_count",
     "phantom_cases",
     "prepare_phantom",
+    "run_hours",
 ]
 
 PHANTOM_CASES = {"smoke": 6, "default": 24, "paper": 24}
@@ -149,19 +151,90 @@ def chapter_workers(workers: int, device: str) -> int:
     count, and a comparison of two runs trained on different counts would include that
     difference (:func:`fuse4seg.results.thread_note` says which count a table's runs had).
 
+    The device is read as training reads it (:func:`fuse4seg.utils.resolve_device`), so a
+    chapter that asks for CUDA on a machine without it stops here, before any run starts.
+
     Raises:
-        ValueError: ``workers`` is negative or not an integer.
+        ValueError: ``workers`` is negative or not an integer; ``device`` is not a device, or
+            asks for CUDA where none is available.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers={workers!r}: give a whole number >= 0 (0: one run per core)")
-    if device.startswith("cuda"):
-        return 1
-    if device == "auto":
-        import torch
+    from fuse4seg.utils import resolve_device
 
-        if torch.cuda.is_available():
-            return 1
+    if resolve_device(device).type == "cuda":
+        return 1
     return workers or os.cpu_count() or 1
+
+
+def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
+              methods: Sequence[str], ablations: Sequence[str] = (),
+              world: int = 1) -> list[dict[str, Any]]:
+    """The projected training time of each run chapters 4 and 6 train for one seed, at
+    ``config``'s schedule on ``n_slices`` training slices and ``world`` GPUs (chapter 7: the
+    GPU hours ``make full`` asks for).
+
+    Every stage of a run has S = :func:`~fuse4seg.train.bilevel.steps_per_epoch` steps per
+    epoch, and a step's time in seconds comes from the two measured steps:
+
+    - a warm-up step: ``t_warm`` (measured);
+    - a rollout step of a bi-level method: ``t_outer`` (measured);
+    - a rollout step of a fixed rule (``average``, ``max``, ``direct2ch``, ``monai_unet``):
+      K follower updates on D_tr's B/2 slices, estimated as K warm-up steps (one update on B
+      slices each; ``monai_unet``'s and ``direct2ch``'s followers are not the one measured);
+    - a fusion step (``disjoint_ae``'s first stage): the leader's forward and backward on B
+      slices with the physical losses, estimated as one outer step (which runs the leader on
+      B/2 slices, plus K follower updates); never measured alone.
+
+    Table 3's ``full`` is the ``fuse4seg`` run, and ``A`` and ``B`` continue from its warm-up
+    (:func:`fuse4seg.train.runs.shared_warmup`), so they add their rollout only; ``baseline``
+    is a whole ``disjoint_ae`` run with loss switches.
+
+    Returns:
+        One row per run: ``run``, ``stages`` (``[(stage, epochs)]``), ``steps``, ``hours``
+        and ``basis`` (``"measured steps"`` when every stage's step time was measured,
+        else ``"estimate"``).
+    """
+    from fuse4seg.train.bilevel import steps_per_epoch
+    from fuse4seg.train.methods import get_ablation, get_method
+
+    t = config.train
+    if n_slices < 1 or world < 1 or t_warm <= 0 or t_outer <= 0:
+        raise ValueError(f"n_slices={n_slices}, world={world}, t_warm={t_warm}, "
+                         f"t_outer={t_outer}: each must be positive")
+    S = steps_per_epoch(config, n_slices, world)
+    K = t.inner_steps
+
+    def row(name: str, method: str, shared_warmup: bool = False) -> dict[str, Any]:
+        spec = get_method(method)
+        stages = [(stage, epochs) for stage, epochs in spec.plan(t.warmup_epochs,
+                                                                  t.rollout_epochs)
+                  if epochs and not (shared_warmup and stage == "warmup")]
+        seconds, measured = 0.0, True
+        for stage, epochs in stages:
+            if stage == "warmup":
+                step = t_warm
+            elif stage == "rollout" and spec.learns_leader_from_follower:
+                step = t_outer
+            elif stage == "rollout":
+                step, measured = K * t_warm, False
+            else:  # the fusion stage
+                step, measured = t_outer, False
+            seconds += epochs * S * step
+        return {"run": name, "stages": stages, "steps": S * sum(e for _, e in stages),
+                "hours": seconds / 3600, "basis": "measured steps" if measured else "estimate"}
+
+    rows, warmed = [], set()
+    runs = [(m, m) for m in methods]
+    runs += [(name, get_ablation(name).method) for name in ablations
+             if not (name == "full" and "fuse4seg" in methods)]  # full: the fuse4seg run
+    for name, method in runs:
+        # a bi-level run's warm-up is trained once and shared by its method's later runs
+        shares = get_method(method).warmup_rule is not None
+        rows.append(row(name, method, shared_warmup=shares and method in warmed))
+        if shares:
+            warmed.add(method)
+    return rows
 
 
 def phantom_case_count(data_dir: Path) -> int | None:

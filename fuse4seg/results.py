@@ -320,9 +320,9 @@ def thread_note(groups: Sequence[Mapping[str, Sequence[SeedResult]]]) -> str:
             "another seed; retrain them alike (`workers`) to remove it.")
 
 
-def drift_note(drifts: Sequence[Mapping[str, Any] | None]) -> str:
-    """What a comparison of a bi-level run with ``average`` can show, given how far its
-    leaders moved x_f from x_avg (:func:`fuse4seg.train.validation.leader_drift` of each
+def drift_note(drifts: Sequence[Mapping[str, Any] | None], method: str = "fuse4seg") -> str:
+    """What a comparison of ``method``'s bi-level runs with ``average`` can show, given how far
+    their leaders moved x_f from x_avg (:func:`fuse4seg.train.validation.leader_drift` of each
     seed's run; ``None`` entries, runs without a leader, are left out).
 
     It states the EMA leader's and the live leader's mean ``|x_f − x_avg|`` (means over seeds)
@@ -349,8 +349,8 @@ def drift_note(drifts: Sequence[Mapping[str, Any] | None]) -> str:
             f"lies {scale:.4f} from x_avg, so the EMA leader moved x_f {share:.0%} of that "
             "distance.")
     if share < 0.1:
-        text += (" **At this scale the leader has barely moved x_f**: a comparison of this "
-                 "method with `average` compares followers that read nearly the same image, "
+        text += (" **At this scale the leader has barely moved x_f**: a comparison of "
+                 f"`{method}` with `average` compares followers that read nearly the same image, "
                  "so it cannot show what a leader that reshapes x_f does (the paper's §4.3), "
                  "and equal scores are the expected outcome, not evidence about the bi-level "
                  "idea.")

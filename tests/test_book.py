@@ -305,7 +305,8 @@ def test_a_chapter_runs_on_its_device_parameter_or_the_device_override():
 def test_chapters_4_and_6_train_their_runs_alike(monkeypatch):
     """chapter_workers: on a CPU ``workers`` runs at once (0: one per core), so chapter 4's runs,
     which chapter 6 reuses, train on the thread count of chapter 6's own (a review found them
-    on two threads beside one-thread rivals); on a GPU one; a bad count is refused."""
+    on two threads beside one-thread rivals); on a GPU one; a bad count, or a device training
+    would refuse, is refused."""
     import torch
 
     from fuse4seg.book import chapter_workers
@@ -314,9 +315,13 @@ def test_chapters_4_and_6_train_their_runs_alike(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert chapter_workers(0, "cpu") == 6 and chapter_workers(0, "auto") == 6
     assert chapter_workers(2, "cpu") == 2 and chapter_workers(1, "auto") == 1
-    assert chapter_workers(0, "cuda") == 1 and chapter_workers(3, "cuda:1") == 1
+    with pytest.raises(ValueError, match="'cuda' requested but CUDA is not available"):
+        chapter_workers(0, "cuda")
+    with pytest.raises(ValueError, match="'gpu': not a device"):
+        chapter_workers(0, "gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert chapter_workers(0, "auto") == 1 and chapter_workers(4, "cpu") == 4
+    assert chapter_workers(0, "cuda") == 1 and chapter_workers(3, "cuda:1") == 1
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"workers=.*: give a whole number >= 0"):
             chapter_workers(bad, "cpu")
@@ -807,3 +812,39 @@ def test_an_attribute_docstring_of_prose_keeps_its_first_line():
     # a colon inside code is not the prose's: ``None``'s first line reads as a type
     assert ext._type_like("``None``") and not ext._type_like("fractions (ours")
     assert ext._type_like("str | None") and ext._type_like("(extra, span)")
+
+
+def test_run_hours_adds_each_stage_of_each_run_by_hand():
+    """run_hours (chapter 7's GPU hours of make full): S steps per epoch of every stage, at the
+    measured warm-up and outer steps; a fixed rule's rollout step as K warm-up steps; the
+    disjoint fusion stage as an outer step; full = the fuse4seg run; A and B without the
+    shared warm-up."""
+    from fuse4seg.book import run_hours
+    from fuse4seg.config import get_config
+
+    paper = get_config("paper")  # B 8, K 5, warm-up 40, rollout 120 epochs
+    t = paper.train
+    assert (t.batch_size, t.inner_steps, t.warmup_epochs, t.rollout_epochs) == (8, 5, 40, 120)
+    rows = run_hours(paper, 80, 1.0, 10.0, ["average", "disjoint_ae", "fuse4seg"],
+                     ["baseline", "A", "B", "full"])
+    hours = {r["run"]: r["hours"] * 3600 for r in rows}  # seconds; S = 80 / 8 = 10
+    assert hours == pytest.approx({
+        "fuse4seg": 40 * 10 * 1 + 120 * 10 * 10,
+        "average": 40 * 10 * 1 + 120 * 10 * 5 * 1,
+        "disjoint_ae": 120 * 10 * 10 + 40 * 10 * 1 + 120 * 10 * 5,
+        "baseline": 120 * 10 * 10 + 40 * 10 * 1 + 120 * 10 * 5,
+        "A": 120 * 10 * 10, "B": 120 * 10 * 10,
+    })
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["fuse4seg"]["basis"] == "measured steps" == by_run["A"]["basis"]
+    assert by_run["average"]["basis"] == "estimate" == by_run["disjoint_ae"]["basis"]
+    assert by_run["A"]["stages"] == [("rollout", 120)] and by_run["A"]["steps"] == 1200
+    # without fuse4seg among the methods, full trains the warm-up and A reuses it
+    alone = {r["run"]: r for r in run_hours(paper, 80, 1.0, 10.0, [], ["full", "A"])}
+    assert alone["full"]["stages"] == [("warmup", 40), ("rollout", 120)]
+    assert alone["A"]["stages"] == [("rollout", 120)]
+    # two GPUs halve S (an epoch is a pass over the slices in batches of B per GPU)
+    two = run_hours(paper, 80, 1.0, 10.0, ["fuse4seg"], world=2)[0]
+    assert two["hours"] * 3600 == pytest.approx(40 * 5 + 120 * 5 * 10)
+    with pytest.raises(ValueError, match="each must be positive"):
+        run_hours(paper, 0, 1.0, 10.0, ["fuse4seg"])

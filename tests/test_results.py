@@ -322,6 +322,8 @@ def test_drift_note_says_when_the_leader_barely_moved_x_f():
     assert "0.0050 for the live leader" in small and "lies 0.0500 from x_avg" in small
     assert "moved x_f 3% of that distance" in small
     assert "**At this scale the leader has barely moved x_f**" in small
+    assert "a comparison of `fuse4seg` with `average`" in small
+    assert "of `full` with `average`" in R.drift_note([_drift(0.001, 0.004, 0.05)], "full")
     moved = R.drift_note([_drift(0.02, 0.03, 0.05)])
     assert moved.startswith("Mean |x_f − x_avg| in this run: 0.0200")
     assert "40% of that distance" in moved and "barely" not in moved
