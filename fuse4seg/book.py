@@ -168,23 +168,32 @@ def chapter_workers(workers: int, device: str) -> int:
 
 
 def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
-              methods: Sequence[str], ablations: Sequence[str] = (),
-              world: int = 1) -> list[dict[str, Any]]:
+              methods: Sequence[str], ablations: Sequence[str] = (), world: int = 1,
+              t_leader_forward: float | None = None) -> list[dict[str, Any]]:
     """The projected training time of each run chapters 4 and 6 train for one seed, at
     ``config``'s schedule on ``n_slices`` training slices and ``world`` GPUs (chapter 7: the
     GPU hours ``make full`` asks for).
 
     Every stage of a run has S = :func:`~fuse4seg.train.bilevel.steps_per_epoch` steps per
-    epoch, and a step's time in seconds comes from the two measured steps:
+    epoch. A step's time in seconds comes from the measured steps where the step is one of
+    them, and is estimated from them where it is not (each row names its estimates):
 
-    - a warm-up step: ``t_warm`` (measured);
+    - a warm-up step: ``t_warm`` (measured, the ConvNeXt follower on one fused channel);
     - a rollout step of a bi-level method: ``t_outer`` (measured);
-    - a rollout step of a fixed rule (``average``, ``max``, ``direct2ch``, ``monai_unet``):
-      K follower updates on D_tr's B/2 slices, estimated as K warm-up steps (one update on B
-      slices each; ``monai_unet``'s and ``direct2ch``'s followers are not the one measured);
-    - a fusion step (``disjoint_ae``'s first stage): the leader's forward and backward on B
-      slices with the physical losses, estimated as one outer step (which runs the leader on
-      B/2 slices, plus K follower updates); never measured alone.
+    - a rollout step of a fixed rule (``average``, ``max``, ``direct2ch``, ``monai_unet``)
+      or of the disjoint pipeline: K follower updates on D_tr's B/2 slices, estimated as K
+      warm-up steps on B slices (an overestimate where a step's time grows with its batch);
+    - a fusion step (the disjoint pipeline's first stage): the leader's forward and backward
+      on B slices with the physical losses, estimated as one outer step (which runs the
+      leader forward on B/2 + B/2 slices and backward on B/2, plus K follower updates:
+      likely an overestimate);
+    - the disjoint pipeline's frozen leader: its x_f is kept per slice while all of them fit
+      in :data:`Engine.FROZEN_CACHE_BYTES <fuse4seg.train.bilevel.Engine.FROZEN_CACHE_BYTES>`
+      (counted at 4 bytes a pixel); beyond that it is fused again every step, which adds
+      ``t_leader_forward`` (one forward on B slices, no gradient) to each warm-up step and
+      half of it (B/2 slices) to each rollout step;
+    - ``direct2ch``'s follower reads two channels and ``monai_unet``'s is another network:
+      their steps are not the follower measured, so their whole runs are estimates.
 
     Table 3's ``full`` is the ``fuse4seg`` run, and ``A`` and ``B`` continue from its warm-up
     (:func:`fuse4seg.train.runs.shared_warmup`), so they add their rollout only; ``baseline``
@@ -192,37 +201,56 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
 
     Returns:
         One row per run: ``run``, ``stages`` (``[(stage, epochs)]``), ``steps``, ``hours``
-        and ``basis`` (``"measured steps"`` when every stage's step time was measured,
-        else ``"estimate"``).
+        and ``estimates`` (the kinds of step estimated for the row; empty: every step of the
+        run is a measured one).
+
+    Raises:
+        ValueError: a count or time is not positive, or a disjoint run needs
+            ``t_leader_forward`` (its x_f do not fit the cache) and it is not given.
     """
-    from fuse4seg.train.bilevel import steps_per_epoch
+    from fuse4seg.train.bilevel import Engine, steps_per_epoch
     from fuse4seg.train.methods import get_ablation, get_method
 
     t = config.train
-    if n_slices < 1 or world < 1 or t_warm <= 0 or t_outer <= 0:
-        raise ValueError(f"n_slices={n_slices}, world={world}, t_warm={t_warm}, "
-                         f"t_outer={t_outer}: each must be positive")
+    times = {"t_warm": t_warm, "t_outer": t_outer, "t_leader_forward": t_leader_forward}
+    if n_slices < 1 or world < 1 or any(v is not None and v <= 0 for v in times.values()):
+        raise ValueError(f"n_slices={n_slices}, world={world}, "
+                         + ", ".join(f"{k}={v}" for k, v in times.items())
+                         + ": each must be positive")
     S = steps_per_epoch(config, n_slices, world)
     K = t.inner_steps
+    refused = n_slices * config.data.crop_size ** 2 * 4 > Engine.FROZEN_CACHE_BYTES
 
     def row(name: str, method: str, shared_warmup: bool = False) -> dict[str, Any]:
         spec = get_method(method)
         stages = [(stage, epochs) for stage, epochs in spec.plan(t.warmup_epochs,
                                                                   t.rollout_epochs)
                   if epochs and not (shared_warmup and stage == "warmup")]
-        seconds, measured = 0.0, True
+        estimates = []
+        if spec.follower != "convnext" or spec.in_channels != 1:
+            estimates.append(f"its follower ({spec.follower}, {spec.in_channels} channels) "
+                             "timed as the measured one")
+        frozen = spec.leader == "disjoint" and refused
+        if frozen:
+            if t_leader_forward is None:
+                raise ValueError(f"{name}: {n_slices:,} slices of x_f do not fit the frozen "
+                                 "leader's cache; give t_leader_forward")
+            estimates.append("the frozen leader's forward every step")
+        seconds = 0.0
         for stage, epochs in stages:
             if stage == "warmup":
-                step = t_warm
+                step = t_warm + (t_leader_forward if frozen else 0.0)
             elif stage == "rollout" and spec.learns_leader_from_follower:
                 step = t_outer
             elif stage == "rollout":
-                step, measured = K * t_warm, False
+                step = K * t_warm + (t_leader_forward / 2 if frozen else 0.0)
+                estimates.append("a rollout step as K warm-up steps")
             else:  # the fusion stage
-                step, measured = t_outer, False
+                step = t_outer
+                estimates.append("a fusion step as an outer step")
             seconds += epochs * S * step
         return {"run": name, "stages": stages, "steps": S * sum(e for _, e in stages),
-                "hours": seconds / 3600, "basis": "measured steps" if measured else "estimate"}
+                "hours": seconds / 3600, "estimates": estimates}
 
     rows, warmed = [], set()
     runs = [(m, m) for m in methods]

@@ -817,27 +817,32 @@ def test_an_attribute_docstring_of_prose_keeps_its_first_line():
 def test_run_hours_adds_each_stage_of_each_run_by_hand():
     """run_hours (chapter 7's GPU hours of make full): S steps per epoch of every stage, at the
     measured warm-up and outer steps; a fixed rule's rollout step as K warm-up steps; the
-    disjoint fusion stage as an outer step; full = the fuse4seg run; A and B without the
-    shared warm-up."""
+    disjoint fusion stage as an outer step; the frozen leader's forward where its x_f do not
+    fit the cache; full = the fuse4seg run; A and B without the shared warm-up; every
+    estimate named."""
     from fuse4seg.book import run_hours
     from fuse4seg.config import get_config
 
-    paper = get_config("paper")  # B 8, K 5, warm-up 40, rollout 120 epochs
+    paper = get_config("paper")  # B 8, K 5, warm-up 40, rollout 120 epochs, 240x240
     t = paper.train
     assert (t.batch_size, t.inner_steps, t.warmup_epochs, t.rollout_epochs) == (8, 5, 40, 120)
-    rows = run_hours(paper, 80, 1.0, 10.0, ["average", "disjoint_ae", "fuse4seg"],
-                     ["baseline", "A", "B", "full"])
+    methods = ["average", "disjoint_ae", "direct2ch", "fuse4seg"]
+    rows = run_hours(paper, 80, 1.0, 10.0, methods, ["baseline", "A", "B", "full"])
     hours = {r["run"]: r["hours"] * 3600 for r in rows}  # seconds; S = 80 / 8 = 10
     assert hours == pytest.approx({
         "fuse4seg": 40 * 10 * 1 + 120 * 10 * 10,
         "average": 40 * 10 * 1 + 120 * 10 * 5 * 1,
+        "direct2ch": 40 * 10 * 1 + 120 * 10 * 5 * 1,
         "disjoint_ae": 120 * 10 * 10 + 40 * 10 * 1 + 120 * 10 * 5,
         "baseline": 120 * 10 * 10 + 40 * 10 * 1 + 120 * 10 * 5,
         "A": 120 * 10 * 10, "B": 120 * 10 * 10,
     })
     by_run = {r["run"]: r for r in rows}
-    assert by_run["fuse4seg"]["basis"] == "measured steps" == by_run["A"]["basis"]
-    assert by_run["average"]["basis"] == "estimate" == by_run["disjoint_ae"]["basis"]
+    assert by_run["fuse4seg"]["estimates"] == [] == by_run["A"]["estimates"]
+    assert by_run["average"]["estimates"] == ["a rollout step as K warm-up steps"]
+    assert by_run["disjoint_ae"]["estimates"] == ["a fusion step as an outer step",
+                                                  "a rollout step as K warm-up steps"]
+    assert by_run["direct2ch"]["estimates"][0].startswith("its follower (convnext, 2 chan")
     assert by_run["A"]["stages"] == [("rollout", 120)] and by_run["A"]["steps"] == 1200
     # without fuse4seg among the methods, full trains the warm-up and A reuses it
     alone = {r["run"]: r for r in run_hours(paper, 80, 1.0, 10.0, [], ["full", "A"])}
@@ -846,5 +851,19 @@ def test_run_hours_adds_each_stage_of_each_run_by_hand():
     # two GPUs halve S (an epoch is a pass over the slices in batches of B per GPU)
     two = run_hours(paper, 80, 1.0, 10.0, ["fuse4seg"], world=2)[0]
     assert two["hours"] * 3600 == pytest.approx(40 * 5 + 120 * 5 * 10)
-    with pytest.raises(ValueError, match="each must be positive"):
-        run_hours(paper, 0, 1.0, 10.0, ["fuse4seg"])
+    # 100,000 slices of 240x240 x_f (23 GB) do not fit the frozen leader's 1 GiB cache: the
+    # disjoint runs fuse every step, one forward on B slices per warm-up step, on B/2 per
+    # rollout step; the other methods do not care
+    with pytest.raises(ValueError, match="do not fit the frozen leader's cache"):
+        run_hours(paper, 100_000, 1.0, 10.0, ["disjoint_ae"])
+    big = {r["run"]: r for r in run_hours(paper, 100_000, 1.0, 10.0, ["disjoint_ae",
+                                          "average"], t_leader_forward=2.0)}
+    S = 12_500
+    assert big["disjoint_ae"]["hours"] * 3600 == pytest.approx(
+        S * (120 * 10 + 40 * (1 + 2) + 120 * (5 * 1 + 1)))
+    assert "the frozen leader's forward every step" in big["disjoint_ae"]["estimates"]
+    assert big["average"]["hours"] * 3600 == pytest.approx(S * (40 + 120 * 5))
+    for bad in ({"n_slices": 0}, {"t_warm": 0.0}, {"t_leader_forward": -1.0}):
+        args = {"n_slices": 80, "t_warm": 1.0, "t_outer": 10.0, **bad}
+        with pytest.raises(ValueError, match="each must be positive"):
+            run_hours(paper, methods=["fuse4seg"], **args)
