@@ -515,6 +515,42 @@ def test_disjoint_follower_reads_a_kept_x_f_of_its_frozen_leader(phantom_cache, 
     assert first == len(trainer.val_items) and fused["n"] == first
 
 
+def test_a_full_frozen_cache_fuses_each_batch_once(phantom_cache, tmp_path, monkeypatch):
+    """frozen_prior: once the kept x_f would pass FROZEN_CACHE_BYTES, a batch is fused once
+    per step (a review found it fused the missing slices, found no room, and fused the whole
+    batch again: two leader forwards a step at the paper's scale)."""
+    from fuse4seg.train.bilevel import Engine
+    from fuse4seg.train.trainer import Trainer
+    from fuse4seg.train.validation import collate
+
+    config = smoke()
+    trainer = Trainer(config, "disjoint_ae", phantom_cache, tmp_path / "run", progress=False)
+    engine, data = trainer.engine, trainer.train_set
+    fused = {"n": 0}
+    real_prior = Engine.prior
+
+    def counting(self, x1, x2, stage, ema):
+        fused["n"] += x1.shape[0]
+        return real_prior(self, x1, x2, stage, ema)
+
+    monkeypatch.setattr(Engine, "prior", counting)
+    batches = [collate(data, np.arange(i, i + 2), engine.device) for i in (0, 2, 4)]
+    one = batches[0]["x1"][0].numel() * 4  # bytes of one slice's float32 x_f
+    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", 3 * one)  # room for 3 slices
+    outs = [engine.frozen_prior(b, "warmup") for b in batches]
+    # batch 1 kept (2 slices); batch 2: 1 slot left for 2 slices, so fused whole, once;
+    # batch 3 likewise: 2 + 2 + 2 slices fused, not 2 + 4 + 4
+    assert fused["n"] == 6 and len(engine._frozen_xf) == 2
+    assert engine.frozen_prior(batches[0], "warmup").equal(outs[0]) and fused["n"] == 6
+    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", 0)  # nothing fits
+    engine._frozen_xf, engine._frozen_bytes = {}, None
+    fused["n"] = 0
+    for b in batches:
+        engine.frozen_prior(b, "warmup")
+    assert fused["n"] == 2 + 2 + 2 + 2  # the first batch learns the size: twice, once
+    assert not engine._frozen_xf
+
+
 def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):
     config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
     first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)

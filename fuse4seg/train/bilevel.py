@@ -232,6 +232,7 @@ class Engine:
         )
         # x_f of a frozen leader per (split, slice) (see frozen_prior); emptied on load
         self._frozen_xf: dict[tuple[str, int], torch.Tensor] = {}
+        self._frozen_bytes: int | None = None  # bytes of one slice's x_f, once known
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -307,7 +308,10 @@ class Engine:
         validation, so it is computed once and kept (keyed by ``split`` and the batch's
         ``index``, the dataset indices), up to :data:`FROZEN_CACHE_BYTES`. A slice's x_f does
         not depend on the other slices of its batch, so this changes nothing but float rounding
-        (tested). Every other case calls :meth:`prior` (with ``ema``).
+        (tested). Once the slices to keep would pass that size, the batch is fused as a whole
+        at every step, once (the size of one slice's x_f is known from the first batch, so a
+        full cache costs no second forward). Every other case calls :meth:`prior` (with
+        ``ema``).
         """
         frozen = (self.spec.trains_on_ema and self.spec.input_rule(stage) is None
                   and not self.spec.learns_leader_from_follower and stage != "fusion")
@@ -317,10 +321,16 @@ class Engine:
         keys = [(split, int(i)) for i in indices]
         missing = [j for j, k in enumerate(keys) if k not in self._frozen_xf]
         if missing:
+
+            def full(per_slice: int) -> bool:  # too many slices to keep: fuse every step
+                return (self.FROZEN_CACHE_BYTES // per_slice) - len(self._frozen_xf) < len(
+                    missing)
+
+            if self._frozen_bytes is not None and full(self._frozen_bytes):
+                return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
             x_f = self.prior(batch["x1"][missing], batch["x2"][missing], stage, ema=ema)
-            per_slice = x_f[0].numel() * x_f.element_size()
-            room = (self.FROZEN_CACHE_BYTES // per_slice) - len(self._frozen_xf)
-            if room < len(missing):  # too many slices to keep: fuse every step
+            self._frozen_bytes = x_f[0].numel() * x_f.element_size()
+            if full(self._frozen_bytes):  # (the first batch alone is too large)
                 return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
             for j, x in zip(missing, x_f, strict=True):
                 self._frozen_xf[keys[j]] = x
