@@ -171,8 +171,11 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
               methods: Sequence[str], ablations: Sequence[str] = (), world: int = 1,
               t_leader_forward: float | None = None) -> list[dict[str, Any]]:
     """The projected training time of each run chapters 4 and 6 train for one seed, at
-    ``config``'s schedule on ``n_slices`` training slices and ``world`` GPUs (chapter 7: the
-    GPU hours ``make full`` asks for).
+    ``config``'s schedule on ``n_slices`` training slices (chapter 7: the GPU hours ``make
+    full`` asks for, on one GPU). With ``world`` W > 1 each run is a ``torchrun`` run on W
+    GPUs: its ``hours`` are then wall-clock hours, W times as many GPU hours, and no run
+    shares a warm-up (:func:`fuse4seg.train.trainer.train` shares one in a single process
+    only).
 
     Every stage of a run has S = :func:`~fuse4seg.train.bilevel.steps_per_epoch` steps per
     epoch. A step's time in seconds comes from the measured steps where the step is one of
@@ -189,15 +192,19 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
       likely an overestimate);
     - the disjoint pipeline's frozen leader: its x_f is kept per slice while all of them fit
       in :data:`Engine.FROZEN_CACHE_BYTES <fuse4seg.train.bilevel.Engine.FROZEN_CACHE_BYTES>`
-      (counted at 4 bytes a pixel); beyond that it is fused again every step, which adds
+      (the training slices at 4 bytes a pixel; the validation slices, kept too, are left
+      out, which matters only at the edge); beyond that each batch is fused again every step
+      (once: :meth:`~fuse4seg.train.bilevel.Engine.frozen_prior`), which adds
       ``t_leader_forward`` (one forward on B slices, no gradient) to each warm-up step and
       half of it (B/2 slices) to each rollout step;
     - ``direct2ch``'s follower reads two channels and ``monai_unet``'s is another network:
       their steps are not the follower measured, so their whole runs are estimates.
 
-    Table 3's ``full`` is the ``fuse4seg`` run, and ``A`` and ``B`` continue from its warm-up
-    (:func:`fuse4seg.train.runs.shared_warmup`), so they add their rollout only; ``baseline``
-    is a whole ``disjoint_ae`` run with loss switches.
+    A Table 3 variant without loss switches (``full``) is its method's run when the method
+    is among ``methods`` (as :func:`fuse4seg.results.collect` reuses it); ``A`` and ``B``
+    continue from the ``fuse4seg`` warm-up (:func:`fuse4seg.train.runs.shared_warmup`), so
+    they add their rollout only; ``baseline`` is a whole ``disjoint_ae`` run with loss
+    switches.
 
     Returns:
         One row per run: ``run``, ``stages`` (``[(stage, epochs)]``), ``steps``, ``hours``
@@ -254,11 +261,15 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
 
     rows, warmed = [], set()
     runs = [(m, m) for m in methods]
-    runs += [(name, get_ablation(name).method) for name in ablations
-             if not (name == "full" and "fuse4seg" in methods)]  # full: the fuse4seg run
+    for name in ablations:
+        variant = get_ablation(name)
+        if not (not variant.overrides and variant.method in methods):  # else: that run
+            runs.append((name, variant.method))
     for name, method in runs:
         # a bi-level run's warm-up is trained once and shared by its method's later runs
-        shares = get_method(method).warmup_rule is not None
+        # (Trainer.can_share_warmup: one process, a warm-up followed by a rollout)
+        shares = (get_method(method).warmup_rule is not None and world == 1
+                  and t.warmup_epochs > 0 and t.rollout_epochs > 0)
         rows.append(row(name, method, shared_warmup=shares and method in warmed))
         if shares:
             warmed.add(method)

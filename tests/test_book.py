@@ -851,6 +851,13 @@ def test_run_hours_adds_each_stage_of_each_run_by_hand():
     # two GPUs halve S (an epoch is a pass over the slices in batches of B per GPU)
     two = run_hours(paper, 80, 1.0, 10.0, ["fuse4seg"], world=2)[0]
     assert two["hours"] * 3600 == pytest.approx(40 * 5 + 120 * 5 * 10)
+    # ... and under torchrun no run shares a warm-up (train() shares in one process only),
+    # nor does a plan without a rollout
+    torchrun = run_hours(paper, 80, 1.0, 10.0, ["fuse4seg"], ["A"], world=2)
+    assert torchrun[1]["stages"] == [("warmup", 40), ("rollout", 120)]
+    no_rollout = get_config("paper", {"train.rollout_epochs": 0})
+    assert run_hours(no_rollout, 80, 1.0, 10.0, ["fuse4seg"], ["A"])[1]["stages"] == [
+        ("warmup", 40)]
     # 100,000 slices of 240x240 x_f (23 GB) do not fit the frozen leader's 1 GiB cache: the
     # disjoint runs fuse every step, one forward on B slices per warm-up step, on B/2 per
     # rollout step; the other methods do not care
