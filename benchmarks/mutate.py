@@ -323,7 +323,24 @@ def run_pytest(root: Path, tests: Sequence[str], timeout: float = DEFAULT_TIMEOU
     seconds = time.perf_counter() - start
     code = proc.returncode
     result = {0: "SURVIVED", 1: "killed"}.get(code, "error")
+    if result == "killed" and not_a_kill(output):
+        result = "error"
     return Outcome(result, code, seconds, output)
+
+
+_SUMMARY_ERRORS = re.compile(r"\b\d+ errors?\b")
+_BROKEN = re.compile(r"^E\s+(SyntaxError|IndentationError|ImportError|ModuleNotFoundError|"
+                     r"NameError)\b", re.M)
+
+
+def not_a_kill(output: str) -> bool:
+    """Whether pytest's exit status 1 came from something other than a failing assertion of
+    a test: an error in a fixture's setup or teardown (pytest's summary counts those as
+    "error"), or a mutation that broke the code itself where a test imports it late (a
+    ``SyntaxError``, ``ImportError`` or ``NameError`` raised inside the test)."""
+    summary = next((line for line in reversed(output.splitlines()) if " in " in line
+                    and ("failed" in line or "error" in line)), "")
+    return bool(_SUMMARY_ERRORS.search(summary) or _BROKEN.search(output))
 
 
 def mutate_and_run(
@@ -339,6 +356,11 @@ def mutate_and_run(
         root = Path(tmp)
         copy_tree(repo, root)
         apply_mutation(root, file, old, new)
+        if file.endswith(".py"):  # a mutation that does not compile breaks, it kills nothing
+            try:
+                compile((root / file).read_text(encoding="utf-8"), file, "exec")
+            except SyntaxError as exc:
+                return Outcome("error", None, 0.0, f"E   SyntaxError: {exc}")
         module = _module_of(root, file)
         if module is not None:
             check_imports_copy(root, module)
@@ -401,7 +423,10 @@ def table(rows: Sequence[tuple[Mutation, Outcome]]) -> str:
             result += " (expected)" if m.expected == "survives" else ""
             result += _skipped(o.output)
         elif o.result == "error":
-            result += f" (exit {o.returncode})" if o.returncode is not None else " (timeout)"
+            if o.returncode is not None:
+                result += f" (exit {o.returncode})"
+            else:
+                result += " (does not compile)" if "SyntaxError" in o.output else " (timeout)"
         detail = failing_line(o.output) if o.result != "SURVIVED" else ""
         cells = (
             f"`{m.name}`",

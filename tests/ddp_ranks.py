@@ -2,9 +2,9 @@
 (``test_ddp``): run as ``python -m torch.distributed.run ... tests/ddp_ranks.py OUT ARGS``.
 
 Each rank writes ``OUT/rank<R>.pt``: the warm-up batches it trained on (their dataset
-indices) and its leader's and follower's parameters after training. Without the gradients'
-all-reduce the ranks' parameters part ways after their first step on different batches; with
-it they stay equal.
+indices) and its leader's and follower's parameters before and after training. Without the
+gradients' all-reduce the ranks' parameters part ways after their first step on different
+batches; with it they stay equal.
 """
 
 from __future__ import annotations
@@ -25,16 +25,21 @@ single, fit = trainer_module.SliceBatches.single, trainer_module.Trainer.fit
 
 def recording_single(self, stage, epoch, step):
     batch = single(self, stage, epoch, step)
-    seen.append(list(batch["index"]))
+    if stage == "warmup":
+        seen.append(list(batch["index"]))
     return batch
 
 
+def params(trainer) -> dict[str, torch.Tensor]:
+    nets = {"leader": trainer.engine.leader_module, "follower": trainer.engine.follower_module}
+    return {f"{name}.{key}": value.detach().cpu().clone()
+            for name, net in nets.items() for key, value in net.state_dict().items()}
+
+
 def recording_fit(self, *args, **kwargs):
+    before = params(self)
     result = fit(self, *args, **kwargs)
-    nets = {"leader": self.engine.leader_module, "follower": self.engine.follower_module}
-    params = {f"{name}.{key}": value.detach().cpu().clone()
-              for name, net in nets.items() for key, value in net.state_dict().items()}
-    torch.save({"warmup_batches": seen, "params": params},
+    torch.save({"warmup_batches": seen, "before": before, "params": params(self)},
                out / f"rank{os.environ['RANK']}.pt")
     return result
 

@@ -53,5 +53,9 @@ def test_torchrun_two_processes_gloo_smoke(phantom_dir, tmp_path):
     assert any(k.startswith("leader.") for k in r0["params"])
     for key, value in r0["params"].items():
         assert torch.equal(value, r1["params"][key]), key
+    # ... which training moved (equal ranks would also follow from no training at all)
+    moved = [k for k, v in r0["params"].items() if not torch.equal(v, r0["before"][k])]
+    assert any(k.startswith("leader.") for k in moved)
+    assert any(k.startswith("follower.") for k in moved)
     for key, value in state["engine"]["leader"].items():
         assert torch.equal(value, r0["params"][f"leader.{key}"]), key

@@ -124,6 +124,18 @@ def test_failing_line_names_the_tests_line_and_its_error():
     assert mutate.failing_line("[timed out after 9 s]") == "[timed out after 9 s]"
 
 
+def test_only_a_failing_assertion_is_a_kill():
+    """pytest exits 1 for a failing test, but also for a fixture's setup error or a test that
+    imports broken code late: those are errors, not kills (a review's find)."""
+    failed = "E       assert 1 == 2\n1 failed, 2 passed in 0.5s\n"
+    setup = "E       RuntimeError: no data\n1 passed, 1 error in 0.5s\n"
+    late = "E       SyntaxError: invalid syntax\n1 failed in 0.3s\n"
+    missing = "E   ModuleNotFoundError: No module named 'x'\n1 failed in 0.3s\n"
+    assert not mutate.not_a_kill(failed)
+    assert mutate.not_a_kill(setup) and mutate.not_a_kill(late)
+    assert mutate.not_a_kill(missing)
+
+
 @pytest.mark.slow
 def test_killed_survived_and_error_on_a_toy_repository(tmp_path, capsys):
     """End to end on a toy repository: a bug the test sees is killed, an equivalent change
@@ -136,7 +148,10 @@ def test_killed_survived_and_error_on_a_toy_repository(tmp_path, capsys):
     survived = mutate.mutate_and_run(repo, "toy.py", "a + b", "b + a", tests, timeout=60)
     assert (survived.result, survived.returncode) == ("SURVIVED", 0)
     broken = mutate.mutate_and_run(repo, "toy.py", "a + b", "a +", tests, timeout=60)
-    assert broken.result == "error" and broken.returncode not in (0, 1)  # 4: not collected
+    assert broken.result == "error" and broken.returncode is None  # never ran: no compile
+    assert "(does not compile)" in mutate.table([(m0 := mutate.Mutation(
+        "b", "toy.py", "a + b", "a +", tuple(tests), "why"), broken)])
+    assert not mutate._ok(m0, broken)
     assert (repo / "toy.py").read_text() == "def add(a, b):\n    return a + b\n"  # untouched
 
     m = mutate.Mutation("toy", "toy.py", "a + b", "b + a", tuple(tests), "why", "survives")
