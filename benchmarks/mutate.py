@@ -69,7 +69,7 @@ class Mutation:
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     result: str  # "killed", "SURVIVED" or "error"
-    returncode: int | None  # None: timed out
+    returncode: int | None  # None: pytest never finished (a timeout) or never ran (no compile)
     seconds: float
     output: str
 
@@ -375,6 +375,18 @@ def baseline(repo: Path, tests: Sequence[str], timeout: float = DEFAULT_TIMEOUT_
         return run_pytest(root, list(dict.fromkeys(tests)), timeout)
 
 
+def baseline_passes(repo: Path, tests: Sequence[str], timeout: float) -> bool:
+    """:func:`baseline`, with progress on stderr and, when it fails, pytest's output."""
+    tests = list(dict.fromkeys(tests))
+    _log(f"baseline: {len(tests)} test(s) on an unmutated copy ...")
+    base = baseline(repo, tests, timeout)
+    _log(f"  -> {'passed' if base.result == 'SURVIVED' else base.result} ({base.seconds:.1f} s)")
+    if base.result != "SURVIVED":
+        _log(base.output[-4000:])
+        _log("the tests fail without any mutation: a kill would mean nothing")
+    return base.result == "SURVIVED"
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -467,17 +479,9 @@ def run_catalogue(
     for m in mutations:  # every one applies before any test runs
         check_mutation(repo, m)
     start = time.perf_counter()
-    if with_baseline:
-        tests = [t for m in mutations for t in m.tests]
-        _log(f"baseline: {len(dict.fromkeys(tests))} test(s) on an unmutated copy ...")
-        base = baseline(repo, tests, timeout)
-        _log(
-            f"  -> {'passed' if base.result == 'SURVIVED' else base.result} ({base.seconds:.1f} s)"
-        )
-        if base.result != "SURVIVED":
-            _log(base.output[-4000:])
-            _log("the tests fail without any mutation: a kill would mean nothing")
-            return 2
+    if with_baseline and not baseline_passes(repo, [t for m in mutations for t in m.tests],
+                                             timeout):
+        return 2
     rows = []
     for i, m in enumerate(mutations, 1):
         _log(f"[{i}/{len(mutations)}] {m.name}: {m.file} -> {', '.join(m.tests)}")
@@ -545,13 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.new is None or not tests:
             parser.error("give FILE OLD NEW -- TEST [TEST ...], or --catalogue, or --list")
         _text_with_one(repo, args.file, args.old)
-        if not args.no_baseline:
-            _log(f"baseline: {len(tests)} test(s) on an unmutated copy ...")
-            base = baseline(repo, tests, args.timeout)
-            if base.result != "SURVIVED":
-                _log(base.output[-4000:])
-                _log("the tests fail without any mutation: a kill would mean nothing")
-                return 2
+        if not args.no_baseline and not baseline_passes(repo, tests, args.timeout):
+            return 2
         _log(f"mutation: {args.file}: {args.old!r} -> {args.new!r}; tests: {' '.join(tests)}")
         outcome = mutate_and_run(repo, args.file, args.old, args.new, tests, args.timeout)
     except MutationError as exc:

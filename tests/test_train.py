@@ -551,6 +551,40 @@ def test_a_full_frozen_cache_fuses_each_batch_once(phantom_cache, tmp_path, monk
     assert not engine._frozen_xf
 
 
+def test_run_hours_reads_the_frozen_cache_as_the_engine_does(phantom_cache, tmp_path,
+                                                            monkeypatch):
+    """book.run_hours repeats two rules of Engine.frozen_prior to project chapter 7's hours:
+    which methods read a frozen leader, and how many slices its cache keeps. At the cache's
+    edge (all training slices fit, or one slot short) both must agree with the engine."""
+    from fuse4seg.book import run_hours
+    from fuse4seg.train.bilevel import Engine
+    from fuse4seg.train.methods import METHODS, get_method
+    from fuse4seg.train.trainer import Trainer
+    from fuse4seg.train.validation import collate
+
+    for name in METHODS:  # frozen_prior's rule against run_hours' (the disjoint leader)
+        spec = get_method(name)
+        reads_frozen = (spec.trains_on_ema and spec.input_rule("warmup") is None
+                        and not spec.learns_leader_from_follower)
+        assert reads_frozen == (spec.leader == "disjoint"), name
+
+    config = smoke()
+    trainer = Trainer(config, "disjoint_ae", phantom_cache, tmp_path / "run", progress=False)
+    engine, data = trainer.engine, trainer.train_set
+    n = len(data)
+    one = config.data.crop_size ** 2 * 4  # one slice's float32 x_f, as run_hours counts it
+    for cap, kept in ((n * one, True), (n * one - 1, False)):
+        monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", cap)
+        engine._frozen_xf, engine._frozen_bytes = {}, None
+        for start in range(0, n, 2):
+            engine.frozen_prior(collate(data, np.arange(start, min(start + 2, n)),
+                                        engine.device), "warmup")
+        assert (len(engine._frozen_xf) == n) == kept, cap
+        row = run_hours(config, n, 1.0, 10.0, ["disjoint_ae"], t_leader_forward=1.0)[0]
+        projected = "the frozen leader's forward every step" not in row["estimates"]
+        assert projected == kept, cap
+
+
 def test_a_run_made_by_other_code_warns_or_restarts(phantom_cache, tmp_path, capsys):
     config = smoke(**{"train.warmup_epochs": 1, "train.rollout_epochs": 0})
     first = train(config, "average", data=phantom_cache, out=tmp_path, progress=False)
