@@ -31,8 +31,8 @@ VALUE_SOURCES = {
 }
 
 
-def _numbers(line: str) -> set[float]:
-    return {float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?", line)}
+def _numbers(line: str) -> list[float]:
+    return [float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?", line)]
 
 
 def _entries(node, path="measured"):
@@ -43,19 +43,31 @@ def _entries(node, path="measured"):
 
 
 def test_measured_values_are_copied_from_results():
+    """Each value is on its source line, and in its place there: the values copied from one
+    line follow each other there in the order of the entry's keys (a table row's columns), and
+    a spread's ``lo_ms`` and ``hi_ms`` are the least and the greatest number of its row."""
     results = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
     lines = set(results.splitlines())
     measured = json.loads((REPO / "benchmarks" / "measured.json").read_text(encoding="utf-8"))
     checked = 0
     for path, entry in _entries(measured):
+        after: dict[str, int] = {}  # source key -> where on its line the next value may start
         for key, value in entry.items():
             if key.endswith("source"):
                 assert value in lines, f"{path}.{key} is not a line of RESULTS.md: {value!r}"
             if key in VALUE_SOURCES and isinstance(value, (int, float)):
-                source = entry[VALUE_SOURCES[key]]
-                assert float(value) in _numbers(source), (
-                    f"{path}.{key} = {value} is not on its RESULTS.md line {source!r}"
-                )
+                numbers = _numbers(entry[VALUE_SOURCES[key]])
+                if key in ("lo_ms", "hi_ms"):
+                    which = "least" if key == "lo_ms" else "greatest"
+                    assert float(value) == (min if key == "lo_ms" else max)(numbers), (
+                        f"{path}.{key} = {value} is not the {which} number of "
+                        f"{entry[VALUE_SOURCES[key]]!r}")
+                else:
+                    start = after.get(VALUE_SOURCES[key], 0)
+                    assert float(value) in numbers[start:], (
+                        f"{path}.{key} = {value} is not on its RESULTS.md line "
+                        f"{entry[VALUE_SOURCES[key]]!r} after the values before it")
+                    after[VALUE_SOURCES[key]] = numbers.index(float(value), start) + 1
                 checked += 1
     assert checked >= 23
 
