@@ -226,7 +226,8 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
                          + ": each must be positive")
     S = steps_per_epoch(config, n_slices, world)
     K = t.inner_steps
-    refused = n_slices * config.data.crop_size ** 2 * 4 > Engine.FROZEN_CACHE_BYTES
+    # x_f of one training slice: one float32 channel of the crop
+    refused = not Engine.frozen_cache_holds(n_slices, config.data.crop_size ** 2 * 4)
 
     def row(name: str, method: str, shared_warmup: bool = False) -> dict[str, Any]:
         spec = get_method(method)
@@ -237,7 +238,7 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
         if spec.follower != "convnext" or spec.in_channels != 1:
             estimates.append(f"its follower ({spec.follower}, {spec.in_channels} channels) "
                              "timed as the measured one")
-        frozen = spec.leader == "disjoint" and refused
+        frozen = {stage for stage, _ in stages if refused and spec.reads_frozen_leader(stage)}
         if frozen:
             if t_leader_forward is None:
                 raise ValueError(f"{name}: {n_slices:,} slices of x_f do not fit the frozen "
@@ -246,11 +247,11 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
         seconds = 0.0
         for stage, epochs in stages:
             if stage == "warmup":
-                step = t_warm + (t_leader_forward if frozen else 0.0)
+                step = t_warm + (t_leader_forward if stage in frozen else 0.0)
             elif stage == "rollout" and spec.learns_leader_from_follower:
                 step = t_outer
             elif stage == "rollout":
-                step = K * t_warm + (t_leader_forward / 2 if frozen else 0.0)
+                step = K * t_warm + (t_leader_forward / 2 if stage in frozen else 0.0)
                 estimates.append("a rollout step as K warm-up steps")
             else:  # the fusion stage
                 step = t_outer

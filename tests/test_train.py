@@ -553,20 +553,21 @@ def test_a_full_frozen_cache_fuses_each_batch_once(phantom_cache, tmp_path, monk
 
 def test_run_hours_reads_the_frozen_cache_as_the_engine_does(phantom_cache, tmp_path,
                                                             monkeypatch):
-    """book.run_hours repeats two rules of Engine.frozen_prior to project chapter 7's hours:
-    which methods read a frozen leader, and how many slices its cache keeps. At the cache's
-    edge (all training slices fit, or one slot short) both must agree with the engine."""
+    """book.run_hours projects chapter 7's hours with the engine's two rules for the frozen
+    leader (MethodSpec.reads_frozen_leader, Engine.frozen_cache_holds). At the cache's edge
+    (all training slices fit, or one slot short) its projection must agree with what the
+    engine does."""
     from fuse4seg.book import run_hours
     from fuse4seg.train.bilevel import Engine
     from fuse4seg.train.methods import METHODS, get_method
     from fuse4seg.train.trainer import Trainer
     from fuse4seg.train.validation import collate
 
-    for name in METHODS:  # frozen_prior's rule against run_hours' (the disjoint leader)
+    for name in METHODS:  # only the disjoint pipeline, after its fusion stage
         spec = get_method(name)
-        reads_frozen = (spec.trains_on_ema and spec.input_rule("warmup") is None
-                        and not spec.learns_leader_from_follower)
-        assert reads_frozen == (spec.leader == "disjoint"), name
+        for stage, _ in spec.plan(1, 1):
+            assert spec.reads_frozen_leader(stage) == (
+                spec.leader == "disjoint" and stage != "fusion"), (name, stage)
 
     config = smoke()
     trainer = Trainer(config, "disjoint_ae", phantom_cache, tmp_path / "run", progress=False)

@@ -299,6 +299,13 @@ class Engine:
     """Most bytes of x_f :meth:`frozen_prior` keeps (1 GiB: the default profile's training
     slices need ~15 MB; the paper's BraTS 2021 ones would not fit, and are fused every step)."""
 
+    @classmethod
+    def frozen_cache_holds(cls, slices: int, slice_bytes: int, kept: int = 0) -> bool:
+        """Whether :meth:`frozen_prior`'s cache, already holding ``kept`` slices, has room
+        for ``slices`` more of ``slice_bytes`` each (also :func:`fuse4seg.book.run_hours`'
+        rule for a whole training set)."""
+        return cls.FROZEN_CACHE_BYTES // slice_bytes - kept >= slices
+
     def frozen_prior(self, batch: dict[str, Any], stage: str, split: str = "train",
                      ema: bool = False) -> torch.Tensor:
         """:meth:`prior` of a batch, remembered per slice when the leader is frozen.
@@ -313,24 +320,20 @@ class Engine:
         full cache costs no second forward). Every other case calls :meth:`prior` (with
         ``ema``).
         """
-        frozen = (self.spec.trains_on_ema and self.spec.input_rule(stage) is None
-                  and not self.spec.learns_leader_from_follower and stage != "fusion")
         indices = batch.get("index")
-        if not frozen or indices is None:
+        if not self.spec.reads_frozen_leader(stage) or indices is None:
             return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
         keys = [(split, int(i)) for i in indices]
         missing = [j for j, k in enumerate(keys) if k not in self._frozen_xf]
         if missing:
-
-            def full(per_slice: int) -> bool:  # too many slices to keep: fuse every step
-                return (self.FROZEN_CACHE_BYTES // per_slice) - len(self._frozen_xf) < len(
-                    missing)
-
-            if self._frozen_bytes is not None and full(self._frozen_bytes):
+            kept = len(self._frozen_xf)
+            if self._frozen_bytes is not None and not self.frozen_cache_holds(
+                    len(missing), self._frozen_bytes, kept):  # full: fuse every step
                 return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
             x_f = self.prior(batch["x1"][missing], batch["x2"][missing], stage, ema=ema)
             self._frozen_bytes = x_f[0].numel() * x_f.element_size()
-            if full(self._frozen_bytes):  # (the first batch alone is too large)
+            if not self.frozen_cache_holds(len(missing), self._frozen_bytes, kept):
+                # the first batch alone is too large
                 return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
             for j, x in zip(missing, x_f, strict=True):
                 self._frozen_xf[keys[j]] = x

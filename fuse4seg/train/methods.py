@@ -117,6 +117,13 @@ class MethodSpec:
     def learns_leader_from_follower(self) -> bool:
         return self.leader == "bilevel"
 
+    def reads_frozen_leader(self, stage: str) -> bool:
+        """Whether the follower reads x_f of a leader that no longer changes in ``stage``
+        (the disjoint pipeline after its fusion stage): x_f of a slice is then the same at
+        every step, which :meth:`fuse4seg.train.bilevel.Engine.frozen_prior` keeps."""
+        return (self.trains_on_ema and self.input_rule(stage) is None
+                and not self.learns_leader_from_follower and stage != "fusion")
+
 
 SPECS: dict[str, MethodSpec] = {
     s.name: s
