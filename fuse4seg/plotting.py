@@ -271,23 +271,21 @@ def plot_curves(
         if pts:
             xs, ys = zip(*pts, strict=False)
             ax.plot(xs, ys, marker="o", ms=3, label=labels[i] if labels else key)
+    marks = 0
     if shade:
         for prev, row in zip(rows, rows[1:], strict=False):
             if prev.get(shade) != row.get(shade) and _get(row, x) is not None:
                 ax.axvline(_get(row, x) - 0.5, ls="--", lw=0.8, color="grey")
-                ax.text(
-                    _get(row, x) - 0.45,
-                    0.98,
-                    str(row.get(shade)),
-                    fontsize=7,
-                    va="top",
-                    transform=ax.get_xaxis_transform(),
-                    color="grey",
-                )
+                # named above the frame, where no data point can hide the name
+                ax.annotate(str(row.get(shade)), xy=(_get(row, x) - 0.5, 1.0),
+                            xycoords=ax.get_xaxis_transform(), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom",
+                            fontsize=7, color="grey", annotation_clip=False)
+                marks += 1
     ax.set_xlabel(x)
     if ylabel:
         ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
+    if title:  # raised over the stage names
+        ax.set_title(title, fontsize=10, pad=13 if marks else 6)
     ax.legend(fontsize=8)
     return ax
