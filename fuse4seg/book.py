@@ -190,11 +190,12 @@ def run_hours(config: Config, n_slices: int, t_warm: float, t_outer: float,
       on B slices with the physical losses, estimated as one outer step (which runs the
       leader forward on B/2 + B/2 slices and backward on B/2, plus K follower updates:
       likely an overestimate);
-    - the disjoint pipeline's frozen leader: its x_f is kept per slice while all of them fit
-      in :data:`Engine.FROZEN_CACHE_BYTES <fuse4seg.train.bilevel.Engine.FROZEN_CACHE_BYTES>`
-      (the training slices at 4 bytes a pixel; the validation slices, kept too, are left
-      out, which matters only at the edge); beyond that each batch is fused again every step
-      (once: :meth:`~fuse4seg.train.bilevel.Engine.frozen_prior`), which adds
+    - the disjoint pipeline's frozen leader: its x_f is kept per slice when all the run's
+      slices fit in :data:`Engine.FROZEN_CACHE_BYTES
+      <fuse4seg.train.bilevel.Engine.FROZEN_CACHE_BYTES>` (here the ``n_slices`` training
+      slices at 4 bytes a pixel; the validation slices the engine counts too are left out,
+      which matters only at the edge); otherwise every batch is fused at every step
+      (:meth:`~fuse4seg.train.bilevel.Engine.frozen_prior`), which adds
       ``t_leader_forward`` (one forward on B slices, no gradient) to each warm-up step and
       half of it (B/2 slices) to each rollout step;
     - ``direct2ch``'s follower reads two channels and ``monai_unet``'s is another network:

@@ -167,7 +167,8 @@ def load_bundle(checkpoint: str | Path, which: str | None = None,
         leader = place_leader(leader, dev).eval()  # channels-last on a CPU, as in training
     follower = follower.to(dev).eval()
     scheme = state.get("scheme", "brats2021")
-    epoch = int(state.get("epoch", 0))
+    # last.pt holds the epoch to run next; a bundle, the one it finished
+    epoch = max(int(state.get("epoch", 0)) - (state.get("kind") == "training"), 0)
     return Bundle(method, config, leader, follower, scheme, epoch, path, dev)
 
 
@@ -571,11 +572,11 @@ def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: li
     was recorded, the split of the run's own cache if that still holds the recorded manifest)
     says which cases the run trained (and, for ``test``, validated) on, and the warning names
     those among ``ids``. Without either, the warning says the split cannot be checked: the
-    manifests differ by their cases, their settings, or only the data's path, which a manifest
-    records. ``all`` names the cases the run trained or validated on among ``ids`` by the same
-    split (on the run's own data: every case outside its test split), and is silent where the
-    split cannot be found. Silent for a checkpoint outside a run folder and for ``train``,
-    which asks for the trained cases. ``manifest`` is ``cache``'s, as the caller loaded it.
+    manifests differ by their cases or settings (``data_checksum`` leaves paths out). ``all``
+    names the cases the run trained or validated on among ``ids`` by the same split (on the
+    run's own data: every case outside its test split), and is silent where the split cannot
+    be found. Silent for a checkpoint outside a run folder and for ``train``, which asks for
+    the trained cases. ``manifest`` is ``cache``'s, as the caller loaded it.
     """
     import warnings
 
@@ -606,9 +607,9 @@ def _warn_unless_held_out(run_dir: Path | None, cache: Path, split: str, ids: li
         warnings.warn(
             f"--data: cannot tell whether its {len(ids)} {split} cases are held out from run "
             f"{run_dir.name}: its manifest is not the one the run recorded (other cases or "
-            "settings, or the same data at another path), the run's run.json records no split, "
-            f"and its cache ({own or 'not recorded'}) is gone or was prepared again since. For "
-            "other data, score every case with --split all.", stacklevel=3)
+            f"settings), the run's run.json records no split, and its cache "
+            f"({own or 'not recorded'}) is gone or was prepared again since. For other data, "
+            "score every case with --split all.", stacklevel=3)
         return
     seen = ("train",) if split == "val" else ("train", "val")
     trained = {c for name in seen for c in trained_split.get(name) or []}
@@ -654,10 +655,10 @@ def evaluate_run(
         json_out: also write the result there (atomically).
 
     Returns:
-        ``{"run", "method", "profile", "checkpoint", "epoch", "split", "cases",``
-        ``"per_case": {case: {class/region: {"dice", "iou"}}}, "mean": {...}, "mean_dice",``
-        ``"mean_iou"}``
-        (``mean_dice``/``mean_iou`` average NCR, ED and ET as in Table 3).
+        ``{"run", "method", "profile", "checkpoint", "checkpoint_sha256", "code", "epoch",``
+        ``"split", "cases", "per_case": {case: {class/region: {"dice", "iou"}}}, "mean",``
+        ``"mean_dice", "mean_iou"}`` (the mean Dice and IoU of NCR, ED and ET, as in Table 3;
+        ``code``: the scoring code's digest; ``epoch``: the last one the weights finished).
 
     Raises:
         ValueError: unknown or empty split, data that do not match the run.
@@ -665,6 +666,7 @@ def evaluate_run(
     from fuse4seg.data.slices import load_manifest
     from fuse4seg.metrics.segmentation import SegmentationMeter
     from fuse4seg.train.runs import resolve_cache
+    from fuse4seg.utils import code_digest, file_sha256
 
     bundle = load_bundle(run, which=which, device=device)
     folder = run_folder_of(run)  # also RUN for RUN/checkpoints/best.pt
@@ -702,6 +704,8 @@ def evaluate_run(
         "method": bundle.method,
         "profile": bundle.config.profile,
         "checkpoint": bundle.path.name,
+        "checkpoint_sha256": file_sha256(bundle.path),
+        "code": code_digest(),
         "epoch": bundle.epoch,
         "data": str(data),
         "split": split,

@@ -271,16 +271,6 @@ def train_parallel(jobs: Sequence[dict[str, Any]], workers: int = 1) -> list[See
         return [f.result() for f in futures]
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def evaluation_key(run_dir: str | Path, data: str | Path, split: str = "test",
                    which: str = "best") -> dict[str, Any]:
     """What an evaluation of a run depends on, as :func:`evaluate_cached` stores it.
@@ -288,13 +278,14 @@ def evaluation_key(run_dir: str | Path, data: str | Path, split: str = "test",
     ``code``: this package's :func:`~fuse4seg.utils.code_digest` (the evaluation code; a run
     trained by other code is also retrained by ``train_seeds``, which empties its folder);
     ``checkpoint``: the name and SHA-256 of the checkpoint scored (a run that trained on
-    changes it); ``data``: the data folder and the SHA-256 of its prepared manifest (cases,
-    split, settings, source checksums) when it is a cache, else the run's recorded one;
+    changes it); ``data``: the data folder and its
+    :func:`~fuse4seg.train.runs.data_checksum` (cases, split, settings, source checksums) when
+    it is a cache, else the run's recorded one;
     ``split`` and ``which``.
     """
     from fuse4seg.inference import _checkpoint_path
     from fuse4seg.train.runs import data_checksum, read_run_json
-    from fuse4seg.utils import code_digest
+    from fuse4seg.utils import code_digest, file_sha256
 
     run_dir, data = Path(run_dir), Path(data)
     checkpoint = _checkpoint_path(run_dir, which)
@@ -305,7 +296,7 @@ def evaluation_key(run_dir: str | Path, data: str | Path, split: str = "test",
     return {
         "code": code_digest(),
         "checkpoint": checkpoint.name,
-        "checkpoint_sha256": _file_sha256(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
         "data": str(data.resolve()),
         "data_checksum": checksum,
         "split": split,

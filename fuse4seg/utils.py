@@ -36,6 +36,7 @@ __all__ = [
     "env_setting",
     "env_switches",
     "environment_summary",
+    "file_sha256",
     "git_commit",
     "resolve_device",
     "run_folder_of",
@@ -485,6 +486,17 @@ def git_commit(cwd: Path | None = None) -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read 1 MiB at a time (a checkpoint's identity)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def code_digest(n: int = 12, root: str | Path | None = None) -> str:

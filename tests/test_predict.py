@@ -462,6 +462,10 @@ def test_evaluate_writes_per_case_and_mean_scores(phantom_dir, tmp_path):
         assert result[f"mean_{key}"] == pytest.approx(
             np.mean([scores[c][key] for c in ("NCR", "ED", "ET")]))
     assert result["checkpoint"] == "best.pt"
+    from fuse4seg.utils import code_digest, file_sha256
+
+    assert result["checkpoint_sha256"] == file_sha256(run / "checkpoints" / "best.pt")
+    assert result["code"] == code_digest()
     # a follower that says "background" everywhere scores 0 on a case with every region
     from fuse4seg.inference import evaluate_run
 

@@ -515,10 +515,11 @@ def test_disjoint_follower_reads_a_kept_x_f_of_its_frozen_leader(phantom_cache, 
     assert first == len(trainer.val_items) and fused["n"] == first
 
 
-def test_a_full_frozen_cache_fuses_each_batch_once(phantom_cache, tmp_path, monkeypatch):
-    """frozen_prior: once the kept x_f would pass FROZEN_CACHE_BYTES, a batch is fused once
-    per step (a review found it fused the missing slices, found no room, and fused the whole
-    batch again: two leader forwards a step at the paper's scale)."""
+def test_a_frozen_cache_keeps_every_slice_or_none(phantom_cache, tmp_path, monkeypatch):
+    """frozen_prior keeps x_f of a frozen leader when all the run's slices fit, each fused
+    alone once (so a kept x_f does not depend on its batch: a review found a resumed
+    disjoint_ae run refilled the cache in other batches and ended 2e-8 away); when they do
+    not all fit, it keeps none and fuses each batch whole, once a step."""
     from fuse4seg.train.bilevel import Engine
     from fuse4seg.train.trainer import Trainer
     from fuse4seg.train.validation import collate
@@ -526,29 +527,57 @@ def test_a_full_frozen_cache_fuses_each_batch_once(phantom_cache, tmp_path, monk
     config = smoke()
     trainer = Trainer(config, "disjoint_ae", phantom_cache, tmp_path / "run", progress=False)
     engine, data = trainer.engine, trainer.train_set
-    fused = {"n": 0}
+    assert engine.frozen_slices == len(data) + len(trainer.val_items)
+    sizes = []
     real_prior = Engine.prior
 
     def counting(self, x1, x2, stage, ema):
-        fused["n"] += x1.shape[0]
+        sizes.append(x1.shape[0])
         return real_prior(self, x1, x2, stage, ema)
 
     monkeypatch.setattr(Engine, "prior", counting)
-    batches = [collate(data, np.arange(i, i + 2), engine.device) for i in (0, 2, 4)]
+    batches = [collate(data, np.array(ix), engine.device) for ix in ([0, 1], [1, 2, 3], [3, 0])]
     one = batches[0]["x1"][0].numel() * 4  # bytes of one slice's float32 x_f
-    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", 3 * one)  # room for 3 slices
+    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", engine.frozen_slices * one)
     outs = [engine.frozen_prior(b, "warmup") for b in batches]
-    # batch 1 kept (2 slices); batch 2: 1 slot left for 2 slices, so fused whole, once;
-    # batch 3 likewise: 2 + 2 + 2 slices fused, not 2 + 4 + 4
-    assert fused["n"] == 6 and len(engine._frozen_xf) == 2
-    assert engine.frozen_prior(batches[0], "warmup").equal(outs[0]) and fused["n"] == 6
-    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", 0)  # nothing fits
-    engine._frozen_xf, engine._frozen_bytes = {}, None
-    fused["n"] = 0
-    for b in batches:
-        engine.frozen_prior(b, "warmup")
-    assert fused["n"] == 2 + 2 + 2 + 2  # the first batch learns the size: twice, once
-    assert not engine._frozen_xf
+    assert sizes == [1, 1, 1, 1] and len(engine._frozen_xf) == 4  # each slice once, alone
+    for b, out in zip(batches, outs, strict=True):
+        alone = torch.cat([real_prior(engine, b["x1"][j:j + 1], b["x2"][j:j + 1], "warmup",
+                                      False) for j in range(len(out))])
+        assert torch.equal(out, alone)
+    monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", engine.frozen_slices * one - 1)
+    engine._frozen_xf, sizes[:] = {}, []
+    for _ in range(2):
+        for b in batches:
+            engine.frozen_prior(b, "warmup")
+    assert sizes == [2, 3, 2, 2, 3, 2] and not engine._frozen_xf  # whole batches, each step
+
+
+def test_a_resumed_disjoint_run_ends_as_an_uninterrupted_one(phantom_cache, tmp_path):
+    """The frozen leader's kept x_f is emptied on load and refilled from other batches:
+    stopped after its first warm-up epoch and resumed, a disjoint_ae run must still end bit
+    for bit as one never stopped (the SIGKILL test covers fuse4seg)."""
+    # enough steps that later batches meet slices kept from earlier ones
+    config = smoke(**{"train.warmup_epochs": 3, "train.rollout_epochs": 1,
+                      "train.steps_per_epoch": 5})
+    whole = train(config, "disjoint_ae", data=phantom_cache, out=tmp_path / "a",
+                  progress=False)
+
+    def stop(row):
+        if row["stage"] == "warmup":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, "disjoint_ae", data=phantom_cache, out=tmp_path / "b", progress=False,
+              callback=stop)
+    resumed = train(config, "disjoint_ae", data=phantom_cache, out=tmp_path / "b",
+                    progress=False, resume=True)
+    assert _strip(resumed.metrics) == _strip(whole.metrics)
+    a = load_checkpoint(whole.run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")
+    for part in ("leader", "ema", "follower"):
+        for k in a["engine"][part]:
+            assert torch.equal(a["engine"][part][k], b["engine"][part][k]), (part, k)
 
 
 def test_run_hours_reads_the_frozen_cache_as_the_engine_does(phantom_cache, tmp_path,
@@ -572,15 +601,15 @@ def test_run_hours_reads_the_frozen_cache_as_the_engine_does(phantom_cache, tmp_
     config = smoke()
     trainer = Trainer(config, "disjoint_ae", phantom_cache, tmp_path / "run", progress=False)
     engine, data = trainer.engine, trainer.train_set
-    n = len(data)
+    n = engine.frozen_slices  # training and validation slices
     one = config.data.crop_size ** 2 * 4  # one slice's float32 x_f, as run_hours counts it
     for cap, kept in ((n * one, True), (n * one - 1, False)):
         monkeypatch.setattr(Engine, "FROZEN_CACHE_BYTES", cap)
-        engine._frozen_xf, engine._frozen_bytes = {}, None
-        for start in range(0, n, 2):
-            engine.frozen_prior(collate(data, np.arange(start, min(start + 2, n)),
+        engine._frozen_xf = {}
+        for start in range(0, len(data), 2):
+            engine.frozen_prior(collate(data, np.arange(start, min(start + 2, len(data))),
                                         engine.device), "warmup")
-        assert (len(engine._frozen_xf) == n) == kept, cap
+        assert (len(engine._frozen_xf) == len(data)) == kept, cap
         row = run_hours(config, n, 1.0, 10.0, ["disjoint_ae"], t_leader_forward=1.0)[0]
         projected = "the frozen leader's forward every step" not in row["estimates"]
         assert projected == kept, cap
@@ -867,7 +896,10 @@ def test_the_followers_weight_average_is_what_is_validated_and_saved(phantom_cac
     ckpt = result.run_dir / "checkpoints"
     engine = load_checkpoint(ckpt / "last.pt")["engine"]
     saved = load_checkpoint(ckpt / "ema.pt")["follower"]
-    served = load_bundle(result.run_dir, which="last", device="cpu").follower.state_dict()
+    last = load_bundle(result.run_dir, which="last", device="cpu")
+    served = last.follower.state_dict()
+    # last.pt stores the epoch to run next; its bundle names the last one it finished
+    assert last.epoch == load_bundle(result.run_dir, which="ema").epoch == len(result.metrics)
     if decay is None:
         assert engine["follower_ema"] is None
         expected = engine["follower"]
@@ -1121,3 +1153,66 @@ def test_environment_summary_names_the_cpu_and_its_threads(monkeypatch):
     device = utils.environment_summary("cpu")["device"]
     assert device.startswith(f"cpu ({utils.cpu_name()}, ")
     assert utils.cpu_name() and f"{torch.get_num_threads()} torch threads)" in device
+
+
+def test_a_run_records_its_numerics_and_each_resume(phantom_cache, tmp_path, monkeypatch):
+    """run.json records the versions, the command line and what moves the last float bits
+    (threads, device type, FUSE4SEG_* switches); a resume under other numerics is warned
+    about and recorded (a review resumed a 1-thread run on 2 threads without a word), and a
+    warm-up is shared only under the same numerics."""
+    from fuse4seg.train.runs import read_run_json, warmup_key
+
+    config = smoke(**{"train.warmup_epochs": 2, "train.rollout_epochs": 0})
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, "average", data=phantom_cache, out=tmp_path, progress=False,
+              callback=stop)
+    (run_dir,) = tmp_path.glob("average-*")
+    info = read_run_json(run_dir)
+    threads = torch.get_num_threads()
+    assert info["threads"] == threads and info["switches"] == {}
+    assert info["device"] == "cpu" and info["numpy"] == np.__version__
+    assert {"python", "fuse4seg", "argv", "torch"} <= set(info)
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")
+    other = 2 if threads == 1 else 1
+    try:
+        torch.set_num_threads(other)
+        with pytest.warns(UserWarning, match=rf"resumed with other numerics than it started "
+                          rf"with \(threads {threads} -> {other}; switches \{{\}} -> "):
+            train(config, "average", data=phantom_cache, out=tmp_path, progress=False,
+                  resume=True)
+        key_other = warmup_key(config, "average", "x")
+    finally:
+        torch.set_num_threads(threads)
+    (resumed,) = read_run_json(run_dir)["resumed"]
+    assert resumed["epoch"] == 2 and resumed["step_in_epoch"] == 0
+    assert resumed["threads"] == other and resumed["switches"] == {"FUSE4SEG_ADAMW": "loop"}
+    assert key_other != warmup_key(config, "average", "x")  # threads and switch
+    monkeypatch.delenv("FUSE4SEG_ADAMW")
+    assert warmup_key(config, "average", "x") != warmup_key(config, "average", "x", 1, "cuda")
+
+
+def test_the_data_checksum_is_of_the_data_not_of_its_path(phantom_cache, tmp_path):
+    """The same data given as a relative or an absolute path, or moved, keeps its checksum
+    (a review found --resume from another folder started a new run); a changed source file
+    changes it."""
+    from fuse4seg.train.runs import data_checksum
+
+    manifest = json.loads((phantom_cache / "manifest.json").read_text())
+    moved = json.loads(json.dumps(manifest))
+    moved["data_dir"] = "/elsewhere/phantom"
+    for case in moved["case_info"]:
+        case["sources"] = {k: f"/elsewhere/{v}" for k, v in case["sources"].items()}
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "manifest.json").write_text(json.dumps(moved, indent=1))
+    assert data_checksum(tmp_path / "moved") == data_checksum(phantom_cache)
+    changed = json.loads(json.dumps(manifest))
+    case = changed["case_info"][0]
+    key = next(iter(case["checksums"]))
+    case["checksums"][key] = "0" * 40
+    (tmp_path / "changed").mkdir()
+    (tmp_path / "changed" / "manifest.json").write_text(json.dumps(changed))
+    assert data_checksum(tmp_path / "changed") != data_checksum(phantom_cache)

@@ -133,6 +133,9 @@ class Engine:
         ema_warmup: ramp the EMA decay up (:class:`~fuse4seg.train.engine.ModelEMA`); also
             on with ``train.ema_warmup``.
         seed: the seed of the initial weights (default ``train.seed``).
+        frozen_slices: how many distinct slices (training and validation) the run fuses
+            with a frozen leader; :meth:`frozen_prior` keeps their x_f when all of them fit
+            (``None``: it keeps nothing).
 
     Explained in chapter 4.
     """
@@ -150,6 +153,7 @@ class Engine:
         leader_lr: float | None = None,
         ema_warmup: bool = False,
         seed: int | None = None,
+        frozen_slices: int | None = None,
     ):
         from fuse4seg.utils import check_env_switches, set_seed
 
@@ -232,7 +236,7 @@ class Engine:
         )
         # x_f of a frozen leader per (split, slice) (see frozen_prior); emptied on load
         self._frozen_xf: dict[tuple[str, int], torch.Tensor] = {}
-        self._frozen_bytes: int | None = None  # bytes of one slice's x_f, once known
+        self.frozen_slices = frozen_slices
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -296,47 +300,44 @@ class Engine:
         return x_fused.float()
 
     FROZEN_CACHE_BYTES = 1 << 30
-    """Most bytes of x_f :meth:`frozen_prior` keeps (1 GiB: the default profile's training
-    slices need ~15 MB; the paper's BraTS 2021 ones would not fit, and are fused every step)."""
+    """Most bytes of x_f :meth:`frozen_prior` keeps (1 GiB: the default profile's slices need
+    ~20 MB; the paper's BraTS 2021 ones would not fit, and are fused every step)."""
 
     @classmethod
-    def frozen_cache_holds(cls, slices: int, slice_bytes: int, kept: int = 0) -> bool:
-        """Whether :meth:`frozen_prior`'s cache, already holding ``kept`` slices, has room
-        for ``slices`` more of ``slice_bytes`` each (also :func:`fuse4seg.book.run_hours`'
-        rule for a whole training set)."""
-        return cls.FROZEN_CACHE_BYTES // slice_bytes - kept >= slices
+    def frozen_cache_holds(cls, slices: int, slice_bytes: int) -> bool:
+        """Whether :meth:`frozen_prior` keeps x_f of ``slices`` slices of ``slice_bytes``
+        each (also :func:`fuse4seg.book.run_hours`' rule)."""
+        return cls.FROZEN_CACHE_BYTES // slice_bytes >= slices
 
     def frozen_prior(self, batch: dict[str, Any], stage: str, split: str = "train",
                      ema: bool = False) -> torch.Tensor:
         """:meth:`prior` of a batch, remembered per slice when the leader is frozen.
 
         ``disjoint_ae`` trains its follower on the EMA leader, which no longer changes once its
-        fusion stage is over: x_f of a slice is then the same at every step and at every
-        validation, so it is computed once and kept (keyed by ``split`` and the batch's
-        ``index``, the dataset indices), up to :data:`FROZEN_CACHE_BYTES`. A slice's x_f does
-        not depend on the other slices of its batch, so this changes nothing but float rounding
-        (tested). Once the slices to keep would pass that size, the batch is fused as a whole
-        at every step, once (the size of one slice's x_f is known from the first batch, so a
-        full cache costs no second forward). Every other case calls :meth:`prior` (with
-        ``ema``).
+        fusion stage is over (:meth:`MethodSpec.reads_frozen_leader
+        <fuse4seg.train.methods.MethodSpec.reads_frozen_leader>`): x_f of a slice is then the
+        same at every step and at every validation, so it is computed once and kept (keyed by
+        ``split`` and the batch's ``index``, the dataset indices). All or nothing: the slices
+        are kept when all ``frozen_slices`` the run meets (training and validation) fit in
+        :data:`FROZEN_CACHE_BYTES` as float32, else every batch is fused at every step, as a
+        whole. A slice is fused alone when it is first kept, so its x_f does not depend on the
+        slices it happened to be drawn with: a resumed run, whose cache starts empty, refills
+        it bit for bit (the leader's output changes in the last float bits with the batch's
+        size and makeup). Without ``index`` or ``frozen_slices`` (an engine used on its own),
+        and in every other case, it calls :meth:`prior` (with ``ema``).
         """
         indices = batch.get("index")
-        if not self.spec.reads_frozen_leader(stage) or indices is None:
+        if (not self.spec.reads_frozen_leader(stage) or indices is None
+                or self.frozen_slices is None
+                or not self.frozen_cache_holds(self.frozen_slices,
+                                               batch["x1"][0].numel() * 4)):  # one channel
             return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
         keys = [(split, int(i)) for i in indices]
-        missing = [j for j, k in enumerate(keys) if k not in self._frozen_xf]
-        if missing:
-            kept = len(self._frozen_xf)
-            if self._frozen_bytes is not None and not self.frozen_cache_holds(
-                    len(missing), self._frozen_bytes, kept):  # full: fuse every step
-                return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
-            x_f = self.prior(batch["x1"][missing], batch["x2"][missing], stage, ema=ema)
-            self._frozen_bytes = x_f[0].numel() * x_f.element_size()
-            if not self.frozen_cache_holds(len(missing), self._frozen_bytes, kept):
-                # the first batch alone is too large
-                return self.prior(batch["x1"], batch["x2"], stage, ema=ema)
-            for j, x in zip(missing, x_f, strict=True):
-                self._frozen_xf[keys[j]] = x
+        for j, key in enumerate(keys):
+            if key not in self._frozen_xf:
+                one = slice(j, j + 1)
+                self._frozen_xf[key] = self.prior(batch["x1"][one], batch["x2"][one], stage,
+                                                  ema=ema)[0]
         return torch.stack([self._frozen_xf[k] for k in keys])
 
     def prior_label(self, stage: str, ema: bool = True) -> str:

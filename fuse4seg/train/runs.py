@@ -5,7 +5,9 @@ A run folder says what made it:
 - ``config.yaml``: the resolved :class:`fuse4seg.config.Config`;
 - ``run.json``: method, ablation, git commit, code digest, data path, manifest checksum, the
   patient split (``split``: the case ids of ``train``, ``val`` and ``test``, so the run still
-  says which patients it trained on when its cache is gone), start time, world size;
+  says which patients it trained on when its cache is gone), start time, world size, the
+  versions, the command line and the :func:`numerics` (threads, device, switches); each
+  ``--resume`` adds an entry to ``resumed`` (:func:`note_resume`);
 - ``metrics.jsonl``: one JSON object per epoch (losses, learning rates, validation Dice/IoU);
 - ``checkpoints/{last,best,ema}.pt``, and ``warmup.pt`` where the warm-up can be shared
   (:mod:`fuse4seg.train.checkpoint`);
@@ -13,10 +15,11 @@ A run folder says what made it:
 
 The hash covers the resolved config (less ``train.device``, which does not define the
 experiment, and the ``fusion`` section, which only fusion-only runs read), the method, the world
-size when > 1, and the SHA-256 of the data manifest, so the same command on the same data finds
-the same folder (that is how ``--resume`` finds it) and any change of setting or data makes a new
-one. Fusion-only runs (``RUNS/fusion-<kind>-<profile>-<hash>/``) are named the same way from the
-config, their kind, schedule, seed and training pairs (:func:`fusion_run_name`).
+size when > 1, and the data's :func:`data_checksum` (not their path), so the same command on the
+same data finds the same folder (that is how ``--resume`` finds it) and any change of setting or
+data makes a new one. Fusion-only runs (``RUNS/fusion-<kind>-<profile>-<hash>/``) are named the
+same way from the config, their kind, schedule, seed and training pairs
+(:func:`fusion_run_name`).
 
 Every run folder records the package's code digest (:func:`fuse4seg.utils.code_digest`) in
 ``run.json``; :func:`check_code` compares it when a run is resumed or reused.
@@ -52,6 +55,8 @@ __all__ = [
     "data_checksum",
     "flatten",
     "fusion_run_name",
+    "note_resume",
+    "numerics",
     "read_metrics",
     "read_run_json",
     "remove_run",
@@ -208,8 +213,16 @@ def _settings_mismatch(data: Path, have: dict[str, Any], wanted: dict[str, Any],
 
 
 def data_checksum(cache_dir: str | Path) -> str:
-    """SHA-256 of the cache's ``manifest.json`` (cases, split, settings, source checksums)."""
-    return hashlib.sha256((Path(cache_dir) / "manifest.json").read_bytes()).hexdigest()
+    """SHA-256 of what the cache's ``manifest.json`` says of the data: cases, split, settings,
+    and each source file's checksum, but not where the files were (``data_dir``, each case's
+    ``sources``). So the same data prepared from a folder given as a relative path, an
+    absolute one, or on another machine has the same checksum, and ``--resume`` finds its run.
+    """
+    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    manifest.pop("data_dir", None)
+    for case in manifest.get("case_info", []):
+        case.pop("sources", None)
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def _hashed_config(config: Config) -> dict[str, Any]:
@@ -246,15 +259,37 @@ UPPER_ONLY = ("loss.alpha_decomp", "loss.beta_grad", "loss.gamma_recon", "loss.u
 else (Table 3's variants A, B and full) have the same warm-up, bit for bit."""
 
 
-def warmup_key(config: Config, method: str, checksum: str, world_size: int = 1) -> str:
+def numerics(device: Any) -> dict[str, Any]:
+    """What moves a run's numbers in their last float bits besides its settings, code and
+    data: the torch build, torch's thread count, the device's type and the
+    :data:`~fuse4seg.utils.ENV_SWITCHES` that are set. The same run under other numerics lands
+    in the same folder (they do not define the experiment), so ``run.json`` records them, a
+    resume under others is warned about (:func:`note_resume`), and a warm-up is shared only
+    under the same (:func:`warmup_key`)."""
+    import torch
+
+    from fuse4seg.utils import ENV_SWITCHES, env_setting
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.device(device).type,
+        "switches": {name: env_setting(name) for name in ENV_SWITCHES if env_setting(name)},
+    }
+
+
+def warmup_key(config: Config, method: str, checksum: str, world_size: int = 1,
+               device: Any = "cpu") -> str:
     """What a run's warm-up depends on: :func:`run_hash`'s key without :data:`UPPER_ONLY`, plus
-    the code digest. Runs with the same key may share one warm-up (:func:`shared_warmup`)."""
+    the code digest and the :func:`numerics` on ``device``. Runs with the same key may share
+    one warm-up (:func:`shared_warmup`): a warm-up trained on two threads is not shared with a
+    run on one, whose own warm-up would differ in the last bits."""
     cfg = _training_config(config)
     for name in UPPER_ONLY:
         section, field_name = name.split(".")
         cfg.get(section, {}).pop(field_name, None)
     key = {"config": cfg, "method": method, "data": checksum, "world_size": world_size,
-           "code": code_digest()}
+           "code": code_digest(), "numerics": numerics(device)}
     return _short(key, 16)
 
 
@@ -310,21 +345,54 @@ def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
 
 def write_run_json(run_dir: str | Path, **info: Any) -> dict[str, Any]:
     """Write ``run.json``: ``info`` plus the git commit, the code digest, the start time, the
-    seed-independent facts of the machine (torch threads, CPU/GPU name). Returns the dict."""
+    versions (fuse4seg, Python, numpy, torch), the command line, the seed-independent facts of
+    the machine (torch threads, CPU/GPU name) and the switches set (:func:`numerics`, on
+    ``info``'s ``device``). Returns the dict."""
+    import platform
+
+    import numpy as np
     import torch
+
+    import fuse4seg
 
     record = {
         **info,
         "commit": git_commit(),
         "code": code_digest(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "fuse4seg": fuse4seg.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        # torch, threads, switches (the device as given stays: cuda:1, not only its type)
+        **{k: v for k, v in numerics(info.get("device", "cpu")).items() if k != "device"},
         "cpu": cpu_name(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "argv": list(sys.argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(Path(run_dir) / "run.json", record)
     return record
+
+
+def note_resume(run_dir: str | Path, device: Any, epoch: int, step: int) -> list[str]:
+    """Record in ``run.json`` that the run is continued here (``resumed``: one entry per
+    resume, with where it continues, the commit, the code digest, the :func:`numerics` and
+    the command line), and return how this process's numerics differ from the ones the run
+    started with (``"threads 1 -> 2"``; empty when they agree or were not recorded): the
+    resumed run then differs in the last bits from one never stopped."""
+    record = read_run_json(run_dir)
+    now = numerics(device)
+    was = {"torch": record.get("torch"), "threads": record.get("threads"),
+           "device": str(record["device"]).split(":")[0] if record.get("device") else None,
+           "switches": record.get("switches", {} if "threads" in record else None)}
+    differ = [f"{k} {was[k]} -> {now[k]}" for k in now
+              if was[k] is not None and was[k] != now[k]]
+    record.setdefault("resumed", []).append({
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "epoch": int(epoch), "step_in_epoch": int(step),
+        "commit": git_commit(), "code": code_digest(), **now, "argv": list(sys.argv),
+    })
+    atomic_write_json(Path(run_dir) / "run.json", record)
+    return differ
 
 
 def read_run_json(run_dir: str | Path) -> dict[str, Any]:

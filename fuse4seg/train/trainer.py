@@ -186,6 +186,10 @@ class Trainer:
             config, self.spec, dev, S, where=self._where,
             all_ranks=all_ranks_agree(dev) if self.distributed else None,
             ddp=self.distributed,
+            # the slices a frozen leader fuses (the validation slices are the training ones
+            # when there is no validation split)
+            frozen_slices=len(self.train_set) + (
+                len(self.val_items) if self.val_split != "train" else 0),
         )
         self.steps_per_epoch = S
         self.stage_of_epoch = self.engine.stage_of_epoch
@@ -510,12 +514,18 @@ def train(
         trainer.load_state(load_checkpoint(last, map_location=trainer.device))
         if rank == 0:
             trainer.write_metrics()  # drop rows written after the checkpoint
+            differ = runs.note_resume(run_dir, trainer.device, trainer.epoch,
+                                      trainer.step_in_epoch)
+            if differ:
+                warnings.warn(f"{run_dir}: resumed with other numerics than it started with "
+                              f"({'; '.join(differ)}): it will differ in the last float bits "
+                              "from a run never stopped", stacklevel=2)
     elif rank == 0:
         if resume and on_new_run is not None and not had_checkpoint:  # not a restart of
             on_new_run(run_dir)  # other code's run: check_code says that one
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
-        key = runs.warmup_key(config, method, checksum, world_size)
+        key = runs.warmup_key(config, method, checksum, world_size, trainer.device)
         # (one process only: under DDP every rank would have to load the same state)
         donor = (runs.shared_warmup(out, key, exclude=run_dir)
                  if trainer.can_share_warmup and world_size == 1 else None)
