@@ -611,8 +611,21 @@ def test_a_value_the_config_refuses_is_named_by_the_item_that_gave_it(tmp_path, 
         "fuse4seg: error: --set warmup_anneal (train.warmup_anneal): `fuse4seg fusion train` "
         "does not read train.warmup_anneal")
     assert main(["train", "--data", str(tmp_path), "--set", "seed=1", "--set", "sed=2"]) == 2
-    assert capsys.readouterr().err.startswith(  # not every item its list of names names
+    err = capsys.readouterr().err
+    assert err.startswith(  # not every item its list of names names
         "fuse4seg: error: --set sed=2: unknown setting 'sed'; did you mean 'train.seed'?")
+    # the list names what `train` reads, not the fusion section it refuses (a review)
+    assert "Settings `fuse4seg train` reads: data." in err and "fusion." not in err
+    assert "loss.alpha_decomp" in err and "train.seed" in err
+    assert main(["data", "prepare", str(tmp_path), "--out", str(tmp_path / "c"), "--set",
+                 "nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Settings `fuse4seg data prepare` reads: data." in err and "train." not in err
+    # a network name is refused with the item that gave it, as other values are
+    assert main(["train", "--data", str(tmp_path), "--set", "model.fusion=bogus",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith(
+        "fuse4seg: error: --set model.fusion=bogus: model.fusion 'bogus': unknown fusion model")
     assert main(["train", "--data", str(tmp_path), "--seed", "3", "--set",
                  "data.crop_size=17", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith(
@@ -949,3 +962,17 @@ def test_run_folder_of_finds_the_run_of_a_folder_or_of_its_checkpoint(tmp_path, 
     monkeypatch.chdir(run / "checkpoints")
     assert run_folder_of("best.pt") == run.resolve()  # relative, from inside checkpoints/
     assert run_folder_of(tmp_path / "ema.pt") is None  # a bundle outside a run folder
+
+
+def test_train_without_a_progress_bar_says_each_epoch_on_a_line(phantom_dir, tmp_path, capsys):
+    """`train --no-progress` (batch jobs, log files): one plain line per epoch on stderr, with
+    the validation's Dice where there was one (a review found nothing printed until the end)."""
+    assert main(["train", "--method", "fuse4seg", "--profile", "smoke", "--data",
+                 str(phantom_dir), "--out", str(tmp_path / "runs"), "--no-progress",
+                 "--set", "train.warmup_epochs=1", "--set", "train.rollout_epochs=1"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("epoch ")]
+    assert len(lines) == 2 and "\r" not in "".join(lines)
+    assert lines[0].startswith("epoch 1 (warmup): L_lower ")
+    assert lines[1].startswith("epoch 2 (rollout): L_lower ") and ", L_upper " in lines[1]
+    assert ", val mean Dice " in lines[1] and lines[1].endswith(" s")

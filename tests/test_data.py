@@ -452,6 +452,16 @@ def test_prepare_warns_when_the_crop_cuts_brain_or_tumour(brats2021_case, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_cache(data, tmp_path / "cut", small, progress=False)
+    # a crop far larger than the 80x80 slices: mostly zeros, said once (a review found a
+    # 400x400 crop prepared without a word)
+    large = get_config("default", {"data.crop_size": 400}).data
+    with pytest.warns(UserWarning, match=r"crop_size=400 after 3x down-sampling pads every "
+                      r"case's slices \(at most 80 pixels a side\) .* 25.0x the pixels.* "
+                      r"data.crop_size=80 holds them all"):
+        prepare_cache(data, tmp_path / "padded", large, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_cache(data, tmp_path / "padded", large, progress=False)
 
 
 def test_prepare_stops_cleanly_or_skips_bad_cases(brats2021_case, tmp_path, capsys):

@@ -276,6 +276,14 @@ def test_a_finished_run_made_by_other_code_is_trained_again(train_pairs, smoke, 
     assert not again.reused and again.run_dir == run.run_dir
     assert json.loads((run.run_dir / "run.json").read_text())["code"] == "f" * 12
     assert train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu").reused
+    # as the command line asks (a review found `fusion train` retrained a finished run
+    # without being asked): reused, with a warning naming both codes
+    monkeypatch.setattr(runs, "code_digest", lambda: "e" * 12)
+    leader = (run.run_dir / "checkpoints" / "leader.pt").read_bytes()
+    with pytest.warns(UserWarning, match="was trained by other fuse4seg code: reusing it anyway"):
+        kept = train_fusion(train_pairs, smoke, tmp_path, **FAST, device="cpu",
+                            reuse_other_code=True)
+    assert kept.reused and (run.run_dir / "checkpoints" / "leader.pt").read_bytes() == leader
 
 
 def test_evaluate_baseline_and_images(test_pairs, tmp_path):
@@ -341,6 +349,16 @@ def test_fusion_cli_train_and_evaluate(pair_root, tmp_path, capsys):
     fast = ("--steps", 2, "--crop", 16, "--batch-size", 2, "--device", "cpu")
     assert fusion("train", *spect, "--profile", "smoke", "--out", runs, *fast) == 0
     run_dir = next(runs.glob("fusion-SPECT-MRI-smoke-*"))
+    # a finished run of other code: reused with a warning, or trained again when asked
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "code": "f" * 12}))
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="other fuse4seg code: reusing it anyway"):
+        assert fusion("train", *spect, "--profile", "smoke", "--out", runs, *fast) == 0
+    assert capsys.readouterr().out.startswith(f"reused {run_dir} on ")
+    assert fusion("train", *spect, "--profile", "smoke", "--out", runs, *fast,
+                  "--restart-if-code-changed") == 0
+    assert f"trained {run_dir} on " in capsys.readouterr().out
     out_json = tmp_path / "ev.json"
     rc = fusion("evaluate", run_dir, *spect, "--convention", "all", "--json", out_json,
                 "--device", "cpu", "--images", tmp_path / "img")

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -224,3 +225,31 @@ def test_a_named_case_without_a_recognised_segmentation_says_which_words_it_look
     assert main(["data", "check", str(case), "--t1ce-pattern", "*T1c*"]) == 1
     assert "or give --seg-pattern" in capsys.readouterr().out
     assert main(["data", "check", str(case), "--seg-pattern", "*roi*"]) == 0
+
+
+def test_cli_check_shows_the_scheme_and_notes_a_named_case_read_as_brats2023(
+        renamed, tmp_path, capsys):
+    """A named case's label scheme is guessed from its values; a 3 without a 4 reads as
+    BraTS 2023+'s ET, which a BRATS 2013/2015 map without enhancing tumour would be read as
+    too (its 3 is non-enhancing tumour): the table shows the scheme and a note says so (a
+    review found the guess silent)."""
+    from fuse4seg.cli import main
+
+    root, _ = renamed
+    data = tmp_path / "three"
+    shutil.copytree(root / "caseA", data / "caseA")
+    shutil.copytree(root / "caseA", data / "caseC")
+    seg = nib.load(data / "caseC" / "segmentation.nii.gz")
+    labels = np.asarray(seg.dataobj).copy()
+    labels[labels == 4] = 3  # 0-3: BraTS 2023+, or 2013/2015 without enhancing tumour
+    nib.save(nib.Nifti1Image(labels, seg.affine, seg.header), data / "caseC" / "seg.nii.gz")
+    (data / "caseC" / "segmentation.nii.gz").unlink()
+    assert main(["data", "check", str(data)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["case", "layout", "scheme"]
+    rows = {line.split()[0]: line.split() for line in out[1:3]}
+    assert rows["caseA"][1:3] == ["named", "brats2021"]
+    assert rows["caseC"][1:3] == ["named", "brats2023"]
+    assert rows["caseC"][-1] == rows["caseA"][-1] != "0"  # the ET voxels, read as ET
+    assert out[-1].startswith("note: 1 named case(s) (caseC) have labels 1-3 and no 4, read "
+                              "as BraTS 2023+ (3 = enhancing tumour)")

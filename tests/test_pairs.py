@@ -146,6 +146,14 @@ def test_bad_arguments_and_missing_folders(tmp_path, tiny_harvard):
     (tmp_path / "bad.png").write_text("not a png")
     with pytest.raises(ValueError, match="not a readable image"):
         read_grey(tmp_path / "bad.png")
+    # predict's fused.nii.gz given to `metrics` (a review): named as a volume, with the way on
+    import nibabel as nib
+
+    volume = tmp_path / "fused.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), volume)
+    with pytest.raises(ValueError, match=r"fused.nii.gz: a NIfTI volume; fusion metrics read "
+                                         r"2-D images .* as PNG files first"):
+        read_grey(volume)
     # a PNG cut short: Pillow's "image file is truncated" names no file; ours does
     rng = np.random.default_rng(2)
     whole = _write(tmp_path / "whole.png", rng.integers(0, 256, (64, 64), dtype=np.uint8))

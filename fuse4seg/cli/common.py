@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PROFILES = "smoke, default or paper"
+PROFILES = "smoke, default or paper (default: default)"
 PAIR_KINDS = ["CT-MRI", "PET-MRI", "SPECT-MRI", "GFP-PC"]
 
 
@@ -186,22 +186,39 @@ def config_of(profile: str, pairs: list[str], verb: str,
             config = get_config(profile)
     _check_verb_reads(verb, items, given_options, config)
     if refused is not None:  # a value validate refuses: name the items that gave it
-        raise ConfigError(_named(refused, items, given_options), refused.problems,
+        raise ConfigError(_named(refused, items, given_options, verb), refused.problems,
                           refused.unknown) from None
+    if "model" in SET_SECTIONS.get(verb, ()):  # a network name, refused with its --set item
+        from fuse4seg.models.registry import check_model_names
+
+        try:
+            check_model_names(config)
+        except ValueError as exc:
+            key = str(exc).split(" ", 1)[0]  # "model.fusion"
+            source = (f"--set {items[key][0]}: " if key in items else "")
+            raise ValueError(f"{source}{exc}") from None
     return config
 
 
 def _named(refused, items: dict[str, tuple[str, Any]],
-           given_options: dict[str, tuple[str, Any]]) -> str:
+           given_options: dict[str, tuple[str, Any]], verb: str | None = None) -> str:
     """The message of ``refused``, a :class:`fuse4seg.config.ConfigError`, with each value it
     refuses led by the ``--set`` items and options that gave a setting its check reads (its
     ``problems``: ``--set fusion.crop=1: fusion.crop must be >= 2 ...``), and an unknown
-    setting by the item that gave it."""
+    setting by the item that gave it, its list of valid settings cut to the sections ``verb``
+    reads (:data:`SET_SECTIONS`)."""
     sources = {name: f"--set {pair}" for name, (pair, _) in items.items()}
     sources.update({name: option for name, (option, _) in given_options.items()})
-    if refused.unknown is not None:  # its list of the valid names names every item
+    if refused.unknown is not None:
+        message = str(refused)
+        if verb in SET_SECTIONS and " Valid settings: " in message:
+            from fuse4seg.config import valid_names
+
+            head = message.split(" Valid settings: ", 1)[0]
+            ours = [n for n in valid_names() if n.split(".")[0] in SET_SECTIONS[verb]]
+            message = f"{head} Settings `fuse4seg {verb}` reads: {', '.join(ours)}"
         source = sources.get(refused.unknown)
-        return f"{source}: {refused}" if source else str(refused)
+        return f"{source}: {message}" if source else message
     if not refused.problems:
         return str(refused)
     parts = []

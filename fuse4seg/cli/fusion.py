@@ -55,7 +55,8 @@ def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="Harvard split to train on (GFP-PC has one set; use --exclude)",
     )
     parser.add_argument("--profile", default="default", help=PROFILES)
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="runs folder (default: runs)")
     parser.add_argument("--steps", type=positive_int, help="leader updates (default: fusion.steps)")
     parser.add_argument("--crop", type=crop_int, help="crop side (default: fusion.crop)")
     parser.add_argument("--batch-size", type=positive_int,
@@ -66,13 +67,20 @@ def fusion_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the crops and initial weights (default: train.seed)")
     add_set(parser, "loss.beta_grad=2", "fusion train")
     parser.add_argument("--force", action="store_true", help="retrain even if the run exists")
+    parser.add_argument(
+        "--restart-if-code-changed", action="store_true",
+        help="train a finished run again when it was written by other fuse4seg code (default: "
+        "reuse it with a warning, as `train --resume` does)",
+    )
 
 
 def fusion_train_main(args: argparse.Namespace) -> int:
     """Train the fusion leader on image pairs with the physical losses only (no labels).
 
     Writes RUNS/fusion-<kind>-<profile>-<hash>/ (config, run.json, metrics.jsonl,
-    checkpoints/leader.pt) and prints its path; a finished run with the same settings is reused.
+    checkpoints/leader.pt) and prints its path; a finished run with the same settings is reused
+    (one written by other fuse4seg code with a warning, or trained again with
+    ``--restart-if-code-changed``).
     """
     from fuse4seg.train.fusion_only import train_fusion
     from fuse4seg.utils import check_output_folder
@@ -83,7 +91,8 @@ def fusion_train_main(args: argparse.Namespace) -> int:
     config = config_of(args.profile, args.set, args._set_verb, options)
     check_output_folder(args.out, "--out")
     pairs = _load_pairs(args, args.split)
-    run = train_fusion(pairs, config, args.out, args.kind, force=args.force, progress=True)
+    run = train_fusion(pairs, config, args.out, args.kind, force=args.force, progress=True,
+                       reuse_other_code=not args.restart_if_code_changed)
     last = run.history[-1] if run.history else {}
     state = "reused" if run.reused else "trained"
     print(
@@ -198,7 +207,8 @@ def fusion_evaluate_main(args: argparse.Namespace) -> int:
 def metrics_arguments(parser: argparse.ArgumentParser) -> None:
     from fuse4seg.metrics.fusion import METRICS
 
-    parser.add_argument("--fused", type=Path, required=True, help="fused image, or a folder")
+    parser.add_argument("--fused", type=Path, required=True,
+                        help="fused 2-D image (PNG, JPEG, TIFF; not a NIfTI volume), or a folder")
     parser.add_argument("--a", type=Path, required=True, help="source A (MRI), or a folder")
     parser.add_argument(
         "--b", type=Path, required=True, help="source B (CT/PET/SPECT), or a folder"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", type=Path, required=True,
         help="raw BraTS/phantom folder, or a prepared cache (a folder with manifest.json)",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="runs folder (default: runs)")
     parser.add_argument("--cache", type=Path, help="where to prepare the cache of a raw folder")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument(
@@ -51,7 +53,8 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every-steps", type=positive_int, metavar="N",
         help="also write checkpoints/last.pt every N outer steps",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: one plain line per epoch instead (for log files)")
 
 
 def train_main(args: argparse.Namespace) -> int:
@@ -97,6 +100,7 @@ def train_main(args: argparse.Namespace) -> int:
         ablation=args.ablation,
         device=args.device,
         on_new_run=_no_run_to_resume,
+        callback=epoch_line if args.no_progress else None,
     )
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -109,6 +113,18 @@ def train_main(args: argparse.Namespace) -> int:
         )
         print(f"run folder: {result.run_dir}\n{summary}")
     return 0
+
+
+def epoch_line(row: dict[str, Any]) -> None:
+    """``train --no-progress``: one plain line per epoch on stderr, which a log file keeps
+    readable (a progress bar writes carriage returns): the epoch, its stage, its mean losses,
+    the validation's mean Dice where there was one, and the time so far."""
+    losses = ", ".join(f"{k} {row[k]:.4f}" for k in ("L_lower", "L_upper", "L_physical")
+                       if isinstance(row.get(k), float))
+    val = row.get("val")
+    dice = f", val mean Dice {val['mean_dice']:.4f}" if isinstance(val, dict) else ""
+    print(f"epoch {row['epoch']} ({row['stage']}): {losses or 'no loss logged'}{dice}, "
+          f"{row.get('elapsed_s', 0.0):.0f} s", file=sys.stderr, flush=True)
 
 
 def _no_run_to_resume(run_dir: Path) -> None:
@@ -250,7 +266,8 @@ def study_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the train.seed of each run (default: 0 1 2)")
     parser.add_argument("--profile", default="default", help=PROFILES)
     parser.add_argument("--data", type=Path, required=True, help="raw folder or prepared cache")
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="runs folder")
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="runs folder (default: runs)")
     add_set(parser, "train.rollout_epochs=20", "study")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
     parser.add_argument("--json", type=Path, help="write per-seed, per-case scores here")

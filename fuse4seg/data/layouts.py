@@ -645,11 +645,13 @@ def _apply_range(volume, mask, lo, hi, slices=None) -> np.ndarray:
 
 
 def check_case(files: CaseFiles) -> dict[str, Any]:
-    """Load one case and summarise it: ``{"case_id", "layout", "shape", "label_counts",
-    "errors"}`` (errors empty when the case is good)."""
+    """Load one case and summarise it: ``{"case_id", "layout", "scheme", "shape",
+    "label_counts", "errors"}`` (errors empty when the case is good; ``scheme``: the label
+    scheme read, :func:`guess_scheme`'s for a ``named`` case)."""
     summary: dict[str, Any] = {
         "case_id": files.case_id,
         "layout": files.layout,
+        "scheme": None,
         "shape": None,
         "label_counts": None,
         "errors": [],
@@ -660,6 +662,7 @@ def check_case(files: CaseFiles) -> dict[str, Any]:
         summary["errors"].append(str(exc))
         return summary
     summary["shape"] = list(case.shape)
+    summary["scheme"] = case.scheme
     if case.seg.dtype == np.uint8 and int(case.seg.max(initial=0)) < len(CANONICAL_NAMES):
         # label_counts without its int64 copy of the volume: one comparison per label
         counts = [np.count_nonzero(case.seg == c) for c in range(1, len(CANONICAL_NAMES))]
@@ -689,17 +692,28 @@ def check_dataset(
 
 def check_table(summaries: list[dict[str, Any]]) -> list[str]:
     """The table ``fuse4seg data check`` prints for :func:`check_dataset`'s summaries: per
-    case its layout, shape and voxel counts of NCR, ED and ET, or its first error; then the
-    numbers of good and bad cases."""
-    lines = [f"{'case':<28} {'layout':<10} {'shape':<16} {'NCR':>8} {'ED':>8} {'ET':>8}"]
+    case its layout, label scheme, shape and NCR/ED/ET voxels, or its first error; the numbers
+    of good and bad cases; a note where a ``named`` case with a 3 and no 4 was read as BraTS
+    2023+ (a BRATS 2013/2015 map without ET, whose 3 is non-enhancing, reads the same)."""
+    lines = [f"{'case':<28} {'layout':<10} {'scheme':<10} {'shape':<16} {'NCR':>8} {'ED':>8} "
+             f"{'ET':>8}"]
     for s in summaries:
         if s["errors"]:
             first = s["errors"][0].removeprefix(f"case {s['case_id']}: ")
             lines.append(f"{s['case_id']:<28} {s['layout']:<10} BAD: {first}")
             continue
         c, shape = s["label_counts"], "x".join(map(str, s["shape"]))
-        lines.append(f"{s['case_id']:<28} {s['layout']:<10} {shape:<16} "
-                     f"{c['NCR']:>8} {c['ED']:>8} {c['ET']:>8}")
+        lines.append(f"{s['case_id']:<28} {s['layout']:<10} {s.get('scheme') or '-':<10} "
+                     f"{shape:<16} {c['NCR']:>8} {c['ED']:>8} {c['ET']:>8}")
     bad = sum(bool(s["errors"]) for s in summaries)
     lines.append(f"{len(summaries) - bad} good, {bad} bad")
+    guessed = [s["case_id"] for s in summaries if not s["errors"] and s["layout"] == "named"
+               and s.get("scheme") == "brats2023" and s["label_counts"]["ET"] > 0]
+    if guessed:
+        shown = ", ".join(guessed[:3]) + (" and more" if len(guessed) > 3 else "")
+        lines.append(
+            f"note: {len(guessed)} named case(s) ({shown}) have labels 1-3 and no 4, read as "
+            "BraTS 2023+ (3 = enhancing tumour). If their 3 is non-enhancing tumour (the "
+            "BRATS 2013/2015 form without enhancing tumour), name the files T1c*, Flair* and "
+            "OTMultiClass* (layout brats2013) to have them read so")
     return lines

@@ -128,6 +128,11 @@ def _open(path: Path) -> np.ndarray:
                 )
             return np.asarray(im.convert("RGB")).copy()  # palette, LA, RGBA, ...
     except UnidentifiedImageError as exc:
+        if path.name.lower().endswith((".nii", ".nii.gz")):  # predict's fused.nii.gz
+            raise ValueError(
+                f"{path}: a NIfTI volume; fusion metrics read 2-D images (PNG, JPEG, TIFF, "
+                "8-bit grey or RGB). Save the axial slices to score as PNG files first"
+            ) from exc
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
     except (OSError, SyntaxError, EOFError) as exc:  # truncated or damaged data (Pillow's errors)
         raise ValueError(f"{path}: unreadable or truncated image ({exc})") from exc

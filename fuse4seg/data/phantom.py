@@ -514,6 +514,10 @@ def write_phantom_dataset(
     Returns:
         The case folders, in order.
 
+    Stopped part-way (Ctrl-C, an error), it removes the case folders it made and the folders
+    it created, so no smaller dataset is left that would pass ``data check`` as whole; case
+    folders that were there before are left (rewritten with the same bytes).
+
     Warns when ``out_dir`` holds other ``Phantom_*`` case folders (an earlier call's, with more
     cases): they are left as they are, and anything reading the folder would see them.
 
@@ -532,17 +536,30 @@ def write_phantom_dataset(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"phantom output {out_dir} exists and is not a folder")
     _check_phantom_folder(out_dir)
+    from fuse4seg.utils import missing_folders, remove_empty_folders
+
+    made = missing_folders(out_dir)
+    had = {p.name for p in out_dir.glob("Phantom_*")} if out_dir.is_dir() else set()
     folders = []
     jobs = [(str(out_dir), int(seed), i) for i in range(int(cases))]
-    with case_map(_write_case, jobs, workers) as results:
-        for i, (folder, counts, seconds) in enumerate(results):
-            folders.append(folder)
-            if progress:
-                print(
-                    f"phantom {i + 1}/{cases}: {folder.name} NCR {counts[1]} ED {counts[2]} "
-                    f"ET {counts[4]} voxels ({seconds:.1f} s)",
-                    file=sys.stderr,
-                )
+    try:
+        with case_map(_write_case, jobs, workers) as results:
+            for i, (folder, counts, seconds) in enumerate(results):
+                folders.append(folder)
+                if progress:
+                    print(
+                        f"phantom {i + 1}/{cases}: {folder.name} NCR {counts[1]} ED "
+                        f"{counts[2]} ET {counts[4]} voxels ({seconds:.1f} s)",
+                        file=sys.stderr,
+                    )
+    except BaseException:  # Ctrl-C, a full disk: no part of a dataset that passes as whole
+        import shutil
+
+        for _, _, i in jobs:
+            if case_id(i) not in had:
+                shutil.rmtree(out_dir / case_id(i), ignore_errors=True)
+        remove_empty_folders(made)
+        raise
     made = {f.name for f in folders}
     others = sorted(p.name for p in out_dir.glob("Phantom_*") if p.is_dir() and p.name not in made)
     if others:  # from an earlier call with more cases: every reader would see them too

@@ -410,6 +410,7 @@ def _prepare(data_dir: Path, cache_dir: Path, cases: list, data_cfg: DataConfig,
         raise DataError(f"{data_dir}: every case is bad ({len(skipped)} skipped)")
 
     _warn_if_cropped(info, data_cfg)
+    _warn_if_padded(info, data_cfg)
     case_ids = [c["case_id"] for c in info]
     split = make_split(case_ids, data_cfg.split_fractions, data_cfg.split_seed)
     manifest = {
@@ -470,6 +471,28 @@ def _warn_if_cropped(info: list[dict[str, Any]], data_cfg: DataConfig) -> None:
         f"trained on and are predicted as background; raise data.crop_size (a multiple of 16).",
         stacklevel=3,
     )
+
+
+def _warn_if_padded(info: list[dict[str, Any]], data_cfg: DataConfig) -> None:
+    """Warn when ``data.crop_size`` holds more than twice the pixels every case's down-sampled
+    slice needs (its largest side rounded up to a multiple of 16): every slice is then mostly
+    zero padding, which costs memory and training time and teaches nothing."""
+    import warnings
+
+    f = data_cfg.downsample
+    sides = [-(-max(c["shape"][:2]) // f) for c in info if c.get("shape")]
+    if not sides:
+        return
+    need = -(-max(sides) // 16) * 16
+    said = ("padded", data_cfg.crop_size, f, max(sides))  # once per process, as the crop's
+    # (more than twice the pixels: the paper's 240 on 182x218 MNI-space cases is not worth it)
+    if data_cfg.crop_size ** 2 > 2 * need ** 2 and said not in _CROP_WARNED:
+        _CROP_WARNED.add(said)
+        warnings.warn(
+            f"{crop_setting(data_cfg)} pads every case's slices (at most {max(sides)} pixels "
+            f"a side) with zeros to {data_cfg.crop_size}x{data_cfg.crop_size}: "
+            f"{(data_cfg.crop_size / max(sides)) ** 2:.1f}x the pixels, the extra ones all "
+            f"background; data.crop_size={need} holds them all", stacklevel=3)
 
 
 def _case_job_or_error(job) -> tuple[dict[str, Any], bool]:

@@ -242,7 +242,9 @@ def train_fusion(
         force: retrain even when a finished run with the same settings exists. A finished run
             written by other package code (``run.json``'s ``code``,
             :func:`fuse4seg.utils.code_digest`) is retrained too, so reused numbers always come
-            from the code that reports them, unless ``reuse_other_code``.
+            from the code that reports them, unless ``reuse_other_code`` (then it is reused
+            with a warning that names both codes; ``fuse4seg fusion train`` does that unless
+            ``--restart-if-code-changed``).
 
     Returns:
         A :class:`FusionRun` (``reused`` True when a finished run was loaded instead).
@@ -281,10 +283,14 @@ def train_fusion(
     dev = resolve_device(device or config.train.device)
     if ckpt.is_file() and not force:
         leader, cfg, info = load_fusion_leader(run_dir, device=str(dev))
-        if reuse_other_code or runs.check_code(run_dir, restart=False, quiet=True):
+        same = runs.check_code(run_dir, restart=False, quiet=True)
+        recorded = runs.read_run_json(run_dir)
+        if same or reuse_other_code:
+            if not same:
+                warnings.warn(runs.other_code_message(run_dir, recorded, "reusing it anyway"),
+                              stacklevel=2)
             return FusionRun(run_dir, leader, cfg, info, _read_history(run_dir), reused=True)
         if progress:
-            recorded = runs.read_run_json(run_dir)
             print(runs.other_code_message(run_dir, recorded, "training it again"), flush=True)
 
     total = sched["steps"]
