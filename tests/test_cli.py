@@ -621,6 +621,12 @@ def test_a_value_the_config_refuses_is_named_by_the_item_that_gave_it(tmp_path, 
                  "nope=1"]) == 2
     err = capsys.readouterr().err
     assert "Settings `fuse4seg data prepare` reads: data." in err and "train." not in err
+    assert main(["fusion", "train", "--pairs", str(tmp_path), "--kind", "CT-MRI", "--set",
+                 "train.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    listed = err.split("Settings `fuse4seg fusion train` reads: ")[1]
+    assert "fusion.steps" in listed and "train.warmup_epochs" not in listed
+    assert "model.segmentation" not in listed  # what it would refuse is not offered
     # a network name is refused with the item that gave it, as other values are
     assert main(["train", "--data", str(tmp_path), "--set", "model.fusion=bogus",
                  "--out", str(tmp_path / "r")]) == 2

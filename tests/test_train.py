@@ -1216,3 +1216,44 @@ def test_the_data_checksum_is_of_the_data_not_of_its_path(phantom_cache, tmp_pat
     (tmp_path / "changed").mkdir()
     (tmp_path / "changed" / "manifest.json").write_text(json.dumps(changed))
     assert data_checksum(tmp_path / "changed") != data_checksum(phantom_cache)
+
+
+def test_resume_records_and_warm_up_donors_follow_the_run_records(tmp_path, monkeypatch):
+    """A diff review's cases: a resume without a readable run.json writes no stub over it;
+    an older run.json without ``switches`` is not compared on them; a warm-up donor resumed
+    under other numerics is not shared; skipped cases' paths leave the checksum alone."""
+    from fuse4seg.train.runs import (
+        code_digest,
+        data_checksum,
+        note_resume,
+        numerics,
+        shared_warmup,
+    )
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    with pytest.warns(UserWarning, match="run.json is missing or unreadable"):
+        assert note_resume(gone, "cpu", 2, 0) == []
+    assert not (gone / "run.json").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    now = numerics("cpu")
+    (old / "run.json").write_text(json.dumps({k: now[k] for k in ("torch", "threads")}))
+    monkeypatch.setenv("FUSE4SEG_ADAMW", "loop")
+    assert note_resume(old, "cpu", 2, 0) == []  # no switches recorded: not compared
+    monkeypatch.delenv("FUSE4SEG_ADAMW")
+    out = tmp_path / "runs"
+    donor = out / "donor"
+    (donor / "checkpoints").mkdir(parents=True)
+    (donor / "checkpoints" / "warmup.pt").write_bytes(b"")
+    same = {**numerics("cpu"), "code": code_digest()}
+    for resumed, shared in (([], True), ([same], True),
+                            ([{**same, "threads": same["threads"] + 1}], False)):
+        (donor / "run.json").write_text(json.dumps({"warmup_key": "k", "resumed": resumed}))
+        found = shared_warmup(out, "k", exclude=out / "me")
+        assert (found == donor / "checkpoints" / "warmup.pt") is shared, resumed
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "manifest.json").write_text(json.dumps(
+            {"cases": ["X"], "skipped": [{"case_id": "Y", "error": f"/{where}/Y: bad"}]}))
+    assert data_checksum(tmp_path / "a") == data_checksum(tmp_path / "b")

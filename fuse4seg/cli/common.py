@@ -215,7 +215,7 @@ def _named(refused, items: dict[str, tuple[str, Any]],
             from fuse4seg.config import valid_names
 
             head = message.split(" Valid settings: ", 1)[0]
-            ours = [n for n in valid_names() if n.split(".")[0] in SET_SECTIONS[verb]]
+            ours = [n for n in valid_names() if verb_reads(verb, n)]
             message = f"{head} Settings `fuse4seg {verb}` reads: {', '.join(ours)}"
         source = sources.get(refused.unknown)
         return f"{source}: {message}" if source else message

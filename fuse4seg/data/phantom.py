@@ -516,7 +516,8 @@ def write_phantom_dataset(
 
     Stopped part-way (Ctrl-C, an error), it removes the case folders it made and the folders
     it created, so no smaller dataset is left that would pass ``data check`` as whole; case
-    folders that were there before are left (rewritten with the same bytes).
+    folders that were there before are left (rewritten with the same bytes where the seed is
+    the same; with another seed, some are then the new seed's).
 
     Warns when ``out_dir`` holds other ``Phantom_*`` case folders (an earlier call's, with more
     cases): they are left as they are, and anything reading the folder would see them.

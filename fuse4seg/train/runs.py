@@ -222,6 +222,8 @@ def data_checksum(cache_dir: str | Path) -> str:
     manifest.pop("data_dir", None)
     for case in manifest.get("case_info", []):
         case.pop("sources", None)
+    if "skipped" in manifest:  # their errors name files by path: the ids alone
+        manifest["skipped"] = [e.get("case_id") for e in manifest["skipped"]]
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
@@ -293,15 +295,20 @@ def warmup_key(config: Config, method: str, checksum: str, world_size: int = 1,
     return _short(key, 16)
 
 
-def shared_warmup(out: str | Path, key: str, exclude: Path) -> Path | None:
+def shared_warmup(out: str | Path, key: str, exclude: Path, device: Any = "cpu") -> Path | None:
     """The ``checkpoints/warmup.pt`` of a run folder under ``out`` (other than ``exclude``)
-    whose ``run.json`` has ``warmup_key == key``, else ``None``."""
+    whose ``run.json`` has ``warmup_key == key`` and whose resumes (``resumed``) all ran with
+    this process's :func:`numerics` on ``device`` and code, else ``None``."""
+    now = {**numerics(device), "code": code_digest()}
     for info_path in sorted(Path(out).glob("*/run.json")):
         run_dir = info_path.parent
         if run_dir.resolve() == Path(exclude).resolve():
             continue
         state = run_dir / "checkpoints" / "warmup.pt"
-        if state.is_file() and read_run_json(run_dir).get("warmup_key") == key:
+        info = read_run_json(run_dir)
+        if not state.is_file() or info.get("warmup_key") != key:
+            continue
+        if all({k: r.get(k) for k in now} == now for r in info.get("resumed", [])):
             return state
     return None
 
@@ -380,10 +387,14 @@ def note_resume(run_dir: str | Path, device: Any, epoch: int, step: int) -> list
     started with (``"threads 1 -> 2"``; empty when they agree or were not recorded): the
     resumed run then differs in the last bits from one never stopped."""
     record = read_run_json(run_dir)
+    if not record:  # nothing to add to: a stub would hide what the run was
+        warnings.warn(f"{run_dir}: run.json is missing or unreadable, so this resume is not "
+                      "recorded and its numerics are not compared", stacklevel=3)
+        return []
     now = numerics(device)
     was = {"torch": record.get("torch"), "threads": record.get("threads"),
            "device": str(record["device"]).split(":")[0] if record.get("device") else None,
-           "switches": record.get("switches", {} if "threads" in record else None)}
+           "switches": record.get("switches")}  # older run.json files: not recorded
     differ = [f"{k} {was[k]} -> {now[k]}" for k in now
               if was[k] is not None and was[k] != now[k]]
     record.setdefault("resumed", []).append({

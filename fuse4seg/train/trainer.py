@@ -186,10 +186,9 @@ class Trainer:
             config, self.spec, dev, S, where=self._where,
             all_ranks=all_ranks_agree(dev) if self.distributed else None,
             ddp=self.distributed,
-            # the slices a frozen leader fuses (the validation slices are the training ones
-            # when there is no validation split)
-            frozen_slices=len(self.train_set) + (
-                len(self.val_items) if self.val_split != "train" else 0),
+            # the slices a frozen leader fuses: validation keeps its own, also when it runs on
+            # the training patients (validate's cache key names its cases)
+            frozen_slices=len(self.train_set) + len(self.val_items),
         )
         self.steps_per_epoch = S
         self.stage_of_epoch = self.engine.stage_of_epoch
@@ -527,7 +526,7 @@ def train(
         config.to_yaml(run_dir / "config.yaml")
         key = runs.warmup_key(config, method, checksum, world_size, trainer.device)
         # (one process only: under DDP every rank would have to load the same state)
-        donor = (runs.shared_warmup(out, key, exclude=run_dir)
+        donor = (runs.shared_warmup(out, key, exclude=run_dir, device=trainer.device)
                  if trainer.can_share_warmup and world_size == 1 else None)
         runs.write_run_json(
             run_dir,
